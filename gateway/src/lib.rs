@@ -1,1 +1,17 @@
+//! The gateway: everything that faces a vehicle or an operator.
+//!
+//! Data path, in module order: [`server`] binds listeners ([`tls`] for TLS) and hands
+//! each connection to [`session`], which speaks MQTT through [`mqtt`], checks
+//! [`auth`], and appends to the journal (`bridge::journal`) before acknowledging.
+//! [`registry`] resolves client-id takeovers; [`admin`] serves operators.
 
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod mqtt;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod topic;

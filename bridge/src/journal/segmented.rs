@@ -339,6 +339,11 @@ impl SegmentedJournal {
         }
     }
 
+    /// True once the writer has stopped (disk error or closed): appends would fail.
+    pub fn append_would_fail(&self) -> bool {
+        self.inner.state().stopped.is_some()
+    }
+
     /// Flushes what is buffered, persists the release watermark and stops the writer.
     pub fn close(&self) {
         self.stop_writer(|st| st.closing = true);

@@ -1,0 +1,493 @@
+//! `gateway.toml`: defaults, then the file, then `GATEWAY_<SECTION>__<KEY>` environment
+//! variables. Unknown keys are rejected; cross-field rules are checked by [`Config::validate`]
+//! and every problem is reported with the key that causes it and how to fix it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// One problem with the configuration, tied to the key that causes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `mqtt.max_packet_size`.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found; `Display` prints one per line.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "invalid configuration ({}):", self.source_name)?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub gateway: GatewaySection,
+    pub mqtt: MqttSection,
+    pub tls: TlsSection,
+    pub journal: JournalSection,
+    pub kafka: KafkaSection,
+    pub admin: AdminSection,
+    pub auth: AuthSection,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySection {
+    /// Time allowed on SIGTERM/SIGINT for sessions to drain and the journal to flush.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSection {
+    /// Plain-TCP listener; empty disables it.
+    pub listen: String,
+    /// TLS listener; empty disables it. Needs `tls.cert` and `tls.key`.
+    pub tls_listen: String,
+    /// Connections beyond this are closed right after accept (counted, logged).
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted or sent, in bytes (whole packet).
+    pub max_packet_size: u32,
+    /// QoS1 PUBLISHes per session waiting for their PUBACK; advertised as MQTT 5
+    /// Receive Maximum. Reading from a 3.1.1 client pauses at this bound.
+    pub max_inflight: u16,
+    /// Time a new connection has to complete its CONNECT.
+    pub connect_timeout_secs: u64,
+    /// MQTT 5 Topic Alias Maximum advertised to clients; 0 refuses topic aliases.
+    pub topic_alias_max: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    pub cert: String,
+    pub key: String,
+    /// PEM bundle of CAs; when set, every TLS client must present a certificate.
+    pub client_ca: String,
+    pub handshake_timeout_secs: u64,
+    /// With client certificates: the MQTT client id must equal the certificate identity.
+    pub require_client_id_match: bool,
+    /// Where the vehicle identity is read from: "cn", "san" (first DNS or URI SAN), or
+    /// "cn_or_san" (either matches).
+    pub identity: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSection {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub segment_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSection {
+    /// "embedded" (dev-only in-process mock cluster) or a broker list `host:port,...`.
+    pub bootstrap: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// REST API and `/metrics`; empty disables it.
+    pub listen: String,
+    /// Bearer token required on `/api/*`; empty means no authentication (loopback only).
+    pub token: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    pub allow_anonymous: bool,
+    /// Topic patterns a client may publish to; `{client_id}` is replaced by its id.
+    pub publish_acl: Vec<String>,
+    /// Topic filters a client may subscribe to; `{client_id}` as above.
+    pub subscribe_acl: Vec<String>,
+    pub users: Vec<User>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub username: String,
+    /// PHC string, e.g. from `gateway hash-password` (argon2id). Never a plain password.
+    pub password_hash: String,
+}
+
+impl Default for GatewaySection {
+    fn default() -> Self {
+        GatewaySection {
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl Default for MqttSection {
+    fn default() -> Self {
+        MqttSection {
+            listen: "127.0.0.1:1883".into(),
+            tls_listen: String::new(),
+            max_connections: 10_000,
+            max_packet_size: 256 * 1024,
+            max_inflight: 64,
+            connect_timeout_secs: 10,
+            topic_alias_max: 16,
+        }
+    }
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        TlsSection {
+            cert: String::new(),
+            key: String::new(),
+            client_ca: String::new(),
+            handshake_timeout_secs: 10,
+            require_client_id_match: true,
+            identity: "cn_or_san".into(),
+        }
+    }
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        JournalSection {
+            dir: PathBuf::from("./data/journal"),
+            max_bytes: 1 << 30,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+impl Default for KafkaSection {
+    fn default() -> Self {
+        KafkaSection {
+            bootstrap: "embedded".into(),
+        }
+    }
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: "127.0.0.1:8080".into(),
+            token: String::new(),
+        }
+    }
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            allow_anonymous: false,
+            publish_acl: vec!["vehicles/{client_id}/#".into()],
+            subscribe_acl: vec!["vehicles/{client_id}/commands/#".into()],
+            users: Vec::new(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gateway: GatewaySection::default(),
+            mqtt: MqttSection::default(),
+            tls: TlsSection::default(),
+            journal: JournalSection::default(),
+            kafka: KafkaSection::default(),
+            admin: AdminSection::default(),
+            auth: AuthSection::default(),
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "GATEWAY_";
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Loads `path` (if it exists; a missing file given explicitly is an error) and
+    /// applies the environment, then validates.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let source_name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: source_name.clone(),
+            problems: vec![problem("(file)", format!("cannot read {}: {e}", path.display()))],
+        })?;
+        Self::from_toml(&text, env, &source_name)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        source_name: &str,
+    ) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            source_name: source_name.to_string(),
+            problems,
+        };
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| {
+            let key = e
+                .span()
+                .map(|s| line_of(text, s.start))
+                .unwrap_or_else(|| "(syntax)".into());
+            fail(vec![problem(key, e.message().to_string())])
+        })?;
+        let mut from_env = BTreeMap::new();
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                return Err(fail(vec![problem(
+                    name.clone(),
+                    "environment overrides are GATEWAY_<SECTION>__<KEY>, e.g. GATEWAY_MQTT__LISTEN",
+                )]));
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            // Numbers, booleans and arrays are written as in TOML; anything else is a string.
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.clone()));
+            let table = value
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match table {
+                toml::Value::Table(t) => {
+                    t.insert(key.clone(), parsed);
+                }
+                _ => return Err(fail(vec![problem(section, "is not a section")])),
+            }
+            from_env.insert(format!("{section}.{key}"), name);
+        }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let key = e.path().to_string();
+            let origin = from_env
+                .get(&key)
+                .map(|v| format!(" (from environment variable {v})"))
+                .unwrap_or_default();
+            fail(vec![problem(key, format!("{}{origin}", e.inner().message()))])
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// Cross-field rules. Returns every violation, not just the first.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Vec::new();
+        let m = &self.mqtt;
+        let addr_ok = |key: &str, v: &str, p: &mut Vec<Problem>| {
+            if !v.is_empty() && v.parse::<SocketAddr>().is_err() {
+                p.push(problem(
+                    key,
+                    format!("{v:?} is not an address; write ip:port, e.g. \"0.0.0.0:1883\""),
+                ));
+            }
+        };
+        addr_ok("mqtt.listen", &m.listen, &mut p);
+        addr_ok("mqtt.tls_listen", &m.tls_listen, &mut p);
+        addr_ok("admin.listen", &self.admin.listen, &mut p);
+        if m.listen.is_empty() && m.tls_listen.is_empty() {
+            p.push(problem(
+                "mqtt.listen",
+                "both mqtt.listen and mqtt.tls_listen are empty; set at least one",
+            ));
+        }
+        if m.max_connections == 0 {
+            p.push(problem("mqtt.max_connections", "must be at least 1"));
+        }
+        if !(128..=268_435_455).contains(&m.max_packet_size) {
+            p.push(problem(
+                "mqtt.max_packet_size",
+                "must be between 128 and 268435455 bytes",
+            ));
+        }
+        if m.max_inflight == 0 {
+            p.push(problem(
+                "mqtt.max_inflight",
+                "must be at least 1 (MQTT 5 Receive Maximum)",
+            ));
+        }
+        if m.connect_timeout_secs == 0 {
+            p.push(problem("mqtt.connect_timeout_secs", "must be at least 1"));
+        }
+        let t = &self.tls;
+        if !m.tls_listen.is_empty() {
+            for (key, v) in [("tls.cert", &t.cert), ("tls.key", &t.key)] {
+                if v.is_empty() {
+                    p.push(problem(
+                        key,
+                        "required when mqtt.tls_listen is set: path to a PEM file",
+                    ));
+                } else if !Path::new(v).is_file() {
+                    p.push(problem(key, format!("file {v:?} does not exist")));
+                }
+            }
+            if !t.client_ca.is_empty() && !Path::new(&t.client_ca).is_file() {
+                p.push(problem(
+                    "tls.client_ca",
+                    format!("file {:?} does not exist", t.client_ca),
+                ));
+            }
+        } else if !t.client_ca.is_empty() {
+            p.push(problem(
+                "tls.client_ca",
+                "set, but mqtt.tls_listen is empty: client certificates need TLS",
+            ));
+        }
+        if t.handshake_timeout_secs == 0 {
+            p.push(problem("tls.handshake_timeout_secs", "must be at least 1"));
+        }
+        if !["cn", "san", "cn_or_san"].contains(&t.identity.as_str()) {
+            p.push(problem(
+                "tls.identity",
+                format!("{:?} is not one of \"cn\", \"san\", \"cn_or_san\"", t.identity),
+            ));
+        }
+        let j = &self.journal;
+        if j.dir.as_os_str().is_empty() {
+            p.push(problem("journal.dir", "must be a directory path"));
+        }
+        let min_segment = u64::from(m.max_packet_size) + 1024;
+        if j.segment_bytes < min_segment.max(4096) {
+            p.push(problem(
+                "journal.segment_bytes",
+                format!("must be at least mqtt.max_packet_size + 1024 = {min_segment} so any message fits"),
+            ));
+        }
+        if j.max_bytes < j.segment_bytes.saturating_mul(2) {
+            p.push(problem(
+                "journal.max_bytes",
+                format!(
+                    "must be at least two segments (2 × journal.segment_bytes = {})",
+                    j.segment_bytes * 2
+                ),
+            ));
+        }
+        if self.kafka.bootstrap.trim().is_empty() {
+            p.push(problem(
+                "kafka.bootstrap",
+                "must be \"embedded\" or a broker list like \"kafka-1:9092,kafka-2:9092\"",
+            ));
+        }
+        let a = &self.auth;
+        if !a.allow_anonymous && a.users.is_empty() && t.client_ca.is_empty() {
+            p.push(problem(
+                "auth.users",
+                "no users, no client certificates and auth.allow_anonymous = false: nobody could connect",
+            ));
+        }
+        for (i, u) in a.users.iter().enumerate() {
+            if u.username.is_empty() {
+                p.push(problem(format!("auth.users[{i}].username"), "must not be empty"));
+            }
+            if argon2::PasswordHash::new(&u.password_hash).is_err() {
+                p.push(problem(
+                    format!("auth.users[{i}].password_hash"),
+                    "is not a PHC password hash; create one with `gateway hash-password`",
+                ));
+            }
+        }
+        for (key, list) in [
+            ("auth.publish_acl", &a.publish_acl),
+            ("auth.subscribe_acl", &a.subscribe_acl),
+        ] {
+            for (i, pat) in list.iter().enumerate() {
+                if let Err(e) = crate::topic::validate_filter(&pat.replace("{client_id}", "x")) {
+                    p.push(problem(format!("{key}[{i}]"), format!("{pat:?}: {e}")));
+                }
+            }
+        }
+        p
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> String {
+    let line = text[..offset.min(text.len())].matches('\n').count() + 1;
+    let content = text.lines().nth(line - 1).unwrap_or("").trim();
+    format!("line {line} ({content})")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::from_toml(text, env, "test")
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let c = parse(
+            "[mqtt]\nlisten = \"127.0.0.1:1000\"\n[auth]\nallow_anonymous = true\n",
+            &[
+                ("GATEWAY_MQTT__LISTEN", "0.0.0.0:1883"),
+                ("GATEWAY_MQTT__MAX_INFLIGHT", "10"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(c.mqtt.listen, "0.0.0.0:1883");
+        assert_eq!(c.mqtt.max_inflight, 10);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[mqtt]\nlisn = \"x\"\n", &[]).expect_err("unknown key");
+        assert_eq!(e.problems[0].key, "mqtt.lisn");
+        let e = parse("[auth]\nallow_anonymous = true\n", &[("GATEWAY_MQTT__PORT", "1")])
+            .expect_err("unknown env key");
+        assert!(e.problems[0].message.contains("GATEWAY_MQTT__PORT"), "{e}");
+    }
+
+    #[test]
+    fn all_cross_field_problems_are_reported() {
+        let e = parse(
+            "[mqtt]\nmax_packet_size = 10\ntls_listen = \"0.0.0.0:8883\"\n[journal]\nmax_bytes = 1\n",
+            &[],
+        )
+        .expect_err("invalid");
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "mqtt.max_packet_size",
+            "tls.cert",
+            "tls.key",
+            "journal.max_bytes",
+            "auth.users",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+    }
+}

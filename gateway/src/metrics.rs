@@ -1,0 +1,187 @@
+//! Counters and gauges behind `/metrics` (Prometheus text format).
+//!
+//! Names follow `gateway_<thing>_<unit>[_total]`; labels come from small fixed sets
+//! (a reason, a listener kind). A vehicle id is never a label.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A counter family keyed by one label whose values are compile-time strings.
+#[derive(Default, Debug)]
+pub struct Labeled(Mutex<BTreeMap<&'static str, u64>>);
+
+impl Labeled {
+    pub fn inc(&self, label: &'static str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(label)
+            .or_default() += 1;
+    }
+    pub fn get(&self, label: &str) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(label)
+            .copied()
+            .unwrap_or(0)
+    }
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect()
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct Metrics {
+    pub connections_active: AtomicI64,
+    pub connections_accepted: Labeled,
+    /// Connections turned away: `max_connections`, TLS handshake failure, ...
+    pub connections_rejected: Labeled,
+    /// Why sessions ended (`client_disconnect`, `keepalive_timeout`, `taken_over`, ...).
+    pub connections_closed: Labeled,
+    pub connack_refused: Labeled,
+    pub protocol_errors: Labeled,
+    pub messages_received_qos0: AtomicU64,
+    pub messages_received_qos1: AtomicU64,
+    pub message_bytes_received: AtomicU64,
+    pub pubacks_sent: AtomicU64,
+    /// Publishes refused by the publish ACL.
+    pub acl_denied: Labeled,
+}
+
+impl Metrics {
+    /// Prometheus text exposition, with the journal's current state.
+    pub fn render(&self, journal: &bridge::JournalStats) -> String {
+        let mut s = String::new();
+        let gauge = |s: &mut String, name: &str, help: &str, v: i64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        let counter = |s: &mut String, name: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+        };
+        let labeled = |s: &mut String, name: &str, help: &str, label: &str, l: &Labeled| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (k, v) in l.snapshot() {
+                let _ = writeln!(s, "{name}{{{label}=\"{k}\"}} {v}");
+            }
+        };
+        gauge(
+            &mut s,
+            "gateway_connections_active",
+            "Open MQTT connections.",
+            self.connections_active.load(Ordering::Relaxed),
+        );
+        labeled(
+            &mut s,
+            "gateway_connections_accepted_total",
+            "Accepted TCP connections.",
+            "listener",
+            &self.connections_accepted,
+        );
+        labeled(
+            &mut s,
+            "gateway_connections_rejected_total",
+            "Connections turned away before MQTT.",
+            "reason",
+            &self.connections_rejected,
+        );
+        labeled(
+            &mut s,
+            "gateway_connections_closed_total",
+            "Ended MQTT sessions by reason.",
+            "reason",
+            &self.connections_closed,
+        );
+        labeled(
+            &mut s,
+            "gateway_connack_refused_total",
+            "CONNECTs refused by reason.",
+            "reason",
+            &self.connack_refused,
+        );
+        labeled(
+            &mut s,
+            "gateway_protocol_errors_total",
+            "Connections ended for a protocol violation.",
+            "reason",
+            &self.protocol_errors,
+        );
+        labeled(
+            &mut s,
+            "gateway_acl_denied_total",
+            "PUBLISHes refused by the publish ACL.",
+            "qos",
+            &self.acl_denied,
+        );
+        let _ = writeln!(
+            s,
+            "# HELP gateway_messages_received_total PUBLISHes accepted from vehicles.\n# TYPE gateway_messages_received_total counter\n\
+             gateway_messages_received_total{{qos=\"0\"}} {}\ngateway_messages_received_total{{qos=\"1\"}} {}",
+            self.messages_received_qos0.load(Ordering::Relaxed),
+            self.messages_received_qos1.load(Ordering::Relaxed)
+        );
+        counter(
+            &mut s,
+            "gateway_message_bytes_received_total",
+            "Payload bytes accepted.",
+            self.message_bytes_received.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut s,
+            "gateway_pubacks_sent_total",
+            "PUBACKs sent after the journal synced.",
+            self.pubacks_sent.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut s,
+            "gateway_journal_records",
+            "Journaled records not yet released.",
+            journal.records as i64,
+        );
+        gauge(
+            &mut s,
+            "gateway_journal_bytes",
+            "Bytes of journal segment files on disk.",
+            journal.disk_bytes as i64,
+        );
+        gauge(
+            &mut s,
+            "gateway_journal_segments",
+            "Journal segment files.",
+            journal.segments as i64,
+        );
+        gauge(
+            &mut s,
+            "gateway_journal_full",
+            "1 while appends wait for space (back-pressure).",
+            i64::from(journal.full),
+        );
+        gauge(
+            &mut s,
+            "gateway_journal_oldest_age_seconds",
+            "Age of the oldest unreleased record.",
+            journal.oldest_age.map(|d| d.as_secs() as i64).unwrap_or(0),
+        );
+        counter(
+            &mut s,
+            "gateway_journal_syncs_total",
+            "Group commits (fdatasync calls).",
+            journal.syncs,
+        );
+        counter(
+            &mut s,
+            "gateway_journal_durable_seq",
+            "Highest durable journal sequence.",
+            journal.durable_seq,
+        );
+        s
+    }
+}

@@ -1,0 +1,208 @@
+//! Assembles the gateway: opens the journal, binds the listeners, runs the admin API,
+//! and shuts down in two phases (stop accepting, drain sessions within the grace
+//! period, flush and close the journal).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bridge::{Journal, JournalConfig, SegmentedJournal};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::auth::Auth;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::tls::CertIdentity;
+use crate::{admin, session, tls};
+
+/// What every connection task shares.
+pub struct Shared {
+    pub cfg: Arc<Config>,
+    pub journal: Arc<SegmentedJournal>,
+    pub auth: Arc<Auth>,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    /// Cancelled on SIGTERM/SIGINT: sessions drain and say goodbye (MQTT 5: 0x8B).
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    pub fn journal_stopped(&self) -> bool {
+        self.journal.append_would_fail()
+    }
+}
+
+/// Runs until `shutdown` is cancelled, then drains and returns.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let mut jcfg = JournalConfig::new(cfg.journal.dir.clone(), cfg.journal.max_bytes);
+    jcfg.segment_bytes = cfg.journal.segment_bytes;
+    let journal = tokio::task::spawn_blocking(move || SegmentedJournal::open(jcfg))
+        .await
+        .context("journal open task")?
+        .with_context(|| format!("journal.dir = {}", cfg.journal.dir.display()))?;
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        journal: Arc::new(journal),
+        auth: Auth::new(&cfg.auth),
+        registry: Registry::default(),
+        metrics: Metrics::default(),
+        shutdown: shutdown.clone(),
+    });
+    if cfg.kafka.bootstrap == "embedded" {
+        warn!("kafka.bootstrap = \"embedded\": dev-only, not durable beyond this process; messages stay in the journal");
+    }
+
+    let tracker = TaskTracker::new();
+    let limit = Arc::new(Semaphore::new(cfg.mqtt.max_connections));
+    let mut accept_loops = Vec::new();
+    if !cfg.mqtt.listen.is_empty() {
+        let listener = bind(&cfg.mqtt.listen, "mqtt.listen").await?;
+        info!(kind = "tcp", addr = %listener.local_addr()?, "mqtt listener bound");
+        accept_loops.push(tokio::spawn(accept_loop(
+            listener,
+            None,
+            shared.clone(),
+            limit.clone(),
+            tracker.clone(),
+        )));
+    }
+    if !cfg.mqtt.tls_listen.is_empty() {
+        let acceptor = tls::acceptor(&cfg.tls)?;
+        let listener = bind(&cfg.mqtt.tls_listen, "mqtt.tls_listen").await?;
+        info!(kind = "tls", addr = %listener.local_addr()?, mtls = !cfg.tls.client_ca.is_empty(), "mqtt listener bound");
+        accept_loops.push(tokio::spawn(accept_loop(
+            listener,
+            Some(acceptor),
+            shared.clone(),
+            limit.clone(),
+            tracker.clone(),
+        )));
+    }
+    if !cfg.admin.listen.is_empty() {
+        let listener = bind(&cfg.admin.listen, "admin.listen").await?;
+        info!(kind = "admin", addr = %listener.local_addr()?, "admin listener bound");
+        let app = admin::router(shared.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served =
+                axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = served.await {
+                error!(error = %e, "admin server failed");
+            }
+        });
+    }
+    info!(version = env!("CARGO_PKG_VERSION"), "gateway ready");
+
+    shutdown.cancelled().await;
+    let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
+    info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: no new connections, draining sessions"
+    );
+    for l in &accept_loops {
+        l.abort();
+    }
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(
+            remaining = tracker.len(),
+            "grace period over; closing remaining connections"
+        );
+    }
+    let flushed = tokio::time::timeout(grace, shared.journal.flush()).await;
+    match flushed {
+        Ok(Ok(())) => info!(
+            durable_seq = *shared.journal.durable().borrow(),
+            "journal flushed"
+        ),
+        Ok(Err(e)) => error!(error = %e, "journal flush failed"),
+        Err(_) => error!("journal flush did not finish within the grace period"),
+    }
+    let journal = shared.journal.clone();
+    tokio::task::spawn_blocking(move || journal.close()).await.ok();
+    info!("gateway stopped");
+    Ok(())
+}
+
+async fn bind(addr: &str, key: &str) -> anyhow::Result<TcpListener> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("{key} = {addr:?}"))?;
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{key}: cannot listen on {addr}"))
+}
+
+/// Accepts connections and hands each to its own task at once: the TLS handshake and
+/// the CONNECT run there under their timeouts, never here.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    limit: Arc<Semaphore>,
+    tracker: TaskTracker,
+) {
+    let kind = if tls.is_some() { "tls" } else { "tcp" };
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            shared.metrics.connections_rejected.inc("max_connections");
+            warn!(%peer, max = shared.cfg.mqtt.max_connections, "connection refused: mqtt.max_connections reached");
+            drop(stream);
+            continue;
+        };
+        shared.metrics.connections_accepted.inc(kind);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        tracker.spawn(async move { connection(stream, peer, tls, shared, permit).await });
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(acceptor) = tls else {
+        session::run(stream, peer, None, shared).await;
+        return;
+    };
+    let handshake = Duration::from_secs(shared.cfg.tls.handshake_timeout_secs);
+    let tls_stream = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.metrics.connections_rejected.inc("tls_handshake_failed");
+            warn!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.connections_rejected.inc("tls_handshake_timeout");
+            warn!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = tls_stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|c| CertIdentity::from_der(c.as_ref()));
+    session::run(tls_stream, peer, identity, shared).await;
+}

@@ -1,0 +1,610 @@
+//! One vehicle connection, from its CONNECT to its close.
+//!
+//! The ingest rule lives here: a QoS1 PUBLISH is appended to the journal and its PUBACK
+//! is written only once the journal's durable watermark covers the record. PUBACKs leave
+//! in arrival order (a denied publish waits behind the accepted ones before it). At most
+//! `mqtt.max_inflight` QoS1 publishes wait per session: an MQTT 5 client that sends
+//! more violates the Receive Maximum we advertised and is disconnected (0x93); reading
+//! from a 3.1.1 client pauses until PUBACKs drain. When the journal is full, `append`
+//! waits, so the session stops reading: back-pressure reaches the vehicle's socket.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bridge::{Entry, Journal};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{sleep_until, timeout, Instant};
+use tracing::{debug, info, warn};
+
+use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Sniff};
+use crate::mqtt::packet::Will;
+use crate::mqtt::{Codec, ConnectRequest, Inbound, ProtocolError, PublishRequest, Version};
+use crate::server::Shared;
+use crate::tls::CertIdentity;
+use crate::{auth, topic};
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_CHUNK: usize = 4096;
+
+/// Why a session ended; the label of `gateway_connections_closed_total`.
+#[derive(Debug)]
+enum Close {
+    ClientDisconnect,
+    PeerClosed,
+    KeepAlive,
+    TakenOver,
+    Shutdown,
+    Protocol(ProtocolError),
+    Io(std::io::Error),
+    JournalStopped(String),
+}
+
+impl Close {
+    fn label(&self) -> &'static str {
+        match self {
+            Close::ClientDisconnect => "client_disconnect",
+            Close::PeerClosed => "peer_closed",
+            Close::KeepAlive => "keepalive_timeout",
+            Close::TakenOver => "taken_over",
+            Close::Shutdown => "shutdown",
+            Close::Protocol(_) => "protocol_error",
+            Close::Io(_) => "io_error",
+            Close::JournalStopped(_) => "journal_stopped",
+        }
+    }
+    /// Whether the Will message is published (MQTT: any close without a DISCONNECT).
+    fn publishes_will(&self) -> bool {
+        !matches!(self, Close::ClientDisconnect)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A QoS1 publish waiting for its PUBACK.
+struct Pending {
+    pkid: u16,
+    /// Acknowledge once the durable watermark reaches this sequence.
+    seq: u64,
+    reason: u8,
+}
+
+struct Session<S> {
+    stream: S,
+    shared: Arc<Shared>,
+    codec: Codec,
+    client_id: String,
+    read_buf: BytesMut,
+    out: BytesMut,
+    pending: VecDeque<Pending>,
+    /// Sequence of this session's latest append; denied publishes wait behind it.
+    last_seq: u64,
+    keep_alive: Option<Duration>,
+    deadline: Instant,
+    aliases: Vec<Option<String>>,
+    subscriptions: Vec<String>,
+    will: Option<Will>,
+}
+
+/// Runs one connection. `identity` is set when TLS verified a client certificate.
+pub async fn run<S>(mut stream: S, peer: SocketAddr, identity: Option<CertIdentity>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let connect_timeout = Duration::from_secs(shared.cfg.mqtt.connect_timeout_secs);
+    let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
+    let first = match timeout(connect_timeout, read_connect(&mut stream, &mut read_buf, &shared)).await {
+        Ok(Ok(Some(first))) => first,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            shared.metrics.protocol_errors.inc(e.label);
+            warn!(%peer, reason = e.label, detail = %e, "connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.protocol_errors.inc("connect_timeout");
+            warn!(%peer, timeout_secs = connect_timeout.as_secs(), "no complete CONNECT in time; closing");
+            return;
+        }
+    };
+    let (codec, req) = first;
+    let mut out = BytesMut::new();
+    let client_id = match accept_connect(&codec, &req, identity.as_ref(), &shared).await {
+        Ok(id) => id,
+        Err(why) => {
+            shared.metrics.connack_refused.inc(why.label());
+            warn!(%peer, client_id = %req.client_id, reason = why.label(), "CONNECT refused");
+            codec.connack_refuse(&mut out, why);
+            let _ = timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", client_id = %client_id, %peer);
+    let _guard = span.enter();
+    let kicked = shared.registry.claim(&client_id, conn);
+    let assigned = (client_id != req.client_id).then(|| client_id.clone());
+    let mut codec = codec;
+    if let Some(max) = req.max_packet_size {
+        codec.max_out = max as usize;
+    }
+    let m = &shared.cfg.mqtt;
+    codec.connack_accept(&mut out, m.max_inflight, m.topic_alias_max, assigned);
+    let keep_alive = (req.keep_alive > 0).then(|| Duration::from_millis(u64::from(req.keep_alive) * 1500));
+    shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    info!(version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start, "connected");
+    let mut s = Session {
+        stream,
+        shared: shared.clone(),
+        codec,
+        client_id: client_id.clone(),
+        read_buf,
+        out,
+        pending: VecDeque::new(),
+        last_seq: 0,
+        keep_alive,
+        deadline: Instant::now() + keep_alive.unwrap_or(Duration::from_secs(3600)),
+        aliases: Vec::new(),
+        subscriptions: Vec::new(),
+        will: req.will.clone(),
+    };
+    let close = s.serve(&kicked).await;
+    s.finish(close).await;
+    shared.registry.release(&client_id, conn);
+    shared.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Reads until the first packet is complete and decodes it; it must be a CONNECT.
+async fn read_connect<S>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    shared: &Shared,
+) -> Result<Option<(Codec, Box<ConnectRequest>)>, ProtocolError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let max = shared.cfg.mqtt.max_packet_size as usize;
+    loop {
+        if let Framing::Complete(len) = frame(buf, max)? {
+            let version = match sniff(&buf[..len])? {
+                Sniff::Mqtt(v) => v,
+                Sniff::Unsupported(level) => {
+                    // Answer in 3.1.1 form, which every client version can read.
+                    let mut out = BytesMut::new();
+                    Codec::new(Version::V4, max).connack_refuse(&mut out, ConnectRefusal::UnsupportedVersion);
+                    let _ = stream.write_all(&out).await;
+                    shared
+                        .metrics
+                        .connack_refused
+                        .inc(ConnectRefusal::UnsupportedVersion.label());
+                    return Err(ProtocolError::protocol(
+                        "unsupported_protocol_version",
+                        format!("protocol level {level} is not supported (3.1.1 and 5.0 are)"),
+                    ));
+                }
+            };
+            let codec = Codec::new(version, max);
+            return match codec.decode(buf)? {
+                Some(Inbound::Connect(req)) => Ok(Some((codec, req))),
+                _ => Err(ProtocolError::protocol(
+                    "not_connect",
+                    "first packet is not CONNECT",
+                )),
+            };
+        }
+        buf.reserve(READ_CHUNK);
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Decides the CONNECT: returns the session's client id or the refusal.
+async fn accept_connect(
+    codec: &Codec,
+    req: &ConnectRequest,
+    identity: Option<&CertIdentity>,
+    shared: &Arc<Shared>,
+) -> Result<String, ConnectRefusal> {
+    if req.auth_method.is_some() {
+        return Err(ConnectRefusal::BadAuthMethod);
+    }
+    if shared.shutdown.is_cancelled() || shared.journal_stopped() {
+        return Err(ConnectRefusal::ServerUnavailable);
+    }
+    let tls = &shared.cfg.tls;
+    let client_id = if req.client_id.is_empty() {
+        match identity.and_then(|i| i.preferred(&tls.identity)) {
+            Some(id) => id,
+            // 3.1.1 allows a server-assigned id only with a clean session.
+            None if codec.version == Version::V5 || req.clean_start => {
+                format!("auto-{:016x}", rand_id())
+            }
+            None => return Err(ConnectRefusal::BadClientId),
+        }
+    } else {
+        req.client_id.clone()
+    };
+    if !auth::valid_client_id(&client_id) {
+        return Err(ConnectRefusal::BadClientId);
+    }
+    if let Some(id) = identity {
+        if tls.require_client_id_match && !id.matches(&client_id, &tls.identity) {
+            warn!(client_id, cert = ?id, "client id does not match the client certificate");
+            return Err(ConnectRefusal::NotAuthorized);
+        }
+    }
+    let auth = shared.auth.clone();
+    let (user, pass, cert) = (
+        req.username.clone(),
+        req.password.clone(),
+        identity.map(|_| ()).is_some(),
+    );
+    let verdict = if pass.is_some() {
+        // Argon2 takes milliseconds of CPU: keep it off the reactor threads.
+        tokio::task::spawn_blocking(move || {
+            auth.authenticate(user.as_deref(), pass.as_deref(), cert.then_some("cert"))
+        })
+        .await
+        .unwrap_or(Err(auth::Refusal::NotAuthorized))
+    } else {
+        auth.authenticate(user.as_deref(), None, cert.then_some("cert"))
+    };
+    match verdict {
+        Ok(()) => {}
+        Err(auth::Refusal::BadCredentials) => return Err(ConnectRefusal::BadCredentials),
+        Err(auth::Refusal::NotAuthorized) => return Err(ConnectRefusal::NotAuthorized),
+    }
+    if let Some(w) = &req.will {
+        if topic::validate_name(&w.topic).is_err() || !shared.auth.may_publish(&client_id, &w.topic) {
+            return Err(ConnectRefusal::NotAuthorized);
+        }
+    }
+    Ok(client_id)
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u64(NEXT_CONN.load(Ordering::Relaxed));
+    h.finish()
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn serve(&mut self, kicked: &tokio_util::sync::CancellationToken) -> Close {
+        let mut durable_rx = self.shared.journal.durable();
+        let shutdown = self.shared.shutdown.clone();
+        let max_inflight = usize::from(self.shared.cfg.mqtt.max_inflight);
+        loop {
+            let durable = *durable_rx.borrow_and_update();
+            self.ack_durable(durable);
+            if let Err(close) = self.process_buffered(max_inflight).await {
+                return close;
+            }
+            if let Err(e) = self.flush().await {
+                return Close::Io(e);
+            }
+            let can_read = self.pending.len() < max_inflight || self.codec.version == Version::V5;
+            tokio::select! {
+                biased;
+                _ = kicked.cancelled() => return Close::TakenOver,
+                _ = shutdown.cancelled() => return Close::Shutdown,
+                changed = durable_rx.changed(), if !self.pending.is_empty() => {
+                    if changed.is_err() {
+                        return Close::JournalStopped("journal closed".into());
+                    }
+                }
+                _ = sleep_until(self.deadline), if self.keep_alive.is_some() => return Close::KeepAlive,
+                read = self.read_more(), if can_read => match read {
+                    Ok(0) => return Close::PeerClosed,
+                    Ok(_) => {}
+                    Err(e) => return Close::Io(e),
+                },
+            }
+        }
+    }
+
+    async fn read_more(&mut self) -> std::io::Result<usize> {
+        self.read_buf.reserve(READ_CHUNK);
+        self.stream.read_buf(&mut self.read_buf).await
+    }
+
+    fn ack_durable(&mut self, durable: u64) {
+        while let Some(p) = self.pending.front() {
+            if p.seq > durable {
+                break;
+            }
+            self.codec.puback(&mut self.out, p.pkid, p.reason);
+            if p.reason == 0 {
+                self.shared.metrics.pubacks_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "write timed out",
+                ))
+            }
+        }
+        self.out.clear();
+        Ok(())
+    }
+
+    /// Handles every complete packet in the read buffer, pausing a 3.1.1 client at the
+    /// in-flight bound.
+    async fn process_buffered(&mut self, max_inflight: usize) -> Result<(), Close> {
+        loop {
+            if self.codec.version == Version::V4 && self.pending.len() >= max_inflight {
+                return Ok(());
+            }
+            let packet = match self.codec.decode(&mut self.read_buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Close::Protocol(e)),
+            };
+            if let Some(ka) = self.keep_alive {
+                self.deadline = Instant::now() + ka;
+            }
+            self.handle(packet, max_inflight).await?;
+        }
+    }
+
+    async fn handle(&mut self, packet: Inbound, max_inflight: usize) -> Result<(), Close> {
+        match packet {
+            Inbound::Publish(p) => self.publish(p, max_inflight).await,
+            Inbound::PingReq => {
+                self.codec.pingresp(&mut self.out);
+                Ok(())
+            }
+            Inbound::Subscribe { pkid, filters } => {
+                let granted: Vec<Option<u8>> = filters
+                    .iter()
+                    .map(|(f, qos)| {
+                        let ok = topic::validate_filter(f).is_ok()
+                            && self.shared.auth.may_subscribe(&self.client_id, f);
+                        ok.then_some((*qos).min(1))
+                    })
+                    .collect();
+                for ((f, _), g) in filters.into_iter().zip(&granted) {
+                    if g.is_some() && !self.subscriptions.contains(&f) {
+                        self.subscriptions.push(f);
+                    }
+                }
+                self.codec.suback(&mut self.out, pkid, &granted);
+                Ok(())
+            }
+            Inbound::Unsubscribe { pkid, filters } => {
+                self.subscriptions.retain(|s| !filters.contains(s));
+                self.codec.unsuback(&mut self.out, pkid, filters.len());
+                Ok(())
+            }
+            // Acknowledgements of messages we send; none are sent before command delivery exists.
+            Inbound::PubAck(_) => Ok(()),
+            Inbound::Disconnect { reason } => {
+                if reason != 0x04 {
+                    self.will = None;
+                }
+                Err(if reason == 0x04 {
+                    Close::PeerClosed
+                } else {
+                    Close::ClientDisconnect
+                })
+            }
+            Inbound::Connect(_) => Err(Close::Protocol(ProtocolError::protocol(
+                "second_connect",
+                "second CONNECT",
+            ))),
+            Inbound::QoS2Flow => Err(Close::Protocol(qos2_refused())),
+            Inbound::Auth => Err(Close::Protocol(ProtocolError {
+                reason: 0x8C,
+                label: "auth_not_supported",
+                detail: "enhanced authentication (AUTH) is not supported".into(),
+            })),
+            Inbound::ServerOnly => Err(Close::Protocol(ProtocolError::protocol(
+                "server_packet",
+                "client sent a server-only packet",
+            ))),
+        }
+    }
+
+    async fn publish(&mut self, p: PublishRequest, max_inflight: usize) -> Result<(), Close> {
+        if p.qos == 2 {
+            return Err(Close::Protocol(qos2_refused()));
+        }
+        let topic = self.resolve_alias(&p).map_err(Close::Protocol)?;
+        topic::validate_name(&topic).map_err(|e| Close::Protocol(ProtocolError::topic_invalid(e)))?;
+        if p.qos == 1 && self.pending.len() >= max_inflight {
+            return Err(Close::Protocol(ProtocolError {
+                reason: 0x93,
+                label: "receive_maximum_exceeded",
+                detail: format!("more than {max_inflight} unacknowledged QoS1 publishes"),
+            }));
+        }
+        let metrics = &self.shared.metrics;
+        if !self.shared.auth.may_publish(&self.client_id, &topic) {
+            metrics.acl_denied.inc(if p.qos == 0 { "0" } else { "1" });
+            warn!(topic, qos = p.qos, "publish denied by the publish ACL");
+            return match (self.codec.version, p.qos) {
+                (Version::V5, 1) => {
+                    self.pending.push_back(Pending {
+                        pkid: p.pkid,
+                        seq: self.last_seq,
+                        reason: 0x87,
+                    });
+                    Ok(())
+                }
+                (Version::V5, _) => Ok(()),
+                (Version::V4, _) => Err(Close::Protocol(ProtocolError {
+                    reason: 0x87,
+                    label: "not_authorized",
+                    detail: format!("not authorised to publish to {topic}"),
+                })),
+            };
+        }
+        let entry = Entry {
+            received_at_ms: now_ms(),
+            qos: p.qos,
+            retain: p.retain,
+            client_id: self.client_id.clone(),
+            topic,
+            payload: p.payload,
+            content_type: p.content_type,
+            message_expiry_secs: p.message_expiry_secs,
+            user_properties: p.user_properties,
+        };
+        let len = entry.payload.len() as u64;
+        let seq = self
+            .shared
+            .journal
+            .append(&entry)
+            .await
+            .map_err(|e| Close::JournalStopped(e.to_string()))?;
+        self.last_seq = seq;
+        metrics.message_bytes_received.fetch_add(len, Ordering::Relaxed);
+        if p.qos == 1 {
+            metrics.messages_received_qos1.fetch_add(1, Ordering::Relaxed);
+            self.pending.push_back(Pending {
+                pkid: p.pkid,
+                seq,
+                reason: 0,
+            });
+        } else {
+            metrics.messages_received_qos0.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// MQTT 5 topic aliases (§3.3.2.3.4): a non-empty topic with an alias sets it; an
+    /// empty topic uses it.
+    fn resolve_alias(&mut self, p: &PublishRequest) -> Result<String, ProtocolError> {
+        let Some(alias) = p.topic_alias else {
+            return Ok(p.topic.clone());
+        };
+        let max = self.shared.cfg.mqtt.topic_alias_max;
+        if alias == 0 || alias > max {
+            return Err(ProtocolError {
+                reason: 0x94,
+                label: "topic_alias_invalid",
+                detail: format!("topic alias {alias} outside 1..={max}"),
+            });
+        }
+        let idx = usize::from(alias) - 1;
+        if self.aliases.len() <= idx {
+            self.aliases.resize(idx + 1, None);
+        }
+        if p.topic.is_empty() {
+            self.aliases[idx].clone().ok_or_else(|| {
+                ProtocolError::protocol(
+                    "topic_alias_unknown",
+                    format!("topic alias {alias} was never set"),
+                )
+            })
+        } else {
+            self.aliases[idx] = Some(p.topic.clone());
+            Ok(p.topic.clone())
+        }
+    }
+
+    /// Ends the session: tells the client why (MQTT 5), publishes the Will when due,
+    /// and on shutdown first waits for pending PUBACKs to become durable.
+    async fn finish(&mut self, close: Close) {
+        let metrics = &self.shared.metrics;
+        metrics.connections_closed.inc(close.label());
+        let reason = match &close {
+            Close::Protocol(e) => {
+                metrics.protocol_errors.inc(e.label);
+                warn!(reason = e.label, detail = %e.detail, "closing connection: protocol error");
+                Some(e.reason)
+            }
+            Close::KeepAlive => {
+                info!("closing connection: no packet within 1.5 × keep alive");
+                Some(0x8D)
+            }
+            Close::TakenOver => {
+                info!("closing connection: client id taken over by a new connection");
+                Some(0x8E)
+            }
+            Close::Shutdown => {
+                self.drain_acks().await;
+                Some(0x8B)
+            }
+            Close::JournalStopped(why) => {
+                warn!(error = %why, "closing connection: journal stopped");
+                Some(0x80)
+            }
+            Close::Io(e) => {
+                debug!(error = %e, "connection I/O error");
+                None
+            }
+            Close::ClientDisconnect | Close::PeerClosed => {
+                debug!(reason = close.label(), "connection closed by client");
+                None
+            }
+        };
+        if close.publishes_will() {
+            if let Some(w) = self.will.take() {
+                let entry = Entry {
+                    received_at_ms: now_ms(),
+                    qos: w.qos.min(1),
+                    retain: w.retain,
+                    client_id: self.client_id.clone(),
+                    topic: w.topic,
+                    payload: w.payload,
+                    ..Entry::default()
+                };
+                if let Err(e) = self.shared.journal.append(&entry).await {
+                    warn!(error = %e, "will message could not be journaled");
+                }
+            }
+        }
+        if let Some(reason) = reason {
+            self.codec.disconnect(&mut self.out, reason);
+        }
+        let _ = self.flush().await;
+        let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+    }
+
+    /// On shutdown: acknowledge everything already accepted once it is durable.
+    async fn drain_acks(&mut self) {
+        let mut rx = self.shared.journal.durable();
+        while !self.pending.is_empty() {
+            let durable = *rx.borrow_and_update();
+            self.ack_durable(durable);
+            if self.pending.is_empty() || rx.changed().await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn qos2_refused() -> ProtocolError {
+    ProtocolError {
+        reason: 0x9B,
+        label: "qos2_not_supported",
+        detail: "QoS 2 is not supported (maximum QoS is 1)".into(),
+    }
+}
