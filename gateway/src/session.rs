@@ -291,11 +291,12 @@ where
         let shutdown = self.shared.shutdown.clone();
         let max_inflight = usize::from(self.shared.cfg.mqtt.max_inflight);
         loop {
-            let durable = *durable_rx.borrow_and_update();
-            self.ack_durable(durable);
             if let Err(close) = self.process_buffered(max_inflight).await {
                 return close;
             }
+            // After processing: a denied publish may be acknowledgeable at once.
+            let durable = *durable_rx.borrow_and_update();
+            self.ack_durable(durable);
             if let Err(e) = self.flush().await {
                 return Close::Io(e);
             }
