@@ -30,6 +30,11 @@ impl Raw {
         Raw { stream, buf: BytesMut::new() }
     }
 
+    /// A second handle on the same socket (e.g. a reader thread beside a writer).
+    pub fn split(&self) -> Raw {
+        Raw { stream: self.stream.try_clone().expect("clone socket"), buf: BytesMut::new() }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes)
     }
