@@ -351,15 +351,7 @@ impl Config {
                         key,
                         "required when mqtt.tls_listen is set: path to a PEM file",
                     ));
-                } else if !Path::new(v).is_file() {
-                    p.push(problem(key, format!("file {v:?} does not exist")));
                 }
-            }
-            if !t.client_ca.is_empty() && !Path::new(&t.client_ca).is_file() {
-                p.push(problem(
-                    "tls.client_ca",
-                    format!("file {:?} does not exist", t.client_ca),
-                ));
             }
         } else if !t.client_ca.is_empty() {
             p.push(problem(
@@ -431,6 +423,48 @@ impl Config {
             }
         }
         p
+    }
+}
+
+impl Config {
+    /// Problems only visible on the machine that runs the gateway: files named by the
+    /// configuration that do not exist. `check-config` and `run` both apply it.
+    pub fn check_files(&self) -> Vec<Problem> {
+        let t = &self.tls;
+        let mut p = Vec::new();
+        if self.mqtt.tls_listen.is_empty() {
+            return p;
+        }
+        for (key, v) in [
+            ("tls.cert", &t.cert),
+            ("tls.key", &t.key),
+            ("tls.client_ca", &t.client_ca),
+        ] {
+            if !v.is_empty() && !Path::new(v).is_file() {
+                p.push(problem(
+                    key,
+                    format!("file {v:?} does not exist or is not readable"),
+                ));
+            }
+        }
+        p
+    }
+
+    /// [`Config::load`] plus [`Config::check_files`]: what `run` and `check-config` use.
+    pub fn load_for_host(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let config = Self::load(path, env)?;
+        let problems = config.check_files();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                source_name: path.display().to_string(),
+                problems,
+            })
+        }
     }
 }
 

@@ -38,7 +38,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config, std::env::vars()) {
+        Command::CheckConfig { config } => match Config::load_for_host(&config, std::env::vars()) {
             Ok(_) => {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
-            let cfg = match Config::load(&config, std::env::vars()) {
+            let cfg = match Config::load_for_host(&config, std::env::vars()) {
                 Ok(c) => c,
                 Err(e) => {
                     eprint!("{e}");

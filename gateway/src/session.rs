@@ -177,7 +177,10 @@ where
     loop {
         // Refuse anything that is not a CONNECT from its first byte, without waiting.
         if buf.first().is_some_and(|b| b >> 4 != 1) {
-            return Err(ProtocolError::protocol("not_connect", "first packet is not CONNECT"));
+            return Err(ProtocolError::protocol(
+                "not_connect",
+                "first packet is not CONNECT",
+            ));
         }
         if let Framing::Complete(len) = frame(buf, max)? {
             let version = match sniff(&buf[..len])? {

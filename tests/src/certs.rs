@@ -19,7 +19,9 @@ pub struct Pair {
 impl Ca {
     pub fn new(dir: &Path, name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let key = KeyPair::generate().expect("key");
         let cert = params.self_signed(&key).expect("self-signed");
@@ -34,7 +36,10 @@ impl Ca {
         params.subject_alt_names = sans;
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.cert, &self.key).expect("sign");
-        let pair = Pair { cert: dir.join(format!("{file}.pem")), key: dir.join(format!("{file}.key")) };
+        let pair = Pair {
+            cert: dir.join(format!("{file}.pem")),
+            key: dir.join(format!("{file}.key")),
+        };
         std::fs::write(&pair.cert, cert.pem()).expect("write cert");
         std::fs::write(&pair.key, key.serialize_pem()).expect("write key");
         pair

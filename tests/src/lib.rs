@@ -20,7 +20,11 @@ pub fn gateway_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("gateway");
-    assert!(bin.exists(), "{} not built: run `cargo build -p gateway` (cargo test --workspace does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p gateway` (cargo test --workspace does)",
+        bin.display()
+    );
     bin
 }
 
@@ -50,15 +54,25 @@ pub fn config(journal_dir: &Path, extra: &str) -> String {
 impl Gateway {
     /// Starts a gateway with `extra` config (it must include an `[auth]` section).
     pub fn start(extra: &str) -> Gateway {
+        Self::start_env(extra, &[])
+    }
+
+    /// As [`Gateway::start`], with `GATEWAY_*` environment overrides.
+    pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, config(&dir.path().join("journal"), extra)).expect("write config");
-        Self::start_in(dir, config_path)
+        Self::spawn(dir, config_path, env)
     }
 
     /// Starts (or restarts) a gateway on an existing directory and config.
     pub fn start_in(dir: tempfile::TempDir, config_path: PathBuf) -> Gateway {
+        Self::spawn(dir, config_path, &[])
+    }
+
+    fn spawn(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Gateway {
         let mut child = Command::new(gateway_bin())
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -80,7 +94,15 @@ impl Gateway {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut gw = Gateway { child: Some(child), dir, config_path, mqtt: None, tls: None, admin: None, log };
+        let mut gw = Gateway {
+            child: Some(child),
+            dir,
+            config_path,
+            mqtt: None,
+            tls: None,
+            admin: None,
+            log,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -138,7 +160,9 @@ impl Gateway {
 
     /// SIGTERM and wait for exit; returns the exit status success.
     pub fn terminate(&mut self, within: Duration) -> bool {
-        let Some(mut c) = self.child.take() else { return false };
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
         let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
@@ -160,7 +184,11 @@ impl Gateway {
     pub fn metric(&self, name: &str) -> u64 {
         self.metrics()
             .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.strip_prefix(' '))
+                    .and_then(|v| v.parse().ok())
+            })
             .unwrap_or(0)
     }
 
@@ -209,16 +237,21 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("write");
     let mut body = String::new();
     s.read_to_string(&mut body).expect("read");
-    body.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    body.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 /// Runs a command-line MQTT client and returns (exit code, stdout + stderr).
 pub fn run_cli(program: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} not runnable ({e}); the test set-up installs mosquitto-clients"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
+        panic!("{program} not runnable ({e}); the test set-up installs mosquitto-clients")
+    });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 

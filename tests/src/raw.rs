@@ -26,13 +26,21 @@ pub enum Outcome {
 impl Raw {
     pub fn connect(addr: SocketAddr) -> Raw {
         let stream = TcpStream::connect(addr).expect("tcp connect");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        Raw { stream, buf: BytesMut::new() }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+        }
     }
 
     /// A second handle on the same socket (e.g. a reader thread beside a writer).
     pub fn split(&self) -> Raw {
-        Raw { stream: self.stream.try_clone().expect("clone socket"), buf: BytesMut::new() }
+        Raw {
+            stream: self.stream.try_clone().expect("clone socket"),
+            buf: BytesMut::new(),
+        }
     }
 
     pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
@@ -114,7 +122,12 @@ impl Raw {
             match self.stream.read(&mut chunk) {
                 Ok(0) => break,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
                     return (Outcome::Open, packets);
                 }
                 Err(_) => break,

@@ -22,14 +22,19 @@ fn sigkill_mid_stream_loses_no_acknowledged_message() {
         // PUBACK = 0x40 0x02 pkid; pkid n was the n-th message.
         while let Some(p) = reader.read_packet() {
             if p[0] == 0x40 {
-                sink.lock().expect("lock").insert(u16::from_be_bytes([p[2], p[3]]));
+                sink.lock()
+                    .expect("lock")
+                    .insert(u16::from_be_bytes([p[2], p[3]]));
             }
         }
     });
     let mut writer = raw;
     let publisher = std::thread::spawn(move || {
         for n in 1..=60_000u16 {
-            if writer.publish311("vehicles/crash-car/telemetry", n, n.to_string().as_bytes()).is_err() {
+            if writer
+                .publish311("vehicles/crash-car/telemetry", n, n.to_string().as_bytes())
+                .is_err()
+            {
                 return n;
             }
         }
@@ -44,7 +49,11 @@ fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let _ = publisher.join();
     let _ = acks.join();
     let acked = acked.lock().expect("lock").clone();
-    assert!(acked.len() >= 3_000, "only {} PUBACKs before the kill", acked.len());
+    assert!(
+        acked.len() >= 3_000,
+        "only {} PUBACKs before the kill",
+        acked.len()
+    );
 
     // Restart on the same journal: recovery must succeed, then read it back.
     let mut gw = Gateway::start_in(dir, config);
@@ -53,14 +62,31 @@ fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let journaled: BTreeSet<u16> = records
         .iter()
         .filter(|r| r.entry.client_id == "crash-car")
-        .map(|r| std::str::from_utf8(&r.entry.payload).expect("utf8").parse().expect("number"))
+        .map(|r| {
+            std::str::from_utf8(&r.entry.payload)
+                .expect("utf8")
+                .parse()
+                .expect("number")
+        })
         .collect();
     let lost: Vec<_> = acked.difference(&journaled).take(10).collect();
-    assert!(lost.is_empty(), "acknowledged but not journaled: {lost:?} (of {} acked)", acked.len());
+    assert!(
+        lost.is_empty(),
+        "acknowledged but not journaled: {lost:?} (of {} acked)",
+        acked.len()
+    );
     // Journal order is the vehicle's order.
     let order: Vec<u16> = records
         .iter()
-        .map(|r| std::str::from_utf8(&r.entry.payload).expect("utf8").parse().expect("number"))
+        .map(|r| {
+            std::str::from_utf8(&r.entry.payload)
+                .expect("utf8")
+                .parse()
+                .expect("number")
+        })
         .collect();
-    assert!(order.windows(2).all(|w| w[0] < w[1]), "journal order differs from publish order");
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "journal order differs from publish order"
+    );
 }

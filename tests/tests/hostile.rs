@@ -18,7 +18,8 @@ fn steady_vehicle(gw: &Gateway, stop: Arc<AtomicUsize>) -> (Arc<AtomicUsize>, st
         let mut n: u16 = 0;
         while stop.load(Ordering::Relaxed) == 0 {
             n = n.wrapping_add(1).max(1);
-            raw.publish311("vehicles/steady/telemetry", n, b"ok").expect("steady publish");
+            raw.publish311("vehicles/steady/telemetry", n, b"ok")
+                .expect("steady publish");
             match raw.read_packet() {
                 Some(p) if p[0] == 0x40 => counter.fetch_add(1, Ordering::Relaxed),
                 other => panic!("steady vehicle lost its connection: {other:?}"),
@@ -64,7 +65,11 @@ fn publish5_frame(topic: &[u8]) -> Vec<u8> {
 
 fn assert_closed(raw: &mut Raw, case: &str) -> Vec<Vec<u8>> {
     let (outcome, packets) = raw.until_closed(Duration::from_secs(5));
-    assert_eq!(outcome, Outcome::Closed, "{case}: the gateway must close the connection");
+    assert_eq!(
+        outcome,
+        Outcome::Closed,
+        "{case}: the gateway must close the connection"
+    );
     packets
 }
 
@@ -83,7 +88,10 @@ fn each_bad_input_closes_only_its_connection() {
 
     // Random bytes instead of a CONNECT.
     let mut raw = Raw::connect(gw.mqtt());
-    raw.send(&[0x00, 0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 0x42, 0x99, 0x01, 0x02, 0x03]).expect("send");
+    raw.send(&[
+        0x00, 0x13, 0x37, 0xde, 0xad, 0xbe, 0xef, 0x42, 0x99, 0x01, 0x02, 0x03,
+    ])
+    .expect("send");
     assert_closed(&mut raw, "random bytes");
     still_flowing("random bytes");
 
@@ -106,19 +114,27 @@ fn each_bad_input_closes_only_its_connection() {
     let mut raw = connected_v5(&gw, "badutf8-5");
     raw.send(&publish5_frame(&[b'v', 0xc3, 0x28])).expect("send");
     let packets = assert_closed(&mut raw, "invalid utf-8 topic v5");
-    assert!(packets.iter().any(|p| p[0] == 0xE0 && p[2] == 0x90), "DISCONNECT 0x90: {packets:?}");
+    assert!(
+        packets.iter().any(|p| p[0] == 0xE0 && p[2] == 0x90),
+        "DISCONNECT 0x90: {packets:?}"
+    );
     still_flowing("invalid utf-8");
 
     // A wildcard in a PUBLISH topic.
     let mut raw = connected_v5(&gw, "wild");
     raw.send(&publish5_frame(b"vehicles/wild/+")).expect("send");
     let packets = assert_closed(&mut raw, "wildcard topic");
-    assert!(packets.iter().any(|p| p[0] == 0xE0 && p[2] == 0x90), "DISCONNECT 0x90: {packets:?}");
+    assert!(
+        packets.iter().any(|p| p[0] == 0xE0 && p[2] == 0x90),
+        "DISCONNECT 0x90: {packets:?}"
+    );
     still_flowing("wildcard");
 
     // A second CONNECT on the same connection.
     let (mut raw, _) = Raw::mqtt311(gw.mqtt(), "twice", 30);
-    let connect = [0x10, 0x0e, 0x00, 0x04, b'M', b'Q', b'T', b'T', 4, 0x02, 0x00, 0x1e, 0x00, 0x02, b'i', b'd'];
+    let connect = [
+        0x10, 0x0e, 0x00, 0x04, b'M', b'Q', b'T', b'T', 4, 0x02, 0x00, 0x1e, 0x00, 0x02, b'i', b'd',
+    ];
     raw.send(&connect).expect("send");
     assert_closed(&mut raw, "second connect");
     still_flowing("second connect");
@@ -140,14 +156,29 @@ fn each_bad_input_closes_only_its_connection() {
     if !closed {
         assert_closed(&mut raw, "slow connect");
     }
-    assert!(start.elapsed() < Duration::from_secs(6), "slow CONNECT not cut at the timeout");
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "slow CONNECT not cut at the timeout"
+    );
     still_flowing("slow connect");
 
     stop.store(1, Ordering::Relaxed);
     steady.join().expect("steady vehicle thread");
     let m = gw.metrics();
-    for label in ["packet_too_large", "not_connect", "topic_invalid", "second_connect", "connect_timeout"] {
-        assert!(m.contains(&format!("gateway_protocol_errors_total{{reason=\"{label}\"}}")), "{label} not counted:\n{m}");
+    for label in [
+        "packet_too_large",
+        "not_connect",
+        "topic_invalid",
+        "second_connect",
+        "connect_timeout",
+    ] {
+        assert!(
+            m.contains(&format!("gateway_protocol_errors_total{{reason=\"{label}\"}}")),
+            "{label} not counted:\n{m}"
+        );
     }
-    assert!(gw.wait_log("protocol error", Duration::from_secs(1)), "reasons are logged");
+    assert!(
+        gw.wait_log("protocol error", Duration::from_secs(1)),
+        "reasons are logged"
+    );
 }

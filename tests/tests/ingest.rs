@@ -13,10 +13,16 @@ async fn rumqttc_v4(addr: std::net::SocketAddr, id: &str, qos1: usize, qos0: usi
     let topic = format!("vehicles/{id}/telemetry");
     tokio::spawn(async move {
         for i in 0..qos1 {
-            client.publish(&topic, QoS::AtLeastOnce, false, format!("{{\"seq\":{i}}}")).await.expect("queue");
+            client
+                .publish(&topic, QoS::AtLeastOnce, false, format!("{{\"seq\":{i}}}"))
+                .await
+                .expect("queue");
         }
         for i in 0..qos0 {
-            client.publish(&topic, QoS::AtMostOnce, false, format!("{{\"q0\":{i}}}")).await.expect("queue");
+            client
+                .publish(&topic, QoS::AtMostOnce, false, format!("{{\"q0\":{i}}}"))
+                .await
+                .expect("queue");
         }
     });
     let mut acks = 0;
@@ -93,7 +99,10 @@ async fn rumqttc_v4_and_v5_publish_and_messages_are_journaled() {
         assert_eq!(r.entry.payload, format!("{{\"seq\":{i}}}").as_bytes());
     }
     assert_eq!(v5[0].entry.content_type.as_deref(), Some("application/json"));
-    assert_eq!(v5[0].entry.user_properties, vec![("fw".to_string(), "1.0".to_string())]);
+    assert_eq!(
+        v5[0].entry.user_properties,
+        vec![("fw".to_string(), "1.0".to_string())]
+    );
     assert_eq!(v5[0].entry.topic, "vehicles/veh-v5/telemetry");
 }
 
@@ -101,12 +110,33 @@ async fn rumqttc_v4_and_v5_publish_and_messages_are_journaled() {
 fn mosquitto_pub_and_sub_v311_and_v5() {
     let mut gw = Gateway::start(ANON);
     let port = gw.mqtt().port().to_string();
-    for (version, qos) in [("mqttv311", "1"), ("mqttv5", "1"), ("mqttv311", "0"), ("mqttv5", "0")] {
+    for (version, qos) in [
+        ("mqttv311", "1"),
+        ("mqttv5", "1"),
+        ("mqttv311", "0"),
+        ("mqttv5", "0"),
+    ] {
         let id = format!("mosq-{version}-{qos}");
         let topic = format!("vehicles/{id}/telemetry");
         let (code, out) = run_cli(
             "mosquitto_pub",
-            &["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", qos, "-i", &id, "-t", &topic, "-m", "{\"v\":1}", "-d"],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-q",
+                qos,
+                "-i",
+                &id,
+                "-t",
+                &topic,
+                "-m",
+                "{\"v\":1}",
+                "-d",
+            ],
         );
         assert_eq!(code, 0, "{version} q{qos}: {out}");
         if qos == "1" {
@@ -116,23 +146,78 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
     // A vehicle subscribes to its command topic; a foreign filter is refused in the SUBACK.
     let (_, out) = run_cli(
         "mosquitto_sub",
-        &["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-i", "car7", "-t", "vehicles/car7/commands/#", "-W", "1", "-d"],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv311",
+            "-i",
+            "car7",
+            "-t",
+            "vehicles/car7/commands/#",
+            "-W",
+            "1",
+            "-d",
+        ],
     );
-    assert!(out.contains("received SUBACK") && out.contains("Subscribed (mid: 1): 0"), "{out}");
+    assert!(
+        out.contains("received SUBACK") && out.contains("Subscribed (mid: 1): 0"),
+        "{out}"
+    );
     let (_, out) = run_cli(
         "mosquitto_sub",
-        &["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-i", "car7", "-t", "vehicles/#", "-W", "1", "-d"],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv5",
+            "-i",
+            "car7",
+            "-t",
+            "vehicles/#",
+            "-W",
+            "1",
+            "-d",
+        ],
     );
-    assert!(out.contains("received SUBACK") && out.contains("135"), "refused subscription: {out}");
+    assert!(
+        out.contains("received SUBACK") && out.contains("135"),
+        "refused subscription: {out}"
+    );
     // QoS 2 is refused: MQTT 5 clients learn it from CONNACK (Maximum QoS 1).
     let (_, out) = run_cli(
         "mosquitto_pub",
-        &["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "2", "-i", "q2", "-t", "vehicles/q2/t", "-m", "x"],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv5",
+            "-q",
+            "2",
+            "-i",
+            "q2",
+            "-t",
+            "vehicles/q2/t",
+            "-m",
+            "x",
+        ],
     );
     assert!(out.contains("QoS not supported"), "{out}");
     assert!(gw.terminate(Duration::from_secs(10)));
     let records = Gateway::journal_records(gw.dir.path());
-    assert_eq!(records.iter().filter(|r| r.entry.client_id.starts_with("mosq-")).count(), 4);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.entry.client_id.starts_with("mosq-"))
+            .count(),
+        4
+    );
 }
 
 #[test]
@@ -141,12 +226,46 @@ fn acl_denial_v5_puback_0x87_and_v311_disconnect() {
     let port = gw.mqtt().port().to_string();
     let (_, out) = run_cli(
         "mosquitto_pub",
-        &["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1", "-i", "v1", "-t", "vehicles/v2/x", "-m", "x", "-d"],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-i",
+            "v1",
+            "-t",
+            "vehicles/v2/x",
+            "-m",
+            "x",
+            "-d",
+        ],
     );
-    assert!(out.contains("RC:135"), "v5 PUBACK carries 0x87 Not authorized: {out}");
+    assert!(
+        out.contains("RC:135"),
+        "v5 PUBACK carries 0x87 Not authorized: {out}"
+    );
     let (code, out) = run_cli(
         "mosquitto_pub",
-        &["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-q", "1", "-i", "v1", "-t", "vehicles/v2/x", "-m", "x"],
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+            "-i",
+            "v1",
+            "-t",
+            "vehicles/v2/x",
+            "-m",
+            "x",
+        ],
     );
     assert_ne!(code, 0, "3.1.1 violator is disconnected: {out}");
     assert_eq!(gw.metric("gateway_acl_denied_total{qos=\"1\"}"), 2);

@@ -10,26 +10,60 @@ fn start_tls(dir: &std::path::Path, mtls: bool) -> (Gateway, Ca) {
     // tls_listen belongs in the [mqtt] section the harness writes: add it there.
     let ca = Ca::new(dir, "fleet");
     let server = ca.server(dir);
-    let client_ca = if mtls { ca.cert_path.display().to_string() } else { String::new() };
+    let client_ca = if mtls {
+        ca.cert_path.display().to_string()
+    } else {
+        String::new()
+    };
     let tmp = tempfile::tempdir().expect("tempdir");
     let config_path = tmp.path().join("gateway.toml");
-    let text = integration::config(&tmp.path().join("journal"), &format!(
-        "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{client_ca}\"\nhandshake_timeout_secs = 2\n\
+    let text = integration::config(
+        &tmp.path().join("journal"),
+        &format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{client_ca}\"\nhandshake_timeout_secs = 2\n\
          [auth]\nallow_anonymous = {}\n",
-        server.cert.display(),
-        server.key.display(),
-        !mtls
-    ))
-    .replace("listen = \"127.0.0.1:0\"\nconnect", "listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nconnect");
+            server.cert.display(),
+            server.key.display(),
+            !mtls
+        ),
+    )
+    .replace(
+        "listen = \"127.0.0.1:0\"\nconnect",
+        "listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nconnect",
+    );
     std::fs::write(&config_path, text).expect("config");
     (Gateway::start_in(tmp, config_path), ca)
 }
 
-fn pub_tls(gw: &Gateway, ca: &Ca, id: &str, cert: Option<&integration::certs::Pair>, version: &str) -> (i32, String) {
+fn pub_tls(
+    gw: &Gateway,
+    ca: &Ca,
+    id: &str,
+    cert: Option<&integration::certs::Pair>,
+    version: &str,
+) -> (i32, String) {
     let port = gw.tls.expect("tls listener").port().to_string();
     let topic = format!("vehicles/{id}/telemetry");
     let cafile = ca.cert_path.display().to_string();
-    let mut args = vec!["-h", "127.0.0.1", "-p", &port, "--cafile", &cafile, "-V", version, "-q", "1", "-i", id, "-t", &topic, "-m", "{}", "-d"];
+    let mut args = vec![
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "--cafile",
+        &cafile,
+        "-V",
+        version,
+        "-q",
+        "1",
+        "-i",
+        id,
+        "-t",
+        &topic,
+        "-m",
+        "{}",
+        "-d",
+    ];
     let (c, k);
     if let Some(pair) = cert {
         c = pair.cert.display().to_string();
@@ -79,7 +113,10 @@ fn mtls_identity_binds_the_client_id() {
     let (_, out) = pub_tls(&gw, &ca, "VIN0002", Some(&vin), "mqttv5");
     assert!(out.contains("CONNACK (135)"), "5.0 reason 0x87: {out}");
     assert!(gw.metric("gateway_connections_rejected_total{reason=\"tls_handshake_failed\"}") >= 2);
-    assert_eq!(gw.metric("gateway_connack_refused_total{reason=\"not_authorized\"}"), 2);
+    assert_eq!(
+        gw.metric("gateway_connack_refused_total{reason=\"not_authorized\"}"),
+        2
+    );
 }
 
 #[tokio::test]
@@ -90,9 +127,16 @@ async fn rumqttc_over_tls() {
     let addr = gw.tls.expect("tls");
     let mut opts = MqttOptions::new("rustls-car", "localhost", addr.port());
     let ca_pem = std::fs::read(&ca.cert_path).expect("ca");
-    opts.set_transport(Transport::Tls(TlsConfiguration::Simple { ca: ca_pem, alpn: None, client_auth: None }));
+    opts.set_transport(Transport::Tls(TlsConfiguration::Simple {
+        ca: ca_pem,
+        alpn: None,
+        client_auth: None,
+    }));
     let (client, mut el) = AsyncClient::new(opts, 10);
-    client.publish("vehicles/rustls-car/t", QoS::AtLeastOnce, false, "x").await.expect("queue");
+    client
+        .publish("vehicles/rustls-car/t", QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("queue");
     let acked = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             if let Event::Incoming(Packet::PubAck(_)) = el.poll().await.expect("tls session") {
