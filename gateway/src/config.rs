@@ -39,7 +39,7 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub gateway: GatewaySection,
@@ -205,20 +205,6 @@ impl Default for AuthSection {
             publish_acl: vec!["vehicles/{client_id}/#".into()],
             subscribe_acl: vec!["vehicles/{client_id}/commands/#".into()],
             users: Vec::new(),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            gateway: GatewaySection::default(),
-            mqtt: MqttSection::default(),
-            tls: TlsSection::default(),
-            journal: JournalSection::default(),
-            kafka: KafkaSection::default(),
-            admin: AdminSection::default(),
-            auth: AuthSection::default(),
         }
     }
 }
