@@ -270,3 +270,58 @@ fn acl_denial_v5_puback_0x87_and_v311_disconnect() {
     assert_ne!(code, 0, "3.1.1 violator is disconnected: {out}");
     assert_eq!(gw.metric("gateway_acl_denied_total{qos=\"1\"}"), 2);
 }
+
+#[test]
+fn password_users_are_checked_and_anonymous_refused() {
+    let hash = std::process::Command::new(integration::gateway_bin())
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(b"s3cret")?;
+            c.wait_with_output()
+        })
+        .expect("hash-password");
+    let hash = String::from_utf8(hash.stdout).expect("utf8").trim().to_string();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let gw = Gateway::start(&format!(
+        "[auth]\nallow_anonymous = false\n[[auth.users]]\nusername = \"bench\"\npassword_hash = \"{hash}\"\n"
+    ));
+    let port = gw.mqtt().port().to_string();
+    let publish = |version: &str, creds: &[&str]| {
+        let mut args = vec![
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            version,
+            "-q",
+            "1",
+            "-i",
+            "bench1",
+            "-t",
+            "vehicles/bench1/t",
+            "-m",
+            "x",
+            "-d",
+        ];
+        args.extend_from_slice(creds);
+        run_cli("mosquitto_pub", &args)
+    };
+    let (code, out) = publish("mqttv311", &["-u", "bench", "-P", "s3cret"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("received PUBACK"), "{out}");
+    let (_, out) = publish("mqttv311", &["-u", "bench", "-P", "wrong"]);
+    assert!(out.contains("CONNACK (4)"), "3.1.1 bad credentials = 4: {out}");
+    let (_, out) = publish("mqttv5", &["-u", "bench", "-P", "wrong"]);
+    assert!(out.contains("CONNACK (134)"), "5.0 bad credentials = 0x86: {out}");
+    let (_, out) = publish("mqttv311", &[]);
+    assert!(out.contains("CONNACK (5)"), "anonymous not authorised = 5: {out}");
+    assert_eq!(
+        gw.metric("gateway_connack_refused_total{reason=\"bad_credentials\"}"),
+        2
+    );
+}
