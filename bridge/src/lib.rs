@@ -1,9 +1,15 @@
 //! Everything between the journal and Kafka.
 //!
-//! Today this is the write-ahead [`journal`]: the durable log every vehicle message is
-//! appended to before the vehicle gets its PUBACK. The Kafka producer pipeline that
-//! drains it (and releases records once Kafka confirmed them) lands here next.
+//! Data path: the write-ahead [`journal`] (every vehicle message is durable there before
+//! the vehicle gets its PUBACK) → the [`producer`] pipeline (reads the journal in order,
+//! writes to Kafka with `acks=all` and idempotence, releases records on confirmed
+//! delivery) using [`routes`] to pick topic and key. [`embedded`] is the dev-only
+//! in-process Kafka for a first run.
 
+pub mod embedded;
 pub mod journal;
+pub mod producer;
+pub mod routes;
+pub mod topic;
 
 pub use journal::{Entry, Journal, JournalConfig, JournalError, JournalStats, Record, SegmentedJournal};

@@ -14,4 +14,4 @@ pub mod registry;
 pub mod server;
 pub mod session;
 pub mod tls;
-pub mod topic;
+pub use bridge::topic;

@@ -1,0 +1,146 @@
+//! Which Kafka topic and key an MQTT message goes to.
+//!
+//! `[[routes]]` are tried in order; the first whose MQTT filter matches wins, so a
+//! message is written to Kafka exactly once however many consumer groups read it.
+//! Key templates may use `{client_id}` and `{N}`, the N-th level of the MQTT topic
+//! (0-based): `vehicles/{1}/telemetry` → `{1}` is the vehicle segment.
+
+use crate::topic;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub mqtt: String,
+    pub kafka_topic: String,
+    pub key: String,
+}
+
+/// What happens to a message no route matches. Never a silent drop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmatched {
+    /// Write it to this topic (keyed by client id).
+    DefaultTopic(String),
+    /// Refuse at publish: MQTT 5 PUBACK 0x90; 3.1.1 acknowledged and counted as dropped.
+    Refuse,
+}
+
+#[derive(Debug, Clone)]
+pub struct Routes {
+    pub routes: Vec<Route>,
+    pub unmatched: Unmatched,
+}
+
+/// Destination of one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub topic: String,
+    pub key: String,
+}
+
+impl Routes {
+    /// The destination, or `None` when unmatched and the policy is `Refuse`.
+    pub fn resolve(&self, client_id: &str, mqtt_topic: &str) -> Option<Destination> {
+        for r in &self.routes {
+            if topic::matches(&r.mqtt, mqtt_topic) {
+                return Some(Destination {
+                    topic: r.kafka_topic.clone(),
+                    key: render(&r.key, client_id, mqtt_topic),
+                });
+            }
+        }
+        match &self.unmatched {
+            Unmatched::DefaultTopic(t) => Some(Destination {
+                topic: t.clone(),
+                key: client_id.to_string(),
+            }),
+            Unmatched::Refuse => None,
+        }
+    }
+
+    /// Every Kafka topic a message can be written to (for the embedded cluster).
+    pub fn topics(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.routes.iter().map(|r| r.kafka_topic.clone()).collect();
+        if let Unmatched::DefaultTopic(d) = &self.unmatched {
+            t.push(d.clone());
+        }
+        t.sort();
+        t.dedup();
+        t
+    }
+}
+
+/// Checks a key template: only `{client_id}` and `{N}` placeholders.
+pub fn validate_template(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        let Some(end) = rest[start..].find('}') else {
+            return Err("unclosed '{'".into());
+        };
+        let name = &rest[start + 1..start + end];
+        if name != "client_id" && name.parse::<usize>().is_err() {
+            return Err(format!(
+                "unknown placeholder {{{name}}}; use {{client_id}} or a topic level like {{1}}"
+            ));
+        }
+        rest = &rest[start + end + 1..];
+    }
+    Ok(())
+}
+
+fn render(template: &str, client_id: &str, mqtt_topic: &str) -> String {
+    let mut out = String::with_capacity(template.len() + client_id.len());
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else { break };
+        let name = &rest[start + 1..start + end];
+        if name == "client_id" {
+            out.push_str(client_id);
+        } else if let Ok(n) = name.parse::<usize>() {
+            out.push_str(mqtt_topic.split('/').nth(n).unwrap_or(""));
+        }
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_match_wins_and_templates_render() {
+        let routes = Routes {
+            routes: vec![
+                Route {
+                    mqtt: "vehicles/+/telemetry".into(),
+                    kafka_topic: "telemetry".into(),
+                    key: "{client_id}".into(),
+                },
+                Route {
+                    mqtt: "vehicles/+/#".into(),
+                    kafka_topic: "events".into(),
+                    key: "{1}-{2}".into(),
+                },
+            ],
+            unmatched: Unmatched::DefaultTopic("unrouted".into()),
+        };
+        assert_eq!(
+            routes.resolve("v1", "vehicles/v1/telemetry").map(|d| d.topic),
+            Some("telemetry".into())
+        );
+        let d = routes.resolve("v1", "vehicles/v1/doors/open").expect("routed");
+        assert_eq!((d.topic.as_str(), d.key.as_str()), ("events", "v1-doors"));
+        assert_eq!(
+            routes.resolve("v1", "other").map(|d| d.topic),
+            Some("unrouted".into())
+        );
+        let refuse = Routes {
+            routes: vec![],
+            unmatched: Unmatched::Refuse,
+        };
+        assert_eq!(refuse.resolve("v1", "x"), None);
+        assert!(validate_template("{client_id}/{3}").is_ok());
+        assert!(validate_template("{vin}").is_err());
+    }
+}
