@@ -12,4 +12,6 @@ pub mod producer;
 pub mod routes;
 pub mod topic;
 
-pub use journal::{Entry, Journal, JournalConfig, JournalError, JournalStats, Record, SegmentedJournal};
+pub use journal::{
+    Entry, FullPolicy, Journal, JournalConfig, JournalError, JournalStats, Record, SegmentedJournal,
+};

@@ -18,6 +18,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()
         .route("/api/v1/journal", get(journal))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/bridge", get(bridge))
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
@@ -42,7 +43,7 @@ async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: Next) -
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let text = s.metrics.render(&s.journal.stats());
+    let text = s.metrics.render(&s.journal.stats(), &s.bridge);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
@@ -69,6 +70,29 @@ async fn journal(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "released_seq": st.released_seq,
         "syncs": st.syncs,
         "full": st.full,
+    }))
+}
+
+async fn bridge(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let b = &s.bridge;
+    let j = s.journal.stats();
+    Json(json!({
+        "bootstrap": s.bootstrap,
+        "embedded": s.embedded,
+        "dev_only": s.embedded,
+        "state": b.state().as_str(),
+        "in_flight": b.in_flight.load(Relaxed),
+        "delivered": b.delivered.load(Relaxed),
+        "dead_lettered": b.dead_lettered.load(Relaxed),
+        "parked": b.parked.load(Relaxed),
+        "errors": b.errors.load(Relaxed),
+        "last_error": b.last_error(),
+        "journal_waiting": j.records,
+        "journal_oldest_age_secs": j.oldest_age.map(|d| d.as_secs_f64()),
+        "released_seq": j.released_seq,
+        "durable_seq": j.durable_seq,
+        "topics": s.routes.topics(),
     }))
 }
 

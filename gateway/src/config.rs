@@ -49,11 +49,14 @@ pub struct Config {
     pub kafka: KafkaSection,
     pub admin: AdminSection,
     pub auth: AuthSection,
+    pub routes: Vec<RouteEntry>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
+    /// This gateway's name in the `gateway.id` Kafka header; empty = the host name.
+    pub id: String,
     /// Time allowed on SIGTERM/SIGINT for sessions to drain and the journal to flush.
     pub shutdown_grace_secs: u64,
 }
@@ -99,6 +102,8 @@ pub struct JournalSection {
     pub dir: PathBuf,
     pub max_bytes: u64,
     pub segment_bytes: u64,
+    /// When `max_bytes` is reached: "backpressure" (default), "reject", "drop_oldest".
+    pub full_policy: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -106,6 +111,36 @@ pub struct JournalSection {
 pub struct KafkaSection {
     /// "embedded" (dev-only in-process mock cluster) or a broker list `host:port,...`.
     pub bootstrap: String,
+    /// none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    pub linger_ms: u64,
+    pub batch_bytes: u64,
+    /// Records produced and not yet confirmed by Kafka.
+    pub max_inflight: usize,
+    /// Records Kafka refuses for good (too large, not authorised) go here; empty parks
+    /// them in the journal instead.
+    pub dead_letter_topic: String,
+    /// Messages no `[[routes]]` entry matches: "default_topic" or "refuse".
+    pub unmatched: String,
+    pub default_topic: String,
+    /// Partitions of each topic in the embedded cluster.
+    pub embedded_partitions: i32,
+    /// librdkafka properties passed through verbatim (SASL, SSL, ...); values are strings.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[[routes]]`: MQTT topic filter → Kafka topic and key template.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteEntry {
+    pub mqtt: String,
+    pub kafka_topic: String,
+    #[serde(default = "default_key")]
+    pub key: String,
+}
+
+fn default_key() -> String {
+    "{client_id}".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -139,6 +174,7 @@ pub struct User {
 impl Default for GatewaySection {
     fn default() -> Self {
         GatewaySection {
+            id: String::new(),
             shutdown_grace_secs: 10,
         }
     }
@@ -177,6 +213,7 @@ impl Default for JournalSection {
             dir: PathBuf::from("./data/journal"),
             max_bytes: 1 << 30,
             segment_bytes: 64 << 20,
+            full_policy: "backpressure".into(),
         }
     }
 }
@@ -185,6 +222,15 @@ impl Default for KafkaSection {
     fn default() -> Self {
         KafkaSection {
             bootstrap: "embedded".into(),
+            compression: "lz4".into(),
+            linger_ms: 5,
+            batch_bytes: 1 << 20,
+            max_inflight: 100_000,
+            dead_letter_topic: "vehicles.dead-letter".into(),
+            unmatched: "default_topic".into(),
+            default_topic: "vehicles.unrouted".into(),
+            embedded_partitions: 4,
+            properties: BTreeMap::new(),
         }
     }
 }
@@ -380,6 +426,60 @@ impl Config {
                 "must be \"embedded\" or a broker list like \"kafka-1:9092,kafka-2:9092\"",
             ));
         }
+        let k = &self.kafka;
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
+            p.push(problem(
+                "kafka.compression",
+                "must be one of none, gzip, snappy, lz4, zstd",
+            ));
+        }
+        if k.max_inflight == 0 {
+            p.push(problem("kafka.max_inflight", "must be at least 1"));
+        }
+        if !k.dead_letter_topic.is_empty() && !valid_kafka_topic(&k.dead_letter_topic) {
+            p.push(problem(
+                "kafka.dead_letter_topic",
+                "Kafka topic names use [a-zA-Z0-9._-], at most 249 characters",
+            ));
+        }
+        match k.unmatched.as_str() {
+            "refuse" => {}
+            "default_topic" if valid_kafka_topic(&k.default_topic) => {}
+            "default_topic" => p.push(problem(
+                "kafka.default_topic",
+                "needed by kafka.unmatched = \"default_topic\": a Kafka topic name ([a-zA-Z0-9._-])",
+            )),
+            _ => p.push(problem(
+                "kafka.unmatched",
+                "must be \"default_topic\" or \"refuse\"",
+            )),
+        }
+        if !(1..=1000).contains(&k.embedded_partitions) {
+            p.push(problem("kafka.embedded_partitions", "must be between 1 and 1000"));
+        }
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Err(e) = crate::topic::validate_filter(&r.mqtt) {
+                p.push(problem(format!("routes[{i}].mqtt"), format!("{:?}: {e}", r.mqtt)));
+            }
+            if !valid_kafka_topic(&r.kafka_topic) {
+                p.push(problem(
+                    format!("routes[{i}].kafka_topic"),
+                    format!(
+                        "{:?}: Kafka topic names use [a-zA-Z0-9._-], at most 249 characters",
+                        r.kafka_topic
+                    ),
+                ));
+            }
+            if let Err(e) = bridge::routes::validate_template(&r.key) {
+                p.push(problem(format!("routes[{i}].key"), format!("{:?}: {e}", r.key)));
+            }
+        }
+        if !["backpressure", "reject", "drop_oldest"].contains(&self.journal.full_policy.as_str()) {
+            p.push(problem(
+                "journal.full_policy",
+                "must be \"backpressure\", \"reject\" or \"drop_oldest\"",
+            ));
+        }
         let a = &self.auth;
         if !a.allow_anonymous && a.users.is_empty() && t.client_ca.is_empty() {
             p.push(problem(
@@ -451,6 +551,58 @@ impl Config {
                 problems,
             })
         }
+    }
+}
+
+fn valid_kafka_topic(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t != "."
+        && t != ".."
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Config {
+    /// The routing table the session (refusals) and the producer (destinations) share.
+    pub fn routing(&self) -> bridge::routes::Routes {
+        use bridge::routes::{Route, Routes, Unmatched};
+        Routes {
+            routes: self
+                .routes
+                .iter()
+                .map(|r| Route {
+                    mqtt: r.mqtt.clone(),
+                    kafka_topic: r.kafka_topic.clone(),
+                    key: r.key.clone(),
+                })
+                .collect(),
+            unmatched: if self.kafka.unmatched == "refuse" {
+                Unmatched::Refuse
+            } else {
+                Unmatched::DefaultTopic(self.kafka.default_topic.clone())
+            },
+        }
+    }
+
+    pub fn full_policy(&self) -> bridge::FullPolicy {
+        match self.journal.full_policy.as_str() {
+            "reject" => bridge::FullPolicy::Reject,
+            "drop_oldest" => bridge::FullPolicy::DropOldest,
+            _ => bridge::FullPolicy::Backpressure,
+        }
+    }
+
+    /// `gateway.id`, or the host name when empty.
+    pub fn gateway_id(&self) -> String {
+        if !self.gateway.id.is_empty() {
+            return self.gateway.id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "gateway".into())
     }
 }
 

@@ -55,11 +55,15 @@ pub struct Metrics {
     pub pubacks_sent: AtomicU64,
     /// Publishes refused by the publish ACL.
     pub acl_denied: Labeled,
+    /// Publishes with no route under `kafka.unmatched = "refuse"`.
+    pub unrouted: Labeled,
+    /// Publishes refused because the journal was full (`journal.full_policy = "reject"`).
+    pub journal_rejected: Labeled,
 }
 
 impl Metrics {
     /// Prometheus text exposition, with the journal's current state.
-    pub fn render(&self, journal: &bridge::JournalStats) -> String {
+    pub fn render(&self, journal: &bridge::JournalStats, bridge: &bridge::producer::BridgeStatus) -> String {
         let mut s = String::new();
         let gauge = |s: &mut String, name: &str, help: &str, v: i64| {
             let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -182,6 +186,72 @@ impl Metrics {
             "Highest durable journal sequence.",
             journal.durable_seq,
         );
+        counter(
+            &mut s,
+            "gateway_journal_released_seq",
+            "Highest journal sequence confirmed by Kafka.",
+            journal.released_seq,
+        );
+        counter(
+            &mut s,
+            "gateway_journal_dropped_records_total",
+            "Records dropped undelivered (drop_oldest policy).",
+            journal.dropped,
+        );
+        labeled(
+            &mut s,
+            "gateway_journal_rejected_total",
+            "Publishes refused: journal full (reject policy).",
+            "qos",
+            &self.journal_rejected,
+        );
+        labeled(
+            &mut s,
+            "gateway_messages_unrouted_total",
+            "Publishes refused: no route (kafka.unmatched = refuse).",
+            "qos",
+            &self.unrouted,
+        );
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut s,
+            "gateway_bridge_delivered_total",
+            "Records confirmed by Kafka (acks=all).",
+            load(&bridge.delivered),
+        );
+        gauge(
+            &mut s,
+            "gateway_bridge_in_flight",
+            "Records produced, not yet confirmed.",
+            load(&bridge.in_flight) as i64,
+        );
+        counter(
+            &mut s,
+            "gateway_bridge_dead_lettered_total",
+            "Records written to the dead-letter topic.",
+            load(&bridge.dead_lettered),
+        );
+        counter(
+            &mut s,
+            "gateway_bridge_parked_total",
+            "Records Kafka refused that stay in the journal.",
+            load(&bridge.parked),
+        );
+        counter(
+            &mut s,
+            "gateway_bridge_errors_total",
+            "Errors reported by the Kafka client (retried).",
+            load(&bridge.errors),
+        );
+        let state = bridge.state().as_str();
+        let _ = writeln!(s, "# HELP gateway_bridge_state Kafka bridge state (1 for the current one).\n# TYPE gateway_bridge_state gauge");
+        for st in ["connecting", "connected", "degraded", "down"] {
+            let _ = writeln!(
+                s,
+                "gateway_bridge_state{{state=\"{st}\"}} {}",
+                u8::from(st == state)
+            );
+        }
         s
     }
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bridge::{Journal, JournalConfig, SegmentedJournal};
+use bridge::embedded::EmbeddedKafka;
+use bridge::producer::{self, BridgeStatus, ProducerConfig};
+use bridge::routes::Routes;
+use bridge::{FullPolicy, Journal, JournalConfig, SegmentedJournal};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -31,6 +34,12 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Cancelled on SIGTERM/SIGINT: sessions drain and say goodbye (MQTT 5: 0x8B).
     pub shutdown: CancellationToken,
+    pub routes: Arc<Routes>,
+    pub full_policy: FullPolicy,
+    pub bridge: Arc<BridgeStatus>,
+    /// The Kafka bootstrap in use (the mock cluster's address when embedded).
+    pub bootstrap: String,
+    pub embedded: bool,
 }
 
 impl Shared {
@@ -48,6 +57,28 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .await
         .context("journal open task")?
         .with_context(|| format!("journal.dir = {}", cfg.journal.dir.display()))?;
+    let routes = Arc::new(cfg.routing());
+    let embedded = if cfg.kafka.bootstrap == "embedded" {
+        let mut topics = routes.topics();
+        if !cfg.kafka.dead_letter_topic.is_empty() {
+            topics.push(cfg.kafka.dead_letter_topic.clone());
+        }
+        let kafka = EmbeddedKafka::start(&topics, cfg.kafka.embedded_partitions)
+            .map_err(|e| anyhow::anyhow!("kafka.bootstrap = \"embedded\": {e}"))?;
+        warn!(
+            bootstrap = %kafka.bootstrap,
+            topics = ?topics,
+            "embedded Kafka: DEV-ONLY in-process mock cluster, in memory, NOT durable; read it with `kcat -b {} -t <topic> -C`",
+            kafka.bootstrap
+        );
+        Some(kafka)
+    } else {
+        None
+    };
+    let bootstrap = embedded
+        .as_ref()
+        .map(|k| k.bootstrap.clone())
+        .unwrap_or_else(|| cfg.kafka.bootstrap.clone());
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         journal: Arc::new(journal),
@@ -55,10 +86,32 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         registry: Registry::default(),
         metrics: Metrics::default(),
         shutdown: shutdown.clone(),
+        routes: routes.clone(),
+        full_policy: cfg.full_policy(),
+        bridge: Arc::new(BridgeStatus::default()),
+        bootstrap: bootstrap.clone(),
+        embedded: embedded.is_some(),
     });
-    if cfg.kafka.bootstrap == "embedded" {
-        warn!("kafka.bootstrap = \"embedded\": dev-only, not durable beyond this process; messages stay in the journal");
-    }
+    let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
+    let producer_cfg = ProducerConfig {
+        bootstrap,
+        compression: cfg.kafka.compression.clone(),
+        linger_ms: cfg.kafka.linger_ms,
+        batch_bytes: cfg.kafka.batch_bytes,
+        max_inflight: cfg.kafka.max_inflight,
+        gateway_id: cfg.gateway_id(),
+        dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+        properties: cfg.kafka.properties.clone(),
+    };
+    let bridge_stop = CancellationToken::new();
+    let bridge_task = tokio::spawn(producer::run(
+        shared.journal.clone(),
+        routes,
+        producer_cfg,
+        shared.bridge.clone(),
+        bridge_stop.clone(),
+        grace,
+    ));
 
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(cfg.mqtt.max_connections));
@@ -102,7 +155,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     info!(version = env!("CARGO_PKG_VERSION"), "gateway ready");
 
     shutdown.cancelled().await;
-    let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     info!(
         grace_secs = grace.as_secs(),
         "shutting down: no new connections, draining sessions"
@@ -126,8 +178,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Ok(Err(e)) => error!(error = %e, "journal flush failed"),
         Err(_) => error!("journal flush did not finish within the grace period"),
     }
+    // The bridge gets the rest of the grace period to deliver what is in flight, so
+    // that fewer records are re-sent after the restart.
+    bridge_stop.cancel();
+    match tokio::time::timeout(grace + Duration::from_secs(1), bridge_task).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => error!(error = %e, "kafka bridge failed"),
+        Ok(Err(e)) => error!(error = %e, "kafka bridge task panicked"),
+        Err(_) => warn!("kafka bridge did not stop within the grace period"),
+    }
     let journal = shared.journal.clone();
     tokio::task::spawn_blocking(move || journal.close()).await.ok();
+    drop(embedded);
     info!("gateway stopped");
     Ok(())
 }

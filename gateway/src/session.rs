@@ -473,6 +473,22 @@ where
                 })),
             };
         }
+        if self.shared.routes.resolve(&self.client_id, &topic).is_none() {
+            // kafka.unmatched = "refuse": never journaled, never silent.
+            metrics.unrouted.inc(if p.qos == 0 { "0" } else { "1" });
+            warn!(
+                topic,
+                "publish refused: no route to Kafka (kafka.unmatched = \"refuse\")"
+            );
+            if p.qos == 1 {
+                self.pending.push_back(Pending {
+                    pkid: p.pkid,
+                    seq: self.last_seq,
+                    reason: 0x90,
+                });
+            }
+            return Ok(());
+        }
         let entry = Entry {
             received_at_ms: now_ms(),
             qos: p.qos,
@@ -485,12 +501,32 @@ where
             user_properties: p.user_properties,
         };
         let len = entry.payload.len() as u64;
-        let seq = self
+        let appended = self
             .shared
             .journal
-            .append(&entry)
-            .await
-            .map_err(|e| Close::JournalStopped(e.to_string()))?;
+            .append_with(&entry, self.shared.full_policy)
+            .await;
+        let Some(seq) = appended.map_err(|e| Close::JournalStopped(e.to_string()))? else {
+            // Journal full under the `reject` policy: refused, not acknowledged as stored.
+            metrics.journal_rejected.inc(if p.qos == 0 { "0" } else { "1" });
+            return match (self.codec.version, p.qos) {
+                (Version::V5, 1) => {
+                    self.pending.push_back(Pending {
+                        pkid: p.pkid,
+                        seq: self.last_seq,
+                        reason: 0x97,
+                    });
+                    Ok(())
+                }
+                (_, 0) => Ok(()),
+                // 3.1.1 cannot refuse a PUBLISH: close, the vehicle retries later.
+                _ => Err(Close::Protocol(ProtocolError {
+                    reason: 0x97,
+                    label: "journal_full",
+                    detail: "journal full (journal.full_policy = \"reject\")".into(),
+                })),
+            };
+        };
         self.last_seq = seq;
         metrics.message_bytes_received.fetch_add(len, Ordering::Relaxed);
         if p.qos == 1 {

@@ -18,7 +18,8 @@
 //!   which they were appended, hence each vehicle's order (invariant 3).
 //! * The journal never holds more than `max_bytes` of segment files. When full,
 //!   `append` waits until releases free a segment: back-pressure that propagates to
-//!   the sockets (invariant 4).
+//!   the sockets (invariant 4). `append_with` applies the other policies: `Reject`
+//!   returns without appending, `DropOldest` deletes the oldest segment undelivered.
 //!
 //! # On disk
 //!
@@ -68,7 +69,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use record::{decode, encode, frame_len, EncodeError, Entry, Frame, Record, FRAME_HEADER};
-pub use segmented::{JournalReader, SegmentedJournal};
+pub use segmented::{FullPolicy, JournalReader, SegmentedJournal};
 use tokio::sync::watch;
 
 /// Tuning of the segmented journal. `dir` and `max_bytes` are the operator's `[journal]`
@@ -137,8 +138,12 @@ pub struct JournalStats {
     pub released_seq: u64,
     /// Number of fdatasync batches written since open (group commits).
     pub syncs: u64,
-    /// True while appenders are waiting for space (the journal-full policy is active).
+    /// True while the journal holds `max_bytes` (the journal-full policy is active).
     pub full: bool,
+    /// Appends refused by the `reject` policy since open.
+    pub rejected: u64,
+    /// Records dropped undelivered by the `drop_oldest` policy since open.
+    pub dropped: u64,
 }
 
 /// The write-ahead log seen by the gateway (appends) and by the bridge (reads, releases).

@@ -57,6 +57,10 @@ struct Inner {
     durable_tx: watch::Sender<u64>,
     released: AtomicU64,
     syncs: AtomicU64,
+    /// Appends refused by the `reject` policy.
+    rejected: AtomicU64,
+    /// Records deleted undelivered by the `drop_oldest` policy.
+    dropped: AtomicU64,
     segments: Mutex<Vec<SegmentMeta>>,
     /// Holds the flock for as long as anything uses the journal.
     _lock: File,
@@ -308,6 +312,8 @@ impl SegmentedJournal {
             durable_tx,
             released: AtomicU64::new(released),
             syncs: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             segments: Mutex::new(segments),
             _lock: lock,
         });
@@ -370,25 +376,25 @@ impl SegmentedJournal {
         self.inner.space.notify_waiters();
     }
 
-    fn try_admit(&self, entry: &Entry, flen: usize) -> Result<Option<u64>, JournalError> {
+    fn try_admit(&self, entry: &Entry, flen: usize) -> Result<Admit, JournalError> {
         let inner = &self.inner;
         let mut st = inner.state();
         if let Some(why) = &st.stopped {
             return Err(JournalError::Stopped(why.clone()));
         }
         if !st.buf.is_empty() && st.buf.len() + flen > inner.cfg.max_buffer_bytes {
-            return Ok(None);
+            return Ok(Admit::BufferFull);
         }
         let need_roll = flen as u64 > st.head_remaining;
         if need_roll && st.planned_segments >= inner.max_segments {
             if !st.full {
                 tracing::warn!(
                     max_bytes = inner.cfg.max_bytes,
-                    "journal: full, appends wait for Kafka to confirm and release records (back-pressure)"
+                    "journal: full (journal.max_bytes reached); the journal-full policy applies"
                 );
             }
             st.full = true;
-            return Ok(None);
+            return Ok(Admit::DiskFull);
         }
         let seq = st.next_seq;
         let offset = st.buf.len();
@@ -410,8 +416,77 @@ impl SegmentedJournal {
         }
         drop(st);
         inner.wake_writer.notify_one();
-        Ok(Some(seq))
+        Ok(Admit::Admitted(seq))
     }
+
+    /// Appends under a journal-full policy; see [`FullPolicy`].
+    pub async fn append_with(&self, entry: &Entry, policy: FullPolicy) -> Result<Option<u64>, JournalError> {
+        let flen = frame_len(entry);
+        if flen as u64 > self.inner.cfg.segment_bytes {
+            return Err(JournalError::TooLarge {
+                len: flen,
+                segment_bytes: self.inner.cfg.segment_bytes,
+            });
+        }
+        loop {
+            let notified = self.inner.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match self.try_admit(entry, flen)? {
+                Admit::Admitted(seq) => return Ok(Some(seq)),
+                Admit::BufferFull => {}
+                Admit::DiskFull => match policy {
+                    FullPolicy::Backpressure => {}
+                    FullPolicy::Reject => {
+                        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+                        return Ok(None);
+                    }
+                    FullPolicy::DropOldest => self.evict_oldest(),
+                },
+            }
+            notified.await;
+        }
+    }
+
+    /// Releases every record of the oldest segment, delivered or not (the explicit
+    /// `drop_oldest` opt-in), so the writer deletes it. Counted and logged.
+    fn evict_oldest(&self) {
+        let upto = {
+            let segs = self.inner.segments();
+            match segs.get(1) {
+                Some(next) => next.first_seq - 1,
+                None => return,
+            }
+        };
+        let before = self.inner.released.fetch_max(upto, Ordering::AcqRel);
+        if upto > before {
+            let dropped = upto - before;
+            self.inner.dropped.fetch_add(dropped, Ordering::Relaxed);
+            tracing::warn!(
+                dropped,
+                upto,
+                "journal: full, dropped the oldest undelivered records (drop_oldest policy)"
+            );
+        }
+        self.inner.wake_writer.notify_one();
+    }
+}
+
+/// What an append does when the journal holds `max_bytes` (`[journal] full_policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FullPolicy {
+    /// Wait for space: the session stops reading its socket and withholds PUBACKs.
+    Backpressure,
+    /// Refuse the message (MQTT 5 PUBACK 0x97); counted.
+    Reject,
+    /// Delete the oldest segment even if undelivered; explicit opt-in, counted.
+    DropOldest,
+}
+
+enum Admit {
+    Admitted(u64),
+    BufferFull,
+    DiskFull,
 }
 
 impl Drop for SegmentedJournal {
@@ -433,7 +508,7 @@ impl Journal for SegmentedJournal {
             let notified = self.inner.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(seq) = self.try_admit(entry, flen)? {
+            if let Admit::Admitted(seq) = self.try_admit(entry, flen)? {
                 return Ok(seq);
             }
             notified.await;
@@ -483,6 +558,8 @@ impl Journal for SegmentedJournal {
             released_seq: released,
             syncs: inner.syncs.load(Ordering::Relaxed),
             full: st.full,
+            rejected: inner.rejected.load(Ordering::Relaxed),
+            dropped: inner.dropped.load(Ordering::Relaxed),
         }
     }
 }
