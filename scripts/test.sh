@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine, set-up included:
-#   1. system packages the tests drive (mosquitto-clients: mosquitto_pub/mosquitto_sub),
-#   2. cargo test for every workspace member (unit, model and integration tests against
-#      the real gateway binary).
+#   1. system packages the tests drive (mosquitto-clients, kcat, Java and Maven),
+#   2. Apache Kafka 4.4 jars from Maven Central (scripts/kafka.sh, cached in .kafka/),
+#   3. cargo test for every workspace member (unit, model, mock-cluster and integration
+#      tests against the real gateway binary and a real Kafka broker).
 # Fails loudly if a prerequisite cannot be installed; never skips tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,9 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+command -v kcat >/dev/null 2>&1 || need_pkgs+=(kcat)
+command -v java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "test setup: installing ${need_pkgs[*]}" >&2
   SUDO=""
@@ -19,6 +23,8 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${need_pkgs[@]}"
 fi
 command -v mosquitto_pub >/dev/null || { echo "test setup: mosquitto_pub still missing" >&2; exit 1; }
+
+./scripts/kafka.sh
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "test setup: cargo not found; install Rust with rustup (https://rustup.rs)" >&2

@@ -298,12 +298,14 @@ where
         let shutdown = self.shared.shutdown.clone();
         let max_inflight = usize::from(self.shared.cfg.mqtt.max_inflight);
         loop {
+            // Acknowledge first: that frees in-flight room for packets already buffered
+            // (a paused 3.1.1 client may have nothing more to send until they are read).
+            self.ack_durable(*durable_rx.borrow_and_update());
             if let Err(close) = self.process_buffered(max_inflight).await {
                 return close;
             }
-            // After processing: a denied publish may be acknowledgeable at once.
-            let durable = *durable_rx.borrow_and_update();
-            self.ack_durable(durable);
+            // And after: a refused publish may be acknowledgeable at once.
+            self.ack_durable(*durable_rx.borrow_and_update());
             if let Err(e) = self.flush().await {
                 return Close::Io(e);
             }

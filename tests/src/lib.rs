@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod certs;
+pub mod kafka;
 pub mod raw;
 
 /// Path of the `gateway` binary built next to this test executable.
@@ -76,7 +77,10 @@ impl Gateway {
             .arg("run")
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("EDGE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -87,7 +91,7 @@ impl Gateway {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("GATEWAY_TEST_LOG").is_some() {
+                if std::env::var_os("EDGE_TEST_LOG").is_some() {
                     eprintln!("gateway| {line}");
                 }
                 let _ = tx.send(line.clone());
@@ -256,3 +260,74 @@ pub fn run_cli(program: &str, args: &[&str]) -> (i32, String) {
 }
 
 pub const ANON: &str = "[auth]\nallow_anonymous = true\n";
+
+/// A vehicle publishing QoS1 messages `0..count` (payload = the number) over a raw 3.1.1
+/// connection, pipelined: one thread writes, one counts PUBACKs. `pace` sleeps between
+/// messages so that a stream can span an outage.
+pub struct Stream {
+    pub acked: Arc<std::sync::atomic::AtomicUsize>,
+    writer: std::thread::JoinHandle<()>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Stream {
+    pub fn start(addr: SocketAddr, id: &str, count: usize, pace: Duration) -> Stream {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let (mut raw, code) = raw::Raw::mqtt311(addr, id, 0);
+        assert_eq!(code, 0, "CONNACK for {id}");
+        let mut reader = raw.split();
+        reader.stream.set_read_timeout(None).expect("blocking");
+        let acked = Arc::new(AtomicUsize::new(0));
+        let counter = acked.clone();
+        let reader = std::thread::spawn(move || {
+            while let Some(p) = reader.read_packet() {
+                if p[0] == 0x40 {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let topic = format!("vehicles/{id}/telemetry");
+        let writer = std::thread::spawn(move || {
+            for n in 0..count {
+                let pkid = (n % 65_535) as u16 + 1;
+                raw.publish311(&topic, pkid, n.to_string().as_bytes())
+                    .expect("publish");
+                if !pace.is_zero() {
+                    std::thread::sleep(pace);
+                }
+            }
+        });
+        Stream {
+            acked,
+            writer,
+            reader,
+        }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `count` PUBACKs arrived; returns whether they did within `within`.
+    pub fn wait_acked(&self, count: usize, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.acked() < count && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.acked() >= count
+    }
+
+    pub fn finish(self) {
+        let _ = self.writer.join();
+        drop(self.reader);
+    }
+}
+
+/// `[kafka]` and `[[routes]]` sections pointing a test gateway at `bootstrap`.
+pub fn kafka_config(bootstrap: &str, topic: &str) -> String {
+    format!(
+        "[kafka]\nbootstrap = \"{bootstrap}\"\nlinger_ms = 5\ndead_letter_topic = \"\"\n\
+         [[routes]]\nmqtt = \"vehicles/+/telemetry\"\nkafka_topic = \"{topic}\"\n\
+         [auth]\nallow_anonymous = true\n"
+    )
+}

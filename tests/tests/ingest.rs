@@ -325,3 +325,25 @@ fn password_users_are_checked_and_anonymous_refused() {
         2
     );
 }
+
+#[test]
+fn pipelined_v311_vehicles_beyond_the_inflight_bound_all_get_pubacks() {
+    // Each vehicle writes 1,000 QoS1 publishes without waiting: far beyond
+    // mqtt.max_inflight, so the gateway pauses reading and must resume from what it
+    // already buffered once PUBACKs free room (a regression: it once waited for new bytes).
+    let gw = Gateway::start(ANON);
+    let streams: Vec<_> = (0..10)
+        .map(|v| integration::Stream::start(gw.mqtt(), &format!("pipe-{v}"), 1000, Duration::ZERO))
+        .collect();
+    for s in &streams {
+        assert!(
+            s.wait_acked(1000, Duration::from_secs(30)),
+            "only {} PUBACKs",
+            s.acked()
+        );
+    }
+    assert_eq!(gw.metric("gateway_pubacks_sent_total"), 10_000);
+    for s in streams {
+        s.finish();
+    }
+}

@@ -1,0 +1,242 @@
+//! A real Apache Kafka 4.4 broker for the tests: single-node KRaft, from the jars that
+//! `scripts/kafka.sh` resolved into `.kafka/libs`, on free loopback ports. Tests can kill
+//! it (SIGKILL) and restart it on the same data. A missing installation fails the test
+//! loudly: Kafka tests are never skipped.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+pub struct Kafka {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+    libs: PathBuf,
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub payload: String,
+    pub headers: Vec<(String, String)>,
+}
+
+impl Consumed {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn libs_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("KAFKA_LIBS") {
+        return PathBuf::from(p);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.kafka/libs")
+}
+
+impl Kafka {
+    /// Formats storage and starts the broker; waits until it serves metadata.
+    pub fn start() -> Kafka {
+        let libs = libs_dir();
+        assert!(
+            libs.join("kafka_2.13-4.4.0.jar").exists(),
+            "Apache Kafka is not provisioned at {}: run ./scripts/kafka.sh (./scripts/test.sh does)",
+            libs.display()
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let controller = free_port();
+        let props = format!(
+            "process.roles=broker,controller\nnode.id=1\n\
+             controller.quorum.voters=1@127.0.0.1:{controller}\n\
+             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             controller.listener.names=CONTROLLER\n\
+             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             log.dirs={}\n\
+             offsets.topic.replication.factor=1\ntransaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\nshare.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\ngroup.initial.rebalance.delay.ms=0\n\
+             num.partitions=4\nauto.create.topics.enable=true\n",
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("server.properties"), props).expect("properties");
+        let cp = format!("{}/*", libs.display());
+        let out = Command::new("java")
+            .args(["-cp", &cp, "kafka.tools.StorageTool", "random-uuid"])
+            .output()
+            .expect("java");
+        let uuid = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        assert!(
+            !uuid.is_empty(),
+            "StorageTool random-uuid failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = Command::new("java")
+            .args(["-cp", &cp, "kafka.tools.StorageTool", "format", "-t", &uuid, "-c"])
+            .arg(dir.path().join("server.properties"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("format");
+        assert!(status.success(), "kafka storage format failed");
+        let mut k = Kafka {
+            dir,
+            port,
+            child: None,
+            libs,
+        };
+        k.spawn();
+        k
+    }
+
+    fn spawn(&mut self) {
+        let cp = format!("{}/*", self.libs.display());
+        let log = std::fs::File::create(self.dir.path().join("broker.log")).expect("log");
+        let child = Command::new("java")
+            .args(["-Xms256m", "-Xmx768m", "-cp", &cp, "kafka.Kafka"])
+            .arg(self.dir.path().join("server.properties"))
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start kafka");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let consumer: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", self.bootstrap())
+                    .create()
+                    .expect("client");
+                if consumer
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .is_ok_and(|m| !m.brokers().is_empty())
+                {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("Kafka did not start on port {}", self.port);
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the broker is gone at once.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the broker again on the same data and ports.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("admin");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let result = rt
+            .block_on(admin.create_topics([&topic], &AdminOptions::new()))
+            .expect("create topics");
+        for r in result {
+            if let Err((t, e)) = r {
+                assert_eq!(
+                    e,
+                    rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                    "create {t}: {e}"
+                );
+            }
+        }
+    }
+
+    /// Reads `topic` from the beginning until `expected` records or `within` passes.
+    pub fn consume(&self, topic: &str, partitions: i32, expected: usize, within: Duration) -> Vec<Consumed> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("group.id", "verifier")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .expect("partition");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + within;
+        while out.len() < expected && Instant::now() < deadline {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Consumed {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                payload: String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+                headers,
+            });
+        }
+        out
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
