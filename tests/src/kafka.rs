@@ -167,6 +167,11 @@ impl Kafka {
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// Creates a topic with topic-level configuration (e.g. `max.message.bytes`).
+    pub fn create_topic_with(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .create()
@@ -175,7 +180,10 @@ impl Kafka {
             .enable_all()
             .build()
             .expect("rt");
-        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (k, v) in config {
+            topic = topic.set(k, v);
+        }
         let result = rt
             .block_on(admin.create_topics([&topic], &AdminOptions::new()))
             .expect("create topics");

@@ -196,3 +196,141 @@ fn gateway_sigkilled_during_outage_replays_after_restart() {
         "every PUBACK'd message arrives, in order"
     );
 }
+
+#[test]
+fn record_kafka_refuses_goes_to_the_dead_letter_topic_and_order_holds() {
+    let kafka = Kafka::start();
+    kafka.create_topic_with("small", 1, &[("max.message.bytes", "1000")]);
+    kafka.create_topic("dead", 1);
+    // Batches stay under the topic's limit (as documented), so only the oversized
+    // record itself is refused.
+    let config = kafka_config(&kafka.bootstrap(), "small").replace(
+        "dead_letter_topic = \"\"",
+        "dead_letter_topic = \"dead\"\nbatch_bytes = 900",
+    );
+    let gw = Gateway::start(&config);
+    let port = gw.mqtt().port().to_string();
+    // Incompressible, so that lz4 cannot bring it under the topic's 1,000 bytes.
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let big: String = (0..3000)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[(x >> 58) as usize],
+            )
+        })
+        .collect();
+    let mut payloads: Vec<String> = (0..5).map(|n| n.to_string()).collect();
+    payloads.push(big.clone());
+    payloads.extend((5..10).map(|n| n.to_string()));
+    for p in &payloads {
+        let (code, out) = integration::run_cli(
+            "mosquitto_pub",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-q",
+                "1",
+                "-i",
+                "dlq-car",
+                "-t",
+                "vehicles/dlq-car/telemetry",
+                "-m",
+                p,
+            ],
+        );
+        assert_eq!(code, 0, "{out}");
+    }
+    assert!(
+        wait_drained(&gw, Duration::from_secs(60)),
+        "everything released:\n{}",
+        gw.metrics()
+    );
+    let good = kafka.consume("small", 1, 10, Duration::from_secs(30));
+    let ns: Vec<String> = good.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(
+        ns,
+        (0..10).map(|n| n.to_string()).collect::<Vec<_>>(),
+        "the rest arrive in order"
+    );
+    let dead = kafka.consume("dead", 1, 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1, "the refused record is in the dead-letter topic");
+    assert_eq!(dead[0].payload.len(), 3000);
+    assert_eq!(dead[0].key, "dlq-car");
+    assert!(
+        dead[0].header("gateway.error").is_some_and(|e| !e.is_empty()),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(gw.metric("gateway_bridge_dead_lettered_total"), 1);
+}
+
+#[test]
+fn embedded_default_messages_are_visible_with_kcat() {
+    let gw = Gateway::start(
+        "[kafka]\nbootstrap = \"embedded\"\n[[routes]]\nmqtt = \"vehicles/+/telemetry\"\nkafka_topic = \"vehicles.telemetry\"\n\
+         [auth]\nallow_anonymous = true\n",
+    );
+    let port = gw.mqtt().port().to_string();
+    for (version, msg) in [("mqttv311", "hello-311"), ("mqttv5", "hello-5")] {
+        let (code, out) = integration::run_cli(
+            "mosquitto_pub",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-q",
+                "1",
+                "-i",
+                "kcat-car",
+                "-t",
+                "vehicles/kcat-car/telemetry",
+                "-m",
+                msg,
+            ],
+        );
+        assert_eq!(code, 0, "{out}");
+    }
+    assert!(wait_drained(&gw, Duration::from_secs(30)), "{}", gw.metrics());
+    let bridge = http_get(gw.admin.expect("admin"), "/api/v1/bridge");
+    assert!(
+        bridge.contains("\"embedded\":true") && bridge.contains("\"dev_only\":true"),
+        "{bridge}"
+    );
+    let bootstrap = bridge
+        .split("\"bootstrap\":\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("bootstrap in /api/v1/bridge")
+        .to_string();
+    let (code, out) = integration::run_cli(
+        "kcat",
+        &[
+            "-b",
+            &bootstrap,
+            "-t",
+            "vehicles.telemetry",
+            "-C",
+            "-e",
+            "-q",
+            "-f",
+            "%k %s\\n",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("kcat-car hello-311") && out.contains("kcat-car hello-5"),
+        "kcat output:\n{out}"
+    );
+    assert!(
+        gw.wait_log("DEV-ONLY", Duration::from_secs(1)),
+        "the log says dev-only"
+    );
+}

@@ -1,0 +1,98 @@
+//! Each journal-full policy with a tiny journal and an unreachable Kafka (nothing is
+//! ever released): backpressure withholds PUBACKs, reject answers MQTT 5 PUBACK 0x97,
+//! drop_oldest keeps acknowledging and counts what it dropped.
+
+use std::time::Duration;
+
+use integration::raw::{put_len, Raw};
+use integration::Gateway;
+
+/// 2 segments of 8 KiB: about a dozen 1 KiB messages fit.
+fn tiny(policy: &str) -> Gateway {
+    Gateway::start_env(
+        &format!("[kafka]\nbootstrap = \"127.0.0.1:9\"\n[auth]\nallow_anonymous = true\n# policy {policy}\n"),
+        &[
+            ("GATEWAY_JOURNAL__MAX_BYTES", "16384"),
+            ("GATEWAY_JOURNAL__SEGMENT_BYTES", "8192"),
+            ("GATEWAY_JOURNAL__FULL_POLICY", policy),
+            ("GATEWAY_MQTT__MAX_PACKET_SIZE", "4096"),
+            ("GATEWAY_MQTT__MAX_INFLIGHT", "100"),
+        ],
+    )
+}
+
+fn publish5(topic: &str, pkid: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(&[b'x'; 1000]);
+    let mut frame = vec![0x32];
+    put_len(&mut frame, body.len());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Publishes `n` messages one at a time; returns the PUBACK reason codes received
+/// (0 for success), stopping at the first publish not acknowledged within `wait`.
+fn publish_all(gw: &Gateway, n: u16, wait: Duration) -> Vec<u8> {
+    let (mut raw, code) = Raw::mqtt5(gw.mqtt(), "full-car", 60);
+    assert_eq!(code, 0);
+    raw.stream.set_read_timeout(Some(wait)).expect("timeout");
+    let mut reasons = Vec::new();
+    for pkid in 1..=n {
+        raw.send(&publish5("vehicles/full-car/t", pkid)).expect("send");
+        match raw.read_packet() {
+            Some(p) if p[0] == 0x40 => reasons.push(if p[1] >= 3 { p[4] } else { 0 }),
+            _ => break,
+        }
+    }
+    reasons
+}
+
+#[test]
+fn backpressure_withholds_pubacks() {
+    let gw = tiny("backpressure");
+    let reasons = publish_all(&gw, 40, Duration::from_secs(2));
+    assert!(
+        reasons.len() >= 5 && reasons.len() < 40,
+        "PUBACKs stop when full: {}",
+        reasons.len()
+    );
+    assert!(reasons.iter().all(|r| *r == 0));
+    assert_eq!(gw.metric("gateway_journal_full"), 1, "visible in metrics");
+    assert!(
+        gw.wait_log("journal: full", Duration::from_secs(1)),
+        "and in the log"
+    );
+}
+
+#[test]
+fn reject_answers_quota_exceeded() {
+    let gw = tiny("reject");
+    let reasons = publish_all(&gw, 40, Duration::from_secs(2));
+    assert_eq!(reasons.len(), 40, "every publish is answered");
+    let ok = reasons.iter().take_while(|r| **r == 0).count();
+    assert!(ok >= 5, "accepted until full ({ok})");
+    assert!(
+        reasons[ok..].iter().all(|r| *r == 0x97),
+        "then PUBACK 0x97: {reasons:?}"
+    );
+    assert_eq!(
+        gw.metric("gateway_journal_rejected_total{qos=\"1\"}"),
+        (40 - ok) as u64
+    );
+}
+
+#[test]
+fn drop_oldest_keeps_acknowledging_and_counts() {
+    let gw = tiny("drop_oldest");
+    let reasons = publish_all(&gw, 40, Duration::from_secs(2));
+    assert_eq!(reasons, vec![0; 40], "never refuses");
+    assert!(
+        gw.metric("gateway_journal_dropped_records_total") > 0,
+        "drops are counted"
+    );
+    assert!(gw.wait_log("drop_oldest", Duration::from_secs(1)), "and logged");
+}
