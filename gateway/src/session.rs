@@ -309,6 +309,13 @@ where
             if let Err(e) = self.flush().await {
                 return Close::Io(e);
             }
+            // Room freed while whole packets wait in the buffer: handle them now. The peer
+            // may have sent everything already, so no new bytes would wake us.
+            if self.pending.len() < max_inflight
+                && !matches!(frame(&self.read_buf, self.codec.max_in), Ok(Framing::Incomplete))
+            {
+                continue;
+            }
             let can_read = self.pending.len() < max_inflight || self.codec.version == Version::V5;
             tokio::select! {
                 biased;

@@ -331,3 +331,18 @@ pub fn kafka_config(bootstrap: &str, topic: &str) -> String {
          [auth]\nallow_anonymous = true\n"
     )
 }
+
+/// `len` pseudo-random base64 characters: compression cannot shrink them much.
+pub fn incompressible(len: usize) -> String {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from(
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[(x >> 58) as usize],
+            )
+        })
+        .collect()
+}

@@ -347,3 +347,24 @@ fn pipelined_v311_vehicles_beyond_the_inflight_bound_all_get_pubacks() {
         s.finish();
     }
 }
+
+#[test]
+fn a_burst_sent_in_one_write_is_fully_acknowledged_under_a_tiny_inflight_bound() {
+    // 200 QoS1 publishes in one write, then silence: with max_inflight 2 the gateway
+    // must work through its own buffer as PUBACKs free room.
+    let gw = Gateway::start_env(ANON, &[("GATEWAY_MQTT__MAX_INFLIGHT", "2")]);
+    let (mut raw, code) = integration::raw::Raw::mqtt311(gw.mqtt(), "burst", 0);
+    assert_eq!(code, 0);
+    let mut burst = bytes::BytesMut::new();
+    for pkid in 1..=200u16 {
+        let mut p = rumqttc::Publish::new("vehicles/burst/t", QoS::AtLeastOnce, vec![b'x'; 10]);
+        p.pkid = pkid;
+        p.write(&mut burst).expect("encode");
+    }
+    raw.send(&burst).expect("send");
+    let acks: Vec<u16> = (0..200)
+        .map_while(|_| raw.read_packet())
+        .map(|p| u16::from_be_bytes([p[2], p[3]]))
+        .collect();
+    assert_eq!(acks, (1..=200).collect::<Vec<_>>(), "all PUBACKs, in order");
+}

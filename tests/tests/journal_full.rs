@@ -96,3 +96,34 @@ fn drop_oldest_keeps_acknowledging_and_counts() {
     );
     assert!(gw.wait_log("drop_oldest", Duration::from_secs(1)), "and logged");
 }
+
+#[test]
+fn unrouted_messages_are_refused_when_configured() {
+    // kafka.unmatched = "refuse" and no route for this topic: MQTT 5 gets PUBACK 0x90,
+    // 3.1.1 is acknowledged and counted; nothing is journaled.
+    let mut gw = Gateway::start(
+        "[kafka]\nbootstrap = \"127.0.0.1:9\"\nunmatched = \"refuse\"\n\
+         [[routes]]\nmqtt = \"vehicles/+/telemetry\"\nkafka_topic = \"telemetry\"\n\
+         [auth]\nallow_anonymous = true\n",
+    );
+    let (mut v5, _) = Raw::mqtt5(gw.mqtt(), "route-car", 60);
+    v5.send(&publish5("vehicles/route-car/elsewhere", 1))
+        .expect("send");
+    let ack = v5.read_packet().expect("PUBACK");
+    assert_eq!((ack[0], ack[4]), (0x40, 0x90), "PUBACK 0x90: {ack:?}");
+    v5.send(&publish5("vehicles/route-car/telemetry", 2))
+        .expect("send");
+    let ack = v5.read_packet().expect("PUBACK");
+    assert!(
+        ack[0] == 0x40 && (ack[1] == 2 || ack[4] == 0),
+        "routed topic accepted: {ack:?}"
+    );
+    let (mut v4, _) = Raw::mqtt311(gw.mqtt(), "route-car-4", 60);
+    v4.publish311("vehicles/route-car-4/elsewhere", 1, b"x")
+        .expect("send");
+    assert_eq!(v4.read_packet().map(|p| p[0]), Some(0x40));
+    assert_eq!(gw.metric("gateway_messages_unrouted_total{qos=\"1\"}"), 2);
+    assert!(gw.terminate(Duration::from_secs(10)));
+    let records = Gateway::journal_records(gw.dir.path());
+    assert_eq!(records.len(), 1, "only the routed message is journaled");
+}

@@ -211,17 +211,7 @@ fn record_kafka_refuses_goes_to_the_dead_letter_topic_and_order_holds() {
     let gw = Gateway::start(&config);
     let port = gw.mqtt().port().to_string();
     // Incompressible, so that lz4 cannot bring it under the topic's 1,000 bytes.
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let big: String = (0..3000)
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            char::from(
-                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"[(x >> 58) as usize],
-            )
-        })
-        .collect();
+    let big = integration::incompressible(3000);
     let mut payloads: Vec<String> = (0..5).map(|n| n.to_string()).collect();
     payloads.push(big.clone());
     payloads.extend((5..10).map(|n| n.to_string()));
@@ -332,5 +322,55 @@ fn embedded_default_messages_are_visible_with_kcat() {
     assert!(
         gw.wait_log("DEV-ONLY", Duration::from_secs(1)),
         "the log says dev-only"
+    );
+}
+
+#[test]
+fn without_a_dead_letter_topic_a_refused_record_is_parked_not_dropped() {
+    let kafka = Kafka::start();
+    kafka.create_topic_with("tiny", 1, &[("max.message.bytes", "1000")]);
+    let config =
+        kafka_config(&kafka.bootstrap(), "tiny").replace("linger_ms = 5", "linger_ms = 5\nbatch_bytes = 900");
+    let mut gw = Gateway::start(&config);
+    let port = gw.mqtt().port().to_string();
+    let big = integration::incompressible(3000);
+    for p in ["before", big.as_str(), "after"] {
+        let (code, out) = integration::run_cli(
+            "mosquitto_pub",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-q",
+                "1",
+                "-i",
+                "park-car",
+                "-t",
+                "vehicles/park-car/telemetry",
+                "-m",
+                p,
+            ],
+        );
+        assert_eq!(code, 0, "{out}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gw.metric("gateway_bridge_parked_total") == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gw.metric("gateway_bridge_parked_total"), 1, "{}", gw.metrics());
+    assert!(gw.wait_log("parked", Duration::from_secs(1)));
+    // The watermark stops before the parked record: it survives a restart.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        gw.metric("gateway_journal_released_seq"),
+        1,
+        "only the record before it is released"
+    );
+    assert!(gw.terminate(Duration::from_secs(10)));
+    let kept = Gateway::journal_records(gw.dir.path());
+    assert!(
+        kept.iter().any(|r| r.entry.payload.len() == 3000),
+        "parked record still in the journal"
     );
 }
