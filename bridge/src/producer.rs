@@ -285,6 +285,10 @@ pub async fn run<J: Journal>(
                     let _ =
                         tokio::time::timeout(Duration::from_millis(50), pump.reports.notify.notified()).await;
                     pump.absorb_reports();
+                    // Release as confirmations arrive, so a restart re-sends less.
+                    if let Some(w) = pump.tracker.advance() {
+                        pump.journal.release(w);
+                    }
                 }
                 let unconfirmed = pump.tracker.slots.len();
                 producer.purge(PurgeConfig::default().queue().inflight());
