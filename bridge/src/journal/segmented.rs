@@ -565,7 +565,11 @@ impl Journal for SegmentedJournal {
 }
 
 /// The writer thread: takes whole batches, writes, syncs once, publishes durability.
-fn writer_loop(inner: Arc<Inner>, mut head: Head, mut checkpointed: u64) {
+fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) {
+    let mut checkpointed = Checkpoint {
+        seq: checkpointed,
+        at: std::time::Instant::now(),
+    };
     let mut spare = Vec::new();
     let mut rolls = Vec::new();
     loop {
@@ -581,7 +585,7 @@ fn writer_loop(inner: Arc<Inner>, mut head: Head, mut checkpointed: u64) {
                     st.buf.clear();
                     return;
                 }
-                let release_due = inner.released.load(Ordering::Acquire) > checkpointed;
+                let release_due = checkpointed.due(&inner, false);
                 if !st.buf.is_empty() || release_due || st.closing {
                     break;
                 }
@@ -603,7 +607,7 @@ fn writer_loop(inner: Arc<Inner>, mut head: Head, mut checkpointed: u64) {
             spare.clear();
             rolls.clear();
             inner.space.notify_waiters();
-            maintain(&inner, &mut checkpointed)
+            maintain(&inner, &mut checkpointed, exit)
         });
         if let Err(e) = result {
             tracing::error!(error = %e, "journal: writer failed; no further message will be acknowledged");
@@ -659,14 +663,41 @@ fn write_at(head: &mut Head, bytes: &[u8]) -> Result<(), JournalError> {
     Ok(())
 }
 
+/// The last persisted release watermark and when it was written.
+struct Checkpoint {
+    seq: u64,
+    at: std::time::Instant,
+}
+
+impl Checkpoint {
+    /// Whether to persist now. The checkpoint only bounds how much is re-sent after a
+    /// restart, so it is written at most every `MAINTENANCE_INTERVAL` (three syncs each
+    /// time: writing it on every group commit quadrupled the commit latency) — except
+    /// when a segment became deletable (space is waiting on it) or on close.
+    fn due(&self, inner: &Inner, force: bool) -> bool {
+        let released = inner.released.load(Ordering::Acquire);
+        if released <= self.seq {
+            return false;
+        }
+        if force || self.at.elapsed() >= MAINTENANCE_INTERVAL {
+            return true;
+        }
+        let segs = inner.segments();
+        segs.get(1).is_some_and(|next| next.first_seq - 1 <= released)
+    }
+}
+
 /// Persists the release watermark, then deletes segments whose records are all released.
-fn maintain(inner: &Inner, checkpointed: &mut u64) -> Result<(), JournalError> {
-    let released = inner.released.load(Ordering::Acquire);
-    if released <= *checkpointed {
+fn maintain(inner: &Inner, checkpointed: &mut Checkpoint, force: bool) -> Result<(), JournalError> {
+    if !checkpointed.due(inner, force) {
         return Ok(());
     }
+    let released = inner.released.load(Ordering::Acquire);
     write_checkpoint(&inner.cfg.dir, released)?;
-    *checkpointed = released;
+    *checkpointed = Checkpoint {
+        seq: released,
+        at: std::time::Instant::now(),
+    };
     let doomed: Vec<SegmentMeta> = {
         let segs = inner.segments();
         let n = segs

@@ -1,0 +1,411 @@
+//! `fleet`: simulate a fleet of vehicles against any MQTT broker and measure it.
+//!
+//! ```text
+//! fleet run --vehicles 1000 --rate 10000 --duration-secs 60 --qos 1
+//! fleet run --vehicles 18000 --idle --duration-secs 60 --source-ips 4      # connection scale
+//! fleet run --vehicles 40000 --idle --workers 3 --source-ips 6              # beyond one process
+//! fleet probe --bootstrap 127.0.0.1:9092 --topic vehicles.telemetry        # end-to-end
+//! fleet commander --vehicles 100 --rate 100 --duration-secs 30             # command latency
+//! ```
+
+mod probe;
+mod report;
+mod tls;
+mod vehicle;
+mod wire;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use bytes::BytesMut;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use report::{Report, Stats};
+
+#[derive(Parser)]
+#[command(
+    name = "fleet",
+    version,
+    about = "Fleet simulator and end-to-end probe for MQTT brokers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Simulate vehicles: connect, publish telemetry, time PUBACKs.
+    Run(RunArgs),
+    /// Read a Kafka topic and report publish→Kafka latency and sequence gaps.
+    Probe {
+        #[arg(long)]
+        bootstrap: String,
+        #[arg(long, default_value = "vehicles.telemetry")]
+        topic: String,
+        /// Read from the beginning instead of only new records.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many records (0 = when idle).
+        #[arg(long, default_value_t = 0)]
+        expect: u64,
+        /// Stop after this many seconds without a record.
+        #[arg(long, default_value_t = 10)]
+        idle_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish timestamped commands to simulated vehicles (for brokers that route them;
+    /// run `fleet run --subscribe-commands` alongside).
+    Commander {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[arg(long, default_value_t = 100)]
+        vehicles: usize,
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 30)]
+        duration_secs: u64,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ConnArgs {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 1883)]
+    port: u16,
+    /// MQTT protocol version: 4 (3.1.1) or 5.
+    #[arg(long, default_value_t = 4)]
+    mqtt_version: u8,
+    /// Connect with TLS, trusting this CA (PEM).
+    #[arg(long)]
+    ca: Option<String>,
+    /// mTLS: CA certificate and key that sign a certificate per vehicle (CN = client id).
+    #[arg(long, requires = "client_ca_key")]
+    client_ca_cert: Option<String>,
+    #[arg(long)]
+    client_ca_key: Option<String>,
+    /// Server name to verify with TLS (default: --host).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Client ids are `<prefix>-<n>`; topics `vehicles/<id>/telemetry`.
+    #[arg(long, default_value = "veh")]
+    id_prefix: String,
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    #[arg(long, default_value_t = 100)]
+    vehicles: usize,
+    /// New connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// Total messages per second over the fleet (0 = as fast as each vehicle's window allows).
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
+    /// Per-vehicle publish interval in ms (overrides --rate).
+    #[arg(long)]
+    interval_ms: Option<u64>,
+    /// Messages per vehicle (0 = until the duration ends).
+    #[arg(long, default_value_t = 0)]
+    messages: u64,
+    #[arg(long, default_value_t = 30)]
+    duration_secs: u64,
+    /// QoS1 publishes in flight per vehicle.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Payload size to pad the JSON telemetry to.
+    #[arg(long, default_value_t = 0)]
+    payload_bytes: usize,
+    #[arg(long, default_value_t = 60)]
+    keep_alive: u16,
+    /// Connect and hold, publishing nothing (connection-scale runs).
+    #[arg(long)]
+    idle: bool,
+    /// Subscribe each vehicle to `vehicles/<id>/commands/#` and time received commands.
+    #[arg(long)]
+    subscribe_commands: bool,
+    /// Spread connections over this many loopback source addresses (127.0.1.1, ...).
+    #[arg(long, default_value_t = 0)]
+    source_ips: usize,
+    /// Worker processes (each under the 20,000 open-file limit).
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    #[arg(long, hide = true)]
+    worker_index: Option<usize>,
+    #[arg(long)]
+    json: bool,
+    /// Write PUBACK latency over time as SVG.
+    #[arg(long)]
+    plot: Option<String>,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn source_ip(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Run(args) if args.workers > 1 && args.worker_index.is_none() => run_workers(&args),
+        Cmd::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(run(args.clone()))?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                report.print();
+            }
+            Ok(())
+        }
+        Cmd::Probe {
+            bootstrap,
+            topic,
+            from_beginning,
+            expect,
+            idle_secs,
+            json,
+        } => {
+            let r = probe::run(&bootstrap, &topic, from_beginning, expect, idle_secs)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let ms = |us: u64| us as f64 / 1000.0;
+                println!("records {} from {} vehicles", r.records, r.vehicles);
+                println!(
+                    "missing {}  duplicates {}  out of order {}",
+                    r.missing, r.duplicates, r.out_of_order
+                );
+                println!(
+                    "publish→Kafka latency p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms",
+                    ms(r.latency.p50_us),
+                    ms(r.latency.p90_us),
+                    ms(r.latency.p99_us),
+                    ms(r.latency.p999_us)
+                );
+            }
+            Ok(())
+        }
+        Cmd::Commander {
+            conn,
+            vehicles,
+            rate,
+            duration_secs,
+        } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(commander(conn, vehicles, rate, duration_secs))
+        }
+    }
+}
+
+/// Splits the fleet over child processes and merges their JSON reports.
+fn run_workers(args: &RunArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let mut children = Vec::new();
+    for w in 0..args.workers {
+        let mut cmd = Command::new(&exe);
+        cmd.args(&raw)
+            .args(["--worker-index", &w.to_string(), "--json", "--no-progress"]);
+        cmd.stdout(Stdio::piped());
+        children.push(cmd.spawn().context("spawn worker")?);
+    }
+    let mut parts = Vec::new();
+    for c in children {
+        let out = c.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .last()
+            .ok_or_else(|| anyhow!("worker printed nothing"))?;
+        parts.push(serde_json::from_str::<Report>(line).context("worker report")?);
+    }
+    let report = Report::combine(&parts);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        report.print();
+    }
+    Ok(())
+}
+
+fn resolve(conn: &ConnArgs) -> anyhow::Result<SocketAddr> {
+    (conn.host.as_str(), conn.port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow!("cannot resolve {}", conn.host))
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<Report> {
+    let conn = &args.conn;
+    let addr = resolve(conn)?;
+    let tls = match &conn.ca {
+        Some(ca) => {
+            let client = conn.client_ca_cert.as_deref().zip(conn.client_ca_key.as_deref());
+            Some(tls::VehicleTls::new(ca, client)?)
+        }
+        None => None,
+    };
+    let server_name = match &tls {
+        Some(_) => Some(
+            rustls::pki_types::ServerName::try_from(
+                conn.server_name.clone().unwrap_or_else(|| conn.host.clone()),
+            )
+            .map_err(|e| anyhow!("--server-name: {e}"))?,
+        ),
+        None => None,
+    };
+    let (first, last) = match args.worker_index {
+        Some(w) => (
+            w * args.vehicles / args.workers,
+            (w + 1) * args.vehicles / args.workers,
+        ),
+        None => (0, args.vehicles),
+    };
+    let interval = match (args.interval_ms, args.rate) {
+        (Some(ms), _) => Some(Duration::from_millis(ms)),
+        (None, r) if r > 0.0 => Some(Duration::from_secs_f64(args.vehicles as f64 / r)),
+        _ => None,
+    };
+    let start = Instant::now();
+    let ramp = Duration::from_secs_f64(args.vehicles as f64 / args.connect_rate.max(1.0));
+    let plan = Arc::new(vehicle::Plan {
+        addr,
+        tls_server_name: server_name,
+        v5: conn.mqtt_version == 5,
+        qos: args.qos.min(1),
+        keep_alive: args.keep_alive,
+        interval,
+        messages: args.messages,
+        window: args.window.max(1),
+        start,
+        deadline: start + ramp + Duration::from_secs(args.duration_secs),
+        idle: args.idle,
+        subscribe_commands: args.subscribe_commands,
+        topic_prefix: "vehicles".into(),
+        payload_bytes: args.payload_bytes,
+    });
+    let stats = Arc::new(Stats::default());
+    let bar = if args.no_progress || args.json {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(args.vehicles as u64);
+        b.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} connected  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let ticker = {
+        let (stats, bar) = (stats.clone(), bar.clone());
+        tokio::spawn(async move {
+            let mut last = (0u64, Instant::now());
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let acked = stats.acked.load(Ordering::Relaxed);
+                let rate = (acked - last.0) as f64 / last.1.elapsed().as_secs_f64();
+                last = (acked, Instant::now());
+                bar.set_position(stats.connected.load(Ordering::Relaxed));
+                bar.set_message(format!(
+                    "sent {}  acked {}  {:.0} acks/s",
+                    stats.sent.load(Ordering::Relaxed),
+                    acked,
+                    rate
+                ));
+            }
+        })
+    };
+    let mut tasks = Vec::with_capacity(last - first);
+    let pace = Duration::from_secs_f64(1.0 / args.connect_rate.max(1.0));
+    let mut next = Instant::now();
+    for i in first..last {
+        let id = format!("{}-{i}", conn.id_prefix);
+        let client_tls = match &tls {
+            Some(t) => Some(t.for_vehicle(&id)?),
+            None => None,
+        };
+        let source = (args.source_ips > 0).then(|| source_ip(i % args.source_ips));
+        tasks.push(tokio::spawn(vehicle::run(
+            id,
+            plan.clone(),
+            stats.clone(),
+            source,
+            client_tls,
+        )));
+        next += pace;
+        tokio::time::sleep_until(next).await;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    ticker.abort();
+    bar.finish_and_clear();
+    let report = stats.report(start.elapsed(), last - first);
+    if let Some(path) = &args.plot {
+        let samples = stats.samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        report::plot_svg(&samples, std::path::Path::new(path))?;
+    }
+    Ok(report)
+}
+
+async fn commander(conn: ConnArgs, vehicles: usize, rate: f64, duration_secs: u64) -> anyhow::Result<()> {
+    let addr = resolve(&conn)?;
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let v5 = conn.mqtt_version == 5;
+    let mut out = BytesMut::new();
+    wire::connect(&mut out, &format!("{}-commander", conn.id_prefix), 60, v5);
+    s.write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    while wire::next_packet(&mut buf).is_none() {
+        anyhow::ensure!(s.read_buf(&mut buf).await? > 0, "commander: no CONNACK");
+    }
+    let (mut rd, mut wr) = s.into_split();
+    tokio::spawn(async move {
+        let mut sink = BytesMut::new();
+        while rd.read_buf(&mut sink).await.is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    let end = Instant::now() + Duration::from_secs(duration_secs);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(0.001)));
+    let (mut n, mut pkid) = (0usize, 0u16);
+    while Instant::now() < end {
+        tick.tick().await;
+        out.clear();
+        pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros();
+        let topic = format!(
+            "vehicles/{}-{}/commands/ping",
+            conn.id_prefix,
+            n % vehicles.max(1)
+        );
+        wire::publish(
+            &mut out,
+            &topic,
+            1,
+            pkid,
+            format!("{{\"ts_us\":{ts}}}").as_bytes(),
+            v5,
+        );
+        wr.write_all(&out).await?;
+        n += 1;
+    }
+    println!("sent {n} commands");
+    Ok(())
+}
