@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Default)]
 pub struct Stats {
     pub connected: AtomicU64,
+    /// Microseconds from start to the latest successful CONNACK.
+    pub last_connect_us: AtomicU64,
     pub sent: AtomicU64,
     pub acked: AtomicU64,
     pub refused: AtomicU64,
@@ -62,6 +64,7 @@ impl Stats {
         Report {
             vehicles,
             connected: self.connected.load(Ordering::Relaxed),
+            connect_secs: self.last_connect_us.load(Ordering::Relaxed) as f64 / 1e6,
             sent,
             acked,
             refused: self.refused.load(Ordering::Relaxed),
@@ -104,6 +107,9 @@ impl Latency {
 pub struct Report {
     pub vehicles: usize,
     pub connected: u64,
+    /// Time until the last vehicle was connected (for connect rate).
+    #[serde(default)]
+    pub connect_secs: f64,
     pub sent: u64,
     pub acked: u64,
     /// PUBACKs with a failure reason (MQTT 5).
@@ -143,6 +149,7 @@ impl Report {
         for p in parts {
             all.vehicles += p.vehicles;
             all.connected += p.connected;
+            all.connect_secs = all.connect_secs.max(p.connect_secs);
             all.sent += p.sent;
             all.acked += p.acked;
             all.refused += p.refused;
@@ -164,7 +171,13 @@ impl Report {
 
     pub fn print(&self) {
         let ms = |us: u64| us as f64 / 1000.0;
-        println!("vehicles        {} ({} connected)", self.vehicles, self.connected);
+        println!(
+            "vehicles        {} ({} connected in {:.1} s, {:.0} connections/s)",
+            self.vehicles,
+            self.connected,
+            self.connect_secs,
+            self.connected as f64 / self.connect_secs.max(1e-9)
+        );
         println!(
             "messages        {} sent, {} PUBACK'd, {} refused",
             self.sent, self.acked, self.refused
