@@ -134,7 +134,9 @@ pub async fn run(
         }
     }
     stats.connected.fetch_add(1, Ordering::Relaxed);
-    stats.last_connect_us.fetch_max(plan.start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    stats
+        .last_connect_us
+        .fetch_max(plan.start.elapsed().as_micros() as u64, Ordering::Relaxed);
 
     let topic = format!("{}/{id}/telemetry", plan.topic_prefix);
     let mut hist = histogram();

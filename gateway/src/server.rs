@@ -234,6 +234,9 @@ async fn accept_loop(
     }
 }
 
+/// One accepted connection. Plain and TLS sessions are boxed separately so that a plain
+/// connection's task does not reserve room for TLS state (an idle connection's memory is
+/// mostly its task: this keeps a million of them in a few GiB).
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -242,12 +245,15 @@ async fn connection(
     _permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let Some(acceptor) = tls else {
-        session::run(stream, peer, None, shared).await;
-        return;
-    };
+    match tls {
+        None => Box::pin(session::run(stream, peer, None, shared)).await,
+        Some(acceptor) => Box::pin(tls_connection(stream, peer, acceptor, shared)).await,
+    }
+}
+
+async fn tls_connection(stream: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let handshake = Duration::from_secs(shared.cfg.tls.handshake_timeout_secs);
-    let tls_stream = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+    let tls_stream = match tokio::time::timeout(handshake, Box::pin(acceptor.accept(stream))).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared.metrics.connections_rejected.inc("tls_handshake_failed");

@@ -30,6 +30,8 @@ use crate::{auth, topic};
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 4096;
+/// Read buffer of a session that is not streaming.
+const IDLE_READ: usize = 256;
 
 /// Why a session ended; the label of `gateway_connections_closed_total`.
 #[derive(Debug)]
@@ -84,6 +86,8 @@ struct Session<S> {
     codec: Codec,
     client_id: String,
     read_buf: BytesMut,
+    /// Size of the latest read, to tell a streaming session from an idle one.
+    last_read: usize,
     out: BytesMut,
     pending: VecDeque<Pending>,
     /// Sequence of this session's latest append; denied publishes wait behind it.
@@ -103,7 +107,12 @@ where
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let connect_timeout = Duration::from_secs(shared.cfg.mqtt.connect_timeout_secs);
     let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
-    let first = match timeout(connect_timeout, read_connect(&mut stream, &mut read_buf, &shared)).await {
+    let first = match timeout(
+        connect_timeout,
+        Box::pin(read_connect(&mut stream, &mut read_buf, &shared)),
+    )
+    .await
+    {
         Ok(Ok(Some(first))) => first,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -119,7 +128,7 @@ where
     };
     let (codec, req) = first;
     let mut out = BytesMut::new();
-    let client_id = match accept_connect(&codec, &req, identity.as_ref(), &shared).await {
+    let client_id = match Box::pin(accept_connect(&codec, &req, identity.as_ref(), &shared)).await {
         Ok(id) => id,
         Err(why) => {
             shared.metrics.connack_refused.inc(why.label());
@@ -149,6 +158,7 @@ where
         codec,
         client_id: client_id.clone(),
         read_buf,
+        last_read: 0,
         out,
         pending: VecDeque::new(),
         last_seq: 0,
@@ -159,7 +169,9 @@ where
         will: req.will.clone(),
     };
     let close = s.serve(&kicked).await;
-    s.finish(close).await;
+    // Boxed: the goodbye path is rare; keeping it out of the session's future keeps an idle
+    // connection small (a million of them must fit in memory).
+    Box::pin(s.finish(close)).await;
     shared.registry.release(&client_id, conn);
     shared.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
 }
@@ -336,9 +348,20 @@ where
         }
     }
 
+    /// Reads more bytes. An idle vehicle (nothing buffered, last read small) waits with a
+    /// small buffer: at a million connections the read buffer is most of the memory.
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        self.read_buf.reserve(READ_CHUNK);
-        self.stream.read_buf(&mut self.read_buf).await
+        if self.read_buf.is_empty() && self.last_read < IDLE_READ {
+            if self.read_buf.capacity() > 4 * IDLE_READ {
+                self.read_buf = BytesMut::new();
+            }
+            self.read_buf.reserve(IDLE_READ);
+        } else {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+        let n = self.stream.read_buf(&mut self.read_buf).await?;
+        self.last_read = n;
+        Ok(n)
     }
 
     fn ack_durable(&mut self, durable: u64) {
@@ -392,7 +415,7 @@ where
 
     async fn handle(&mut self, packet: Inbound, max_inflight: usize) -> Result<(), Close> {
         match packet {
-            Inbound::Publish(p) => self.publish(p, max_inflight).await,
+            Inbound::Publish(p) => Box::pin(self.publish(p, max_inflight)).await,
             Inbound::PingReq => {
                 self.codec.pingresp(&mut self.out);
                 Ok(())

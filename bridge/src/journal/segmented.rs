@@ -40,6 +40,9 @@ struct State {
     /// Segments on disk plus those planned by `rolls`.
     planned_segments: u64,
     full: bool,
+    /// The writer is parked on the condvar: only then does an append pay for a wake-up
+    /// (a futex syscall per append otherwise).
+    writer_waiting: bool,
     stopped: Option<String>,
     closing: bool,
     crash: Option<bool>,
@@ -301,6 +304,7 @@ impl SegmentedJournal {
                 head_remaining: cfg.segment_bytes - scan.end,
                 planned_segments: segments.len() as u64,
                 full: false,
+                writer_waiting: false,
                 stopped: None,
                 closing: false,
                 crash: None,
@@ -414,8 +418,11 @@ impl SegmentedJournal {
         if due {
             st.marks.push_back((seq, entry.received_at_ms));
         }
+        let wake = st.writer_waiting;
         drop(st);
-        inner.wake_writer.notify_one();
+        if wake {
+            inner.wake_writer.notify_one();
+        }
         Ok(Admit::Admitted(seq))
     }
 
@@ -589,11 +596,13 @@ fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) {
                 if !st.buf.is_empty() || release_due || st.closing {
                     break;
                 }
+                st.writer_waiting = true;
                 st = inner
                     .wake_writer
                     .wait_timeout(st, MAINTENANCE_INTERVAL)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
+                st.writer_waiting = false;
             }
             std::mem::swap(&mut st.buf, &mut spare);
             std::mem::swap(&mut st.rolls, &mut rolls);
