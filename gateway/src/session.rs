@@ -18,7 +18,7 @@ use bridge::{Entry, Journal};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep_until, timeout, Instant};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Sniff};
 use crate::mqtt::packet::Will;
@@ -139,8 +139,10 @@ where
             return;
         }
     };
+    // The span is attached to the session's future (not entered across awaits, which
+    // would label other tasks' log lines with this vehicle).
     let span = tracing::info_span!("session", client_id = %client_id, %peer);
-    let _guard = span.enter();
+    let _entered = span.clone().entered();
     let kicked = shared.registry.claim(&client_id, conn);
     let assigned = (client_id != req.client_id).then(|| client_id.clone());
     let mut codec = codec;
@@ -168,10 +170,15 @@ where
         subscriptions: Vec::new(),
         will: req.will.clone(),
     };
-    let close = s.serve(&kicked).await;
-    // Boxed: the goodbye path is rare; keeping it out of the session's future keeps an idle
-    // connection small (a million of them must fit in memory).
-    Box::pin(s.finish(close)).await;
+    drop(_entered);
+    async {
+        let close = s.serve(&kicked).await;
+        // Boxed: the goodbye path is rare; keeping it out of the session's future keeps an
+        // idle connection small (a million of them must fit in memory).
+        Box::pin(s.finish(close)).await;
+    }
+    .instrument(span)
+    .await;
     shared.registry.release(&client_id, conn);
     shared.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
 }
