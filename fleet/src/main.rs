@@ -215,7 +215,9 @@ fn main() -> anyhow::Result<()> {
 /// Splits the fleet over child processes and merges their JSON reports.
 fn run_workers(args: &RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let raw: Vec<String> = std::env::args().skip(1).collect();
+    // The parent's output flags are replaced by the workers' own.
+    let raw: Vec<String> =
+        std::env::args().skip(1).filter(|a| a != "--json" && a != "--no-progress" && !a.starts_with("--plot")).collect();
     let mut children = Vec::new();
     for w in 0..args.workers {
         let mut cmd = Command::new(&exe);

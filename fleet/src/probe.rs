@@ -32,6 +32,8 @@ pub fn run(
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "fleet-probe")
         .set("enable.auto.commit", "false")
+        // Deliver records as soon as they are visible: the probe measures latency.
+        .set("fetch.wait.max.ms", "5")
         .create()?;
     let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions = meta.topics().first().map(|t| t.partitions().len()).unwrap_or(0);
