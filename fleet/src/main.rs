@@ -216,8 +216,10 @@ fn main() -> anyhow::Result<()> {
 fn run_workers(args: &RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     // The parent's output flags are replaced by the workers' own.
-    let raw: Vec<String> =
-        std::env::args().skip(1).filter(|a| a != "--json" && a != "--no-progress" && !a.starts_with("--plot")).collect();
+    let raw: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--json" && a != "--no-progress" && !a.starts_with("--plot"))
+        .collect();
     let mut children = Vec::new();
     for w in 0..args.workers {
         let mut cmd = Command::new(&exe);

@@ -189,7 +189,14 @@ pub async fn run(
                             }
                         }
                         3 => {
-                            // A command: its payload starts with the sender's timestamp.
+                            // A command: acknowledge QoS1 (or the broker stops delivering),
+                            // then time it from the sender's timestamp in the payload.
+                            if (first >> 1) & 0b11 == 1 {
+                                let tlen = usize::from(u16::from_be_bytes([body.first().copied().unwrap_or(0), body.get(1).copied().unwrap_or(0)]));
+                                if let (Some(a), Some(b)) = (body.get(2 + tlen), body.get(3 + tlen)) {
+                                    out.extend_from_slice(&[0x40, 0x02, *a, *b]);
+                                }
+                            }
                             let text = String::from_utf8_lossy(&body);
                             if let Some(ts) = text.split("\"ts_us\":").nth(1).and_then(|r| r.split([',', '}']).next()).and_then(|v| v.parse::<u64>().ok()) {
                                 let _ = cmd_hist.record(now_us().saturating_sub(ts).max(1));
@@ -199,6 +206,10 @@ pub async fn run(
                         14 => { broken = Some("disconnected by broker"); break 'run }
                         _ => {}
                     }
+                }
+                if !out.is_empty() {
+                    if io.write_all(&out).await.is_err() { broken = Some("write failed"); break }
+                    out.clear();
                 }
             }
             _ = sleep_until(send_at), if can_send => {
