@@ -334,7 +334,13 @@ async fn run(args: RunArgs) -> anyhow::Result<Report> {
         })
     };
     let mut tasks = Vec::with_capacity(last - first);
-    let pace = Duration::from_secs_f64(1.0 / args.connect_rate.max(1.0));
+    // --connect-rate is for the whole fleet: each worker takes its share.
+    let workers = if args.worker_index.is_some() {
+        args.workers.max(1)
+    } else {
+        1
+    };
+    let pace = Duration::from_secs_f64(workers as f64 / args.connect_rate.max(1.0));
     let mut next = Instant::now();
     for i in first..last {
         let id = format!("{}-{i}", conn.id_prefix);
