@@ -410,6 +410,7 @@ impl<'p, J: Journal> Pump<'p, J> {
 
     fn absorb_reports(&mut self) {
         let reports = std::mem::take(&mut *self.reports.queue.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut to_park = Vec::new();
         for (seq, outcome) in reports {
             let Some(slot) = self.tracker.slot(seq) else {
                 continue;
@@ -425,8 +426,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                     self.status.set_state(State::Connected);
                 }
                 (Err(e), Slot::DeadLettering) => {
-                    *slot = Slot::Parked;
-                    self.park(seq, &format!("dead-letter write failed: {e}"));
+                    to_park.push((seq, format!("dead-letter write failed: {e}")))
                 }
                 (Err(e), _) if fatal_for_record(&e) => self.failures.push((seq, e)),
                 (Err(e), _) => {
@@ -437,9 +437,17 @@ impl<'p, J: Journal> Pump<'p, J> {
                 }
             }
         }
+        for (seq, why) in to_park {
+            self.park(seq, &why);
+        }
     }
 
-    fn park(&self, seq: u64, why: &str) {
+    /// Keeps the record in the journal: its slot never completes, so the release
+    /// watermark stops before it. Counted and logged.
+    fn park(&mut self, seq: u64, why: &str) {
+        if let Some(slot) = self.tracker.slot(seq) {
+            *slot = Slot::Parked;
+        }
         self.status.parked.fetch_add(1, Ordering::Relaxed);
         self.status.set_error(format!("record {seq} parked: {why}"));
         error!(
@@ -460,9 +468,6 @@ impl<'p, J: Journal> Pump<'p, J> {
                 .next()
                 .filter(|r| r.seq == seq);
             let (Some(rec), false) = (record, dlq.is_empty()) else {
-                if let Some(slot) = self.tracker.slot(seq) {
-                    *slot = Slot::Parked;
-                }
                 self.park(seq, &e.to_string());
                 continue;
             };
@@ -481,9 +486,6 @@ impl<'p, J: Journal> Pump<'p, J> {
                 .headers(headers)
                 .timestamp(rec.entry.received_at_ms as i64);
             if let Err((e, _)) = self.producer.send(record) {
-                if let Some(slot) = self.tracker.slot(seq) {
-                    *slot = Slot::Parked;
-                }
                 self.park(seq, &format!("dead-letter write failed: {e}"));
             }
         }

@@ -504,22 +504,9 @@ impl Drop for SegmentedJournal {
 
 impl Journal for SegmentedJournal {
     async fn append(&self, entry: &Entry) -> Result<u64, JournalError> {
-        let flen = frame_len(entry);
-        if flen as u64 > self.inner.cfg.segment_bytes {
-            return Err(JournalError::TooLarge {
-                len: flen,
-                segment_bytes: self.inner.cfg.segment_bytes,
-            });
-        }
-        loop {
-            let notified = self.inner.space.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Admit::Admitted(seq) = self.try_admit(entry, flen)? {
-                return Ok(seq);
-            }
-            notified.await;
-        }
+        // Back-pressure waits for space and never declines.
+        let seq = self.append_with(entry, FullPolicy::Backpressure).await?;
+        seq.ok_or_else(|| JournalError::Stopped("append declined under back-pressure".into()))
     }
 
     fn durable(&self) -> watch::Receiver<u64> {
