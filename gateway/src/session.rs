@@ -30,8 +30,9 @@ use crate::{auth, topic};
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 4096;
-/// Read buffer of a session that is not streaming.
-const IDLE_READ: usize = 256;
+/// Read buffer of a session that is not streaming (64 bytes is also what `BytesMut`
+/// allocates for a read into an empty buffer).
+const IDLE_READ: usize = 64;
 
 /// Why a session ended; the label of `gateway_connections_closed_total`.
 #[derive(Debug)]
@@ -170,6 +171,8 @@ where
         subscriptions: Vec::new(),
         will: req.will.clone(),
     };
+    // Not needed any more: do not keep the CONNECT (and its strings) for the session's life.
+    drop(req);
     drop(_entered);
     async {
         let close = s.serve(&kicked).await;
