@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine, set-up included:
-#   1. system packages the tests drive (mosquitto-clients, kcat, Java and Maven),
+#   1. system packages the tests drive (mosquitto-clients, the mosquitto broker for the
+#      simulator's tests, kcat, Java and Maven),
 #   2. Apache Kafka 4.4 jars from Maven Central (scripts/kafka.sh, cached in .kafka/),
 #   3. cargo test for every workspace member (unit, model, mock-cluster and integration
 #      tests against the real gateway binary and a real Kafka broker).
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 
 need_pkgs=()
 command -v mosquitto_pub >/dev/null 2>&1 || need_pkgs+=(mosquitto-clients)
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || need_pkgs+=(mosquitto)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v kcat >/dev/null 2>&1 || need_pkgs+=(kcat)
 command -v java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jre-headless)
