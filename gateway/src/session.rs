@@ -374,6 +374,16 @@ where
         Ok(n)
     }
 
+    /// Answers a QoS1 publish with a failure reason (MQTT 5), in arrival order: it waits
+    /// behind this session's earlier publishes that are not durable yet.
+    fn refuse(&mut self, pkid: u16, reason: u8) {
+        self.pending.push_back(Pending {
+            pkid,
+            seq: self.last_seq,
+            reason,
+        });
+    }
+
     fn ack_durable(&mut self, durable: u64) {
         while let Some(p) = self.pending.front() {
             if p.seq > durable {
@@ -500,11 +510,7 @@ where
             warn!(topic, qos = p.qos, "publish denied by the publish ACL");
             return match (self.codec.version, p.qos) {
                 (Version::V5, 1) => {
-                    self.pending.push_back(Pending {
-                        pkid: p.pkid,
-                        seq: self.last_seq,
-                        reason: 0x87,
-                    });
+                    self.refuse(p.pkid, 0x87);
                     Ok(())
                 }
                 (Version::V5, _) => Ok(()),
@@ -523,11 +529,7 @@ where
                 "publish refused: no route to Kafka (kafka.unmatched = \"refuse\")"
             );
             if p.qos == 1 {
-                self.pending.push_back(Pending {
-                    pkid: p.pkid,
-                    seq: self.last_seq,
-                    reason: 0x90,
-                });
+                self.refuse(p.pkid, 0x90);
             }
             return Ok(());
         }
@@ -553,11 +555,7 @@ where
             metrics.journal_rejected.inc(if p.qos == 0 { "0" } else { "1" });
             return match (self.codec.version, p.qos) {
                 (Version::V5, 1) => {
-                    self.pending.push_back(Pending {
-                        pkid: p.pkid,
-                        seq: self.last_seq,
-                        reason: 0x97,
-                    });
+                    self.refuse(p.pkid, 0x97);
                     Ok(())
                 }
                 (_, 0) => Ok(()),

@@ -346,3 +346,10 @@ pub fn incompressible(len: usize) -> String {
         })
         .collect()
 }
+
+/// Runs `mosquitto_pub` / `mosquitto_sub` against a local gateway on `port`.
+pub fn mosquitto(program: &str, port: &str, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["-h", "127.0.0.1", "-p", port];
+    all.extend_from_slice(args);
+    run_cli(program, &all)
+}

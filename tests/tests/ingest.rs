@@ -118,13 +118,10 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
     ] {
         let id = format!("mosq-{version}-{qos}");
         let topic = format!("vehicles/{id}/telemetry");
-        let (code, out) = run_cli(
+        let (code, out) = integration::mosquitto(
             "mosquitto_pub",
+            &port,
             &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
                 "-V",
                 version,
                 "-q",
@@ -144,13 +141,10 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
         }
     }
     // A vehicle subscribes to its command topic; a foreign filter is refused in the SUBACK.
-    let (_, out) = run_cli(
+    let (_, out) = integration::mosquitto(
         "mosquitto_sub",
+        &port,
         &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
             "-V",
             "mqttv311",
             "-i",
@@ -166,36 +160,20 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
         out.contains("received SUBACK") && out.contains("Subscribed (mid: 1): 0"),
         "{out}"
     );
-    let (_, out) = run_cli(
+    let (_, out) = integration::mosquitto(
         "mosquitto_sub",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-V",
-            "mqttv5",
-            "-i",
-            "car7",
-            "-t",
-            "vehicles/#",
-            "-W",
-            "1",
-            "-d",
-        ],
+        &port,
+        &["-V", "mqttv5", "-i", "car7", "-t", "vehicles/#", "-W", "1", "-d"],
     );
     assert!(
         out.contains("received SUBACK") && out.contains("135"),
         "refused subscription: {out}"
     );
     // QoS 2 is refused: MQTT 5 clients learn it from CONNACK (Maximum QoS 1).
-    let (_, out) = run_cli(
+    let (_, out) = integration::mosquitto(
         "mosquitto_pub",
+        &port,
         &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
             "-V",
             "mqttv5",
             "-q",
@@ -224,13 +202,10 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
 fn acl_denial_v5_puback_0x87_and_v311_disconnect() {
     let gw = Gateway::start(ANON);
     let port = gw.mqtt().port().to_string();
-    let (_, out) = run_cli(
+    let (_, out) = integration::mosquitto(
         "mosquitto_pub",
+        &port,
         &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
             "-V",
             "mqttv5",
             "-q",
@@ -248,13 +223,10 @@ fn acl_denial_v5_puback_0x87_and_v311_disconnect() {
         out.contains("RC:135"),
         "v5 PUBACK carries 0x87 Not authorized: {out}"
     );
-    let (code, out) = run_cli(
+    let (code, out) = integration::mosquitto(
         "mosquitto_pub",
+        &port,
         &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
             "-V",
             "mqttv311",
             "-q",

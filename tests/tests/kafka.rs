@@ -216,13 +216,10 @@ fn record_kafka_refuses_goes_to_the_dead_letter_topic_and_order_holds() {
     payloads.push(big.clone());
     payloads.extend((5..10).map(|n| n.to_string()));
     for p in &payloads {
-        let (code, out) = integration::run_cli(
+        let (code, out) = integration::mosquitto(
             "mosquitto_pub",
+            &port,
             &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
                 "-q",
                 "1",
                 "-i",
@@ -267,13 +264,10 @@ fn embedded_default_messages_are_visible_with_kcat() {
     );
     let port = gw.mqtt().port().to_string();
     for (version, msg) in [("mqttv311", "hello-311"), ("mqttv5", "hello-5")] {
-        let (code, out) = integration::run_cli(
+        let (code, out) = integration::mosquitto(
             "mosquitto_pub",
+            &port,
             &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
                 "-V",
                 version,
                 "-q",
@@ -335,13 +329,10 @@ fn without_a_dead_letter_topic_a_refused_record_is_parked_not_dropped() {
     let port = gw.mqtt().port().to_string();
     let big = integration::incompressible(3000);
     for p in ["before", big.as_str(), "after"] {
-        let (code, out) = integration::run_cli(
+        let (code, out) = integration::mosquitto(
             "mosquitto_pub",
+            &port,
             &[
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
                 "-q",
                 "1",
                 "-i",
