@@ -1,13 +1,34 @@
-//! Who may connect (anonymous, username + argon2 password hash, client certificate) and
-//! what a connected vehicle may publish and subscribe to.
+//! Who may connect (anonymous, username + argon2 password hash, client certificate),
+//! which client ids each may use, and what a connected vehicle may publish and
+//! subscribe to.
+//!
+//! Identity is earned (invariant 6): a password user may connect only under the client
+//! ids its `[[auth.users]] client_ids` patterns allow (default: exactly its username); a
+//! client certificate binds the client id through `tls.require_client_id_match` (checked
+//! by the session); anonymous access (`auth.allow_anonymous`) binds nothing and is a
+//! development switch, logged as a warning when the gateway starts.
+//!
+//! Password checks do not tell whether a username exists: an unknown user costs one
+//! argon2 verification against a dummy hash made with the configured users' parameters,
+//! exactly like a wrong password. At most `auth.max_concurrent_hashes` verifications run
+//! at once (each on a blocking thread); CONNECT attempts are rate-limited per source
+//! address and globally before any of this ([`rate_limit`]).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use tokio::sync::Semaphore;
+use tracing::warn;
 
-use crate::config::AuthSection;
+use crate::config::{AuthSection, User};
 use crate::topic;
+
+pub mod rate_limit;
+
+pub use rate_limit::Limited;
 
 /// Why a CONNECT is refused, mapped to 3.1.1 return codes and 5.0 reason codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,48 +37,235 @@ pub enum Refusal {
     NotAuthorized,
 }
 
+/// Who a CONNECT proved to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// No credentials, accepted because `auth.allow_anonymous = true`.
+    Anonymous,
+    /// A client certificate verified by `tls.client_ca` (bound by the session).
+    Certificate,
+    /// A password user, by username.
+    User(String),
+}
+
+/// What a password check did. Each outcome ran exactly one argon2 verification (a
+/// dummy one for an unknown user): the label of `gateway_auth_password_checks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordCheck {
+    Accepted,
+    WrongPassword,
+    UnknownUser,
+}
+
+impl PasswordCheck {
+    pub fn label(self) -> &'static str {
+        match self {
+            PasswordCheck::Accepted => "accepted",
+            PasswordCheck::WrongPassword => "wrong_password",
+            PasswordCheck::UnknownUser => "unknown_user",
+        }
+    }
+}
+
+/// The outcome of [`Auth::authenticate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub result: Result<Principal, Refusal>,
+    /// Set when a password was checked.
+    pub check: Option<PasswordCheck>,
+}
+
+#[derive(Debug)]
+struct UserEntry {
+    password_hash: String,
+    /// Allowed client-id patterns with `{username}` already substituted.
+    client_ids: Vec<String>,
+}
+
 #[derive(Debug)]
 pub struct Auth {
     allow_anonymous: bool,
-    users: HashMap<String, String>,
+    users: HashMap<String, UserEntry>,
     publish_acl: Vec<String>,
     subscribe_acl: Vec<String>,
+    /// Verified for unknown usernames so that they cost what a known one does.
+    dummy_hash: String,
+    /// Bounds concurrent argon2 verifications (`auth.max_concurrent_hashes`).
+    hash_slots: Arc<Semaphore>,
+    hashes_run: AtomicU64,
+    hashes_active: AtomicUsize,
+    hashes_peak: AtomicUsize,
+    limiter: rate_limit::ConnectLimiter,
 }
 
 impl Auth {
+    /// Builds the authenticator once at start. Logs a warning when anonymous access is
+    /// on: it binds no identity and is meant for development only.
     pub fn new(cfg: &AuthSection) -> Arc<Self> {
+        if cfg.allow_anonymous {
+            warn!(
+                "auth.allow_anonymous = true: ANYONE who reaches the MQTT listener can connect under ANY client id \
+                 and publish as that vehicle; a development switch, never for production"
+            );
+        }
         Arc::new(Auth {
             allow_anonymous: cfg.allow_anonymous,
             users: cfg
                 .users
                 .iter()
-                .map(|u| (u.username.clone(), u.password_hash.clone()))
+                .map(|u| {
+                    let patterns = u.client_ids.clone().unwrap_or_else(|| vec![u.username.clone()]);
+                    (
+                        u.username.clone(),
+                        UserEntry {
+                            password_hash: u.password_hash.clone(),
+                            client_ids: patterns
+                                .iter()
+                                .map(|p| p.replace("{username}", &u.username))
+                                .collect(),
+                        },
+                    )
+                })
                 .collect(),
             publish_acl: cfg.publish_acl.clone(),
             subscribe_acl: cfg.subscribe_acl.clone(),
+            dummy_hash: dummy_hash(&cfg.users),
+            hash_slots: Arc::new(Semaphore::new(cfg.max_concurrent_hashes.max(1))),
+            hashes_run: AtomicU64::new(0),
+            hashes_active: AtomicUsize::new(0),
+            hashes_peak: AtomicUsize::new(0),
+            limiter: rate_limit::ConnectLimiter::new(
+                cfg.connect_rate_per_ip,
+                cfg.connect_burst_per_ip,
+                cfg.connect_rate_global,
+                cfg.connect_burst_global,
+            ),
         })
     }
 
-    /// Checks credentials. `cert_identity` is set when TLS verified a client certificate,
-    /// which authenticates the vehicle by itself. Argon2 is deliberately slow: call this
-    /// from a blocking thread.
-    pub fn authenticate(
-        &self,
-        username: Option<&str>,
-        password: Option<&str>,
-        cert_identity: Option<&str>,
-    ) -> Result<(), Refusal> {
+    /// Admission of one CONNECT attempt from `ip` (token buckets); call before any
+    /// authentication work.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), Limited> {
+        self.limiter.admit(ip)
+    }
+
+    /// Checks credentials. `cert` is true when TLS verified a client certificate, which
+    /// authenticates the vehicle by itself. A password check waits for one of the
+    /// `auth.max_concurrent_hashes` slots and runs on a blocking thread; the caller puts
+    /// the whole call under its CONNECT timeout (the slot travels with the blocking
+    /// work, so an abandoned check still counts against the bound until it ends).
+    pub async fn authenticate(
+        self: &Arc<Self>,
+        username: Option<String>,
+        password: Option<String>,
+        cert: bool,
+    ) -> Verdict {
+        if password.is_none() || username.is_none() {
+            return self.check(username.as_deref(), password.as_deref(), cert);
+        }
+        let Ok(permit) = self.hash_slots.clone().acquire_owned().await else {
+            return Verdict {
+                result: Err(Refusal::NotAuthorized),
+                check: None,
+            };
+        };
+        let auth = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let verdict = auth.check(username.as_deref(), password.as_deref(), cert);
+            drop(permit);
+            verdict
+        })
+        .await
+        .unwrap_or(Verdict {
+            result: Err(Refusal::NotAuthorized),
+            check: None,
+        })
+    }
+
+    /// The synchronous check behind [`Auth::authenticate`]. Argon2 is deliberately slow:
+    /// call this from a blocking thread.
+    pub fn check(&self, username: Option<&str>, password: Option<&str>, cert: bool) -> Verdict {
         match (username, password) {
             (Some(user), Some(pass)) => {
-                let hash = self.users.get(user).ok_or(Refusal::BadCredentials)?;
-                let parsed = PasswordHash::new(hash).map_err(|_| Refusal::BadCredentials)?;
-                Argon2::default()
-                    .verify_password(pass.as_bytes(), &parsed)
-                    .map_err(|_| Refusal::BadCredentials)
+                let (hash, known) = match self.users.get(user) {
+                    Some(u) => (u.password_hash.as_str(), true),
+                    None => (self.dummy_hash.as_str(), false),
+                };
+                let ok = self.verify(pass, hash);
+                let (result, check) = match (known, ok) {
+                    (true, true) => (Ok(Principal::User(user.to_string())), PasswordCheck::Accepted),
+                    (true, false) => (Err(Refusal::BadCredentials), PasswordCheck::WrongPassword),
+                    (false, _) => (Err(Refusal::BadCredentials), PasswordCheck::UnknownUser),
+                };
+                Verdict {
+                    result,
+                    check: Some(check),
+                }
             }
-            (Some(_), None) | (None, Some(_)) => Err(Refusal::BadCredentials),
-            (None, None) if cert_identity.is_some() || self.allow_anonymous => Ok(()),
-            (None, None) => Err(Refusal::NotAuthorized),
+            (Some(_), None) | (None, Some(_)) => Verdict {
+                result: Err(Refusal::BadCredentials),
+                check: None,
+            },
+            (None, None) => Verdict {
+                result: if cert {
+                    Ok(Principal::Certificate)
+                } else if self.allow_anonymous {
+                    Ok(Principal::Anonymous)
+                } else {
+                    Err(Refusal::NotAuthorized)
+                },
+                check: None,
+            },
+        }
+    }
+
+    /// One argon2 verification (counted; the peak of concurrent ones is kept for tests).
+    fn verify(&self, password: &str, hash: &str) -> bool {
+        self.hashes_run.fetch_add(1, Ordering::Relaxed);
+        let active = self.hashes_active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.hashes_peak.fetch_max(active, Ordering::SeqCst);
+        let ok = PasswordHash::new(hash)
+            .map(|parsed| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &parsed)
+                    .is_ok()
+            })
+            .unwrap_or(false);
+        self.hashes_active.fetch_sub(1, Ordering::SeqCst);
+        ok
+    }
+
+    /// Argon2 verifications run so far (real and dummy).
+    pub fn hashes_run(&self) -> u64 {
+        self.hashes_run.load(Ordering::Relaxed)
+    }
+
+    /// The most argon2 verifications that ran at the same time.
+    pub fn hashes_peak(&self) -> usize {
+        self.hashes_peak.load(Ordering::SeqCst)
+    }
+
+    /// Whether `principal` may use `client_id`. Password users are bound to their
+    /// patterns; certificates are bound by the session (`tls.require_client_id_match`);
+    /// anonymous clients are not bound.
+    pub fn may_use_client_id(&self, principal: &Principal, client_id: &str) -> bool {
+        match principal {
+            Principal::User(name) => self
+                .users
+                .get(name)
+                .is_some_and(|u| u.client_ids.iter().any(|p| pattern_matches(p, client_id))),
+            Principal::Anonymous | Principal::Certificate => true,
+        }
+    }
+
+    /// The id given to a password user that sent an empty client id: its username, when
+    /// that is one of its allowed ids.
+    pub fn assigned_client_id(&self, principal: &Principal) -> Option<String> {
+        match principal {
+            Principal::User(name) => {
+                (valid_client_id(name) && self.may_use_client_id(principal, name)).then(|| name.clone())
+            }
+            _ => None,
         }
     }
 
@@ -72,6 +280,63 @@ impl Auth {
             .iter()
             .any(|p| topic::covers(&p.replace("{client_id}", client_id), filter))
     }
+}
+
+/// A PHC hash of a throw-away password with the parameters of the first configured
+/// user (argon2 defaults when there is none), so that an unknown user costs the same.
+fn dummy_hash(users: &[User]) -> String {
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
+    let argon = users
+        .iter()
+        .find_map(|u| PasswordHash::new(&u.password_hash).ok())
+        .and_then(|h| {
+            let params = argon2::Params::try_from(&h).ok()?;
+            let algorithm = argon2::Algorithm::try_from(h.algorithm).ok()?;
+            let version = match h.version {
+                Some(v) => argon2::Version::try_from(v).ok()?,
+                None => argon2::Version::default(),
+            };
+            Some(Argon2::new(algorithm, version, params))
+        })
+        .unwrap_or_default();
+    let salt = SaltString::generate(&mut OsRng);
+    argon
+        .hash_password(b"not a password anyone has", &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+}
+
+/// An allowed-client-id pattern: an exact id, or a prefix followed by `*`.
+fn pattern_matches(pattern: &str, client_id: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => client_id.starts_with(prefix),
+        None => pattern == client_id,
+    }
+}
+
+/// Checks an `[[auth.users]] client_ids` entry: client-id characters, `{username}`
+/// allowed, `*` only as the last character.
+pub fn validate_client_id_pattern(pattern: &str) -> Result<(), String> {
+    let body = pattern.strip_suffix('*').unwrap_or(pattern);
+    let body = body.replace("{username}", "u");
+    if body.is_empty() && pattern != "*" {
+        return Err("is empty; write an id, a prefix like \"bench-*\", or \"{username}\"".into());
+    }
+    if pattern == "*" {
+        return Err(
+            "\"*\" would let the user take any vehicle's id; list ids or a prefix like \"bench-*\"".into(),
+        );
+    }
+    if body.contains('*') {
+        return Err("'*' is allowed only at the end (a prefix pattern)".into());
+    }
+    if !body
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+    {
+        return Err("client ids use A-Z a-z 0-9 - _ . : (and {username}, a trailing *)".into());
+    }
+    Ok(())
 }
 
 /// Hashes a password for `auth.users[].password_hash` (argon2id, random salt).
@@ -96,31 +361,134 @@ pub fn valid_client_id(id: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::User;
+
+    fn cfg_with(users: Vec<User>) -> AuthSection {
+        AuthSection {
+            allow_anonymous: false,
+            users,
+            ..AuthSection::default()
+        }
+    }
+
+    fn user(name: &str, hash: &str, ids: Option<&[&str]>) -> User {
+        User {
+            username: name.into(),
+            password_hash: hash.into(),
+            client_ids: ids.map(|l| l.iter().map(|s| s.to_string()).collect()),
+        }
+    }
 
     #[test]
     fn passwords_and_acl() {
         let hash = hash_password("s3cret").expect("hash");
-        let cfg = AuthSection {
-            allow_anonymous: false,
-            users: vec![User {
-                username: "fleet".into(),
-                password_hash: hash,
-            }],
-            ..AuthSection::default()
-        };
-        let auth = Auth::new(&cfg);
-        assert_eq!(auth.authenticate(Some("fleet"), Some("s3cret"), None), Ok(()));
+        let auth = Auth::new(&cfg_with(vec![user("fleet", &hash, None)]));
+        let ok = auth.check(Some("fleet"), Some("s3cret"), false);
+        assert_eq!(ok.result, Ok(Principal::User("fleet".into())));
+        assert_eq!(ok.check, Some(PasswordCheck::Accepted));
         assert_eq!(
-            auth.authenticate(Some("fleet"), Some("wrong"), None),
+            auth.check(Some("fleet"), Some("wrong"), false).result,
             Err(Refusal::BadCredentials)
         );
-        assert_eq!(auth.authenticate(None, None, None), Err(Refusal::NotAuthorized));
-        assert_eq!(auth.authenticate(None, None, Some("vin1")), Ok(()));
+        assert_eq!(auth.check(None, None, false).result, Err(Refusal::NotAuthorized));
+        assert_eq!(auth.check(None, None, true).result, Ok(Principal::Certificate));
         assert!(auth.may_publish("vin1", "vehicles/vin1/telemetry"));
         assert!(!auth.may_publish("vin1", "vehicles/vin2/telemetry"));
         assert!(auth.may_subscribe("vin1", "vehicles/vin1/commands/#"));
         assert!(!auth.may_subscribe("vin1", "vehicles/#"));
         assert!(!valid_client_id("a/b") && !valid_client_id("+") && valid_client_id("VIN-123_x.y:z"));
+    }
+
+    #[test]
+    fn unknown_users_cost_one_hash_like_a_wrong_password() {
+        let hash = hash_password("s3cret").expect("hash");
+        let auth = Auth::new(&cfg_with(vec![user("fleet", &hash, None)]));
+        let before = auth.hashes_run();
+        let wrong = auth.check(Some("fleet"), Some("nope"), false);
+        assert_eq!(auth.hashes_run(), before + 1);
+        let unknown = auth.check(Some("nobody"), Some("nope"), false);
+        assert_eq!(
+            auth.hashes_run(),
+            before + 2,
+            "the dummy hash ran for the unknown user"
+        );
+        // Same refusal on the wire; only the metric label tells them apart.
+        assert_eq!(wrong.result, unknown.result);
+        assert_eq!(unknown.check, Some(PasswordCheck::UnknownUser));
+        // The dummy hash has the configured user's cost parameters.
+        let dummy = PasswordHash::new(&auth.dummy_hash).expect("dummy is a PHC string");
+        let real = PasswordHash::new(&hash).expect("real");
+        assert_eq!(dummy.algorithm, real.algorithm);
+        assert_eq!(
+            argon2::Params::try_from(&dummy).expect("params"),
+            argon2::Params::try_from(&real).expect("params")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_hashes_are_bounded() {
+        let hash = hash_password("s3cret").expect("hash");
+        let mut cfg = cfg_with(vec![user("fleet", &hash, None)]);
+        cfg.max_concurrent_hashes = 2;
+        let auth = Auth::new(&cfg);
+        let checks: Vec<_> = (0..12)
+            .map(|i| {
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    let pass = if i % 2 == 0 { "s3cret" } else { "wrong" };
+                    auth.authenticate(Some("fleet".into()), Some(pass.into()), false)
+                        .await
+                })
+            })
+            .collect();
+        for c in checks {
+            c.await.expect("task");
+        }
+        assert_eq!(auth.hashes_run(), 12);
+        assert!(auth.hashes_peak() <= 2, "peak {}", auth.hashes_peak());
+        assert!(auth.hashes_peak() >= 1);
+    }
+
+    #[test]
+    fn client_ids_are_bound_to_users() {
+        let hash = hash_password("x").expect("hash");
+        let auth = Auth::new(&cfg_with(vec![
+            user("car1", &hash, None),
+            user("bench", &hash, Some(&["bench-*", "{username}", "tool"])),
+            user("svc@corp", &hash, Some(&["svc-{username}-*"])),
+        ]));
+        let car1 = Principal::User("car1".into());
+        assert!(auth.may_use_client_id(&car1, "car1"));
+        assert!(
+            !auth.may_use_client_id(&car1, "car2"),
+            "default: exactly the username"
+        );
+        assert!(!auth.may_use_client_id(&car1, "car10"));
+        assert_eq!(auth.assigned_client_id(&car1).as_deref(), Some("car1"));
+        let bench = Principal::User("bench".into());
+        for id in ["bench-1", "bench-", "bench", "tool"] {
+            assert!(auth.may_use_client_id(&bench, id), "{id}");
+        }
+        for id in ["bench1", "car1", "tool2"] {
+            assert!(!auth.may_use_client_id(&bench, id), "{id}");
+        }
+        let svc = Principal::User("svc@corp".into());
+        assert!(auth.may_use_client_id(&svc, "svc-svc@corp-1"));
+        assert_eq!(
+            auth.assigned_client_id(&svc),
+            None,
+            "not allowed / not a valid id"
+        );
+        assert!(auth.may_use_client_id(&Principal::Anonymous, "anything"));
+        assert!(!auth.may_use_client_id(&Principal::User("ghost".into()), "ghost"));
+    }
+
+    #[test]
+    fn client_id_patterns_are_validated() {
+        for ok in ["VIN1", "bench-*", "{username}", "{username}-*", "a:b.c_d"] {
+            assert_eq!(validate_client_id_pattern(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "*", "a*b", "a/b", "x+", "**"] {
+            assert!(validate_client_id_pattern(bad).is_err(), "{bad}");
+        }
     }
 }

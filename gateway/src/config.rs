@@ -79,6 +79,13 @@ pub struct MqttSection {
     pub connect_timeout_secs: u64,
     /// MQTT 5 Topic Alias Maximum advertised to clients; 0 refuses topic aliases.
     pub topic_alias_max: u16,
+    /// Topic filters one session may hold; further SUBSCRIBE filters are refused
+    /// (MQTT 5 SUBACK 0x97, 3.1.1 0x80) so that a client cannot grow its state without bound.
+    pub max_subscriptions: usize,
+    /// Longest keep alive a client may ask for, in seconds. A client keep alive of 0
+    /// ("never time out") or above this is capped to it: MQTT 5 clients are told through
+    /// the CONNACK Server Keep Alive, 3.1.1 clients are closed after 1.5 × this silence.
+    pub max_keep_alive_secs: u16,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -125,6 +132,8 @@ pub struct KafkaSection {
     pub default_topic: String,
     /// Partitions of each topic in the embedded cluster.
     pub embedded_partitions: i32,
+    /// Records Kafka refused for good that may be parked (kept for re-drive) at once.
+    pub max_parked: usize,
     /// librdkafka properties passed through verbatim (SASL, SSL, ...); values are strings.
     pub properties: BTreeMap<String, String>,
 }
@@ -148,8 +157,15 @@ fn default_key() -> String {
 pub struct AdminSection {
     /// REST API and `/metrics`; empty disables it.
     pub listen: String,
-    /// Bearer token required on `/api/*`; empty means no authentication (loopback only).
+    /// Bearer token required on `/api/*`; empty means no authentication, which is only
+    /// allowed on a loopback `listen`. Resolve with [`Config::admin_token`].
     pub token: String,
+    /// File holding the bearer token (trimmed), e.g. a mounted secret; excludes `token`.
+    pub token_file: String,
+    /// Concurrent admin HTTP connections; further ones wait in the listen backlog.
+    pub max_connections: usize,
+    /// Time an admin request (headers and body) may take before it is cut.
+    pub request_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +177,17 @@ pub struct AuthSection {
     /// Topic filters a client may subscribe to; `{client_id}` as above.
     pub subscribe_acl: Vec<String>,
     pub users: Vec<User>,
+    /// Argon2 password checks running at once (each takes one CPU for milliseconds);
+    /// further CONNECTs wait for a slot within `mqtt.connect_timeout_secs`.
+    pub max_concurrent_hashes: usize,
+    /// CONNECT attempts per second from one source IP address (token bucket); 0 = unlimited.
+    pub connect_rate_per_ip: u32,
+    /// Bucket size of `connect_rate_per_ip`: attempts one address may make at once.
+    pub connect_burst_per_ip: u32,
+    /// CONNECT attempts per second over all addresses; 0 = unlimited.
+    pub connect_rate_global: u32,
+    /// Bucket size of `connect_rate_global`.
+    pub connect_burst_global: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -169,6 +196,10 @@ pub struct User {
     pub username: String,
     /// PHC string, e.g. from `gateway hash-password` (argon2id). Never a plain password.
     pub password_hash: String,
+    /// Client ids this user may connect as: exact ids or a prefix ending in `*`;
+    /// `{username}` stands for the username. Absent: exactly the username.
+    #[serde(default)]
+    pub client_ids: Option<Vec<String>>,
 }
 
 impl Default for GatewaySection {
@@ -190,6 +221,8 @@ impl Default for MqttSection {
             max_inflight: 64,
             connect_timeout_secs: 10,
             topic_alias_max: 16,
+            max_subscriptions: 100,
+            max_keep_alive_secs: 1200,
         }
     }
 }
@@ -230,6 +263,7 @@ impl Default for KafkaSection {
             unmatched: "default_topic".into(),
             default_topic: "vehicles.unrouted".into(),
             embedded_partitions: 4,
+            max_parked: 10_000,
             properties: BTreeMap::new(),
         }
     }
@@ -240,6 +274,9 @@ impl Default for AdminSection {
         AdminSection {
             listen: "127.0.0.1:8080".into(),
             token: String::new(),
+            token_file: String::new(),
+            max_connections: 64,
+            request_timeout_secs: 10,
         }
     }
 }
@@ -251,6 +288,11 @@ impl Default for AuthSection {
             publish_acl: vec!["vehicles/{client_id}/#".into()],
             subscribe_acl: vec!["vehicles/{client_id}/commands/#".into()],
             users: Vec::new(),
+            max_concurrent_hashes: 2,
+            connect_rate_per_ip: 50,
+            connect_burst_per_ip: 500,
+            connect_rate_global: 2000,
+            connect_burst_global: 4000,
         }
     }
 }
@@ -375,6 +417,24 @@ impl Config {
         if m.connect_timeout_secs == 0 {
             p.push(problem("mqtt.connect_timeout_secs", "must be at least 1"));
         }
+        if m.topic_alias_max > MAX_TOPIC_ALIASES {
+            p.push(problem(
+                "mqtt.topic_alias_max",
+                format!("must be at most {MAX_TOPIC_ALIASES} (each alias holds a topic per session)"),
+            ));
+        }
+        if m.max_subscriptions == 0 {
+            p.push(problem(
+                "mqtt.max_subscriptions",
+                "must be at least 1 (vehicles subscribe to their command topic)",
+            ));
+        }
+        if m.max_keep_alive_secs == 0 {
+            p.push(problem(
+                "mqtt.max_keep_alive_secs",
+                "must be at least 1 second; e.g. 1200 (20 minutes)",
+            ));
+        }
         let t = &self.tls;
         if !m.tls_listen.is_empty() {
             for (key, v) in [("tls.cert", &t.cert), ("tls.key", &t.key)] {
@@ -416,7 +476,7 @@ impl Config {
                 "journal.max_bytes",
                 format!(
                     "must be at least two segments (2 × journal.segment_bytes = {})",
-                    j.segment_bytes * 2
+                    j.segment_bytes.saturating_mul(2)
                 ),
             ));
         }
@@ -454,6 +514,17 @@ impl Config {
                 "must be \"default_topic\" or \"refuse\"",
             )),
         }
+        if k.max_parked == 0 {
+            p.push(problem("kafka.max_parked", "must be at least 1"));
+        }
+        for key in k.properties.keys() {
+            if let Some(why) = guarded_kafka_property(key) {
+                p.push(problem(
+                    format!("kafka.properties.{key}"),
+                    format!("may not be overridden: {why}; remove it from [kafka.properties]"),
+                ));
+            }
+        }
         if !(1..=1000).contains(&k.embedded_partitions) {
             p.push(problem("kafka.embedded_partitions", "must be between 1 and 1000"));
         }
@@ -480,7 +551,57 @@ impl Config {
                 "must be \"backpressure\", \"reject\" or \"drop_oldest\"",
             ));
         }
+        let ad = &self.admin;
+        if !ad.token.is_empty() && !ad.token_file.is_empty() {
+            p.push(problem(
+                "admin.token_file",
+                "set together with admin.token: keep one of them (token_file for a mounted secret)",
+            ));
+        }
+        if ad.token.is_empty() && ad.token_file.is_empty() && !admin_listen_is_private(&ad.listen) {
+            p.push(problem(
+                "admin.token",
+                format!(
+                    "empty while admin.listen = {:?} is reachable from other hosts: set admin.token \
+                     (or admin.token_file), or listen on loopback (127.0.0.1:8080)",
+                    ad.listen
+                ),
+            ));
+        }
+        if ad.max_connections == 0 {
+            p.push(problem("admin.max_connections", "must be at least 1"));
+        }
+        if ad.request_timeout_secs == 0 {
+            p.push(problem("admin.request_timeout_secs", "must be at least 1"));
+        }
         let a = &self.auth;
+        if a.max_concurrent_hashes == 0 {
+            p.push(problem(
+                "auth.max_concurrent_hashes",
+                "must be at least 1 (password checks would never run)",
+            ));
+        }
+        for (rate_key, rate, burst_key, burst) in [
+            (
+                "auth.connect_rate_per_ip",
+                a.connect_rate_per_ip,
+                "auth.connect_burst_per_ip",
+                a.connect_burst_per_ip,
+            ),
+            (
+                "auth.connect_rate_global",
+                a.connect_rate_global,
+                "auth.connect_burst_global",
+                a.connect_burst_global,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                p.push(problem(
+                    burst_key,
+                    format!("must be at least 1 while {rate_key} = {rate} (0 would refuse every CONNECT)"),
+                ));
+            }
+        }
         if !a.allow_anonymous && a.users.is_empty() && t.client_ca.is_empty() {
             p.push(problem(
                 "auth.users",
@@ -490,6 +611,33 @@ impl Config {
         for (i, u) in a.users.iter().enumerate() {
             if u.username.is_empty() {
                 p.push(problem(format!("auth.users[{i}].username"), "must not be empty"));
+            }
+            match &u.client_ids {
+                None if !u.username.is_empty() && !crate::auth::valid_client_id(&u.username) => {
+                    p.push(problem(
+                        format!("auth.users[{i}].client_ids"),
+                        format!(
+                            "absent, so the user may connect only as its username, but {:?} is not a valid \
+                             client id (A-Z a-z 0-9 - _ . :): list the allowed ids, e.g. client_ids = [\"svc-*\"]",
+                            u.username
+                        ),
+                    ));
+                }
+                None => {}
+                Some(list) if list.is_empty() => p.push(problem(
+                    format!("auth.users[{i}].client_ids"),
+                    "is empty: the user could never connect; list ids or prefixes like \"bench-*\"",
+                )),
+                Some(list) => {
+                    for (j, pat) in list.iter().enumerate() {
+                        if let Err(e) = crate::auth::validate_client_id_pattern(pat) {
+                            p.push(problem(
+                                format!("auth.users[{i}].client_ids[{j}]"),
+                                format!("{pat:?}: {e}"),
+                            ));
+                        }
+                    }
+                }
             }
             if argon2::PasswordHash::new(&u.password_hash).is_err() {
                 p.push(problem(
@@ -518,6 +666,11 @@ impl Config {
     pub fn check_files(&self) -> Vec<Problem> {
         let t = &self.tls;
         let mut p = Vec::new();
+        if !self.admin.token_file.is_empty() {
+            if let Err(e) = self.admin_token() {
+                p.push(e);
+            }
+        }
         if self.mqtt.tls_listen.is_empty() {
             return p;
         }
@@ -536,6 +689,33 @@ impl Config {
         p
     }
 
+    /// The admin bearer token: `admin.token`, or the trimmed content of
+    /// `admin.token_file`; empty means none (validation allows that only on a loopback
+    /// `admin.listen`). The integrator's admin server calls this once at start.
+    pub fn admin_token(&self) -> Result<String, Problem> {
+        let a = &self.admin;
+        if a.token_file.is_empty() {
+            return Ok(a.token.clone());
+        }
+        let text = std::fs::read_to_string(&a.token_file).map_err(|e| {
+            problem(
+                "admin.token_file",
+                format!(
+                    "cannot read {:?}: {e}; point it at a readable file holding the token",
+                    a.token_file
+                ),
+            )
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(problem(
+                "admin.token_file",
+                format!("{:?} is empty: write the bearer token into it", a.token_file),
+            ));
+        }
+        Ok(token)
+    }
+
     /// [`Config::load`] plus [`Config::check_files`]: what `run` and `check-config` use.
     pub fn load_for_host(
         path: &Path,
@@ -552,6 +732,63 @@ impl Config {
             })
         }
     }
+}
+
+/// Largest `mqtt.topic_alias_max`: each alias keeps a topic string per session.
+pub const MAX_TOPIC_ALIASES: u16 = 1024;
+
+/// librdkafka properties that carry the delivery guarantees (invariants 2 and 3) or
+/// that the gateway sizes itself; `[kafka.properties]` may not override them.
+pub const GUARDED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("acks", "the gateway releases a record only after acks=all"),
+    (
+        "request.required.acks",
+        "alias of acks; the gateway requires acks=all",
+    ),
+    (
+        "enable.idempotence",
+        "the idempotent producer keeps each vehicle's order",
+    ),
+    (
+        "message.timeout.ms",
+        "0 makes librdkafka retry forever instead of timing a record out and re-sending it out of order",
+    ),
+    (
+        "delivery.timeout.ms",
+        "alias of message.timeout.ms, which the gateway sets to 0",
+    ),
+    (
+        "max.in.flight.requests.per.connection",
+        "the idempotent producer needs at most 5 for per-vehicle order",
+    ),
+    ("max.in.flight", "alias of max.in.flight.requests.per.connection"),
+    ("retries", "a record must be retried until Kafka confirms it"),
+    ("message.send.max.retries", "alias of retries"),
+    (
+        "enable.gapless.guarantee",
+        "it turns a retriable error into a fatal producer error; the gateway handles order itself",
+    ),
+    (
+        "queue.buffering.max.messages",
+        "the gateway sizes the producer queue from kafka.max_inflight",
+    ),
+];
+
+fn guarded_kafka_property(key: &str) -> Option<&'static str> {
+    GUARDED_KAFKA_PROPERTIES
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(key.trim()))
+        .map(|(_, why)| *why)
+}
+
+/// Whether an admin listener is reachable only from this host (or disabled).
+fn admin_listen_is_private(listen: &str) -> bool {
+    listen.is_empty()
+        || listen
+            .parse::<SocketAddr>()
+            .map(|a| a.ip().is_loopback())
+            // Unparseable: reported under admin.listen already.
+            .unwrap_or(true)
 }
 
 fn valid_kafka_topic(t: &str) -> bool {

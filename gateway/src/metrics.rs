@@ -59,6 +59,15 @@ pub struct Metrics {
     pub unrouted: Labeled,
     /// Publishes refused because the journal was full (`journal.full_policy = "reject"`).
     pub journal_rejected: Labeled,
+    /// Argon2 password checks by result (`accepted`, `wrong_password`, `unknown_user`);
+    /// every one ran exactly one hash (a dummy one for an unknown user).
+    pub auth_password_checks: Labeled,
+    /// Topic filters held by all sessions (each bounded by `mqtt.max_subscriptions`).
+    pub subscriptions_active: AtomicI64,
+    /// SUBSCRIBE filters refused (`quota_exceeded`, `not_authorized`, `filter_invalid`).
+    pub subscribe_refused: Labeled,
+    /// Sessions whose keep alive (0 or above `mqtt.max_keep_alive_secs`) was capped.
+    pub keep_alive_capped: AtomicU64,
 }
 
 impl Metrics {
@@ -124,6 +133,32 @@ impl Metrics {
             "PUBLISHes refused by the publish ACL.",
             "qos",
             &self.acl_denied,
+        );
+        labeled(
+            &mut s,
+            "gateway_auth_password_checks_total",
+            "Password checks (one argon2 hash each, dummy for unknown users) by result.",
+            "result",
+            &self.auth_password_checks,
+        );
+        gauge(
+            &mut s,
+            "gateway_subscriptions_active",
+            "Topic filters held by all sessions.",
+            self.subscriptions_active.load(Ordering::Relaxed),
+        );
+        labeled(
+            &mut s,
+            "gateway_subscribe_refused_total",
+            "SUBSCRIBE filters refused by reason.",
+            "reason",
+            &self.subscribe_refused,
+        );
+        counter(
+            &mut s,
+            "gateway_keep_alive_capped_total",
+            "Sessions whose keep alive was capped to mqtt.max_keep_alive_secs.",
+            self.keep_alive_capped.load(Ordering::Relaxed),
         );
         let _ = writeln!(
             s,

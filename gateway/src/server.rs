@@ -224,7 +224,8 @@ async fn accept_loop(
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             shared.metrics.connections_rejected.inc("max_connections");
             warn!(%peer, max = shared.cfg.mqtt.max_connections, "connection refused: mqtt.max_connections reached");
-            drop(stream);
+            // Told with a CONNACK (3 / 0x97) when its CONNECT comes within a second.
+            session::refuse_busy(stream, peer, tls.clone(), &shared);
             continue;
         };
         shared.metrics.connections_accepted.inc(kind);

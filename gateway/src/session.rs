@@ -7,8 +7,20 @@
 //! more violates the Receive Maximum we advertised and is disconnected (0x93); reading
 //! from a 3.1.1 client pauses until PUBACKs drain. When the journal is full, `append`
 //! waits, so the session stops reading: back-pressure reaches the vehicle's socket.
+//!
+//! Nothing unacknowledgeable is acknowledged: a publish with no route under
+//! `kafka.unmatched = "refuse"` gets MQTT 5 PUBACK 0x90, and a 3.1.1 client (which
+//! cannot be refused a QoS 1 PUBLISH) is disconnected, like an ACL violation. A Will is
+//! checked against the ACL and the routes at CONNECT (refused: 3.1.1 return code 5,
+//! MQTT 5 0x90) and again before it is journaled.
+//!
+//! The CONNECT, authentication included, must finish within `mqtt.connect_timeout_secs`.
+//! Per-connection state is bounded: `mqtt.max_subscriptions` filters (a set), topic
+//! aliases up to `mqtt.topic_alias_max` stored only after the topic passed validation
+//! and the publish ACL, and a keep alive of at most `mqtt.max_keep_alive_secs` (0 =
+//! "never" is capped too; MQTT 5 clients learn it from the CONNACK Server Keep Alive).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,10 +29,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bridge::{Entry, Journal};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::{sleep_until, timeout, timeout_at, Instant};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Sniff};
+use crate::auth::{Limited, Principal};
+use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Granted, Sniff};
 use crate::mqtt::packet::Will;
 use crate::mqtt::{Codec, ConnectRequest, Inbound, ProtocolError, PublishRequest, Version};
 use crate::server::Shared;
@@ -93,10 +109,11 @@ struct Session<S> {
     pending: VecDeque<Pending>,
     /// Sequence of this session's latest append; denied publishes wait behind it.
     last_seq: u64,
-    keep_alive: Option<Duration>,
+    /// 1.5 × the effective keep alive (always set: see `mqtt.max_keep_alive_secs`).
+    keep_alive: Duration,
     deadline: Instant,
     aliases: Vec<Option<String>>,
-    subscriptions: Vec<String>,
+    subscriptions: HashSet<String>,
     will: Option<Will>,
 }
 
@@ -107,9 +124,11 @@ where
 {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let connect_timeout = Duration::from_secs(shared.cfg.mqtt.connect_timeout_secs);
+    // One deadline for reading the CONNECT and deciding it (authentication included).
+    let connect_deadline = Instant::now() + connect_timeout;
     let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
-    let first = match timeout(
-        connect_timeout,
+    let first = match timeout_at(
+        connect_deadline,
         Box::pin(read_connect(&mut stream, &mut read_buf, &shared)),
     )
     .await
@@ -129,7 +148,13 @@ where
     };
     let (codec, req) = first;
     let mut out = BytesMut::new();
-    let client_id = match Box::pin(accept_connect(&codec, &req, identity.as_ref(), &shared)).await {
+    let decided = timeout_at(
+        connect_deadline,
+        Box::pin(accept_connect(&codec, &req, peer, identity.as_ref(), &shared)),
+    )
+    .await
+    .unwrap_or(Err(ConnectRefusal::AuthTimeout));
+    let client_id = match decided {
         Ok(id) => id,
         Err(why) => {
             shared.metrics.connack_refused.inc(why.label());
@@ -151,8 +176,23 @@ where
         codec.max_out = max as usize;
     }
     let m = &shared.cfg.mqtt;
-    codec.connack_accept(&mut out, m.max_inflight, m.topic_alias_max, assigned);
-    let keep_alive = (req.keep_alive > 0).then(|| Duration::from_millis(u64::from(req.keep_alive) * 1500));
+    // Keep alive 0 ("never") or above the cap becomes the cap.
+    let capped = req.keep_alive == 0 || req.keep_alive > m.max_keep_alive_secs;
+    let keep_alive_secs = if capped {
+        shared.metrics.keep_alive_capped.fetch_add(1, Ordering::Relaxed);
+        m.max_keep_alive_secs
+    } else {
+        req.keep_alive
+    };
+    let server_keep_alive = (capped && codec.version == Version::V5).then_some(keep_alive_secs);
+    codec.connack_accept(
+        &mut out,
+        m.max_inflight,
+        m.topic_alias_max,
+        assigned,
+        server_keep_alive,
+    );
+    let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
     shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
     info!(version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start, "connected");
     let mut s = Session {
@@ -166,9 +206,9 @@ where
         pending: VecDeque::new(),
         last_seq: 0,
         keep_alive,
-        deadline: Instant::now() + keep_alive.unwrap_or(Duration::from_secs(3600)),
+        deadline: Instant::now() + keep_alive,
         aliases: Vec::new(),
-        subscriptions: Vec::new(),
+        subscriptions: HashSet::new(),
         will: req.will.clone(),
     };
     // Not needed any more: do not keep the CONNECT (and its strings) for the session's life.
@@ -239,10 +279,12 @@ where
     }
 }
 
-/// Decides the CONNECT: returns the session's client id or the refusal.
+/// Decides the CONNECT: returns the session's client id or the refusal. Cheap checks
+/// first; the rate limits before any password work; the identity binding after it.
 async fn accept_connect(
     codec: &Codec,
     req: &ConnectRequest,
+    peer: SocketAddr,
     identity: Option<&CertIdentity>,
     shared: &Arc<Shared>,
 ) -> Result<String, ConnectRefusal> {
@@ -252,15 +294,40 @@ async fn accept_connect(
     if shared.shutdown.is_cancelled() || shared.journal_stopped() {
         return Err(ConnectRefusal::ServerUnavailable);
     }
+    if !req.client_id.is_empty() && !auth::valid_client_id(&req.client_id) {
+        return Err(ConnectRefusal::BadClientId);
+    }
+    match shared.auth.admit(peer.ip()) {
+        Ok(()) => {}
+        Err(Limited::PerAddress) => return Err(ConnectRefusal::RateLimitedAddress),
+        Err(Limited::Global) => return Err(ConnectRefusal::RateLimitedGlobal),
+    }
+    let verdict = shared
+        .auth
+        .authenticate(req.username.clone(), req.password.clone(), identity.is_some())
+        .await;
+    if let Some(check) = verdict.check {
+        shared.metrics.auth_password_checks.inc(check.label());
+    }
+    let principal = match verdict.result {
+        Ok(p) => p,
+        Err(auth::Refusal::BadCredentials) => return Err(ConnectRefusal::BadCredentials),
+        Err(auth::Refusal::NotAuthorized) => return Err(ConnectRefusal::NotAuthorized),
+    };
     let tls = &shared.cfg.tls;
     let client_id = if req.client_id.is_empty() {
         match identity.and_then(|i| i.preferred(&tls.identity)) {
             Some(id) => id,
             // 3.1.1 allows a server-assigned id only with a clean session.
-            None if codec.version == Version::V5 || req.clean_start => {
-                format!("auto-{:016x}", rand_id())
+            None if codec.version == Version::V4 && !req.clean_start => {
+                return Err(ConnectRefusal::BadClientId)
             }
-            None => return Err(ConnectRefusal::BadClientId),
+            // A password user is given its username, if that is one of its ids.
+            None if matches!(principal, Principal::User(_)) => shared
+                .auth
+                .assigned_client_id(&principal)
+                .ok_or(ConnectRefusal::ClientIdNotAllowed)?,
+            None => format!("auto-{:016x}", rand_id()),
         }
     } else {
         req.client_id.clone()
@@ -274,33 +341,94 @@ async fn accept_connect(
             return Err(ConnectRefusal::NotAuthorized);
         }
     }
-    let auth = shared.auth.clone();
-    let (user, pass, cert) = (
-        req.username.clone(),
-        req.password.clone(),
-        identity.map(|_| ()).is_some(),
-    );
-    let verdict = if pass.is_some() {
-        // Argon2 takes milliseconds of CPU: keep it off the reactor threads.
-        tokio::task::spawn_blocking(move || {
-            auth.authenticate(user.as_deref(), pass.as_deref(), cert.then_some("cert"))
-        })
-        .await
-        .unwrap_or(Err(auth::Refusal::NotAuthorized))
-    } else {
-        auth.authenticate(user.as_deref(), None, cert.then_some("cert"))
-    };
-    match verdict {
-        Ok(()) => {}
-        Err(auth::Refusal::BadCredentials) => return Err(ConnectRefusal::BadCredentials),
-        Err(auth::Refusal::NotAuthorized) => return Err(ConnectRefusal::NotAuthorized),
+    if !shared.auth.may_use_client_id(&principal, &client_id) {
+        if let Principal::User(user) = &principal {
+            warn!(
+                client_id,
+                user, "client id is not one of the user's auth.users[].client_ids"
+            );
+        }
+        return Err(ConnectRefusal::ClientIdNotAllowed);
     }
     if let Some(w) = &req.will {
         if topic::validate_name(&w.topic).is_err() || !shared.auth.may_publish(&client_id, &w.topic) {
             return Err(ConnectRefusal::NotAuthorized);
         }
+        if shared.routes.resolve(&client_id, &w.topic).is_none() {
+            warn!(client_id, topic = %w.topic, "Will topic has no route to Kafka (kafka.unmatched = \"refuse\")");
+            return Err(ConnectRefusal::WillUnroutable);
+        }
     }
     Ok(client_id)
+}
+
+/// Refusal tasks for connections over `mqtt.max_connections`: beyond this many at
+/// once, a refused connection is simply closed.
+const BUSY_REFUSALS: usize = 64;
+static BUSY_SLOTS: Semaphore = Semaphore::const_new(BUSY_REFUSALS);
+/// How long a refused connection may take to show its CONNECT (TLS handshake included).
+const BUSY_WAIT: Duration = Duration::from_secs(1);
+/// Enough of a CONNECT to read its protocol version.
+const BUSY_READ: usize = 256;
+
+/// Answers a connection turned away by `mqtt.max_connections` (the caller counted it)
+/// so that device SDKs back off: CONNACK 3.1.1 return code 3 / MQTT 5 0x97 (quota
+/// exceeded) in the client's version, if its CONNECT (and TLS handshake) arrives
+/// within a second; then closes. At most 64 refusals run at once; beyond that the
+/// socket is just closed. Returns at once (the refusal runs in its own task).
+pub fn refuse_busy(stream: TcpStream, peer: SocketAddr, tls: Option<TlsAcceptor>, shared: &Arc<Shared>) {
+    let Ok(slot) = BUSY_SLOTS.try_acquire() else {
+        debug!(%peer, "refusal slots busy; closing without CONNACK");
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _ = timeout(BUSY_WAIT, async move {
+            match tls {
+                None => answer_busy(stream, &shared).await,
+                Some(acceptor) => {
+                    if let Ok(s) = acceptor.accept(stream).await {
+                        answer_busy(s, &shared).await;
+                    }
+                }
+            }
+        })
+        .await;
+    });
+}
+
+async fn answer_busy<S>(mut stream: S, shared: &Shared)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(BUSY_READ);
+    let version = loop {
+        if buf.first().is_some_and(|b| b >> 4 != 1) {
+            return;
+        }
+        match sniff(&buf) {
+            Ok(Sniff::Mqtt(v)) => break v,
+            Ok(Sniff::Unsupported(_)) => break Version::V4,
+            // Only the first bytes are needed: "too short" means read more.
+            Err(e) if e.label == "malformed_packet" && buf.len() < BUSY_READ => {}
+            Err(_) => return,
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    };
+    let mut out = BytesMut::new();
+    Codec::new(version, shared.cfg.mqtt.max_packet_size as usize)
+        .connack_refuse(&mut out, ConnectRefusal::MaxConnections);
+    shared
+        .metrics
+        .connack_refused
+        .inc(ConnectRefusal::MaxConnections.label());
+    if stream.write_all(&out).await.is_ok() {
+        let _ = stream.shutdown().await;
+    }
 }
 
 fn rand_id() -> u64 {
@@ -348,7 +476,7 @@ where
                         return Close::JournalStopped("journal closed".into());
                     }
                 }
-                _ = sleep_until(self.deadline), if self.keep_alive.is_some() => return Close::KeepAlive,
+                _ = sleep_until(self.deadline) => return Close::KeepAlive,
                 read = self.read_more(), if can_read => match read {
                     Ok(0) => return Close::PeerClosed,
                     Ok(_) => {}
@@ -426,9 +554,7 @@ where
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(Close::Protocol(e)),
             };
-            if let Some(ka) = self.keep_alive {
-                self.deadline = Instant::now() + ka;
-            }
+            self.deadline = Instant::now() + self.keep_alive;
             self.handle(packet, max_inflight).await?;
         }
     }
@@ -441,24 +567,46 @@ where
                 Ok(())
             }
             Inbound::Subscribe { pkid, filters } => {
-                let granted: Vec<Option<u8>> = filters
-                    .iter()
-                    .map(|(f, qos)| {
-                        let ok = topic::validate_filter(f).is_ok()
-                            && self.shared.auth.may_subscribe(&self.client_id, f);
-                        ok.then_some((*qos).min(1))
-                    })
-                    .collect();
-                for ((f, _), g) in filters.into_iter().zip(&granted) {
-                    if g.is_some() && !self.subscriptions.contains(&f) {
-                        self.subscriptions.push(f);
+                let max = self.shared.cfg.mqtt.max_subscriptions;
+                let metrics = &self.shared.metrics;
+                let mut granted = Vec::with_capacity(filters.len());
+                for (f, qos) in filters {
+                    let g = if topic::validate_filter(&f).is_err() {
+                        Granted::FilterInvalid
+                    } else if !self.shared.auth.may_subscribe(&self.client_id, &f) {
+                        Granted::NotAuthorized
+                    } else if self.subscriptions.contains(&f) {
+                        Granted::Qos(qos.min(1))
+                    } else if self.subscriptions.len() >= max {
+                        Granted::QuotaExceeded
+                    } else {
+                        self.subscriptions.insert(f);
+                        metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
+                        Granted::Qos(qos.min(1))
+                    };
+                    match g {
+                        Granted::Qos(_) => {}
+                        Granted::FilterInvalid => metrics.subscribe_refused.inc("filter_invalid"),
+                        Granted::NotAuthorized => metrics.subscribe_refused.inc("not_authorized"),
+                        Granted::QuotaExceeded => metrics.subscribe_refused.inc("quota_exceeded"),
                     }
+                    granted.push(g);
+                }
+                if granted.contains(&Granted::QuotaExceeded) {
+                    warn!(max, "SUBSCRIBE refused beyond mqtt.max_subscriptions");
                 }
                 self.codec.suback(&mut self.out, pkid, &granted);
                 Ok(())
             }
             Inbound::Unsubscribe { pkid, filters } => {
-                self.subscriptions.retain(|s| !filters.contains(s));
+                for f in &filters {
+                    if self.subscriptions.remove(f) {
+                        self.shared
+                            .metrics
+                            .subscriptions_active
+                            .fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
                 self.codec.unsuback(&mut self.out, pkid, filters.len());
                 Ok(())
             }
@@ -495,7 +643,18 @@ where
         if p.qos == 2 {
             return Err(Close::Protocol(qos2_refused()));
         }
-        let topic = self.resolve_alias(&p).map_err(Close::Protocol)?;
+        let alias = self.alias_slot(&p).map_err(Close::Protocol)?;
+        let topic = match alias {
+            Some(slot) if p.topic.is_empty() => {
+                self.aliases.get(slot).cloned().flatten().ok_or_else(|| {
+                    Close::Protocol(ProtocolError::protocol(
+                        "topic_alias_unknown",
+                        format!("topic alias {} was never set", slot + 1),
+                    ))
+                })?
+            }
+            _ => p.topic.clone(),
+        };
         topic::validate_name(&topic).map_err(|e| Close::Protocol(ProtocolError::topic_invalid(e)))?;
         if p.qos == 1 && self.pending.len() >= max_inflight {
             return Err(Close::Protocol(ProtocolError {
@@ -521,17 +680,33 @@ where
                 })),
             };
         }
+        // Only a topic that is valid and allowed may be remembered under an alias.
+        if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
+            if self.aliases.len() <= slot {
+                self.aliases.resize(slot + 1, None);
+            }
+            self.aliases[slot] = Some(topic.clone());
+        }
         if self.shared.routes.resolve(&self.client_id, &topic).is_none() {
-            // kafka.unmatched = "refuse": never journaled, never silent.
+            // kafka.unmatched = "refuse": never journaled, never silent, never acknowledged.
             metrics.unrouted.inc(if p.qos == 0 { "0" } else { "1" });
             warn!(
                 topic,
                 "publish refused: no route to Kafka (kafka.unmatched = \"refuse\")"
             );
-            if p.qos == 1 {
-                self.refuse(p.pkid, 0x90);
-            }
-            return Ok(());
+            return match (self.codec.version, p.qos) {
+                (Version::V5, 1) => {
+                    self.refuse(p.pkid, 0x90);
+                    Ok(())
+                }
+                (_, 0) => Ok(()),
+                // 3.1.1 cannot refuse a QoS 1 PUBLISH and a PUBACK would claim it stored.
+                _ => Err(Close::Protocol(ProtocolError {
+                    reason: 0x90,
+                    label: "no_route",
+                    detail: format!("no route to Kafka for {topic} (kafka.unmatched = \"refuse\")"),
+                })),
+            };
         }
         let entry = Entry {
             received_at_ms: now_ms(),
@@ -582,11 +757,12 @@ where
         Ok(())
     }
 
-    /// MQTT 5 topic aliases (§3.3.2.3.4): a non-empty topic with an alias sets it; an
-    /// empty topic uses it.
-    fn resolve_alias(&mut self, p: &PublishRequest) -> Result<String, ProtocolError> {
+    /// MQTT 5 topic aliases (§3.3.2.3.4): a non-empty topic with an alias sets it (once
+    /// the topic passed validation and the ACL); an empty topic uses it. Returns the
+    /// alias's slot, checked against the advertised maximum.
+    fn alias_slot(&self, p: &PublishRequest) -> Result<Option<usize>, ProtocolError> {
         let Some(alias) = p.topic_alias else {
-            return Ok(p.topic.clone());
+            return Ok(None);
         };
         let max = self.shared.cfg.mqtt.topic_alias_max;
         if alias == 0 || alias > max {
@@ -596,21 +772,7 @@ where
                 detail: format!("topic alias {alias} outside 1..={max}"),
             });
         }
-        let idx = usize::from(alias) - 1;
-        if self.aliases.len() <= idx {
-            self.aliases.resize(idx + 1, None);
-        }
-        if p.topic.is_empty() {
-            self.aliases[idx].clone().ok_or_else(|| {
-                ProtocolError::protocol(
-                    "topic_alias_unknown",
-                    format!("topic alias {alias} was never set"),
-                )
-            })
-        } else {
-            self.aliases[idx] = Some(p.topic.clone());
-            Ok(p.topic.clone())
-        }
+        Ok(Some(usize::from(alias) - 1))
     }
 
     /// Ends the session: tells the client why (MQTT 5), publishes the Will when due,
@@ -650,7 +812,7 @@ where
             }
         };
         if close.publishes_will() {
-            if let Some(w) = self.will.take() {
+            if let Some(w) = self.will.take().filter(|w| self.will_publishable(w)) {
                 let entry = Entry {
                     received_at_ms: now_ms(),
                     qos: w.qos.min(1),
@@ -670,6 +832,27 @@ where
         }
         let _ = self.flush().await;
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+        self.shared
+            .metrics
+            .subscriptions_active
+            .fetch_sub(self.subscriptions.len() as i64, Ordering::Relaxed);
+        self.subscriptions.clear();
+    }
+
+    /// The Will was checked at CONNECT; checked again here so that an unroutable or
+    /// forbidden Will can never reach the journal.
+    fn will_publishable(&self, w: &Will) -> bool {
+        let ok = topic::validate_name(&w.topic).is_ok()
+            && self.shared.auth.may_publish(&self.client_id, &w.topic)
+            && self.shared.routes.resolve(&self.client_id, &w.topic).is_some();
+        if !ok {
+            self.shared
+                .metrics
+                .unrouted
+                .inc(if w.qos == 0 { "0" } else { "1" });
+            warn!(topic = %w.topic, "Will not journaled: no route or not allowed");
+        }
+        ok
     }
 
     /// On shutdown: acknowledge everything already accepted once it is durable.

@@ -93,6 +93,19 @@ pub enum ConnectRefusal {
     BadCredentials,
     NotAuthorized,
     BadAuthMethod,
+    /// A password user presented a client id outside its `client_ids` (3.1.1: 5, 5.0: 0x87).
+    ClientIdNotAllowed,
+    /// The Will topic has no route under `kafka.unmatched = "refuse"` (3.1.1: 5, 5.0: 0x90).
+    WillUnroutable,
+    /// `auth.connect_rate_per_ip` refused the attempt (3.1.1: 3, 5.0: 0x9F).
+    RateLimitedAddress,
+    /// `auth.connect_rate_global` refused the attempt (3.1.1: 3, 5.0: 0x9F).
+    RateLimitedGlobal,
+    /// `mqtt.max_connections` reached (3.1.1: 3, 5.0: 0x97 quota exceeded).
+    MaxConnections,
+    /// Authentication did not finish within `mqtt.connect_timeout_secs` (3.1.1: 3,
+    /// 5.0: 0x89 server busy): the password-check slots were all taken.
+    AuthTimeout,
 }
 
 impl ConnectRefusal {
@@ -104,8 +117,27 @@ impl ConnectRefusal {
             ConnectRefusal::BadCredentials => "bad_credentials",
             ConnectRefusal::NotAuthorized => "not_authorized",
             ConnectRefusal::BadAuthMethod => "bad_authentication_method",
+            ConnectRefusal::ClientIdNotAllowed => "client_id_not_allowed",
+            ConnectRefusal::WillUnroutable => "will_unroutable",
+            ConnectRefusal::RateLimitedAddress => "connect_rate_per_ip",
+            ConnectRefusal::RateLimitedGlobal => "connect_rate_global",
+            ConnectRefusal::MaxConnections => "max_connections",
+            ConnectRefusal::AuthTimeout => "auth_timeout",
         }
     }
+}
+
+/// One filter's answer in a SUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granted {
+    /// Granted at this QoS (0 or 1).
+    Qos(u8),
+    /// Outside `auth.subscribe_acl` (5.0: 0x87).
+    NotAuthorized,
+    /// Not a valid topic filter (5.0: 0x8F).
+    FilterInvalid,
+    /// Beyond `mqtt.max_subscriptions` (5.0: 0x97).
+    QuotaExceeded,
 }
 
 /// Encodes and decodes one connection's packets in its negotiated version.
@@ -306,6 +338,7 @@ impl Codec {
         receive_max: u16,
         topic_alias_max: u16,
         assigned: Option<String>,
+        server_keep_alive: Option<u16>,
     ) {
         match self.version {
             Version::V4 => {
@@ -327,7 +360,7 @@ impl Codec {
                     retain_available: None,
                     reason_string: None,
                     user_properties: Vec::new(),
-                    server_keep_alive: None,
+                    server_keep_alive,
                     response_information: None,
                     server_reference: None,
                     authentication_method: None,
@@ -351,9 +384,14 @@ impl Codec {
                     ConnectRefusal::BadClientId => v4::ConnectReturnCode::BadClientId,
                     ConnectRefusal::ServerUnavailable => v4::ConnectReturnCode::ServiceUnavailable,
                     ConnectRefusal::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
-                    ConnectRefusal::NotAuthorized | ConnectRefusal::BadAuthMethod => {
-                        v4::ConnectReturnCode::NotAuthorized
-                    }
+                    ConnectRefusal::NotAuthorized
+                    | ConnectRefusal::BadAuthMethod
+                    | ConnectRefusal::ClientIdNotAllowed
+                    | ConnectRefusal::WillUnroutable => v4::ConnectReturnCode::NotAuthorized,
+                    ConnectRefusal::RateLimitedAddress
+                    | ConnectRefusal::RateLimitedGlobal
+                    | ConnectRefusal::MaxConnections
+                    | ConnectRefusal::AuthTimeout => v4::ConnectReturnCode::ServiceUnavailable,
                 };
                 self.put(out, |o| v4::ConnAck::new(code, false).write(o));
             }
@@ -365,6 +403,13 @@ impl Codec {
                     ConnectRefusal::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                     ConnectRefusal::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
                     ConnectRefusal::BadAuthMethod => v5::ConnectReturnCode::BadAuthenticationMethod,
+                    ConnectRefusal::ClientIdNotAllowed => v5::ConnectReturnCode::NotAuthorized,
+                    ConnectRefusal::WillUnroutable => v5::ConnectReturnCode::TopicNameInvalid,
+                    ConnectRefusal::RateLimitedAddress | ConnectRefusal::RateLimitedGlobal => {
+                        v5::ConnectReturnCode::ConnectionRateExceeded
+                    }
+                    ConnectRefusal::MaxConnections => v5::ConnectReturnCode::QuotaExceeded,
+                    ConnectRefusal::AuthTimeout => v5::ConnectReturnCode::ServerBusy,
                 };
                 let ack = v5::ConnAck {
                     session_present: false,
@@ -400,16 +445,20 @@ impl Codec {
         }
     }
 
-    /// SUBACK: `Some(qos)` granted, `None` refused (not authorised).
-    pub fn suback(&self, out: &mut BytesMut, pkid: u16, granted: &[Option<u8>]) {
+    /// SUBACK, one answer per filter. 3.1.1 has a single failure code (0x80).
+    pub fn suback(&self, out: &mut BytesMut, pkid: u16, granted: &[Granted]) {
         match self.version {
             Version::V4 => {
                 let codes = granted
                     .iter()
                     .map(|g| match g {
-                        Some(0) => v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce),
-                        Some(_) => v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtLeastOnce),
-                        None => v4::SubscribeReasonCode::Failure,
+                        Granted::Qos(0) => {
+                            v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce)
+                        }
+                        Granted::Qos(_) => {
+                            v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtLeastOnce)
+                        }
+                        _ => v4::SubscribeReasonCode::Failure,
                     })
                     .collect();
                 self.put(out, |o| v4::SubAck::new(pkid, codes).write(o));
@@ -418,9 +467,15 @@ impl Codec {
                 let return_codes = granted
                     .iter()
                     .map(|g| match g {
-                        Some(0) => v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce),
-                        Some(_) => v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
-                        None => v5::SubscribeReasonCode::NotAuthorized,
+                        Granted::Qos(0) => {
+                            v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+                        }
+                        Granted::Qos(_) => {
+                            v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                        }
+                        Granted::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
+                        Granted::FilterInvalid => v5::SubscribeReasonCode::TopicFilterInvalid,
+                        Granted::QuotaExceeded => v5::SubscribeReasonCode::QuotaExceeded,
                     })
                     .collect();
                 let ack = v5::SubAck {
