@@ -9,8 +9,8 @@
 //! development switch, logged as a warning when the gateway starts.
 //!
 //! Password checks do not tell whether a username exists: an unknown user costs one
-//! argon2 verification against a dummy hash made with the configured users' parameters,
-//! exactly like a wrong password. At most `auth.max_concurrent_hashes` verifications run
+//! argon2 verification (against a configured user's hash, result ignored), exactly like
+//! a wrong password. At most `auth.max_concurrent_hashes` verifications run
 //! at once (each on a blocking thread); CONNECT attempts are rate-limited per source
 //! address and globally before any of this ([`rate_limit`]).
 
@@ -282,29 +282,22 @@ impl Auth {
     }
 }
 
-/// A PHC hash of a throw-away password with the parameters of the first configured
-/// user (argon2 defaults when there is none), so that an unknown user costs the same.
+/// What an unknown username is verified against: the first configured user's own hash,
+/// so that it costs exactly what a known user's check costs (the result is ignored: an
+/// unknown user is always refused). Nothing to compute at start, whatever the cost
+/// parameters. With no users, a hash with argon2's default parameters.
 fn dummy_hash(users: &[User]) -> String {
-    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
-    let argon = users
+    users
         .iter()
-        .find_map(|u| PasswordHash::new(&u.password_hash).ok())
-        .and_then(|h| {
-            let params = argon2::Params::try_from(&h).ok()?;
-            let algorithm = argon2::Algorithm::try_from(h.algorithm).ok()?;
-            let version = match h.version {
-                Some(v) => argon2::Version::try_from(v).ok()?,
-                None => argon2::Version::default(),
-            };
-            Some(Argon2::new(algorithm, version, params))
-        })
-        .unwrap_or_default();
-    let salt = SaltString::generate(&mut OsRng);
-    argon
-        .hash_password(b"not a password anyone has", &salt)
-        .map(|h| h.to_string())
-        .unwrap_or_default()
+        .map(|u| u.password_hash.as_str())
+        .find(|h| PasswordHash::new(h).is_ok())
+        .unwrap_or(DEFAULT_DUMMY_HASH)
+        .to_string()
 }
+
+/// An argon2id hash with the default parameters (of a password nobody knows).
+const DEFAULT_DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$+Z4L1LP49x/L/JvalDVegw$tooklFeVem172g2bGukOybM3TVV5IeS3ZUtCJ8d+7Co";
 
 /// An allowed-client-id pattern: an exact id, or a prefix followed by `*`.
 fn pattern_matches(pattern: &str, client_id: &str) -> bool {
@@ -414,13 +407,26 @@ mod tests {
         // Same refusal on the wire; only the metric label tells them apart.
         assert_eq!(wrong.result, unknown.result);
         assert_eq!(unknown.check, Some(PasswordCheck::UnknownUser));
-        // The dummy hash has the configured user's cost parameters.
-        let dummy = PasswordHash::new(&auth.dummy_hash).expect("dummy is a PHC string");
-        let real = PasswordHash::new(&hash).expect("real");
-        assert_eq!(dummy.algorithm, real.algorithm);
+        // The dummy has the configured user's cost parameters, and a known user's
+        // password does not open an unknown username.
+        assert_eq!(auth.dummy_hash, hash);
         assert_eq!(
+            auth.check(Some("nobody"), Some("s3cret"), false).result,
+            Err(Refusal::BadCredentials)
+        );
+        let none = Auth::new(&cfg_with(Vec::new()));
+        let dummy = PasswordHash::new(&none.dummy_hash).expect("default dummy is a PHC string");
+        let (params, default) = (
             argon2::Params::try_from(&dummy).expect("params"),
-            argon2::Params::try_from(&real).expect("params")
+            argon2::Params::default(),
+        );
+        assert_eq!(
+            (params.m_cost(), params.t_cost(), params.p_cost()),
+            (default.m_cost(), default.t_cost(), default.p_cost())
+        );
+        assert_eq!(
+            none.check(Some("x"), Some("y"), false).check,
+            Some(PasswordCheck::UnknownUser)
         );
     }
 

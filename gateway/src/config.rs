@@ -899,4 +899,92 @@ mod tests {
             assert!(keys.contains(&k), "{k} missing from {keys:?}");
         }
     }
+
+    #[test]
+    fn defaults_of_the_hardening_keys() {
+        let c = parse("[auth]\nallow_anonymous = true\n", &[]).expect("valid");
+        assert_eq!(c.mqtt.max_subscriptions, 100);
+        assert_eq!(c.mqtt.max_keep_alive_secs, 1200);
+        assert_eq!(c.auth.max_concurrent_hashes, 2);
+        assert_eq!(
+            (c.auth.connect_rate_per_ip, c.auth.connect_burst_per_ip),
+            (50, 500)
+        );
+        assert_eq!(
+            (c.auth.connect_rate_global, c.auth.connect_burst_global),
+            (2000, 4000)
+        );
+        assert_eq!((c.admin.max_connections, c.admin.request_timeout_secs), (64, 10));
+        assert_eq!(c.kafka.max_parked, 10_000);
+        assert_eq!(c.admin_token(), Ok(String::new()));
+    }
+
+    #[test]
+    fn guarded_kafka_properties_are_refused_by_name() {
+        let e = parse(
+            "[kafka.properties]\n\"enable.idempotence\" = \"false\"\n\"Message.Timeout.Ms\" = \"5000\"\n\
+             \"sasl.username\" = \"u\"\n[auth]\nallow_anonymous = true\n",
+            &[],
+        )
+        .expect_err("guarded");
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "kafka.properties.Message.Timeout.Ms",
+                "kafka.properties.enable.idempotence"
+            ]
+        );
+        assert!(e.problems[1].message.contains("order"), "{e}");
+        for (key, _) in GUARDED_KAFKA_PROPERTIES {
+            let text = format!("[kafka.properties]\n\"{key}\" = \"1\"\n[auth]\nallow_anonymous = true\n");
+            assert!(parse(&text, &[]).is_err(), "{key} must be refused");
+        }
+    }
+
+    #[test]
+    fn admin_token_rules_and_token_file() {
+        // Empty token on a public listener: refused, naming admin.token and the fix.
+        let e = parse(
+            "[admin]\nlisten = \"0.0.0.0:8080\"\n[auth]\nallow_anonymous = true\n",
+            &[],
+        )
+        .expect_err("public without token");
+        assert_eq!(e.problems[0].key, "admin.token");
+        assert!(e.problems[0].message.contains("127.0.0.1"), "{e}");
+        // Loopback (v4 or v6) without a token is fine.
+        for listen in ["127.0.0.1:8080", "[::1]:8080", ""] {
+            let text = format!("[admin]\nlisten = \"{listen}\"\n[auth]\nallow_anonymous = true\n");
+            parse(&text, &[]).expect("loopback or disabled");
+        }
+        // A token file on a public listener: read and trimmed.
+        let dir = std::env::temp_dir().join(format!("gw-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("token");
+        std::fs::write(&file, "  s3cret-token\n").expect("write");
+        let text = format!(
+            "[admin]\nlisten = \"0.0.0.0:8080\"\ntoken_file = \"{}\"\n[auth]\nallow_anonymous = true\n",
+            file.display()
+        );
+        let c = parse(&text, &[]).expect("token file");
+        assert_eq!(c.admin_token(), Ok("s3cret-token".to_string()));
+        assert!(c.check_files().is_empty());
+        std::fs::write(&file, "\n").expect("write");
+        assert_eq!(
+            c.admin_token().map_err(|p| p.key),
+            Err("admin.token_file".to_string())
+        );
+        std::fs::remove_file(&file).expect("rm");
+        let missing = c.check_files();
+        assert_eq!(missing.len(), 1);
+        assert_eq!(missing[0].key, "admin.token_file");
+        let _ = std::fs::remove_dir(&dir);
+        // Both set: refused.
+        let e = parse(
+            "[admin]\ntoken = \"a\"\ntoken_file = \"/x\"\n[auth]\nallow_anonymous = true\n",
+            &[],
+        )
+        .expect_err("both");
+        assert_eq!(e.problems[0].key, "admin.token_file");
+    }
 }

@@ -75,6 +75,15 @@ impl Raw {
         (raw, code)
     }
 
+    /// Sends `connect` (see [`Connect::encode`]) and returns the whole CONNACK (empty if
+    /// the gateway closed the connection without one).
+    pub fn connect_with(addr: SocketAddr, connect: &Connect) -> (Raw, Vec<u8>) {
+        let mut raw = Raw::connect(addr);
+        raw.send(&connect.encode()).expect("send connect");
+        let connack = raw.read_packet().unwrap_or_default();
+        (raw, connack)
+    }
+
     /// 3.1.1 QoS1 PUBLISH.
     pub fn publish311(&mut self, topic: &str, pkid: u16, payload: &[u8]) -> std::io::Result<()> {
         let mut p = v4::Publish::new(topic, QoS::AtLeastOnce, payload.to_vec());
@@ -156,4 +165,196 @@ pub fn put_len(out: &mut Vec<u8>, mut len: usize) {
             break;
         }
     }
+}
+
+/// A CONNECT with every field a test may need, in 3.1.1 (`version` 4) or 5.0 (5).
+#[derive(Debug, Clone)]
+pub struct Connect {
+    pub version: u8,
+    pub client_id: String,
+    pub keep_alive: u16,
+    pub clean: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Will topic and payload (QoS 1).
+    pub will: Option<(String, Vec<u8>)>,
+}
+
+impl Connect {
+    pub fn new(version: u8, client_id: &str) -> Connect {
+        Connect {
+            version,
+            client_id: client_id.into(),
+            keep_alive: 30,
+            clean: true,
+            username: None,
+            password: None,
+            will: None,
+        }
+    }
+
+    pub fn login(mut self, user: &str, password: &str) -> Connect {
+        self.username = Some(user.into());
+        self.password = Some(password.into());
+        self
+    }
+
+    pub fn will(mut self, topic: &str, payload: &[u8]) -> Connect {
+        self.will = Some((topic.into(), payload.to_vec()));
+        self
+    }
+
+    pub fn keep_alive(mut self, secs: u16) -> Connect {
+        self.keep_alive = secs;
+        self
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        fn string(out: &mut Vec<u8>, s: &[u8]) {
+            out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            out.extend_from_slice(s);
+        }
+        let v5 = self.version == 5;
+        let mut flags = 0u8;
+        if self.clean {
+            flags |= 0x02;
+        }
+        if self.will.is_some() {
+            flags |= 0x04 | 0x08; // will, QoS 1
+        }
+        if self.password.is_some() {
+            flags |= 0x40;
+        }
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        let mut p = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', self.version, flags];
+        p.extend_from_slice(&self.keep_alive.to_be_bytes());
+        if v5 {
+            p.push(0); // no CONNECT properties
+        }
+        string(&mut p, self.client_id.as_bytes());
+        if let Some((topic, payload)) = &self.will {
+            if v5 {
+                p.push(0); // no will properties
+            }
+            string(&mut p, topic.as_bytes());
+            string(&mut p, payload);
+        }
+        if let Some(u) = &self.username {
+            string(&mut p, u.as_bytes());
+        }
+        if let Some(pw) = &self.password {
+            string(&mut p, pw.as_bytes());
+        }
+        let mut frame = vec![0x10];
+        put_len(&mut frame, p.len());
+        frame.extend_from_slice(&p);
+        frame
+    }
+}
+
+/// The reason code of a CONNACK (3.1.1 return code or 5.0 reason code); 0xff if none.
+pub fn connack_code(connack: &[u8]) -> u8 {
+    match connack {
+        [0x20, _, _, code, ..] => *code,
+        _ => 0xff,
+    }
+}
+
+/// The value of a two-byte MQTT 5 CONNACK property (e.g. 0x13 Server Keep Alive).
+pub fn connack_u16_property(connack: &[u8], id: u8) -> Option<u16> {
+    // Fixed header, flags, reason, then the property length (a varint) and properties.
+    let mut i = 1;
+    while connack.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    let mut at = i + 3;
+    let mut len = 0usize;
+    let mut shift = 0;
+    loop {
+        let b = *connack.get(at)?;
+        len |= usize::from(b & 0x7f) << shift;
+        at += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    let props = connack.get(at..at + len)?;
+    let mut j = 0;
+    while j < props.len() {
+        let pid = props[j];
+        j += 1;
+        let size = match pid {
+            0x11 | 0x27 => 4,
+            0x12 | 0x15 | 0x1A | 0x1C | 0x1F => {
+                2 + usize::from(u16::from_be_bytes([*props.get(j)?, *props.get(j + 1)?]))
+            }
+            0x13 | 0x21 | 0x22 => 2,
+            0x24 | 0x25 | 0x28 | 0x29 | 0x2A => 1,
+            0x26 => {
+                let k = u16::from_be_bytes([*props.get(j)?, *props.get(j + 1)?]) as usize;
+                let v = u16::from_be_bytes([*props.get(j + 2 + k)?, *props.get(j + 3 + k)?]) as usize;
+                4 + k + v
+            }
+            _ => return None,
+        };
+        if pid == id && size == 2 {
+            return Some(u16::from_be_bytes([*props.get(j)?, *props.get(j + 1)?]));
+        }
+        j += size;
+    }
+    None
+}
+
+/// A QoS 1 MQTT 5 PUBLISH, with an optional topic alias (property 0x23).
+pub fn publish5(topic: &[u8], pkid: u16, alias: Option<u16>) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    match alias {
+        Some(a) => {
+            body.push(3);
+            body.push(0x23);
+            body.extend_from_slice(&a.to_be_bytes());
+        }
+        None => body.push(0),
+    }
+    body.extend_from_slice(b"p");
+    let mut frame = vec![0x32];
+    put_len(&mut frame, body.len());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// A SUBSCRIBE (3.1.1 or 5.0) for `filters` at QoS 1.
+pub fn subscribe(version: u8, pkid: u16, filters: &[String]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    if version == 5 {
+        body.push(0); // no properties
+    }
+    for f in filters {
+        body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+        body.extend_from_slice(f.as_bytes());
+        body.push(1);
+    }
+    let mut frame = vec![0x82];
+    put_len(&mut frame, body.len());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// The reason codes of a SUBACK (3.1.1 or 5.0).
+pub fn suback_codes(version: u8, suback: &[u8]) -> Vec<u8> {
+    let mut i = 1;
+    while suback.get(i).is_some_and(|b| b & 0x80 != 0) {
+        i += 1;
+    }
+    let mut at = i + 3; // past the remaining length and the packet id
+    if version == 5 {
+        at += 1 + usize::from(suback.get(at).copied().unwrap_or(0)); // property length < 128
+    }
+    suback.get(at..).map(<[u8]>::to_vec).unwrap_or_default()
 }
