@@ -407,12 +407,14 @@ where
         if buf.first().is_some_and(|b| b >> 4 != 1) {
             return;
         }
-        match sniff(&buf) {
-            Ok(Sniff::Mqtt(v)) => break v,
-            Ok(Sniff::Unsupported(_)) => break Version::V4,
-            // Only the first bytes are needed: "too short" means read more.
-            Err(e) if e.label == "malformed_packet" && buf.len() < BUSY_READ => {}
-            Err(_) => return,
+        if !buf.is_empty() {
+            match sniff(&buf) {
+                Ok(Sniff::Mqtt(v)) => break v,
+                Ok(Sniff::Unsupported(_)) => break Version::V4,
+                // Only the first bytes are needed: "too short" means read more.
+                Err(e) if e.label == "malformed_packet" && buf.len() < BUSY_READ => {}
+                Err(_) => return,
+            }
         }
         match stream.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,

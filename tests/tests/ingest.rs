@@ -259,7 +259,8 @@ fn password_users_are_checked_and_anonymous_refused() {
     let hash = String::from_utf8(hash.stdout).expect("utf8").trim().to_string();
     assert!(hash.starts_with("$argon2id$"), "{hash}");
     let gw = Gateway::start(&format!(
-        "[auth]\nallow_anonymous = false\n[[auth.users]]\nusername = \"bench\"\npassword_hash = \"{hash}\"\n"
+        "[auth]\nallow_anonymous = false\n[[auth.users]]\nusername = \"bench\"\npassword_hash = \"{hash}\"\n\
+         client_ids = [\"bench*\"]\n"
     ));
     let port = gw.mqtt().port().to_string();
     let publish = |version: &str, creds: &[&str]| {
@@ -296,6 +297,33 @@ fn password_users_are_checked_and_anonymous_refused() {
         gw.metric("gateway_connack_refused_total{reason=\"bad_credentials\"}"),
         2
     );
+    // The right password under an id outside the user's client_ids: not authorised.
+    let (code, out) = run_cli(
+        "mosquitto_pub",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-V",
+            "mqttv311",
+            "-q",
+            "1",
+            "-i",
+            "car9",
+            "-t",
+            "vehicles/car9/t",
+            "-m",
+            "x",
+            "-u",
+            "bench",
+            "-P",
+            "s3cret",
+            "-d",
+        ],
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("CONNACK (5)"), "3.1.1 not authorised = 5: {out}");
 }
 
 #[test]

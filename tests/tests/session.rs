@@ -1,27 +1,22 @@
-//! Session rules: client-id takeover, keep alive at 1.5×, zero-length MQTT 5
-//! DISCONNECT, PINGREQ, Receive Maximum, topic aliases, connection limit, and the
-//! SIGTERM goodbye (MQTT 5 DISCONNECT 0x8B).
+//! Session rules: client-id takeover, keep alive at 1.5× (and its server maximum),
+//! zero-length MQTT 5 DISCONNECT, PINGREQ, Receive Maximum, topic aliases (stored only
+//! after the ACL), the subscription bound, the connection limit (answered with a
+//! CONNACK), and the SIGTERM goodbye (MQTT 5 DISCONNECT 0x8B).
 
 use std::time::{Duration, Instant};
 
-use integration::raw::{put_len, Outcome, Raw};
+use integration::raw::{
+    connack_code, connack_u16_property, publish5, put_len, suback_codes, subscribe, Connect, Outcome, Raw,
+};
 use integration::{Gateway, ANON};
 
-fn publish5(topic: &[u8], pkid: u16, alias: Option<u16>) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic);
-    body.extend_from_slice(&pkid.to_be_bytes());
-    match alias {
-        Some(a) => {
-            body.push(3);
-            body.push(0x23);
-            body.extend_from_slice(&a.to_be_bytes());
-        }
-        None => body.push(0),
-    }
-    body.extend_from_slice(b"p");
-    let mut frame = vec![0x32];
+/// An MQTT 5 UNSUBSCRIBE of one filter.
+fn unsubscribe5(pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.push(0);
+    body.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    let mut frame = vec![0xA2];
     put_len(&mut frame, body.len());
     frame.extend_from_slice(&body);
     frame
@@ -156,4 +151,142 @@ fn sigterm_says_goodbye_and_exits() {
         gw.log()
     );
     assert!(gw.terminate(Duration::from_secs(5)) || gw.log().contains("gateway stopped"));
+}
+
+#[test]
+fn subscriptions_are_bounded_per_session() {
+    let gw = Gateway::start(ANON);
+    // 10,000 filters from one MQTT 5 client, 100 per SUBSCRIBE: the first 100
+    // (mqtt.max_subscriptions) are granted, every later one gets 0x97 quota exceeded.
+    let (mut raw, code) = Raw::mqtt5(gw.mqtt(), "sub-car", 30);
+    assert_eq!(code, 0);
+    let mut codes = Vec::new();
+    for batch in 0..100u16 {
+        let filters: Vec<String> = (0..100)
+            .map(|i| format!("vehicles/sub-car/commands/f{}", batch * 100 + i))
+            .collect();
+        raw.send(&subscribe(5, batch + 1, &filters)).expect("subscribe");
+        let suback = raw.read_packet().expect("SUBACK");
+        assert_eq!(suback[0], 0x90);
+        codes.extend(suback_codes(5, &suback));
+    }
+    assert_eq!(codes.len(), 10_000);
+    assert!(codes[..100].iter().all(|c| *c == 1), "first 100 granted at QoS 1");
+    assert!(codes[100..].iter().all(|c| *c == 0x97), "then 0x97");
+    // The session holds 100 filters, not 10,000.
+    assert_eq!(gw.metric("gateway_subscriptions_active"), 100);
+    assert_eq!(
+        gw.metric("gateway_subscribe_refused_total{reason=\"quota_exceeded\"}"),
+        9_900
+    );
+    // A filter held already is granted again without growing the set; unsubscribing
+    // frees room for a new one.
+    raw.send(&subscribe(5, 200, &["vehicles/sub-car/commands/f0".to_string()]))
+        .expect("subscribe");
+    assert_eq!(suback_codes(5, &raw.read_packet().expect("SUBACK")), [1]);
+    raw.send(&unsubscribe5(7, "vehicles/sub-car/commands/f0"))
+        .expect("unsubscribe");
+    assert_eq!(raw.read_packet().map(|p| p[0]), Some(0xB0));
+    raw.send(&subscribe(5, 201, &["vehicles/sub-car/commands/new".to_string()]))
+        .expect("subscribe");
+    assert_eq!(suback_codes(5, &raw.read_packet().expect("SUBACK")), [1]);
+    assert_eq!(gw.metric("gateway_subscriptions_active"), 100);
+
+    // 3.1.1 has one failure code: 0x80.
+    let (mut v4, code) = Raw::mqtt311(gw.mqtt(), "sub-car-4", 30);
+    assert_eq!(code, 0);
+    let filters: Vec<String> = (0..150)
+        .map(|i| format!("vehicles/sub-car-4/commands/{i}"))
+        .collect();
+    v4.send(&subscribe(4, 1, &filters)).expect("subscribe");
+    let codes = suback_codes(4, &v4.read_packet().expect("SUBACK"));
+    assert_eq!(codes.len(), 150);
+    assert!(codes[..100].iter().all(|c| *c == 1) && codes[100..].iter().all(|c| *c == 0x80));
+    // Closed sessions give their filters back.
+    drop(raw);
+    drop(v4);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(gw.metric("gateway_subscriptions_active"), 0);
+}
+
+#[test]
+fn a_topic_alias_is_stored_only_for_an_allowed_topic() {
+    let gw = Gateway::start(ANON);
+    let (mut raw, code) = Raw::mqtt5(gw.mqtt(), "alias-acl", 30);
+    assert_eq!(code, 0);
+    // Alias 1 for another vehicle's topic: refused by the ACL (0x87), alias not stored.
+    raw.send(&publish5(b"vehicles/victim/telemetry", 1, Some(1)))
+        .expect("send");
+    let ack = raw.read_packet().expect("PUBACK");
+    assert_eq!((ack[0], ack.get(4).copied()), (0x40, Some(0x87)), "{ack:?}");
+    // Using alias 1 is then a protocol error (never set), not a publish to that topic.
+    raw.send(&publish5(b"", 2, Some(1))).expect("send");
+    let (outcome, packets) = raw.until_closed(Duration::from_secs(5));
+    assert_eq!(outcome, Outcome::Closed);
+    assert!(
+        packets.iter().any(|p| p == &[0xE0, 0x01, 0x82]),
+        "DISCONNECT 0x82: {packets:?}"
+    );
+    assert_eq!(
+        gw.metric("gateway_protocol_errors_total{reason=\"topic_alias_unknown\"}"),
+        1
+    );
+}
+
+#[test]
+fn keep_alive_zero_is_capped_by_the_server_maximum() {
+    let gw = Gateway::start_env(ANON, &[("GATEWAY_MQTT__MAX_KEEP_ALIVE_SECS", "1")]);
+    // MQTT 5, keep alive 0 ("never"): CONNACK carries Server Keep Alive = 1, and a
+    // silent client is closed after 1.5 s with 0x8D.
+    let (mut v5, connack) = Raw::connect_with(gw.mqtt(), &Connect::new(5, "forever-5").keep_alive(0));
+    assert_eq!(connack_code(&connack), 0);
+    assert_eq!(connack_u16_property(&connack, 0x13), Some(1), "{connack:?}");
+    let start = Instant::now();
+    let (outcome, packets) = v5.until_closed(Duration::from_secs(5));
+    assert_eq!(outcome, Outcome::Closed);
+    assert!(
+        start.elapsed() >= Duration::from_millis(1400),
+        "not before 1.5 × the cap"
+    );
+    assert!(
+        packets.iter().any(|p| p == &[0xE0, 0x01, 0x8D]),
+        "DISCONNECT 0x8D: {packets:?}"
+    );
+    // Above the cap: capped too. Within it: no Server Keep Alive.
+    let (_, connack) = Raw::connect_with(gw.mqtt(), &Connect::new(5, "long-5").keep_alive(600));
+    assert_eq!(connack_u16_property(&connack, 0x13), Some(1));
+    // 3.1.1, keep alive 0: simply timed out at 1.5 × the cap.
+    let (mut v4, connack) = Raw::connect_with(gw.mqtt(), &Connect::new(4, "forever-4").keep_alive(0));
+    assert_eq!(connack, vec![0x20, 0x02, 0x00, 0x00]);
+    assert_eq!(v4.until_closed(Duration::from_secs(5)).0, Outcome::Closed);
+    assert!(gw.metric("gateway_connections_closed_total{reason=\"keepalive_timeout\"}") >= 2);
+    assert_eq!(gw.metric("gateway_keep_alive_capped_total"), 3);
+}
+
+#[test]
+fn connections_over_the_limit_get_a_connack_in_their_version() {
+    let gw = Gateway::start_env(ANON, &[("GATEWAY_MQTT__MAX_CONNECTIONS", "2")]);
+    let held: Vec<_> = (0..2)
+        .map(|i| Raw::mqtt311(gw.mqtt(), &format!("held-{i}"), 30))
+        .collect();
+    assert!(held.iter().all(|(_, code)| *code == 0));
+    // 3.1.1: return code 3 (server unavailable); MQTT 5: 0x97 (quota exceeded).
+    let (mut v4, connack) = Raw::connect_with(gw.mqtt(), &Connect::new(4, "late-4"));
+    assert_eq!(connack, vec![0x20, 0x02, 0x00, 0x03]);
+    assert_eq!(v4.until_closed(Duration::from_secs(5)).0, Outcome::Closed);
+    let (mut v5, connack) = Raw::connect_with(gw.mqtt(), &Connect::new(5, "late-5"));
+    assert_eq!(connack_code(&connack), 0x97, "{connack:?}");
+    assert_eq!(v5.until_closed(Duration::from_secs(5)).0, Outcome::Closed);
+    assert_eq!(
+        gw.metric("gateway_connections_rejected_total{reason=\"max_connections\"}"),
+        2
+    );
+    assert_eq!(
+        gw.metric("gateway_connack_refused_total{reason=\"max_connections\"}"),
+        2
+    );
+    // The held sessions are untouched.
+    let (mut first, _) = held.into_iter().next().expect("held");
+    first.send(&[0xC0, 0x00]).expect("ping");
+    assert_eq!(first.read_packet(), Some(vec![0xD0, 0x00]));
 }

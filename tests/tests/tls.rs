@@ -7,6 +7,11 @@ use integration::certs::Ca;
 use integration::{run_cli, Gateway};
 
 fn start_tls(dir: &std::path::Path, mtls: bool) -> (Gateway, Ca) {
+    start_tls_with(dir, mtls, "")
+}
+
+/// As [`start_tls`], with extra `[mqtt]` keys (`key = value\n` lines).
+fn start_tls_with(dir: &std::path::Path, mtls: bool, mqtt_extra: &str) -> (Gateway, Ca) {
     // tls_listen belongs in the [mqtt] section the harness writes: add it there.
     let ca = Ca::new(dir, "fleet");
     let server = ca.server(dir);
@@ -29,7 +34,7 @@ fn start_tls(dir: &std::path::Path, mtls: bool) -> (Gateway, Ca) {
     )
     .replace(
         "listen = \"127.0.0.1:0\"\nconnect",
-        "listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nconnect",
+        &format!("listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n{mqtt_extra}connect"),
     );
     std::fs::write(&config_path, text).expect("config");
     (Gateway::start_in(tmp, config_path), ca)
@@ -146,4 +151,24 @@ async fn rumqttc_over_tls() {
     })
     .await;
     assert!(acked.is_ok(), "PUBACK over rustls");
+}
+
+#[test]
+fn tls_connections_over_the_limit_get_connack_3_or_0x97() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (gw, ca) = start_tls_with(dir.path(), false, "max_connections = 1\n");
+    // One connection holds the only slot (a plain one: the limit covers both listeners).
+    let (_held, code) = integration::raw::Raw::mqtt311(gw.mqtt(), "held", 30);
+    assert_eq!(code, 0);
+    // Over TLS, the refused vehicle still learns why, in its own protocol version.
+    let (code, out) = pub_tls(&gw, &ca, "late-tls", None, "mqttv311");
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("CONNACK (3)"), "3.1.1 server unavailable = 3: {out}");
+    let (code, out) = pub_tls(&gw, &ca, "late-tls", None, "mqttv5");
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("CONNACK (151)"), "5.0 quota exceeded = 0x97: {out}");
+    assert_eq!(
+        gw.metric("gateway_connections_rejected_total{reason=\"max_connections\"}"),
+        2
+    );
 }
