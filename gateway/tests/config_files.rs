@@ -74,7 +74,9 @@ fn check_config_accepts_the_default_and_reports_missing_files() {
     let (code, stderr) = check_config(&root.join("config/examples/production.toml"));
     assert_eq!(code, Some(2));
     assert!(
-        stderr.contains("tls.cert:") && stderr.contains("tls.client_ca:"),
+        stderr.contains("tls.cert:")
+            && stderr.contains("tls.client_ca:")
+            && stderr.contains("admin.token_file:"),
         "{stderr}"
     );
 }
