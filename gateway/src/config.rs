@@ -184,7 +184,8 @@ pub struct AuthSection {
     pub connect_rate_per_ip: u32,
     /// Bucket size of `connect_rate_per_ip`: attempts one address may make at once.
     pub connect_burst_per_ip: u32,
-    /// CONNECT attempts per second over all addresses; 0 = unlimited.
+    /// CONNECT attempts per second over all addresses; 0 = unlimited (the default: size
+    /// it to what a region's reconnect storm may cost).
     pub connect_rate_global: u32,
     /// Bucket size of `connect_rate_global`.
     pub connect_burst_global: u32,
@@ -289,10 +290,10 @@ impl Default for AuthSection {
             subscribe_acl: vec!["vehicles/{client_id}/commands/#".into()],
             users: Vec::new(),
             max_concurrent_hashes: 2,
-            connect_rate_per_ip: 50,
-            connect_burst_per_ip: 500,
-            connect_rate_global: 2000,
-            connect_burst_global: 4000,
+            connect_rate_per_ip: 100,
+            connect_burst_per_ip: 1000,
+            connect_rate_global: 0,
+            connect_burst_global: 2000,
         }
     }
 }
@@ -908,11 +909,11 @@ mod tests {
         assert_eq!(c.auth.max_concurrent_hashes, 2);
         assert_eq!(
             (c.auth.connect_rate_per_ip, c.auth.connect_burst_per_ip),
-            (50, 500)
+            (100, 1000)
         );
         assert_eq!(
             (c.auth.connect_rate_global, c.auth.connect_burst_global),
-            (2000, 4000)
+            (0, 2000)
         );
         assert_eq!((c.admin.max_connections, c.admin.request_timeout_secs), (64, 10));
         assert_eq!(c.kafka.max_parked, 10_000);
