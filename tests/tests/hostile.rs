@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use integration::raw::{put_len, Outcome, Raw};
+use integration::raw::{publish5, put_len, suback_codes, subscribe, Outcome, Raw};
 use integration::{Gateway, ANON};
 
 /// A vehicle publishing QoS1 in a loop; counts PUBACKs.
@@ -181,4 +181,64 @@ fn each_bad_input_closes_only_its_connection() {
         gw.wait_log("protocol error", Duration::from_secs(1)),
         "reasons are logged"
     );
+}
+
+#[test]
+fn state_floods_are_contained_while_a_vehicle_publishes() {
+    let gw = Gateway::start(ANON);
+    let stop = Arc::new(AtomicUsize::new(0));
+    let (acks, steady) = steady_vehicle(&gw, stop.clone());
+
+    // 10,000 SUBSCRIBE filters in one burst from one client: 100 are kept (the bound),
+    // the rest refused; the connection stays usable.
+    let mut flood = connected_v5(&gw, "sub-flood");
+    let mut burst = Vec::new();
+    for batch in 0..100u16 {
+        let filters: Vec<String> = (0..100)
+            .map(|i| format!("vehicles/sub-flood/commands/{}", batch * 100 + i))
+            .collect();
+        burst.extend(subscribe(5, batch + 1, &filters));
+    }
+    flood.send(&burst).expect("send");
+    let granted: usize = (0..100)
+        .map(|_| {
+            let suback = flood.read_packet().expect("SUBACK");
+            suback_codes(5, &suback).iter().filter(|c| **c == 1).count()
+        })
+        .sum();
+    assert_eq!(granted, 100);
+    flood.send(&[0xC0, 0x00]).expect("ping");
+    assert_eq!(flood.read_packet(), Some(vec![0xD0, 0x00]));
+
+    // Topic aliases beyond the advertised maximum, and aliases for forbidden topics:
+    // refused without being stored.
+    let mut aliases = connected_v5(&gw, "alias-flood");
+    let mut burst = Vec::new();
+    for alias in 1..=16u16 {
+        burst.extend(publish5(
+            format!("vehicles/victim-{alias}/t").as_bytes(),
+            alias,
+            Some(alias),
+        ));
+    }
+    aliases.send(&burst).expect("send");
+    for _ in 1..=16 {
+        let ack = aliases.read_packet().expect("PUBACK");
+        assert_eq!((ack[0], ack.get(4).copied()), (0x40, Some(0x87)), "{ack:?}");
+    }
+    aliases
+        .send(&publish5(b"vehicles/alias-flood/t", 17, Some(1000)))
+        .expect("send");
+    let packets = assert_closed(&mut aliases, "alias above the maximum");
+    assert!(packets.iter().any(|p| p == &[0xE0, 0x01, 0x94]), "{packets:?}");
+
+    let before = acks.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        acks.load(Ordering::Relaxed) > before,
+        "the steady vehicle kept getting PUBACKs"
+    );
+    stop.store(1, Ordering::Relaxed);
+    steady.join().expect("steady vehicle thread");
+    assert_eq!(gw.metric("gateway_subscriptions_active"), 100);
 }

@@ -554,4 +554,49 @@ mod tests {
         assert!(matches!(c.decode(&mut buf), Ok(Some(Inbound::Auth))));
         assert!(buf.is_empty());
     }
+
+    #[test]
+    fn refusal_codes_per_version() {
+        use ConnectRefusal::*;
+        let cases = [
+            (ClientIdNotAllowed, 5, 0x87),
+            (WillUnroutable, 5, 0x90),
+            (RateLimitedAddress, 3, 0x9F),
+            (RateLimitedGlobal, 3, 0x9F),
+            (MaxConnections, 3, 0x97),
+            (AuthTimeout, 3, 0x89),
+            (BadCredentials, 4, 0x86),
+        ];
+        for (why, v4, v5) in cases {
+            let mut out = BytesMut::new();
+            Codec::new(Version::V4, 1024).connack_refuse(&mut out, why);
+            assert_eq!(&out[..], &[0x20, 0x02, 0x00, v4], "{why:?} 3.1.1");
+            let mut out = BytesMut::new();
+            Codec::new(Version::V5, 1024).connack_refuse(&mut out, why);
+            assert_eq!((out[0], out[3]), (0x20, v5), "{why:?} 5.0");
+        }
+    }
+
+    #[test]
+    fn server_keep_alive_and_suback_reasons() {
+        let c = Codec::new(Version::V5, 1024);
+        let mut out = BytesMut::new();
+        c.connack_accept(&mut out, 10, 4, None, Some(1200));
+        assert!(
+            out.windows(3).any(|w| w == [0x13, 0x04, 0xB0]),
+            "Server Keep Alive 1200: {out:?}"
+        );
+        let mut out = BytesMut::new();
+        let granted = [
+            Granted::Qos(1),
+            Granted::NotAuthorized,
+            Granted::FilterInvalid,
+            Granted::QuotaExceeded,
+        ];
+        c.suback(&mut out, 7, &granted);
+        assert_eq!(&out[out.len() - 4..], &[0x01, 0x87, 0x8F, 0x97]);
+        let mut out = BytesMut::new();
+        Codec::new(Version::V4, 1024).suback(&mut out, 7, &granted);
+        assert_eq!(&out[..], &[0x90, 0x06, 0x00, 0x07, 0x01, 0x80, 0x80, 0x80]);
+    }
 }
