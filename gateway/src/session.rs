@@ -114,6 +114,8 @@ struct Session<S> {
     deadline: Instant,
     aliases: Vec<Option<String>>,
     subscriptions: HashSet<String>,
+    /// Whether the subscription bound was logged already (once per session, not per packet).
+    quota_logged: bool,
     will: Option<Will>,
 }
 
@@ -158,7 +160,15 @@ where
         Ok(id) => id,
         Err(why) => {
             shared.metrics.connack_refused.inc(why.label());
-            warn!(%peer, client_id = %req.client_id, reason = why.label(), "CONNECT refused");
+            if matches!(
+                why,
+                ConnectRefusal::RateLimitedAddress | ConnectRefusal::RateLimitedGlobal
+            ) {
+                // A flood must not turn into a log flood: counted, logged at debug.
+                debug!(%peer, reason = why.label(), "CONNECT refused: rate limit");
+            } else {
+                warn!(%peer, client_id = %req.client_id, reason = why.label(), "CONNECT refused");
+            }
             codec.connack_refuse(&mut out, why);
             let _ = timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
             let _ = stream.shutdown().await;
@@ -209,6 +219,7 @@ where
         deadline: Instant::now() + keep_alive,
         aliases: Vec::new(),
         subscriptions: HashSet::new(),
+        quota_logged: false,
         will: req.will.clone(),
     };
     // Not needed any more: do not keep the CONNECT (and its strings) for the session's life.
@@ -594,8 +605,9 @@ where
                     }
                     granted.push(g);
                 }
-                if granted.contains(&Granted::QuotaExceeded) {
-                    warn!(max, "SUBSCRIBE refused beyond mqtt.max_subscriptions");
+                if !self.quota_logged && granted.contains(&Granted::QuotaExceeded) {
+                    self.quota_logged = true;
+                    warn!(max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
                 }
                 self.codec.suback(&mut self.out, pkid, &granted);
                 Ok(())
