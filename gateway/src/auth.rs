@@ -154,7 +154,7 @@ impl Auth {
     /// `auth.max_concurrent_hashes` slots and runs on a blocking thread; the caller puts
     /// the whole call under its CONNECT timeout (the slot travels with the blocking
     /// work, so an abandoned check still counts against the bound until it ends).
-    pub async fn authenticate(
+    pub async fn authenticate_bounded(
         self: &Arc<Self>,
         username: Option<String>,
         password: Option<String>,
@@ -182,8 +182,23 @@ impl Auth {
         })
     }
 
-    /// The synchronous check behind [`Auth::authenticate`]. Argon2 is deliberately slow:
-    /// call this from a blocking thread.
+    /// Checks credentials synchronously, without the concurrency bound: for tools and
+    /// fuzzing (the session uses [`Auth::authenticate_bounded`]). `cert_identity` is set
+    /// when TLS verified a client certificate. Argon2 is deliberately slow.
+    pub fn authenticate(
+        &self,
+        username: Option<&str>,
+        password: Option<&str>,
+        cert_identity: Option<&str>,
+    ) -> Result<(), Refusal> {
+        self.check(username, password, cert_identity.is_some())
+            .result
+            .map(|_| ())
+    }
+
+    /// The synchronous check behind [`Auth::authenticate_bounded`], with who it proved
+    /// and what the password check did. Argon2 is deliberately slow: call this from a
+    /// blocking thread.
     pub fn check(&self, username: Option<&str>, password: Option<&str>, cert: bool) -> Verdict {
         match (username, password) {
             (Some(user), Some(pass)) => {
@@ -384,6 +399,8 @@ mod tests {
         );
         assert_eq!(auth.check(None, None, false).result, Err(Refusal::NotAuthorized));
         assert_eq!(auth.check(None, None, true).result, Ok(Principal::Certificate));
+        assert_eq!(auth.authenticate(Some("fleet"), Some("s3cret"), None), Ok(()));
+        assert_eq!(auth.authenticate(None, None, Some("vin1")), Ok(()));
         assert!(auth.may_publish("vin1", "vehicles/vin1/telemetry"));
         assert!(!auth.may_publish("vin1", "vehicles/vin2/telemetry"));
         assert!(auth.may_subscribe("vin1", "vehicles/vin1/commands/#"));
@@ -441,7 +458,7 @@ mod tests {
                 let auth = auth.clone();
                 tokio::spawn(async move {
                     let pass = if i % 2 == 0 { "s3cret" } else { "wrong" };
-                    auth.authenticate(Some("fleet".into()), Some(pass.into()), false)
+                    auth.authenticate_bounded(Some("fleet".into()), Some(pass.into()), false)
                         .await
                 })
             })

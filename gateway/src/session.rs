@@ -195,7 +195,7 @@ where
         req.keep_alive
     };
     let server_keep_alive = (capped && codec.version == Version::V5).then_some(keep_alive_secs);
-    codec.connack_accept(
+    codec.connack_accept_keep_alive(
         &mut out,
         m.max_inflight,
         m.topic_alias_max,
@@ -315,7 +315,7 @@ async fn accept_connect(
     }
     let verdict = shared
         .auth
-        .authenticate(req.username.clone(), req.password.clone(), identity.is_some())
+        .authenticate_bounded(req.username.clone(), req.password.clone(), identity.is_some())
         .await;
     if let Some(check) = verdict.check {
         shared.metrics.auth_password_checks.inc(check.label());

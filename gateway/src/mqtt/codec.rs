@@ -338,6 +338,18 @@ impl Codec {
         receive_max: u16,
         topic_alias_max: u16,
         assigned: Option<String>,
+    ) {
+        self.connack_accept_keep_alive(out, receive_max, topic_alias_max, assigned, None);
+    }
+
+    /// As [`Codec::connack_accept`]; MQTT 5 also carries `server_keep_alive` (the
+    /// keep alive the client must use, when the server capped it).
+    pub fn connack_accept_keep_alive(
+        &self,
+        out: &mut BytesMut,
+        receive_max: u16,
+        topic_alias_max: u16,
+        assigned: Option<String>,
         server_keep_alive: Option<u16>,
     ) {
         match self.version {
@@ -581,7 +593,7 @@ mod tests {
     fn server_keep_alive_and_suback_reasons() {
         let c = Codec::new(Version::V5, 1024);
         let mut out = BytesMut::new();
-        c.connack_accept(&mut out, 10, 4, None, Some(1200));
+        c.connack_accept_keep_alive(&mut out, 10, 4, None, Some(1200));
         assert!(
             out.windows(3).any(|w| w == [0x13, 0x04, 0xB0]),
             "Server Keep Alive 1200: {out:?}"
