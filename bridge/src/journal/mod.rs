@@ -61,7 +61,10 @@
 //! (it was never acknowledged, since acknowledgement follows the sync). The tail is cut
 //! and re-zeroed, and appends continue after the last valid record.
 
+mod dir;
 mod record;
+mod repair;
+mod scan;
 mod segmented;
 
 use std::future::Future;
@@ -69,6 +72,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use record::{decode, encode, frame_len, EncodeError, Entry, Frame, Record, FRAME_HEADER};
+pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
 pub use segmented::{FullPolicy, JournalReader, SegmentedJournal};
 use tokio::sync::watch;
 
@@ -108,6 +112,22 @@ pub enum JournalError {
     Encode(#[from] EncodeError),
     #[error("journal configuration: {0}")]
     Config(String),
+    /// Damage that is not a torn tail: records written (and possibly acknowledged) are
+    /// unreadable. The gateway refuses to start (or the bridge stops forwarding) rather
+    /// than cut or skip them; `gateway journal verify` / `repair` are the way out.
+    #[error(
+        "journal corrupt: segment {} is damaged at byte {offset} ({reason}); records {first_seq}..={last_seq} are at risk. \
+         Stop the gateway, run `gateway journal verify` to see the damage, then `gateway journal repair` \
+         to quarantine it and keep every intact record",
+        segment.display()
+    )]
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        first_seq: u64,
+        last_seq: u64,
+        reason: String,
+    },
     /// The writer failed (disk error) or the journal was closed. Nothing more is accepted:
     /// the gateway must not acknowledge anything it cannot make durable.
     #[error("journal stopped: {0}")]
@@ -144,6 +164,11 @@ pub struct JournalStats {
     pub rejected: u64,
     /// Records dropped undelivered by the `drop_oldest` policy since open.
     pub dropped: u64,
+    /// Set while the writer retries a transient I/O error (ENOSPC, EDQUOT, EMFILE,
+    /// ENFILE, EIO): the error and the durable sequence it holds at. Meanwhile nothing
+    /// new becomes durable, so no PUBACK goes out, and appends back-pressure once the
+    /// write buffer is full. Clears by itself when a retry succeeds.
+    pub stalled: Option<String>,
 }
 
 /// The write-ahead log seen by the gateway (appends) and by the bridge (reads, releases).

@@ -10,24 +10,24 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustix::fs::{FallocateFlags, FlockOperation};
 use tokio::sync::{watch, Notify};
 
+use super::dir::{
+    list_segments, load_or_create_id, lock_dir, open_or_create_segment, preallocate, sync_dir, write_durably,
+    SegmentMeta,
+};
 use super::record::{decode, encode, frame_len, Frame, Record, FRAME_HEADER};
+use super::scan;
 use super::{Entry, Journal, JournalConfig, JournalError, JournalStats};
 
 const CHECKPOINT: &str = "release.checkpoint";
-const SEGMENT_EXT: &str = "seg";
 /// How often the writer wakes without appends to persist releases and delete segments.
 const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(200);
 /// Granularity of the receive-time marks behind `oldest_age`.
 const MARK_INTERVAL_MS: u64 = 1000;
-
-#[derive(Debug, Clone)]
-struct SegmentMeta {
-    first_seq: u64,
-    path: PathBuf,
-}
+/// Back-off of the writer while a transient I/O error lasts (doubling).
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Appender-side state; guarded by one mutex held only to copy a frame in.
 struct State {
@@ -39,11 +39,15 @@ struct State {
     head_remaining: u64,
     /// Segments on disk plus those planned by `rolls`.
     planned_segments: u64,
+    /// Bytes of those segments (real file sizes; planned ones at `segment_bytes`).
+    planned_bytes: u64,
     full: bool,
     /// The writer is parked on the condvar: only then does an append pay for a wake-up
     /// (a futex syscall per append otherwise).
     writer_waiting: bool,
     stopped: Option<String>,
+    /// The writer is retrying a transient I/O error; see [`JournalStats::stalled`].
+    stalled: Option<String>,
     closing: bool,
     crash: Option<bool>,
     /// (first seq, receive time) samples, at most one a second, for `oldest_age`.
@@ -52,7 +56,7 @@ struct State {
 
 struct Inner {
     cfg: JournalConfig,
-    max_segments: u64,
+    id: String,
     state: Mutex<State>,
     wake_writer: Condvar,
     /// Signalled whenever buffer or disk space is freed, or the journal stops.
@@ -92,42 +96,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
-    dir.join(format!("{first_seq:020}.{SEGMENT_EXT}"))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), JournalError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| JournalError::io(dir, e))
-}
-
-/// Creates a zero-filled, pre-allocated segment and makes its existence durable.
-fn create_segment(dir: &Path, first_seq: u64, size: u64) -> Result<(File, PathBuf), JournalError> {
-    let path = segment_path(dir, first_seq);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .map_err(|e| JournalError::io(&path, e))?;
-    preallocate(&file, &path, size)?;
-    file.sync_all().map_err(|e| JournalError::io(&path, e))?;
-    sync_dir(dir)?;
-    Ok((file, path))
-}
-
-fn preallocate(file: &File, path: &Path, size: u64) -> Result<(), JournalError> {
-    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
-        Ok(()) => Ok(()),
-        // Filesystems without fallocate (tmpfs on old kernels, some overlays): a sparse
-        // file still reads as zeros, which is all the format needs.
-        Err(rustix::io::Errno::OPNOTSUPP) => file.set_len(size).map_err(|e| JournalError::io(path, e)),
-        Err(e) => Err(JournalError::io(path, e.into())),
-    }
-}
-
-fn read_checkpoint(dir: &Path) -> Option<u64> {
+pub(crate) fn read_checkpoint(dir: &Path) -> Option<u64> {
     let bytes = fs::read(dir.join(CHECKPOINT)).ok()?;
     if bytes.len() != 12 {
         return None;
@@ -139,37 +108,9 @@ fn read_checkpoint(dir: &Path) -> Option<u64> {
 }
 
 fn write_checkpoint(dir: &Path, seq: u64) -> Result<(), JournalError> {
-    let tmp = dir.join(format!("{CHECKPOINT}.tmp"));
     let mut bytes = seq.to_le_bytes().to_vec();
     bytes.extend_from_slice(&crc32c::crc32c(&seq.to_le_bytes()).to_le_bytes());
-    let file = File::create(&tmp).map_err(|e| JournalError::io(&tmp, e))?;
-    file.write_all_at(&bytes, 0)
-        .map_err(|e| JournalError::io(&tmp, e))?;
-    file.sync_all().map_err(|e| JournalError::io(&tmp, e))?;
-    let dst = dir.join(CHECKPOINT);
-    fs::rename(&tmp, &dst).map_err(|e| JournalError::io(&dst, e))?;
-    sync_dir(dir)
-}
-
-fn list_segments(dir: &Path) -> Result<Vec<SegmentMeta>, JournalError> {
-    let mut out = Vec::new();
-    for ent in fs::read_dir(dir).map_err(|e| JournalError::io(dir, e))? {
-        let ent = ent.map_err(|e| JournalError::io(dir, e))?;
-        let path = ent.path();
-        if path.extension().and_then(|e| e.to_str()) != Some(SEGMENT_EXT) {
-            continue;
-        }
-        let Some(first_seq) = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .and_then(|s| s.parse().ok())
-        else {
-            continue;
-        };
-        out.push(SegmentMeta { first_seq, path });
-    }
-    out.sort_by_key(|s| s.first_seq);
-    Ok(out)
+    write_durably(dir, CHECKPOINT, &bytes)
 }
 
 /// The head segment as the writer sees it.
@@ -186,7 +127,11 @@ struct Scan {
 }
 
 /// Finds the end of the valid records of the head segment and cuts a torn tail.
-fn recover_head(meta: &SegmentMeta, size: u64) -> Result<(File, Scan), JournalError> {
+///
+/// Only the unsynced end of the last write batch can be torn: if any valid record follows
+/// the first bad frame, the damage is corruption of written (maybe acknowledged) records,
+/// and opening is refused rather than cutting them and re-using their sequences.
+fn recover_head(meta: &SegmentMeta) -> Result<(File, Scan), JournalError> {
     let path = &meta.path;
     let file = OpenOptions::new()
         .read(true)
@@ -194,45 +139,91 @@ fn recover_head(meta: &SegmentMeta, size: u64) -> Result<(File, Scan), JournalEr
         .open(path)
         .map_err(|e| JournalError::io(path, e))?;
     let data = fs::read(path).map_err(|e| JournalError::io(path, e))?;
-    let mut pos = 0usize;
-    let mut next_seq = meta.first_seq;
-    let mut torn = None;
-    while pos < data.len() {
-        match decode(&data[pos..]) {
-            Frame::Record(rec, n) if rec.seq == next_seq => {
-                pos += n;
-                next_seq += 1;
-            }
-            Frame::Record(..) => {
-                torn = Some("unexpected sequence");
-                break;
-            }
-            Frame::End => break,
-            Frame::Torn(why) => {
-                torn = Some(why);
-                break;
-            }
-        }
+    let found = scan::scan(&data, meta.first_seq);
+    if let Some(span) = found.mid_damage() {
+        return Err(JournalError::Corrupt {
+            segment: path.clone(),
+            offset: span.offset,
+            first_seq: span.after_seq + 1,
+            last_seq: found.last_seq().unwrap_or(span.after_seq + 1),
+            reason: format!(
+                "{}; valid records follow it, so it is not a torn tail",
+                span.reason
+            ),
+        });
     }
-    let garbage = data[pos..].iter().any(|b| *b != 0);
-    if torn.is_some() || garbage {
+    let end = found.valid_end();
+    let next_seq = found
+        .runs
+        .first()
+        .filter(|r| r.start == 0)
+        .map_or(meta.first_seq, |r| r.last_seq + 1);
+    if let Some(span) = found.spans.first() {
         tracing::warn!(
             segment = %path.display(),
-            offset = pos,
-            reason = torn.unwrap_or("bytes after the last record"),
+            offset = span.offset,
+            bytes = span.len,
+            reason = span.reason,
             "journal: cutting torn tail left by an interrupted write (never acknowledged)"
         );
-        file.set_len(pos as u64).map_err(|e| JournalError::io(path, e))?;
-        preallocate(&file, path, size.max(data.len() as u64))?;
+        file.set_len(end).map_err(|e| JournalError::io(path, e))?;
+        preallocate(&file, path, data.len() as u64)?;
         file.sync_all().map_err(|e| JournalError::io(path, e))?;
     }
-    Ok((
-        file,
-        Scan {
-            next_seq,
-            end: pos as u64,
-        },
-    ))
+    Ok((file, Scan { next_seq, end }))
+}
+
+/// Cheap check of the segments before the head at open: each one still holding
+/// unreleased records must start with a valid record carrying the sequence of its name.
+/// (A full scan of every segment at every start would read the whole journal; `verify`
+/// does that, and the reader checks every frame it forwards.)
+fn check_older_segments(segments: &[SegmentMeta], released: u64) -> Result<(), JournalError> {
+    for pair in segments.windows(2) {
+        let (seg, next) = (&pair[0], &pair[1]);
+        if next.first_seq.saturating_sub(1) <= released {
+            continue;
+        }
+        let problem = first_frame_problem(seg)?;
+        if let Some(reason) = problem {
+            return Err(JournalError::Corrupt {
+                segment: seg.path.clone(),
+                offset: 0,
+                first_seq: seg.first_seq.max(released + 1),
+                last_seq: next.first_seq - 1,
+                reason,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn first_frame_problem(seg: &SegmentMeta) -> Result<Option<String>, JournalError> {
+    if seg.size < scan::MIN_FRAME as u64 {
+        return Ok(Some(format!(
+            "segment is {} bytes, too small to hold a record",
+            seg.size
+        )));
+    }
+    let file = File::open(&seg.path).map_err(|e| JournalError::io(&seg.path, e))?;
+    let mut header = [0u8; FRAME_HEADER];
+    file.read_exact_at(&mut header, 0)
+        .map_err(|e| JournalError::io(&seg.path, e))?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as u64;
+    if len == 0 || FRAME_HEADER as u64 + len > seg.size {
+        return Ok(Some(format!("first frame has an impossible length {len}")));
+    }
+    let mut frame = vec![0u8; FRAME_HEADER + len as usize];
+    file.read_exact_at(&mut frame, 0)
+        .map_err(|e| JournalError::io(&seg.path, e))?;
+    Ok(match decode(&frame) {
+        Frame::Record(rec, _) if rec.seq == seg.first_seq => None,
+        Frame::Record(rec, _) => Some(format!(
+            "first record has sequence {}, the file name says {}",
+            rec.seq, seg.first_seq
+        )),
+        Frame::End => Some("first frame is empty".into()),
+        Frame::Torn(why) => Some(format!("first frame: {why}")),
+    })
 }
 
 impl SegmentedJournal {
@@ -241,8 +232,7 @@ impl SegmentedJournal {
         if cfg.segment_bytes < 4096 {
             return Err(JournalError::Config("segment_bytes must be at least 4096".into()));
         }
-        let max_segments = cfg.max_bytes / cfg.segment_bytes;
-        if max_segments < 2 {
+        if cfg.max_bytes / cfg.segment_bytes < 2 {
             return Err(JournalError::Config(format!(
                 "max_bytes ({}) must hold at least two segments of {} bytes",
                 cfg.max_bytes, cfg.segment_bytes
@@ -250,38 +240,43 @@ impl SegmentedJournal {
         }
         let dir = cfg.dir.clone();
         fs::create_dir_all(&dir).map_err(|e| JournalError::io(&dir, e))?;
-        let lock_path = dir.join("LOCK");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| JournalError::io(&lock_path, e))?;
-        if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
-            return Err(JournalError::Locked(dir));
-        }
+        let lock = lock_dir(&dir)?;
         let _ = fs::remove_file(dir.join(format!("{CHECKPOINT}.tmp")));
+        let _ = fs::remove_file(dir.join(format!("{}.tmp", super::dir::ID_FILE)));
+        let id = load_or_create_id(&dir)?;
 
         let mut segments = list_segments(&dir)?;
         let checkpoint = read_checkpoint(&dir).unwrap_or(0);
         if segments.is_empty() {
             let first = checkpoint + 1;
-            let (_, path) = create_segment(&dir, first, cfg.segment_bytes)?;
+            let (_, path) = open_or_create_segment(&dir, first, cfg.segment_bytes)?;
             segments.push(SegmentMeta {
                 first_seq: first,
                 path,
+                size: cfg.segment_bytes,
             });
         }
         let head_meta = segments
             .last()
             .cloned()
             .ok_or_else(|| JournalError::Config("no segment".into()))?;
-        let (file, scan) = recover_head(&head_meta, cfg.segment_bytes)?;
+        check_older_segments(&segments, checkpoint)?;
+        let (file, scan) = recover_head(&head_meta)?;
         let durable = scan.next_seq - 1;
         let first_retained = segments.first().map(|s| s.first_seq).unwrap_or(1);
         let released = checkpoint.max(first_retained.saturating_sub(1)).min(durable);
+        let disk_bytes: u64 = segments.iter().map(|s| s.size).sum();
+        if disk_bytes > cfg.max_bytes {
+            tracing::warn!(
+                disk_bytes,
+                max_bytes = cfg.max_bytes,
+                "journal: segments on disk exceed journal.max_bytes (a smaller limit than when they were written); \
+                 the journal is full until releases free them"
+            );
+        }
         tracing::info!(
             dir = %dir.display(),
+            id = %id,
             segments = segments.len(),
             next_seq = scan.next_seq,
             released,
@@ -296,16 +291,19 @@ impl SegmentedJournal {
         };
         let (durable_tx, _) = watch::channel(durable);
         let inner = Arc::new(Inner {
-            max_segments,
+            id,
             state: Mutex::new(State {
                 buf: Vec::new(),
                 rolls: Vec::new(),
                 next_seq: scan.next_seq,
-                head_remaining: cfg.segment_bytes - scan.end,
+                // The head's real size: it may come from an earlier, larger segment_bytes.
+                head_remaining: head_meta.size.saturating_sub(scan.end),
                 planned_segments: segments.len() as u64,
+                planned_bytes: disk_bytes,
                 full: false,
                 writer_waiting: false,
                 stopped: None,
+                stalled: None,
                 closing: false,
                 crash: None,
                 marks: VecDeque::new(),
@@ -349,6 +347,13 @@ impl SegmentedJournal {
         }
     }
 
+    /// The journal's identity: 128 random bits (hex) created with the journal and kept in
+    /// `<dir>/JOURNAL_ID`. Sequences restart when a journal is recreated; the identity
+    /// tells a consumer that this happened.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
     /// True once the writer has stopped (disk error or closed): appends would fail.
     pub fn append_would_fail(&self) -> bool {
         self.inner.state().stopped.is_some()
@@ -390,7 +395,10 @@ impl SegmentedJournal {
             return Ok(Admit::BufferFull);
         }
         let need_roll = flen as u64 > st.head_remaining;
-        if need_roll && st.planned_segments >= inner.max_segments {
+        // A lone head is always allowed to roll (it cannot be deleted before that), even
+        // when a larger `segment_bytes` of an earlier run makes it exceed `max_bytes`.
+        let over = st.planned_bytes + inner.cfg.segment_bytes > inner.cfg.max_bytes;
+        if need_roll && over && st.planned_segments > 1 {
             if !st.full {
                 tracing::warn!(
                     max_bytes = inner.cfg.max_bytes,
@@ -406,6 +414,7 @@ impl SegmentedJournal {
         if need_roll {
             st.rolls.push((offset, seq));
             st.planned_segments += 1;
+            st.planned_bytes += inner.cfg.segment_bytes;
             st.head_remaining = inner.cfg.segment_bytes;
         }
         st.head_remaining -= flen as u64;
@@ -530,7 +539,10 @@ impl Journal for SegmentedJournal {
         let inner = &self.inner;
         let released = inner.released.load(Ordering::Acquire);
         let durable = *inner.durable_tx.borrow();
-        let segments = inner.segments().len() as u64;
+        let (segments, disk_bytes) = {
+            let segs = inner.segments();
+            (segs.len() as u64, segs.iter().map(|s| s.size).sum())
+        };
         let mut st = inner.state();
         while st.marks.len() > 1 && st.marks.get(1).is_some_and(|(s, _)| *s <= released + 1) {
             st.marks.pop_front();
@@ -544,7 +556,7 @@ impl Journal for SegmentedJournal {
             .flatten();
         JournalStats {
             records: st.next_seq - 1 - released,
-            disk_bytes: segments * inner.cfg.segment_bytes,
+            disk_bytes,
             segments,
             oldest_age,
             next_seq: st.next_seq,
@@ -554,24 +566,38 @@ impl Journal for SegmentedJournal {
             full: st.full,
             rejected: inner.rejected.load(Ordering::Relaxed),
             dropped: inner.dropped.load(Ordering::Relaxed),
+            stalled: st.stalled.clone(),
         }
     }
 }
 
 /// The writer thread: takes whole batches, writes, syncs once, publishes durability.
+///
+/// A transient I/O error (ENOSPC, EDQUOT, EMFILE, ENFILE, EIO) does not stop it: the batch
+/// stays in memory, `stalled` says why, the durable watermark stays where it is (so no
+/// PUBACK goes out and appenders back-pressure once the buffer is full), and the whole
+/// batch is rewritten from memory at the same offsets after a back-off. Rewriting rather
+/// than re-syncing matters after a failed `fdatasync`: the kernel may have dropped the
+/// dirty pages and marked them clean ("fsyncgate"), so a second sync could succeed on
+/// data that never reached the disk.
 fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) {
-    let mut checkpointed = Checkpoint {
+    let mut maint = Maintenance {
         seq: checkpointed,
         at: std::time::Instant::now(),
+        orphans: Vec::new(),
     };
-    let mut spare = Vec::new();
+    let mut batch = Vec::new();
     let mut rolls = Vec::new();
+    let mut last_seq = 0;
+    // Where the pending batch starts; a retry rewrites it from there.
+    let mut start: Option<(PathBuf, u64)> = None;
+    let mut backoff = RETRY_MIN;
     loop {
-        let (last_seq, exit) = {
+        let exit = {
             let mut st = inner.state();
             loop {
                 if let Some(torn) = st.crash {
-                    if torn && !st.buf.is_empty() {
+                    if torn && !st.buf.is_empty() && batch.is_empty() {
                         let half = st.buf.len() / 2;
                         let end = st.rolls.first().map_or(half, |(off, _)| half.min(*off));
                         let _ = head.file.write_all_at(&st.buf[..end], head.offset);
@@ -579,8 +605,11 @@ fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) {
                     st.buf.clear();
                     return;
                 }
-                let release_due = checkpointed.due(&inner, false);
-                if !st.buf.is_empty() || release_due || st.closing {
+                if !batch.is_empty() {
+                    break;
+                }
+                let maintenance_due = maint.due(&inner, false);
+                if !st.buf.is_empty() || maintenance_due || st.closing {
                     break;
                 }
                 st.writer_waiting = true;
@@ -591,52 +620,144 @@ fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) {
                     .unwrap_or_else(|e| e.into_inner().0);
                 st.writer_waiting = false;
             }
-            std::mem::swap(&mut st.buf, &mut spare);
-            std::mem::swap(&mut st.rolls, &mut rolls);
-            (st.next_seq - 1, st.closing)
+            if batch.is_empty() && !st.buf.is_empty() {
+                std::mem::swap(&mut st.buf, &mut batch);
+                std::mem::swap(&mut st.rolls, &mut rolls);
+                last_seq = st.next_seq - 1;
+                start = Some((head.path.clone(), head.offset));
+            }
+            st.closing
         };
-        let result = write_batch(&inner, &mut head, &spare, &rolls).and_then(|wrote| {
-            if wrote {
+        let mut result = Ok(());
+        if let Some((path, offset)) = &start {
+            result = rewind(&mut head, path, *offset)
+                .and_then(|()| write_batch(&inner, &mut head, &batch, &rolls));
+            if result.is_ok() {
                 inner.syncs.fetch_add(1, Ordering::Relaxed);
                 inner.durable_tx.send_replace(last_seq);
+                batch.clear();
+                rolls.clear();
+                start = None;
+                inner.space.notify_waiters();
             }
-            spare.clear();
-            rolls.clear();
-            inner.space.notify_waiters();
-            maintain(&inner, &mut checkpointed, exit)
-        });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "journal: writer failed; no further message will be acknowledged");
-            inner.state().stopped = Some(e.to_string());
-            inner.space.notify_waiters();
-            return;
         }
-        if exit && inner.state().buf.is_empty() {
-            return;
+        if result.is_ok() {
+            result = maintain(&inner, &mut maint, exit);
+        }
+        match result {
+            Ok(()) => {
+                backoff = RETRY_MIN;
+                let recovered = inner.state().stalled.take();
+                if let Some(was) = recovered {
+                    tracing::info!(
+                        durable = *inner.durable_tx.borrow(),
+                        was = %was,
+                        "journal: writer recovered; acknowledgements resume"
+                    );
+                }
+                if exit && inner.state().buf.is_empty() {
+                    return;
+                }
+            }
+            Err(e) if is_transient(&e) && !exit => {
+                stall(&inner, &e);
+                pause(&inner, backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal: writer failed; no further message will be acknowledged");
+                inner.state().stopped = Some(e.to_string());
+                inner.space.notify_waiters();
+                return;
+            }
         }
     }
 }
 
+/// Errors the writer waits out instead of stopping for good.
+fn is_transient(e: &JournalError) -> bool {
+    let JournalError::Io { source, .. } = e else {
+        return false;
+    };
+    use rustix::io::Errno;
+    [Errno::NOSPC, Errno::DQUOT, Errno::MFILE, Errno::NFILE, Errno::IO]
+        .iter()
+        .any(|errno| source.raw_os_error() == Some(errno.raw_os_error()))
+}
+
+/// Marks the journal stalled; logs once per stall.
+fn stall(inner: &Inner, e: &JournalError) {
+    let durable = *inner.durable_tx.borrow();
+    let mut st = inner.state();
+    if st.stalled.is_none() {
+        tracing::error!(
+            error = %e,
+            durable,
+            "journal: writer stalled on an I/O error; retrying with back-off, acknowledgements withheld until it succeeds"
+        );
+    }
+    st.stalled = Some(format!("{e} (retrying; durable held at {durable})"));
+}
+
+/// Sleeps for the back-off; cut short by close or crash.
+fn pause(inner: &Inner, backoff: Duration) {
+    let deadline = std::time::Instant::now() + backoff;
+    let mut st = inner.state();
+    while st.crash.is_none() && !st.closing {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            break;
+        };
+        st = inner
+            .wake_writer
+            .wait_timeout(st, left)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+/// Puts the head back where the pending batch starts (a no-op on the first attempt).
+fn rewind(head: &mut Head, path: &Path, offset: u64) -> Result<(), JournalError> {
+    if head.path != path {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| JournalError::io(path, e))?;
+        *head = Head {
+            file,
+            path: path.to_path_buf(),
+            offset,
+        };
+    }
+    head.offset = offset;
+    Ok(())
+}
+
+/// Writes one batch and syncs it. Idempotent: running it again after a failure writes
+/// the same bytes at the same offsets and reuses segments an earlier attempt created.
 fn write_batch(
     inner: &Inner,
     head: &mut Head,
     batch: &[u8],
     rolls: &[(usize, u64)],
-) -> Result<bool, JournalError> {
-    if batch.is_empty() {
-        return Ok(false);
-    }
+) -> Result<(), JournalError> {
     let mut start = 0;
     for &(off, first_seq) in rolls {
         write_at(head, &batch[start..off])?;
         head.file
             .sync_data()
             .map_err(|e| JournalError::io(&head.path, e))?;
-        let (file, path) = create_segment(&inner.cfg.dir, first_seq, inner.cfg.segment_bytes)?;
-        inner.segments().push(SegmentMeta {
-            first_seq,
-            path: path.clone(),
-        });
+        let (file, path) = open_or_create_segment(&inner.cfg.dir, first_seq, inner.cfg.segment_bytes)?;
+        {
+            let mut segs = inner.segments();
+            if segs.last().is_none_or(|s| s.first_seq < first_seq) {
+                segs.push(SegmentMeta {
+                    first_seq,
+                    path: path.clone(),
+                    size: inner.cfg.segment_bytes,
+                });
+            }
+        }
         *head = Head {
             file,
             path,
@@ -648,7 +769,7 @@ fn write_batch(
     head.file
         .sync_data()
         .map_err(|e| JournalError::io(&head.path, e))?;
-    Ok(true)
+    Ok(())
 }
 
 fn write_at(head: &mut Head, bytes: &[u8]) -> Result<(), JournalError> {
@@ -659,18 +780,23 @@ fn write_at(head: &mut Head, bytes: &[u8]) -> Result<(), JournalError> {
     Ok(())
 }
 
-/// The last persisted release watermark and when it was written.
-struct Checkpoint {
+/// The writer's housekeeping state: the last persisted release watermark, when it was
+/// written, and segment files already out of the list whose unlink failed.
+struct Maintenance {
     seq: u64,
     at: std::time::Instant,
+    orphans: Vec<SegmentMeta>,
 }
 
-impl Checkpoint {
+impl Maintenance {
     /// Whether to persist now. The checkpoint only bounds how much is re-sent after a
     /// restart, so it is written at most every `MAINTENANCE_INTERVAL` (three syncs each
     /// time: writing it on every group commit quadrupled the commit latency) — except
     /// when a segment became deletable (space is waiting on it) or on close.
     fn due(&self, inner: &Inner, force: bool) -> bool {
+        if !self.orphans.is_empty() {
+            return true;
+        }
         let released = inner.released.load(Ordering::Acquire);
         if released <= self.seq {
             return false;
@@ -684,38 +810,52 @@ impl Checkpoint {
 }
 
 /// Persists the release watermark, then deletes segments whose records are all released.
-fn maintain(inner: &Inner, checkpointed: &mut Checkpoint, force: bool) -> Result<(), JournalError> {
-    if !checkpointed.due(inner, force) {
+///
+/// A segment leaves the in-memory list *before* its file is unlinked, so a reader never
+/// looks up a segment whose file is gone (a reader that raced the lookup retries).
+fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), JournalError> {
+    if !maint.due(inner, force) {
         return Ok(());
     }
     let released = inner.released.load(Ordering::Acquire);
-    write_checkpoint(&inner.cfg.dir, released)?;
-    *checkpointed = Checkpoint {
-        seq: released,
-        at: std::time::Instant::now(),
-    };
-    let doomed: Vec<SegmentMeta> = {
-        let segs = inner.segments();
+    if released > maint.seq {
+        write_checkpoint(&inner.cfg.dir, released)?;
+        maint.seq = released;
+        maint.at = std::time::Instant::now();
+    }
+    {
+        let mut segs = inner.segments();
         let n = segs
             .windows(2)
             .take_while(|w| w[1].first_seq - 1 <= released)
             .count();
-        segs[..n].to_vec()
-    };
-    if doomed.is_empty() {
+        maint.orphans.extend(segs.drain(..n));
+    }
+    if maint.orphans.is_empty() {
         return Ok(());
     }
-    for seg in &doomed {
-        fs::remove_file(&seg.path).map_err(|e| JournalError::io(&seg.path, e))?;
+    while let Some(seg) = maint.orphans.first() {
+        match fs::remove_file(&seg.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(JournalError::io(&seg.path, e)),
+        }
+        let seg = maint.orphans.remove(0);
+        let mut st = inner.state();
+        st.planned_segments -= 1;
+        st.planned_bytes = st.planned_bytes.saturating_sub(seg.size);
     }
     sync_dir(&inner.cfg.dir)?;
-    inner.segments().drain(..doomed.len());
-    inner.state().planned_segments -= doomed.len() as u64;
     inner.space.notify_waiters();
     Ok(())
 }
 
 /// Sequential reader of durable records, for the Kafka producer and for inspection.
+///
+/// Returns every durable record in sequence order. It jumps over sequence gaps between
+/// segments (segments evicted by `drop_oldest`, records lost to a repaired corruption)
+/// and returns [`JournalError::Corrupt`] for anything else it cannot read: it never skips
+/// a damaged record silently.
 pub struct JournalReader {
     inner: Arc<Inner>,
     next_seq: u64,
@@ -757,10 +897,29 @@ impl OpenSegment {
         self.pos = 0;
         Ok(())
     }
+
+    fn offset(&self) -> u64 {
+        self.chunk_offset + self.pos as u64
+    }
+
+    /// Offset of the first non-zero byte from the current position to the end of file.
+    fn first_nonzero(&mut self) -> Result<Option<u64>, JournalError> {
+        loop {
+            if let Some(i) = self.chunk[self.pos..].iter().position(|b| *b != 0) {
+                return Ok(Some(self.offset() + i as u64));
+            }
+            self.pos = self.chunk.len();
+            self.refill(READ_CHUNK)?;
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+        }
+    }
 }
 
 impl JournalReader {
-    /// The sequence the next returned record will have.
+    /// The sequence the next returned record will have (or, after a gap, the first
+    /// sequence the reader will look for).
     pub fn position(&self) -> u64 {
         self.next_seq
     }
@@ -768,6 +927,7 @@ impl JournalReader {
     /// Up to `max` durable records in sequence order; empty when caught up.
     pub fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, JournalError> {
         let durable = *self.inner.durable_tx.borrow();
+        self.leave_evicted_segment();
         let mut out = Vec::new();
         while out.len() < max && self.next_seq <= durable {
             if self.seg.is_none() && !self.open_segment()? {
@@ -789,12 +949,17 @@ impl JournalReader {
             }
             match decode(&seg.chunk[seg.pos..]) {
                 Frame::Record(rec, n) => {
+                    let at = seg.offset();
                     seg.pos += n;
                     if rec.seq == self.next_seq {
                         self.next_seq += 1;
                         out.push(rec);
                     } else if rec.seq > self.next_seq {
-                        return Err(self.corrupt(format!("expected seq {} found {}", self.next_seq, rec.seq)));
+                        return Err(self.corrupt(
+                            at,
+                            durable,
+                            format!("expected sequence {} found {}", self.next_seq, rec.seq),
+                        ));
                     }
                 }
                 // Either cached bytes the writer had not finished when they were read, or
@@ -803,17 +968,10 @@ impl JournalReader {
                     seg.refill(need)?;
                     match decode(&seg.chunk[seg.pos..]) {
                         Frame::Record(..) => {}
-                        Frame::End => {
-                            let finished = seg.first_seq;
-                            self.seg = None;
-                            if !self.open_segment()?
-                                || self.seg.as_ref().is_some_and(|s| s.first_seq == finished)
-                            {
-                                return Err(self.corrupt(format!("durable seq {} missing", self.next_seq)));
-                            }
-                        }
+                        Frame::End => self.next_segment(durable)?,
                         Frame::Torn(why) => {
-                            return Err(self.corrupt(format!("durable seq {}: {why}", self.next_seq)));
+                            let at = seg.offset();
+                            return Err(self.corrupt(at, durable, why.to_string()));
                         }
                     }
                 }
@@ -822,41 +980,126 @@ impl JournalReader {
         Ok(out)
     }
 
-    fn corrupt(&self, what: String) -> JournalError {
-        let path = self
+    fn corrupt(&self, offset: u64, last_seq: u64, reason: String) -> JournalError {
+        let segment = self
             .seg
             .as_ref()
             .map(|s| s.path.clone())
             .unwrap_or_else(|| self.inner.cfg.dir.clone());
-        JournalError::io(path, std::io::Error::new(std::io::ErrorKind::InvalidData, what))
+        JournalError::Corrupt {
+            segment,
+            offset,
+            first_seq: self.next_seq,
+            last_seq: last_seq.max(self.next_seq),
+            reason,
+        }
     }
 
-    /// Opens the segment holding `next_seq`; skips forward over deleted (released) ones.
-    fn open_segment(&mut self) -> Result<bool, JournalError> {
-        let meta = {
-            let segs = self.inner.segments();
-            let Some(first) = segs.first() else {
-                return Ok(false);
-            };
-            if self.next_seq < first.first_seq {
-                self.next_seq = first.first_seq;
-            }
-            let idx = segs.partition_point(|s| s.first_seq <= self.next_seq);
-            match idx.checked_sub(1).and_then(|i| segs.get(i)) {
-                Some(m) => m.clone(),
-                None => return Ok(false),
-            }
+    /// `drop_oldest` may evict the segment being read: continue with the next retained one.
+    fn leave_evicted_segment(&mut self) {
+        let Some(seg) = &self.seg else { return };
+        let first_retained = self.inner.segments().first().map(|s| s.first_seq);
+        if first_retained.is_some_and(|f| f > seg.first_seq) {
+            self.seg = None;
+        }
+    }
+
+    /// The current segment ended (zeros or end of file) before `durable`: move to the next
+    /// segment. A sequence gap before it is legal only if nothing follows in this segment
+    /// (an evicted or repaired journal); otherwise the zeros hide damage.
+    fn next_segment(&mut self, durable: u64) -> Result<(), JournalError> {
+        let Some(seg) = self.seg.as_mut() else {
+            return Ok(());
         };
-        let file = File::open(&meta.path).map_err(|e| JournalError::io(&meta.path, e))?;
-        self.seg = Some(OpenSegment {
-            file,
-            path: meta.path,
-            first_seq: meta.first_seq,
-            chunk_offset: 0,
-            chunk: Vec::new(),
-            pos: 0,
-        });
-        Ok(true)
+        let end = seg.offset();
+        let finished = seg.first_seq;
+        let next = {
+            let segs = self.inner.segments();
+            segs.iter().find(|s| s.first_seq > finished).map(|s| s.first_seq)
+        };
+        let Some(next) = next else {
+            return Err(self.corrupt(
+                end,
+                durable,
+                format!(
+                    "durable sequence {} missing at the end of the journal",
+                    self.next_seq
+                ),
+            ));
+        };
+        if next > self.next_seq {
+            if let Some(at) = seg.first_nonzero()? {
+                return Err(self.corrupt(
+                    at,
+                    next - 1,
+                    format!(
+                        "records {}..{} missing: the segment has zeros at byte {end} and data after them",
+                        self.next_seq,
+                        next - 1
+                    ),
+                ));
+            }
+            tracing::debug!(
+                from = self.next_seq,
+                to = next,
+                "journal reader: skipping a sequence gap"
+            );
+            self.next_seq = next;
+        }
+        self.seg = None;
+        if !self.open_segment()? || self.seg.as_ref().is_some_and(|s| s.first_seq == finished) {
+            return Err(self.corrupt(
+                end,
+                durable,
+                format!("durable sequence {} missing", self.next_seq),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens the segment holding `next_seq`; skips forward over deleted (released or
+    /// evicted) ones, also when one is deleted between looking it up and opening it.
+    fn open_segment(&mut self) -> Result<bool, JournalError> {
+        loop {
+            let meta = {
+                let segs = self.inner.segments();
+                let Some(first) = segs.first() else {
+                    return Ok(false);
+                };
+                if self.next_seq < first.first_seq {
+                    self.next_seq = first.first_seq;
+                }
+                let idx = segs.partition_point(|s| s.first_seq <= self.next_seq);
+                match idx.checked_sub(1).and_then(|i| segs.get(i)) {
+                    Some(m) => m.clone(),
+                    None => return Ok(false),
+                }
+            };
+            let file = match File::open(&meta.path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let still_listed = self
+                        .inner
+                        .segments()
+                        .iter()
+                        .any(|s| s.first_seq == meta.first_seq);
+                    if still_listed {
+                        return Err(JournalError::io(&meta.path, e));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(JournalError::io(&meta.path, e)),
+            };
+            self.seg = Some(OpenSegment {
+                file,
+                path: meta.path,
+                first_seq: meta.first_seq,
+                chunk_offset: 0,
+                chunk: Vec::new(),
+                pos: 0,
+            });
+            return Ok(true);
+        }
     }
 }
 
