@@ -207,3 +207,44 @@ fn lowering_segment_bytes_between_restarts_keeps_max_bytes_and_every_record() {
     assert!(j.stats().disk_bytes <= max_bytes);
     assert_eq!(j.stats().next_seq, n + 1);
 }
+
+#[test]
+fn an_empty_segment_left_by_a_failed_roll_is_reused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let config = || {
+        let mut cfg = JournalConfig::new(dir.path(), 4096 * 16);
+        cfg.segment_bytes = 4096;
+        cfg
+    };
+    {
+        let j = SegmentedJournal::open(config()).expect("opens");
+        for n in 1..=3 {
+            rt.block_on(j.append(&entry(n, 900))).expect("append");
+        }
+        rt.block_on(j.flush()).expect("flush");
+        j.close();
+    }
+    // A roll created the next segment and crashed before fallocate succeeded.
+    std::fs::File::create(dir.path().join(format!("{:020}.seg", 4))).expect("create");
+    let j = SegmentedJournal::open(config()).expect("opens with a zero-length head");
+    for n in 4..=40 {
+        assert_eq!(rt.block_on(j.append(&entry(n, 900))).expect("append"), n);
+    }
+    rt.block_on(j.flush()).expect("flush");
+    let all = read_all(&j);
+    assert_eq!(
+        all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<_>>()
+    );
+    let stats = j.stats();
+    let files = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))
+        })
+        .count() as u64;
+    assert_eq!(stats.segments, files, "the segment count matches the files");
+    assert_eq!(stats.disk_bytes, files * 4096);
+}

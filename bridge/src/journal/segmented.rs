@@ -262,6 +262,23 @@ impl SegmentedJournal {
             .ok_or_else(|| JournalError::Config("no segment".into()))?;
         check_older_segments(&segments, checkpoint)?;
         let (file, scan) = recover_head(&head_meta)?;
+        let mut head_size = head_meta.size;
+        if scan.end == 0 && head_size < cfg.segment_bytes {
+            // An empty head left short by a roll that failed half-way (ENOSPC in
+            // fallocate, then a crash): size it now, or the next roll would pick its name.
+            // Best effort: on a still-full disk the writer's roll reuses the file instead.
+            let sized = preallocate(&file, &head_meta.path, cfg.segment_bytes)
+                .and_then(|()| file.sync_all().map_err(|e| JournalError::io(&head_meta.path, e)));
+            match sized {
+                Ok(()) => {
+                    head_size = cfg.segment_bytes;
+                    if let Some(last) = segments.last_mut() {
+                        last.size = head_size;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "journal: cannot size the empty head segment yet"),
+            }
+        }
         let durable = scan.next_seq - 1;
         let first_retained = segments.first().map(|s| s.first_seq).unwrap_or(1);
         let released = checkpoint.max(first_retained.saturating_sub(1)).min(durable);
@@ -297,7 +314,7 @@ impl SegmentedJournal {
                 rolls: Vec::new(),
                 next_seq: scan.next_seq,
                 // The head's real size: it may come from an earlier, larger segment_bytes.
-                head_remaining: head_meta.size.saturating_sub(scan.end),
+                head_remaining: head_size.saturating_sub(scan.end),
                 planned_segments: segments.len() as u64,
                 planned_bytes: disk_bytes,
                 full: false,
@@ -750,12 +767,17 @@ fn write_batch(
         let (file, path) = open_or_create_segment(&inner.cfg.dir, first_seq, inner.cfg.segment_bytes)?;
         {
             let mut segs = inner.segments();
-            if segs.last().is_none_or(|s| s.first_seq < first_seq) {
-                segs.push(SegmentMeta {
+            match segs.last_mut() {
+                // Created by an earlier attempt of this batch, or an empty head that a
+                // failed roll left short: the same file, now sized.
+                Some(last) if last.first_seq == first_seq => {
+                    last.size = last.size.max(inner.cfg.segment_bytes)
+                }
+                _ => segs.push(SegmentMeta {
                     first_seq,
                     path: path.clone(),
                     size: inner.cfg.segment_bytes,
-                });
+                }),
             }
         }
         *head = Head {
