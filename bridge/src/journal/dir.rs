@@ -160,3 +160,22 @@ fn random_id() -> std::io::Result<String> {
     File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
+
+pub(crate) const CHECKPOINT: &str = "release.checkpoint";
+
+pub(crate) fn read_checkpoint(dir: &Path) -> Option<u64> {
+    let bytes = fs::read(dir.join(CHECKPOINT)).ok()?;
+    if bytes.len() != 12 {
+        return None;
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&bytes[..8]);
+    let crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    (crc32c::crc32c(&seq) == crc).then(|| u64::from_le_bytes(seq))
+}
+
+pub(crate) fn write_checkpoint(dir: &Path, seq: u64) -> Result<(), JournalError> {
+    let mut bytes = seq.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(&seq.to_le_bytes()).to_le_bytes());
+    write_durably(dir, CHECKPOINT, &bytes)
+}

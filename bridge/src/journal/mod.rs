@@ -137,18 +137,22 @@
 //! gateway runs. See [`repair`] for crash safety.
 
 mod dir;
+mod reader;
 mod record;
+mod recovery;
 mod repair;
 mod scan;
 mod segmented;
+mod writer;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use reader::JournalReader;
 pub use record::{decode, encode, frame_len, EncodeError, Entry, Frame, Record, FRAME_HEADER};
 pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
-pub use segmented::{FullPolicy, JournalReader, SegmentedJournal};
+pub use segmented::{FullPolicy, SegmentedJournal};
 use tokio::sync::watch;
 
 /// Tuning of the segmented journal. `dir` and `max_bytes` are the operator's `[journal]`

@@ -20,9 +20,11 @@ use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::dir::{list_segments, lock_dir, preallocate, segment_path, sync_dir, SegmentMeta, QUARANTINE_DIR};
+use super::dir::{
+    list_segments, lock_dir, preallocate, read_checkpoint, segment_path, sync_dir, SegmentMeta,
+    QUARANTINE_DIR,
+};
 use super::scan::{self, SegmentScan};
-use super::segmented::read_checkpoint;
 use super::JournalError;
 
 /// One segment as `verify` found it.
@@ -153,7 +155,8 @@ impl fmt::Display for VerifyReport {
             } else {
                 ""
             };
-            writeln!(f, "  DAMAGE {d}{note}")?;
+            let label = if d.torn_tail { "TORN TAIL" } else { "DAMAGE" };
+            writeln!(f, "  {label} {d}{note}")?;
         }
         if self.is_clean() {
             write!(f, "result: OK, the journal opens as it is")
