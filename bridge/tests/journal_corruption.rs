@@ -292,3 +292,27 @@ fn journal_identity_is_durable_and_new_for_a_new_journal() {
     assert_eq!(j.id().len(), 32);
     assert!(a.path().join("JOURNAL_ID").exists());
 }
+
+#[test]
+fn a_damaged_length_is_reported_not_allocated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), 4096, 100);
+    let (seg, off, _) = locate(dir.path(), 10);
+    let mut data = std::fs::read(&seg).expect("read");
+    data[off..off + 4].copy_from_slice(&0xfff0_0000u32.to_le_bytes());
+    std::fs::write(&seg, data).expect("write");
+    let opened = SegmentedJournal::open(config(dir.path(), 4096));
+    let err = match opened {
+        Ok(j) => read_all(&j).expect_err("damage is reported"),
+        Err(e) => e,
+    };
+    match err {
+        JournalError::Corrupt {
+            segment, first_seq, ..
+        } => {
+            assert_eq!(segment, seg);
+            assert_eq!(first_seq, 10);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}

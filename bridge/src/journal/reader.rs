@@ -35,6 +35,8 @@ struct OpenSegment {
     file: File,
     path: PathBuf,
     first_seq: u64,
+    /// File size when opened (segments are pre-sized; repaired ones are not written to).
+    size: u64,
     /// File offset of `chunk[0]`.
     chunk_offset: u64,
     chunk: Vec<u8>,
@@ -109,6 +111,9 @@ impl JournalReader {
             } else {
                 FRAME_HEADER
             };
+            // A damaged length must not make the reader allocate gigabytes: no frame runs
+            // past the end of its segment (decoding then reports the damage).
+            let need = need.min(seg.size.saturating_sub(seg.offset()).max(FRAME_HEADER as u64) as usize);
             if rest.len() < need {
                 let before = seg.chunk.len() - seg.pos;
                 seg.refill(need)?;
@@ -259,10 +264,16 @@ impl JournalReader {
                 }
                 Err(e) => return Err(JournalError::io(&meta.path, e)),
             };
+            let size = file
+                .metadata()
+                .map_err(|e| JournalError::io(&meta.path, e))?
+                .len()
+                .max(meta.size);
             self.seg = Some(OpenSegment {
                 file,
                 path: meta.path,
                 first_seq: meta.first_seq,
+                size,
                 chunk_offset: 0,
                 chunk: Vec::new(),
                 pos: 0,

@@ -272,16 +272,28 @@ impl Maintenance {
 ///
 /// A segment leaves the in-memory list *before* its file is unlinked, so a reader never
 /// looks up a segment whose file is gone (a reader that raced the lookup retries).
+///
+/// Deleting does not wait for the checkpoint: after a restart the first retained segment
+/// bounds the release watermark as well, and on a full disk (where the checkpoint's temp
+/// file cannot be written) deleting released segments is what frees space.
 fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), JournalError> {
     if !maint.due(inner, force) {
         return Ok(());
     }
     let released = inner.released.load(Ordering::Acquire);
-    if released > maint.seq {
-        write_checkpoint(&inner.cfg.dir, released)?;
-        maint.seq = released;
-        maint.at = std::time::Instant::now();
-    }
+    let checkpoint = if released > maint.seq {
+        write_checkpoint(&inner.cfg.dir, released).map(|()| {
+            maint.seq = released;
+            maint.at = std::time::Instant::now();
+        })
+    } else {
+        Ok(())
+    };
+    delete_released(inner, maint, released)?;
+    checkpoint
+}
+
+fn delete_released(inner: &Inner, maint: &mut Maintenance, released: u64) -> Result<(), JournalError> {
     {
         let mut segs = inner.segments();
         let n = segs
