@@ -136,7 +136,7 @@ impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "journal {}: {} segments, {} records, released up to {}",
+            "journal {}: {} segment(s), {} records, released up to {}",
             self.dir.display(),
             self.segments.len(),
             self.records(),
@@ -144,7 +144,7 @@ impl fmt::Display for VerifyReport {
         )?;
         for s in &self.segments {
             let seqs = s.last_seq.map_or("no records".to_string(), |l| {
-                format!("records {}..={}", s.first_seq, l)
+                format!("{} records, sequences {}..={}", s.records, s.first_seq, l)
             });
             writeln!(f, "  {} ({} bytes): {seqs}", s.path.display(), s.size)?;
         }
@@ -163,8 +163,9 @@ impl fmt::Display for VerifyReport {
         } else {
             write!(
                 f,
-                "result: DAMAGED, {} damaged spans; the gateway refuses to start. Run `gateway journal repair` \
-                 (quarantines the damaged bytes, keeps every intact record)",
+                "result: DAMAGED, {} damaged span(s); the gateway refuses to start (or stops forwarding when it \
+                 reaches the damage). Run `gateway journal repair` (quarantines the damaged bytes, keeps every \
+                 intact record)",
                 self.damaged.iter().filter(|d| !d.torn_tail).count()
             )
         }
