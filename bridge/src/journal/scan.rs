@@ -144,6 +144,15 @@ fn find_resume(data: &[u8], from: usize, after_seq: u64) -> Option<(usize, u64)>
     let mut q = from;
     while q + MIN_FRAME <= data.len() {
         let len = u32::from_le_bytes([data[q], data[q + 1], data[q + 2], data[q + 3]]) as usize;
+        if len == 0 {
+            // Skip a run of zeros quickly (pre-sized segments are mostly zeros): a frame's
+            // length has a non-zero byte among its four.
+            match data[q + 4..].iter().position(|b| *b != 0) {
+                Some(i) => q = (q + 4 + i).saturating_sub(3).max(q + 1),
+                None => return None,
+            }
+            continue;
+        }
         let fits = len >= MIN_FRAME - FRAME_HEADER && q + FRAME_HEADER + len <= data.len();
         if fits {
             let mut s = [0u8; 8];
@@ -229,6 +238,31 @@ mod tests {
         assert_eq!(d.offset, starts[9] as u64);
         assert_eq!(d.lost(), Some((10, 10)));
         assert_eq!(s.records(), 19);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn scan_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048), first in 1u64..1000) {
+            let s = scan(&bytes, first);
+            for r in &s.runs {
+                proptest::prop_assert!(r.end as usize <= bytes.len() && r.first_seq <= r.last_seq);
+            }
+        }
+
+        #[test]
+        fn one_flipped_byte_loses_exactly_its_record(count in 3u64..40, victim_pick in 0usize..1000, byte_pick in 0usize..1000, bit in 0u8..8) {
+            let (mut data, starts) = segment(1..=count);
+            let victim = victim_pick % (count as usize - 1); // not the last record
+            let end = starts.get(victim + 1).copied().unwrap_or(data.len());
+            let at = starts[victim] + byte_pick % (end - starts[victim]);
+            data[at] ^= 1 << bit;
+            data.resize(data.len() + 512, 0);
+            let s = scan(&data, 1);
+            let d = s.mid_damage().expect("damage with records after it");
+            proptest::prop_assert_eq!(d.lost(), Some((victim as u64 + 1, victim as u64 + 1)));
+            proptest::prop_assert_eq!(s.records(), count - 1);
+            proptest::prop_assert_eq!(s.last_seq(), Some(count));
+        }
     }
 
     #[test]
