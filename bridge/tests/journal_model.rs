@@ -1,21 +1,40 @@
 //! Model test of the journal: random appends, releases, crashes (the writer stops
-//! without syncing, optionally mid-write) and reopenings. After every reopen the journal
-//! must hold every record that was durable at the crash, in order, byte-identical, and
-//! nothing that was never appended.
+//! without syncing, optionally mid-write), reopenings and corruption of a written record
+//! followed by `repair`. After every reopen the journal must hold every record that was
+//! durable at the crash, in order, byte-identical, and nothing that was never appended;
+//! a corrupted record is never lost silently: opening or reading reports it, and `repair`
+//! loses exactly that record and keeps every other.
 
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bridge::{Entry, Journal, JournalConfig, SegmentedJournal};
+use bridge::journal::{decode, repair, Frame};
+use bridge::{Entry, Journal, JournalConfig, JournalError, SegmentedJournal};
 use bytes::Bytes;
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Append { count: usize, size: usize },
-    AppendAndWait { count: usize, size: usize },
-    Release { fraction: u8 },
-    Crash { torn: bool },
+    Append {
+        count: usize,
+        size: usize,
+    },
+    AppendAndWait {
+        count: usize,
+        size: usize,
+    },
+    Release {
+        fraction: u8,
+    },
+    Crash {
+        torn: bool,
+    },
     Reopen,
+    /// Flip one byte of a written record that has a later record after it.
+    Corrupt {
+        pick: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -25,6 +44,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..=100u8).prop_map(|fraction| Op::Release { fraction }),
         2 => any::<bool>().prop_map(|torn| Op::Crash { torn }),
         1 => Just(Op::Reopen),
+        1 => any::<u8>().prop_map(|pick| Op::Corrupt { pick }),
     ]
 }
 
@@ -48,8 +68,9 @@ fn config(dir: &std::path::Path) -> JournalConfig {
     cfg
 }
 
-/// Reads every retained record and checks it against the model.
-fn check(j: &SegmentedJournal, model: &[Entry], released: u64) -> u64 {
+/// Reads every retained record and checks it against the model (`lost`: sequences a
+/// repair reported lost).
+fn check(j: &SegmentedJournal, model: &[Entry], released: u64, lost: &BTreeSet<u64>) -> u64 {
     let mut reader = j.reader(0);
     let mut all = Vec::new();
     loop {
@@ -72,8 +93,13 @@ fn check(j: &SegmentedJournal, model: &[Entry], released: u64) -> u64 {
     let mut prev = 0;
     for rec in &all {
         assert!(rec.seq > prev, "records out of order: {} after {prev}", rec.seq);
+        assert!(!lost.contains(&rec.seq), "a lost record {} came back", rec.seq);
         if rec.seq > released + 1 {
-            assert_eq!(rec.seq, prev + 1, "unreleased records missing before {}", rec.seq);
+            let mut expect = prev + 1;
+            while lost.contains(&expect) || expect <= released {
+                expect += 1;
+            }
+            assert_eq!(rec.seq, expect, "unreleased records missing before {}", rec.seq);
         }
         prev = rec.seq;
         let expected = &model[rec.seq as usize - 1];
@@ -86,6 +112,33 @@ fn check(j: &SegmentedJournal, model: &[Entry], released: u64) -> u64 {
     last
 }
 
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Flips a byte inside the frame of record `seq`; false if it is not on disk.
+fn corrupt_record(dir: &Path, seq: u64, pick: u8) -> bool {
+    for seg in segment_files(dir) {
+        let mut data = std::fs::read(&seg).expect("read segment");
+        let mut pos = 0;
+        while let Frame::Record(rec, n) = decode(&data[pos..]) {
+            if rec.seq == seq {
+                data[pos + pick as usize % n] ^= 0x81;
+                std::fs::write(&seg, data).expect("write segment");
+                return true;
+            }
+            pos += n;
+        }
+    }
+    false
+}
+
 fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().expect("tempdir");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -96,6 +149,7 @@ fn run(ops: Vec<Op>) {
     // model[seq - 1] is the entry appended with that sequence.
     let mut model: Vec<Entry> = Vec::new();
     let mut released = 0u64;
+    let mut lost = BTreeSet::new();
     for op in ops {
         match op {
             Op::Append { count, size } | Op::AppendAndWait { count, size } => {
@@ -121,7 +175,7 @@ fn run(ops: Vec<Op>) {
                 j.simulate_crash(torn);
                 drop(j);
                 j = SegmentedJournal::open(config(dir.path())).expect("reopens after crash");
-                let last = check(&j, &model, released);
+                let last = check(&j, &model, released, &lost);
                 assert!(
                     last >= durable,
                     "durable record {} lost (recovered up to {last})",
@@ -135,13 +189,69 @@ fn run(ops: Vec<Op>) {
                 j.close();
                 drop(j);
                 j = SegmentedJournal::open(config(dir.path())).expect("reopens");
-                let last = check(&j, &model, released);
+                let last = check(&j, &model, released, &lost);
                 assert_eq!(last as usize, model.len(), "a clean close keeps everything");
+            }
+            Op::Corrupt { pick } => {
+                j.close();
+                drop(j);
+                // A record after the release watermark with a later record after it.
+                let candidates: Vec<u64> = (released + 1..model.len() as u64)
+                    .filter(|s| !lost.contains(s))
+                    .collect();
+                let Some(&victim) = candidates.get(pick as usize % candidates.len().max(1)) else {
+                    j = SegmentedJournal::open(config(dir.path())).expect("reopens");
+                    continue;
+                };
+                assert!(
+                    corrupt_record(dir.path(), victim, pick),
+                    "record {victim} not on disk"
+                );
+                match SegmentedJournal::open(config(dir.path())) {
+                    Err(JournalError::Corrupt {
+                        first_seq, last_seq, ..
+                    }) => {
+                        assert!(
+                            first_seq <= victim && victim <= last_seq,
+                            "range {first_seq}..={last_seq} misses {victim}"
+                        );
+                    }
+                    Err(e) => panic!("unexpected error opening a corrupted journal: {e}"),
+                    Ok(opened) => {
+                        let mut r = opened.reader(0);
+                        let err = loop {
+                            match r.next_batch(64) {
+                                Ok(b) if b.is_empty() => panic!("record {victim} was skipped silently"),
+                                Ok(b) => {
+                                    assert!(b.iter().all(|rec| rec.seq < victim), "read past the damage")
+                                }
+                                Err(e) => break e,
+                            }
+                        };
+                        assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+                    }
+                }
+                let report = repair(dir.path()).expect("repair");
+                let newly: BTreeSet<u64> = report
+                    .lost
+                    .iter()
+                    .flat_map(|(a, b)| *a..=*b)
+                    .filter(|s| !lost.contains(s))
+                    .collect();
+                assert_eq!(
+                    newly,
+                    BTreeSet::from([victim]),
+                    "repair loses exactly the damaged record: {report}"
+                );
+                lost.extend(newly);
+                j = SegmentedJournal::open(config(dir.path())).expect("opens after repair");
+                let last = check(&j, &model, released, &lost);
+                assert_eq!(last as usize, model.len(), "repair keeps the end of the journal");
             }
         }
     }
     rt.block_on(j.flush()).expect("final flush");
-    check(&j, &model, released);
+    check(&j, &model, released, &lost);
 }
 
 proptest! {

@@ -2,9 +2,11 @@
 //!
 //! # Contract
 //!
-//! * [`Journal::append`] gives an entry the next sequence number (strictly increasing by
-//!   one, never reused, also across restarts) and returns it once the entry is admitted
-//!   to the write buffer. It does **not** mean durable.
+//! * [`Journal::append`] gives an entry the next sequence number (strictly increasing,
+//!   never reused, also across restarts) and returns it once the entry is admitted to the
+//!   write buffer. It does **not** mean durable. Appends number records densely (+1);
+//!   *gaps* appear only between segments, where `drop_oldest` evicted a segment or
+//!   `repair` removed damaged records; readers skip them (see Reading).
 //! * [`Journal::durable`] is a watch of the highest sequence on stable storage: every
 //!   record with `seq <= *durable.borrow()` survives a crash at any instant (process
 //!   kill or power loss). The gateway PUBACKs a QoS1 message only once its sequence is
@@ -20,20 +22,35 @@
 //!   `append` waits until releases free a segment: back-pressure that propagates to
 //!   the sockets (invariant 4). `append_with` applies the other policies: `Reject`
 //!   returns without appending, `DropOldest` deletes the oldest segment undelivered.
+//! * The journal never silently discards an acknowledged record (invariant 6): only the
+//!   unsynced end of the last write can be torn (and cut); any other damage stops the
+//!   journal with [`JournalError::Corrupt`] until an operator runs [`verify`] / [`repair`].
+//! * [`SegmentedJournal::id`] identifies this journal: sequences restart when a journal
+//!   directory is recreated, the identity tells consumers that it happened.
 //!
 //! # On disk
 //!
 //! ```text
-//! <dir>/LOCK                           flock'ed by the owning process
+//! <dir>/LOCK                           flock'ed by the owning process (and by verify/repair)
+//! <dir>/JOURNAL_ID                     identity: 32 hex digits (128 random bits) + newline
 //! <dir>/00000000000000000001.seg       segment; name = sequence of its first record
 //! <dir>/00000000000000052311.seg
 //! <dir>/release.checkpoint             released-up-to sequence: u64le + crc32c u32le
+//! <dir>/quarantine/<segment>-<offset>.bin   damaged bytes moved aside by `repair`
 //! ```
 //!
 //! Segments are pre-sized (`fallocate`) to `segment_bytes`, so an `fdatasync` of a write
 //! inside one does not have to update file metadata. Records are framed as described in
 //! [`record`]: length + CRC32C + body carrying sequence, client id, topic, payload, QoS,
-//! receive time, and the MQTT 5 properties downstream needs.
+//! receive time, and the MQTT 5 properties downstream needs. `JOURNAL_ID` is written
+//! (temp file, fsync, rename, directory fsync) when the journal is created, or on the
+//! first open of a directory from before identities existed.
+//!
+//! Every accounting uses a segment's real file size: `segment_bytes` may change between
+//! restarts. Segments written under the old size keep it (the head keeps its real room),
+//! new segments get the new size, and `max_bytes` counts real sizes. A lone head larger
+//! than `max_bytes` (a much smaller limit than before) may still roll once, since it can
+//! only be deleted after a roll; the journal then stays full until releases free it.
 //!
 //! # Writing: one writer, group commit
 //!
@@ -46,30 +63,96 @@
 //! continues there. The buffer is bounded (`max_buffer_bytes`); appenders wait when it
 //! is full.
 //!
+//! # Stalls: transient I/O errors
+//!
+//! ENOSPC, EDQUOT, EMFILE, ENFILE and EIO from any writer step (segment create or
+//! `fallocate`, write, `fdatasync`, checkpoint, directory fsync) do not stop the journal.
+//! The writer keeps the batch in memory and retries with back-off (50 ms doubling to 5 s):
+//!
+//! * the durable watermark does not advance, so no PUBACK goes out for anything newer;
+//! * appends fill the bounded buffer and then wait: sessions stop reading their sockets;
+//! * [`JournalStats::stalled`] holds the error; one error line is logged when the stall
+//!   starts and one info line when it ends;
+//! * each retry rewrites the *whole* batch from memory at the same offsets before syncing:
+//!   after a failed `fdatasync` the page cache cannot be trusted (the kernel may have
+//!   dropped the dirty pages and marked them clean, "fsyncgate");
+//! * retries are idempotent: a segment file a failed roll left half-created is reused.
+//!
+//! It resumes by itself once the cause goes away. Other I/O errors are fatal: appends
+//! then fail with [`JournalError::Stopped`]. A close during a stall gives up on the
+//! unsynced batch (it was never acknowledged).
+//!
 //! # Releasing
 //!
 //! The writer thread persists the release watermark (write temp file, fsync, rename,
 //! fsync directory) and then deletes every segment whose records are all released
-//! (never the head segment), fsyncing the directory afterwards.
+//! (never the head segment): the segment leaves the in-memory list first, then its file
+//! is unlinked, then the directory is fsync'd, so a reader never looks up a segment
+//! whose file is gone (one that raced the lookup retries).
 //!
-//! # Recovery
+//! # Reading
+//!
+//! A reader returns every durable record from its position in sequence order. It jumps
+//! over gaps: when the segment it reads was evicted (`drop_oldest`) it continues with the
+//! first retained segment; when a segment ends (zeros or end of file) before the next
+//! segment's first sequence, it continues there, after checking that nothing but zeros
+//! follows in the finished segment. Anything else it cannot read (a bad CRC, a sequence
+//! out of place, zeros hiding data) is returned as [`JournalError::Corrupt`]; it never
+//! skips a damaged record.
+//!
+//! # Recovery: torn tail versus corruption
 //!
 //! On open, segments are listed by name; the checkpoint gives the release watermark.
-//! Segments before the head were synced before the roll that followed them, so only the
-//! head segment is scanned: records are accepted while their length, CRC and sequence
-//! are valid; the first invalid frame is a torn tail from a write the crash interrupted
-//! (it was never acknowledged, since acknowledgement follows the sync). The tail is cut
-//! and re-zeroed, and appends continue after the last valid record.
+//!
+//! * The head segment is scanned in full. Records are accepted while their length, CRC
+//!   and sequence are valid. At the first invalid frame the scanner searches the rest of
+//!   the segment for a *plausible* valid frame (length fits, sequence above the last good
+//!   one and within what the skipped bytes could hold, CRC matches, body parses).
+//!   - None follows: a **torn tail**, the unsynced end of the last write batch the crash
+//!     interrupted (never acknowledged, since acknowledgement follows the sync). It is
+//!     cut and re-zeroed, and appends continue after the last valid record.
+//!   - One follows: **corruption** of written, possibly acknowledged records. Open fails
+//!     with [`JournalError::Corrupt`] naming the segment, the byte offset and the
+//!     sequence range at risk; nothing is cut and no sequence is re-used.
+//! * Older segments were synced before the roll that followed them. Each one that still
+//!   holds unreleased records gets a cheap check (its size can hold a record, its first
+//!   record decodes and carries the sequence of its name); a failure refuses to open the
+//!   same way. Damage further inside an older segment is found by the reader when it
+//!   gets there (and by `verify`), not by reading the whole journal at every start.
+//!
+//! Limitation: a *power loss* (not a process kill) can persist pages of the last,
+//! unsynced batch out of order, leaving a hole followed by valid frames that were never
+//! acknowledged. That looks like corruption and refuses to open; `repair` then loses
+//! only records that were never acknowledged.
+//!
+//! # Verify and repair (a stopped gateway)
+//!
+//! [`verify`] reads every segment in full and reports records and damaged spans
+//! (segment, offset, length, the sequences lost). [`repair`] moves each damaged span's
+//! bytes to `quarantine/`, keeps every intact record (the valid records after damage move
+//! to a new segment named by their first sequence; the damaged segment is cut at the
+//! damage), reports and logs the lost sequence ranges, and fsyncs files and directories.
+//! Afterwards the journal opens and readers return every intact record across the gap.
+//! Both take the directory lock, so they fail with [`JournalError::Locked`] while a
+//! gateway runs. See [`repair`] for crash safety.
 
+mod dir;
+mod reader;
 mod record;
+mod recovery;
+mod repair;
+mod scan;
 mod segmented;
+mod writer;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use reader::JournalReader;
 pub use record::{decode, encode, frame_len, EncodeError, Entry, Frame, Record, FRAME_HEADER};
-pub use segmented::{FullPolicy, JournalReader, SegmentedJournal};
+pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
+pub use segmented::{FullPolicy, SegmentedJournal};
 use tokio::sync::watch;
 
 /// Tuning of the segmented journal. `dir` and `max_bytes` are the operator's `[journal]`
@@ -108,6 +191,22 @@ pub enum JournalError {
     Encode(#[from] EncodeError),
     #[error("journal configuration: {0}")]
     Config(String),
+    /// Damage that is not a torn tail: records written (and possibly acknowledged) are
+    /// unreadable. The gateway refuses to start (or the bridge stops forwarding) rather
+    /// than cut or skip them; `gateway journal verify` / `repair` are the way out.
+    #[error(
+        "journal corrupt: segment {} is damaged at byte {offset} ({reason}); records {first_seq}..={last_seq} are at risk. \
+         Stop the gateway, run `gateway journal verify` to see the damage, then `gateway journal repair` \
+         to quarantine it and keep every intact record",
+        segment.display()
+    )]
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        first_seq: u64,
+        last_seq: u64,
+        reason: String,
+    },
     /// The writer failed (disk error) or the journal was closed. Nothing more is accepted:
     /// the gateway must not acknowledge anything it cannot make durable.
     #[error("journal stopped: {0}")]
@@ -144,6 +243,11 @@ pub struct JournalStats {
     pub rejected: u64,
     /// Records dropped undelivered by the `drop_oldest` policy since open.
     pub dropped: u64,
+    /// Set while the writer retries a transient I/O error (ENOSPC, EDQUOT, EMFILE,
+    /// ENFILE, EIO): the error and the durable sequence it holds at. Meanwhile nothing
+    /// new becomes durable, so no PUBACK goes out, and appends back-pressure once the
+    /// write buffer is full. Clears by itself when a retry succeeds.
+    pub stalled: Option<String>,
 }
 
 /// The write-ahead log seen by the gateway (appends) and by the bridge (reads, releases).

@@ -13,7 +13,9 @@
 //!
 //! A frame whose `len` is zero marks the end of the written part of a pre-sized segment
 //! (fresh segments are zero-filled). A frame that runs past the end of the segment, whose
-//! CRC does not match, or whose sequence is not the expected next one is a torn tail.
+//! CRC does not match, or whose sequence is not the expected next one is a bad frame: a
+//! torn tail when no valid frame follows it in the head segment, corruption otherwise
+//! (see "Recovery" in the journal module doc).
 
 use bytes::Bytes;
 

@@ -1,0 +1,181 @@
+//! The journal directory: its lock, its identity, the segment files and their names.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{FallocateFlags, FlockOperation};
+
+use super::JournalError;
+
+pub(crate) const SEGMENT_EXT: &str = "seg";
+pub(crate) const ID_FILE: &str = "JOURNAL_ID";
+pub(crate) const QUARANTINE_DIR: &str = "quarantine";
+
+/// A segment file as listed on disk.
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentMeta {
+    /// Sequence of its first record (its name).
+    pub first_seq: u64,
+    pub path: PathBuf,
+    /// Real size of the file: what it occupies against `max_bytes`, and for the head, the
+    /// room left. Segments written under an earlier `segment_bytes` keep their own size.
+    pub size: u64,
+}
+
+pub(crate) fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.{SEGMENT_EXT}"))
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| JournalError::io(dir, e))
+}
+
+/// Takes the directory's exclusive flock; fails with `Locked` if a gateway (or a
+/// `verify`/`repair`) holds it. The lock lasts as long as the returned file.
+pub(crate) fn lock_dir(dir: &Path) -> Result<File, JournalError> {
+    let lock_path = dir.join("LOCK");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| JournalError::io(&lock_path, e))?;
+    if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err() {
+        return Err(JournalError::Locked(dir.to_path_buf()));
+    }
+    Ok(lock)
+}
+
+/// Opens the segment `first_seq`, creating it if needed, pre-sized to at least `size`,
+/// and makes its existence durable. Idempotent: a file left by an earlier attempt that
+/// failed half-way (ENOSPC in `fallocate`, EMFILE, ...) is reused, so a retried roll never
+/// trips over EEXIST.
+pub(crate) fn open_or_create_segment(
+    dir: &Path,
+    first_seq: u64,
+    size: u64,
+) -> Result<(File, PathBuf), JournalError> {
+    let path = segment_path(dir, first_seq);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| JournalError::io(&path, e))?;
+    preallocate(&file, &path, size)?;
+    file.sync_all().map_err(|e| JournalError::io(&path, e))?;
+    sync_dir(dir)?;
+    Ok((file, path))
+}
+
+pub(crate) fn preallocate(file: &File, path: &Path, size: u64) -> Result<(), JournalError> {
+    match rustix::fs::fallocate(file, FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        // Filesystems without fallocate (tmpfs on old kernels, some overlays): a sparse
+        // file still reads as zeros, which is all the format needs.
+        Err(rustix::io::Errno::OPNOTSUPP) => {
+            let len = file.metadata().map_err(|e| JournalError::io(path, e))?.len();
+            if len < size {
+                file.set_len(size).map_err(|e| JournalError::io(path, e))?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(JournalError::io(path, e.into())),
+    }
+}
+
+pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentMeta>, JournalError> {
+    let mut out = Vec::new();
+    for ent in fs::read_dir(dir).map_err(|e| JournalError::io(dir, e))? {
+        let ent = ent.map_err(|e| JournalError::io(dir, e))?;
+        let path = ent.path();
+        if path.extension().and_then(|e| e.to_str()) != Some(SEGMENT_EXT) {
+            continue;
+        }
+        let Some(first_seq) = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        let size = ent.metadata().map_err(|e| JournalError::io(&path, e))?.len();
+        out.push(SegmentMeta {
+            first_seq,
+            path,
+            size,
+        });
+    }
+    out.sort_by_key(|s| s.first_seq);
+    Ok(out)
+}
+
+/// Writes `bytes` to `dir/name` atomically and durably (temp file, fsync, rename, fsync
+/// of the directory).
+pub(crate) fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), JournalError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let file = File::create(&tmp).map_err(|e| JournalError::io(&tmp, e))?;
+    file.write_all_at(bytes, 0)
+        .map_err(|e| JournalError::io(&tmp, e))?;
+    file.sync_all().map_err(|e| JournalError::io(&tmp, e))?;
+    let dst = dir.join(name);
+    fs::rename(&tmp, &dst).map_err(|e| JournalError::io(&dst, e))?;
+    sync_dir(dir)
+}
+
+fn valid_id(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Reads the journal identity, creating it durably when missing (a new journal, or one
+/// written before identities existed). A malformed file is replaced by a new identity,
+/// loudly: consumers then treat the journal as a new one (replays look new, nothing is
+/// dropped).
+pub(crate) fn load_or_create_id(dir: &Path) -> Result<String, JournalError> {
+    let path = dir.join(ID_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) if valid_id(s.trim()) => return Ok(s.trim().to_ascii_lowercase()),
+        Ok(s) => tracing::warn!(
+            file = %path.display(),
+            content = %s.trim(),
+            "journal: malformed journal identity; writing a new one (consumers will see a new journal id)"
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(JournalError::io(&path, e)),
+    }
+    let id = random_id().map_err(|e| JournalError::io("/dev/urandom", e))?;
+    write_durably(dir, ID_FILE, format!("{id}\n").as_bytes())?;
+    tracing::info!(id = %id, dir = %dir.display(), "journal: created journal identity");
+    Ok(id)
+}
+
+/// 128 random bits as 32 lowercase hex digits.
+fn random_id() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub(crate) const CHECKPOINT: &str = "release.checkpoint";
+
+pub(crate) fn read_checkpoint(dir: &Path) -> Option<u64> {
+    let bytes = fs::read(dir.join(CHECKPOINT)).ok()?;
+    if bytes.len() != 12 {
+        return None;
+    }
+    let mut seq = [0u8; 8];
+    seq.copy_from_slice(&bytes[..8]);
+    let crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    (crc32c::crc32c(&seq) == crc).then(|| u64::from_le_bytes(seq))
+}
+
+pub(crate) fn write_checkpoint(dir: &Path, seq: u64) -> Result<(), JournalError> {
+    let mut bytes = seq.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(&seq.to_le_bytes()).to_le_bytes());
+    write_durably(dir, CHECKPOINT, &bytes)
+}

@@ -1,0 +1,294 @@
+//! Reading durable records in sequence order, across segment rolls and gaps.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::record::{decode, Frame, Record, FRAME_HEADER};
+use super::segmented::Inner;
+use super::JournalError;
+
+/// Sequential reader of durable records, for the Kafka producer and for inspection.
+///
+/// Returns every durable record in sequence order. It jumps over sequence gaps between
+/// segments (segments evicted by `drop_oldest`, records lost to a repaired corruption)
+/// and returns [`JournalError::Corrupt`] for anything else it cannot read: it never skips
+/// a damaged record silently.
+pub struct JournalReader {
+    inner: Arc<Inner>,
+    next_seq: u64,
+    seg: Option<OpenSegment>,
+}
+
+impl JournalReader {
+    pub(super) fn new(inner: Arc<Inner>, from_seq: u64) -> Self {
+        JournalReader {
+            inner,
+            next_seq: from_seq,
+            seg: None,
+        }
+    }
+}
+
+struct OpenSegment {
+    file: File,
+    path: PathBuf,
+    first_seq: u64,
+    /// File size when opened (segments are pre-sized; repaired ones are not written to).
+    size: u64,
+    /// File offset of `chunk[0]`.
+    chunk_offset: u64,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+const READ_CHUNK: usize = 1 << 20;
+
+impl OpenSegment {
+    /// Reads a fresh chunk starting at the current position, at least `need` bytes.
+    fn refill(&mut self, need: usize) -> Result<(), JournalError> {
+        let offset = self.chunk_offset + self.pos as u64;
+        let len = need.max(READ_CHUNK);
+        self.chunk.resize(len, 0);
+        let mut filled = 0;
+        while filled < len {
+            match self
+                .file
+                .read_at(&mut self.chunk[filled..], offset + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(JournalError::io(&self.path, e)),
+            }
+        }
+        self.chunk.truncate(filled);
+        self.chunk_offset = offset;
+        self.pos = 0;
+        Ok(())
+    }
+
+    fn offset(&self) -> u64 {
+        self.chunk_offset + self.pos as u64
+    }
+
+    /// Offset of the first non-zero byte from the current position to the end of file.
+    fn first_nonzero(&mut self) -> Result<Option<u64>, JournalError> {
+        loop {
+            if let Some(i) = self.chunk[self.pos..].iter().position(|b| *b != 0) {
+                return Ok(Some(self.offset() + i as u64));
+            }
+            self.pos = self.chunk.len();
+            self.refill(READ_CHUNK)?;
+            if self.chunk.is_empty() {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+impl JournalReader {
+    /// The sequence the next returned record will have (or, after a gap, the first
+    /// sequence the reader will look for).
+    pub fn position(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Up to `max` durable records in sequence order; empty when caught up.
+    pub fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, JournalError> {
+        let durable = *self.inner.durable_tx.borrow();
+        self.leave_evicted_segment();
+        let mut out = Vec::new();
+        while out.len() < max && self.next_seq <= durable {
+            if self.seg.is_none() && !self.open_segment()? {
+                break;
+            }
+            let Some(seg) = self.seg.as_mut() else { break };
+            let rest = &seg.chunk[seg.pos..];
+            let need = if rest.len() >= FRAME_HEADER {
+                FRAME_HEADER + u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize
+            } else {
+                FRAME_HEADER
+            };
+            // A damaged length must not make the reader allocate gigabytes: no frame runs
+            // past the end of its segment (decoding then reports the damage).
+            let need = need.min(seg.size.saturating_sub(seg.offset()).max(FRAME_HEADER as u64) as usize);
+            if rest.len() < need {
+                let before = seg.chunk.len() - seg.pos;
+                seg.refill(need)?;
+                if seg.chunk.len() > before {
+                    continue;
+                }
+            }
+            match decode(&seg.chunk[seg.pos..]) {
+                Frame::Record(rec, n) => {
+                    let at = seg.offset();
+                    seg.pos += n;
+                    if rec.seq == self.next_seq {
+                        self.next_seq += 1;
+                        out.push(rec);
+                    } else if rec.seq > self.next_seq {
+                        return Err(self.corrupt(
+                            at,
+                            durable,
+                            format!("expected sequence {} found {}", self.next_seq, rec.seq),
+                        ));
+                    }
+                }
+                // Either cached bytes the writer had not finished when they were read, or
+                // the unwritten rest of this segment: read again, then decide.
+                Frame::End | Frame::Torn(_) => {
+                    seg.refill(need)?;
+                    match decode(&seg.chunk[seg.pos..]) {
+                        Frame::Record(..) => {}
+                        Frame::End => self.next_segment(durable)?,
+                        Frame::Torn(why) => {
+                            let at = seg.offset();
+                            return Err(self.corrupt(at, durable, why.to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn corrupt(&self, offset: u64, last_seq: u64, reason: String) -> JournalError {
+        let segment = self
+            .seg
+            .as_ref()
+            .map(|s| s.path.clone())
+            .unwrap_or_else(|| self.inner.cfg.dir.clone());
+        JournalError::Corrupt {
+            segment,
+            offset,
+            first_seq: self.next_seq,
+            last_seq: last_seq.max(self.next_seq),
+            reason,
+        }
+    }
+
+    /// `drop_oldest` may evict the segment being read: continue with the next retained one.
+    fn leave_evicted_segment(&mut self) {
+        let Some(seg) = &self.seg else { return };
+        let first_retained = self.inner.segments().first().map(|s| s.first_seq);
+        if first_retained.is_some_and(|f| f > seg.first_seq) {
+            self.seg = None;
+        }
+    }
+
+    /// The current segment ended (zeros or end of file) before `durable`: move to the next
+    /// segment. A sequence gap before it is legal only if nothing follows in this segment
+    /// (an evicted or repaired journal); otherwise the zeros hide damage.
+    fn next_segment(&mut self, durable: u64) -> Result<(), JournalError> {
+        let Some(seg) = self.seg.as_mut() else {
+            return Ok(());
+        };
+        let end = seg.offset();
+        let finished = seg.first_seq;
+        let next = {
+            let segs = self.inner.segments();
+            segs.iter().find(|s| s.first_seq > finished).map(|s| s.first_seq)
+        };
+        let Some(next) = next else {
+            return Err(self.corrupt(
+                end,
+                durable,
+                format!(
+                    "durable sequence {} missing at the end of the journal",
+                    self.next_seq
+                ),
+            ));
+        };
+        if next > self.next_seq {
+            if let Some(at) = seg.first_nonzero()? {
+                return Err(self.corrupt(
+                    at,
+                    next - 1,
+                    format!(
+                        "records {}..{} missing: the segment has zeros at byte {end} and data after them",
+                        self.next_seq,
+                        next - 1
+                    ),
+                ));
+            }
+            tracing::debug!(
+                from = self.next_seq,
+                to = next,
+                "journal reader: skipping a sequence gap"
+            );
+            self.next_seq = next;
+        }
+        self.seg = None;
+        if !self.open_segment()? || self.seg.as_ref().is_some_and(|s| s.first_seq == finished) {
+            return Err(self.corrupt(
+                end,
+                durable,
+                format!("durable sequence {} missing", self.next_seq),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens the segment holding `next_seq`; skips forward over deleted (released or
+    /// evicted) ones, also when one is deleted between looking it up and opening it.
+    fn open_segment(&mut self) -> Result<bool, JournalError> {
+        loop {
+            let meta = {
+                let segs = self.inner.segments();
+                let Some(first) = segs.first() else {
+                    return Ok(false);
+                };
+                if self.next_seq < first.first_seq {
+                    self.next_seq = first.first_seq;
+                }
+                let idx = segs.partition_point(|s| s.first_seq <= self.next_seq);
+                match idx.checked_sub(1).and_then(|i| segs.get(i)) {
+                    Some(m) => m.clone(),
+                    None => return Ok(false),
+                }
+            };
+            let file = match File::open(&meta.path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let still_listed = self
+                        .inner
+                        .segments()
+                        .iter()
+                        .any(|s| s.first_seq == meta.first_seq);
+                    if still_listed {
+                        return Err(JournalError::io(&meta.path, e));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(JournalError::io(&meta.path, e)),
+            };
+            let size = file
+                .metadata()
+                .map_err(|e| JournalError::io(&meta.path, e))?
+                .len()
+                .max(meta.size);
+            self.seg = Some(OpenSegment {
+                file,
+                path: meta.path,
+                first_seq: meta.first_seq,
+                size,
+                chunk_offset: 0,
+                chunk: Vec::new(),
+                pos: 0,
+            });
+            return Ok(true);
+        }
+    }
+}
+
+impl std::fmt::Debug for JournalReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seg = self.seg.as_ref().map(|s| s.first_seq);
+        f.debug_struct("JournalReader")
+            .field("next_seq", &self.next_seq)
+            .field("segment", &seg)
+            .finish()
+    }
+}

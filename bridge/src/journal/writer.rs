@@ -1,0 +1,322 @@
+//! The writer thread: group commit, rolls, stalls on transient errors, and housekeeping
+//! (release checkpoint, deleting released segments). See the journal module doc.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::dir::{open_or_create_segment, sync_dir, write_checkpoint, SegmentMeta};
+use super::segmented::Inner;
+use super::JournalError;
+
+/// How often the writer wakes without appends to persist releases and delete segments.
+pub(super) const MAINTENANCE_INTERVAL: Duration = Duration::from_millis(200);
+/// Back-off of the writer while a transient I/O error lasts (doubling).
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// The head segment as the writer sees it.
+pub(super) struct Head {
+    pub(super) file: File,
+    pub(super) path: PathBuf,
+    pub(super) offset: u64,
+}
+
+/// The writer thread: takes whole batches, writes, syncs once, publishes durability.
+///
+/// A transient I/O error (ENOSPC, EDQUOT, EMFILE, ENFILE, EIO) does not stop it: the batch
+/// stays in memory, `stalled` says why, the durable watermark stays where it is (so no
+/// PUBACK goes out and appenders back-pressure once the buffer is full), and the whole
+/// batch is rewritten from memory at the same offsets after a back-off. Rewriting rather
+/// than re-syncing matters after a failed `fdatasync`: the kernel may have dropped the
+/// dirty pages and marked them clean ("fsyncgate"), so a second sync could succeed on
+/// data that never reached the disk.
+pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) {
+    let mut maint = Maintenance {
+        seq: checkpointed,
+        at: std::time::Instant::now(),
+        orphans: Vec::new(),
+    };
+    let mut batch = Vec::new();
+    let mut rolls = Vec::new();
+    let mut last_seq = 0;
+    // Where the pending batch starts; a retry rewrites it from there.
+    let mut start: Option<(PathBuf, u64)> = None;
+    let mut backoff = RETRY_MIN;
+    loop {
+        let exit = {
+            let mut st = inner.state();
+            loop {
+                if let Some(torn) = st.crash {
+                    if torn && !st.buf.is_empty() && batch.is_empty() {
+                        let half = st.buf.len() / 2;
+                        let end = st.rolls.first().map_or(half, |(off, _)| half.min(*off));
+                        let _ = head.file.write_all_at(&st.buf[..end], head.offset);
+                    }
+                    st.buf.clear();
+                    return;
+                }
+                if !batch.is_empty() {
+                    break;
+                }
+                let maintenance_due = maint.due(&inner, false);
+                if !st.buf.is_empty() || maintenance_due || st.closing {
+                    break;
+                }
+                st.writer_waiting = true;
+                st = inner
+                    .wake_writer
+                    .wait_timeout(st, MAINTENANCE_INTERVAL)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+                st.writer_waiting = false;
+            }
+            if batch.is_empty() && !st.buf.is_empty() {
+                std::mem::swap(&mut st.buf, &mut batch);
+                std::mem::swap(&mut st.rolls, &mut rolls);
+                last_seq = st.next_seq - 1;
+                start = Some((head.path.clone(), head.offset));
+            }
+            st.closing
+        };
+        let mut result = Ok(());
+        if let Some((path, offset)) = &start {
+            result = rewind(&mut head, path, *offset)
+                .and_then(|()| write_batch(&inner, &mut head, &batch, &rolls));
+            if result.is_ok() {
+                inner.syncs.fetch_add(1, Ordering::Relaxed);
+                inner.durable_tx.send_replace(last_seq);
+                batch.clear();
+                rolls.clear();
+                start = None;
+                inner.space.notify_waiters();
+            }
+        }
+        if result.is_ok() {
+            result = maintain(&inner, &mut maint, exit);
+        }
+        match result {
+            Ok(()) => {
+                backoff = RETRY_MIN;
+                let recovered = inner.state().stalled.take();
+                if let Some(was) = recovered {
+                    tracing::info!(
+                        durable = *inner.durable_tx.borrow(),
+                        was = %was,
+                        "journal: writer recovered; acknowledgements resume"
+                    );
+                }
+                if exit && inner.state().buf.is_empty() {
+                    return;
+                }
+            }
+            Err(e) if is_transient(&e) && !exit => {
+                stall(&inner, &e);
+                pause(&inner, backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "journal: writer failed; no further message will be acknowledged");
+                inner.state().stopped = Some(e.to_string());
+                inner.space.notify_waiters();
+                return;
+            }
+        }
+    }
+}
+
+/// Errors the writer waits out instead of stopping for good.
+fn is_transient(e: &JournalError) -> bool {
+    let JournalError::Io { source, .. } = e else {
+        return false;
+    };
+    use rustix::io::Errno;
+    [Errno::NOSPC, Errno::DQUOT, Errno::MFILE, Errno::NFILE, Errno::IO]
+        .iter()
+        .any(|errno| source.raw_os_error() == Some(errno.raw_os_error()))
+}
+
+/// Marks the journal stalled; logs once per stall.
+fn stall(inner: &Inner, e: &JournalError) {
+    let durable = *inner.durable_tx.borrow();
+    let mut st = inner.state();
+    if st.stalled.is_none() {
+        tracing::error!(
+            error = %e,
+            durable,
+            "journal: writer stalled on an I/O error; retrying with back-off, acknowledgements withheld until it succeeds"
+        );
+    }
+    st.stalled = Some(format!("{e} (retrying; durable held at {durable})"));
+}
+
+/// Sleeps for the back-off; cut short by close or crash.
+fn pause(inner: &Inner, backoff: Duration) {
+    let deadline = std::time::Instant::now() + backoff;
+    let mut st = inner.state();
+    while st.crash.is_none() && !st.closing {
+        let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else {
+            break;
+        };
+        st = inner
+            .wake_writer
+            .wait_timeout(st, left)
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0);
+    }
+}
+
+/// Puts the head back where the pending batch starts (a no-op on the first attempt).
+fn rewind(head: &mut Head, path: &Path, offset: u64) -> Result<(), JournalError> {
+    if head.path != path {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| JournalError::io(path, e))?;
+        *head = Head {
+            file,
+            path: path.to_path_buf(),
+            offset,
+        };
+    }
+    head.offset = offset;
+    Ok(())
+}
+
+/// Writes one batch and syncs it. Idempotent: running it again after a failure writes
+/// the same bytes at the same offsets and reuses segments an earlier attempt created.
+fn write_batch(
+    inner: &Inner,
+    head: &mut Head,
+    batch: &[u8],
+    rolls: &[(usize, u64)],
+) -> Result<(), JournalError> {
+    let mut start = 0;
+    for &(off, first_seq) in rolls {
+        write_at(head, &batch[start..off])?;
+        head.file
+            .sync_data()
+            .map_err(|e| JournalError::io(&head.path, e))?;
+        let (file, path) = open_or_create_segment(&inner.cfg.dir, first_seq, inner.cfg.segment_bytes)?;
+        {
+            let mut segs = inner.segments();
+            match segs.last_mut() {
+                // Created by an earlier attempt of this batch, or an empty head that a
+                // failed roll left short: the same file, now sized.
+                Some(last) if last.first_seq == first_seq => {
+                    last.size = last.size.max(inner.cfg.segment_bytes)
+                }
+                _ => segs.push(SegmentMeta {
+                    first_seq,
+                    path: path.clone(),
+                    size: inner.cfg.segment_bytes,
+                }),
+            }
+        }
+        *head = Head {
+            file,
+            path,
+            offset: 0,
+        };
+        start = off;
+    }
+    write_at(head, &batch[start..])?;
+    head.file
+        .sync_data()
+        .map_err(|e| JournalError::io(&head.path, e))?;
+    Ok(())
+}
+
+fn write_at(head: &mut Head, bytes: &[u8]) -> Result<(), JournalError> {
+    head.file
+        .write_all_at(bytes, head.offset)
+        .map_err(|e| JournalError::io(&head.path, e))?;
+    head.offset += bytes.len() as u64;
+    Ok(())
+}
+
+/// The writer's housekeeping state: the last persisted release watermark, when it was
+/// written, and segment files already out of the list whose unlink failed.
+struct Maintenance {
+    seq: u64,
+    at: std::time::Instant,
+    orphans: Vec<SegmentMeta>,
+}
+
+impl Maintenance {
+    /// Whether to persist now. The checkpoint only bounds how much is re-sent after a
+    /// restart, so it is written at most every `MAINTENANCE_INTERVAL` (three syncs each
+    /// time: writing it on every group commit quadrupled the commit latency) — except
+    /// when a segment became deletable (space is waiting on it) or on close.
+    fn due(&self, inner: &Inner, force: bool) -> bool {
+        if !self.orphans.is_empty() {
+            return true;
+        }
+        let released = inner.released.load(Ordering::Acquire);
+        if released <= self.seq {
+            return false;
+        }
+        if force || self.at.elapsed() >= MAINTENANCE_INTERVAL {
+            return true;
+        }
+        let segs = inner.segments();
+        segs.get(1).is_some_and(|next| next.first_seq - 1 <= released)
+    }
+}
+
+/// Persists the release watermark, then deletes segments whose records are all released.
+///
+/// A segment leaves the in-memory list *before* its file is unlinked, so a reader never
+/// looks up a segment whose file is gone (a reader that raced the lookup retries).
+///
+/// Deleting does not wait for the checkpoint: after a restart the first retained segment
+/// bounds the release watermark as well, and on a full disk (where the checkpoint's temp
+/// file cannot be written) deleting released segments is what frees space.
+fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), JournalError> {
+    if !maint.due(inner, force) {
+        return Ok(());
+    }
+    let released = inner.released.load(Ordering::Acquire);
+    let checkpoint = if released > maint.seq {
+        write_checkpoint(&inner.cfg.dir, released).map(|()| {
+            maint.seq = released;
+            maint.at = std::time::Instant::now();
+        })
+    } else {
+        Ok(())
+    };
+    delete_released(inner, maint, released)?;
+    checkpoint
+}
+
+fn delete_released(inner: &Inner, maint: &mut Maintenance, released: u64) -> Result<(), JournalError> {
+    {
+        let mut segs = inner.segments();
+        let n = segs
+            .windows(2)
+            .take_while(|w| w[1].first_seq - 1 <= released)
+            .count();
+        maint.orphans.extend(segs.drain(..n));
+    }
+    if maint.orphans.is_empty() {
+        return Ok(());
+    }
+    while let Some(seg) = maint.orphans.first() {
+        match fs::remove_file(&seg.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(JournalError::io(&seg.path, e)),
+        }
+        let seg = maint.orphans.remove(0);
+        let mut st = inner.state();
+        st.planned_segments -= 1;
+        st.planned_bytes = st.planned_bytes.saturating_sub(seg.size);
+    }
+    sync_dir(&inner.cfg.dir)?;
+    inner.space.notify_waiters();
+    Ok(())
+}
