@@ -61,7 +61,9 @@ pub struct ParkedRecord {
 pub enum ParkedError {
     #[error("parked store I/O error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("parked store {dir} is full ({max} records, kafka.max_parked); re-drive or remove parked records")]
+    #[error(
+        "parked store {dir} is full ({max} records, kafka.max_parked); re-drive or remove parked records"
+    )]
     Full { dir: PathBuf, max: usize },
     #[error("parked file {path} is unreadable: {why}")]
     Malformed { path: PathBuf, why: String },
@@ -357,7 +359,9 @@ impl ParkedStore {
         sync_dir(&self.dir)?;
         let _ = self
             .count
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
         Ok(true)
     }
 }

@@ -524,9 +524,7 @@ pub async fn run<J: Journal>(
 ) -> Result<(), BridgeError> {
     info!(bootstrap = %cfg.bootstrap, "kafka bridge: starting");
     let store = ParkedStore::open(&cfg.parked_dir, cfg.max_parked)?;
-    status
-        .parked_now
-        .store(store.len() as u64, Ordering::Relaxed);
+    status.parked_now.store(store.len() as u64, Ordering::Relaxed);
     // One pipeline at a time holds the control queue (a restarted one waits for the old).
     let mut commands = control.rx.lock().await;
     loop {
@@ -792,7 +790,8 @@ impl<'p, J: Journal> Pump<'p, J> {
         for (seq, why) in to_park {
             // A read error here surfaces on the next `handle_failures` read as well.
             if let Err(e) = self.park(seq, None, &why) {
-                self.rebuild.get_or_insert_with(|| format!("parking record {seq}: {e}"));
+                self.rebuild
+                    .get_or_insert_with(|| format!("parking record {seq}: {e}"));
             }
         }
     }
@@ -848,8 +847,9 @@ impl<'p, J: Journal> Pump<'p, J> {
             }
             Err(e) => {
                 self.mark(seq, Slot::Held);
-                self.status
-                    .set_error(format!("record {seq} refused ({why}) and could not be parked: {e}"));
+                self.status.set_error(format!(
+                    "record {seq} refused ({why}) and could not be parked: {e}"
+                ));
                 error!(
                     seq,
                     reason = why,
@@ -1040,14 +1040,18 @@ impl<'p, J: Journal> Pump<'p, J> {
             return;
         }
         let result = match outcome {
-            Ok(()) => match self.store.remove(seq) {
-                Ok(_) => {
-                    self.status.redriven.fetch_add(1, Ordering::Relaxed);
-                    info!(seq, "kafka bridge: parked record re-driven and confirmed; removed from the parked store");
-                    Ok(())
+            Ok(()) => {
+                match self.store.remove(seq) {
+                    Ok(_) => {
+                        self.status.redriven.fetch_add(1, Ordering::Relaxed);
+                        info!(seq, "kafka bridge: parked record re-driven and confirmed; removed from the parked store");
+                        Ok(())
+                    }
+                    Err(e) => Err(format!(
+                        "delivered, but its parked file could not be removed: {e}"
+                    )),
                 }
-                Err(e) => Err(format!("delivered, but its parked file could not be removed: {e}")),
-            },
+            }
             Err(e) => {
                 warn!(seq, error = %e, "kafka bridge: re-driven record refused again; it stays parked");
                 Err(e.to_string())

@@ -138,7 +138,10 @@ pub async fn supervise_with<F, Fut>(
         status.set_error(reason.clone());
         if persistent || consecutive >= policy.fail_after {
             let why = if persistent {
-                format!("{reason} (not transient: fix the cause; retrying every {:?})", policy.max_backoff)
+                format!(
+                    "{reason} (not transient: fix the cause; retrying every {:?})",
+                    policy.max_backoff
+                )
             } else {
                 format!("{reason} ({consecutive} consecutive failures)")
             };

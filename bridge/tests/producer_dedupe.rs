@@ -62,7 +62,10 @@ async fn consumer_recipe_drops_replays_exactly() {
     let journal = Arc::new(SegmentedJournal::open(JournalConfig::new(&live, 1 << 30)).expect("journal"));
     let mut n_of = HashMap::new();
     for n in 0..FIRST {
-        let seq = journal.append(&entry(n % VEHICLES, n, "telemetry")).await.expect("append");
+        let seq = journal
+            .append(&entry(n % VEHICLES, n, "telemetry"))
+            .await
+            .expect("append");
         n_of.insert(seq, n);
     }
     journal.flush().await.expect("flush");
@@ -78,7 +81,10 @@ async fn consumer_recipe_drops_replays_exactly() {
     let journal = Arc::new(SegmentedJournal::open(JournalConfig::new(&older, 1 << 30)).expect("journal"));
     assert_eq!(journal.stats().released_seq, 0);
     for n in FIRST..FIRST + MORE {
-        let seq = journal.append(&entry(n % VEHICLES, n, "telemetry")).await.expect("append");
+        let seq = journal
+            .append(&entry(n % VEHICLES, n, "telemetry"))
+            .await
+            .expect("append");
         n_of.insert(seq, n);
     }
     journal.flush().await.expect("flush");
@@ -107,7 +113,11 @@ async fn consumer_recipe_drops_replays_exactly() {
         *top = seq;
         kept.push((seq, m));
     }
-    assert_eq!(kept.len(), FIRST + MORE, "each record exactly once after de-duplication");
+    assert_eq!(
+        kept.len(),
+        FIRST + MORE,
+        "each record exactly once after de-duplication"
+    );
     let mut seqs: Vec<u64> = kept.iter().map(|(s, _)| *s).collect();
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=(FIRST + MORE) as u64).collect::<Vec<_>>());

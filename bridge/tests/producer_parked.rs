@@ -91,7 +91,11 @@ async fn parked_records_skip_past_and_are_redriven() {
     assert_eq!(list.iter().map(|p| p.seq).collect::<Vec<_>>(), bad_seqs);
     assert_eq!(list[0].client_id, "veh-3");
     assert_eq!(list[0].topic, "vehicles/veh-3/unknown");
-    assert!(list[0].reason.to_lowercase().contains("unknown topic"), "{}", list[0].reason);
+    assert!(
+        list[0].reason.to_lowercase().contains("unknown topic"),
+        "{}",
+        list[0].reason
+    );
 
     // Re-drive while the route is still missing: fails, stays parked.
     let report = control.redrive(Some(bad_seqs[0])).await.expect("redrive");
@@ -114,14 +118,26 @@ async fn parked_records_skip_past_and_are_redriven() {
         control.clone(),
         stop.clone(),
     ));
-    assert_eq!(status.parked_now.load(Relaxed), bad_seqs.len() as u64, "gauge from the store");
+    assert_eq!(
+        status.parked_now.load(Relaxed),
+        bad_seqs.len() as u64,
+        "gauge from the store"
+    );
     let report = control.redrive(Some(bad_seqs[0])).await.expect("redrive one");
-    assert_eq!((report.sent, report.delivered, report.pending), (1, 1, 0), "{report:?}");
+    assert_eq!(
+        (report.sent, report.delivered, report.pending),
+        (1, 1, 0),
+        "{report:?}"
+    );
     assert!(report.failed.is_empty());
     assert_eq!(store.list().expect("list").len(), bad_seqs.len() - 1);
     let report = control.redrive(None).await.expect("redrive all");
     let rest = bad_seqs.len() - 1;
-    assert_eq!((report.sent, report.delivered, report.pending), (rest, rest, 0), "{report:?}");
+    assert_eq!(
+        (report.sent, report.delivered, report.pending),
+        (rest, rest, 0),
+        "{report:?}"
+    );
     assert!(store.list().expect("list").is_empty());
     assert_eq!(status.parked_now.load(Relaxed), 0);
     assert_eq!(status.redriven.load(Relaxed), bad_seqs.len() as u64);
@@ -129,9 +145,11 @@ async fn parked_records_skip_past_and_are_redriven() {
     task.await.expect("join").expect("bridge");
 
     // Every record reached Kafka exactly once; the re-driven ones say so.
-    let seen = tokio::task::spawn_blocking(move || consume(&bootstrap, "telemetry", 2, TOTAL, Duration::from_secs(30)))
-        .await
-        .expect("consume");
+    let seen = tokio::task::spawn_blocking(move || {
+        consume(&bootstrap, "telemetry", 2, TOTAL, Duration::from_secs(30))
+    })
+    .await
+    .expect("consume");
     assert_eq!(seen.len(), TOTAL);
     let mut payloads: Vec<usize> = seen.iter().map(|m| m.payload.parse().expect("n")).collect();
     payloads.sort_unstable();
@@ -153,7 +171,11 @@ async fn full_parked_store_holds_the_watermark_loudly() {
     );
     let mut bad_seqs = Vec::new();
     for n in 0..40 {
-        let kind = if [5, 10, 15].contains(&n) { "unknown" } else { "telemetry" };
+        let kind = if [5, 10, 15].contains(&n) {
+            "unknown"
+        } else {
+            "telemetry"
+        };
         let seq = journal.append(&entry(n % 4, n, kind)).await.expect("append");
         if kind == "unknown" {
             bad_seqs.push(seq);
@@ -176,7 +198,11 @@ async fn full_parked_store_holds_the_watermark_loudly() {
     let held_at = bad_seqs[2] - 1;
     assert!(wait_released(&*journal, held_at, Duration::from_secs(30)).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(journal.stats().released_seq, held_at, "the third refused record is held");
+    assert_eq!(
+        journal.stats().released_seq,
+        held_at,
+        "the third refused record is held"
+    );
     assert_eq!(status.parked_now.load(Relaxed), 2);
     let err = status.last_error().unwrap_or_default();
     assert!(err.contains("could not be parked"), "{err}");
@@ -194,7 +220,11 @@ async fn full_parked_store_holds_the_watermark_loudly() {
         stop.clone(),
     ));
     assert!(wait_released(&*journal, 40, Duration::from_secs(30)).await);
-    assert_eq!(status.parked_now.load(Relaxed), 2, "the two parked ones wait for a re-drive");
+    assert_eq!(
+        status.parked_now.load(Relaxed),
+        2,
+        "the two parked ones wait for a re-drive"
+    );
     stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
     task.await.expect("join").expect("bridge");
 }

@@ -26,7 +26,10 @@ async fn shutdown_with_a_full_queue_stops_by_the_deadline() {
         SegmentedJournal::open(JournalConfig::new(dir.path().join("journal"), 1 << 30)).expect("journal"),
     );
     for n in 0..100 {
-        journal.append(&entry(n % 4, n, "telemetry")).await.expect("append");
+        journal
+            .append(&entry(n % 4, n, "telemetry"))
+            .await
+            .expect("append");
     }
     journal.flush().await.expect("flush");
 
@@ -61,5 +64,8 @@ async fn shutdown_with_a_full_queue_stops_by_the_deadline() {
     );
     let stats = journal.stats();
     assert_eq!(stats.released_seq, 0, "nothing confirmed, nothing released");
-    assert_eq!(stats.records, 100, "unsent and unconfirmed records stay in the journal");
+    assert_eq!(
+        stats.records, 100,
+        "unsent and unconfirmed records stay in the journal"
+    );
 }

@@ -73,7 +73,10 @@ async fn transient_failure_recovers_and_clears_the_mark() {
         SegmentedJournal::open(JournalConfig::new(dir.path().join("journal"), 1 << 30)).expect("journal"),
     );
     for n in 0..20 {
-        journal.append(&entry(n % 2, n, "telemetry")).await.expect("append");
+        journal
+            .append(&entry(n % 2, n, "telemetry"))
+            .await
+            .expect("append");
     }
     journal.flush().await.expect("flush");
     let cfg = config(&bootstrap, dir.path(), 100);
@@ -134,7 +137,10 @@ async fn panics_are_caught_and_restarted() {
     assert!(wait_until(Duration::from_secs(5), || starts.load(Ordering::SeqCst) == 3).await);
     assert_eq!(status.restarts.load(Relaxed), 2);
     assert!(status.failed().is_none(), "two failures stay below fail_after");
-    assert!(status.last_error().unwrap_or_default().contains("injected panic 1"));
+    assert!(status
+        .last_error()
+        .unwrap_or_default()
+        .contains("injected panic 1"));
     stop.stop_by(Instant::now() + Duration::from_secs(1));
     tokio::time::timeout(Duration::from_secs(5), task)
         .await

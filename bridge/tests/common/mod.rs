@@ -85,7 +85,13 @@ pub struct Consumed {
 
 /// Reads `topic` from the beginning until `expected` records arrived or `limit` passed
 /// (then a short extra poll shows any surplus).
-pub fn consume(bootstrap: &str, topic: &str, partitions: i32, expected: usize, limit: Duration) -> Vec<Consumed> {
+pub fn consume(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    expected: usize,
+    limit: Duration,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "verify")
