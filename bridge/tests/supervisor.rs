@@ -165,3 +165,70 @@ async fn panics_are_caught_and_restarted() {
         .expect("ends")
         .expect("join");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_journal_segment_under_a_running_reader_marks_the_bridge_failed() {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("telemetry", 2, 1).expect("topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let jdir = dir.path().join("journal");
+    let mut jcfg = JournalConfig::new(&jdir, 1 << 30);
+    jcfg.segment_bytes = 4096;
+    let journal = Arc::new(SegmentedJournal::open(jcfg).expect("journal"));
+    for n in 0..60 {
+        let mut e = entry(n % 2, n, "telemetry");
+        e.payload = format!("{n:0>200}").into();
+        journal.append(&e).await.expect("append");
+    }
+    journal.flush().await.expect("flush");
+    let mut segments: Vec<_> = std::fs::read_dir(&jdir)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 3, "{segments:?}");
+    // Flip a byte inside the first record of the second segment (an older, synced one).
+    let mut bytes = std::fs::read(&segments[1]).expect("read");
+    bytes[100] ^= 0xff;
+    std::fs::write(&segments[1], &bytes).expect("write");
+
+    let status = Arc::new(BridgeStatus::default());
+    let stop = Shutdown::new();
+    let task = tokio::spawn(supervise(
+        journal.clone(),
+        Arc::new(default_routes("telemetry")),
+        // Small batches: a read error discards the batch it interrupts.
+        config(&bootstrap, dir.path(), 5),
+        status.clone(),
+        BridgeControl::new(),
+        stop.clone(),
+        quick(),
+    ));
+    let failed = wait_until(Duration::from_secs(20), || {
+        status.failed().is_some() && status.restarts.load(Relaxed) >= 3
+    })
+    .await;
+    assert!(
+        failed,
+        "restarts {}, failed {:?}, last error {:?}",
+        status.restarts.load(Relaxed),
+        status.failed(),
+        status.last_error()
+    );
+    assert_eq!(status.state(), State::Failed);
+    let why = status.failed().unwrap_or_default();
+    assert!(
+        why.contains(&*segments[1].to_string_lossy()),
+        "names the segment: {why}"
+    );
+    // The records before the damage were forwarded; nothing past it was released.
+    let released = journal.stats().released_seq;
+    assert!(released > 0 && released < 60, "released {released}");
+    stop.stop_by(Instant::now() + Duration::from_secs(2));
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("supervision ends at shutdown")
+        .expect("join");
+}
