@@ -118,11 +118,11 @@ async fn parked_records_skip_past_and_are_redriven() {
         control.clone(),
         stop.clone(),
     ));
-    assert_eq!(
-        status.parked_now.load(Relaxed),
-        bad_seqs.len() as u64,
-        "gauge from the store"
-    );
+    let gauge = wait_until(Duration::from_secs(10), || {
+        status.parked_now.load(Relaxed) == bad_seqs.len() as u64
+    })
+    .await;
+    assert!(gauge, "parked_now read from the store at start");
     let report = control.redrive(Some(bad_seqs[0])).await.expect("redrive one");
     assert_eq!(
         (report.sent, report.delivered, report.pending),
