@@ -3,13 +3,17 @@
 //! Data path: the write-ahead [`journal`] (every vehicle message is durable there before
 //! the vehicle gets its PUBACK) → the [`producer`] pipeline (reads the journal in order,
 //! writes to Kafka with `acks=all` and idempotence, releases records on confirmed
-//! delivery) using [`routes`] to pick topic and key. [`embedded`] is the dev-only
+//! delivery) using [`routes`] to pick topic and key, under the [`supervisor`] (restarts
+//! with back-off, marks the bridge failed); records Kafka refuses for good go to the
+//! [`parked`] store. [`embedded`] is the dev-only
 //! in-process Kafka for a first run.
 
 pub mod embedded;
 pub mod journal;
+pub mod parked;
 pub mod producer;
 pub mod routes;
+pub mod supervisor;
 pub mod topic;
 
 pub use journal::{

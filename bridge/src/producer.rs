@@ -1,5 +1,7 @@
 //! The producer pipeline: journal → Kafka, in journal order, released on confirmation.
 //!
+//! # Forwarding
+//!
 //! * Reads durable records from the journal in sequence order and produces each with an
 //!   idempotent producer (`enable.idempotence=true`, `acks=all`, at most 5 requests in
 //!   flight per connection), so one vehicle's records (one key, one partition) reach
@@ -7,19 +9,87 @@
 //! * `message.timeout.ms = 0`: librdkafka retries a retryable failure (broker down, not
 //!   enough replicas, request timeout) forever while the journal buffers. A message that
 //!   timed out would have to be re-sent behind younger ones, which breaks order.
-//! * A record is released in the journal only when it and every record before it have a
-//!   successful delivery report (contiguous watermark). Records in flight are bounded by
-//!   `max_inflight`; the producer queue is sized to match, and a full queue makes the
-//!   pipeline wait for delivery reports (back-pressure by readiness).
-//! * Per-record fatal errors (record too large, topic authorisation failed, unknown topic)
-//!   go to the dead-letter topic with the error in a header. Without a dead-letter topic,
-//!   or when the dead-letter write fails too, the record is *parked*: it stays in the
-//!   journal (the release watermark stops before it), `gateway_bridge_parked` counts it and
-//!   an error is logged; a restart after the cause is fixed replays from it.
+//! * Records in flight are bounded by `max_inflight`; the producer queue is sized to
+//!   match, and a full queue makes the pipeline wait for delivery reports (back-pressure
+//!   by readiness).
 //! * A fatal producer error (idempotence state lost) rebuilds the producer and replays from
 //!   the release watermark: duplicates are possible, reordering is not.
+//!
+//! # The release watermark
+//!
+//! The pipeline tracks every record it produced by its **real** journal sequence number.
+//! Sequence numbers are not contiguous: the reader skips gaps between segments (segments
+//! evicted undelivered by the `drop_oldest` policy, spans removed by journal repair). A
+//! record is *done* when Kafka confirmed it, when the dead-letter topic confirmed it, or
+//! when it was parked (below). The journal is released up to the last record of the
+//! contiguous done prefix: a record is released only when it and every record read
+//! before it are done (invariant 2). After a restart, forwarding replays from the
+//! checkpointed watermark, in journal order.
+//!
+//! # Records Kafka refuses for good: dead letter, then the parked store
+//!
+//! Per-record fatal errors (record too large, topic authorisation failed, unknown topic,
+//! no route under `unmatched = "refuse"`) go to the dead-letter topic with the error in the
+//! `gateway.error` header. Without a dead-letter topic, or when the dead-letter write
+//! fails too, the record is **parked**: written durably (file and directory fsync'd) to
+//! the [`crate::parked::ParkedStore`] at `parked_dir`, and only then marked done. So a
+//! parked record **no longer holds the release watermark**: it lives in the parked store
+//! until an operator re-drives it, and the records after it — including the same
+//! vehicle's later records — are forwarded and released without waiting for it.
+//! `gateway_bridge_parked_total` counts parkings and `parked_now` the records in the store;
+//! every parking is logged as an error.
+//!
+//! The store is bounded (`max_parked`). When it is full (or cannot be written), the record
+//! is held in the journal as before: its slot stays open, the watermark stops before it,
+//! and once `max_inflight` records passed it forwarding stalls, with a loud error naming
+//! the cause. The pipeline retries parking it when the store has room again. Never a
+//! silent drop.
+//!
+//! **Re-drive** ([`BridgeControl::redrive`]): the pipeline produces each parked record
+//! (one, or all) again to its *current* route (routes or topics may have been fixed
+//! meanwhile), with the extra header `gateway.redrive = "true"`, and deletes its file only
+//! after a successful delivery report. The answer says how many were sent, delivered,
+//! failed again (with the reason; they stay parked) and are still pending (no delivery
+//! report within [`REDRIVE_WAIT`]; their files are deleted if the delivery is confirmed
+//! later). A re-driven record reaches Kafka after its vehicle's younger records: re-drive
+//! is an explicit, out-of-order repair.
+//!
+//! # Headers and exact de-duplication downstream
+//!
+//! Every record carries `gateway.id` (the configured gateway id), `gateway.journal` (the
+//! journal's identity, random, new if the journal directory is recreated) and
+//! `gateway.seq` (the journal sequence number, decimal text), besides the `mqtt.*`
+//! metadata. Delivery is at-least-once: a crash, a producer rebuild or a restart re-sends
+//! what was not yet released, always in journal order, so a replayed record arrives after
+//! its first copy and in the same partition (same key). A consumer drops replays exactly:
+//!
+//! 1. for each `(gateway.journal, partition)` remember the highest `gateway.seq` seen
+//!    (persist it with the consumer's own state or offsets);
+//! 2. a record whose `gateway.seq` is at or below that value is a replay: drop it;
+//!    otherwise process it and raise the value.
+//!
+//! This holds because one journal's records reach a partition in increasing sequence
+//! order and a replay starts at the release watermark and re-sends in the same order.
+//! Records carrying `gateway.redrive` are re-driven parked records, out of order by
+//! nature: exempt them from the rule (process them; a re-drive interrupted by a crash may
+//! repeat one, so dedupe those by the `(gateway.journal, gateway.seq)` pair if needed).
+//!
+//! # Shutdown
+//!
+//! [`Shutdown::stop_by`] carries one deadline for the whole shutdown: the pipeline stops
+//! reading and sending at once (a record that did not fit the producer queue stays in the
+//! journal), waits for the delivery reports of what is in flight, releasing as they
+//! arrive, and never waits past the deadline. Unconfirmed records stay in the journal.
+//!
+//! # Supervision
+//!
+//! [`run`] returns an error when the pipeline cannot continue (journal read error, invalid
+//! producer configuration). [`crate::supervisor::supervise`] runs it, restarts it with
+//! back-off and turns [`BridgeStatus::state`] to [`State::Failed`] when it keeps failing.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,12 +101,21 @@ use rdkafka::producer::{
     BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
 };
 use rdkafka::ClientContext;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::journal::{Journal, Record};
+use crate::journal::{Journal, JournalError, Record};
+use crate::parked::{ParkedError, ParkedStore};
 use crate::routes::Routes;
+
+/// How long a re-drive waits for delivery reports before answering with `pending`.
+pub const REDRIVE_WAIT: Duration = Duration::from_secs(10);
+/// Delivery opaque bit marking a re-driven record (journal sequences stay below 2^63).
+const REDRIVE_BIT: u64 = 1 << 63;
+/// How often parking is retried for records held because the parked store was full.
+const STALLED_RETRY: Duration = Duration::from_secs(2);
 
 /// Producer settings from the `[kafka]` section.
 #[derive(Debug, Clone)]
@@ -49,8 +128,15 @@ pub struct ProducerConfig {
     pub max_inflight: usize,
     /// Written to the `gateway.id` header of every record.
     pub gateway_id: String,
-    /// Where per-record fatal failures go; empty parks them in the journal.
+    /// Identity of the journal, written to the `gateway.journal` header of every record;
+    /// with `gateway.seq` it lets consumers drop replays exactly.
+    pub journal_id: String,
+    /// Where per-record fatal failures go; empty parks them in the parked store.
     pub dead_letter_topic: String,
+    /// Durable store of parked records (`<journal dir>/parked`).
+    pub parked_dir: PathBuf,
+    /// Bound on parked records; beyond it forwarding stalls on the next refused record.
+    pub max_parked: usize,
     /// librdkafka properties applied last (SASL, SSL, timeouts...).
     pub properties: BTreeMap<String, String>,
 }
@@ -62,6 +148,8 @@ pub enum State {
     Connected = 1,
     Degraded = 2,
     Down = 3,
+    /// The pipeline keeps failing (see [`BridgeStatus::failed`]); the supervisor retries.
+    Failed = 4,
 }
 
 impl State {
@@ -71,6 +159,7 @@ impl State {
             State::Connected => "connected",
             State::Degraded => "degraded",
             State::Down => "down",
+            State::Failed => "failed",
         }
     }
 }
@@ -82,15 +171,27 @@ pub struct BridgeStatus {
     pub in_flight: AtomicU64,
     pub delivered: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Records parked since start (counter).
     pub parked: AtomicU64,
+    /// Records in the parked store now (gauge).
+    pub parked_now: AtomicU64,
+    /// Parked records delivered by a re-drive (counter).
+    pub redriven: AtomicU64,
     /// Errors reported by librdkafka (connection failures, retried requests).
     pub errors: AtomicU64,
     pub producer_rebuilds: AtomicU64,
+    /// Pipeline restarts by the supervisor after an error or a panic (counter).
+    pub restarts: AtomicU64,
     last_error: Mutex<Option<String>>,
+    failed: Mutex<Option<String>>,
 }
 
 impl BridgeStatus {
+    /// The pipeline state; [`State::Failed`] while [`BridgeStatus::failed`] is set.
     pub fn state(&self) -> State {
+        if self.failed().is_some() {
+            return State::Failed;
+        }
         match self.state.load(Ordering::Relaxed) {
             1 => State::Connected,
             2 => State::Degraded,
@@ -98,14 +199,146 @@ impl BridgeStatus {
             _ => State::Connecting,
         }
     }
-    fn set_state(&self, s: State) {
+    pub(crate) fn set_state(&self, s: State) {
         self.state.store(s as u8, Ordering::Relaxed);
     }
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
-    fn set_error(&self, e: String) {
+    pub(crate) fn set_error(&self, e: String) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+    }
+    /// Why the bridge is persistently failing (set by the supervisor after repeated
+    /// failures or a non-transient error; cleared once the pipeline runs healthily).
+    /// `Some` means unhealthy: `/healthz` should fail.
+    pub fn failed(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub(crate) fn set_failed(&self, why: Option<String>) {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+}
+
+/// A shutdown request with the one deadline of the whole shutdown.
+///
+/// Cheap to clone; every clone sees the same request.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    token: CancellationToken,
+    deadline: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests the stop: sending stops now; confirmations of what is in flight are
+    /// awaited until `deadline`, never later. A second call can only bring it forward.
+    pub fn stop_by(&self, deadline: Instant) {
+        {
+            let mut d = self.deadline.lock().unwrap_or_else(|e| e.into_inner());
+            *d = Some(d.map_or(deadline, |old| old.min(deadline)));
+        }
+        self.token.cancel();
+    }
+
+    pub fn is_requested(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    /// Completes once a stop is requested.
+    pub async fn requested(&self) {
+        self.token.cancelled().await
+    }
+
+    /// The deadline of a requested stop; `None` while running.
+    pub fn deadline(&self) -> Option<Instant> {
+        *self.deadline.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The deadline, or now when none was given.
+    fn deadline_or_now(&self) -> Instant {
+        self.deadline().unwrap_or_else(Instant::now)
+    }
+}
+
+/// Outcome of a re-drive of parked records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedriveReport {
+    /// Records handed to the producer again.
+    pub sent: usize,
+    /// Records Kafka confirmed; their parked files are deleted.
+    pub delivered: usize,
+    /// Records that failed again (or could not be sent); they stay parked.
+    pub failed: Vec<RedriveFailure>,
+    /// Sent records without a delivery report after [`REDRIVE_WAIT`]; they stay parked
+    /// until Kafka confirms them (then their files are deleted).
+    pub pending: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedriveFailure {
+    pub seq: u64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RedriveError {
+    #[error("the Kafka bridge is busy with other control requests; try again")]
+    Busy,
+    #[error("the Kafka bridge stopped or restarted before answering; list the parked records again")]
+    Interrupted,
+    #[error("parked store: {0}")]
+    Store(String),
+}
+
+type RedriveReply = oneshot::Sender<Result<RedriveReport, RedriveError>>;
+
+enum Command {
+    Redrive { seq: Option<u64>, reply: RedriveReply },
+}
+
+/// Control handle of the pipeline (admin API): cheap to clone, created next to
+/// [`BridgeStatus`] and handed to [`run`] / [`crate::supervisor::supervise`]. Requests
+/// wait in a small queue while the pipeline restarts.
+#[derive(Clone)]
+pub struct BridgeControl {
+    tx: mpsc::Sender<Command>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Command>>>,
+}
+
+impl Default for BridgeControl {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(16);
+        BridgeControl {
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+        }
+    }
+}
+
+impl fmt::Debug for BridgeControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BridgeControl").finish_non_exhaustive()
+    }
+}
+
+impl BridgeControl {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Produces parked record `seq` (or every parked record, `None`) again to its current
+    /// route; deletes each parked file once Kafka confirmed it. Answers after every sent
+    /// record has a delivery report or after [`REDRIVE_WAIT`]. Waits while the pipeline
+    /// is restarting; callers bound it with their own timeout.
+    pub async fn redrive(&self, seq: Option<u64>) -> Result<RedriveReport, RedriveError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .try_send(Command::Redrive { seq, reply })
+            .map_err(|_| RedriveError::Busy)?;
+        answer.await.map_err(|_| RedriveError::Interrupted)?
     }
 }
 
@@ -114,7 +347,25 @@ pub enum BridgeError {
     #[error("kafka producer configuration: {0}")]
     Config(#[from] KafkaError),
     #[error(transparent)]
-    Journal(#[from] crate::journal::JournalError),
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Parked(#[from] ParkedError),
+}
+
+impl BridgeError {
+    /// Errors a restart cannot fix (configuration, corrupt journal data): the supervisor
+    /// marks the bridge failed at once instead of after repeated failures.
+    pub fn is_persistent(&self) -> bool {
+        match self {
+            BridgeError::Config(_) => true,
+            BridgeError::Journal(JournalError::Io { source, .. }) => {
+                source.kind() == std::io::ErrorKind::InvalidData
+            }
+            BridgeError::Journal(JournalError::Config(_) | JournalError::Stopped(_)) => true,
+            BridgeError::Journal(_) => false,
+            BridgeError::Parked(_) => false,
+        }
+    }
 }
 
 /// Delivery reports handed from librdkafka's thread to the pipeline task.
@@ -158,7 +409,7 @@ impl ClientContext for Ctx {
 impl ProducerContext for Ctx {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, seq: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
         let outcome = match result {
             Ok(_) => Ok(()),
             Err((e, _)) => Err(e.clone()),
@@ -167,7 +418,7 @@ impl ProducerContext for Ctx {
             .queue
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((seq as u64, outcome));
+            .push((opaque as u64, outcome));
         self.reports.notify.notify_one();
     }
 }
@@ -193,30 +444,45 @@ fn fatal_for_record(e: &KafkaError) -> bool {
 enum Slot {
     Sent,
     DeadLettering,
-    Parked,
+    /// Refused for good and not (yet) in the parked store: holds the watermark.
+    Held,
     Done,
 }
 
-/// In-flight records in sequence order; the contiguous done prefix is releasable.
+/// In-flight records by their real sequence numbers (ascending, gaps allowed); the
+/// contiguous done prefix is releasable.
+#[derive(Default)]
 struct Tracker {
-    base: u64,
-    slots: VecDeque<Slot>,
+    slots: VecDeque<(u64, Slot)>,
 }
 
 impl Tracker {
-    fn slot(&mut self, seq: u64) -> Option<&mut Slot> {
-        let i = seq.checked_sub(self.base)?;
-        self.slots.get_mut(usize::try_from(i).ok()?)
+    fn push(&mut self, seq: u64) {
+        debug_assert!(self.slots.back().is_none_or(|(s, _)| *s < seq));
+        self.slots.push_back((seq, Slot::Sent));
     }
-    /// Pops done records; returns the new release watermark if it moved.
+    fn slot(&mut self, seq: u64) -> Option<&mut Slot> {
+        let i = self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        self.slots.get_mut(i).map(|(_, slot)| slot)
+    }
+    /// Pops done records; returns the new release watermark (the last popped) if it moved.
     fn advance(&mut self) -> Option<u64> {
-        let mut moved = false;
-        while self.slots.front() == Some(&Slot::Done) {
+        let mut last = None;
+        while let Some((seq, Slot::Done)) = self.slots.front() {
+            last = Some(*seq);
             self.slots.pop_front();
-            self.base += 1;
-            moved = true;
         }
-        moved.then(|| self.base - 1)
+        last
+    }
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
+    /// Records waiting for a delivery report.
+    fn unconfirmed(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Sent | Slot::DeadLettering))
+            .count()
     }
 }
 
@@ -246,16 +512,21 @@ pub fn client_config(cfg: &ProducerConfig) -> ClientConfig {
     c
 }
 
-/// Runs the pipeline until `shutdown`; then waits up to `grace` for what is in flight.
+/// Runs the pipeline until `shutdown`; then waits for what is in flight until the
+/// shutdown deadline, never later. Errors end it (see [`crate::supervisor`]).
 pub async fn run<J: Journal>(
     journal: Arc<J>,
     routes: Arc<Routes>,
     cfg: ProducerConfig,
     status: Arc<BridgeStatus>,
-    shutdown: CancellationToken,
-    grace: Duration,
+    control: BridgeControl,
+    shutdown: Shutdown,
 ) -> Result<(), BridgeError> {
     info!(bootstrap = %cfg.bootstrap, "kafka bridge: starting");
+    let store = ParkedStore::open(&cfg.parked_dir, cfg.max_parked)?;
+    status.parked_now.store(store.len() as u64, Ordering::Relaxed);
+    // One pipeline at a time holds the control queue (a restarted one waits for the old).
+    let mut commands = control.rx.lock().await;
     loop {
         let reports = Arc::new(Reports::default());
         let ctx = Ctx {
@@ -270,28 +541,39 @@ pub async fn run<J: Journal>(
             status.clone(),
             reports,
             &producer,
+            &store,
         );
-        let outcome = pump.run(&shutdown).await?;
+        let outcome = pump.run(&shutdown, &mut commands).await;
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                pump.finish_redrives(true);
+                drop(pump);
+                dispose(producer, None).await;
+                return Err(e);
+            }
+        };
         match outcome {
             Exit::Shutdown => {
-                let deadline = tokio::time::Instant::now() + grace;
-                while pump
-                    .tracker
-                    .slots
-                    .iter()
-                    .any(|s| *s == Slot::Sent || *s == Slot::DeadLettering)
-                    && tokio::time::Instant::now() < deadline
+                let deadline = shutdown.deadline_or_now();
+                while (pump.tracker.unconfirmed() > 0 || !pump.redriving.is_empty())
+                    && Instant::now() < deadline
                 {
-                    let _ =
-                        tokio::time::timeout(Duration::from_millis(50), pump.reports.notify.notified()).await;
+                    let _ = tokio::time::timeout_at(
+                        deadline.min(Instant::now() + Duration::from_millis(50)),
+                        pump.reports.notify.notified(),
+                    )
+                    .await;
                     pump.absorb_reports();
                     // Release as confirmations arrive, so a restart re-sends less.
                     if let Some(w) = pump.tracker.advance() {
                         pump.journal.release(w);
                     }
                 }
-                let unconfirmed = pump.tracker.slots.len();
-                producer.purge(PurgeConfig::default().queue().inflight());
+                let unconfirmed = pump.tracker.len();
+                pump.finish_redrives(true);
+                drop(pump);
+                dispose(producer, Some(deadline)).await;
                 info!(
                     unconfirmed,
                     "kafka bridge: stopped; unconfirmed records stay in the journal"
@@ -303,10 +585,29 @@ pub async fn run<J: Journal>(
                 status.set_state(State::Degraded);
                 status.set_error(why.clone());
                 warn!(reason = %why, "kafka bridge: rebuilding the producer, replaying from the release watermark");
-                producer.purge(PurgeConfig::default().queue().inflight());
-                drop(producer);
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                pump.finish_redrives(true);
+                drop(pump);
+                dispose(producer, None).await;
+                tokio::select! {
+                    _ = shutdown.requested() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
             }
+        }
+    }
+}
+
+/// Purges and destroys a producer off the async threads (librdkafka's destroy joins its
+/// threads and flushes for up to 500 ms); waits for it at most until `deadline`.
+async fn dispose(producer: ThreadedProducer<Ctx>, deadline: Option<Instant>) {
+    producer.purge(PurgeConfig::default().queue().inflight());
+    let task = tokio::task::spawn_blocking(move || drop(producer));
+    match deadline {
+        Some(d) => {
+            let _ = tokio::time::timeout_at(d, task).await;
+        }
+        None => {
+            let _ = task.await;
         }
     }
 }
@@ -316,6 +617,14 @@ enum Exit {
     Rebuild(String),
 }
 
+/// A re-drive request being answered.
+struct RedriveOp {
+    reply: RedriveReply,
+    waiting: HashSet<u64>,
+    report: RedriveReport,
+    deadline: Instant,
+}
+
 struct Pump<'p, J> {
     journal: Arc<J>,
     routes: Arc<Routes>,
@@ -323,10 +632,24 @@ struct Pump<'p, J> {
     status: Arc<BridgeStatus>,
     reports: Arc<Reports>,
     producer: &'p ThreadedProducer<Ctx>,
+    store: &'p ParkedStore,
     tracker: Tracker,
     reader: crate::journal::JournalReader,
     failures: Vec<(u64, KafkaError)>,
     rebuild: Option<String>,
+    /// Records refused for good that could not be parked (store full or failing), with
+    /// the reason; retried every `STALLED_RETRY`.
+    held: Vec<(u64, String)>,
+    held_retry_at: Instant,
+    /// Parked records produced again and awaiting their delivery report.
+    redriving: HashSet<u64>,
+    ops: Vec<RedriveOp>,
+}
+
+enum Sent {
+    Queued,
+    /// Shutdown was requested while the producer queue was full: not sent, not tracked.
+    Abandoned,
 }
 
 impl<'p, J: Journal> Pump<'p, J> {
@@ -337,13 +660,10 @@ impl<'p, J: Journal> Pump<'p, J> {
         status: Arc<BridgeStatus>,
         reports: Arc<Reports>,
         producer: &'p ThreadedProducer<Ctx>,
+        store: &'p ParkedStore,
     ) -> Self {
         let start = journal.stats().released_seq + 1;
         let reader = journal.reader(start);
-        let tracker = Tracker {
-            base: reader.position(),
-            slots: VecDeque::new(),
-        };
         Pump {
             journal,
             routes,
@@ -351,14 +671,23 @@ impl<'p, J: Journal> Pump<'p, J> {
             status,
             reports,
             producer,
-            tracker,
+            store,
+            tracker: Tracker::default(),
             reader,
             failures: Vec::new(),
             rebuild: None,
+            held: Vec::new(),
+            held_retry_at: Instant::now(),
+            redriving: HashSet::new(),
+            ops: Vec::new(),
         }
     }
 
-    async fn run(&mut self, shutdown: &CancellationToken) -> Result<Exit, BridgeError> {
+    async fn run(
+        &mut self,
+        shutdown: &Shutdown,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> Result<Exit, BridgeError> {
         let mut durable = self.journal.durable();
         loop {
             self.absorb_reports();
@@ -376,42 +705,63 @@ impl<'p, J: Journal> Pump<'p, J> {
                 return Ok(Exit::Rebuild(why));
             }
             self.handle_failures()?;
+            self.retry_held()?;
             if let Some(w) = self.tracker.advance() {
                 self.journal.release(w);
             }
+            self.finish_redrives(false);
             self.status
                 .in_flight
-                .store(self.tracker.slots.len() as u64, Ordering::Relaxed);
-            if shutdown.is_cancelled() {
+                .store(self.tracker.len() as u64, Ordering::Relaxed);
+            if shutdown.is_requested() {
                 return Ok(Exit::Shutdown);
             }
-            let room = self.cfg.max_inflight.saturating_sub(self.tracker.slots.len());
+            if let Ok(cmd) = commands.try_recv() {
+                self.command(cmd, shutdown).await;
+                continue;
+            }
+            let room = self.cfg.max_inflight.saturating_sub(self.tracker.len());
             if room > 0 {
                 let batch = self.reader.next_batch(room.min(4096))?;
                 if !batch.is_empty() {
-                    if self.tracker.slots.is_empty() {
-                        self.tracker.base = batch[0].seq;
-                    }
                     for rec in &batch {
-                        self.send(rec, shutdown).await;
+                        if let Sent::Abandoned = self.send(rec, shutdown).await {
+                            break;
+                        }
                     }
                     continue;
                 }
             }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {}
+                _ = shutdown.requested() => {}
                 _ = self.reports.notify.notified() => {}
+                cmd = commands.recv() => {
+                    if let Some(cmd) = cmd {
+                        self.command(cmd, shutdown).await;
+                    }
+                }
                 _ = durable.changed(), if room > 0 => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
     }
 
+    async fn command(&mut self, cmd: Command, shutdown: &Shutdown) {
+        match cmd {
+            Command::Redrive { seq, reply } => self.redrive(seq, reply, shutdown).await,
+        }
+    }
+
     fn absorb_reports(&mut self) {
         let reports = std::mem::take(&mut *self.reports.queue.lock().unwrap_or_else(|e| e.into_inner()));
         let mut to_park = Vec::new();
-        for (seq, outcome) in reports {
+        for (opaque, outcome) in reports {
+            if opaque & REDRIVE_BIT != 0 {
+                self.redrive_report(opaque & !REDRIVE_BIT, outcome);
+                continue;
+            }
+            let seq = opaque;
             let Some(slot) = self.tracker.slot(seq) else {
                 continue;
             };
@@ -438,45 +788,116 @@ impl<'p, J: Journal> Pump<'p, J> {
             }
         }
         for (seq, why) in to_park {
-            self.park(seq, &why);
+            // A read error here surfaces on the next `handle_failures` read as well.
+            if let Err(e) = self.park(seq, None, &why) {
+                self.rebuild
+                    .get_or_insert_with(|| format!("parking record {seq}: {e}"));
+            }
         }
     }
 
-    /// Keeps the record in the journal: its slot never completes, so the release
-    /// watermark stops before it. Counted and logged.
-    fn park(&mut self, seq: u64, why: &str) {
-        if let Some(slot) = self.tracker.slot(seq) {
-            *slot = Slot::Parked;
-        }
+    /// The record `seq` from the journal; `None` when it is no longer there (evicted by
+    /// the `drop_oldest` policy since it was read, hence already released).
+    fn read_record(&self, seq: u64) -> Result<Option<Record>, BridgeError> {
+        Ok(self
+            .journal
+            .reader(seq)
+            .next_batch(1)?
+            .into_iter()
+            .next()
+            .filter(|r| r.seq == seq))
+    }
+
+    /// Moves a record Kafka refused for good into the parked store, then marks it done so
+    /// the watermark moves past it. If the store is full or failing, holds it (slot stays
+    /// open, the watermark stops before it) and retries later. Counted and logged.
+    fn park(&mut self, seq: u64, rec: Option<Record>, why: &str) -> Result<(), BridgeError> {
         self.status.parked.fetch_add(1, Ordering::Relaxed);
-        self.status.set_error(format!("record {seq} parked: {why}"));
-        error!(
-            seq,
-            reason = why,
-            "kafka bridge: record parked in the journal (not released); fix the cause and restart to replay"
-        );
+        self.park_or_hold(seq, rec, why)
+    }
+
+    fn park_or_hold(&mut self, seq: u64, rec: Option<Record>, why: &str) -> Result<(), BridgeError> {
+        let rec = match rec {
+            Some(r) => Some(r),
+            None => self.read_record(seq)?,
+        };
+        let Some(rec) = rec else {
+            warn!(
+                seq,
+                reason = why,
+                "kafka bridge: refused record left the journal meanwhile (drop_oldest); not parked"
+            );
+            self.mark(seq, Slot::Done);
+            return Ok(());
+        };
+        match self.store.park(&rec, why) {
+            Ok(()) => {
+                self.mark(seq, Slot::Done);
+                self.status
+                    .parked_now
+                    .store(self.store.len() as u64, Ordering::Relaxed);
+                self.status.set_error(format!("record {seq} parked: {why}"));
+                error!(
+                    seq,
+                    client_id = %rec.entry.client_id,
+                    reason = why,
+                    parked_dir = %self.store.dir().display(),
+                    "kafka bridge: record refused by Kafka parked in the parked store; forwarding continues; fix the cause and re-drive it"
+                );
+            }
+            Err(e) => {
+                self.mark(seq, Slot::Held);
+                self.status.set_error(format!(
+                    "record {seq} refused ({why}) and could not be parked: {e}"
+                ));
+                error!(
+                    seq,
+                    reason = why,
+                    error = %e,
+                    "kafka bridge: record refused by Kafka could NOT be parked; it is held in the journal and forwarding STALLS once kafka.max_inflight records passed it; re-drive or clear parked records"
+                );
+                self.held.push((seq, why.to_string()));
+                self.held_retry_at = Instant::now() + STALLED_RETRY;
+            }
+        }
+        Ok(())
+    }
+
+    fn mark(&mut self, seq: u64, to: Slot) {
+        if let Some(slot) = self.tracker.slot(seq) {
+            *slot = to;
+        }
+    }
+
+    /// Retries parking held records once the store may have room.
+    fn retry_held(&mut self) -> Result<(), BridgeError> {
+        if self.held.is_empty()
+            || Instant::now() < self.held_retry_at
+            || self.store.len() >= self.store.capacity()
+        {
+            return Ok(());
+        }
+        for (seq, why) in std::mem::take(&mut self.held) {
+            self.park_or_hold(seq, None, &why)?;
+        }
+        Ok(())
     }
 
     fn handle_failures(&mut self) -> Result<(), BridgeError> {
         for (seq, e) in std::mem::take(&mut self.failures) {
             let dlq = &self.cfg.dead_letter_topic;
-            let record = self
-                .journal
-                .reader(seq)
-                .next_batch(1)?
-                .into_iter()
-                .next()
-                .filter(|r| r.seq == seq);
-            let (Some(rec), false) = (record, dlq.is_empty()) else {
-                self.park(seq, &e.to_string());
+            let Some(rec) = self.read_record(seq)? else {
+                self.park(seq, None, &e.to_string())?;
                 continue;
             };
-            warn!(seq, error = %e, topic = %dlq, "kafka bridge: record refused by Kafka; writing it to the dead-letter topic");
-            if let Some(slot) = self.tracker.slot(seq) {
-                *slot = Slot::DeadLettering;
+            if dlq.is_empty() {
+                self.park(seq, Some(rec), &e.to_string())?;
+                continue;
             }
+            warn!(seq, error = %e, topic = %dlq, "kafka bridge: record refused by Kafka; writing it to the dead-letter topic");
+            self.mark(seq, Slot::DeadLettering);
             let key = rec.entry.client_id.clone();
-            let headers = headers(&rec, &self.cfg.gateway_id).insert(Header {
+            let headers = headers(&rec, &self.cfg.gateway_id, &self.cfg.journal_id).insert(Header {
                 key: "gateway.error",
                 value: Some(&e.to_string()),
             });
@@ -486,52 +907,199 @@ impl<'p, J: Journal> Pump<'p, J> {
                 .headers(headers)
                 .timestamp(rec.entry.received_at_ms as i64);
             if let Err((e, _)) = self.producer.send(record) {
-                self.park(seq, &format!("dead-letter write failed: {e}"));
+                self.park(seq, Some(rec), &format!("dead-letter write failed: {e}"))?;
             }
         }
         Ok(())
     }
 
-    async fn send(&mut self, rec: &Record, shutdown: &CancellationToken) {
-        self.tracker.slots.push_back(Slot::Sent);
+    /// Produces `rec`; tracks it unless shutdown stopped the send (then it stays in the
+    /// journal, unreleased, for the next start).
+    async fn send(&mut self, rec: &Record, shutdown: &Shutdown) -> Sent {
         let e = &rec.entry;
         let Some(dest) = self.routes.resolve(&e.client_id, &e.topic) else {
+            self.tracker.push(rec.seq);
             let err = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic);
             self.failures.push((rec.seq, err));
-            return;
+            return Sent::Queued;
         };
         loop {
             let record = BaseRecord::with_opaque_to(&dest.topic, rec.seq as usize)
                 .key(&dest.key)
                 .payload(&e.payload[..])
-                .headers(headers(rec, &self.cfg.gateway_id))
+                .headers(headers(rec, &self.cfg.gateway_id, &self.cfg.journal_id))
                 .timestamp(e.received_at_ms as i64);
             match self.producer.send(record) {
-                Ok(()) => return,
+                Ok(()) => {
+                    self.tracker.push(rec.seq);
+                    return Sent::Queued;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    // librdkafka's queue is full: wait for delivery reports, then retry.
-                    tokio::select! {
-                        _ = self.reports.notify.notified() => {}
-                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                        _ = shutdown.cancelled() => {}
+                    if !self.wait_for_queue(shutdown).await {
+                        return Sent::Abandoned;
                     }
-                    self.absorb_reports();
                 }
                 Err((err, _)) => {
+                    self.tracker.push(rec.seq);
                     self.failures.push((rec.seq, err));
+                    return Sent::Queued;
+                }
+            }
+        }
+    }
+
+    /// librdkafka's queue is full: waits for delivery reports. False once shutdown is
+    /// requested (stop sending; never spin).
+    async fn wait_for_queue(&mut self, shutdown: &Shutdown) -> bool {
+        if shutdown.is_requested() {
+            return false;
+        }
+        tokio::select! {
+            _ = self.reports.notify.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            _ = shutdown.requested() => return false,
+        }
+        self.absorb_reports();
+        true
+    }
+
+    /// Starts re-driving parked records; the answer is sent by `finish_redrives`.
+    async fn redrive(&mut self, seq: Option<u64>, reply: RedriveReply, shutdown: &Shutdown) {
+        let seqs = match seq {
+            Some(s) => vec![s],
+            None => match self.store.seqs() {
+                Ok(v) => v,
+                Err(e) => {
+                    let _ = reply.send(Err(RedriveError::Store(e.to_string())));
                     return;
                 }
+            },
+        };
+        info!(records = seqs.len(), "kafka bridge: re-driving parked records");
+        self.ops.push(RedriveOp {
+            reply,
+            waiting: HashSet::new(),
+            report: RedriveReport::default(),
+            deadline: Instant::now() + REDRIVE_WAIT,
+        });
+        let op = self.ops.len() - 1;
+        for s in seqs {
+            let outcome = self.redrive_one(s, shutdown).await;
+            let report = &mut self.ops[op];
+            match outcome {
+                Ok(()) => {
+                    report.waiting.insert(s);
+                    report.report.sent += 1;
+                }
+                Err(reason) => report.report.failed.push(RedriveFailure { seq: s, reason }),
+            }
+        }
+        self.finish_redrives(false);
+    }
+
+    async fn redrive_one(&mut self, seq: u64, shutdown: &Shutdown) -> Result<(), String> {
+        if self.redriving.contains(&seq) {
+            return Err("already being re-driven".into());
+        }
+        let rec = match self.store.load(seq) {
+            Ok(Some((rec, _))) => rec,
+            Ok(None) => return Err("not parked".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let e = &rec.entry;
+        let Some(dest) = self.routes.resolve(&e.client_id, &e.topic) else {
+            return Err("no route matches its MQTT topic (kafka.unmatched = refuse)".into());
+        };
+        loop {
+            let headers = headers(&rec, &self.cfg.gateway_id, &self.cfg.journal_id).insert(Header {
+                key: "gateway.redrive",
+                value: Some("true"),
+            });
+            let record = BaseRecord::with_opaque_to(&dest.topic, (seq | REDRIVE_BIT) as usize)
+                .key(&dest.key)
+                .payload(&e.payload[..])
+                .headers(headers)
+                .timestamp(e.received_at_ms as i64);
+            match self.producer.send(record) {
+                Ok(()) => {
+                    self.redriving.insert(seq);
+                    return Ok(());
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    if !self.wait_for_queue(shutdown).await {
+                        return Err("not sent: the gateway is shutting down".into());
+                    }
+                }
+                Err((err, _)) => return Err(err.to_string()),
+            }
+        }
+    }
+
+    fn redrive_report(&mut self, seq: u64, outcome: Result<(), KafkaError>) {
+        if !self.redriving.remove(&seq) {
+            return;
+        }
+        let result = match outcome {
+            Ok(()) => {
+                match self.store.remove(seq) {
+                    Ok(_) => {
+                        self.status.redriven.fetch_add(1, Ordering::Relaxed);
+                        info!(seq, "kafka bridge: parked record re-driven and confirmed; removed from the parked store");
+                        Ok(())
+                    }
+                    Err(e) => Err(format!(
+                        "delivered, but its parked file could not be removed: {e}"
+                    )),
+                }
+            }
+            Err(e) => {
+                warn!(seq, error = %e, "kafka bridge: re-driven record refused again; it stays parked");
+                Err(e.to_string())
+            }
+        };
+        self.status
+            .parked_now
+            .store(self.store.len() as u64, Ordering::Relaxed);
+        for op in &mut self.ops {
+            if op.waiting.remove(&seq) {
+                match &result {
+                    Ok(()) => op.report.delivered += 1,
+                    Err(why) => op.report.failed.push(RedriveFailure {
+                        seq,
+                        reason: why.clone(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Answers re-drives that are complete or past their wait (`all`: every one, as the
+    /// pipeline stops).
+    fn finish_redrives(&mut self, all: bool) {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.ops.len() {
+            let op = &self.ops[i];
+            if all || op.waiting.is_empty() || now >= op.deadline {
+                let mut op = self.ops.swap_remove(i);
+                op.report.pending = op.waiting.len();
+                op.report.failed.sort_by_key(|f| f.seq);
+                let _ = op.reply.send(Ok(op.report));
+            } else {
+                i += 1;
             }
         }
     }
 }
 
-/// Kafka headers carried by every record: where it came from and the MQTT 5 metadata.
-pub fn headers(rec: &Record, gateway_id: &str) -> OwnedHeaders {
+/// Kafka headers carried by every record: where it came from (gateway, journal and
+/// sequence, for exact de-duplication) and the MQTT 5 metadata.
+pub fn headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders {
     let e = &rec.entry;
     let qos = e.qos.to_string();
     let received = e.received_at_ms.to_string();
-    let mut h = OwnedHeaders::new_with_capacity(6 + e.user_properties.len())
+    let seq = rec.seq.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(8 + e.user_properties.len())
         .insert(Header {
             key: "mqtt.topic",
             value: Some(&e.topic),
@@ -551,6 +1119,14 @@ pub fn headers(rec: &Record, gateway_id: &str) -> OwnedHeaders {
         .insert(Header {
             key: "gateway.id",
             value: Some(gateway_id),
+        })
+        .insert(Header {
+            key: "gateway.journal",
+            value: Some(journal_id),
+        })
+        .insert(Header {
+            key: "gateway.seq",
+            value: Some(&seq),
         });
     if let Some(ct) = &e.content_type {
         h = h.insert(Header {
@@ -565,4 +1141,28 @@ pub fn headers(rec: &Record, gateway_id: &str) -> OwnedHeaders {
         });
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_releases_across_sequence_gaps() {
+        let mut t = Tracker::default();
+        for seq in [3, 4, 10, 11, 40] {
+            t.push(seq);
+        }
+        *t.slot(4).expect("4") = Slot::Done;
+        assert_eq!(t.advance(), None, "3 is not done");
+        *t.slot(3).expect("3") = Slot::Done;
+        *t.slot(10).expect("10") = Slot::Done;
+        assert_eq!(t.advance(), Some(10), "done prefix 3, 4, 10 across the gap");
+        assert!(t.slot(5).is_none(), "5 was never read (gap)");
+        *t.slot(40).expect("40") = Slot::Done;
+        assert_eq!(t.advance(), None);
+        *t.slot(11).expect("11") = Slot::Done;
+        assert_eq!(t.advance(), Some(40));
+        assert_eq!(t.len(), 0);
+    }
 }

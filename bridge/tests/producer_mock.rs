@@ -7,14 +7,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bridge::producer::{self, BridgeStatus, ProducerConfig};
+use bridge::producer::{self, BridgeControl, BridgeStatus, ProducerConfig, Shutdown};
 use bridge::routes::{Routes, Unmatched};
 use bridge::{Entry, Journal, JournalConfig, SegmentedJournal};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
 
 const VEHICLES: usize = 10;
 const PER_VEHICLE: usize = 300;
@@ -98,18 +97,21 @@ async fn injected_faults_lose_and_reorder_nothing() {
         batch_bytes: 16 * 1024,
         max_inflight: 500,
         gateway_id: "test".into(),
+        journal_id: "j-test".into(),
         dead_letter_topic: String::new(),
+        parked_dir: dir.path().join("parked"),
+        max_parked: 100,
         properties: Default::default(),
     };
     let status = Arc::new(BridgeStatus::default());
-    let stop = CancellationToken::new();
+    let stop = Shutdown::new();
     let task = tokio::spawn(producer::run(
         journal.clone(),
         routes,
         cfg,
         status.clone(),
+        BridgeControl::new(),
         stop.clone(),
-        Duration::from_secs(5),
     ));
 
     // Broker down mid-stream, back after two seconds.
@@ -142,6 +144,6 @@ async fn injected_faults_lose_and_reorder_nothing() {
         status.errors.load(std::sync::atomic::Ordering::Relaxed) > 0,
         "the faults were seen"
     );
-    stop.cancel();
+    stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
     task.await.expect("join").expect("bridge");
 }
