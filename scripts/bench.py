@@ -145,6 +145,7 @@ listen = "127.0.0.1:{self.admin}"
 [auth]
 allow_anonymous = true
 publish_acl = ["vehicles/{{client_id}}/#"]
+connect_rate_per_ip = 0
 """)
         log = open(os.path.join(self.dir, "gateway.log"), "w")
         self.proc = subprocess.Popen([GATEWAY, "run", "--config", cfg], stdout=log, stderr=log,

@@ -208,6 +208,17 @@ impl ParkedStore {
         })
     }
 
+    /// A read-only view for listing (the admin API). It touches nothing on disk (no
+    /// directory creation, no `.tmp` clean-up), so it never races with the pipeline that
+    /// owns the store; a missing directory lists as empty.
+    pub fn view(dir: &Path) -> ParkedStore {
+        ParkedStore {
+            dir: dir.to_path_buf(),
+            max: 0,
+            count: AtomicUsize::new(0),
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -308,7 +319,12 @@ impl ParkedStore {
     /// Sequences of the parked records, ascending.
     pub fn seqs(&self) -> Result<Vec<u64>, ParkedError> {
         let mut seqs = Vec::new();
-        for ent in fs::read_dir(&self.dir).map_err(|e| io(&self.dir, e))? {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(seqs),
+            Err(e) => return Err(io(&self.dir, e)),
+        };
+        for ent in entries {
             let path = ent.map_err(|e| io(&self.dir, e))?.path();
             if path.extension().and_then(|e| e.to_str()) != Some(EXT) {
                 continue;

@@ -361,7 +361,9 @@ impl BridgeError {
             BridgeError::Journal(JournalError::Io { source, .. }) => {
                 source.kind() == std::io::ErrorKind::InvalidData
             }
-            BridgeError::Journal(JournalError::Config(_) | JournalError::Stopped(_)) => true,
+            BridgeError::Journal(
+                JournalError::Config(_) | JournalError::Stopped(_) | JournalError::Corrupt { .. },
+            ) => true,
             BridgeError::Journal(_) => false,
             BridgeError::Parked(_) => false,
         }

@@ -33,6 +33,91 @@ enum Command {
     },
     /// Print an argon2id hash for `auth.users[].password_hash`; reads the password from stdin.
     HashPassword,
+    /// Inspect or repair the write-ahead journal of a stopped gateway.
+    Journal {
+        #[command(subcommand)]
+        action: JournalCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Scan every segment; exit 0 when intact, 1 when damage was found (printed with
+    /// segment, offset and the sequence range at risk).
+    Verify(JournalTarget),
+    /// Move damaged spans to `<journal dir>/quarantine/`, keep every intact record, and
+    /// print what was lost. Run `verify` first; stop the gateway before either.
+    Repair(JournalTarget),
+}
+
+/// Which journal: the `journal.dir` of a configuration, or a directory given directly.
+#[derive(clap::Args)]
+struct JournalTarget {
+    #[arg(long, default_value = "config/gateway.toml", conflicts_with = "dir")]
+    config: PathBuf,
+    /// The journal directory (instead of reading it from `--config`).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+}
+
+impl JournalTarget {
+    fn dir(&self) -> Result<PathBuf, ExitCode> {
+        if let Some(d) = &self.dir {
+            return Ok(d.clone());
+        }
+        match Config::load(&self.config, std::env::vars()) {
+            Ok(c) => Ok(c.journal.dir),
+            Err(e) => {
+                eprint!("{e}");
+                Err(ExitCode::from(2))
+            }
+        }
+    }
+}
+
+fn journal_command(action: JournalCommand) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let (target, repair) = match &action {
+        JournalCommand::Verify(t) => (t, false),
+        JournalCommand::Repair(t) => (t, true),
+    };
+    let dir = match target.dir() {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    if repair {
+        match bridge::journal::repair(&dir) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("journal repair failed: {e}");
+                ExitCode::from(2)
+            }
+        }
+    } else {
+        match bridge::journal::verify(&dir) {
+            Ok(report) => {
+                println!("{report}");
+                if report.is_clean() {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(e) => {
+                eprintln!("journal verify failed: {e}");
+                ExitCode::from(2)
+            }
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -48,6 +133,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Journal { action } => journal_command(action),
         Command::HashPassword => {
             let mut password = String::new();
             if std::io::stdin().read_to_string(&mut password).is_err() {

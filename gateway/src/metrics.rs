@@ -205,6 +205,12 @@ impl Metrics {
         );
         gauge(
             &mut s,
+            "gateway_journal_stalled",
+            "1 while the journal writer retries a transient I/O error (disk full, EMFILE, EIO): nothing new becomes durable, PUBACKs are withheld.",
+            i64::from(journal.stalled.is_some()),
+        );
+        gauge(
+            &mut s,
             "gateway_journal_oldest_age_seconds",
             "Age of the oldest unreleased record.",
             journal.oldest_age.map(|d| d.as_secs() as i64).unwrap_or(0),
@@ -269,8 +275,26 @@ impl Metrics {
         counter(
             &mut s,
             "gateway_bridge_parked_total",
-            "Records Kafka refused that stay in the journal.",
+            "Records Kafka refused for good that were moved to the parked store.",
             load(&bridge.parked),
+        );
+        gauge(
+            &mut s,
+            "gateway_bridge_parked_records",
+            "Records in the parked store now (re-drive them with POST /api/v1/bridge/parked/redrive).",
+            load(&bridge.parked_now) as i64,
+        );
+        counter(
+            &mut s,
+            "gateway_bridge_restarts_total",
+            "Restarts of the Kafka bridge pipeline by its supervisor.",
+            load(&bridge.restarts),
+        );
+        gauge(
+            &mut s,
+            "gateway_bridge_failed",
+            "1 while the Kafka bridge fails persistently (/healthz is 503).",
+            i64::from(bridge.failed().is_some()),
         );
         counter(
             &mut s,
@@ -280,7 +304,7 @@ impl Metrics {
         );
         let state = bridge.state().as_str();
         let _ = writeln!(s, "# HELP gateway_bridge_state Kafka bridge state (1 for the current one).\n# TYPE gateway_bridge_state gauge");
-        for st in ["connecting", "connected", "degraded", "down"] {
+        for st in ["connecting", "connected", "degraded", "down", "failed"] {
             let _ = writeln!(
                 s,
                 "gateway_bridge_state{{state=\"{st}\"}} {}",

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bridge::embedded::EmbeddedKafka;
-use bridge::producer::{self, BridgeStatus, ProducerConfig};
+use bridge::producer::{self, BridgeControl, BridgeStatus, ProducerConfig};
 use bridge::routes::Routes;
+use bridge::supervisor::{self, RestartPolicy};
 use bridge::{FullPolicy, Journal, JournalConfig, SegmentedJournal};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -40,6 +41,14 @@ pub struct Shared {
     /// The Kafka bootstrap in use (the mock cluster's address when embedded).
     pub bootstrap: String,
     pub embedded: bool,
+    /// Bearer token of `/api/v1` (from `admin.token`); empty = none (loopback only).
+    pub admin_token: String,
+    /// Admin connections turned away at `admin.max_connections`.
+    pub admin_rejected: Arc<std::sync::atomic::AtomicU64>,
+    /// Re-drives parked records through the running pipeline (admin API).
+    pub bridge_control: BridgeControl,
+    /// Where the pipeline keeps records Kafka refused for good (`<journal.dir>/parked`).
+    pub parked_dir: std::path::PathBuf,
 }
 
 impl Shared {
@@ -91,6 +100,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bridge: Arc::new(BridgeStatus::default()),
         bootstrap: bootstrap.clone(),
         embedded: embedded.is_some(),
+        admin_token: cfg.admin_token().map_err(|p| anyhow::anyhow!("{p}"))?,
+        admin_rejected: Arc::default(),
+        bridge_control: BridgeControl::new(),
+        parked_dir: cfg.journal.dir.join("parked"),
     });
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     let producer_cfg = ProducerConfig {
@@ -102,15 +115,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         gateway_id: cfg.gateway_id(),
         dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
         properties: cfg.kafka.properties.clone(),
+        journal_id: shared.journal.id().to_string(),
+        parked_dir: shared.parked_dir.clone(),
+        max_parked: cfg.kafka.max_parked,
     };
-    let bridge_stop = CancellationToken::new();
-    let bridge_task = tokio::spawn(producer::run(
+    // Supervised: an error or a panic restarts the pipeline with back-off and a
+    // persistent failure turns /healthz unhealthy, instead of ending the task unseen.
+    let bridge_stop = producer::Shutdown::new();
+    let bridge_task = tokio::spawn(supervisor::supervise(
         shared.journal.clone(),
         routes,
         producer_cfg,
         shared.bridge.clone(),
+        shared.bridge_control.clone(),
         bridge_stop.clone(),
-        grace,
+        RestartPolicy::default(),
     ));
 
     let tracker = TaskTracker::new();
@@ -143,18 +162,24 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         let listener = bind(&cfg.admin.listen, "admin.listen").await?;
         info!(kind = "admin", addr = %listener.local_addr()?, "admin listener bound");
         let app = admin::router(shared.clone());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            let served =
-                axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = served.await {
-                error!(error = %e, "admin server failed");
-            }
-        });
+        let limits = admin::listener::Limits {
+            max_connections: cfg.admin.max_connections,
+            request_timeout: Duration::from_secs(cfg.admin.request_timeout_secs),
+        };
+        tokio::spawn(admin::listener::serve(
+            listener,
+            app,
+            limits,
+            shared.admin_rejected.clone(),
+            shutdown.clone(),
+        ));
     }
     info!(version = env!("CARGO_PKG_VERSION"), "gateway ready");
 
     shutdown.cancelled().await;
+    // One grace period for the whole shutdown: sessions, journal flush and the bridge's
+    // last confirmations all end by the same deadline.
+    let deadline = tokio::time::Instant::now() + grace;
     info!(
         grace_secs = grace.as_secs(),
         "shutting down: no new connections, draining sessions"
@@ -163,13 +188,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         l.abort();
     }
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
         warn!(
             remaining = tracker.len(),
             "grace period over; closing remaining connections"
         );
     }
-    let flushed = tokio::time::timeout(grace, shared.journal.flush()).await;
+    let flushed = tokio::time::timeout_at(deadline, shared.journal.flush()).await;
     match flushed {
         Ok(Ok(())) => info!(
             durable_seq = *shared.journal.durable().borrow(),
@@ -178,13 +203,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Ok(Err(e)) => error!(error = %e, "journal flush failed"),
         Err(_) => error!("journal flush did not finish within the grace period"),
     }
-    // The bridge gets the rest of the grace period to deliver what is in flight, so
-    // that fewer records are re-sent after the restart.
-    bridge_stop.cancel();
-    match tokio::time::timeout(grace + Duration::from_secs(1), bridge_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => error!(error = %e, "kafka bridge failed"),
-        Ok(Err(e)) => error!(error = %e, "kafka bridge task panicked"),
+    // The bridge gets what is left of the grace period to collect confirmations of what
+    // is in flight, so that fewer records are re-sent after the restart.
+    bridge_stop.stop_by(deadline);
+    match tokio::time::timeout_at(deadline + Duration::from_secs(1), bridge_task).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "kafka bridge supervisor panicked"),
         Err(_) => warn!("kafka bridge did not stop within the grace period"),
     }
     let journal = shared.journal.clone();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use integration::raw::{put_len, Raw};
+use integration::raw::{put_len, Outcome, Raw};
 use integration::Gateway;
 
 /// 2 segments of 8 KiB: about a dozen 1 KiB messages fit.
@@ -100,7 +100,8 @@ fn drop_oldest_keeps_acknowledging_and_counts() {
 #[test]
 fn unrouted_messages_are_refused_when_configured() {
     // kafka.unmatched = "refuse" and no route for this topic: MQTT 5 gets PUBACK 0x90,
-    // 3.1.1 is acknowledged and counted; nothing is journaled.
+    // 3.1.1 (which cannot refuse a PUBLISH) is disconnected without a PUBACK and counted;
+    // nothing is journaled, and nothing unjournaled is ever acknowledged.
     let mut gw = Gateway::start(
         "[kafka]\nbootstrap = \"127.0.0.1:9\"\nunmatched = \"refuse\"\n\
          [[routes]]\nmqtt = \"vehicles/+/telemetry\"\nkafka_topic = \"telemetry\"\n\
@@ -121,7 +122,9 @@ fn unrouted_messages_are_refused_when_configured() {
     let (mut v4, _) = Raw::mqtt311(gw.mqtt(), "route-car-4", 60);
     v4.publish311("vehicles/route-car-4/elsewhere", 1, b"x")
         .expect("send");
-    assert_eq!(v4.read_packet().map(|p| p[0]), Some(0x40));
+    let (outcome, packets) = v4.until_closed(Duration::from_secs(5));
+    assert_eq!(outcome, Outcome::Closed);
+    assert!(packets.iter().all(|p| p[0] != 0x40), "no PUBACK: {packets:?}");
     assert_eq!(gw.metric("gateway_messages_unrouted_total{qos=\"1\"}"), 2);
     assert!(gw.terminate(Duration::from_secs(10)));
     let records = Gateway::journal_records(gw.dir.path());
