@@ -97,6 +97,21 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
         }
         if result.is_ok() {
             result = maintain(&inner, &mut maint, exit);
+        } else if let Some((path, _)) = &start {
+            // The batch could not be written (disk full?): deleting released segments
+            // may be exactly what frees the space, so maintenance runs anyway — but
+            // never on the segment the pending batch starts in, nor after it: the retry
+            // rewrites the batch from there.
+            let keep_from = inner
+                .segments()
+                .iter()
+                .find(|s| &s.path == path)
+                .map(|s| s.first_seq);
+            if let Some(keep_from) = keep_from {
+                if let Err(e) = maintain_before(&inner, &mut maint, keep_from) {
+                    tracing::debug!(error = %e, "journal: maintenance during a stall failed too");
+                }
+            }
         }
         match result {
             Ok(()) => {
@@ -293,6 +308,13 @@ fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), J
     checkpoint
 }
 
+/// Maintenance while a batch is pending: deletes released segments that lie wholly
+/// before `keep_from` (the first sequence of the segment the pending batch starts in).
+fn maintain_before(inner: &Inner, maint: &mut Maintenance, keep_from: u64) -> Result<(), JournalError> {
+    let released = inner.released.load(Ordering::Acquire);
+    delete_released(inner, maint, released.min(keep_from.saturating_sub(1)))
+}
+
 fn delete_released(inner: &Inner, maint: &mut Maintenance, released: u64) -> Result<(), JournalError> {
     {
         let mut segs = inner.segments();
@@ -313,7 +335,10 @@ fn delete_released(inner: &Inner, maint: &mut Maintenance, released: u64) -> Res
         }
         let seg = maint.orphans.remove(0);
         let mut st = inner.state();
-        st.planned_segments -= 1;
+        st.planned_segments = st.planned_segments.checked_sub(1).unwrap_or_else(|| {
+            tracing::warn!("journal: segment accounting went below zero; corrected");
+            0
+        });
         st.planned_bytes = st.planned_bytes.saturating_sub(seg.size);
     }
     sync_dir(&inner.cfg.dir)?;
