@@ -166,3 +166,47 @@ fn zeroed_tail_of_older_segment_is_not_skipped_silently() {
         ),
     }
 }
+
+/// Finding: `repair` is documented as safe to run again after a crash in the middle
+/// ("duplicates of records that a second `repair` resolves the same way"). A crash after
+/// step 2 (intact records after the damage copied to a new segment) and before step 3
+/// (the damaged segment cut) leaves the run in both files; the second `repair` then
+/// refuses ("overlap the next segment; cannot repair automatically") and the gateway
+/// cannot forward past the damage: the operator's way out is gone.
+#[test]
+#[ignore = "bug: repair interrupted between writing the moved run and cutting the damaged segment cannot be re-run"]
+fn repair_interrupted_before_the_cut_can_be_run_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    {
+        let j = SegmentedJournal::open(config(dir.path(), 1 << 20)).expect("opens");
+        for i in 1..=20 {
+            rt.block_on(j.append(&entry(i))).expect("append");
+        }
+        rt.block_on(j.flush()).expect("flush");
+        j.close();
+    }
+    let (seg, off, _) = locate(dir.path(), 10);
+    let mut data = std::fs::read(&seg).expect("read");
+    data[off + 12] ^= 0xff;
+    std::fs::write(&seg, &data).expect("write");
+    assert!(
+        SegmentedJournal::open(config(dir.path(), 1 << 20)).is_err(),
+        "refuses: mid damage"
+    );
+
+    // The first repair gets through steps 1 and 2, then the machine dies before step 3:
+    // emulate by running it and putting the damaged segment's bytes back.
+    bridge::journal::repair(dir.path()).expect("first repair");
+    std::fs::write(&seg, &data).expect("the cut never happened");
+
+    let second = bridge::journal::repair(dir.path());
+    assert!(
+        second.is_ok(),
+        "a second repair after an interrupted one fails: {}",
+        second.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+    let j = SegmentedJournal::open(config(dir.path(), 1 << 20)).expect("opens after repair");
+    let got = read_all(&j).expect("reads every intact record");
+    assert_eq!(got.len(), 19);
+}
