@@ -156,7 +156,7 @@ fn zeroed_tail_of_older_segment_is_not_skipped_silently() {
     let report = verify(dir.path()).expect("verify runs");
     let verify_clean = report.to_string();
     let j = SegmentedJournal::open(config(dir.path(), 4096));
-    let read = j.as_ref().map(|j| read_all(j));
+    let read = j.as_ref().map(read_all);
     match read {
         Err(_) | Ok(Err(_)) => {} // refused: correct
         Ok(Ok(records)) => panic!(
