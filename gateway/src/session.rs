@@ -44,6 +44,8 @@ use crate::tls::CertIdentity;
 use crate::{auth, topic};
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+/// How long a Will waits for journal space when its connection closes.
+const WILL_APPEND_WAIT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_CHUNK: usize = 4096;
 /// Read buffer of a session that is not streaming (64 bytes is also what `BytesMut`
@@ -116,8 +118,18 @@ struct Session<S> {
     subscriptions: HashSet<String>,
     /// Whether the subscription bound was logged already (once per session, not per packet).
     quota_logged: bool,
+    /// Bytes of topic strings this session stores (subscription filters and alias
+    /// topics), bounded by [`MAX_STORED_TOPIC_BYTES`]: a count bound alone let 100
+    /// filters of 60 KiB each hold 6 MiB per connection.
+    stored_bytes: usize,
     will: Option<Will>,
+    /// Cancelled when a newer connection takes this client id over. Also watched while
+    /// an append waits for journal space, so a back-pressured session still yields.
+    kicked: tokio_util::sync::CancellationToken,
 }
+
+/// Per-connection budget for stored topic strings (subscription filters + alias topics).
+pub const MAX_STORED_TOPIC_BYTES: usize = 64 * 1024;
 
 /// Runs one connection. `identity` is set when TLS verified a client certificate.
 pub async fn run<S>(mut stream: S, peer: SocketAddr, identity: Option<CertIdentity>, shared: Arc<Shared>)
@@ -220,13 +232,15 @@ where
         aliases: Vec::new(),
         subscriptions: HashSet::new(),
         quota_logged: false,
+        stored_bytes: 0,
         will: req.will.clone(),
+        kicked: kicked.clone(),
     };
     // Not needed any more: do not keep the CONNECT (and its strings) for the session's life.
     drop(req);
     drop(_entered);
     async {
-        let close = s.serve(&kicked).await;
+        let close = s.serve().await;
         // Boxed: the goodbye path is rare; keeping it out of the session's future keeps an
         // idle connection small (a million of them must fit in memory).
         Box::pin(s.finish(close)).await;
@@ -456,7 +470,8 @@ impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    async fn serve(&mut self, kicked: &tokio_util::sync::CancellationToken) -> Close {
+    async fn serve(&mut self) -> Close {
+        let kicked = self.kicked.clone();
         let mut durable_rx = self.shared.journal.durable();
         let shutdown = self.shared.shutdown.clone();
         let max_inflight = usize::from(self.shared.cfg.mqtt.max_inflight);
@@ -480,6 +495,12 @@ where
                 continue;
             }
             let can_read = self.pending.len() < max_inflight || self.codec.version == Version::V5;
+            if !can_read {
+                // We stopped reading (in-flight bound, e.g. while the journal withholds
+                // durability): the client's PINGREQs wait unread in the socket, so its
+                // keep-alive is not counting against it until we read again.
+                self.deadline = Instant::now() + self.keep_alive;
+            }
             tokio::select! {
                 biased;
                 _ = kicked.cancelled() => return Close::TakenOver,
@@ -489,7 +510,7 @@ where
                         return Close::JournalStopped("journal closed".into());
                     }
                 }
-                _ = sleep_until(self.deadline) => return Close::KeepAlive,
+                _ = sleep_until(self.deadline), if can_read => return Close::KeepAlive,
                 read = self.read_more(), if can_read => match read {
                     Ok(0) => return Close::PeerClosed,
                     Ok(_) => {}
@@ -569,6 +590,9 @@ where
             };
             self.deadline = Instant::now() + self.keep_alive;
             self.handle(packet, max_inflight).await?;
+            // Time spent waiting inside `handle` (journal back-pressure) was ours, not the
+            // client's silence.
+            self.deadline = Instant::now() + self.keep_alive;
         }
     }
 
@@ -590,9 +614,12 @@ where
                         Granted::NotAuthorized
                     } else if self.subscriptions.contains(&f) {
                         Granted::Qos(qos.min(1))
-                    } else if self.subscriptions.len() >= max {
+                    } else if self.subscriptions.len() >= max
+                        || self.stored_bytes + f.len() > MAX_STORED_TOPIC_BYTES
+                    {
                         Granted::QuotaExceeded
                     } else {
+                        self.stored_bytes += f.len();
                         self.subscriptions.insert(f);
                         metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
                         Granted::Qos(qos.min(1))
@@ -615,6 +642,7 @@ where
             Inbound::Unsubscribe { pkid, filters } => {
                 for f in &filters {
                     if self.subscriptions.remove(f) {
+                        self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
                         self.shared
                             .metrics
                             .subscriptions_active
@@ -699,6 +727,18 @@ where
             if self.aliases.len() <= slot {
                 self.aliases.resize(slot + 1, None);
             }
+            let replaced = self.aliases[slot].as_ref().map_or(0, String::len);
+            let stored = self.stored_bytes - replaced.min(self.stored_bytes) + topic.len();
+            if stored > MAX_STORED_TOPIC_BYTES {
+                return Err(Close::Protocol(ProtocolError {
+                    reason: 0x97,
+                    label: "topic_alias_quota",
+                    detail: format!(
+                        "alias topics and subscriptions would hold {stored} bytes, more than {MAX_STORED_TOPIC_BYTES}"
+                    ),
+                }));
+            }
+            self.stored_bytes = stored;
             self.aliases[slot] = Some(topic.clone());
         }
         if self.shared.routes.resolve(&self.client_id, &topic).is_none() {
@@ -734,11 +774,16 @@ where
             user_properties: p.user_properties,
         };
         let len = entry.payload.len() as u64;
-        let appended = self
-            .shared
-            .journal
-            .append_with(&entry, self.shared.full_policy)
-            .await;
+        // Waiting for journal space must not make the session deaf to a takeover or to
+        // shutdown: a taken-over session would otherwise stay open, hold its connection
+        // slot and append this (older) publish after the new session's. Cancelling the
+        // wait is safe: admission is synchronous, so nothing was appended yet.
+        let appended = tokio::select! {
+            biased;
+            _ = self.kicked.cancelled() => return Err(Close::TakenOver),
+            _ = self.shared.shutdown.cancelled() => return Err(Close::Shutdown),
+            r = self.shared.journal.append_with(&entry, self.shared.full_policy) => r,
+        };
         let Some(seq) = appended.map_err(|e| Close::JournalStopped(e.to_string()))? else {
             // Journal full under the `reject` policy: refused, not acknowledged as stored.
             metrics.journal_rejected.inc(if p.qos == 0 { "0" } else { "1" });
@@ -836,8 +881,21 @@ where
                     payload: w.payload,
                     ..Entry::default()
                 };
-                if let Err(e) = self.shared.journal.append(&entry).await {
-                    warn!(error = %e, "will message could not be journaled");
+                // A full journal must not hold the closing connection (and its slot)
+                // forever: the Will waits for space a bounded time, then is counted lost.
+                match timeout(WILL_APPEND_WAIT, self.shared.journal.append(&entry)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        self.shared.metrics.protocol_errors.inc("will_not_journaled");
+                        warn!(error = %e, "will message could not be journaled");
+                    }
+                    Err(_) => {
+                        self.shared.metrics.protocol_errors.inc("will_not_journaled");
+                        warn!(
+                            wait_secs = WILL_APPEND_WAIT.as_secs(),
+                            "will message not journaled: the journal stayed full"
+                        );
+                    }
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! Hostile-review finding (helper "review"): while the journal is stalled (disk full) a
+//! Regression for a hostile-review finding (fixed): while the journal is stalled (disk full) a
 //! 3.1.1 session at `mqtt.max_inflight` stops reading its socket (back-pressure), but its
 //! keep-alive timer keeps running on packets it no longer reads. A healthy vehicle that
 //! keeps sending PINGREQ is closed for "keepalive_timeout" and its Will is published: a
@@ -50,7 +50,6 @@ impl Drop for TmpfsMount {
 }
 
 #[test]
-#[ignore = "bug: keep-alive expires on packets the session itself stopped reading (back-pressure), publishing a false Will"]
 fn back_pressured_session_is_not_closed_for_keep_alive() {
     let is_root = Command::new("id")
         .arg("-u")

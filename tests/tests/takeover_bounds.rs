@@ -1,4 +1,4 @@
-//! Hostile-review finding (helper "review"): a session blocked on journal back-pressure
+//! Regression for a hostile-review finding (fixed): a session blocked on journal back-pressure
 //! (inside `append_with`) does not notice that a new connection took its client id over
 //! (nor its keep-alive, nor anything else): it stays open, holds its `max_connections`
 //! permit, and when space returns it still appends the PUBLISH it was holding, after the
@@ -24,7 +24,6 @@ fn publish5(topic: &str, pkid: u16) -> Vec<u8> {
 }
 
 #[test]
-#[ignore = "bug: a session blocked on a full journal ignores takeover; zombie sessions pile up and append stale publishes later"]
 fn taken_over_session_blocked_on_a_full_journal_is_closed() {
     let gw = Gateway::start_env(
         "[kafka]\nbootstrap = \"127.0.0.1:9\"\n[auth]\nallow_anonymous = true\n",
