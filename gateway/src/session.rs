@@ -784,7 +784,19 @@ where
             _ = self.shared.shutdown.cancelled() => return Err(Close::Shutdown),
             r = self.shared.journal.append_with(&entry, self.shared.full_policy) => r,
         };
-        let Some(seq) = appended.map_err(|e| Close::JournalStopped(e.to_string()))? else {
+        let appended = appended.map_err(|e| match e {
+            // This message cannot be journaled (an aliased topic plus a payload larger
+            // than a segment): the vehicle's fault, not the journal's.
+            bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_) => {
+                Close::Protocol(ProtocolError {
+                    reason: 0x95,
+                    label: "record_too_large",
+                    detail: e.to_string(),
+                })
+            }
+            e => Close::JournalStopped(e.to_string()),
+        });
+        let Some(seq) = appended? else {
             // Journal full under the `reject` policy: refused, not acknowledged as stored.
             metrics.journal_rejected.inc(if p.qos == 0 { "0" } else { "1" });
             return match (self.codec.version, p.qos) {
