@@ -353,3 +353,7 @@ pub fn mosquitto(program: &str, port: &str, args: &[&str]) -> (i32, String) {
     all.extend_from_slice(args);
     run_cli(program, &all)
 }
+
+pub mod audit;
+pub mod fleet;
+pub mod proxy;
