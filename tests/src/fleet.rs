@@ -132,6 +132,14 @@ impl Fleet {
         self.acked.load(Ordering::Relaxed)
     }
 
+    /// PUBACKs received so far by each vehicle (in fleet order): a mark to audit from.
+    pub fn acked_per_vehicle(&self) -> Vec<usize> {
+        self.logs
+            .iter()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).acked.len())
+            .collect()
+    }
+
     /// Waits until the fleet has `count` PUBACKs; returns whether it did within `within`.
     pub fn wait_acked(&self, count: u64, within: Duration) -> bool {
         let deadline = Instant::now() + within;
