@@ -357,3 +357,4 @@ pub fn mosquitto(program: &str, port: &str, args: &[&str]) -> (i32, String) {
 pub mod audit;
 pub mod fleet;
 pub mod proxy;
+pub mod tmpfs;
