@@ -356,5 +356,6 @@ pub fn mosquitto(program: &str, port: &str, args: &[&str]) -> (i32, String) {
 
 pub mod audit;
 pub mod fleet;
+pub mod hostile;
 pub mod proxy;
 pub mod tmpfs;
