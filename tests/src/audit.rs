@@ -193,7 +193,7 @@ impl Rng {
         Rng(seed | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -202,7 +202,7 @@ impl Rng {
 
     /// Uniform in `lo..hi` (milliseconds, say).
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo).max(1)
+        lo + self.next_u64() % (hi - lo).max(1)
     }
 }
 
@@ -231,4 +231,65 @@ pub fn metric(text: &str, name: &str) -> u64 {
         })
         .map(|v| v as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(partition: i32, offset: i64, payload: &str, journal: &str, seq: u64) -> Consumed {
+        Consumed {
+            partition,
+            offset,
+            key: payload.split(':').next().unwrap_or("").to_string(),
+            payload: payload.to_string(),
+            headers: vec![
+                ("gateway.journal".into(), journal.into()),
+                ("gateway.seq".into(), seq.to_string()),
+            ],
+        }
+    }
+
+    fn log(id: &str, acked: &[u64], sent: &[(u64, u32)]) -> VehicleLog {
+        VehicleLog {
+            id: id.into(),
+            acked: acked.to_vec(),
+            sent: sent.iter().copied().collect(),
+            connects: 1,
+            next: acked.len() as u64,
+        }
+    }
+
+    /// The recipe drops a replay (seq not above the highest seen), keeps a client retry
+    /// (new seq), flags a repeat the client never sent, and finds a lost id.
+    #[test]
+    fn dedupe_recipe_separates_replays_from_client_retries() {
+        let logs = vec![log("v", &[0, 1, 2, 3], &[(0, 1), (1, 1), (2, 2), (3, 1)])];
+        let records = vec![
+            rec(0, 0, "v:0", "j1", 1),
+            rec(0, 1, "v:1", "j1", 2),
+            rec(0, 2, "v:2", "j1", 3),
+            // crash: replay from the checkpoint (seq 2), then the client's re-send of 2
+            rec(0, 3, "v:1", "j1", 2),
+            rec(0, 4, "v:2", "j1", 3),
+            rec(0, 5, "v:2", "j1", 4),
+        ];
+        let a = Audit::new(&logs, &records);
+        assert_eq!(a.lost, 1, "{a}");
+        assert_eq!(a.duplicates, 3);
+        assert_eq!(a.replays, 2);
+        assert_eq!(a.client_retries, 1);
+        assert!(a.unexplained.is_empty(), "{a}");
+        assert!(a.order_violations.is_empty());
+        let logs = vec![log("v", &[0, 1], &[(0, 1), (1, 1)])];
+        let records = vec![
+            rec(0, 0, "v:0", "j1", 1),
+            rec(0, 1, "v:1", "j1", 2),
+            rec(0, 2, "v:0", "j2", 1), // a recreated journal: a new identity, not a replay
+        ];
+        let a = Audit::new(&logs, &records);
+        assert_eq!(a.replays, 0);
+        assert_eq!(a.unexplained.len(), 1, "{a}");
+        assert!(a.order_violations.is_empty());
+    }
 }

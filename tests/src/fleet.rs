@@ -256,9 +256,9 @@ impl Conn {
 
 fn frame_len(buf: &[u8]) -> Option<usize> {
     let mut len = 0usize;
-    for i in 1..buf.len().min(5) {
-        len |= ((buf[i] & 0x7f) as usize) << (7 * (i - 1));
-        if buf[i] & 0x80 == 0 {
+    for (i, b) in buf.iter().enumerate().take(5).skip(1) {
+        len |= ((b & 0x7f) as usize) << (7 * (i - 1));
+        if b & 0x80 == 0 {
             return Some(1 + i + len);
         }
     }

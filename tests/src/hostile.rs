@@ -36,8 +36,10 @@ pub struct Tally {
     pub disconnect_reason: AtomicU64,
     /// PUBLISH packets written.
     pub published: AtomicU64,
-    /// Writes that would block (the gateway stopped reading us).
+    /// Writes that would block (the gateway stopped reading us), episodes.
     pub blocked: AtomicU64,
+    /// Clients whose writes stayed blocked for 2 s (the gateway stopped reading them).
+    pub stuck: AtomicU64,
 }
 
 impl Tally {
@@ -140,9 +142,9 @@ fn packets(buf: &mut Vec<u8>) -> Vec<Vec<u8>> {
     loop {
         let mut len = 0usize;
         let mut total = None;
-        for i in 1..buf.len().min(5) {
-            len |= ((buf[i] & 0x7f) as usize) << (7 * (i - 1));
-            if buf[i] & 0x80 == 0 {
+        for (i, b) in buf.iter().enumerate().take(5).skip(1) {
+            len |= ((b & 0x7f) as usize) << (7 * (i - 1));
+            if b & 0x80 == 0 {
                 total = Some(1 + i + len);
                 break;
             }
@@ -302,6 +304,7 @@ pub fn never_read(addr: SocketAddr, n: usize, keep_alive: u16) -> Load {
             let mut pkid: u16 = 0;
             let mut pending: Vec<u8> = Vec::new();
             let mut blocked_since: Option<Instant> = None;
+            let mut stuck = false;
             while !stop.load(Ordering::Relaxed) {
                 if pending.is_empty() {
                     pkid = pkid % 65_000 + 1;
@@ -317,9 +320,13 @@ pub fn never_read(addr: SocketAddr, n: usize, keep_alive: u16) -> Load {
                         blocked_since = None;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        if blocked_since.is_none() {
-                            blocked_since = Some(Instant::now());
+                        let since = *blocked_since.get_or_insert_with(|| {
                             tally.blocked.fetch_add(1, Ordering::Relaxed);
+                            Instant::now()
+                        });
+                        if !stuck && since.elapsed() >= Duration::from_secs(2) {
+                            stuck = true;
+                            tally.stuck.fetch_add(1, Ordering::Relaxed);
                         }
                         std::thread::sleep(Duration::from_millis(20));
                     }

@@ -190,22 +190,30 @@ fn connection_flood_refusals_get_connack_server_unavailable() {
     finish(fleet, "connack 3");
 }
 
+/// Clients that publish and never read their PUBACKs. The gateway's send buffer to each
+/// grows to 4 MiB (≈ 1 M PUBACKs) before its writes block, so in CI the deaf clients
+/// mostly flood; `EDGE_FAULT_LONG=1` waits (up to 3 min) until every deaf socket is full.
 #[test]
 fn clients_that_never_read_do_not_stall_the_fleet() {
     let case = "never read";
     let (gw, _pki) = gateway();
     let fleet = fleet(&gw, Duration::from_millis(10));
-    let load = hostile::never_read(gw.mqtt(), 4, 5);
+    let deaf = 2;
+    let load = hostile::never_read(gw.mqtt(), deaf, 5);
     let tally = load.tally.clone();
-    // Until each deaf client's socket is full and the gateway stopped reading it.
-    let full = wait_until(Duration::from_secs(30), || Tally::get(&tally.blocked) >= 4);
+    let wait = if audit::long() { 180 } else { 10 };
+    let full = wait_until(Duration::from_secs(wait), || {
+        Tally::get(&tally.stuck) >= deaf as u64
+    });
     fleet_progresses(&gw, &fleet, case);
-    std::thread::sleep(Duration::from_secs(10)); // past 1.5 × their 5 s keep-alive
-    fleet_progresses(&gw, &fleet, case);
+    if full {
+        std::thread::sleep(Duration::from_secs(10)); // past 1.5 × their 5 s keep-alive
+        fleet_progresses(&gw, &fleet, case);
+    }
     audit::report(
         "clients_that_never_read",
         &format!(
-            "published {} before blocking, sockets full {full}, closed by the gateway {} of 4",
+            "{deaf} deaf clients published {}, sockets full {full}, closed by the gateway {} of {deaf}",
             Tally::get(&tally.published),
             closed(&tally)
         ),
@@ -386,4 +394,25 @@ fn hostile_impact_figures() {
     report.push_str(&lines.join("; "));
     report.push_str(&format!("; fleet completed {complete}"));
     audit::report("hostile_impact_figures", &report);
+}
+
+/// A client that never reads its PUBACKs holds its connection only until the gateway's
+/// writes to it have been blocked past 1.5 × its keep-alive: then it is closed and
+/// counted, like any other stalled peer. Takes ~40 s (the socket buffers must fill).
+#[test]
+#[ignore = "needs gateway: close a connection whose writes stay blocked (write timeout); no fix in issue 7 names it yet"]
+fn never_reading_client_is_closed_once_its_socket_is_full() {
+    let (gw, _pki) = gateway();
+    let load = hostile::never_read(gw.mqtt(), 1, 5);
+    let tally = load.tally.clone();
+    assert!(
+        wait_until(Duration::from_secs(180), || Tally::get(&tally.stuck) >= 1),
+        "the deaf client's socket filled"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || closed(&tally) >= 1),
+        "the gateway closed the deaf client ({} published)",
+        Tally::get(&tally.published)
+    );
+    load.stop();
 }
