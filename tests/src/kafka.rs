@@ -376,6 +376,25 @@ impl Kafka {
     }
 }
 
+impl Kafka {
+    /// Restarts the broker (same data, same ports) with `key=value` set in its
+    /// server.properties (replacing an existing value).
+    pub fn restart_with_property(&mut self, key: &str, value: &str) {
+        self.kill();
+        let path = self.dir.path().join("server.properties");
+        let props = std::fs::read_to_string(&path).expect("properties");
+        let prefix = format!("{key}=");
+        let mut text: String = props
+            .lines()
+            .filter(|l| !l.starts_with(&prefix))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(&format!("{key}={value}\n"));
+        std::fs::write(&path, text).expect("properties");
+        self.spawn();
+    }
+}
+
 /// A free loopback TCP port (bound once and released).
 pub fn free_tcp_port() -> u16 {
     free_port()
