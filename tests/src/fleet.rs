@@ -274,7 +274,12 @@ impl Vehicle {
         let mut pending: VecDeque<(u16, u64)> = VecDeque::new();
         let mut next: u64 = 0;
         let mut pkid: u16 = 0;
-        let mut last_send = Instant::now() - self.cfg.pace;
+        // Pacing by credit: publish n is due at base + n × pace, so that coarse timer
+        // granularity (read timeouts round up to the kernel tick) does not lower the rate.
+        let mut base = Instant::now();
+        let mut since_base: u32 = 0;
+        let pace = self.cfg.pace;
+        let due_at = |base: Instant, n: u32| base + pace * n;
         let payload = |n: u64| {
             if self.cfg.padding > 0 {
                 format!("{}:{n}{padding}", self.id)
@@ -315,20 +320,39 @@ impl Vehicle {
                 continue;
             };
             let mut broken = false;
+            if Instant::now() > due_at(base, since_base + self.cfg.window as u32) {
+                // Far behind (an outage): drop the missed credit instead of bursting.
+                base = Instant::now();
+                since_base = 0;
+            }
             while !stopping
                 && !self.paused.load(Ordering::Relaxed)
                 && pending.len() < self.cfg.window
-                && last_send.elapsed() >= self.cfg.pace
+                && Instant::now() >= due_at(base, since_base)
             {
                 pkid = pkid % 65_000 + 1;
                 let n = next;
                 next += 1;
                 pending.push_back((pkid, n));
                 count_send(n);
-                last_send = Instant::now();
+                since_base += 1;
                 if c.publish(&topic, pkid, payload(n).as_bytes()).is_err() {
                     broken = true;
                     break;
+                }
+            }
+            if !broken {
+                // Wait for a PUBACK no longer than until the next publish is due.
+                let can_send =
+                    !stopping && !self.paused.load(Ordering::Relaxed) && pending.len() < self.cfg.window;
+                let wait = if can_send {
+                    due_at(base, since_base).saturating_duration_since(Instant::now())
+                } else {
+                    Duration::from_millis(20)
+                };
+                let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(20));
+                if c.stream.set_read_timeout(Some(wait)).is_err() {
+                    broken = true;
                 }
             }
             if !broken {
