@@ -98,7 +98,7 @@ impl Scenario {
     /// After the fault healed: connected again, fleet finished, bridge drained; the audit
     /// of `topics`.
     fn finish(self, case: &str, topics: &[&str]) -> Audit {
-        let (_, logs, _gw, kafka) = self.finish_no_audit(case);
+        let (logs, _gw, kafka) = self.finish_no_audit(case);
         let mut records: Vec<Consumed> = Vec::new();
         for t in topics {
             records.extend(kafka.consume_all(t, PARTITIONS, Duration::from_secs(60)));
@@ -108,7 +108,7 @@ impl Scenario {
         a
     }
 
-    fn finish_no_audit(self, case: &str) -> ((), Vec<VehicleLog>, Gateway, Kafka) {
+    fn finish_no_audit(self, case: &str) -> (Vec<VehicleLog>, Gateway, Kafka) {
         assert_eq!(
             wait_state(&self.gw, Duration::from_secs(120), |s| s == "connected").as_deref(),
             Some("connected"),
@@ -125,7 +125,9 @@ impl Scenario {
             self.gw.metrics(),
             http_get(self.gw.admin.expect("admin"), "/api/v1/bridge")
         );
-        ((), logs, self.gw, self.kafka)
+        let in_flight = self.gw.metric("gateway_bridge_in_flight");
+        assert_eq!(in_flight, 0, "{case}: gateway_bridge_in_flight after the drain");
+        (logs, self.gw, self.kafka)
     }
 }
 
@@ -219,7 +221,7 @@ fn topic_deleted(case: &str, no_auto_create: bool, must_be_visible: bool) {
         );
     }
     s.kafka.create_topic(TOPIC, PARTITIONS);
-    let ((), logs, gw, kafka) = s.finish_no_audit(case);
+    let (logs, gw, kafka) = s.finish_no_audit(case);
     let mut records = kafka.consume_all(TOPIC, PARTITIONS, Duration::from_secs(60));
     records.extend(kafka.consume_all(&format!("{TOPIC}.dead"), PARTITIONS, Duration::from_secs(60)));
     let present: HashSet<(String, u64)> = records
