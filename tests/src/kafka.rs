@@ -248,3 +248,154 @@ impl Drop for Kafka {
         self.kill();
     }
 }
+
+/// Fault-injection helpers for the fault suite (`tests/tests/fault_*.rs`).
+impl Kafka {
+    /// Process id of the running broker, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGSTOP: the broker keeps its sockets open but answers nothing (a GC pause, a
+    /// frozen VM). [`Kafka::thaw`] resumes it.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Kafka::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("broker running");
+        let status = Command::new("kill")
+            .arg(sig)
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {sig} {pid}");
+    }
+
+    /// Deletes a topic and waits until the broker no longer lists it.
+    pub fn delete_topic(&self, name: &str) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("admin");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let result = rt
+            .block_on(admin.delete_topics(&[name], &AdminOptions::new()))
+            .expect("delete topics");
+        for r in result {
+            if let Err((t, e)) = r {
+                panic!("delete {t}: {e}");
+            }
+        }
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let gone = consumer
+                .fetch_metadata(Some(name), Duration::from_secs(2))
+                .is_ok_and(|m| m.topics().iter().all(|t| t.partitions().is_empty()));
+            if gone {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("topic {name} still listed after delete");
+    }
+
+    /// Sum of the high watermarks of `topic`'s partitions: how many records it holds.
+    pub fn record_count(&self, topic: &str, partitions: i32) -> usize {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("client");
+        (0..partitions)
+            .map(|p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                (high - low).max(0) as usize
+            })
+            .sum()
+    }
+
+    /// Every record `topic` holds (its high watermarks read first).
+    pub fn consume_all(&self, topic: &str, partitions: i32, within: Duration) -> Vec<Consumed> {
+        let n = self.record_count(topic, partitions);
+        let out = self.consume(topic, partitions, n, within);
+        assert_eq!(out.len(), n, "consumed {} of {n} records of {topic}", out.len());
+        out
+    }
+
+    /// Stops the broker and starts it on the same data with its client listener on
+    /// `port` (advertised as `advertise`, default the listener itself). The controller
+    /// port stays. [`Kafka::bootstrap`] then names the new port.
+    pub fn restart_on_port(&mut self, port: u16, advertise: Option<&str>) {
+        self.kill();
+        let path = self.dir.path().join("server.properties");
+        let props = std::fs::read_to_string(&path).expect("properties");
+        let old = self.port;
+        let advertised = advertise
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("127.0.0.1:{port}"));
+        let props: String = props
+            .lines()
+            .map(|l| {
+                if l.starts_with("listeners=") {
+                    l.replace(
+                        &format!("PLAINTEXT://127.0.0.1:{old}"),
+                        &format!("PLAINTEXT://127.0.0.1:{port}"),
+                    )
+                } else if l.starts_with("advertised.listeners=") {
+                    format!("advertised.listeners=PLAINTEXT://{advertised}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        std::fs::write(&path, props).expect("properties");
+        self.port = port;
+        self.spawn();
+    }
+
+    /// Sets the advertised client address before the first start would be too late; this
+    /// restarts the broker (same data, same ports) advertising `advertise` (`host:port`).
+    pub fn restart_advertising(&mut self, advertise: &str) {
+        let port = self.port;
+        self.restart_on_port(port, Some(advertise));
+    }
+}
+
+impl Kafka {
+    /// Restarts the broker (same data, same ports) with `key=value` set in its
+    /// server.properties (replacing an existing value).
+    pub fn restart_with_property(&mut self, key: &str, value: &str) {
+        self.kill();
+        let path = self.dir.path().join("server.properties");
+        let props = std::fs::read_to_string(&path).expect("properties");
+        let prefix = format!("{key}=");
+        let mut text: String = props
+            .lines()
+            .filter(|l| !l.starts_with(&prefix))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(&format!("{key}={value}\n"));
+        std::fs::write(&path, text).expect("properties");
+        self.spawn();
+    }
+}
+
+/// A free loopback TCP port (bound once and released).
+pub fn free_tcp_port() -> u16 {
+    free_port()
+}

@@ -381,3 +381,9 @@ pub fn mosquitto(program: &str, port: &str, args: &[&str]) -> (i32, String) {
     all.extend_from_slice(args);
     run_cli(program, &all)
 }
+
+pub mod audit;
+pub mod fleet;
+pub mod hostile;
+pub mod proxy;
+pub mod tmpfs;
