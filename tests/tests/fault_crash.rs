@@ -194,7 +194,6 @@ fn sigkill_loop_loses_no_acknowledged_message() {
 /// it after a kill, and each kill's replays stay within the window the restarted gateway
 /// had not released.
 #[test]
-#[ignore = "needs producer fix: gateway.seq / gateway.journal Kafka headers"]
 fn sigkill_replays_dedupe_to_client_retries_only() {
     let test = "sigkill_replays_dedupe_to_client_retries_only";
     let (vehicles, kills) = if audit::long() { (20, 50) } else { (10, 8) };

@@ -35,7 +35,6 @@ fn wait_stalled(fleet: &Fleet, quiet: Duration, within: Duration) -> Option<u64>
 }
 
 #[test]
-#[ignore = "needs journal fix: retry transient I/O errors (JournalStats::stalled, gateway_journal_stalled)"]
 fn full_disk_withholds_pubacks_and_resumes_by_itself() {
     let case = "full_disk_withholds_pubacks_and_resumes_by_itself";
     let fs = Tmpfs::mount("48m");

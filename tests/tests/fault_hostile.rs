@@ -174,7 +174,6 @@ fn connection_flood_past_max_connections_is_refused() {
 /// Issue 7 fix 14: a refused CONNECT that could be read gets CONNACK 3 (server
 /// unavailable) so that device SDKs back off.
 #[test]
-#[ignore = "needs gateway fix 14: CONNACK 0x97/3 on max_connections refusals"]
 fn connection_flood_refusals_get_connack_server_unavailable() {
     let (gw, _pki) = gateway();
     let fleet = fleet(&gw, Duration::from_millis(10));
@@ -281,7 +280,6 @@ fn ten_thousand_subscriptions_are_contained() {
 /// Issue 7 fix 13: subscriptions per connection are bounded (configured); past the bound a
 /// SUBSCRIBE is refused (SUBACK failure) or the connection closed, never stored.
 #[test]
-#[ignore = "needs gateway fix 13: bounded subscriptions per connection"]
 fn subscriptions_per_connection_are_bounded() {
     let (gw, _pki) = gateway();
     let load = hostile::subscription_hog(gw.mqtt(), 10_000);
