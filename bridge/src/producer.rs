@@ -646,7 +646,16 @@ struct Pump<'p, J> {
     /// Parked records produced again and awaiting their delivery report.
     redriving: HashSet<u64>,
     ops: Vec<RedriveOp>,
+    /// When a delivery report last arrived (or nothing was in flight): records in flight
+    /// with no report for [`UNCONFIRMED_ALARM`] mean Kafka is not taking them (a deleted
+    /// topic, a broker that accepts connections but does not answer), which librdkafka
+    /// reports through no error callback.
+    last_progress: Instant,
+    unconfirmed_alarm: bool,
 }
+
+/// Records in flight without any delivery report for this long mark the bridge degraded.
+const UNCONFIRMED_ALARM: Duration = Duration::from_secs(3);
 
 enum Sent {
     Queued,
@@ -682,6 +691,8 @@ impl<'p, J: Journal> Pump<'p, J> {
             held_retry_at: Instant::now(),
             redriving: HashSet::new(),
             ops: Vec::new(),
+            last_progress: Instant::now(),
+            unconfirmed_alarm: false,
         }
     }
 
@@ -715,6 +726,7 @@ impl<'p, J: Journal> Pump<'p, J> {
             self.status
                 .in_flight
                 .store(self.tracker.len() as u64, Ordering::Relaxed);
+            self.watch_progress();
             if shutdown.is_requested() {
                 return Ok(Exit::Shutdown);
             }
@@ -749,6 +761,29 @@ impl<'p, J: Journal> Pump<'p, J> {
         }
     }
 
+    /// Tells the truth about a pipeline that sends but hears nothing back.
+    fn watch_progress(&mut self) {
+        if self.tracker.len() == 0 {
+            self.last_progress = Instant::now();
+            self.unconfirmed_alarm = false;
+            return;
+        }
+        let silent = self.last_progress.elapsed();
+        if silent >= UNCONFIRMED_ALARM && !self.unconfirmed_alarm {
+            self.unconfirmed_alarm = true;
+            let why = format!(
+                "{} records in flight and no delivery report for {} s (topic missing, or a broker that does not answer); the journal keeps them",
+                self.tracker.len(),
+                silent.as_secs()
+            );
+            if self.status.state() == State::Connected || self.status.state() == State::Connecting {
+                self.status.set_state(State::Degraded);
+            }
+            warn!(reason = %why, "kafka bridge: deliveries stalled");
+            self.status.set_error(why);
+        }
+    }
+
     async fn command(&mut self, cmd: Command, shutdown: &Shutdown) {
         match cmd {
             Command::Redrive { seq, reply } => self.redrive(seq, reply, shutdown).await,
@@ -758,6 +793,10 @@ impl<'p, J: Journal> Pump<'p, J> {
     fn absorb_reports(&mut self) {
         let reports = std::mem::take(&mut *self.reports.queue.lock().unwrap_or_else(|e| e.into_inner()));
         let mut to_park = Vec::new();
+        if !reports.is_empty() {
+            self.last_progress = Instant::now();
+            self.unconfirmed_alarm = false;
+        }
         for (opaque, outcome) in reports {
             if opaque & REDRIVE_BIT != 0 {
                 self.redrive_report(opaque & !REDRIVE_BIT, outcome);

@@ -47,6 +47,8 @@ static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 /// How long a Will waits for journal space when its connection closes.
 const WILL_APPEND_WAIT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed to write the DISCONNECT on the way out.
+const GOODBYE_WRITE: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 4096;
 /// Read buffer of a session that is not streaming (64 bytes is also what `BytesMut`
 /// allocates for a read into an empty buffer).
@@ -559,11 +561,19 @@ where
         }
     }
 
+    /// Writes what is queued. A peer that does not drain its socket for its whole
+    /// keep-alive window (or [`WRITE_TIMEOUT`], whichever is shorter) is as good as gone:
+    /// the write times out and the connection closes, so a client that never reads
+    /// cannot hold a session (and its memory) forever.
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_within(WRITE_TIMEOUT.min(self.keep_alive)).await
+    }
+
+    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
-        match timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await {
+        match timeout(limit, self.stream.write_all(&self.out)).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(std::io::Error::new(
@@ -914,7 +924,9 @@ where
         if let Some(reason) = reason {
             self.codec.disconnect(&mut self.out, reason);
         }
-        let _ = self.flush().await;
+        // The goodbye is best effort: a peer whose writes already timed out gets a short
+        // chance, not another full write timeout.
+        let _ = self.flush_within(GOODBYE_WRITE).await;
         let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
         self.shared
             .metrics

@@ -195,7 +195,6 @@ fn topic_deleted_and_recreated_without_auto_create() {
 /// While the topic does not exist, deliveries stop: the bridge must say so (state not
 /// "connected", or a `last_error` naming the topic), not only a growing `in_flight`.
 #[test]
-#[ignore = "needs producer: surface undeliverable records (unknown topic) in the bridge state / last_error"]
 fn missing_topic_is_visible_in_the_bridge_state() {
     topic_deleted("missing_topic_is_visible_in_the_bridge_state", true, true);
 }

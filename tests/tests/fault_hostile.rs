@@ -419,7 +419,6 @@ fn hostile_impact_figures() {
 /// writes to it have been blocked past 1.5 × its keep-alive: then it is closed and
 /// counted, like any other stalled peer. Takes ~40 s (the socket buffers must fill).
 #[test]
-#[ignore = "needs gateway: close a connection whose writes stay blocked (write timeout); no fix in issue 7 names it yet"]
 fn never_reading_client_is_closed_once_its_socket_is_full() {
     let (gw, _pki) = gateway();
     let load = hostile::never_read(gw.mqtt(), 1, 5);
