@@ -7,6 +7,8 @@
 //! in-process Kafka for a first run.
 
 pub mod embedded;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod journal;
 pub mod producer;
 pub mod routes;
