@@ -19,7 +19,7 @@
 //!
 //! A segment is named after the sequence of its first record when its bytes start with
 //! a valid frame (as the journal names them). Otherwise the older segment is named 1, and
-//! the head gets the first sequence after the older segment's valid records plus
+//! the head gets the sequence after the highest of the older segment's valid records plus
 //! `name_delta` (a gap, as eviction leaves). Names are never 0, never collide, and the
 //! head never starts at or before a valid record of the older segment.
 
@@ -89,17 +89,15 @@ fn first_seq_of(seg: &[u8]) -> Option<u64> {
     }
 }
 
-/// Number of consecutive valid records from the start of `seg`, the first being `first`.
-fn valid_records(seg: &[u8], first: u64) -> u64 {
-    let (mut pos, mut n) = (0usize, 0u64);
+/// The highest sequence among the valid frames from the start of `seg` (the reader goes
+/// through them all, skipping lower sequences), if any.
+fn last_seq(seg: &[u8]) -> Option<u64> {
+    let (mut pos, mut max) = (0usize, None);
     while let Frame::Record(rec, len) = decode(&seg[pos..]) {
-        if rec.seq != first.wrapping_add(n) {
-            break;
-        }
+        max = max.max(Some(rec.seq));
         pos += len;
-        n += 1;
     }
-    n
+    max
 }
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -123,8 +121,14 @@ fn read_all(journal: &SegmentedJournal) -> Result<Vec<Record>, JournalError> {
         if batch.is_empty() {
             return Ok(out);
         }
-        for pair in out.iter().chain(&batch).collect::<Vec<_>>().windows(2) {
-            assert!(pair[0].seq < pair[1].seq, "reader went backwards: {} then {}", pair[0].seq, pair[1].seq);
+        let mut prev = out.last().map(|r| r.seq);
+        for rec in &batch {
+            assert!(
+                prev.is_none_or(|p| p < rec.seq),
+                "reader went backwards: {prev:?} then {}",
+                rec.seq
+            );
+            prev = Some(rec.seq);
         }
         out.extend(batch);
         assert!(
@@ -148,25 +152,73 @@ pub fn journal_recover(data: &[u8]) {
     journal_recover_unguarded(data);
 }
 
+/// The journal directory an input describes.
+struct Layout {
+    /// The segment before the head: (name, bytes).
+    older: Option<(u64, Vec<u8>)>,
+    head: (u64, Vec<u8>),
+    checkpoint: Option<u64>,
+}
+
+fn layout(data: &[u8]) -> Option<Layout> {
+    let h = data.get(..HEADER)?;
+    let (flags, split, checkpoint, delta) = (h[0], u16::from_le_bytes([h[1], h[2]]) as usize, h[3], h[4]);
+    let mut seg = data[HEADER..].to_vec();
+    let split = if flags & SPLIT != 0 {
+        split % (seg.len() + 1)
+    } else {
+        0
+    };
+    let mut head = seg.split_off(split);
+    let mut older = seg;
+    if flags & FIX_CRC != 0 {
+        fix_crcs(&mut older);
+        fix_crcs(&mut head);
+    }
+    // The head is named after its first record, as the journal names segments, unless that
+    // would put it at or before records of the older segment: segment names and contents
+    // that disagree only arise from tampering (the reader then serves the older segment's
+    // stale copies), and are not what this target explores.
+    let mut next_free = 1u64;
+    let mut older_seg = None;
+    if !older.is_empty() {
+        let first = first_seq_of(&older).unwrap_or(1).max(1);
+        next_free = last_seq(&older).unwrap_or(first).max(first).saturating_add(1);
+        older_seg = Some((first, older));
+    }
+    let head_first = match first_seq_of(&head) {
+        Some(seq) if seq >= next_free => seq,
+        _ => next_free.saturating_add(u64::from(delta)),
+    };
+    if older_seg.as_ref().is_some_and(|(first, _)| head_first <= *first) {
+        return None; // only at the top of the sequence space
+    }
+    Some(Layout {
+        older: older_seg,
+        head: (head_first, head),
+        checkpoint: (flags & CHECKPOINT != 0).then_some(u64::from(checkpoint)),
+    })
+}
+
 /// Largest read the journal reader should ever need: one segment.
 const READ_BOUND: usize = SEGMENT_BYTES as usize;
 
-/// Open bug (fuzz/regressions/journal_recover/older_segment_huge_frame_len): the journal
-/// reader sizes its read buffer from a frame's length field before checking it, so a
-/// corrupt length in a segment before the head (only the head is scanned at open) makes
-/// it allocate and zero up to 4 GiB. True when `data` has such a frame where the reader
-/// would meet it. Remove once the reader bounds the length by the segment size.
+/// Whether `data` reproduces an open bug (each has an ignored test in
+/// `tests/fuzz_corpus.rs` and an input in `fuzz/regressions/journal_recover/`). Remove a
+/// check once its bug is fixed.
+///
+/// * `older_segment_huge_frame_len`: the journal reader sizes its read buffer from a
+///   frame's length field before checking it, so a corrupt length in a segment before
+///   the head (only the head is scanned at open) makes it allocate and zero up to 4 GiB.
+/// * `record_seq_u64_max`: a valid record with sequence `u64::MAX` overflows
+///   `next_seq += 1` in `recover_head` (and in the reader).
 pub fn hits_open_bug(data: &[u8]) -> bool {
-    let Some(h) = data.get(..HEADER) else { return false };
-    if h[0] & SPLIT == 0 {
-        return false;
+    let Some(l) = layout(data) else { return false };
+    let segments = l.older.iter().map(|(_, b)| b).chain([&l.head.1]);
+    if segments.clone().any(|b| last_seq(b) == Some(u64::MAX)) {
+        return true;
     }
-    let mut seg = data[HEADER..].to_vec();
-    let split = u16::from_le_bytes([h[1], h[2]]) as usize % (seg.len() + 1);
-    let older = &mut seg[..split];
-    if h[0] & FIX_CRC != 0 {
-        fix_crcs(older);
-    }
+    let Some((_, older)) = &l.older else { return false };
     let mut pos = 0;
     while let Some(rest) = older.get(pos..).filter(|r| r.len() >= FRAME_HEADER) {
         let need = FRAME_HEADER + u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
@@ -183,47 +235,19 @@ pub fn hits_open_bug(data: &[u8]) -> bool {
 
 /// [`journal_recover`] without skipping inputs that reproduce an open bug.
 pub fn journal_recover_unguarded(data: &[u8]) {
-    let (flags, split, checkpoint, delta) = match data.get(..HEADER) {
-        Some(h) => (h[0], u16::from_le_bytes([h[1], h[2]]) as usize, h[3], h[4]),
-        None => return,
-    };
-    let mut seg = data[HEADER..].to_vec();
+    let Some(l) = layout(data) else { return };
     let Ok(dir) = TempDir::new() else { return };
-    let split = if flags & SPLIT != 0 { split % (seg.len() + 1) } else { 0 };
-    let (older, head) = seg.split_at_mut(split);
-    if flags & FIX_CRC != 0 {
-        fix_crcs(older);
-        fix_crcs(head);
+    let mut files = vec![(segment_name(l.head.0), l.head.1)];
+    if let Some((first, bytes)) = l.older {
+        files.push((segment_name(first), bytes));
     }
-    // The head is named after its first record, as the journal names segments, unless that
-    // would put it at or before records of the older segment: segment names and contents
-    // that disagree only arise from tampering (the reader then serves the older segment's
-    // stale copies), and are not what this target explores.
-    let mut next_free = 1u64;
-    let mut older_first = 0u64;
-    if !older.is_empty() {
-        let first = first_seq_of(older).unwrap_or(1).max(1);
-        if std::fs::write(dir.0.join(segment_name(first)), &*older).is_err() {
-            return;
-        }
-        older_first = first;
-        next_free = first.saturating_add(valid_records(older, first)).max(first.saturating_add(1));
+    if let Some(seq) = l.checkpoint {
+        let mut bytes = seq.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&crc32c::crc32c(&seq.to_le_bytes()).to_le_bytes());
+        files.push(("release.checkpoint".into(), bytes));
     }
-    let head_first = match first_seq_of(head) {
-        Some(seq) if seq >= next_free => seq,
-        _ => next_free.saturating_add(u64::from(delta)),
-    };
-    if !older.is_empty() && head_first <= older_first {
-        return; // only at the top of the sequence space
-    }
-    if std::fs::write(dir.0.join(segment_name(head_first)), &*head).is_err() {
-        return;
-    }
-    if flags & CHECKPOINT != 0 {
-        let seq = u64::from(checkpoint).to_le_bytes();
-        let mut bytes = seq.to_vec();
-        bytes.extend_from_slice(&crc32c::crc32c(&seq).to_le_bytes());
-        if std::fs::write(dir.0.join("release.checkpoint"), bytes).is_err() {
+    for (name, bytes) in files {
+        if std::fs::write(dir.0.join(name), bytes).is_err() {
             return;
         }
     }
@@ -273,7 +297,11 @@ fn recover(dir: &Path) {
     let Ok(first) = first else { return };
     let Ok(Some(seq)) = appended else { return };
     if let Some(last) = first.last() {
-        assert!(seq > last.seq, "append after recovery re-used sequence {seq} (read up to {})", last.seq);
+        assert!(
+            seq > last.seq,
+            "append after recovery re-used sequence {seq} (read up to {})",
+            last.seq
+        );
     }
     let journal = match SegmentedJournal::open(config(dir)) {
         Ok(j) => j,

@@ -88,9 +88,14 @@ fn answer(codec: &Codec, packet: &Inbound, out: &mut BytesMut) {
             if let Some(max) = req.max_packet_size {
                 codec.max_out = max as usize;
             }
-            let assigned = req.client_id.is_empty().then(|| "auto-0000000000000000".to_string());
+            let assigned = req
+                .client_id
+                .is_empty()
+                .then(|| "auto-0000000000000000".to_string());
             let receive_max = req.receive_maximum.unwrap_or(u16::MAX);
-            answered(&codec, out, |c, o| c.connack_accept(o, receive_max, 16, assigned.clone()));
+            answered(&codec, out, |c, o| {
+                c.connack_accept(o, receive_max, 16, assigned.clone())
+            });
             for why in REFUSALS {
                 answered(&codec, out, |c, o| c.connack_refuse(o, why));
             }
@@ -263,7 +268,10 @@ mod tests {
     #[test]
     fn the_cheap_hash_verifies() {
         let auth = fuzz_auth();
-        assert_eq!(auth.authenticate(Some(FUZZ_USER), Some(FUZZ_PASSWORD), None), Ok(()));
+        assert_eq!(
+            auth.authenticate(Some(FUZZ_USER), Some(FUZZ_PASSWORD), None),
+            Ok(())
+        );
         assert_eq!(
             auth.authenticate(Some("broken"), Some("x"), None),
             Err(Refusal::BadCredentials)

@@ -39,7 +39,12 @@ fn replay(dir: &str, target: fn(&[u8])) {
         })
         .map(|f| f.display().to_string())
         .collect();
-    assert!(failed.is_empty(), "{} of {} inputs panicked: {failed:#?}", failed.len(), files.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} inputs panicked: {failed:#?}",
+        failed.len(),
+        files.len()
+    );
 }
 
 #[test]
@@ -131,7 +136,12 @@ fn mqtt_seeds() -> Vec<(&'static str, Version, Vec<u8>)> {
     let mut b = BytesMut::new();
     let mut c = v4::Connect::new("vin-1");
     c.set_login("fleet", "s3cret");
-    c.last_will = Some(v4::LastWill::new("vehicles/vin-1/status", "offline", QoS::AtLeastOnce, true));
+    c.last_will = Some(v4::LastWill::new(
+        "vehicles/vin-1/status",
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
     c.keep_alive = 30;
     c.clean_session = false;
     w(c.write(&mut b));
@@ -149,13 +159,19 @@ fn mqtt_seeds() -> Vec<(&'static str, Version, Vec<u8>)> {
 
     let mut b = BytesMut::new();
     w(v4::Connect::new("vin-1").write(&mut b));
-    w(v4::Publish::new("vehicles/vin-1/telemetry", QoS::AtMostOnce, &b"{\"speed\":42}"[..]).write(&mut b));
+    w(v4::Publish::new(
+        "vehicles/vin-1/telemetry",
+        QoS::AtMostOnce,
+        &b"{\"speed\":42}"[..],
+    )
+    .write(&mut b));
     let mut p = v4::Publish::new("vehicles/vin-1/telemetry", QoS::AtLeastOnce, vec![7u8; 40]);
     p.pkid = 1;
     w(p.write(&mut b));
     let mut s = v4::Subscribe::new("vehicles/vin-1/commands/#", QoS::AtLeastOnce);
     s.pkid = 2;
-    s.filters.push(v4::SubscribeFilter::new("vehicles/+/x".into(), QoS::AtMostOnce));
+    s.filters
+        .push(v4::SubscribeFilter::new("vehicles/+/x".into(), QoS::AtMostOnce));
     w(s.write(&mut b));
     let mut u = v4::Unsubscribe::new("vehicles/vin-1/commands/#");
     u.pkid = 3;
@@ -214,7 +230,13 @@ fn mqtt_seeds() -> Vec<(&'static str, Version, Vec<u8>)> {
     seeds.push(("v5_connect_props_will_login", Version::V5, b.to_vec()));
 
     let mut b = BytesMut::new();
-    let will = Some(v5::LastWill::new("vehicles/vin-2/status", "", QoS5::AtMostOnce, false, None));
+    let will = Some(v5::LastWill::new(
+        "vehicles/vin-2/status",
+        "",
+        QoS5::AtMostOnce,
+        false,
+        None,
+    ));
     w(connect5("vin-1", None).write(&will, &None, &mut b));
     seeds.push(("v5_connect_foreign_will", Version::V5, b.to_vec()));
 
@@ -239,7 +261,12 @@ fn mqtt_seeds() -> Vec<(&'static str, Version, Vec<u8>)> {
 
     let mut b = BytesMut::new();
     w(connect5("vin-1", None).write(&None, &None, &mut b));
-    let mut p = v5::Publish::new("vehicles/vin-1/telemetry", QoS5::AtMostOnce, &b"{\"speed\":42}"[..], None);
+    let mut p = v5::Publish::new(
+        "vehicles/vin-1/telemetry",
+        QoS5::AtMostOnce,
+        &b"{\"speed\":42}"[..],
+        None,
+    );
     p.properties = Some(v5::PublishProperties {
         topic_alias: Some(1),
         content_type: Some("application/json".into()),
@@ -262,7 +289,10 @@ fn mqtt_seeds() -> Vec<(&'static str, Version, Vec<u8>)> {
     p.pkid = 2;
     p.dup = true;
     w(p.write(&mut b));
-    let mut s = v5::Subscribe::new(v5::Filter::new("vehicles/vin-1/commands/#", QoS5::AtLeastOnce), None);
+    let mut s = v5::Subscribe::new(
+        v5::Filter::new("vehicles/vin-1/commands/#", QoS5::AtLeastOnce),
+        None,
+    );
     s.pkid = 3;
     s.properties = Some(v5::SubscribeProperties {
         id: Some(7),
