@@ -210,12 +210,19 @@ const READ_BOUND: usize = SEGMENT_BYTES as usize;
 /// * `older_segment_huge_frame_len`: the journal reader sizes its read buffer from a
 ///   frame's length field before checking it, so a corrupt length in a segment before
 ///   the head (only the head is scanned at open) makes it allocate and zero up to 4 GiB.
-/// * `record_seq_u64_max`: a valid record with sequence `u64::MAX` overflows
-///   `next_seq += 1` in `recover_head` (and in the reader).
+/// * `record_seq_u64_max`, `append_at_seq_u64_max`: sequence arithmetic overflows at the
+///   top of the sequence space: a valid record with sequence `u64::MAX` overflows
+///   `next_seq += 1` in `recover_head`, a head segment named near `u64::MAX` overflows it
+///   in `try_admit` on the next append. Only a tampered journal gets there.
 pub fn hits_open_bug(data: &[u8]) -> bool {
+    const NEAR_MAX: u64 = u64::MAX - (1 << 32);
     let Some(l) = layout(data) else { return false };
     let segments = l.older.iter().map(|(_, b)| b).chain([&l.head.1]);
-    if segments.clone().any(|b| last_seq(b) == Some(u64::MAX)) {
+    if l.head.0 > NEAR_MAX
+        || segments
+            .clone()
+            .any(|b| last_seq(b).is_some_and(|s| s > NEAR_MAX))
+    {
         return true;
     }
     let Some((_, older)) = &l.older else { return false };
