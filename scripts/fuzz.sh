@@ -32,12 +32,15 @@ fi
 flags=(-O -a -s none)
 cargo +nightly fuzz build "${flags[@]}"
 
-# journal_recover creates a journal directory per execution: keep them in memory.
+# journal_recover creates a journal directory per execution: keep them in memory, and
+# inside the scratch directory (a crash leaves its journal directory behind).
+base="${TMPDIR:-/tmp}"
 if [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
-    export TMPDIR=/dev/shm
+    base=/dev/shm
 fi
-
-scratch="$(mktemp -d "${TMPDIR:-/tmp}/edge-gateway-fuzz.XXXXXX")"
+scratch="$(mktemp -d "$base/edge-gateway-fuzz.XXXXXX")"
+mkdir -p "$scratch/tmp"
+export TMPDIR="$scratch/tmp"
 summary=()
 failed=0
 for t in "${targets[@]}"; do
@@ -64,6 +67,7 @@ for t in "${targets[@]}"; do
         "$t" "$status" "${execs:-?}" "${rate:-?}" "${cov:-}" "${rss:-?}")")
 done
 
+rm -rf "$scratch/tmp"
 echo
 echo "fuzz summary (${secs}s per target; new inputs in $scratch):"
 printf '  %s\n' "${summary[@]}"

@@ -149,12 +149,12 @@ fn entry(i: usize) -> Entry {
     Entry {
         received_at_ms: 1_700_000_000_000 + i as u64,
         qos: (i % 2) as u8,
-        retain: i % 5 == 0,
+        retain: i.is_multiple_of(5),
         client_id: format!("vin-{}", i % 3),
         topic: format!("vehicles/vin-{}/telemetry", i % 3),
         payload: Bytes::from(vec![i as u8; 8 + (i * 7) % 40]),
-        content_type: (i % 2 == 0).then(|| "application/json".to_string()),
-        message_expiry_secs: (i % 3 == 0).then_some(300),
+        content_type: i.is_multiple_of(2).then(|| "application/json".to_string()),
+        message_expiry_secs: i.is_multiple_of(3).then_some(300),
         user_properties: if i % 4 == 1 {
             vec![("trip".into(), format!("t-{i}")), ("fw".into(), "1.2.3".into())]
         } else {
