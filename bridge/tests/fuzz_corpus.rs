@@ -110,6 +110,38 @@ fn regression_append_at_seq_u64_max() {
     replay_one("append_at_seq_u64_max");
 }
 
+/// Two more inputs of the overflow class above that the fuzz input format cannot express
+/// (the target never names a segment 0 and always writes a head segment).
+fn open_dir(dir: &Path) {
+    let cfg = JournalConfig {
+        segment_bytes: bridge::fuzzing::SEGMENT_BYTES,
+        ..JournalConfig::new(dir, bridge::fuzzing::MAX_BYTES)
+    };
+    // Refusing to open is fine; a panic is not.
+    let _ = SegmentedJournal::open(cfg);
+}
+
+#[test]
+#[ignore = "bug (low severity: tampered directory): a segment file named 0 underflows `scan.next_seq - 1` \
+            in SegmentedJournal::open"]
+fn regression_segment_named_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("00000000000000000000.seg"), b"").expect("write");
+    open_dir(dir.path());
+}
+
+#[test]
+#[ignore = "bug (low severity: needs a CRC-valid checkpoint of u64::MAX): `checkpoint + 1` overflows in \
+            SegmentedJournal::open when there is no segment"]
+fn regression_checkpoint_u64_max() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seq = u64::MAX.to_le_bytes();
+    let mut bytes = seq.to_vec();
+    bytes.extend_from_slice(&crc32c::crc32c(&seq).to_le_bytes());
+    std::fs::write(dir.path().join("release.checkpoint"), bytes).expect("write");
+    open_dir(dir.path());
+}
+
 #[test]
 fn open_bugs_are_skipped_by_the_fuzz_target() {
     // The fuzz target skips inputs of open bugs so that it looks for new ones.
