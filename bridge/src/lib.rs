@@ -9,6 +9,8 @@
 //! in-process Kafka for a first run.
 
 pub mod embedded;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod journal;
 pub mod parked;
 pub mod producer;

@@ -8,6 +8,8 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
