@@ -20,7 +20,12 @@ pub(super) struct Scan {
 /// Only the unsynced end of the last write batch can be torn: if any valid record follows
 /// the first bad frame, the damage is corruption of written (maybe acknowledged) records,
 /// and opening is refused rather than cutting them and re-using their sequences.
-pub(super) fn recover_head(meta: &SegmentMeta) -> Result<(File, Scan), JournalError> {
+///
+/// The release checkpoint never exceeds what was durable: if it lies beyond the last valid
+/// record of the head (and inside the head), the missing end was synced and acknowledged,
+/// so it is damage (a lost write, a zeroed block), not a torn tail, and opening is refused
+/// as well: cutting it would re-use sequences Kafka already holds.
+pub(super) fn recover_head(meta: &SegmentMeta, checkpoint: u64) -> Result<(File, Scan), JournalError> {
     let path = &meta.path;
     let file = OpenOptions::new()
         .read(true)
@@ -47,6 +52,19 @@ pub(super) fn recover_head(meta: &SegmentMeta) -> Result<(File, Scan), JournalEr
         .first()
         .filter(|r| r.start == 0)
         .map_or(meta.first_seq, |r| r.last_seq + 1);
+    if checkpoint >= meta.first_seq && checkpoint > next_seq - 1 {
+        return Err(JournalError::Corrupt {
+            segment: path.clone(),
+            offset: end,
+            first_seq: next_seq,
+            last_seq: checkpoint,
+            reason: format!(
+                "the head segment's valid records end at sequence {}, but the release checkpoint says records up to \
+                 {checkpoint} were durable and delivered, so the missing end is damage, not a torn tail",
+                next_seq - 1
+            ),
+        });
+    }
     if let Some(span) = found.spans.first() {
         tracing::warn!(
             segment = %path.display(),
