@@ -5,10 +5,15 @@
 //!
 //! `repair` never deletes an intact record: for each damaged segment it
 //! 1. copies every damaged span to `<dir>/quarantine/<segment-name>-<offset>.bin` (fsync'd),
-//! 2. writes each run of valid records that follows damage into a new segment named by its
+//! 2. adds the lost sequence ranges to `<dir>/GAPS` (durably), the only gaps readers skip
+//!    besides released sequences,
+//! 3. writes each run of valid records that follows damage into a new segment named by its
 //!    first sequence (the frames byte for byte; written to a temporary file, fsync'd,
-//!    renamed, directory fsync'd),
-//! 3. only then cuts the damaged segment at its first damage (or deletes it when no valid
+//!    renamed, directory fsync'd); a segment of that name that an interrupted earlier
+//!    repair left is reused when it holds the run, completed when it holds a prefix of it,
+//! 4. if the head's end was damaged below the release checkpoint, creates an empty head
+//!    after every sequence the damaged bytes could have held (so none is re-used),
+//! 5. only then cuts the damaged segment at its first damage (or deletes it when no valid
 //!    record precedes the damage), fsyncs it and the directory.
 //!
 //! A crash in the middle leaves either the old state or duplicates of records that a
