@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
-use super::dir::{preallocate, SegmentMeta};
+use super::dir::{gap_is_legal, preallocate, SegmentMeta};
 use super::record::{decode, Frame, FRAME_HEADER};
 use super::scan;
 use super::JournalError;
@@ -84,10 +84,17 @@ pub(super) fn recover_head(meta: &SegmentMeta, checkpoint: u64) -> Result<(File,
 /// unreleased records must start with a valid record carrying the sequence of its name.
 /// (A full scan of every segment at every start would read the whole journal; `verify`
 /// does that, and the reader checks every frame it forwards.)
-pub(super) fn check_older_segments(segments: &[SegmentMeta], released: u64) -> Result<(), JournalError> {
+///
+/// A segment whose every sequence is released or a gap `repair` recorded as lost holds
+/// nothing to deliver and is not checked.
+pub(super) fn check_older_segments(
+    segments: &[SegmentMeta],
+    released: u64,
+    gaps: &[(u64, u64)],
+) -> Result<(), JournalError> {
     for pair in segments.windows(2) {
         let (seg, next) = (&pair[0], &pair[1]);
-        if next.first_seq.saturating_sub(1) <= released {
+        if gap_is_legal(seg.first_seq, next.first_seq.saturating_sub(1), released, gaps) {
             continue;
         }
         let problem = first_frame_problem(seg)?;

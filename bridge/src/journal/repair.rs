@@ -307,7 +307,10 @@ fn inspect(
         };
         if let Some((first, upto)) = missing {
             let legal = !proven && gap_is_legal(first, upto, known.checkpoint, known.gaps);
-            if !legal {
+            // An older segment without a single record is removed by `repair` even when
+            // its sequences are a recorded gap (left by an interrupted earlier repair).
+            let empty_older = found.runs.is_empty() && next_first.is_some();
+            if !legal || empty_older {
                 let reason = if proven {
                     format!(
                         "the head segment ends at sequence {last}, below the release checkpoint {}: \
@@ -327,7 +330,7 @@ fn inspect(
                     offset: end,
                     len: 0,
                     reason,
-                    lost: Some((first, upto)),
+                    lost: (!legal).then_some((first, upto)),
                     torn_tail: false,
                     intact_after: 0,
                 });

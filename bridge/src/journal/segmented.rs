@@ -128,7 +128,7 @@ impl SegmentedJournal {
             .last()
             .cloned()
             .ok_or_else(|| JournalError::Config("no segment".into()))?;
-        check_older_segments(&segments, checkpoint)?;
+        check_older_segments(&segments, checkpoint, &gaps)?;
         let (file, scan) = recover_head(&head_meta, checkpoint)?;
         let mut head_size = head_meta.size;
         if scan.end == 0 && head_size < cfg.segment_bytes {
@@ -149,7 +149,16 @@ impl SegmentedJournal {
         }
         let durable = scan.next_seq - 1;
         let first_retained = segments.first().map(|s| s.first_seq).unwrap_or(1);
-        let released = checkpoint.max(first_retained.saturating_sub(1)).min(durable);
+        let mut released = checkpoint.max(first_retained.saturating_sub(1)).min(durable);
+        // Sequences `repair` recorded as lost right after the watermark will never be
+        // delivered: count them as released (they are not records waiting for Kafka).
+        while let Some(&(_, last)) = gaps.iter().find(|(f, l)| *f <= released + 1 && released < *l) {
+            let next = last.min(durable);
+            if next <= released {
+                break;
+            }
+            released = next;
+        }
         let disk_bytes: u64 = segments.iter().map(|s| s.size).sum();
         if disk_bytes > cfg.max_bytes {
             tracing::warn!(
