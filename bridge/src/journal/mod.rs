@@ -136,8 +136,11 @@
 //!   - One follows: **corruption** of written, possibly acknowledged records. Open fails
 //!     with [`JournalError::Corrupt`] naming the segment, the byte offset and the
 //!     sequence range at risk; nothing is cut and no sequence is re-used.
+//! * `GAPS` is read; the release watermark is the checkpoint (or the first retained
+//!   segment's first sequence - 1, if higher), moved over any recorded gap right after it
+//!   (lost sequences are not records waiting for Kafka), never above `durable`.
 //! * Older segments were synced before the roll that followed them. Each one that still
-//!   holds unreleased records gets a cheap check (its size can hold a record, its first
+//!   holds unreleased records (sequences neither released nor in `GAPS`) gets a cheap check (its size can hold a record, its first
 //!   record decodes and carries the sequence of its name); a failure refuses to open the
 //!   same way. Damage further inside an older segment is found by the reader when it
 //!   gets there (and by `verify`), not by reading the whole journal at every start.
