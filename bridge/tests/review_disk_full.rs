@@ -60,7 +60,6 @@ fn entry(n: u64) -> Entry {
 }
 
 #[test]
-#[ignore = "bug: a writer stalled on ENOSPC never deletes released segments, so it cannot free its own space"]
 fn stalled_writer_frees_space_by_deleting_released_segments() {
     let is_root = Command::new("id")
         .arg("-u")

@@ -179,3 +179,88 @@ pub(crate) fn write_checkpoint(dir: &Path, seq: u64) -> Result<(), JournalError>
     bytes.extend_from_slice(&crc32c::crc32c(&seq.to_le_bytes()).to_le_bytes());
     write_durably(dir, CHECKPOINT, &bytes)
 }
+
+/// Sequence ranges (inclusive) that `repair` recorded as lost: the only sequence gaps
+/// between retained segments a reader may skip besides released ones.
+pub(crate) const GAPS_FILE: &str = "GAPS";
+
+/// Reads `<dir>/GAPS` (one `first last` pair per line); none when the file is missing.
+pub(crate) fn read_gaps(dir: &Path) -> Result<Vec<(u64, u64)>, JournalError> {
+    let path = dir.join(GAPS_FILE);
+    let text = match fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(JournalError::io(&path, e)),
+    };
+    let mut gaps = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let mut parts = line.split_whitespace().map(str::parse::<u64>);
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(Ok(first)), Some(Ok(last)), None) if first <= last => gaps.push((first, last)),
+            _ => {
+                return Err(JournalError::io(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("malformed line {line:?} (expected `<first> <last>`)"),
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(merge_gaps(gaps))
+}
+
+/// Sorts and merges overlapping or adjacent ranges.
+pub(crate) fn merge_gaps(mut gaps: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    gaps.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(gaps.len());
+    for (first, last) in gaps {
+        match out.last_mut() {
+            Some(prev) if first <= prev.1.saturating_add(1) => prev.1 = prev.1.max(last),
+            _ => out.push((first, last)),
+        }
+    }
+    out
+}
+
+/// Adds `lost` to `<dir>/GAPS` durably (temp file, fsync, rename, directory fsync).
+pub(crate) fn add_gaps(dir: &Path, lost: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, JournalError> {
+    let mut gaps = read_gaps(dir)?;
+    gaps.extend_from_slice(lost);
+    let gaps = merge_gaps(gaps);
+    let text: String = gaps.iter().map(|(f, l)| format!("{f} {l}\n")).collect();
+    write_durably(dir, GAPS_FILE, text.as_bytes())?;
+    Ok(gaps)
+}
+
+/// True when every sequence of `first..=last` is released (`<= released`) or inside a
+/// recorded gap: a reader may skip exactly those.
+pub(crate) fn gap_is_legal(first: u64, last: u64, released: u64, gaps: &[(u64, u64)]) -> bool {
+    let mut cur = first.max(released.saturating_add(1));
+    while cur <= last {
+        match gaps.iter().find(|(f, l)| *f <= cur && cur <= *l) {
+            Some((_, l)) if *l >= last => return true,
+            Some((_, l)) => cur = l + 1,
+            None => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod gap_tests {
+    use super::*;
+
+    #[test]
+    fn legal_gaps() {
+        let gaps = merge_gaps(vec![(10, 12), (13, 15), (30, 40)]);
+        assert_eq!(gaps, vec![(10, 15), (30, 40)]);
+        assert!(gap_is_legal(5, 15, 9, &gaps));
+        assert!(gap_is_legal(5, 8, 9, &gaps));
+        assert!(!gap_is_legal(5, 16, 9, &gaps));
+        assert!(!gap_is_legal(16, 16, 9, &gaps));
+        assert!(gap_is_legal(31, 35, 0, &gaps));
+        assert!(!gap_is_legal(29, 35, 0, &gaps));
+    }
+}

@@ -5,8 +5,11 @@
 //! * [`Journal::append`] gives an entry the next sequence number (strictly increasing,
 //!   never reused, also across restarts) and returns it once the entry is admitted to the
 //!   write buffer. It does **not** mean durable. Appends number records densely (+1);
-//!   *gaps* appear only between segments, where `drop_oldest` evicted a segment or
-//!   `repair` removed damaged records; readers skip them (see Reading).
+//!   *gaps* appear only between segments, and only explicit ones are legal: released
+//!   sequences (`drop_oldest` releases a segment before deleting it) and ranges `repair`
+//!   recorded as lost in `<dir>/GAPS`. Readers skip those and stop with
+//!   [`JournalError::Corrupt`] at any other gap (see Reading). After a `repair`, new
+//!   appends get sequences above every sequence that existed before it.
 //! * [`Journal::durable`] is a watch of the highest sequence on stable storage: every
 //!   record with `seq <= *durable.borrow()` survives a crash at any instant (process
 //!   kill or power loss). The gateway PUBACKs a QoS1 message only once its sequence is
@@ -23,8 +26,10 @@
 //!   the sockets (invariant 4). `append_with` applies the other policies: `Reject`
 //!   returns without appending, `DropOldest` deletes the oldest segment undelivered.
 //! * The journal never silently discards an acknowledged record (invariant 6): only the
-//!   unsynced end of the last write can be torn (and cut); any other damage stops the
-//!   journal with [`JournalError::Corrupt`] until an operator runs [`verify`] / [`repair`].
+//!   unsynced end of the last write can be torn (and cut); any other damage (including
+//!   records missing at the end of a segment, or below the release checkpoint at the end
+//!   of the head) stops the journal with [`JournalError::Corrupt`] until an operator runs
+//!   [`verify`] / [`repair`].
 //! * [`SegmentedJournal::id`] identifies this journal: sequences restart when a journal
 //!   directory is recreated, the identity tells consumers that it happened.
 //!
@@ -36,6 +41,8 @@
 //! <dir>/00000000000000000001.seg       segment; name = sequence of its first record
 //! <dir>/00000000000000052311.seg
 //! <dir>/release.checkpoint             released-up-to sequence: u64le + crc32c u32le
+//! <dir>/GAPS                           sequence ranges `repair` recorded as lost: one
+//!                                      `<first> <last>` (inclusive, decimal) per line
 //! <dir>/quarantine/<segment>-<offset>.bin   damaged bytes moved aside by `repair`
 //! ```
 //!
@@ -59,8 +66,11 @@
 //! it, then advances the durable watermark. While it syncs, new appends accumulate into
 //! the next batch, so a slow disk yields larger batches rather than lower throughput.
 //! When a frame does not fit the current segment, the appender plans a roll: the writer
-//! syncs the full segment, creates the next (pre-sized, fsync'd, directory fsync'd) and
-//! continues there. The buffer is bounded (`max_buffer_bytes`); appenders wait when it
+//! syncs the full segment, advances the durable watermark to its last record, creates the
+//! next (pre-sized, fsync'd, directory fsync'd) and continues there: a batch spanning
+//! several segments becomes durable segment by segment, so after a transient error its
+//! retry restarts at the first unsynced segment and released segments behind it can be
+//! deleted meanwhile (a batch larger than the free space still gets through). The buffer is bounded (`max_buffer_bytes`); appenders wait when it
 //! is full.
 //!
 //! # Stalls: transient I/O errors
@@ -76,7 +86,9 @@
 //! * each retry rewrites the *whole* batch from memory at the same offsets before syncing:
 //!   after a failed `fdatasync` the page cache cannot be trusted (the kernel may have
 //!   dropped the dirty pages and marked them clean, "fsyncgate");
-//! * retries are idempotent: a segment file a failed roll left half-created is reused.
+//! * retries are idempotent: a segment file a failed roll left half-created is reused;
+//! * released segments before the one the pending batch is written to are still deleted
+//!   during the stall: on a full volume they may be what frees the space.
 //!
 //! It resumes by itself once the cause goes away. Other I/O errors are fatal: appends
 //! then fail with [`JournalError::Stopped`]. A close during a stall gives up on the
@@ -93,10 +105,13 @@
 //! # Reading
 //!
 //! A reader returns every durable record from its position in sequence order. It jumps
-//! over gaps: when the segment it reads was evicted (`drop_oldest`) it continues with the
-//! first retained segment; when a segment ends (zeros or end of file) before the next
-//! segment's first sequence, it continues there, after checking that nothing but zeros
-//! follows in the finished segment. Anything else it cannot read (a bad CRC, a sequence
+//! over explicit gaps only: when the segment it reads was evicted (`drop_oldest`) it
+//! continues with the first retained segment; when a segment ends (zeros or end of file)
+//! before the next segment's first sequence, it continues there only if nothing but zeros
+//! follows in the finished segment *and* every sequence of the gap is released or recorded
+//! in `GAPS`. Otherwise acknowledged records are missing at the end of the segment (a lost
+//! write, a zeroed block, a truncated file): [`JournalError::Corrupt`] ("records x..=y
+//! missing at the end of segment S"). Anything else it cannot read (a bad CRC, a sequence
 //! out of place, zeros hiding data) is returned as [`JournalError::Corrupt`]; it never
 //! skips a damaged record.
 //!
@@ -111,11 +126,21 @@
 //!   - None follows: a **torn tail**, the unsynced end of the last write batch the crash
 //!     interrupted (never acknowledged, since acknowledgement follows the sync). It is
 //!     cut and re-zeroed, and appends continue after the last valid record.
+//!   - Except below the checkpoint: the release checkpoint never exceeds what was durable,
+//!     so when it lies inside the head (`checkpoint >= head first sequence`) and beyond
+//!     its last valid record, the missing end was synced, acknowledged and delivered.
+//!     That is damage, not a torn tail: open fails with [`JournalError::Corrupt`] (the
+//!     segment, the offset where the valid records end, sequences `last+1..=checkpoint`);
+//!     cutting it would re-use sequences Kafka already holds, and the next restart would
+//!     mark the new records released (never forwarded).
 //!   - One follows: **corruption** of written, possibly acknowledged records. Open fails
 //!     with [`JournalError::Corrupt`] naming the segment, the byte offset and the
 //!     sequence range at risk; nothing is cut and no sequence is re-used.
+//! * `GAPS` is read; the release watermark is the checkpoint (or the first retained
+//!   segment's first sequence - 1, if higher), moved over any recorded gap right after it
+//!   (lost sequences are not records waiting for Kafka), never above `durable`.
 //! * Older segments were synced before the roll that followed them. Each one that still
-//!   holds unreleased records gets a cheap check (its size can hold a record, its first
+//!   holds unreleased records (sequences neither released nor in `GAPS`) gets a cheap check (its size can hold a record, its first
 //!   record decodes and carries the sequence of its name); a failure refuses to open the
 //!   same way. Damage further inside an older segment is found by the reader when it
 //!   gets there (and by `verify`), not by reading the whole journal at every start.
@@ -128,11 +153,18 @@
 //! # Verify and repair (a stopped gateway)
 //!
 //! [`verify`] reads every segment in full and reports records and damaged spans
-//! (segment, offset, length, the sequences lost). [`repair`] moves each damaged span's
-//! bytes to `quarantine/`, keeps every intact record (the valid records after damage move
-//! to a new segment named by their first sequence; the damaged segment is cut at the
-//! damage), reports and logs the lost sequence ranges, and fsyncs files and directories.
-//! Afterwards the journal opens and readers return every intact record across the gap.
+//! (segment, offset, length, the sequences lost), including records missing at the end of
+//! an older segment (a gap neither released nor in `GAPS`) and a head ending below the
+//! release checkpoint (DAMAGE, not TORN TAIL). [`repair`] moves each damaged span's bytes
+//! to `quarantine/`, records the lost ranges in `GAPS` (temp file, fsync, rename,
+//! directory fsync; read at every open), keeps every intact record (the valid records
+//! after damage move to a new segment named by their first sequence; the damaged segment
+//! is cut at the damage), reports and logs the lost sequence ranges, and fsyncs files and
+//! directories. When the head's end was damaged below the checkpoint, it also starts an
+//! empty head segment after every sequence the damaged bytes could have held
+//! (`max(checkpoint, last valid + free bytes / smallest frame) + 1`, that range in `GAPS`),
+//! so no sequence that ever existed is re-used. Afterwards the journal opens and readers
+//! return every intact record across the gap.
 //! Both take the directory lock, so they fail with [`JournalError::Locked`] while a
 //! gateway runs. See [`repair`] for crash safety.
 

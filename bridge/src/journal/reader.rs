@@ -3,8 +3,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::dir::gap_is_legal;
 use super::record::{decode, Frame, Record, FRAME_HEADER};
 use super::segmented::Inner;
 use super::JournalError;
@@ -12,8 +14,9 @@ use super::JournalError;
 /// Sequential reader of durable records, for the Kafka producer and for inspection.
 ///
 /// Returns every durable record in sequence order. It jumps over sequence gaps between
-/// segments (segments evicted by `drop_oldest`, records lost to a repaired corruption)
-/// and returns [`JournalError::Corrupt`] for anything else it cannot read: it never skips
+/// segments only when they are explicit: released (segments evicted by `drop_oldest`,
+/// which releases before deleting) or recorded as lost by `repair` (`<dir>/GAPS`). It
+/// returns [`JournalError::Corrupt`] for anything else it cannot read: it never skips
 /// a damaged record silently.
 pub struct JournalReader {
     inner: Arc<Inner>,
@@ -180,7 +183,8 @@ impl JournalReader {
 
     /// The current segment ended (zeros or end of file) before `durable`: move to the next
     /// segment. A sequence gap before it is legal only if nothing follows in this segment
-    /// (an evicted or repaired journal); otherwise the zeros hide damage.
+    /// and every sequence in it is released or recorded as lost by `repair`; otherwise
+    /// records are missing (zeros hiding damage, a lost write, a truncated file).
     fn next_segment(&mut self, durable: u64) -> Result<(), JournalError> {
         let Some(seg) = self.seg.as_mut() else {
             return Ok(());
@@ -212,6 +216,21 @@ impl JournalReader {
                         next - 1
                     ),
                 ));
+            }
+            let released = self.inner.released.load(Ordering::Acquire);
+            if !gap_is_legal(self.next_seq, next - 1, released, &self.inner.gaps) {
+                let name = seg
+                    .path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let reason = format!(
+                    "records {}..={} missing at the end of segment {name} (it ends at byte {end}); \
+                     they are neither released nor recorded as lost by `repair`",
+                    self.next_seq,
+                    next - 1
+                );
+                return Err(self.corrupt(end, next - 1, reason));
             }
             tracing::debug!(
                 from = self.next_seq,

@@ -4,7 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
-use super::dir::{preallocate, SegmentMeta};
+use super::dir::{gap_is_legal, preallocate, SegmentMeta};
 use super::record::{decode, Frame, FRAME_HEADER};
 use super::scan;
 use super::JournalError;
@@ -20,7 +20,12 @@ pub(super) struct Scan {
 /// Only the unsynced end of the last write batch can be torn: if any valid record follows
 /// the first bad frame, the damage is corruption of written (maybe acknowledged) records,
 /// and opening is refused rather than cutting them and re-using their sequences.
-pub(super) fn recover_head(meta: &SegmentMeta) -> Result<(File, Scan), JournalError> {
+///
+/// The release checkpoint never exceeds what was durable: if it lies beyond the last valid
+/// record of the head (and inside the head), the missing end was synced and acknowledged,
+/// so it is damage (a lost write, a zeroed block), not a torn tail, and opening is refused
+/// as well: cutting it would re-use sequences Kafka already holds.
+pub(super) fn recover_head(meta: &SegmentMeta, checkpoint: u64) -> Result<(File, Scan), JournalError> {
     let path = &meta.path;
     let file = OpenOptions::new()
         .read(true)
@@ -47,6 +52,19 @@ pub(super) fn recover_head(meta: &SegmentMeta) -> Result<(File, Scan), JournalEr
         .first()
         .filter(|r| r.start == 0)
         .map_or(meta.first_seq, |r| r.last_seq + 1);
+    if checkpoint >= meta.first_seq && checkpoint > next_seq - 1 {
+        return Err(JournalError::Corrupt {
+            segment: path.clone(),
+            offset: end,
+            first_seq: next_seq,
+            last_seq: checkpoint,
+            reason: format!(
+                "the head segment's valid records end at sequence {}, but the release checkpoint says records up to \
+                 {checkpoint} were durable and delivered, so the missing end is damage, not a torn tail",
+                next_seq - 1
+            ),
+        });
+    }
     if let Some(span) = found.spans.first() {
         tracing::warn!(
             segment = %path.display(),
@@ -66,10 +84,17 @@ pub(super) fn recover_head(meta: &SegmentMeta) -> Result<(File, Scan), JournalEr
 /// unreleased records must start with a valid record carrying the sequence of its name.
 /// (A full scan of every segment at every start would read the whole journal; `verify`
 /// does that, and the reader checks every frame it forwards.)
-pub(super) fn check_older_segments(segments: &[SegmentMeta], released: u64) -> Result<(), JournalError> {
+///
+/// A segment whose every sequence is released or a gap `repair` recorded as lost holds
+/// nothing to deliver and is not checked.
+pub(super) fn check_older_segments(
+    segments: &[SegmentMeta],
+    released: u64,
+    gaps: &[(u64, u64)],
+) -> Result<(), JournalError> {
     for pair in segments.windows(2) {
         let (seg, next) = (&pair[0], &pair[1]);
-        if next.first_seq.saturating_sub(1) <= released {
+        if gap_is_legal(seg.first_seq, next.first_seq.saturating_sub(1), released, gaps) {
             continue;
         }
         let problem = first_frame_problem(seg)?;

@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 
 use super::dir::{
     list_segments, load_or_create_id, lock_dir, open_or_create_segment, preallocate, read_checkpoint,
-    SegmentMeta, CHECKPOINT, ID_FILE,
+    read_gaps, SegmentMeta, CHECKPOINT, ID_FILE,
 };
 use super::reader::JournalReader;
 use super::record::{encode, frame_len};
@@ -63,6 +63,9 @@ pub(super) struct Inner {
     /// Records deleted undelivered by the `drop_oldest` policy.
     pub(super) dropped: AtomicU64,
     pub(super) segments: Mutex<Vec<SegmentMeta>>,
+    /// Sequence ranges `repair` recorded as lost (`<dir>/GAPS`): with released sequences,
+    /// the only gaps a reader skips.
+    pub(super) gaps: Vec<(u64, u64)>,
     /// Holds the flock for as long as anything uses the journal.
     pub(super) _lock: File,
 }
@@ -111,6 +114,7 @@ impl SegmentedJournal {
 
         let mut segments = list_segments(&dir)?;
         let checkpoint = read_checkpoint(&dir).unwrap_or(0);
+        let gaps = read_gaps(&dir)?;
         if segments.is_empty() {
             let first = checkpoint + 1;
             let (_, path) = open_or_create_segment(&dir, first, cfg.segment_bytes)?;
@@ -124,8 +128,8 @@ impl SegmentedJournal {
             .last()
             .cloned()
             .ok_or_else(|| JournalError::Config("no segment".into()))?;
-        check_older_segments(&segments, checkpoint)?;
-        let (file, scan) = recover_head(&head_meta)?;
+        check_older_segments(&segments, checkpoint, &gaps)?;
+        let (file, scan) = recover_head(&head_meta, checkpoint)?;
         let mut head_size = head_meta.size;
         if scan.end == 0 && head_size < cfg.segment_bytes {
             // An empty head left short by a roll that failed half-way (ENOSPC in
@@ -145,7 +149,16 @@ impl SegmentedJournal {
         }
         let durable = scan.next_seq - 1;
         let first_retained = segments.first().map(|s| s.first_seq).unwrap_or(1);
-        let released = checkpoint.max(first_retained.saturating_sub(1)).min(durable);
+        let mut released = checkpoint.max(first_retained.saturating_sub(1)).min(durable);
+        // Sequences `repair` recorded as lost right after the watermark will never be
+        // delivered: count them as released (they are not records waiting for Kafka).
+        while let Some(&(_, last)) = gaps.iter().find(|(f, l)| *f <= released + 1 && released < *l) {
+            let next = last.min(durable);
+            if next <= released {
+                break;
+            }
+            released = next;
+        }
         let disk_bytes: u64 = segments.iter().map(|s| s.size).sum();
         if disk_bytes > cfg.max_bytes {
             tracing::warn!(
@@ -198,6 +211,7 @@ impl SegmentedJournal {
             rejected: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             segments: Mutex::new(segments),
+            gaps,
             _lock: lock,
         });
         let writer_inner = inner.clone();

@@ -83,9 +83,9 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
             st.closing
         };
         let mut result = Ok(());
-        if let Some((path, offset)) = &start {
-            result = rewind(&mut head, path, *offset)
-                .and_then(|()| write_batch(&inner, &mut head, &batch, &rolls));
+        if let Some((path, offset)) = start.clone() {
+            result = rewind(&mut head, &path, offset)
+                .and_then(|()| write_batch(&inner, &mut head, &mut batch, &mut rolls, &mut start));
             if result.is_ok() {
                 inner.syncs.fetch_add(1, Ordering::Relaxed);
                 inner.durable_tx.send_replace(last_seq);
@@ -204,18 +204,34 @@ fn rewind(head: &mut Head, path: &Path, offset: u64) -> Result<(), JournalError>
 
 /// Writes one batch and syncs it. Idempotent: running it again after a failure writes
 /// the same bytes at the same offsets and reuses segments an earlier attempt created.
+///
+/// A batch that spans rolls makes progress segment by segment: once the part before a
+/// roll is synced, the durable watermark advances to the last record before the roll and
+/// that part leaves the batch (`start` moves to the end of the synced segment). A retry
+/// after a transient error then restarts from there, and a batch larger than the free
+/// space of its volume still gets through while releases free the segments behind it.
 fn write_batch(
     inner: &Inner,
     head: &mut Head,
-    batch: &[u8],
-    rolls: &[(usize, u64)],
+    batch: &mut Vec<u8>,
+    rolls: &mut Vec<(usize, u64)>,
+    start: &mut Option<(PathBuf, u64)>,
 ) -> Result<(), JournalError> {
-    let mut start = 0;
-    for &(off, first_seq) in rolls {
-        write_at(head, &batch[start..off])?;
+    while let Some(&(off, first_seq)) = rolls.first() {
+        write_at(head, &batch[..off])?;
         head.file
             .sync_data()
             .map_err(|e| JournalError::io(&head.path, e))?;
+        if off > 0 {
+            batch.drain(..off);
+            for r in rolls.iter_mut() {
+                r.0 -= off;
+            }
+            *start = Some((head.path.clone(), head.offset));
+            inner.syncs.fetch_add(1, Ordering::Relaxed);
+            inner.durable_tx.send_replace(first_seq - 1);
+            inner.space.notify_waiters();
+        }
         let (file, path) = open_or_create_segment(&inner.cfg.dir, first_seq, inner.cfg.segment_bytes)?;
         {
             let mut segs = inner.segments();
@@ -237,9 +253,10 @@ fn write_batch(
             path,
             offset: 0,
         };
-        start = off;
+        rolls.remove(0);
+        *start = Some((head.path.clone(), 0));
     }
-    write_at(head, &batch[start..])?;
+    write_at(head, batch)?;
     head.file
         .sync_data()
         .map_err(|e| JournalError::io(&head.path, e))?;
