@@ -82,30 +82,19 @@ fn journal_recover_regressions() {
 }
 
 /// Inputs in `fuzz/regressions/journal_recover/` that still fail (each has a test below).
-const OPEN_BUGS: &[&str] = &[
-    "segment_bytes_lowered",
-    "older_segment_huge_frame_len",
-    "record_seq_u64_max",
-    "append_at_seq_u64_max",
-];
+const OPEN_BUGS: &[&str] = &[];
 
 #[test]
-#[ignore = "bug: head segment with more valid bytes than journal.segment_bytes: `cfg.segment_bytes - scan.end` \
-            overflows in SegmentedJournal::open (issue 7 item 7)"]
 fn regression_segment_bytes_lowered() {
     replay_one("segment_bytes_lowered");
 }
 
 #[test]
-#[ignore = "bug (low severity: needs a CRC-valid record with sequence u64::MAX): `next_seq += 1` overflows \
-            in recover_head"]
 fn regression_record_seq_u64_max() {
     replay_one("record_seq_u64_max");
 }
 
 #[test]
-#[ignore = "bug (low severity: needs segment names near u64::MAX): `st.next_seq += 1` overflows in \
-            try_admit when the head segment is named u64::MAX"]
 fn regression_append_at_seq_u64_max() {
     replay_one("append_at_seq_u64_max");
 }
@@ -122,8 +111,6 @@ fn open_dir(dir: &Path) {
 }
 
 #[test]
-#[ignore = "bug (low severity: tampered directory): a segment file named 0 underflows `scan.next_seq - 1` \
-            in SegmentedJournal::open"]
 fn regression_segment_named_zero() {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("00000000000000000000.seg"), b"").expect("write");
@@ -131,8 +118,6 @@ fn regression_segment_named_zero() {
 }
 
 #[test]
-#[ignore = "bug (low severity: needs a CRC-valid checkpoint of u64::MAX): `checkpoint + 1` overflows in \
-            SegmentedJournal::open when there is no segment"]
 fn regression_checkpoint_u64_max() {
     let dir = tempfile::tempdir().expect("tempdir");
     let seq = u64::MAX.to_le_bytes();
@@ -140,16 +125,6 @@ fn regression_checkpoint_u64_max() {
     bytes.extend_from_slice(&crc32c::crc32c(&seq).to_le_bytes());
     std::fs::write(dir.path().join("release.checkpoint"), bytes).expect("write");
     open_dir(dir.path());
-}
-
-#[test]
-fn open_bugs_are_skipped_by_the_fuzz_target() {
-    // The fuzz target skips inputs of open bugs so that it looks for new ones.
-    for name in OPEN_BUGS.iter().filter(|n| **n != "segment_bytes_lowered") {
-        let path = fuzz_dir().join("regressions/journal_recover").join(name);
-        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert!(bridge::fuzzing::hits_open_bug(&data), "{name}");
-    }
 }
 
 /// Peak resident memory of this process so far (`VmHWM`), in bytes.
@@ -164,8 +139,6 @@ fn peak_rss() -> u64 {
 }
 
 #[test]
-#[ignore = "bug: JournalReader::next_batch sizes its read buffer from an unchecked frame length: one corrupt \
-            length byte in a segment before the head makes it allocate and zero up to 4 GiB (here 512 MiB)"]
 fn regression_older_segment_huge_frame_len() {
     // A 6.5 KB journal whose older segment's first frame claims 512 MiB.
     replay_one("older_segment_huge_frame_len");

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 
 use crate::auth::{self, Auth, Refusal};
 use crate::config::{AuthSection, User};
-use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Sniff};
+use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Granted, Sniff};
 use crate::mqtt::{Codec, Inbound, Version};
 use crate::topic;
 
@@ -23,13 +23,19 @@ pub const SMALL_MAX_PACKET: usize = 64;
 /// The largest packet MQTT can express (268,435,455 bytes of body plus the fixed header).
 pub const LARGE_MAX_PACKET: usize = 268_435_460;
 
-const REFUSALS: [ConnectRefusal; 6] = [
+const REFUSALS: [ConnectRefusal; 12] = [
     ConnectRefusal::UnsupportedVersion,
     ConnectRefusal::BadClientId,
     ConnectRefusal::ServerUnavailable,
     ConnectRefusal::BadCredentials,
     ConnectRefusal::NotAuthorized,
     ConnectRefusal::BadAuthMethod,
+    ConnectRefusal::ClientIdNotAllowed,
+    ConnectRefusal::WillUnroutable,
+    ConnectRefusal::RateLimitedAddress,
+    ConnectRefusal::RateLimitedGlobal,
+    ConnectRefusal::MaxConnections,
+    ConnectRefusal::AuthTimeout,
 ];
 
 /// The MQTT decoder on arbitrary bytes, as a session meets them: framing and protocol
@@ -106,9 +112,15 @@ fn answer(codec: &Codec, packet: &Inbound, out: &mut BytesMut) {
             }
         }
         Inbound::Subscribe { pkid, filters } => {
-            let granted: Vec<Option<u8>> = filters
+            let granted: Vec<Granted> = filters
                 .iter()
-                .map(|(f, qos)| topic::validate_filter(f).is_ok().then_some((*qos).min(1)))
+                .enumerate()
+                .map(|(i, (f, qos))| match (topic::validate_filter(f).is_ok(), i % 3) {
+                    (false, _) => Granted::FilterInvalid,
+                    (true, 0) => Granted::Qos((*qos).min(1)),
+                    (true, 1) => Granted::NotAuthorized,
+                    (true, _) => Granted::QuotaExceeded,
+                })
                 .collect();
             answered(&codec, out, |c, o| c.suback(o, *pkid, &granted));
         }
@@ -159,10 +171,12 @@ pub fn fuzz_auth() -> Arc<Auth> {
                 User {
                     username: FUZZ_USER.into(),
                     password_hash: cheap_hash(FUZZ_PASSWORD),
+                    client_ids: None,
                 },
                 User {
                     username: "broken".into(),
                     password_hash: "$argon2id$not-a-phc-string".into(),
+                    client_ids: None,
                 },
             ],
             ..AuthSection::default()
@@ -215,6 +229,18 @@ pub fn connect_auth(data: &[u8]) {
     let id_ok = auth::valid_client_id(&client_id);
 
     let verdict = auth.authenticate(req.username.as_deref(), req.password.as_deref(), cert);
+    // Identity is earned: the fuzz user may connect only as its username (the default
+    // binding); nobody else's id, whatever the input.
+    let principal = auth
+        .check(req.username.as_deref(), req.password.as_deref(), cert.is_some())
+        .result;
+    if let Ok(p @ auth::Principal::User(_)) = &principal {
+        assert_eq!(
+            auth.may_use_client_id(p, &client_id),
+            client_id == FUZZ_USER,
+            "user {FUZZ_USER} bound to client id {client_id:?}"
+        );
+    }
     match (req.username.as_deref(), req.password.as_deref()) {
         (Some(FUZZ_USER), Some(FUZZ_PASSWORD)) => assert_eq!(verdict, Ok(()), "right password refused"),
         (Some(_), Some(_)) => assert_eq!(verdict, Err(Refusal::BadCredentials), "wrong password accepted"),

@@ -89,6 +89,11 @@ pub(crate) fn preallocate(file: &File, path: &Path, size: u64) -> Result<(), Jou
     }
 }
 
+/// The largest sequence a journal can plausibly hold (2^62: 14,000 years at ten million
+/// records a second). Anything above it on disk is damage or a foreign file, and keeping
+/// every sequence below it means `+ 1` on a sequence can never overflow.
+pub(crate) const MAX_SEQ: u64 = 1 << 62;
+
 pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentMeta>, JournalError> {
     let mut out = Vec::new();
     for ent in fs::read_dir(dir).map_err(|e| JournalError::io(dir, e))? {
@@ -104,6 +109,13 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<SegmentMeta>, JournalError
         else {
             continue;
         };
+        if first_seq == 0 || first_seq > MAX_SEQ {
+            return Err(JournalError::Config(format!(
+                "segment file {} has an implausible name (sequence {first_seq}): sequences start at 1 \
+                 and stay below 2^62; it was not written by a gateway — move it out of the journal directory",
+                path.display()
+            )));
+        }
         let size = ent.metadata().map_err(|e| JournalError::io(&path, e))?.len();
         out.push(SegmentMeta {
             first_seq,
@@ -171,7 +183,11 @@ pub(crate) fn read_checkpoint(dir: &Path) -> Option<u64> {
     let mut seq = [0u8; 8];
     seq.copy_from_slice(&bytes[..8]);
     let crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    (crc32c::crc32c(&seq) == crc).then(|| u64::from_le_bytes(seq))
+    // An implausible watermark is ignored like a damaged one: everything is replayed
+    // (duplicates, never a loss).
+    (crc32c::crc32c(&seq) == crc)
+        .then(|| u64::from_le_bytes(seq))
+        .filter(|s| *s <= MAX_SEQ)
 }
 
 pub(crate) fn write_checkpoint(dir: &Path, seq: u64) -> Result<(), JournalError> {
