@@ -129,6 +129,7 @@ class Gateway:
 listen = "127.0.0.1:{self.port}"
 tls_listen = "127.0.0.1:{self.tls_port}"
 max_connections = 19500
+max_publish_rate = 0
 [tls]
 cert = "{certs}/server.pem"
 key = "{certs}/server.key"

@@ -86,6 +86,11 @@ pub struct MqttSection {
     /// ("never time out") or above this is capped to it: MQTT 5 clients are told through
     /// the CONNACK Server Keep Alive, 3.1.1 clients are closed after 1.5 × this silence.
     pub max_keep_alive_secs: u16,
+    /// PUBLISH packets per second one connection may send, averaged over a one-second
+    /// burst; beyond it the session stops reading its socket until the rate allows
+    /// (TCP back-pressure, never a drop). Keeps one flat-out client from taking the
+    /// journal's capacity from the fleet. 0 = unlimited.
+    pub max_publish_rate: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +229,7 @@ impl Default for MqttSection {
             topic_alias_max: 16,
             max_subscriptions: 100,
             max_keep_alive_secs: 1200,
+            max_publish_rate: 1000,
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct Metrics {
     pub subscribe_refused: Labeled,
     /// Sessions whose keep alive (0 or above `mqtt.max_keep_alive_secs`) was capped.
     pub keep_alive_capped: AtomicU64,
+    /// PUBLISH packets a session had to wait for under `mqtt.max_publish_rate`.
+    pub publish_throttled: AtomicU64,
 }
 
 impl Metrics {
@@ -159,6 +161,12 @@ impl Metrics {
             "gateway_keep_alive_capped_total",
             "Sessions whose keep alive was capped to mqtt.max_keep_alive_secs.",
             self.keep_alive_capped.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut s,
+            "gateway_publish_throttled_total",
+            "PUBLISH packets delayed by mqtt.max_publish_rate (the session stopped reading meanwhile).",
+            self.publish_throttled.load(Ordering::Relaxed),
         );
         let _ = writeln!(
             s,

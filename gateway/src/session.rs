@@ -128,7 +128,13 @@ struct Session<S> {
     /// Cancelled when a newer connection takes this client id over. Also watched while
     /// an append waits for journal space, so a back-pressured session still yields.
     kicked: tokio_util::sync::CancellationToken,
+    /// Theoretical arrival time of the next PUBLISH under `mqtt.max_publish_rate`
+    /// (GCRA: one instant instead of a token count and a timestamp).
+    pace: Instant,
 }
+
+/// Burst a connection may publish ahead of `mqtt.max_publish_rate`.
+const PUBLISH_BURST: Duration = Duration::from_secs(1);
 
 /// Per-connection budget for stored topic strings (subscription filters + alias topics).
 pub const MAX_STORED_TOPIC_BYTES: usize = 64 * 1024;
@@ -237,6 +243,7 @@ where
         stored_bytes: 0,
         will: req.will.clone(),
         kicked: kicked.clone(),
+        pace: Instant::now(),
     };
     // Not needed any more: do not keep the CONNECT (and its strings) for the session's life.
     drop(req);
@@ -561,6 +568,33 @@ where
         }
     }
 
+    /// Holds this PUBLISH while the connection runs ahead of `mqtt.max_publish_rate` by
+    /// more than [`PUBLISH_BURST`]. Meanwhile the session reads nothing, so the client is
+    /// slowed by TCP back-pressure; nothing is dropped. Takeover and shutdown still end
+    /// the wait.
+    async fn pace_publish(&mut self) -> Result<(), Close> {
+        let rate = self.shared.cfg.mqtt.max_publish_rate;
+        if rate == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.pace = self.pace.max(now) + Duration::from_secs(1) / rate;
+        let ahead = self.pace - now;
+        if ahead <= PUBLISH_BURST {
+            return Ok(());
+        }
+        self.shared
+            .metrics
+            .publish_throttled
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            biased;
+            _ = self.kicked.cancelled() => Err(Close::TakenOver),
+            _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
+            _ = tokio::time::sleep(ahead - PUBLISH_BURST) => Ok(()),
+        }
+    }
+
     /// Writes what is queued. A peer that does not drain its socket for its whole
     /// keep-alive window (or [`WRITE_TIMEOUT`], whichever is shorter) is as good as gone:
     /// the write times out and the connection closes, so a client that never reads
@@ -692,6 +726,7 @@ where
     }
 
     async fn publish(&mut self, p: PublishRequest, max_inflight: usize) -> Result<(), Close> {
+        self.pace_publish().await?;
         if p.qos == 2 {
             return Err(Close::Protocol(qos2_refused()));
         }

@@ -242,3 +242,29 @@ fn state_floods_are_contained_while_a_vehicle_publishes() {
     steady.join().expect("steady vehicle thread");
     assert_eq!(gw.metric("gateway_subscriptions_active"), 100);
 }
+
+/// A client publishing flat out is slowed to `mqtt.max_publish_rate` by back-pressure
+/// (the gateway stops reading it), and nothing it sent is dropped.
+#[test]
+fn a_flat_out_publisher_is_paced_not_dropped() {
+    let gw = Gateway::start_env(ANON, &[("GATEWAY_MQTT__MAX_PUBLISH_RATE", "50")]);
+    let (mut raw, code) = Raw::mqtt311(gw.mqtt(), "flat-out", 60);
+    assert_eq!(code, 0);
+    let burst: Vec<u8> = (0..200)
+        .flat_map(|_| publish_frame(b"vehicles/flat-out/telemetry", false))
+        .collect();
+    raw.send(&burst).expect("send 200 QoS 0 publishes at once");
+    std::thread::sleep(Duration::from_millis(1000));
+    // 50/s with a one-second burst: about 100 by now, far from all 200.
+    let early = gw.metric("gateway_messages_received_total{qos=\"0\"}");
+    assert!(early < 180, "{early} of 200 accepted within a second at 50/s");
+    assert!(gw.metric("gateway_publish_throttled_total") > 0);
+    // Paced, not dropped: all of them arrive.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while gw.metric("gateway_messages_received_total{qos=\"0\"}") < 200
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gw.metric("gateway_messages_received_total{qos=\"0\"}"), 200);
+}
