@@ -1,52 +1,16 @@
-//! Hostile-review finding (helper "review"): while the writer is stalled on ENOSPC it never
+//! Regression for a hostile-review finding (fixed): while the writer is stalled on ENOSPC it never
 //! runs its housekeeping, so segments Kafka already confirmed (released) are not deleted
 //! and the space they hold never comes back: a journal that filled its own volume stays
 //! stalled forever although everything on it is delivered. Needs root (tmpfs).
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bridge::{Entry, Journal, JournalConfig, SegmentedJournal};
 use bytes::Bytes;
 
-struct TmpfsMount {
-    path: PathBuf,
-    _parent: tempfile::TempDir,
-}
-
-impl TmpfsMount {
-    fn new(size: &str) -> Result<Self, String> {
-        let parent = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let path = parent.path().join("mnt");
-        std::fs::create_dir(&path).map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        Ok(TmpfsMount {
-            path,
-            _parent: parent,
-        })
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
+mod tmpfs;
+use tmpfs::TmpfsMount;
 
 fn entry(n: u64) -> Entry {
     Entry {
@@ -61,10 +25,7 @@ fn entry(n: u64) -> Entry {
 
 #[test]
 fn stalled_writer_frees_space_by_deleting_released_segments() {
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let is_root = tmpfs::is_root();
     if !is_root {
         eprintln!("SKIPPED: needs root to mount a tmpfs");
         return;

@@ -5,49 +5,12 @@
 //! false "vehicle offline" for every such vehicle during any stall longer than 1.5 × its
 //! keep alive, then a reconnect storm. Needs root (tmpfs).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::raw::{Connect, Outcome, Raw};
+use integration::tmpfs::Tmpfs;
 use integration::Gateway;
-
-struct TmpfsMount {
-    path: PathBuf,
-    _parent: tempfile::TempDir,
-}
-
-impl TmpfsMount {
-    fn new(size: &str) -> Result<Self, String> {
-        let parent = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let path = parent.path().join("mnt");
-        std::fs::create_dir(&path).map_err(|e| e.to_string())?;
-        let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        Ok(TmpfsMount {
-            path,
-            _parent: parent,
-        })
-    }
-}
-
-impl Drop for TmpfsMount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-        }
-    }
-}
 
 #[test]
 fn back_pressured_session_is_not_closed_for_keep_alive() {
@@ -59,8 +22,8 @@ fn back_pressured_session_is_not_closed_for_keep_alive() {
         eprintln!("SKIPPED: needs root to mount a tmpfs");
         return;
     }
-    let mount = TmpfsMount::new("256k").expect("tmpfs");
-    let dir = mount.path.join("journal");
+    let mount = Tmpfs::mount("256k");
+    let dir = mount.path().join("journal");
     let mut gw = Gateway::start_env(
         "[kafka]\nbootstrap = \"127.0.0.1:9\"\n[auth]\nallow_anonymous = true\n",
         &[
