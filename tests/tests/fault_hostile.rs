@@ -19,6 +19,11 @@ const MAX_CONNECTIONS: usize = 100;
 /// A gateway with a TLS listener beside the plain one, 2 s CONNECT and handshake
 /// timeouts, `max_connections` = 100, anonymous access, the embedded Kafka.
 fn gateway() -> (Gateway, tempfile::TempDir) {
+    gateway_with("")
+}
+
+/// As [`gateway`], with extra `[mqtt]` keys (one per line, each ending in a newline).
+fn gateway_with(mqtt_extra: &str) -> (Gateway, tempfile::TempDir) {
     let pki = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new(pki.path(), "hostile");
     let server = ca.server(pki.path());
@@ -34,7 +39,7 @@ fn gateway() -> (Gateway, tempfile::TempDir) {
     )
     .replace(
         "listen = \"127.0.0.1:0\"\nconnect",
-        &format!("listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nmax_connections = {MAX_CONNECTIONS}\nconnect"),
+        &format!("listen = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\nmax_connections = {MAX_CONNECTIONS}\n{mqtt_extra}connect"),
     );
     std::fs::write(&config_path, text).expect("config");
     (Gateway::start_in(tmp, config_path), pki)
@@ -420,7 +425,10 @@ fn hostile_impact_figures() {
 /// counted, like any other stalled peer. Takes ~40 s (the socket buffers must fill).
 #[test]
 fn never_reading_client_is_closed_once_its_socket_is_full() {
-    let (gw, _pki) = gateway();
+    // Unpaced: at the default mqtt.max_publish_rate the deaf client's PUBACKs trickle
+    // (1,000/s, 4 bytes each) and take many minutes to fill its socket. This test is
+    // about what happens once they do: the gateway's writes time out and it closes it.
+    let (gw, _pki) = gateway_with("max_publish_rate = 0\n");
     let load = hostile::never_read(gw.mqtt(), 1, 5);
     let tally = load.tally.clone();
     assert!(
