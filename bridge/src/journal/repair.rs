@@ -237,11 +237,11 @@ impl fmt::Display for RepairReport {
 }
 
 /// What the journal directory says about legal gaps and durability, for `inspect`.
-struct Known<'a> {
+struct Known {
     /// The release checkpoint: never above what was durable.
     checkpoint: u64,
     /// Ranges `repair` recorded as lost (`<dir>/GAPS`).
-    gaps: &'a [(u64, u64)],
+    gaps: Vec<(u64, u64)>,
 }
 
 /// The head's valid records end below the release checkpoint: the missing end was
@@ -256,7 +256,7 @@ fn inspect(
     seg: &SegmentMeta,
     data: &[u8],
     next_first: Option<u64>,
-    known: &Known<'_>,
+    known: &Known,
 ) -> (SegmentScan, Vec<DamagedSpan>) {
     let found = scan::scan(data, seg.first_seq);
     let is_head = next_first.is_none();
@@ -306,7 +306,7 @@ fn inspect(
             None => None,
         };
         if let Some((first, upto)) = missing {
-            let legal = !proven && gap_is_legal(first, upto, known.checkpoint, known.gaps);
+            let legal = !proven && gap_is_legal(first, upto, known.checkpoint, &known.gaps);
             // An older segment without a single record is removed by `repair` even when
             // its sequences are a recorded gap (left by an interrupted earlier repair).
             let empty_older = found.runs.is_empty() && next_first.is_some();
@@ -344,6 +344,19 @@ fn read(path: &Path) -> Result<Vec<u8>, JournalError> {
     fs::read(path).map_err(|e| JournalError::io(path, e))
 }
 
+/// What `verify` and `repair` start from: the directory lock (the gateway must be
+/// stopped), the segments and what the directory says about durability and legal gaps.
+fn open_offline(dir: &Path) -> Result<(fs::File, Vec<SegmentMeta>, Known), JournalError> {
+    check_dir(dir)?;
+    let lock = lock_dir(dir)?;
+    let segments = list_segments(dir)?;
+    let known = Known {
+        checkpoint: read_checkpoint(dir).unwrap_or(0),
+        gaps: read_gaps(dir)?,
+    };
+    Ok((lock, segments, known))
+}
+
 fn check_dir(dir: &Path) -> Result<(), JournalError> {
     if dir.is_dir() {
         Ok(())
@@ -358,15 +371,8 @@ fn check_dir(dir: &Path) -> Result<(), JournalError> {
 /// Reads every segment of the journal in `dir` in full and reports its records and every
 /// damaged span. Takes the directory lock: run it on a stopped gateway.
 pub fn verify(dir: &Path) -> Result<VerifyReport, JournalError> {
-    check_dir(dir)?;
-    let _lock = lock_dir(dir)?;
-    let segments = list_segments(dir)?;
-    let checkpoint = read_checkpoint(dir).unwrap_or(0);
-    let gaps = read_gaps(dir)?;
-    let known = Known {
-        checkpoint,
-        gaps: &gaps,
-    };
+    let (_lock, segments, known) = open_offline(dir)?;
+    let checkpoint = known.checkpoint;
     let mut report = VerifyReport {
         dir: dir.to_path_buf(),
         released_seq: checkpoint,
@@ -483,15 +489,8 @@ fn cut(path: &Path, len: u64, presize: Option<u64>) -> Result<(), JournalError> 
 /// Takes the directory lock: run it on a stopped gateway. A clean journal is left
 /// untouched; running it again after a crash in the middle is safe.
 pub fn repair(dir: &Path) -> Result<RepairReport, JournalError> {
-    check_dir(dir)?;
-    let _lock = lock_dir(dir)?;
-    let segments = list_segments(dir)?;
-    let checkpoint = read_checkpoint(dir).unwrap_or(0);
-    let gaps = read_gaps(dir)?;
-    let known = Known {
-        checkpoint,
-        gaps: &gaps,
-    };
+    let (_lock, segments, known) = open_offline(dir)?;
+    let checkpoint = known.checkpoint;
     let mut report = RepairReport {
         dir: dir.to_path_buf(),
         quarantined: Vec::new(),
