@@ -763,7 +763,9 @@ impl<'p, J: Journal> Pump<'p, J> {
 
     /// Tells the truth about a pipeline that sends but hears nothing back.
     fn watch_progress(&mut self) {
-        if self.tracker.len() == 0 {
+        // Only records waiting for Kafka count (not held or done slots behind a held one).
+        let unconfirmed = self.tracker.unconfirmed();
+        if unconfirmed == 0 {
             self.last_progress = Instant::now();
             self.unconfirmed_alarm = false;
             return;
@@ -773,7 +775,7 @@ impl<'p, J: Journal> Pump<'p, J> {
             self.unconfirmed_alarm = true;
             let why = format!(
                 "{} records in flight and no delivery report for {} s (topic missing, or a broker that does not answer); the journal keeps them",
-                self.tracker.len(),
+                unconfirmed,
                 silent.as_secs()
             );
             if self.status.state() == State::Connected || self.status.state() == State::Connecting {

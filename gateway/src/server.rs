@@ -188,7 +188,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         l.abort();
     }
     tracker.close();
-    if tokio::time::timeout_at(deadline, tracker.wait()).await.is_err() {
+    // Sessions get at most four fifths of the grace: the bridge keeps a slice to collect
+    // confirmations, however slow a client is to take its goodbye.
+    let sessions_by = deadline - grace / 5;
+    if tokio::time::timeout_at(sessions_by, tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(
             remaining = tracker.len(),
             "grace period over; closing remaining connections"
@@ -278,7 +284,13 @@ async fn connection(
 
 async fn tls_connection(stream: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let handshake = Duration::from_secs(shared.cfg.tls.handshake_timeout_secs);
-    let tls_stream = match tokio::time::timeout(handshake, Box::pin(acceptor.accept(stream))).await {
+    let handshaking = tokio::time::timeout(handshake, Box::pin(acceptor.accept(stream)));
+    let handshaken = tokio::select! {
+        // A connection still without a session does not hold up a shutdown.
+        _ = shared.shutdown.cancelled() => return,
+        r = handshaking => r,
+    };
+    let tls_stream = match handshaken {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared.metrics.connections_rejected.inc("tls_handshake_failed");

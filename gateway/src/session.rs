@@ -49,6 +49,8 @@ const WILL_APPEND_WAIT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed to write the DISCONNECT on the way out.
 const GOODBYE_WRITE: Duration = Duration::from_secs(2);
+/// How often a session that stopped reading checks that the journal still runs.
+const JOURNAL_CHECK: Duration = Duration::from_secs(1);
 const READ_CHUNK: usize = 4096;
 /// Read buffer of a session that is not streaming (64 bytes is also what `BytesMut`
 /// allocates for a read into an empty buffer).
@@ -149,12 +151,16 @@ where
     // One deadline for reading the CONNECT and deciding it (authentication included).
     let connect_deadline = Instant::now() + connect_timeout;
     let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
-    let first = match timeout_at(
+    // A connection still without a session does not hold up a shutdown.
+    let reading = timeout_at(
         connect_deadline,
         Box::pin(read_connect(&mut stream, &mut read_buf, &shared)),
-    )
-    .await
-    {
+    );
+    let read = tokio::select! {
+        _ = shared.shutdown.cancelled() => return,
+        r = reading => r,
+    };
+    let first = match read {
         Ok(Ok(Some(first))) => first,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -520,6 +526,13 @@ where
                     }
                 }
                 _ = sleep_until(self.deadline), if can_read => return Close::KeepAlive,
+                // Not reading and waiting on the journal: a writer that stopped for good
+                // wakes nobody, so look now and then (the session must not outlive it).
+                _ = tokio::time::sleep(JOURNAL_CHECK), if !can_read => {
+                    if self.shared.journal_stopped() {
+                        return Close::JournalStopped("journal stopped".into());
+                    }
+                }
                 read = self.read_more(), if can_read => match read {
                     Ok(0) => return Close::PeerClosed,
                     Ok(_) => {}
@@ -829,19 +842,31 @@ where
             _ = self.shared.shutdown.cancelled() => return Err(Close::Shutdown),
             r = self.shared.journal.append_with(&entry, self.shared.full_policy) => r,
         };
-        let appended = appended.map_err(|e| match e {
+        let appended = match appended {
             // This message cannot be journaled (an aliased topic plus a payload larger
-            // than a segment): the vehicle's fault, not the journal's.
-            bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_) => {
-                Close::Protocol(ProtocolError {
-                    reason: 0x95,
-                    label: "record_too_large",
-                    detail: e.to_string(),
-                })
+            // than a segment; only MQTT 5 aliases get there): the vehicle's fault, not
+            // the journal's. Refused, never acknowledged as stored, and not a disconnect
+            // (the client would re-send the same message on every reconnect).
+            Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
+                metrics.protocol_errors.inc("record_too_large");
+                warn!(error = %e, qos = p.qos, "publish refused: too large to journal");
+                return match (self.codec.version, p.qos) {
+                    (Version::V5, 1) => {
+                        self.refuse(p.pkid, 0x83);
+                        Ok(())
+                    }
+                    (_, 0) => Ok(()),
+                    _ => Err(Close::Protocol(ProtocolError {
+                        reason: 0x95,
+                        label: "record_too_large",
+                        detail: e.to_string(),
+                    })),
+                };
             }
-            e => Close::JournalStopped(e.to_string()),
-        });
-        let Some(seq) = appended? else {
+            Err(e) => return Err(Close::JournalStopped(e.to_string())),
+            Ok(a) => a,
+        };
+        let Some(seq) = appended else {
             // Journal full under the `reject` policy: refused, not acknowledged as stored.
             metrics.journal_rejected.inc(if p.qos == 0 { "0" } else { "1" });
             return match (self.codec.version, p.qos) {

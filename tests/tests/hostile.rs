@@ -268,3 +268,55 @@ fn a_flat_out_publisher_is_paced_not_dropped() {
     }
     assert_eq!(gw.metric("gateway_messages_received_total{qos=\"0\"}"), 200);
 }
+
+/// MQTT 5 PUBLISH QoS 1 with a topic alias property (empty `topic` uses the alias).
+fn publish5_alias(topic: &str, alias: u16, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(&[3, 0x23]);
+    body.extend_from_slice(&alias.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut frame = vec![0x32];
+    put_len(&mut frame, body.len());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// An aliased topic plus a large payload can exceed a journal segment although the
+/// packet itself is within `mqtt.max_packet_size`: the publish is refused (PUBACK 0x83),
+/// never acknowledged as stored, and the connection stays up (a disconnect would make
+/// the vehicle re-send the same message forever).
+#[test]
+fn a_publish_too_large_to_journal_is_refused_not_disconnected() {
+    let gw = Gateway::start_env(
+        ANON,
+        &[
+            ("GATEWAY_MQTT__MAX_PACKET_SIZE", "4096"),
+            ("GATEWAY_JOURNAL__SEGMENT_BYTES", "5120"),
+            ("GATEWAY_JOURNAL__MAX_BYTES", "20480"),
+        ],
+    );
+    let mut raw = connected_v5(&gw, "alias-car");
+    let topic = format!("vehicles/alias-car/{}", "t".repeat(3000));
+    raw.send(&publish5_alias(&topic, 1, 1, b"small")).expect("send");
+    let ack = raw.read_packet().expect("PUBACK");
+    assert_eq!(ack[0], 0x40, "{ack:?}");
+    assert!(
+        ack.len() < 5 || ack[4] == 0,
+        "the first publish is stored: {ack:?}"
+    );
+    raw.send(&publish5_alias("", 1, 2, &[b'x'; 3000])).expect("send");
+    let ack = raw.read_packet().expect("PUBACK");
+    assert_eq!((ack[0], ack[4]), (0x40, 0x83), "refused as too large: {ack:?}");
+    // Still connected: a small publish through the same alias is stored.
+    raw.send(&publish5_alias("", 1, 3, b"small again")).expect("send");
+    let ack = raw.read_packet().expect("PUBACK");
+    assert_eq!(ack[0], 0x40, "{ack:?}");
+    assert!(ack.len() < 5 || ack[4] == 0, "{ack:?}");
+    assert_eq!(
+        gw.metric("gateway_protocol_errors_total{reason=\"record_too_large\"}"),
+        1
+    );
+}

@@ -445,6 +445,7 @@ impl Codec {
                     0x87 => v5::PubAckReason::NotAuthorized,
                     0x90 => v5::PubAckReason::TopicNameInvalid,
                     0x97 => v5::PubAckReason::QuotaExceeded,
+                    0x83 => v5::PubAckReason::ImplementationSpecificError,
                     _ => v5::PubAckReason::UnspecifiedError,
                 };
                 let ack = v5::PubAck {
