@@ -383,6 +383,7 @@ mod tests {
             username: name.into(),
             password_hash: hash.into(),
             client_ids: ids.map(|l| l.iter().map(|s| s.to_string()).collect()),
+            ..User::default()
         }
     }
 

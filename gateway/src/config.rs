@@ -49,6 +49,8 @@ pub struct Config {
     pub kafka: KafkaSection,
     pub admin: AdminSection,
     pub auth: AuthSection,
+    pub sessions: SessionsSection,
+    pub retained: RetainedSection,
     pub routes: Vec<RouteEntry>,
 }
 
@@ -91,6 +93,66 @@ pub struct MqttSection {
     /// (TCP back-pressure, never a drop). Keeps one flat-out client from taking the
     /// journal's capacity from the fleet. 0 = unlimited.
     pub max_publish_rate: u32,
+    /// Highest QoS the gateway grants and accepts (CONNACK Maximum QoS): 0, 1 or 2.
+    pub max_qos: u8,
+    /// Which client ids are accepted: "any" (any UTF-8 id without NUL up to
+    /// `max_client_id_len` bytes, as the specification allows) or "strict" (letters,
+    /// digits and `- _ . :` only).
+    pub client_id_policy: ClientIdPolicy,
+    /// Longest client id accepted, in bytes.
+    pub max_client_id_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdPolicy {
+    Any,
+    Strict,
+}
+
+/// What happens when a session's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueOverflow {
+    /// The oldest queued message is dropped (counted) to make room.
+    DropOldest,
+    /// The new message is not queued for this session (counted).
+    RefuseNew,
+}
+
+/// `[sessions]`: persistent sessions and their queues (kept in the sled store).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsSection {
+    /// Directory of the sled store (sessions, subscriptions, queues, retained
+    /// messages); empty = `<journal.dir>/store`, so one volume holds all state.
+    pub store_dir: PathBuf,
+    /// Longest session expiry granted to an MQTT 5 client, and the expiry of a 3.1.1
+    /// session with clean session = 0, in seconds.
+    pub max_expiry_secs: u32,
+    /// QoS 1/2 messages one session may hold (in flight + queued), online or offline.
+    pub max_queued_messages: usize,
+    /// Bytes (topic + payload) one session's queue may hold.
+    pub max_queued_bytes: usize,
+    /// When a session's queue is full: "drop_oldest" or "refuse_new" (both counted).
+    pub queue_overflow: QueueOverflow,
+    /// QoS 0 messages waiting to be written to one connection; beyond it they are
+    /// dropped for that subscriber (counted).
+    pub max_outbound_qos0: usize,
+    /// How often expired sessions are looked for.
+    pub expiry_check_secs: u64,
+}
+
+/// `[retained]`: retained messages (kept in the sled store).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetainedSection {
+    /// Retain Available: false refuses retained publishes (MQTT 5 0x9A; 3.1.1 closes).
+    pub enabled: bool,
+    /// Retained messages kept at once; a new topic beyond it is not retained (counted).
+    pub max_messages: usize,
+    /// Bytes (topic + payload) of retained messages kept at once.
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,9 +256,12 @@ pub struct AuthSection {
     pub connect_rate_global: u32,
     /// Bucket size of `connect_rate_global`.
     pub connect_burst_global: u32,
+    /// Whether clients without a per-user `allow_retain` may publish retained messages
+    /// (within their publish ACL). False keeps vehicles from leaving retained state.
+    pub allow_retain: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub username: String,
@@ -206,6 +271,16 @@ pub struct User {
     /// `{username}` stands for the username. Absent: exactly the username.
     #[serde(default)]
     pub client_ids: Option<Vec<String>>,
+    /// Operator users: their own publish ACL instead of `auth.publish_acl` (patterns,
+    /// `{client_id}` allowed), e.g. `["vehicles/+/commands/#"]`.
+    #[serde(default)]
+    pub publish_acl: Option<Vec<String>>,
+    /// Their own subscribe ACL instead of `auth.subscribe_acl`, e.g. `["vehicles/#"]`.
+    #[serde(default)]
+    pub subscribe_acl: Option<Vec<String>>,
+    /// Whether this user may publish retained messages (default: `auth.allow_retain`).
+    #[serde(default)]
+    pub allow_retain: Option<bool>,
 }
 
 impl Default for GatewaySection {
@@ -230,6 +305,33 @@ impl Default for MqttSection {
             max_subscriptions: 100,
             max_keep_alive_secs: 1200,
             max_publish_rate: 1000,
+            max_qos: 2,
+            client_id_policy: ClientIdPolicy::Any,
+            max_client_id_len: 128,
+        }
+    }
+}
+
+impl Default for SessionsSection {
+    fn default() -> Self {
+        SessionsSection {
+            store_dir: PathBuf::new(),
+            max_expiry_secs: 7 * 24 * 3600,
+            max_queued_messages: 1000,
+            max_queued_bytes: 1024 * 1024,
+            queue_overflow: QueueOverflow::DropOldest,
+            max_outbound_qos0: 1000,
+            expiry_check_secs: 10,
+        }
+    }
+}
+
+impl Default for RetainedSection {
+    fn default() -> Self {
+        RetainedSection {
+            enabled: true,
+            max_messages: 100_000,
+            max_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -300,6 +402,7 @@ impl Default for AuthSection {
             connect_burst_per_ip: 1000,
             connect_rate_global: 0,
             connect_burst_global: 2000,
+            allow_retain: true,
         }
     }
 }
@@ -314,6 +417,15 @@ fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
 }
 
 impl Config {
+    /// Where the sled store lives (`sessions.store_dir`, default `<journal.dir>/store`).
+    pub fn store_dir(&self) -> PathBuf {
+        if self.sessions.store_dir.as_os_str().is_empty() {
+            self.journal.dir.join("store")
+        } else {
+            self.sessions.store_dir.clone()
+        }
+    }
+
     /// Loads `path` (if it exists; a missing file given explicitly is an error) and
     /// applies the environment, then validates.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
@@ -441,6 +553,31 @@ impl Config {
                 "mqtt.max_keep_alive_secs",
                 "must be at least 1 second; e.g. 1200 (20 minutes)",
             ));
+        }
+        if m.max_qos > 2 {
+            p.push(problem("mqtt.max_qos", "must be 0, 1 or 2"));
+        }
+        if !(1..=65_535).contains(&m.max_client_id_len) {
+            p.push(problem(
+                "mqtt.max_client_id_len",
+                "must be between 1 and 65535 bytes (MQTT strings are at most 65535 bytes)",
+            ));
+        }
+        let s = &self.sessions;
+        if s.max_queued_messages == 0 {
+            p.push(problem(
+                "sessions.max_queued_messages",
+                "must be at least 1 (a session holds its unacknowledged messages here)",
+            ));
+        }
+        if s.max_queued_bytes < 1024 {
+            p.push(problem("sessions.max_queued_bytes", "must be at least 1024"));
+        }
+        if s.max_outbound_qos0 == 0 {
+            p.push(problem("sessions.max_outbound_qos0", "must be at least 1"));
+        }
+        if s.expiry_check_secs == 0 {
+            p.push(problem("sessions.expiry_check_secs", "must be at least 1"));
         }
         let t = &self.tls;
         if !m.tls_listen.is_empty() {

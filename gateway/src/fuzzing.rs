@@ -172,11 +172,13 @@ pub fn fuzz_auth() -> Arc<Auth> {
                     username: FUZZ_USER.into(),
                     password_hash: cheap_hash(FUZZ_PASSWORD),
                     client_ids: None,
+                    ..User::default()
                 },
                 User {
                     username: "broken".into(),
                     password_hash: "$argon2id$not-a-phc-string".into(),
                     client_ids: None,
+                    ..User::default()
                 },
             ],
             ..AuthSection::default()

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod message;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
