@@ -14,6 +14,7 @@ pub mod message;
 pub mod metrics;
 pub mod mqtt;
 pub mod registry;
+pub mod router;
 pub mod server;
 pub mod session;
 pub mod tls;
