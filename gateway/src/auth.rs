@@ -80,6 +80,10 @@ struct UserEntry {
     password_hash: String,
     /// Allowed client-id patterns with `{username}` already substituted.
     client_ids: Vec<String>,
+    /// Operator users: their own ACLs instead of the vehicle ACLs.
+    publish_acl: Option<Vec<String>>,
+    subscribe_acl: Option<Vec<String>>,
+    allow_retain: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -88,6 +92,7 @@ pub struct Auth {
     users: HashMap<String, UserEntry>,
     publish_acl: Vec<String>,
     subscribe_acl: Vec<String>,
+    allow_retain: bool,
     /// Verified for unknown usernames so that they cost what a known one does.
     dummy_hash: String,
     /// Bounds concurrent argon2 verifications (`auth.max_concurrent_hashes`).
@@ -123,12 +128,16 @@ impl Auth {
                                 .iter()
                                 .map(|p| p.replace("{username}", &u.username))
                                 .collect(),
+                            publish_acl: u.publish_acl.clone(),
+                            subscribe_acl: u.subscribe_acl.clone(),
+                            allow_retain: u.allow_retain,
                         },
                     )
                 })
                 .collect(),
             publish_acl: cfg.publish_acl.clone(),
             subscribe_acl: cfg.subscribe_acl.clone(),
+            allow_retain: cfg.allow_retain,
             dummy_hash: dummy_hash(&cfg.users),
             hash_slots: Arc::new(Semaphore::new(cfg.max_concurrent_hashes.max(1))),
             hashes_run: AtomicU64::new(0),
@@ -285,16 +294,57 @@ impl Auth {
     }
 
     pub fn may_publish(&self, client_id: &str, topic_name: &str) -> bool {
-        self.publish_acl
-            .iter()
-            .any(|p| topic::matches(&p.replace("{client_id}", client_id), topic_name))
+        self.may_publish_as(None, client_id, topic_name)
     }
 
     pub fn may_subscribe(&self, client_id: &str, filter: &str) -> bool {
-        self.subscribe_acl
-            .iter()
-            .any(|p| topic::covers(&p.replace("{client_id}", client_id), filter))
+        self.may_subscribe_as(None, client_id, filter)
     }
+
+    /// The publish ACL of `user` (an operator's own, else the vehicle ACL) applied to
+    /// `topic_name`.
+    pub fn may_publish_as(&self, user: Option<&str>, client_id: &str, topic_name: &str) -> bool {
+        let acl = user
+            .and_then(|u| self.users.get(u))
+            .and_then(|u| u.publish_acl.as_ref())
+            .unwrap_or(&self.publish_acl);
+        acl.iter().any(|p| {
+            expand(p, client_id).is_some_and(|p| topic::matches(&p, topic_name))
+        })
+    }
+
+    /// The subscribe ACL of `user` (an operator's own, else the vehicle ACL): the
+    /// filter must be covered by an ACL entry, so `#` or `vehicles/#` is refused to a
+    /// vehicle whose ACL is `vehicles/{client_id}/...`.
+    pub fn may_subscribe_as(&self, user: Option<&str>, client_id: &str, filter: &str) -> bool {
+        let acl = user
+            .and_then(|u| self.users.get(u))
+            .and_then(|u| u.subscribe_acl.as_ref())
+            .unwrap_or(&self.subscribe_acl);
+        acl.iter()
+            .any(|p| expand(p, client_id).is_some_and(|p| topic::covers(&p, filter)))
+    }
+
+    /// Whether `user` may publish retained messages (`auth.allow_retain` unless the
+    /// user says otherwise).
+    pub fn may_retain(&self, user: Option<&str>) -> bool {
+        user.and_then(|u| self.users.get(u))
+            .and_then(|u| u.allow_retain)
+            .unwrap_or(self.allow_retain)
+    }
+}
+
+/// Substitutes `{client_id}` in an ACL pattern. An id that is not exactly one topic
+/// level (it holds `/`, `+`, `#` or NUL) never matches a pattern that names it, so no
+/// client id can reach outside its own level.
+fn expand(pattern: &str, client_id: &str) -> Option<String> {
+    if !pattern.contains("{client_id}") {
+        return Some(pattern.to_string());
+    }
+    if client_id.is_empty() || client_id.contains(['/', '+', '#', '\0']) {
+        return None;
+    }
+    Some(pattern.replace("{client_id}", client_id))
 }
 
 /// What an unknown username is verified against: the first configured user's own hash,
@@ -356,14 +406,26 @@ pub fn hash_password(password: &str) -> Result<String, argon2::password_hash::Er
         .to_string())
 }
 
-/// Client ids become topic levels through `{client_id}` and Kafka keys: only characters
-/// that cannot escape a topic level or confuse a log line are allowed.
+/// The `mqtt.client_id_policy = "strict"` character set: letters, digits and `- _ . :`.
 pub fn valid_client_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Whether `id` is acceptable under the configured policy. "any": any UTF-8 id without
+/// NUL or control characters up to `max_len` bytes (the specification allows any UTF-8;
+/// clients and test suites send spaces); "strict": [`valid_client_id`].
+pub fn client_id_allowed(id: &str, policy: crate::config::ClientIdPolicy, max_len: usize) -> bool {
+    if id.is_empty() || id.len() > max_len {
+        return false;
+    }
+    match policy {
+        crate::config::ClientIdPolicy::Strict => valid_client_id(id),
+        crate::config::ClientIdPolicy::Any => !id.chars().any(char::is_control),
+    }
 }
 
 #[cfg(test)]

@@ -17,5 +17,7 @@ pub mod registry;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod state;
+pub mod store;
 pub mod tls;
 pub use bridge::topic;

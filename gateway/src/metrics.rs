@@ -70,6 +70,30 @@ pub struct Metrics {
     pub keep_alive_capped: AtomicU64,
     /// PUBLISH packets a session had to wait for under `mqtt.max_publish_rate`.
     pub publish_throttled: AtomicU64,
+    pub messages_received_qos2: AtomicU64,
+    /// PUBLISHes written to subscribers on this gateway, by delivery QoS.
+    pub messages_delivered: Labeled,
+    /// Messages not delivered to a subscriber, by reason (`qos0_queue_full`,
+    /// `queue_full_drop_oldest`, `queue_full_refuse_new`, `expired`, `too_large_for_client`).
+    pub messages_dropped: Labeled,
+    /// Sessions held (online and offline) and the persistent ones among them.
+    pub sessions: AtomicI64,
+    pub sessions_persistent: AtomicI64,
+    /// Persistent sessions that expired and were removed.
+    pub sessions_expired: AtomicU64,
+    /// QoS 1/2 messages waiting in session queues (in flight included).
+    pub queued_messages: AtomicI64,
+    /// Retained messages held and their bytes (bounded by `[retained]`).
+    pub retained_messages: AtomicI64,
+    pub retained_bytes: AtomicI64,
+    /// Retained publishes not stored (`full`, `not_allowed`, `disabled`).
+    pub retained_refused: Labeled,
+    /// Will messages published (immediately or after their delay).
+    pub wills_published: AtomicU64,
+    /// Duplicate QoS 2 PUBLISHes (same packet id before PUBREL) not journaled again.
+    pub qos2_duplicates: AtomicU64,
+    /// Writes to the sled store that failed (the affected message or session is logged).
+    pub store_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -171,9 +195,77 @@ impl Metrics {
         let _ = writeln!(
             s,
             "# HELP gateway_messages_received_total PUBLISHes accepted from vehicles.\n# TYPE gateway_messages_received_total counter\n\
-             gateway_messages_received_total{{qos=\"0\"}} {}\ngateway_messages_received_total{{qos=\"1\"}} {}",
+             gateway_messages_received_total{{qos=\"0\"}} {}\ngateway_messages_received_total{{qos=\"1\"}} {}\n\
+             gateway_messages_received_total{{qos=\"2\"}} {}",
             self.messages_received_qos0.load(Ordering::Relaxed),
-            self.messages_received_qos1.load(Ordering::Relaxed)
+            self.messages_received_qos1.load(Ordering::Relaxed),
+            self.messages_received_qos2.load(Ordering::Relaxed)
+        );
+        labeled(
+            &mut s,
+            "gateway_messages_delivered_total",
+            "PUBLISHes written to subscribers on this gateway, by delivery QoS.",
+            "qos",
+            &self.messages_delivered,
+        );
+        labeled(
+            &mut s,
+            "gateway_messages_dropped_total",
+            "Messages not delivered to a subscriber, by reason.",
+            "reason",
+            &self.messages_dropped,
+        );
+        let get = |a: &AtomicI64| a.load(Ordering::Relaxed);
+        gauge(&mut s, "gateway_sessions", "Sessions held, online and offline.", get(&self.sessions));
+        gauge(
+            &mut s,
+            "gateway_sessions_persistent",
+            "Persistent sessions held (kept in the store across restarts).",
+            get(&self.sessions_persistent),
+        );
+        counter(
+            &mut s,
+            "gateway_sessions_expired_total",
+            "Persistent sessions removed after their expiry interval.",
+            self.sessions_expired.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut s,
+            "gateway_queued_messages",
+            "QoS 1/2 messages held in session queues (in flight included).",
+            get(&self.queued_messages),
+        );
+        gauge(&mut s, "gateway_retained_messages", "Retained messages held.", get(&self.retained_messages));
+        gauge(
+            &mut s,
+            "gateway_retained_bytes",
+            "Bytes (topic + payload) of retained messages held.",
+            get(&self.retained_bytes),
+        );
+        labeled(
+            &mut s,
+            "gateway_retained_refused_total",
+            "Retained publishes not stored, by reason.",
+            "reason",
+            &self.retained_refused,
+        );
+        counter(
+            &mut s,
+            "gateway_wills_published_total",
+            "Will messages published.",
+            self.wills_published.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut s,
+            "gateway_qos2_duplicates_total",
+            "Re-sent QoS 2 PUBLISHes (same packet id before PUBREL) answered without journaling again.",
+            self.qos2_duplicates.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut s,
+            "gateway_store_errors_total",
+            "Failed writes to the session store.",
+            self.store_errors.load(Ordering::Relaxed),
         );
         counter(
             &mut s,

@@ -1,45 +1,252 @@
-//! Which connection owns which client id, so a new CONNECT with the same id takes the
-//! session over and the older connection is closed (MQTT 5 reason 0x8E).
+//! Every session this gateway holds, by client id: the connected ones and the
+//! persistent ones whose vehicle is offline.
+//!
+//! Invariants:
+//! - At most one session per client id, and at most one connection owns it. A new
+//!   CONNECT with the same id takes the session over: the older connection's token is
+//!   cancelled (it closes with MQTT 5 reason 0x8E) under the same lock that installs the
+//!   new owner, so two connections never both believe they own a session.
+//! - Clean start (or an expired session) discards the old session completely — its
+//!   subscriptions leave the router and its queue leaves the store — before the new one
+//!   is visible; otherwise the session continues and CONNACK says session present.
+//! - A session whose connection ends is removed at once if its expiry is 0, otherwise
+//!   kept (offline) until its expiry interval passes ([`Registry::expired`]).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 
-use tokio_util::sync::CancellationToken;
+use crate::message::now_ms;
+use crate::metrics::Metrics;
+use crate::router::Router;
+use crate::session::state::{DelayedWill, Owner, SessionCell, SessionState};
+use crate::store::Store;
 
 #[derive(Default, Debug)]
 pub struct Registry {
-    owners: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    sessions: RwLock<HashMap<Arc<str>, Arc<SessionCell>>>,
+}
+
+/// What a CONNECT found.
+pub struct Attached {
+    pub cell: Arc<SessionCell>,
+    /// CONNACK session present.
+    pub present: bool,
+    /// A Will that was waiting for its delay and whose session just ended (clean start
+    /// discarded it): due now.
+    pub will_due: Option<DelayedWill>,
+}
+
+/// What happened to a session when its connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Detached {
+    /// Expiry 0: the session is gone.
+    Ended,
+    /// Persistent: kept offline until it expires.
+    Kept,
+    /// Another connection holds the session now (takeover).
+    TakenOver,
+}
+
+/// Settings of a new or resumed session.
+pub struct Connecting<'a> {
+    pub client_id: &'a str,
+    pub owner: Owner,
+    pub clean_start: bool,
+    pub expiry_secs: u32,
+    pub protocol: u8,
 }
 
 impl Registry {
-    /// Makes `conn` the owner of `client_id`; the previous owner's token is cancelled.
-    /// The returned token is cancelled when a later connection takes over.
-    pub fn claim(&self, client_id: &str, conn: u64) -> CancellationToken {
-        let token = CancellationToken::new();
-        let old = self
-            .owners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(client_id.to_string(), (conn, token.clone()));
-        if let Some((_, old)) = old {
-            old.cancel();
-        }
-        token
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<SessionCell>>> {
+        self.sessions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Forgets `client_id` if `conn` still owns it.
-    pub fn release(&self, client_id: &str, conn: u64) {
-        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
-        if owners.get(client_id).is_some_and(|(c, _)| *c == conn) {
-            owners.remove(client_id);
-        }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<SessionCell>>> {
+        self.sessions.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn get(&self, client_id: &str) -> Option<Arc<SessionCell>> {
+        self.read().get(client_id).cloned()
+    }
+
+    pub fn is_online(&self, client_id: &str) -> bool {
+        self.get(client_id).is_some_and(|c| c.is_online())
     }
 
     pub fn len(&self) -> usize {
-        self.owners.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.read().len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Every session (for the expiry sweep and the admin API).
+    pub fn all(&self) -> Vec<Arc<SessionCell>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Puts back a session restored from the store at start.
+    pub fn restore(&self, cell: Arc<SessionCell>, metrics: &Metrics) {
+        metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
+        self.write().insert(cell.client_id.clone(), cell);
+    }
+
+    /// A CONNECT: takes over, resumes or (clean start, expired) replaces the session.
+    pub fn attach(&self, c: Connecting<'_>, router: &Router, store: &Store, metrics: &Metrics) -> Attached {
+        let mut map = self.write();
+        let now = now_ms();
+        let mut will_due = None;
+        if let Some(cell) = map.get(c.client_id).cloned() {
+            let mut st = cell.lock();
+            if let Some(old) = st.owner.take() {
+                old.kicked.cancel();
+            }
+            if !c.clean_start && !st.expired(now) && !st.gone {
+                if let Some(w) = st.delayed_will.take() {
+                    // Resumed within the Will Delay Interval: no Will (MQTT 5 §3.1.2.5).
+                    w.cancel.cancel();
+                }
+                let was_persistent = st.persistent();
+                st.owner = Some(c.owner);
+                st.expiry_secs = c.expiry_secs;
+                st.disconnected_at_ms = None;
+                st.protocol = c.protocol;
+                let now_persistent = st.persistent();
+                drop(st);
+                persistent_gauge(metrics, was_persistent, now_persistent);
+                if now_persistent {
+                    cell.persist(store, metrics);
+                } else if was_persistent {
+                    if let Err(e) = store.remove_session(c.client_id) {
+                        crate::session::state::store_failed(metrics, c.client_id, &e);
+                    }
+                }
+                return Attached {
+                    cell,
+                    present: true,
+                    will_due: None,
+                };
+            }
+            if let Some(w) = st.delayed_will.take() {
+                w.cancel.cancel();
+                will_due = Some(w);
+            }
+            discard(&cell, &mut st, router, store, metrics);
+        }
+        let client_id: Arc<str> = Arc::from(c.client_id);
+        let state = SessionState {
+            owner: Some(c.owner),
+            expiry_secs: c.expiry_secs,
+            disconnected_at_ms: None,
+            subscriptions: Default::default(),
+            inbound_qos2: Default::default(),
+            out: Default::default(),
+            protocol: c.protocol,
+            delayed_will: None,
+            gone: false,
+        };
+        let cell = SessionCell::new(client_id.clone(), state);
+        map.insert(client_id, cell.clone());
+        drop(map);
+        metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        if c.expiry_secs > 0 {
+            metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
+            cell.persist(store, metrics);
+        }
+        Attached {
+            cell,
+            present: false,
+            will_due,
+        }
+    }
+
+    /// The connection `conn` ended. A session with expiry 0 ends with it; a persistent
+    /// one stays, offline, and is written to the store with its disconnect time.
+    pub fn detach(&self, cell: &Arc<SessionCell>, conn: u64, router: &Router, store: &Store, metrics: &Metrics) -> Detached {
+        let mut map = self.write();
+        let mut st = cell.lock();
+        if st.owner.as_ref().map(|o| o.conn) != Some(conn) {
+            return Detached::TakenOver;
+        }
+        st.owner = None;
+        if st.gone {
+            return Detached::Ended;
+        }
+        if !st.persistent() {
+            if map.get(&cell.client_id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+                map.remove(&cell.client_id);
+            }
+            discard(cell, &mut st, router, store, metrics);
+            return Detached::Ended;
+        }
+        st.disconnected_at_ms = Some(now_ms());
+        drop(st);
+        drop(map);
+        cell.persist(store, metrics);
+        Detached::Kept
+    }
+
+    /// Removes offline sessions whose expiry interval passed; returns the Wills that
+    /// were still waiting for their delay (the session's end makes them due).
+    pub fn expired(&self, router: &Router, store: &Store, metrics: &Metrics) -> Vec<(Arc<str>, DelayedWill)> {
+        let now = now_ms();
+        let candidates: Vec<Arc<SessionCell>> = self
+            .read()
+            .values()
+            .filter(|c| c.lock().expired(now))
+            .cloned()
+            .collect();
+        let mut wills = Vec::new();
+        for cell in candidates {
+            let mut map = self.write();
+            let mut st = cell.lock();
+            if !st.expired(now) || st.gone {
+                continue;
+            }
+            if map.get(&cell.client_id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                map.remove(&cell.client_id);
+            }
+            if let Some(w) = st.delayed_will.take() {
+                w.cancel.cancel();
+                wills.push((cell.client_id.clone(), w));
+            }
+            discard(&cell, &mut st, router, store, metrics);
+            metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client_id = %cell.client_id, "persistent session expired; removed");
+        }
+        wills
+    }
+}
+
+fn persistent_gauge(metrics: &Metrics, was: bool, now: bool) {
+    match (was, now) {
+        (false, true) => {
+            metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
+        }
+        (true, false) => {
+            metrics.sessions_persistent.fetch_sub(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+/// Ends a session for good: out of the router, queue emptied, out of the store.
+fn discard(cell: &SessionCell, st: &mut SessionState, router: &Router, store: &Store, metrics: &Metrics) {
+    st.gone = true;
+    for filter in std::mem::take(&mut st.subscriptions).keys() {
+        router.unsubscribe(&cell.client_id, filter);
+        metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
+    }
+    st.out.clear(metrics);
+    st.inbound_qos2.clear();
+    metrics.sessions.fetch_sub(1, Ordering::Relaxed);
+    if st.persistent() {
+        metrics.sessions_persistent.fetch_sub(1, Ordering::Relaxed);
+        if let Err(e) = store.remove_session(&cell.client_id) {
+            crate::session::state::store_failed(metrics, &cell.client_id, &e);
+        }
     }
 }

@@ -23,39 +23,12 @@ use crate::auth::Auth;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::router::Router;
+use crate::session::state::{OutItem, SessionCell, SessionState};
+use crate::state::Shared;
+use crate::store::Store;
 use crate::tls::CertIdentity;
 use crate::{admin, session, tls};
-
-/// What every connection task shares.
-pub struct Shared {
-    pub cfg: Arc<Config>,
-    pub journal: Arc<SegmentedJournal>,
-    pub auth: Arc<Auth>,
-    pub registry: Registry,
-    pub metrics: Metrics,
-    /// Cancelled on SIGTERM/SIGINT: sessions drain and say goodbye (MQTT 5: 0x8B).
-    pub shutdown: CancellationToken,
-    pub routes: Arc<Routes>,
-    pub full_policy: FullPolicy,
-    pub bridge: Arc<BridgeStatus>,
-    /// The Kafka bootstrap in use (the mock cluster's address when embedded).
-    pub bootstrap: String,
-    pub embedded: bool,
-    /// Bearer token of `/api/v1` (from `admin.token`); empty = none (loopback only).
-    pub admin_token: String,
-    /// Admin connections turned away at `admin.max_connections`.
-    pub admin_rejected: Arc<std::sync::atomic::AtomicU64>,
-    /// Re-drives parked records through the running pipeline (admin API).
-    pub bridge_control: BridgeControl,
-    /// Where the pipeline keeps records Kafka refused for good (`<journal.dir>/parked`).
-    pub parked_dir: std::path::PathBuf,
-}
-
-impl Shared {
-    pub fn journal_stopped(&self) -> bool {
-        self.journal.append_would_fail()
-    }
-}
 
 /// Runs until `shutdown` is cancelled, then drains and returns.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -88,11 +61,19 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .as_ref()
         .map(|k| k.bootstrap.clone())
         .unwrap_or_else(|| cfg.kafka.bootstrap.clone());
+    let store_dir = cfg.store_dir();
+    let store = tokio::task::spawn_blocking(move || Store::open(&store_dir))
+        .await
+        .context("store open task")?
+        .with_context(|| format!("sessions.store_dir = {}", cfg.store_dir().display()))?;
+    let flusher = store.spawn_flusher();
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         journal: Arc::new(journal),
         auth: Auth::new(&cfg.auth),
         registry: Registry::default(),
+        router: Router::default(),
+        store: store.clone(),
         metrics: Metrics::default(),
         shutdown: shutdown.clone(),
         routes: routes.clone(),
@@ -105,6 +86,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bridge_control: BridgeControl::new(),
         parked_dir: cfg.journal.dir.join("parked"),
     });
+    restore(&shared)?;
+    tokio::spawn(session::will::expire_sessions(shared.clone()));
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     let producer_cfg = ProducerConfig {
         bootstrap,
@@ -219,8 +202,71 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let journal = shared.journal.clone();
     tokio::task::spawn_blocking(move || journal.close()).await.ok();
+    if let Err(e) = shared.store.flush().await {
+        error!(error = %e, "session store flush failed");
+    }
+    shared.store.close();
+    let _ = flusher.await;
     drop(embedded);
     info!("gateway stopped");
+    Ok(())
+}
+
+/// Puts back what the store kept: persistent sessions (offline until their vehicle
+/// reconnects; a session held by a connection when the gateway died counts as
+/// disconnected now), their subscriptions and queues, and the retained messages.
+fn restore(shared: &Shared) -> anyhow::Result<()> {
+    let sessions = shared
+        .store
+        .load_sessions()
+        .context("loading persistent sessions from the store")?;
+    let retained = shared
+        .store
+        .load_retained()
+        .context("loading retained messages from the store")?;
+    let now = crate::message::now_ms();
+    let (count, mut queued) = (sessions.len(), 0);
+    for s in sessions {
+        let client_id: Arc<str> = Arc::from(s.client_id.as_str());
+        let mut state = SessionState {
+            owner: None,
+            expiry_secs: s.record.expiry_secs,
+            disconnected_at_ms: Some(s.record.disconnected_at_ms.unwrap_or(now)),
+            subscriptions: Default::default(),
+            inbound_qos2: s.record.inbound_qos2.iter().copied().collect(),
+            out: Default::default(),
+            protocol: s.record.protocol,
+            delayed_will: None,
+            gone: false,
+        };
+        for (filter, opts) in s.record.subscriptions {
+            match shared.router.subscribe(&client_id, &filter, opts) {
+                Ok(_) => {
+                    shared
+                        .metrics
+                        .subscriptions_active
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    state.subscriptions.insert(filter, opts);
+                }
+                Err(e) => warn!(client_id = %client_id, filter, error = e, "stored subscription not restored"),
+            }
+        }
+        for (id, rec) in s.queue {
+            queued += 1;
+            state.out.restore(OutItem::from_record(id, rec), &shared.metrics);
+        }
+        shared
+            .registry
+            .restore(SessionCell::new(client_id, state), &shared.metrics);
+    }
+    let retained_count = retained.len();
+    shared.router.restore_retained(retained, &shared.metrics);
+    info!(
+        sessions = count,
+        queued,
+        retained = retained_count,
+        "restored persistent sessions and retained messages"
+    );
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use bridge::Journal;
 use serde_json::json;
 
-use crate::server::Shared;
+use crate::state::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     let api = Router::new()

@@ -1,9 +1,36 @@
-//! The router: which sessions on this gateway a PUBLISH reaches.
+//! The router: which sessions on this gateway a PUBLISH reaches, and the retained
+//! messages a new subscription receives.
 //!
-//! (Being built: the subscription trie in `trie.rs`, the retained-message index in
-//! `retained.rs`.)
+//! Invariants:
+//! - Routing is local fan-out only: the Kafka path (journal → bridge) is decided by
+//!   `[[routes]]` in the session, independently. One `Arc<Message>` is shared by every
+//!   subscriber it reaches; the payload is never copied per subscriber.
+//! - A message reaches each matching session once (overlapping subscriptions merge: the
+//!   highest granted QoS, every matching subscription identifier), plus once per
+//!   matching shared-subscription group (one member, round robin, online members first).
+//! - Routing never waits for a subscriber: it offers the message to each session's
+//!   bounded queue ([`crate::session::state::SessionCell::offer`]), which queues, drops
+//!   (counted) or persists it. The store generation it returns is what the publisher's
+//!   acknowledgement must wait for.
+//! - Retained messages are bounded in count and bytes (`[retained]`); an empty payload
+//!   deletes; each change is written to the store (they survive restarts).
+
+pub mod retained;
+pub mod trie;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
+
+use crate::config::{RetainedSection, SessionsSection};
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::session::state::{store_failed, OutItem, Offer};
+use crate::store::Store;
+use retained::RetainedIndex;
+use trie::SubscriptionTrie;
 
 /// A subscription's options (MQTT 5 §3.8.3.1; 3.1.1 has only the QoS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,4 +57,163 @@ impl SubOptions {
             id: None,
         }
     }
+}
+
+/// What routing one message did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Routed {
+    /// Sessions it was offered to (queued or dropped).
+    pub matched: usize,
+    /// Store generation covering its queue entries (persistent sessions).
+    pub gen: Option<u64>,
+}
+
+#[derive(Default)]
+struct RetainedSet {
+    index: RetainedIndex<Arc<Message>>,
+    bytes: usize,
+}
+
+/// Subscriptions (a trie keyed by client id) and retained messages.
+#[derive(Default)]
+pub struct Router {
+    trie: RwLock<SubscriptionTrie<Arc<str>>>,
+    /// Subscriptions in the trie, read without its lock on the ingest path.
+    count: AtomicUsize,
+    retained: Mutex<RetainedSet>,
+}
+
+impl Router {
+    fn trie_read(&self) -> std::sync::RwLockReadGuard<'_, SubscriptionTrie<Arc<str>>> {
+        self.trie.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn trie_write(&self) -> std::sync::RwLockWriteGuard<'_, SubscriptionTrie<Arc<str>>> {
+        self.trie.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn retained_lock(&self) -> std::sync::MutexGuard<'_, RetainedSet> {
+        self.retained.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds or replaces `client_id`'s subscription; true when it replaced one.
+    pub fn subscribe(&self, client_id: &Arc<str>, filter: &str, opts: SubOptions) -> Result<bool, &'static str> {
+        let replaced = self.trie_write().subscribe(client_id.clone(), filter, opts)?;
+        if !replaced {
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(replaced)
+    }
+
+    pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
+        let removed = self.trie_write().unsubscribe(client_id, filter);
+        if removed {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        removed
+    }
+
+    /// Subscriptions held (all sessions).
+    pub fn subscriptions(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Offers `msg` to every session with a matching subscription.
+    pub fn route(
+        &self,
+        msg: &Arc<Message>,
+        publisher: Option<&Arc<str>>,
+        registry: &Registry,
+        limits: &SessionsSection,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Routed {
+        let mut routed = Routed::default();
+        if self.subscriptions() == 0 {
+            return routed;
+        }
+        let targets = self
+            .trie_read()
+            .route(&msg.topic, publisher, |k| registry.is_online(k));
+        for t in targets {
+            let Some(cell) = registry.get(&t.key) else {
+                continue;
+            };
+            routed.matched += 1;
+            let item = OutItem::new(
+                msg.clone(),
+                msg.qos.min(t.qos),
+                t.retain_as_published && msg.retain,
+                t.subscription_ids,
+            );
+            match cell.offer(item, limits, store, metrics) {
+                Offer::Queued { gen } => routed.gen = routed.gen.max(gen),
+                Offer::Dropped(reason) => metrics.messages_dropped.inc(reason),
+            }
+        }
+        routed
+    }
+
+    /// Stores (or, with an empty payload, deletes) the retained message of its topic.
+    /// Returns the store generation to wait for, or the reason it was not stored.
+    pub fn retain(&self, msg: &Arc<Message>, limits: &RetainedSection, store: &Store, metrics: &Metrics) -> Result<Option<u64>, &'static str> {
+        let mut set = self.retained_lock();
+        if msg.payload.is_empty() {
+            let Some(old) = set.index.remove(&msg.topic) else {
+                return Ok(None);
+            };
+            set.bytes = set.bytes.saturating_sub(old.weight());
+            gauges(metrics, &set);
+            return match store.remove_retained(&msg.topic) {
+                Ok(g) => Ok(Some(g)),
+                Err(e) => {
+                    store_failed(metrics, &msg.topic, &e);
+                    Ok(None)
+                }
+            };
+        }
+        let old_weight = set.index.get(&msg.topic).map(|m| m.weight());
+        let bytes = set.bytes - old_weight.unwrap_or(0) + msg.weight();
+        let count = set.index.len() + usize::from(old_weight.is_none());
+        if count > limits.max_messages || bytes > limits.max_bytes {
+            return Err("full");
+        }
+        let gen = match store.put_retained(msg) {
+            Ok(g) => g,
+            Err(e) => {
+                store_failed(metrics, &msg.topic, &e);
+                return Err("store_error");
+            }
+        };
+        set.index.insert(&msg.topic, msg.clone());
+        set.bytes = bytes;
+        gauges(metrics, &set);
+        Ok(Some(gen))
+    }
+
+    /// Retained messages whose topic matches `filter` (a plain filter, not `$share`).
+    pub fn retained_for(&self, filter: &str) -> Vec<Arc<Message>> {
+        let set = self.retained_lock();
+        let mut out = Vec::new();
+        set.index.matching(filter, |_, m| out.push(m.clone()));
+        out
+    }
+
+    /// Puts back retained messages loaded from the store at start.
+    pub fn restore_retained(&self, msgs: Vec<Message>, metrics: &Metrics) {
+        let mut set = self.retained_lock();
+        for m in msgs {
+            set.bytes += m.weight();
+            let topic = m.topic.clone();
+            if let Some(old) = set.index.insert(&topic, Arc::new(m)) {
+                set.bytes = set.bytes.saturating_sub(old.weight());
+            }
+        }
+        gauges(metrics, &set);
+    }
+}
+
+fn gauges(metrics: &Metrics, set: &RetainedSet) {
+    metrics.retained_messages.store(set.index.len() as i64, Ordering::Relaxed);
+    metrics.retained_bytes.store(set.bytes as i64, Ordering::Relaxed);
 }

@@ -1,0 +1,532 @@
+//! What the client sends: PUBLISH (journal for Kafka, route to local subscribers,
+//! retain), SUBSCRIBE / UNSUBSCRIBE, the QoS 2 release, PINGREQ and DISCONNECT.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bridge::{Entry, Journal};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::{AckKind, Close, Session, MAX_STORED_TOPIC_BYTES, PUBLISH_BURST, STORE_WAIT};
+use crate::message::{now_ms, Message};
+use crate::mqtt::codec::Granted;
+use crate::mqtt::packet::SubscribeFilter;
+use crate::mqtt::{Inbound, ProtocolError, PublishRequest, Version};
+use crate::router::trie::{parse_filter, FilterKind};
+use crate::router::SubOptions;
+use crate::session::state::OutItem;
+use crate::topic;
+
+/// What a refused PUBLISH gets: MQTT 5 an acknowledgement with `reason` (QoS > 0),
+/// QoS 0 nothing, 3.1.1 QoS > 0 a closed connection (it has no way to refuse).
+enum Refusal {
+    Reason(u8, &'static str, String),
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Handles every complete packet in the read buffer, pausing a 3.1.1 client at the
+    /// in-flight bound.
+    pub(super) async fn process_buffered(&mut self, max_inflight: usize) -> Result<(), Close> {
+        loop {
+            if self.codec.version == Version::V4 && !self.inbound_room(max_inflight) {
+                return Ok(());
+            }
+            let packet = match self.codec.decode(&mut self.read_buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Close::Protocol(e)),
+            };
+            self.deadline = Instant::now() + self.keep_alive;
+            self.handle(packet, max_inflight).await?;
+            // Time spent waiting inside `handle` (journal back-pressure) was ours, not the
+            // client's silence.
+            self.deadline = Instant::now() + self.keep_alive;
+        }
+    }
+
+    async fn handle(&mut self, packet: Inbound, max_inflight: usize) -> Result<(), Close> {
+        match packet {
+            Inbound::Publish(p) => Box::pin(self.publish(p, max_inflight)).await,
+            Inbound::PingReq => {
+                self.codec.pingresp(&mut self.out);
+                Ok(())
+            }
+            Inbound::Subscribe {
+                pkid,
+                filters,
+                subscription_id,
+            } => Box::pin(self.subscribe(pkid, filters, subscription_id)).await,
+            Inbound::Unsubscribe { pkid, filters } => Box::pin(self.unsubscribe(pkid, filters)).await,
+            Inbound::PubAck(pkid) => {
+                self.on_puback(pkid);
+                Ok(())
+            }
+            Inbound::PubRec { pkid, reason } => {
+                self.on_pubrec(pkid, reason);
+                Ok(())
+            }
+            Inbound::PubComp { pkid, .. } => {
+                self.on_pubcomp(pkid);
+                Ok(())
+            }
+            Inbound::PubRel { pkid, .. } => {
+                self.release(pkid);
+                Ok(())
+            }
+            Inbound::Disconnect {
+                reason,
+                session_expiry_secs,
+            } => {
+                if let Some(expiry) = session_expiry_secs {
+                    self.set_expiry(expiry)?;
+                }
+                if reason == 0x04 {
+                    return Err(Close::DisconnectWithWill);
+                }
+                self.will = None;
+                Err(Close::ClientDisconnect)
+            }
+            Inbound::Connect(_) => Err(Close::Protocol(ProtocolError::protocol(
+                "second_connect",
+                "second CONNECT",
+            ))),
+            Inbound::Auth => Err(Close::Protocol(ProtocolError {
+                reason: 0x8C,
+                label: "auth_not_supported",
+                detail: "enhanced authentication (AUTH) is not supported".into(),
+            })),
+            Inbound::ServerOnly => Err(Close::Protocol(ProtocolError::protocol(
+                "server_packet",
+                "client sent a server-only packet",
+            ))),
+        }
+    }
+
+    /// DISCONNECT with a Session Expiry Interval (MQTT 5 §3.14.2.2.2): not from 0.
+    fn set_expiry(&mut self, expiry: u32) -> Result<(), Close> {
+        if self.connect_expiry == 0 && expiry != 0 {
+            return Err(Close::Protocol(ProtocolError::protocol(
+                "session_expiry_from_zero",
+                "DISCONNECT sets a Session Expiry Interval after CONNECT set 0",
+            )));
+        }
+        let expiry = expiry.min(self.shared.cfg.sessions.max_expiry_secs);
+        let (store, metrics) = (&self.shared.store, &self.shared.metrics);
+        let was = {
+            let mut st = self.cell.lock();
+            let was = st.expiry_secs;
+            st.expiry_secs = expiry;
+            was
+        };
+        if was > 0 && expiry == 0 {
+            metrics.sessions_persistent.fetch_sub(1, Ordering::Relaxed);
+            if let Err(e) = store.remove_session(&self.client_id) {
+                super::state::store_failed(metrics, &self.client_id, &e);
+            }
+        } else {
+            self.cell.persist(store, metrics);
+        }
+        Ok(())
+    }
+
+    /// PUBREL: the client releases a QoS 2 packet id; PUBCOMP once that is flushed (a
+    /// crash must not leave the id marked, or the client's next message under it would
+    /// be taken for a duplicate).
+    fn release(&mut self, pkid: u16) {
+        let known = self.cell.lock().inbound_qos2.remove(&pkid);
+        if known {
+            if let Some(g) = self.cell.persist(&self.shared.store, &self.shared.metrics) {
+                self.last_gen = self.last_gen.max(g);
+            }
+        }
+        self.owe(AckKind::PubComp, pkid, if known { 0 } else { 0x92 });
+    }
+
+    async fn subscribe(&mut self, pkid: u16, filters: Vec<SubscribeFilter>, id: Option<u32>) -> Result<(), Close> {
+        let shared = self.shared.clone();
+        let (cfg, metrics) = (&shared.cfg, &shared.metrics);
+        let max = cfg.mqtt.max_subscriptions;
+        let mut granted = Vec::with_capacity(filters.len());
+        let mut retained = Vec::new();
+        for f in filters {
+            let kind = match parse_filter(&f.filter) {
+                Ok(k) => k,
+                Err(_) => {
+                    metrics.subscribe_refused.inc("filter_invalid");
+                    granted.push(Granted::FilterInvalid);
+                    continue;
+                }
+            };
+            let (inner, shared_sub) = match kind {
+                FilterKind::Plain(f) => (f.to_string(), false),
+                FilterKind::Shared { filter, .. } => (filter.to_string(), true),
+            };
+            if shared_sub && f.no_local {
+                // MQTT 5 §3.8.3.1: No Local on a shared subscription is a protocol error.
+                return Err(Close::Protocol(ProtocolError::protocol(
+                    "shared_no_local",
+                    "No Local set on a shared subscription",
+                )));
+            }
+            if !shared
+                .auth
+                .may_subscribe_as(self.user.as_deref(), &self.client_id, &inner)
+            {
+                metrics.subscribe_refused.inc("not_authorized");
+                granted.push(Granted::NotAuthorized);
+                continue;
+            }
+            let exists = self.cell.lock().subscriptions.contains_key(&f.filter);
+            let count = self.cell.lock().subscriptions.len();
+            if !exists && (count >= max || self.stored_bytes + f.filter.len() > MAX_STORED_TOPIC_BYTES) {
+                metrics.subscribe_refused.inc("quota_exceeded");
+                granted.push(Granted::QuotaExceeded);
+                continue;
+            }
+            let opts = SubOptions {
+                qos: f.qos.min(cfg.mqtt.max_qos),
+                no_local: f.no_local,
+                retain_as_published: f.retain_as_published,
+                retain_handling: f.retain_handling,
+                id,
+            };
+            let replaced = match shared.router.subscribe(&self.client_id, &f.filter, opts) {
+                Ok(r) => r,
+                Err(_) => {
+                    metrics.subscribe_refused.inc("filter_invalid");
+                    granted.push(Granted::FilterInvalid);
+                    continue;
+                }
+            };
+            self.cell.lock().subscriptions.insert(f.filter.clone(), opts);
+            if !replaced {
+                self.stored_bytes += f.filter.len();
+                metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
+            }
+            // Retained messages (§3.3.1.3): not for shared subscriptions; handling 1 only
+            // for a new subscription, 2 never.
+            let send = !shared_sub && (opts.retain_handling == 0 || (opts.retain_handling == 1 && !replaced));
+            if send && cfg.retained.enabled {
+                for m in shared.router.retained_for(&inner) {
+                    retained.push((m, opts));
+                }
+            }
+            granted.push(Granted::Qos(opts.qos));
+        }
+        if !self.quota_logged && granted.contains(&Granted::QuotaExceeded) {
+            self.quota_logged = true;
+            warn!(max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
+        }
+        self.persist_and_wait().await?;
+        self.codec.suback(&mut self.out, pkid, &granted);
+        // After the SUBACK: the retained messages follow it.
+        for (m, opts) in retained {
+            let qos = m.qos.min(opts.qos);
+            let item = OutItem::new(m, qos, true, opts.id.into_iter().collect());
+            if let super::state::Offer::Dropped(reason) = self.cell.offer(item, &cfg.sessions, &shared.store, metrics) {
+                metrics.messages_dropped.inc(reason);
+            }
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, pkid: u16, filters: Vec<String>) -> Result<(), Close> {
+        let shared = self.shared.clone();
+        let mut existed = Vec::with_capacity(filters.len());
+        for f in &filters {
+            let had = self.cell.lock().subscriptions.remove(f).is_some();
+            if had {
+                shared.router.unsubscribe(&self.client_id, f);
+                self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
+                shared.metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
+            }
+            existed.push(had);
+        }
+        self.persist_and_wait().await?;
+        self.codec.unsuback(&mut self.out, pkid, &existed);
+        Ok(())
+    }
+
+    /// Writes the session record (persistent sessions) and waits, bounded, until the
+    /// store flushed it: a SUBACK promises the subscription survives a crash.
+    async fn persist_and_wait(&mut self) -> Result<(), Close> {
+        let Some(gen) = self.cell.persist(&self.shared.store, &self.shared.metrics) else {
+            return Ok(());
+        };
+        let mut rx = self.shared.store.flushed();
+        let wait = rx.wait_for(|f| *f >= gen);
+        tokio::select! {
+            biased;
+            _ = self.kicked.cancelled() => Err(Close::TakenOver),
+            _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
+            r = tokio::time::timeout(STORE_WAIT, wait) => {
+                if !matches!(r, Ok(Ok(_))) {
+                    warn!("session store did not flush a subscription change in time; acknowledged anyway");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A refused PUBLISH: MQTT 5 acknowledgement with a reason (QoS > 0), nothing for
+    /// QoS 0, and a closed connection for 3.1.1 QoS > 0 (which cannot be refused).
+    fn refuse_publish(&mut self, p: &PublishRequest, why: Refusal) -> Result<(), Close> {
+        let Refusal::Reason(reason, label, detail) = why;
+        match (self.codec.version, p.qos) {
+            (_, 0) => Ok(()),
+            (Version::V5, 1) => {
+                self.owe(AckKind::PubAck, p.pkid, reason);
+                Ok(())
+            }
+            (Version::V5, _) => {
+                self.owe(AckKind::PubRec, p.pkid, reason);
+                Ok(())
+            }
+            (Version::V4, _) => Err(Close::Protocol(ProtocolError { reason, label, detail })),
+        }
+    }
+
+    async fn publish(&mut self, p: PublishRequest, max_inflight: usize) -> Result<(), Close> {
+        self.pace_publish().await?;
+        let shared = self.shared.clone();
+        let metrics = &shared.metrics;
+        if p.qos > shared.cfg.mqtt.max_qos {
+            return Err(Close::Protocol(ProtocolError {
+                reason: 0x9B,
+                label: "qos_not_supported",
+                detail: format!("QoS {} above the maximum QoS {}", p.qos, shared.cfg.mqtt.max_qos),
+            }));
+        }
+        if p.qos == 2 && self.cell.lock().inbound_qos2.contains(&p.pkid) {
+            // Re-sent before PUBREL: already journaled and routed once; answer again.
+            metrics.qos2_duplicates.fetch_add(1, Ordering::Relaxed);
+            self.owe(AckKind::PubRec, p.pkid, 0);
+            return Ok(());
+        }
+        let alias = self.alias_slot(&p).map_err(Close::Protocol)?;
+        let topic = match alias {
+            Some(slot) if p.topic.is_empty() => {
+                self.aliases.get(slot).cloned().flatten().ok_or_else(|| {
+                    Close::Protocol(ProtocolError::protocol(
+                        "topic_alias_unknown",
+                        format!("topic alias {} was never set", slot + 1),
+                    ))
+                })?
+            }
+            _ => p.topic.clone(),
+        };
+        topic::validate_name(&topic).map_err(|e| Close::Protocol(ProtocolError::topic_invalid(e)))?;
+        let inbound_qos2 = self.cell.lock().inbound_qos2.len();
+        // Receive Maximum counts QoS 1 and 2 publishes until PUBACK / PUBCOMP (§4.9).
+        if p.qos > 0 && self.pending.len() + inbound_qos2 >= max_inflight {
+            return Err(Close::Protocol(ProtocolError {
+                reason: 0x93,
+                label: "receive_maximum_exceeded",
+                detail: format!("more than {max_inflight} unacknowledged QoS 1/2 publishes"),
+            }));
+        }
+        let qos_label = super::state::qos_label(p.qos);
+        if !shared.auth.may_publish_as(self.user.as_deref(), &self.client_id, &topic) {
+            metrics.acl_denied.inc(qos_label);
+            warn!(topic, qos = p.qos, "publish denied by the publish ACL");
+            let detail = format!("not authorised to publish to {topic}");
+            return self.refuse_publish(&p, Refusal::Reason(0x87, "not_authorized", detail));
+        }
+        if p.retain && !shared.cfg.retained.enabled {
+            // MQTT 5 §3.3.1.3: Retain Available is 0, a retained PUBLISH is a protocol error.
+            metrics.retained_refused.inc("disabled");
+            return Err(Close::Protocol(ProtocolError {
+                reason: 0x9A,
+                label: "retain_not_supported",
+                detail: "retained messages are disabled (retained.enabled = false)".into(),
+            }));
+        }
+        if p.retain && !shared.auth.may_retain(self.user.as_deref()) {
+            metrics.retained_refused.inc("not_allowed");
+            warn!(topic, "retained publish refused: auth.allow_retain");
+            let detail = format!("not authorised to retain on {topic}");
+            return self.refuse_publish(&p, Refusal::Reason(0x87, "retain_not_allowed", detail));
+        }
+        // Only a topic that is valid and allowed may be remembered under an alias.
+        if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
+            if self.aliases.len() <= slot {
+                self.aliases.resize(slot + 1, None);
+            }
+            let replaced = self.aliases[slot].as_ref().map_or(0, String::len);
+            let stored = self.stored_bytes - replaced.min(self.stored_bytes) + topic.len();
+            if stored > MAX_STORED_TOPIC_BYTES {
+                return Err(Close::Protocol(ProtocolError {
+                    reason: 0x97,
+                    label: "topic_alias_quota",
+                    detail: format!(
+                        "alias topics and subscriptions would hold {stored} bytes, more than {MAX_STORED_TOPIC_BYTES}"
+                    ),
+                }));
+            }
+            self.stored_bytes = stored;
+            self.aliases[slot] = Some(topic.clone());
+        }
+        let now = now_ms();
+        let local = p.retain || shared.router.subscriptions() > 0;
+        let msg = local.then(|| {
+            Arc::new(Message {
+                topic: topic.clone(),
+                payload: p.payload.clone(),
+                qos: p.qos,
+                retain: p.retain,
+                props: p.props.clone(),
+                received_at_ms: now,
+                expires_at_ms: p.message_expiry_secs.map(|s| now + u64::from(s) * 1000),
+            })
+        });
+        let kafka = shared.routes.resolve(&self.client_id, &topic).is_some();
+        let len = p.payload.len() as u64;
+        if kafka {
+            let entry = Entry {
+                received_at_ms: now,
+                qos: p.qos,
+                retain: p.retain,
+                client_id: self.client_id.to_string(),
+                topic: topic.clone(),
+                payload: p.payload.clone(),
+                content_type: p.props.content_type.clone(),
+                message_expiry_secs: p.message_expiry_secs,
+                user_properties: p.props.user_properties.clone(),
+            };
+            // Waiting for journal space must not make the session deaf to a takeover or
+            // to shutdown. Cancelling the wait is safe: admission is synchronous, so
+            // nothing was appended yet.
+            let appended = tokio::select! {
+                biased;
+                _ = self.kicked.cancelled() => return Err(Close::TakenOver),
+                _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
+                r = shared.journal.append_with(&entry, shared.full_policy) => r,
+            };
+            match appended {
+                // Too large to journal (an aliased topic plus a payload larger than a
+                // segment): refused, never acknowledged as stored, not a disconnect loop.
+                Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
+                    metrics.protocol_errors.inc("record_too_large");
+                    warn!(error = %e, qos = p.qos, "publish refused: too large to journal");
+                    let (reason, label) = if self.codec.version == Version::V5 {
+                        (0x83, "record_too_large")
+                    } else {
+                        (0x95, "record_too_large")
+                    };
+                    return self.refuse_publish(&p, Refusal::Reason(reason, label, e.to_string()));
+                }
+                Err(e) => return Err(Close::JournalStopped(e.to_string())),
+                Ok(None) => {
+                    // Journal full under the `reject` policy: refused, not acknowledged.
+                    metrics.journal_rejected.inc(qos_label);
+                    let detail = "journal full (journal.full_policy = \"reject\")".to_string();
+                    return self.refuse_publish(&p, Refusal::Reason(0x97, "journal_full", detail));
+                }
+                Ok(Some(seq)) => self.last_seq = seq,
+            }
+        }
+        let mut matched = 0;
+        if let Some(msg) = &msg {
+            let routed = shared.router.route(
+                msg,
+                Some(&self.client_id),
+                &shared.registry,
+                &shared.cfg.sessions,
+                &shared.store,
+                metrics,
+            );
+            matched = routed.matched;
+            if let Some(g) = routed.gen {
+                self.last_gen = self.last_gen.max(g);
+            }
+            if p.retain {
+                match shared.router.retain(msg, &shared.cfg.retained, &shared.store, metrics) {
+                    Ok(Some(g)) => self.last_gen = self.last_gen.max(g),
+                    Ok(None) => {}
+                    Err(reason) => {
+                        metrics.retained_refused.inc(reason);
+                        warn!(topic, reason, "retained message not stored ([retained] bounds)");
+                    }
+                }
+            }
+        }
+        if !kafka && matched == 0 && !p.retain {
+            // kafka.unmatched = "refuse" and nobody here subscribes: never silent, never
+            // acknowledged as stored.
+            metrics.unrouted.inc(qos_label);
+            warn!(topic, "publish refused: no route to Kafka (kafka.unmatched = \"refuse\") and no subscriber");
+            let detail = format!("no route to Kafka for {topic} (kafka.unmatched = \"refuse\")");
+            return self.refuse_publish(&p, Refusal::Reason(0x90, "no_route", detail));
+        }
+        metrics.message_bytes_received.fetch_add(len, Ordering::Relaxed);
+        match p.qos {
+            0 => {
+                metrics.messages_received_qos0.fetch_add(1, Ordering::Relaxed);
+            }
+            1 => {
+                metrics.messages_received_qos1.fetch_add(1, Ordering::Relaxed);
+                self.owe(AckKind::PubAck, p.pkid, 0);
+            }
+            _ => {
+                metrics.messages_received_qos2.fetch_add(1, Ordering::Relaxed);
+                self.cell.lock().inbound_qos2.insert(p.pkid);
+                if let Some(g) = self.cell.persist(&shared.store, metrics) {
+                    self.last_gen = self.last_gen.max(g);
+                }
+                self.owe(AckKind::PubRec, p.pkid, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// MQTT 5 topic aliases (§3.3.2.3.4): a non-empty topic with an alias sets it (once
+    /// the topic passed validation and the ACL); an empty topic uses it. Returns the
+    /// alias's slot, checked against the advertised maximum.
+    fn alias_slot(&self, p: &PublishRequest) -> Result<Option<usize>, ProtocolError> {
+        let Some(alias) = p.topic_alias else {
+            return Ok(None);
+        };
+        let max = self.shared.cfg.mqtt.topic_alias_max;
+        if alias == 0 || alias > max {
+            return Err(ProtocolError {
+                reason: 0x94,
+                label: "topic_alias_invalid",
+                detail: format!("topic alias {alias} outside 1..={max}"),
+            });
+        }
+        Ok(Some(usize::from(alias) - 1))
+    }
+
+    /// Holds this PUBLISH while the connection runs ahead of `mqtt.max_publish_rate` by
+    /// more than [`PUBLISH_BURST`]. Meanwhile the session reads nothing, so the client is
+    /// slowed by TCP back-pressure; nothing is dropped. Takeover and shutdown still end
+    /// the wait.
+    async fn pace_publish(&mut self) -> Result<(), Close> {
+        let rate = self.shared.cfg.mqtt.max_publish_rate;
+        if rate == 0 {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.pace = self.pace.max(now) + Duration::from_secs(1) / rate;
+        let ahead = self.pace - now;
+        if ahead <= PUBLISH_BURST {
+            return Ok(());
+        }
+        self.shared
+            .metrics
+            .publish_throttled
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            biased;
+            _ = self.kicked.cancelled() => Err(Close::TakenOver),
+            _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
+            _ = tokio::time::sleep(ahead - PUBLISH_BURST) => Ok(()),
+        }
+    }
+}

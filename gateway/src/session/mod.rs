@@ -1,0 +1,497 @@
+//! One MQTT connection, from its CONNECT to its close, and the session it holds.
+//!
+//! Files, in the order a connection meets them: [`connect`] (read and decide the
+//! CONNECT), this module (attach to a session, the connection loop, the close),
+//! [`inbound`] (what the client sends: PUBLISH, SUBSCRIBE, ...), [`outbound`] (what the
+//! gateway sends: deliveries and the acknowledgements it owes), [`will`] (Will
+//! messages, their delay, session expiry) and [`state`] (the session itself, which
+//! outlives connections).
+//!
+//! The ingest rule lives here: a QoS 1/2 PUBLISH is appended to the journal and its
+//! PUBACK / PUBREC is written only once the journal's durable watermark covers the
+//! record — and, when the message was queued for persistent sessions, once the store
+//! flushed those queue entries. Acknowledgements leave in arrival order (a refused
+//! publish waits behind the accepted ones before it). At most `mqtt.max_inflight`
+//! QoS 1/2 publishes wait per session: an MQTT 5 client that sends more violates the
+//! Receive Maximum we advertised and is disconnected (0x93); reading from a 3.1.1
+//! client pauses until acknowledgements drain. When the journal is full, `append`
+//! waits, so the session stops reading: back-pressure reaches the vehicle's socket.
+//!
+//! A QoS 2 PUBLISH is journaled once: its packet id is remembered (in the store for a
+//! persistent session) until PUBREL, and a re-sent PUBLISH with that id is answered with
+//! PUBREC without being journaled or routed again — across a restart too.
+//!
+//! Nothing unacknowledgeable is acknowledged: a publish with no route under
+//! `kafka.unmatched = "refuse"` and no local subscriber gets MQTT 5 PUBACK 0x90, and a
+//! 3.1.1 client (which cannot be refused a QoS 1 PUBLISH) is disconnected, like an ACL
+//! violation. A Will is checked against the ACL and the routes at CONNECT and again
+//! before it is journaled.
+//!
+//! Per-connection state is bounded: `mqtt.max_subscriptions` filters, topic aliases up
+//! to `mqtt.topic_alias_max` stored only after the topic passed validation and the
+//! publish ACL, [`MAX_STORED_TOPIC_BYTES`] of both, a keep alive of at most
+//! `mqtt.max_keep_alive_secs`, and the outbound queue bounds of [`state`].
+
+pub mod connect;
+mod inbound;
+mod outbound;
+pub mod state;
+pub mod will;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{timeout, timeout_at, Instant};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::mqtt::codec::{ConnAckParams, ConnectRefusal};
+use crate::mqtt::packet::Will;
+use crate::mqtt::{Codec, ProtocolError, Version};
+use crate::registry::{Connecting, Detached};
+use crate::state::Shared;
+use crate::tls::CertIdentity;
+pub use connect::refuse_busy;
+use state::{Owner, SessionCell};
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed to write the DISCONNECT on the way out.
+const GOODBYE_WRITE: Duration = Duration::from_secs(2);
+/// How often a session that stopped reading checks that the journal still runs.
+const JOURNAL_CHECK: Duration = Duration::from_secs(1);
+const READ_CHUNK: usize = 4096;
+/// Read buffer of a session that is not streaming (64 bytes is also what `BytesMut`
+/// allocates for a read into an empty buffer).
+const IDLE_READ: usize = 64;
+/// Deliveries are encoded into the write buffer up to this many bytes before the
+/// socket is written: bounds a connection's write buffer whatever is queued for it.
+const OUT_BUDGET: usize = 64 * 1024;
+/// Longest a SUBSCRIBE / UNSUBSCRIBE waits for the store to flush its change before
+/// the SUBACK goes out anyway (the change is applied; only its crash-safety waits).
+const STORE_WAIT: Duration = Duration::from_secs(5);
+
+/// Burst a connection may publish ahead of `mqtt.max_publish_rate`.
+const PUBLISH_BURST: Duration = Duration::from_secs(1);
+
+/// Per-connection budget for stored topic strings (subscription filters + alias topics).
+pub const MAX_STORED_TOPIC_BYTES: usize = 64 * 1024;
+
+/// Why a session ended; the label of `gateway_connections_closed_total`.
+#[derive(Debug)]
+enum Close {
+    ClientDisconnect,
+    /// DISCONNECT with reason 0x04: the client asks for its Will.
+    DisconnectWithWill,
+    PeerClosed,
+    KeepAlive,
+    TakenOver,
+    Shutdown,
+    Protocol(ProtocolError),
+    Io(std::io::Error),
+    JournalStopped(String),
+}
+
+impl Close {
+    fn label(&self) -> &'static str {
+        match self {
+            Close::ClientDisconnect => "client_disconnect",
+            Close::DisconnectWithWill => "client_disconnect_with_will",
+            Close::PeerClosed => "peer_closed",
+            Close::KeepAlive => "keepalive_timeout",
+            Close::TakenOver => "taken_over",
+            Close::Shutdown => "shutdown",
+            Close::Protocol(_) => "protocol_error",
+            Close::Io(_) => "io_error",
+            Close::JournalStopped(_) => "journal_stopped",
+        }
+    }
+    /// Whether the Will message is published (MQTT: any close without a normal DISCONNECT).
+    fn publishes_will(&self) -> bool {
+        !matches!(self, Close::ClientDisconnect)
+    }
+}
+
+/// Which acknowledgement a client's PUBLISH (or PUBREL) is owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    PubAck,
+    PubRec,
+    PubComp,
+}
+
+/// An acknowledgement waiting until what it acknowledges is durable.
+struct Pending {
+    kind: AckKind,
+    pkid: u16,
+    /// Acknowledge once the journal's durable watermark reaches this sequence...
+    seq: u64,
+    /// ...and the store's flushed generation reaches this one (0 = nothing to wait for).
+    gen: u64,
+    reason: u8,
+}
+
+struct Session<S> {
+    stream: S,
+    shared: Arc<Shared>,
+    codec: Codec,
+    client_id: Arc<str>,
+    /// Password user (operator ACLs apply), if any.
+    user: Option<String>,
+    conn: u64,
+    cell: Arc<SessionCell>,
+    read_buf: BytesMut,
+    /// Size of the latest read, to tell a streaming session from an idle one.
+    last_read: usize,
+    out: BytesMut,
+    pending: VecDeque<Pending>,
+    /// Sequence of this session's latest append; refused publishes wait behind it.
+    last_seq: u64,
+    /// Store generation of this session's latest write that an ack must wait for.
+    last_gen: u64,
+    /// 1.5 × the effective keep alive (always set: see `mqtt.max_keep_alive_secs`).
+    keep_alive: Duration,
+    deadline: Instant,
+    aliases: Vec<Option<String>>,
+    /// Whether the subscription bound was logged already (once per session, not per packet).
+    quota_logged: bool,
+    /// Bytes of topic strings this session stores (subscription filters and alias
+    /// topics), bounded by [`MAX_STORED_TOPIC_BYTES`]: a count bound alone let 100
+    /// filters of 60 KiB each hold 6 MiB per connection.
+    stored_bytes: usize,
+    will: Option<Will>,
+    /// The client's Receive Maximum: QoS 1/2 deliveries in flight at once.
+    receive_max: usize,
+    /// Session Expiry Interval of the CONNECT (a DISCONNECT may change it, not from 0).
+    connect_expiry: u32,
+    /// Cancelled when a newer connection takes this client id over. Also watched while
+    /// an append waits for journal space, so a back-pressured session still yields.
+    kicked: tokio_util::sync::CancellationToken,
+    /// Theoretical arrival time of the next PUBLISH under `mqtt.max_publish_rate`
+    /// (GCRA: one instant instead of a token count and a timestamp).
+    pace: Instant,
+}
+
+/// Runs one connection. `identity` is set when TLS verified a client certificate.
+pub async fn run<S>(mut stream: S, peer: SocketAddr, identity: Option<CertIdentity>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
+    let connect_timeout = Duration::from_secs(shared.cfg.mqtt.connect_timeout_secs);
+    // One deadline for reading the CONNECT and deciding it (authentication included).
+    let connect_deadline = Instant::now() + connect_timeout;
+    let mut read_buf = BytesMut::with_capacity(READ_CHUNK);
+    // A connection still without a session does not hold up a shutdown.
+    let reading = timeout_at(
+        connect_deadline,
+        Box::pin(connect::read_connect(&mut stream, &mut read_buf, &shared)),
+    );
+    let read = tokio::select! {
+        _ = shared.shutdown.cancelled() => return,
+        r = reading => r,
+    };
+    let first = match read {
+        Ok(Ok(Some(first))) => first,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            shared.metrics.protocol_errors.inc(e.label);
+            warn!(%peer, reason = e.label, detail = %e, "connection closed before CONNECT");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.protocol_errors.inc("connect_timeout");
+            warn!(%peer, timeout_secs = connect_timeout.as_secs(), "no complete CONNECT in time; closing");
+            return;
+        }
+    };
+    let (codec, req) = first;
+    let mut out = BytesMut::new();
+    let decided = timeout_at(
+        connect_deadline,
+        Box::pin(connect::accept_connect(&codec, &req, peer, identity.as_ref(), &shared)),
+    )
+    .await
+    .unwrap_or(Err(ConnectRefusal::AuthTimeout));
+    let admitted = match decided {
+        Ok(a) => a,
+        Err(why) => {
+            shared.metrics.connack_refused.inc(why.label());
+            if matches!(
+                why,
+                ConnectRefusal::RateLimitedAddress | ConnectRefusal::RateLimitedGlobal
+            ) {
+                // A flood must not turn into a log flood: counted, logged at debug.
+                debug!(%peer, reason = why.label(), "CONNECT refused: rate limit");
+            } else {
+                warn!(%peer, client_id = %req.client_id, reason = why.label(), "CONNECT refused");
+            }
+            codec.connack_refuse(&mut out, why);
+            let _ = timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let client_id: Arc<str> = Arc::from(admitted.client_id.as_str());
+    // The span is attached to the session's future (not entered across awaits, which
+    // would label other tasks' log lines with this vehicle).
+    let span = tracing::info_span!("session", client_id = %client_id, %peer);
+    let _entered = span.clone().entered();
+    let m = &shared.cfg.mqtt;
+    let max_expiry = shared.cfg.sessions.max_expiry_secs;
+    // 3.1.1: clean session 0 keeps the session for `sessions.max_expiry_secs`.
+    let (expiry, expiry_capped) = match codec.version {
+        Version::V4 if req.clean_start => (0, false),
+        Version::V4 => (max_expiry, false),
+        Version::V5 => {
+            let asked = req.session_expiry_secs.unwrap_or(0);
+            (asked.min(max_expiry), asked > max_expiry)
+        }
+    };
+    let kicked = tokio_util::sync::CancellationToken::new();
+    let attached = shared.registry.attach(
+        Connecting {
+            client_id: &client_id,
+            owner: Owner {
+                conn,
+                kicked: kicked.clone(),
+            },
+            clean_start: req.clean_start,
+            expiry_secs: expiry,
+            protocol: if codec.version == Version::V5 { 5 } else { 4 },
+        },
+        &shared.router,
+        &shared.store,
+        &shared.metrics,
+    );
+    if let Some(w) = attached.will_due {
+        will::publish(&shared, &client_id, w.will).await;
+    }
+    let assigned = (*client_id != *req.client_id).then(|| client_id.to_string());
+    let mut codec = codec;
+    if let Some(max) = req.max_packet_size {
+        codec.max_out = max as usize;
+    }
+    // Keep alive 0 ("never") or above the cap becomes the cap.
+    let capped = req.keep_alive == 0 || req.keep_alive > m.max_keep_alive_secs;
+    let keep_alive_secs = if capped {
+        shared.metrics.keep_alive_capped.fetch_add(1, Ordering::Relaxed);
+        m.max_keep_alive_secs
+    } else {
+        req.keep_alive
+    };
+    let server_keep_alive = (capped && codec.version == Version::V5).then_some(keep_alive_secs);
+    codec.connack(
+        &mut out,
+        &ConnAckParams {
+            session_present: attached.present,
+            receive_max: m.max_inflight,
+            topic_alias_max: m.topic_alias_max,
+            assigned,
+            server_keep_alive,
+            max_qos: m.max_qos,
+            session_expiry_secs: expiry_capped.then_some(expiry),
+            retain_available: shared.cfg.retained.enabled,
+        },
+    );
+    let cell = attached.cell;
+    // Messages sent before and not acknowledged go first, with DUP (§4.4).
+    cell.resend_inflight(&mut out, &codec);
+    let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
+    shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    info!(version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
+        session_present = attached.present, session_expiry = expiry, "connected");
+    let stored_bytes = cell.lock().subscriptions.keys().map(String::len).sum();
+    let mut s = Session {
+        stream,
+        shared: shared.clone(),
+        codec,
+        client_id: client_id.clone(),
+        user: admitted.user,
+        conn,
+        cell,
+        read_buf,
+        last_read: 0,
+        out,
+        pending: VecDeque::new(),
+        last_seq: 0,
+        last_gen: 0,
+        keep_alive,
+        deadline: Instant::now() + keep_alive,
+        aliases: Vec::new(),
+        quota_logged: false,
+        stored_bytes,
+        will: req.will.clone(),
+        receive_max: usize::from(req.receive_maximum.unwrap_or(u16::MAX).max(1)),
+        connect_expiry: expiry,
+        kicked,
+        pace: Instant::now(),
+    };
+    // Not needed any more: do not keep the CONNECT (and its strings) for the session's life.
+    drop(req);
+    drop(_entered);
+    async {
+        let close = s.serve().await;
+        // Boxed: the goodbye path is rare; keeping it out of the session's future keeps an
+        // idle connection small (a million of them must fit in memory).
+        Box::pin(s.finish(close)).await;
+    }
+    .instrument(span)
+    .await;
+    shared.metrics.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    async fn serve(&mut self) -> Close {
+        let kicked = self.kicked.clone();
+        let mut durable_rx = self.shared.journal.durable();
+        let mut flushed_rx = self.shared.store.flushed();
+        let shutdown = self.shared.shutdown.clone();
+        let cell = self.cell.clone();
+        let max_inflight = usize::from(self.shared.cfg.mqtt.max_inflight);
+        loop {
+            // Acknowledge first: that frees in-flight room for packets already buffered
+            // (a paused 3.1.1 client may have nothing more to send until they are read).
+            self.ack_durable(*durable_rx.borrow_and_update(), *flushed_rx.borrow_and_update());
+            if let Err(close) = self.process_buffered(max_inflight).await {
+                return close;
+            }
+            // And after: a refused publish may be acknowledgeable at once.
+            self.ack_durable(*durable_rx.borrow_and_update(), *flushed_rx.borrow_and_update());
+            let more = self.fill_outbound();
+            if let Err(e) = self.flush().await {
+                return Close::Io(e);
+            }
+            // Room freed while whole packets wait in the buffer: handle them now. The peer
+            // may have sent everything already, so no new bytes would wake us.
+            if self.inbound_room(max_inflight) && self.packet_buffered() {
+                continue;
+            }
+            let can_read = self.inbound_room(max_inflight) || self.codec.version == Version::V5;
+            if !can_read {
+                // We stopped reading (in-flight bound, e.g. while the journal withholds
+                // durability): the client's PINGREQs wait unread in the socket, so its
+                // keep-alive is not counting against it until we read again.
+                self.deadline = Instant::now() + self.keep_alive;
+            }
+            let waiting = !self.pending.is_empty();
+            tokio::select! {
+                biased;
+                _ = kicked.cancelled() => return Close::TakenOver,
+                _ = shutdown.cancelled() => return Close::Shutdown,
+                changed = durable_rx.changed(), if waiting => {
+                    if changed.is_err() {
+                        return Close::JournalStopped("journal closed".into());
+                    }
+                }
+                _ = flushed_rx.changed(), if waiting => {}
+                _ = sleep_until_deadline(self.deadline), if can_read => return Close::KeepAlive,
+                // Not reading and waiting on the journal: a writer that stopped for good
+                // wakes nobody, so look now and then (the session must not outlive it).
+                _ = tokio::time::sleep(JOURNAL_CHECK), if !can_read => {
+                    if self.shared.journal_stopped() {
+                        return Close::JournalStopped("journal stopped".into());
+                    }
+                }
+                read = self.read_more(), if can_read => match read {
+                    Ok(0) => return Close::PeerClosed,
+                    Ok(_) => {}
+                    Err(e) => return Close::Io(e),
+                },
+                _ = cell.wake.notified() => {}
+                // More deliveries are ready (the write budget stopped the last fill):
+                // after the reads above had their chance.
+                _ = std::future::ready(()), if more => {}
+            }
+        }
+    }
+
+    /// Ends the session: tells the client why (MQTT 5), publishes the Will when due,
+    /// detaches from the session (which ends, or stays for a persistent session), and
+    /// on shutdown first waits for pending acknowledgements to become durable.
+    async fn finish(&mut self, close: Close) {
+        let metrics = &self.shared.metrics;
+        metrics.connections_closed.inc(close.label());
+        let reason = match &close {
+            Close::Protocol(e) => {
+                metrics.protocol_errors.inc(e.label);
+                warn!(reason = e.label, detail = %e.detail, "closing connection: protocol error");
+                Some(e.reason)
+            }
+            Close::KeepAlive => {
+                info!("closing connection: no packet within 1.5 × keep alive");
+                Some(0x8D)
+            }
+            Close::TakenOver => {
+                info!("closing connection: client id taken over by a new connection");
+                Some(0x8E)
+            }
+            Close::Shutdown => {
+                self.drain_acks().await;
+                Some(0x8B)
+            }
+            Close::JournalStopped(why) => {
+                warn!(error = %why, "closing connection: journal stopped");
+                Some(0x80)
+            }
+            Close::Io(e) => {
+                debug!(error = %e, "connection I/O error");
+                None
+            }
+            Close::ClientDisconnect | Close::PeerClosed | Close::DisconnectWithWill => {
+                debug!(reason = close.label(), "connection closed by client");
+                None
+            }
+        };
+        if let Some(reason) = reason {
+            self.codec.disconnect(&mut self.out, reason);
+        }
+        // The goodbye is best effort: a peer whose writes already timed out gets a short
+        // chance, not another full write timeout.
+        let _ = self.flush_within(GOODBYE_WRITE).await;
+        let _ = timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+        let detached = self.shared.registry.detach(
+            &self.cell,
+            self.conn,
+            &self.shared.router,
+            &self.shared.store,
+            &self.shared.metrics,
+        );
+        if close.publishes_will() {
+            if let Some(w) = self.will.take() {
+                will::on_close(&self.shared, &self.cell, w, &detached).await;
+            }
+        }
+        if detached == Detached::Kept {
+            debug!("persistent session kept offline");
+        }
+    }
+
+    /// On shutdown: acknowledge everything already accepted once it is durable.
+    async fn drain_acks(&mut self) {
+        let mut rx = self.shared.journal.durable();
+        let mut flushed = self.shared.store.flushed();
+        while !self.pending.is_empty() {
+            let durable = *rx.borrow_and_update();
+            self.ack_durable(durable, *flushed.borrow_and_update());
+            if self.pending.is_empty() {
+                break;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { break },
+                r = flushed.changed() => if r.is_err() { break },
+            }
+        }
+    }
+}
+
+async fn sleep_until_deadline(deadline: Instant) {
+    tokio::time::sleep_until(deadline).await
+}

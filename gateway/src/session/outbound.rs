@@ -1,0 +1,147 @@
+//! What the gateway writes to a connection: acknowledgements it owes the client (in
+//! arrival order, once durable), deliveries from the session's queue (up to the
+//! client's Receive Maximum and a write budget), and the client's acknowledgements of
+//! those deliveries (PUBACK, PUBREC → PUBREL, PUBCOMP).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::timeout;
+
+use super::state::SendLimits;
+use super::{AckKind, Pending, Session, IDLE_READ, OUT_BUDGET, READ_CHUNK, WRITE_TIMEOUT};
+use crate::mqtt::codec::{frame, Framing};
+use crate::mqtt::Version;
+
+impl<S> Session<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Owes the client an acknowledgement with a failure reason (or a duplicate's), in
+    /// arrival order: it waits behind this session's earlier publishes.
+    pub(super) fn owe(&mut self, kind: AckKind, pkid: u16, reason: u8) {
+        self.pending.push_back(Pending {
+            kind,
+            pkid,
+            seq: self.last_seq,
+            gen: self.last_gen,
+            reason,
+        });
+    }
+
+    /// Writes every owed acknowledgement whose record is durable in the journal and
+    /// whose store writes are flushed, in order.
+    pub(super) fn ack_durable(&mut self, durable: u64, flushed: u64) {
+        while let Some(p) = self.pending.front() {
+            if p.seq > durable || p.gen > flushed {
+                break;
+            }
+            match p.kind {
+                AckKind::PubAck => self.codec.puback(&mut self.out, p.pkid, p.reason),
+                AckKind::PubRec => self.codec.pubrec(&mut self.out, p.pkid, p.reason),
+                AckKind::PubComp => self.codec.pubcomp(&mut self.out, p.pkid, p.reason),
+            }
+            if p.reason == 0 && p.kind == AckKind::PubAck {
+                self.shared.metrics.pubacks_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    /// Whether another QoS 1/2 PUBLISH from the client may be taken now.
+    pub(super) fn inbound_room(&self, max_inflight: usize) -> bool {
+        self.pending.len() < max_inflight
+    }
+
+    pub(super) fn packet_buffered(&self) -> bool {
+        !matches!(frame(&self.read_buf, self.codec.max_in), Ok(Framing::Incomplete))
+    }
+
+    /// Encodes queued deliveries into the write buffer. Returns whether more are ready
+    /// (the write budget stopped it).
+    pub(super) fn fill_outbound(&mut self) -> bool {
+        let lim = SendLimits {
+            codec: &self.codec,
+            receive_max: self.receive_max,
+            out_budget: OUT_BUDGET,
+        };
+        self.cell
+            .fill(&mut self.out, &lim, &self.shared.store, &self.shared.metrics);
+        self.out.len() >= OUT_BUDGET
+    }
+
+    /// PUBACK from the client for a QoS 1 delivery.
+    pub(super) fn on_puback(&mut self, pkid: u16) {
+        self.cell
+            .complete(pkid, 1, &self.shared.store, &self.shared.metrics);
+    }
+
+    /// PUBREC from the client: answer PUBREL (0x92 when nothing waits under that id).
+    pub(super) fn on_pubrec(&mut self, pkid: u16, reason: u8) {
+        let (store, metrics) = (&self.shared.store, &self.shared.metrics);
+        if reason >= 0x80 {
+            // The client refused the message: the flow ends here (MQTT 5 §4.3.3).
+            self.cell.refused(pkid, store, metrics);
+            return;
+        }
+        let known = self.cell.received(pkid, store, metrics);
+        self.codec
+            .pubrel(&mut self.out, pkid, if known { 0 } else { 0x92 });
+    }
+
+    /// PUBCOMP from the client: the QoS 2 delivery is complete.
+    pub(super) fn on_pubcomp(&mut self, pkid: u16) {
+        self.cell
+            .complete(pkid, 2, &self.shared.store, &self.shared.metrics);
+    }
+
+    /// Reads more bytes. An idle vehicle (nothing buffered, last read small) waits with a
+    /// small buffer: at a million connections the read buffer is most of the memory.
+    pub(super) async fn read_more(&mut self) -> std::io::Result<usize> {
+        if self.read_buf.is_empty() && self.last_read < IDLE_READ {
+            if self.read_buf.capacity() > 4 * IDLE_READ {
+                self.read_buf = bytes::BytesMut::new();
+            }
+            self.read_buf.reserve(IDLE_READ);
+        } else {
+            self.read_buf.reserve(READ_CHUNK);
+        }
+        let n = self.stream.read_buf(&mut self.read_buf).await?;
+        self.last_read = n;
+        Ok(n)
+    }
+
+    /// Writes what is queued. A peer that does not drain its socket for its whole
+    /// keep-alive window (or [`WRITE_TIMEOUT`], whichever is shorter) is as good as gone:
+    /// the write times out and the connection closes, so a client that never reads
+    /// cannot hold a session (and its memory) forever.
+    pub(super) async fn flush(&mut self) -> std::io::Result<()> {
+        self.flush_within(WRITE_TIMEOUT.min(self.keep_alive)).await
+    }
+
+    pub(super) async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        match timeout(limit, self.stream.write_all(&self.out)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "write timed out",
+                ))
+            }
+        }
+        self.out.clear();
+        if self.out.capacity() > 4 * super::OUT_BUDGET {
+            // A burst grew the buffer: do not keep it for an idle connection.
+            self.out = bytes::BytesMut::new();
+        }
+        Ok(())
+    }
+
+    pub(super) fn is_v5(&self) -> bool {
+        self.codec.version == Version::V5
+    }
+}

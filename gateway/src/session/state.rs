@@ -1,0 +1,552 @@
+//! A session apart from any connection: what the router delivers into and what a
+//! persistent session keeps across disconnects and restarts.
+//!
+//! Invariants:
+//! - One [`SessionCell`] per client id in the registry; the connection that holds it
+//!   is its `owner` (none while offline). Routing never waits for a connection: it
+//!   locks the cell for a moment, appends to its bounded queue and wakes the owner.
+//! - Outbound order: messages leave in the order they were queued. In-flight QoS 1/2
+//!   messages (sent, not acknowledged) stay in send order and are re-sent first, with
+//!   DUP, when a connection takes the session over (MQTT 3.1.1 §4.4, 5.0 §4.4).
+//! - Bounds: QoS 1/2 messages held (queued + in flight) are bounded in count and bytes
+//!   (`sessions.max_queued_*`; the overflow policy drops the oldest queued message or
+//!   refuses the new one, counted); QoS 0 messages waiting for the socket are bounded by
+//!   `sessions.max_outbound_qos0` (dropped beyond, counted) and are never kept for an
+//!   offline session.
+//! - Persistent sessions (expiry > 0) mirror every QoS 1/2 queue entry into the store
+//!   before the write's generation is handed back; the publisher's PUBACK waits until the
+//!   store has flushed that generation, so an acknowledged message survives a SIGKILL.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::BytesMut;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use crate::config::{QueueOverflow, SessionsSection};
+use crate::message::{now_ms, Message};
+use crate::metrics::Metrics;
+use crate::mqtt::codec::OutPublish;
+use crate::mqtt::packet::Will;
+use crate::mqtt::Codec;
+use crate::router::SubOptions;
+use crate::store::{OutState, QueuedRecord, SessionRecord, Store};
+
+/// A session, online or offline, shared by its connection, the router and the registry.
+pub struct SessionCell {
+    pub client_id: Arc<str>,
+    state: Mutex<SessionState>,
+    /// Wakes the owning connection when something was queued for it (a permit is kept
+    /// if it is busy, so no wake-up is lost).
+    pub wake: Notify,
+}
+
+impl std::fmt::Debug for SessionCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionCell").field("client_id", &self.client_id).finish()
+    }
+}
+
+/// The connection holding a session.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub conn: u64,
+    /// Cancelled when a newer connection takes the session (or its client id) over.
+    pub kicked: CancellationToken,
+}
+
+/// A Will waiting for its delay interval (MQTT 5 §3.1.3.2.2) after its connection closed.
+#[derive(Debug)]
+pub struct DelayedWill {
+    pub will: Will,
+    /// Cancelled when the session is resumed before the delay passed.
+    pub cancel: CancellationToken,
+}
+
+#[derive(Debug)]
+pub struct SessionState {
+    pub owner: Option<Owner>,
+    /// Session Expiry Interval in force (0 = the session ends with its connection).
+    pub expiry_secs: u32,
+    pub disconnected_at_ms: Option<u64>,
+    /// Raw filter (`$share/...` included) → options.
+    pub subscriptions: BTreeMap<String, SubOptions>,
+    /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
+    pub inbound_qos2: BTreeSet<u16>,
+    pub out: Outbound,
+    /// 4 or 5.
+    pub protocol: u8,
+    pub delayed_will: Option<DelayedWill>,
+    /// Set once the session is discarded (clean start, expiry): a cell still referenced
+    /// by a connection or the router is then dead and takes nothing.
+    pub gone: bool,
+}
+
+impl SessionState {
+    pub fn persistent(&self) -> bool {
+        self.expiry_secs > 0
+    }
+
+    /// Whether an offline session's expiry interval has passed.
+    pub fn expired(&self, now: u64) -> bool {
+        match (self.owner.as_ref(), self.disconnected_at_ms) {
+            (None, Some(at)) if self.expiry_secs != u32::MAX => {
+                now.saturating_sub(at) >= u64::from(self.expiry_secs) * 1000
+            }
+            _ => false,
+        }
+    }
+
+    pub fn record(&self) -> SessionRecord {
+        SessionRecord {
+            expiry_secs: self.expiry_secs,
+            disconnected_at_ms: self.disconnected_at_ms,
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(f, o)| (f.clone(), *o))
+                .collect(),
+            inbound_qos2: self.inbound_qos2.iter().copied().collect(),
+            protocol: self.protocol,
+        }
+    }
+}
+
+/// One message on its way to this session.
+#[derive(Debug, Clone)]
+pub struct OutItem {
+    /// Key of its store entry (persistent sessions, QoS 1/2), else 0.
+    pub id: u64,
+    pub msg: Arc<Message>,
+    /// Delivery QoS: min(published, granted).
+    pub qos: u8,
+    /// RETAIN flag to send.
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    /// Packet id once sent (QoS > 0).
+    pub pkid: u16,
+    pub state: OutState,
+}
+
+impl OutItem {
+    pub fn new(msg: Arc<Message>, qos: u8, retain: bool, subscription_ids: Vec<u32>) -> Self {
+        OutItem {
+            id: 0,
+            msg,
+            qos,
+            retain,
+            subscription_ids,
+            pkid: 0,
+            state: OutState::Queued,
+        }
+    }
+
+    fn record(&self) -> QueuedRecord {
+        QueuedRecord {
+            message: (*self.msg).clone(),
+            qos: self.qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            pkid: self.pkid,
+            state: self.state,
+        }
+    }
+
+    pub fn from_record(id: u64, r: QueuedRecord) -> Self {
+        OutItem {
+            id,
+            msg: Arc::new(r.message),
+            qos: r.qos,
+            retain: r.retain,
+            subscription_ids: r.subscription_ids,
+            pkid: r.pkid,
+            state: r.state,
+        }
+    }
+}
+
+/// A session's outbound side: queued messages and those in flight.
+#[derive(Debug, Default)]
+pub struct Outbound {
+    /// Not sent yet, in arrival order.
+    pub queue: VecDeque<OutItem>,
+    /// Sent (QoS 1/2), waiting for PUBACK / PUBREC / PUBCOMP, in send order.
+    pub inflight: VecDeque<OutItem>,
+    qos0: usize,
+    /// QoS 1/2 messages held (queue + in flight) and their bytes.
+    held: usize,
+    held_bytes: usize,
+    next_id: u64,
+    next_pkid: u16,
+}
+
+/// What happened to a message offered to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    /// Queued; `gen` is the store generation to wait for before acknowledging the
+    /// publisher (persistent session, QoS > 0).
+    Queued { gen: Option<u64> },
+    /// Not queued (counted under this reason).
+    Dropped(&'static str),
+}
+
+/// The owning connection's Receive Maximum room and packet-size limit, used to move
+/// queued messages into flight.
+pub struct SendLimits<'a> {
+    pub codec: &'a Codec,
+    /// Client's Receive Maximum (QoS 1/2 in flight at once).
+    pub receive_max: usize,
+    /// Stop filling once the write buffer holds this many bytes (the socket drains it).
+    pub out_budget: usize,
+}
+
+impl Outbound {
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    fn next_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1);
+            if self.next_pkid == 0 {
+                continue;
+            }
+            let p = self.next_pkid;
+            if !self.inflight.iter().any(|i| i.pkid == p) {
+                return p;
+            }
+        }
+    }
+
+    fn forget(&mut self, item: &OutItem, metrics: &Metrics) {
+        if item.qos == 0 {
+            self.qos0 = self.qos0.saturating_sub(1);
+        } else {
+            self.held = self.held.saturating_sub(1);
+            self.held_bytes = self.held_bytes.saturating_sub(item.msg.weight());
+            metrics
+                .queued_messages
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn admit(&mut self, item: &OutItem, metrics: &Metrics) {
+        if item.qos == 0 {
+            self.qos0 += 1;
+        } else {
+            self.held += 1;
+            self.held_bytes += item.msg.weight();
+            metrics
+                .queued_messages
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        if item.id >= self.next_id {
+            self.next_id = item.id + 1;
+        }
+    }
+
+    /// Puts back what a restarted gateway found in the store (in id order).
+    pub fn restore(&mut self, item: OutItem, metrics: &Metrics) {
+        self.admit(&item, metrics);
+        if item.state == OutState::Queued {
+            self.queue.push_back(item);
+        } else {
+            self.inflight.push_back(item);
+        }
+    }
+
+    /// Empties the session's outbound side (session discarded or expired).
+    pub fn clear(&mut self, metrics: &Metrics) {
+        let items: Vec<OutItem> = self.queue.drain(..).chain(self.inflight.drain(..)).collect();
+        for i in &items {
+            self.forget(i, metrics);
+        }
+    }
+}
+
+impl SessionCell {
+    pub fn new(client_id: Arc<str>, state: SessionState) -> Arc<Self> {
+        Arc::new(SessionCell {
+            client_id,
+            state: Mutex::new(state),
+            wake: Notify::new(),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.lock().owner.is_some()
+    }
+
+    /// Offers a routed message. QoS 0 is only taken while a connection holds the
+    /// session; QoS 1/2 is queued (and, for a persistent session, written to the store)
+    /// within the session's bounds.
+    pub fn offer(
+        &self,
+        mut item: OutItem,
+        limits: &SessionsSection,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Offer {
+        let mut st = self.lock();
+        if st.gone {
+            return Offer::Dropped("session_gone");
+        }
+        let online = st.owner.is_some();
+        let persistent = st.persistent();
+        let out = &mut st.out;
+        if item.qos == 0 {
+            if !online {
+                return Offer::Dropped("offline_qos0");
+            }
+            if out.qos0 >= limits.max_outbound_qos0 {
+                return Offer::Dropped("qos0_queue_full");
+            }
+            out.admit(&item, metrics);
+            out.queue.push_back(item);
+            drop(st);
+            self.wake.notify_one();
+            return Offer::Queued { gen: None };
+        }
+        let weight = item.msg.weight();
+        let mut gen = None;
+        while out.held >= limits.max_queued_messages || out.held_bytes + weight > limits.max_queued_bytes {
+            if limits.queue_overflow == QueueOverflow::RefuseNew {
+                return Offer::Dropped("queue_full_refuse_new");
+            }
+            // Drop the oldest message not yet sent (in-flight ones are the client's).
+            let Some(pos) = out.queue.iter().position(|i| i.qos > 0) else {
+                return Offer::Dropped("queue_full_refuse_new");
+            };
+            let Some(old) = out.queue.remove(pos) else {
+                break;
+            };
+            out.forget(&old, metrics);
+            metrics.messages_dropped.inc("queue_full_drop_oldest");
+            if persistent && old.id != 0 {
+                match store.remove_queued(&self.client_id, old.id) {
+                    Ok(g) => gen = Some(g),
+                    Err(e) => store_failed(metrics, &self.client_id, &e),
+                }
+            }
+        }
+        if persistent {
+            item.id = out.next_id.max(1);
+            match store.put_queued(&self.client_id, item.id, &item.record()) {
+                Ok(g) => gen = Some(g),
+                Err(e) => {
+                    store_failed(metrics, &self.client_id, &e);
+                    return Offer::Dropped("store_error");
+                }
+            }
+        }
+        out.admit(&item, metrics);
+        out.queue.push_back(item);
+        drop(st);
+        if online {
+            self.wake.notify_one();
+        }
+        Offer::Queued { gen }
+    }
+
+    /// Moves queued messages into flight and encodes them into `out`, up to the
+    /// client's Receive Maximum and the write budget. Expired messages are dropped, as
+    /// are messages larger than the client's Maximum Packet Size (both counted).
+    /// Returns how many PUBLISHes were written.
+    pub fn fill(&self, buf: &mut BytesMut, lim: &SendLimits<'_>, store: &Store, metrics: &Metrics) -> usize {
+        let mut st = self.lock();
+        let persistent = st.persistent();
+        let now = now_ms();
+        let mut sent = 0;
+        loop {
+            if buf.len() >= lim.out_budget {
+                break;
+            }
+            let Some(front) = st.out.queue.front() else {
+                break;
+            };
+            if front.qos > 0 && st.out.inflight.len() >= lim.receive_max {
+                break;
+            }
+            let Some(mut item) = st.out.queue.pop_front() else {
+                break;
+            };
+            if item.msg.expired(now) {
+                st.out.forget(&item, metrics);
+                metrics.messages_dropped.inc("expired");
+                if persistent && item.id != 0 {
+                    if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                        store_failed(metrics, &self.client_id, &e);
+                    }
+                }
+                continue;
+            }
+            if item.qos > 0 {
+                item.pkid = st.out.next_pkid();
+                item.state = OutState::Published;
+            }
+            if !encode(buf, lim.codec, &item, false, now) {
+                st.out.forget(&item, metrics);
+                metrics.messages_dropped.inc("too_large_for_client");
+                warn!(topic = %item.msg.topic, size = item.msg.payload.len(), "message larger than the client's Maximum Packet Size: dropped for this client");
+                if persistent && item.id != 0 {
+                    if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                        store_failed(metrics, &self.client_id, &e);
+                    }
+                }
+                continue;
+            }
+            metrics.messages_delivered.inc(qos_label(item.qos));
+            sent += 1;
+            if item.qos == 0 {
+                st.out.forget(&item, metrics);
+                continue;
+            }
+            if persistent && item.id != 0 {
+                // The packet id is remembered so that a re-send after a restart uses it
+                // (not flushed first: losing it only means a re-send without DUP).
+                if let Err(e) = store.put_queued(&self.client_id, item.id, &item.record()) {
+                    store_failed(metrics, &self.client_id, &e);
+                }
+            }
+            st.out.inflight.push_back(item);
+        }
+        sent
+    }
+
+    /// Re-sends what is in flight (a connection just took the session): PUBLISH with
+    /// DUP for messages not acknowledged, PUBREL for those waiting for PUBCOMP.
+    pub fn resend_inflight(&self, buf: &mut BytesMut, codec: &Codec) {
+        let st = self.lock();
+        let now = now_ms();
+        for item in &st.out.inflight {
+            match item.state {
+                OutState::Released => codec.pubrel(buf, item.pkid, 0),
+                _ => {
+                    encode(buf, codec, item, true, now);
+                }
+            }
+        }
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client: the message is done.
+    /// Returns false when no message was in flight under that packet id.
+    pub fn complete(&self, pkid: u16, qos: u8, store: &Store, metrics: &Metrics) -> bool {
+        let mut st = self.lock();
+        let wanted = if qos == 1 {
+            OutState::Published
+        } else {
+            OutState::Released
+        };
+        let Some(pos) = st
+            .out
+            .inflight
+            .iter()
+            .position(|i| i.pkid == pkid && i.qos == qos && i.state == wanted)
+        else {
+            return false;
+        };
+        let Some(item) = st.out.inflight.remove(pos) else {
+            return false;
+        };
+        st.out.forget(&item, metrics);
+        if st.persistent() && item.id != 0 {
+            if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                store_failed(metrics, &self.client_id, &e);
+            }
+        }
+        true
+    }
+
+    /// PUBREC from the client: the QoS 2 message moves to "released" (PUBREL sent).
+    /// Returns false when no QoS 2 message was waiting under that packet id.
+    pub fn received(&self, pkid: u16, store: &Store, metrics: &Metrics) -> bool {
+        let mut st = self.lock();
+        let persistent = st.persistent();
+        let Some(item) = st
+            .out
+            .inflight
+            .iter_mut()
+            .find(|i| i.pkid == pkid && i.qos == 2)
+        else {
+            return false;
+        };
+        item.state = OutState::Released;
+        if persistent && item.id != 0 {
+            let rec = item.record();
+            let id = item.id;
+            if let Err(e) = store.put_queued(&self.client_id, id, &rec) {
+                store_failed(metrics, &self.client_id, &e);
+            }
+        }
+        true
+    }
+
+    /// PUBREC with a failure reason (MQTT 5 ≥ 0x80): the message is done, unreleased.
+    pub fn refused(&self, pkid: u16, store: &Store, metrics: &Metrics) {
+        let mut st = self.lock();
+        if let Some(pos) = st.out.inflight.iter().position(|i| i.pkid == pkid && i.qos == 2) {
+            if let Some(item) = st.out.inflight.remove(pos) {
+                st.out.forget(&item, metrics);
+                if st.persistent() && item.id != 0 {
+                    if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                        store_failed(metrics, &self.client_id, &e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the session record (subscriptions, inbound QoS 2 ids, expiry) to the store
+    /// if the session is persistent. Returns the generation to wait for.
+    pub fn persist(&self, store: &Store, metrics: &Metrics) -> Option<u64> {
+        let st = self.lock();
+        if !st.persistent() || st.gone {
+            return None;
+        }
+        match store.put_session(&self.client_id, &st.record()) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                store_failed(metrics, &self.client_id, &e);
+                None
+            }
+        }
+    }
+}
+
+fn encode(buf: &mut BytesMut, codec: &Codec, item: &OutItem, dup: bool, now: u64) -> bool {
+    codec.publish(
+        buf,
+        &OutPublish {
+            topic: &item.msg.topic,
+            payload: &item.msg.payload,
+            qos: item.qos,
+            retain: item.retain,
+            dup: dup && item.qos > 0,
+            pkid: item.pkid,
+            props: &item.msg.props,
+            message_expiry_secs: item.msg.remaining_expiry_secs(now),
+            subscription_ids: &item.subscription_ids,
+        },
+    )
+}
+
+pub fn qos_label(qos: u8) -> &'static str {
+    match qos {
+        0 => "0",
+        1 => "1",
+        _ => "2",
+    }
+}
+
+pub fn store_failed(metrics: &Metrics, client_id: &str, e: &dyn std::fmt::Display) {
+    metrics
+        .store_errors
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    warn!(client_id, error = %e, "session store write failed");
+}

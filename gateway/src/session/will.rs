@@ -1,0 +1,157 @@
+//! Will messages and session expiry.
+//!
+//! A Will is published when its connection ends without a normal DISCONNECT (socket
+//! loss, keep-alive timeout, protocol error, takeover, shutdown, DISCONNECT 0x04). With
+//! an MQTT 5 Will Delay Interval it waits: a connection that resumes the session within
+//! the delay cancels it, and the session ending first (expiry, clean start) publishes it
+//! at once (§3.1.2.5). A published Will goes where a PUBLISH would: the journal when a
+//! Kafka route matches, local subscribers, and the retained store when it is retained.
+//! A delayed Will lives in memory only: a gateway restart within the delay loses it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bridge::{Entry, Journal};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::state::{DelayedWill, SessionCell};
+use crate::message::{now_ms, Message};
+use crate::mqtt::packet::Will;
+use crate::registry::Detached;
+use crate::state::Shared;
+use crate::topic;
+
+/// How long a Will waits for journal space when its connection closes.
+const WILL_APPEND_WAIT: Duration = Duration::from_secs(5);
+
+/// The connection of `cell` closed without a normal DISCONNECT: publish its Will now,
+/// or after its delay if the session outlives the connection.
+pub async fn on_close(shared: &Arc<Shared>, cell: &Arc<SessionCell>, will: Will, detached: &Detached) {
+    let delay = will.delay_interval_secs;
+    match detached {
+        Detached::Kept if delay > 0 => {
+            let cancel = CancellationToken::new();
+            let expiry = {
+                let mut st = cell.lock();
+                st.delayed_will = Some(DelayedWill {
+                    will,
+                    cancel: cancel.clone(),
+                });
+                st.expiry_secs
+            };
+            let wait = Duration::from_secs(u64::from(delay.min(expiry)));
+            let (shared, cell) = (shared.clone(), cell.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    _ = tokio::time::sleep(wait) => {
+                        let due = {
+                            let mut st = cell.lock();
+                            match &st.delayed_will {
+                                Some(w) if !w.cancel.is_cancelled() && st.owner.is_none() => st.delayed_will.take(),
+                                _ => None,
+                            }
+                        };
+                        if let Some(w) = due {
+                            publish(&shared, &cell.client_id, w.will).await;
+                        }
+                    }
+                }
+            });
+        }
+        // Taken over and resumed by the new connection: a delayed Will is cancelled by
+        // the resumption (§3.1.3.2.2); without a delay it is due now.
+        Detached::TakenOver if delay > 0 => {}
+        _ => publish(shared, &cell.client_id, will).await,
+    }
+}
+
+/// Publishes a Will as its client would have: journaled when a route matches (checked
+/// again against the ACL and routes), routed to local subscribers, retained if asked.
+pub async fn publish(shared: &Arc<Shared>, client_id: &Arc<str>, w: Will) {
+    let metrics = &shared.metrics;
+    if topic::validate_name(&w.topic).is_err() || !shared.auth.may_publish(client_id, &w.topic) {
+        metrics.unrouted.inc(if w.qos == 0 { "0" } else { "1" });
+        warn!(client_id = %client_id, topic = %w.topic, "Will not published: not allowed");
+        return;
+    }
+    metrics.wills_published.fetch_add(1, Ordering::Relaxed);
+    let now = now_ms();
+    if shared.routes.resolve(client_id, &w.topic).is_some() {
+        let entry = Entry {
+            received_at_ms: now,
+            qos: w.qos,
+            retain: w.retain,
+            client_id: client_id.to_string(),
+            topic: w.topic.clone(),
+            payload: w.payload.clone(),
+            content_type: w.props.content_type.clone(),
+            message_expiry_secs: w.message_expiry_secs,
+            user_properties: w.props.user_properties.clone(),
+        };
+        // A full journal must not hold the closing connection (and its slot) forever:
+        // the Will waits for space a bounded time, then is counted lost.
+        match timeout(WILL_APPEND_WAIT, shared.journal.append(&entry)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                metrics.protocol_errors.inc("will_not_journaled");
+                warn!(client_id = %client_id, error = %e, "will message could not be journaled");
+            }
+            Err(_) => {
+                metrics.protocol_errors.inc("will_not_journaled");
+                warn!(
+                    client_id = %client_id,
+                    wait_secs = WILL_APPEND_WAIT.as_secs(),
+                    "will message not journaled: the journal stayed full"
+                );
+            }
+        }
+    }
+    let msg = Arc::new(Message {
+        topic: w.topic,
+        payload: w.payload,
+        qos: w.qos,
+        retain: w.retain,
+        props: w.props,
+        received_at_ms: now,
+        expires_at_ms: w.message_expiry_secs.map(|s| now + u64::from(s) * 1000),
+    });
+    shared.router.route(
+        &msg,
+        Some(client_id),
+        &shared.registry,
+        &shared.cfg.sessions,
+        &shared.store,
+        metrics,
+    );
+    if msg.retain && shared.cfg.retained.enabled {
+        if let Err(reason) = shared
+            .router
+            .retain(&msg, &shared.cfg.retained, &shared.store, metrics)
+        {
+            metrics.retained_refused.inc(reason);
+        }
+    }
+}
+
+/// Removes expired persistent sessions every `sessions.expiry_check_secs`, publishing
+/// Wills that were still waiting for their delay.
+pub async fn expire_sessions(shared: Arc<Shared>) {
+    let every = Duration::from_secs(shared.cfg.sessions.expiry_check_secs);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let due = shared
+            .registry
+            .expired(&shared.router, &shared.store, &shared.metrics);
+        for (client_id, w) in due {
+            info!(client_id = %client_id, "session expired before its Will delay: publishing the Will");
+            publish(&shared, &client_id, w.will).await;
+        }
+    }
+}
