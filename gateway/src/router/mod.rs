@@ -31,3 +31,6 @@ impl SubOptions {
         }
     }
 }
+
+pub mod retained;
+pub mod trie;
