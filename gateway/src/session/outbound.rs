@@ -62,6 +62,7 @@ where
     /// (the write budget stopped it).
     pub(super) fn fill_outbound(&mut self) -> bool {
         let lim = SendLimits {
+            conn: self.conn,
             codec: &self.codec,
             receive_max: self.receive_max,
             out_budget: OUT_BUDGET,

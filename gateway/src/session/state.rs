@@ -195,6 +195,8 @@ pub enum Offer {
 /// The owning connection's Receive Maximum room and packet-size limit, used to move
 /// queued messages into flight.
 pub struct SendLimits<'a> {
+    /// The connection filling (it must be the owner).
+    pub conn: u64,
     pub codec: &'a Codec,
     /// Client's Receive Maximum (QoS 1/2 in flight at once).
     pub receive_max: usize,
@@ -360,6 +362,11 @@ impl SessionCell {
     /// Returns how many PUBLISHes were written.
     pub fn fill(&self, buf: &mut BytesMut, lim: &SendLimits<'_>, store: &Store, metrics: &Metrics) -> usize {
         let mut st = self.lock();
+        // Only the owning connection sends: a connection that was just taken over must
+        // not move messages into flight behind the new owner's back.
+        if st.owner.as_ref().map(|o| o.conn) != Some(lim.conn) {
+            return 0;
+        }
         let persistent = st.persistent();
         let now = now_ms();
         let mut sent = 0;
