@@ -36,9 +36,9 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{Limited, Principal};
-use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Granted, Sniff};
+use crate::mqtt::codec::{frame, sniff, ConnAckParams, ConnectRefusal, Framing, Granted, Sniff};
 use crate::mqtt::packet::Will;
-use crate::mqtt::{Codec, ConnectRequest, Inbound, ProtocolError, PublishRequest, Version};
+use crate::mqtt::{Codec, ConnectRequest, Inbound, ProtocolError, PublishRequest, SubscribeFilter, Version};
 use crate::server::Shared;
 use crate::tls::CertIdentity;
 use crate::{auth, topic};
@@ -221,12 +221,19 @@ where
         req.keep_alive
     };
     let server_keep_alive = (capped && codec.version == Version::V5).then_some(keep_alive_secs);
-    codec.connack_accept_keep_alive(
+    codec.connack(
         &mut out,
-        m.max_inflight,
-        m.topic_alias_max,
-        assigned,
-        server_keep_alive,
+        &ConnAckParams {
+            session_present: false,
+            receive_max: m.max_inflight,
+            topic_alias_max: m.topic_alias_max,
+            assigned,
+            server_keep_alive,
+            // This session still refuses QoS 2 flows.
+            max_qos: 1,
+            session_expiry_secs: None,
+            retain_available: true,
+        },
     );
     let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
     shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
@@ -660,11 +667,11 @@ where
                 self.codec.pingresp(&mut self.out);
                 Ok(())
             }
-            Inbound::Subscribe { pkid, filters } => {
+            Inbound::Subscribe { pkid, filters, .. } => {
                 let max = self.shared.cfg.mqtt.max_subscriptions;
                 let metrics = &self.shared.metrics;
                 let mut granted = Vec::with_capacity(filters.len());
-                for (f, qos) in filters {
+                for SubscribeFilter { filter: f, qos, .. } in filters {
                     let g = if topic::validate_filter(&f).is_err() {
                         Granted::FilterInvalid
                     } else if !self.shared.auth.may_subscribe(&self.client_id, &f) {
@@ -682,7 +689,7 @@ where
                         Granted::Qos(qos.min(1))
                     };
                     match g {
-                        Granted::Qos(_) => {}
+                        Granted::Qos(_) | Granted::Unspecified => {}
                         Granted::FilterInvalid => metrics.subscribe_refused.inc("filter_invalid"),
                         Granted::NotAuthorized => metrics.subscribe_refused.inc("not_authorized"),
                         Granted::QuotaExceeded => metrics.subscribe_refused.inc("quota_exceeded"),
@@ -697,21 +704,24 @@ where
                 Ok(())
             }
             Inbound::Unsubscribe { pkid, filters } => {
+                let mut existed = Vec::with_capacity(filters.len());
                 for f in &filters {
-                    if self.subscriptions.remove(f) {
+                    let removed = self.subscriptions.remove(f);
+                    if removed {
                         self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
                         self.shared
                             .metrics
                             .subscriptions_active
                             .fetch_sub(1, Ordering::Relaxed);
                     }
+                    existed.push(removed);
                 }
-                self.codec.unsuback(&mut self.out, pkid, filters.len());
+                self.codec.unsuback(&mut self.out, pkid, &existed);
                 Ok(())
             }
             // Acknowledgements of messages we send; none are sent before command delivery exists.
             Inbound::PubAck(_) => Ok(()),
-            Inbound::Disconnect { reason } => {
+            Inbound::Disconnect { reason, .. } => {
                 if reason != 0x04 {
                     self.will = None;
                 }
@@ -725,7 +735,9 @@ where
                 "second_connect",
                 "second CONNECT",
             ))),
-            Inbound::QoS2Flow => Err(Close::Protocol(qos2_refused())),
+            Inbound::PubRec { .. } | Inbound::PubRel { .. } | Inbound::PubComp { .. } => {
+                Err(Close::Protocol(qos2_refused()))
+            }
             Inbound::Auth => Err(Close::Protocol(ProtocolError {
                 reason: 0x8C,
                 label: "auth_not_supported",
@@ -827,9 +839,9 @@ where
             client_id: self.client_id.clone(),
             topic,
             payload: p.payload,
-            content_type: p.content_type,
+            content_type: p.props.content_type,
             message_expiry_secs: p.message_expiry_secs,
-            user_properties: p.user_properties,
+            user_properties: p.props.user_properties,
         };
         let len = entry.payload.len() as u64;
         // Waiting for journal space must not make the session deaf to a takeover or to
