@@ -14,7 +14,7 @@ use bytes::BytesMut;
 
 use crate::auth::{self, Auth, Refusal};
 use crate::config::{AuthSection, User};
-use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Granted, Sniff};
+use crate::mqtt::codec::{frame, sniff, ConnAckParams, ConnectRefusal, Framing, Granted, Sniff};
 use crate::mqtt::{Codec, Inbound, Version};
 use crate::topic;
 
@@ -99,9 +99,15 @@ fn answer(codec: &Codec, packet: &Inbound, out: &mut BytesMut) {
                 .is_empty()
                 .then(|| "auto-0000000000000000".to_string());
             let receive_max = req.receive_maximum.unwrap_or(u16::MAX);
-            answered(&codec, out, |c, o| {
-                c.connack_accept(o, receive_max, 16, assigned.clone())
-            });
+            let params = ConnAckParams {
+                receive_max,
+                topic_alias_max: 16,
+                assigned,
+                max_qos: 1,
+                retain_available: true,
+                ..ConnAckParams::default()
+            };
+            answered(&codec, out, |c, o| c.connack(o, &params));
             for why in REFUSALS {
                 answered(&codec, out, |c, o| c.connack_refuse(o, why));
             }
@@ -111,25 +117,33 @@ fn answer(codec: &Codec, packet: &Inbound, out: &mut BytesMut) {
                 answered(&codec, out, |c, o| c.puback(o, p.pkid, reason));
             }
         }
-        Inbound::Subscribe { pkid, filters } => {
+        Inbound::Subscribe { pkid, filters, .. } => {
             let granted: Vec<Granted> = filters
                 .iter()
                 .enumerate()
-                .map(|(i, (f, qos))| match (topic::validate_filter(f).is_ok(), i % 3) {
-                    (false, _) => Granted::FilterInvalid,
-                    (true, 0) => Granted::Qos((*qos).min(1)),
-                    (true, 1) => Granted::NotAuthorized,
-                    (true, _) => Granted::QuotaExceeded,
-                })
+                .map(
+                    |(i, f)| match (topic::validate_filter(&f.filter).is_ok(), i % 3) {
+                        (false, _) => Granted::FilterInvalid,
+                        (true, 0) => Granted::Qos(f.qos.min(1)),
+                        (true, 1) => Granted::NotAuthorized,
+                        (true, _) => Granted::QuotaExceeded,
+                    },
+                )
                 .collect();
             answered(&codec, out, |c, o| c.suback(o, *pkid, &granted));
         }
         Inbound::Unsubscribe { pkid, filters } => {
-            answered(&codec, out, |c, o| c.unsuback(o, *pkid, filters.len()));
+            let existed = vec![true; filters.len()];
+            answered(&codec, out, |c, o| c.unsuback(o, *pkid, &existed));
         }
         Inbound::PingReq => answered(&codec, out, |c, o| c.pingresp(o)),
-        Inbound::Disconnect { reason } => answered(&codec, out, |c, o| c.disconnect(o, *reason)),
-        Inbound::PubAck(_) | Inbound::QoS2Flow | Inbound::Auth | Inbound::ServerOnly => {
+        Inbound::Disconnect { reason, .. } => answered(&codec, out, |c, o| c.disconnect(o, *reason)),
+        Inbound::PubAck(_)
+        | Inbound::PubRec { .. }
+        | Inbound::PubRel { .. }
+        | Inbound::PubComp { .. }
+        | Inbound::Auth
+        | Inbound::ServerOnly => {
             answered(&codec, out, |c, o| c.disconnect(o, 0x82));
         }
     }
