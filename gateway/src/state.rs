@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bridge::producer::{BridgeControl, BridgeStatus};
 use bridge::routes::Routes;
-use bridge::{FullPolicy, Journal, SegmentedJournal};
+use bridge::{FullPolicy, SegmentedJournal};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;

@@ -270,7 +270,9 @@ where
         &shared.metrics,
     );
     if let Some(w) = attached.will_due {
-        will::publish(&shared, &client_id, w.will).await;
+        // The discarded session's delayed Will is due now; published beside this CONNECT.
+        let (shared, client_id) = (shared.clone(), client_id.clone());
+        tokio::spawn(async move { will::publish(&shared, &client_id, w.will).await });
     }
     let assigned = (*client_id != *req.client_id).then(|| client_id.to_string());
     let mut codec = codec;

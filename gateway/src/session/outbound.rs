@@ -12,7 +12,6 @@ use tokio::time::timeout;
 use super::state::SendLimits;
 use super::{AckKind, Pending, Session, IDLE_READ, OUT_BUDGET, READ_CHUNK, WRITE_TIMEOUT};
 use crate::mqtt::codec::{frame, Framing};
-use crate::mqtt::Version;
 
 impl<S> Session<S>
 where
@@ -140,9 +139,5 @@ where
             self.out = bytes::BytesMut::new();
         }
         Ok(())
-    }
-
-    pub(super) fn is_v5(&self) -> bool {
-        self.codec.version == Version::V5
     }
 }
