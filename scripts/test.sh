@@ -2,8 +2,9 @@
 # The whole test suite on a fresh machine, set-up included:
 #   1. system packages the tests drive (mosquitto-clients, the mosquitto broker for the
 #      simulator's tests, kcat, Java and Maven),
-#   2. Apache Kafka 4.4 jars from Maven Central (scripts/kafka.sh, cached in .kafka/),
-#   3. cargo test for every workspace member (unit, model, mock-cluster and integration
+#   2. the Python conformance suite's virtualenv (.venv-tests/: paho-mqtt, pytest),
+#   3. Apache Kafka 4.4 jars from Maven Central (scripts/kafka.sh, cached in .kafka/),
+#   4. cargo test for every workspace member (unit, model, mock-cluster and integration
 #      tests against the real gateway binary and a real Kafka broker).
 # Fails loudly if a prerequisite cannot be installed; never skips tests.
 set -euo pipefail
@@ -16,6 +17,8 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v kcat >/dev/null 2>&1 || need_pkgs+=(kcat)
 command -v java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "test setup: installing ${need_pkgs[*]}" >&2
   SUDO=""
@@ -25,6 +28,17 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${need_pkgs[@]}"
 fi
 command -v mosquitto_pub >/dev/null || { echo "test setup: mosquitto_pub still missing" >&2; exit 1; }
+
+# The MQTT conformance suite (tests/conformance, driven by tests/tests/conformance.rs).
+PAHO_VERSION=2.1.0
+PYTEST_VERSION=9.2.0
+if ! .venv-tests/bin/python -c "import paho.mqtt, pytest, sys; \
+    from importlib.metadata import version as v; \
+    sys.exit(v('paho-mqtt') != '$PAHO_VERSION' or v('pytest') != '$PYTEST_VERSION')" >/dev/null 2>&1; then
+  echo "test setup: creating .venv-tests (paho-mqtt $PAHO_VERSION, pytest $PYTEST_VERSION)" >&2
+  [ -x .venv-tests/bin/python ] || python3 -m venv .venv-tests
+  .venv-tests/bin/pip install -q "paho-mqtt==$PAHO_VERSION" "pytest==$PYTEST_VERSION"
+fi
 
 ./scripts/kafka.sh
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod certs;
 pub mod kafka;
+pub mod mqtt_raw2;
 pub mod raw;
 
 /// Path of the `gateway` binary built next to this test executable.
