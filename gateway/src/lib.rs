@@ -3,7 +3,8 @@
 //! Data path, in module order: [`server`] binds listeners ([`tls`] for TLS) and hands
 //! each connection to [`session`], which speaks MQTT through [`mqtt`], checks
 //! [`auth`], and appends to the journal (`bridge::journal`) before acknowledging.
-//! [`registry`] resolves client-id takeovers; [`admin`] serves operators.
+//! [`registry`] resolves client-id takeovers; [`admin`] serves operators. [`store`] keeps
+//! the keyed state (persistent sessions, their queues, retained messages) in sled.
 
 pub mod admin;
 pub mod auth;
@@ -17,5 +18,6 @@ pub mod registry;
 pub mod router;
 pub mod server;
 pub mod session;
+pub mod store;
 pub mod tls;
 pub use bridge::topic;
