@@ -1,0 +1,265 @@
+//! Session records (tree "sessions") and their outbound queues (tree "queue").
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use serde::{Deserialize, Serialize};
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
+
+use super::{encode, Store, StoreError, TREE_QUEUE, TREE_SESSIONS};
+use crate::message::Message;
+use crate::router::SubOptions;
+
+/// What a persistent session needs to resume after a restart, apart from its queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    /// Session Expiry Interval in force, seconds (u32::MAX = never).
+    pub expiry_secs: u32,
+    /// Wall-clock ms of the disconnect; None while a connection holds the session.
+    pub disconnected_at_ms: Option<u64>,
+    /// Raw filters (including `$share/<group>/...`) with their options, in subscribe order.
+    pub subscriptions: Vec<(String, SubOptions)>,
+    /// Inbound QoS 2 packet ids received and not yet released by PUBREL (exactly-once across restarts).
+    pub inbound_qos2: Vec<u16>,
+    /// 4 or 5: the protocol level of the last connection.
+    pub protocol: u8,
+}
+
+/// Where an outbound QoS 1/2 message is in its handshake; stored so that a resumed
+/// session retransmits the right packet (PUBLISH with DUP, or PUBREL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutState {
+    /// Not sent yet.
+    Queued,
+    /// PUBLISH sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published,
+    /// PUBREL sent, waiting for PUBCOMP.
+    Released,
+}
+
+/// One message queued for (or in flight to) a persistent session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueuedRecord {
+    pub message: Message,
+    /// Delivery QoS (1 or 2): min(message QoS, granted QoS).
+    pub qos: u8,
+    /// RETAIN flag to send (depends on the subscription's Retain As Published).
+    pub retain: bool,
+    /// Subscription identifiers of the matching subscriptions, echoed in the PUBLISH.
+    pub subscription_ids: Vec<u32>,
+    /// Packet id; 0 until first sent, then kept so a retransmission reuses it.
+    pub pkid: u16,
+    pub state: OutState,
+}
+
+/// A session as found at startup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedSession {
+    pub client_id: String,
+    pub record: SessionRecord,
+    /// Queue entries in id order (the order they were enqueued, if ids increase).
+    pub queue: Vec<(u64, QueuedRecord)>,
+}
+
+/// Queue key: client id bytes, 0x00, id as u64 big-endian.
+pub(super) fn queue_key(client_id: &str, id: u64) -> Vec<u8> {
+    let mut k = queue_prefix(client_id);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Every queue key of `client_id` starts with this, and no other client's does.
+fn queue_prefix(client_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(client_id.len() + 9);
+    k.extend_from_slice(client_id.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Inverse of [`queue_key`]; None for a key that is not one.
+pub(super) fn split_queue_key(key: &[u8]) -> Option<(&str, u64)> {
+    let split = key.len().checked_sub(9)?;
+    let (client, rest) = key.split_at(split);
+    let (nul, id) = rest.split_first()?;
+    if *nul != 0 || client.contains(&0) {
+        return None;
+    }
+    let client = std::str::from_utf8(client).ok()?;
+    Some((client, u64::from_be_bytes(id.try_into().ok()?)))
+}
+
+fn check_client_id(client_id: &str) -> Result<(), StoreError> {
+    if client_id.contains('\0') {
+        return Err(StoreError::InvalidClientId {
+            client_id: client_id.into(),
+        });
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Inserts or replaces the session record of `client_id` (at CONNECT of a persistent
+    /// session, on SUBSCRIBE/UNSUBSCRIBE, on QoS 2 inbound state changes, at disconnect).
+    pub fn put_session(&self, client_id: &str, rec: &SessionRecord) -> Result<u64, StoreError> {
+        check_client_id(client_id)?;
+        self.check_writable()?;
+        let value = encode(TREE_SESSIONS, client_id.as_bytes(), rec)?;
+        let _stripe = self.stripe(client_id);
+        let old = self
+            .sessions
+            .insert(client_id.as_bytes(), value)
+            .map_err(self.sled_err("put_session"))?;
+        if old.is_none() {
+            self.session_count.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(self.wrote())
+    }
+
+    /// Removes the session record and all its queue entries, atomically (also across a
+    /// crash): at a clean start, at session expiry. Removing an absent session is fine.
+    pub fn remove_session(&self, client_id: &str) -> Result<u64, StoreError> {
+        check_client_id(client_id)?;
+        self.check_writable()?;
+        // Holding the stripe keeps `put_queued` of this client out between the scan and
+        // the transaction, so no entry is left behind.
+        let _stripe = self.stripe(client_id);
+        let keys = self
+            .queue
+            .scan_prefix(queue_prefix(client_id))
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(self.sled_err("remove_session (scan)"))?;
+        let result: Result<(bool, usize), TransactionError<()>> =
+            (&self.sessions, &self.queue).transaction(|(sessions, queue)| {
+                let existed = sessions.remove(client_id.as_bytes())?.is_some();
+                let mut removed = 0;
+                for key in &keys {
+                    if queue.remove(key)?.is_some() {
+                        removed += 1;
+                    }
+                }
+                Ok::<_, ConflictableTransactionError<()>>((existed, removed))
+            });
+        let (existed, removed) = match result {
+            Ok(r) => r,
+            Err(TransactionError::Storage(e)) => return Err(self.sled_err("remove_session")(e)),
+            // Never aborted by the closure above.
+            Err(TransactionError::Abort(())) => (false, 0),
+        };
+        if existed {
+            self.session_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.queued_count.fetch_sub(removed, Ordering::Relaxed);
+        Ok(self.wrote())
+    }
+
+    /// Every stored session with its queue in id order, sessions in client id order.
+    /// Queue entries without a session record (only possible from tampering or an older
+    /// bug) are unreachable: they are removed, with a warning. Any value that does not
+    /// decode fails the whole load ([`StoreError::Corrupt`]).
+    pub fn load_sessions(&self) -> Result<Vec<LoadedSession>, StoreError> {
+        let mut loaded = BTreeMap::new();
+        for item in self.sessions.iter() {
+            let (key, value) = item.map_err(self.sled_err("load_sessions"))?;
+            let client_id = std::str::from_utf8(&key)
+                .ok()
+                .filter(|c| !c.contains('\0'))
+                .ok_or_else(|| self.corrupt(TREE_SESSIONS, &key, "key is not a client id"))?
+                .to_owned();
+            let record: SessionRecord = self.decode(TREE_SESSIONS, &key, &value)?;
+            loaded.insert(
+                client_id.clone(),
+                LoadedSession {
+                    client_id,
+                    record,
+                    queue: Vec::new(),
+                },
+            );
+        }
+        let mut orphans = Vec::new();
+        // Keys are sorted, so each session's entries arrive in id order.
+        for item in self.queue.iter() {
+            let (key, value) = item.map_err(self.sled_err("load_sessions (queue)"))?;
+            let (client_id, id) =
+                split_queue_key(&key).ok_or_else(|| self.corrupt(TREE_QUEUE, &key, "not a queue key"))?;
+            let rec: QueuedRecord = self.decode(TREE_QUEUE, &key, &value)?;
+            match loaded.get_mut(client_id) {
+                Some(s) => s.queue.push((id, rec)),
+                None => orphans.push(key),
+            }
+        }
+        if !orphans.is_empty() {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                entries = orphans.len(),
+                "store: removing queue entries that have no session record"
+            );
+            for key in orphans {
+                if self
+                    .queue
+                    .remove(&key)
+                    .map_err(self.sled_err("load_sessions (orphans)"))?
+                    .is_some()
+                {
+                    self.queued_count.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            self.wrote();
+        }
+        Ok(loaded.into_values().collect())
+    }
+
+    /// Inserts or overwrites queue entry `id` of `client_id` (enqueue, then state and
+    /// packet id changes while in flight). The session record must exist.
+    pub fn put_queued(&self, client_id: &str, id: u64, rec: &QueuedRecord) -> Result<u64, StoreError> {
+        check_client_id(client_id)?;
+        self.check_writable()?;
+        let key = queue_key(client_id, id);
+        let value = encode(TREE_QUEUE, &key, rec)?;
+        let _stripe = self.stripe(client_id);
+        let has_session = self
+            .sessions
+            .contains_key(client_id.as_bytes())
+            .map_err(self.sled_err("put_queued"))?;
+        if !has_session {
+            return Err(StoreError::NoSession {
+                dir: self.dir.clone(),
+                client_id: client_id.into(),
+            });
+        }
+        let old = self
+            .queue
+            .insert(key, value)
+            .map_err(self.sled_err("put_queued"))?;
+        if old.is_none() {
+            self.queued_count.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(self.wrote())
+    }
+
+    /// Removes queue entry `id` of `client_id` (delivery completed, or the message
+    /// expired / was dropped). Removing an absent entry is fine.
+    pub fn remove_queued(&self, client_id: &str, id: u64) -> Result<u64, StoreError> {
+        check_client_id(client_id)?;
+        self.check_writable()?;
+        let old = self
+            .queue
+            .remove(queue_key(client_id, id))
+            .map_err(self.sled_err("remove_queued"))?;
+        if old.is_some() {
+            self.queued_count.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(self.wrote())
+    }
+
+    /// Stored sessions (O(1), kept exact by the writes).
+    pub fn session_count(&self) -> usize {
+        self.session_count.load(Ordering::Relaxed)
+    }
+
+    /// Stored queue entries over all sessions (O(1)).
+    pub fn queued_count(&self) -> usize {
+        self.queued_count.load(Ordering::Relaxed)
+    }
+}
