@@ -308,9 +308,8 @@ impl Auth {
             .and_then(|u| self.users.get(u))
             .and_then(|u| u.publish_acl.as_ref())
             .unwrap_or(&self.publish_acl);
-        acl.iter().any(|p| {
-            expand(p, client_id).is_some_and(|p| topic::matches(&p, topic_name))
-        })
+        acl.iter()
+            .any(|p| expand(p, client_id).is_some_and(|p| topic::matches(&p, topic_name)))
     }
 
     /// The subscribe ACL of `user` (an operator's own, else the vehicle ACL): the

@@ -216,7 +216,12 @@ impl Metrics {
             &self.messages_dropped,
         );
         let get = |a: &AtomicI64| a.load(Ordering::Relaxed);
-        gauge(&mut s, "gateway_sessions", "Sessions held, online and offline.", get(&self.sessions));
+        gauge(
+            &mut s,
+            "gateway_sessions",
+            "Sessions held, online and offline.",
+            get(&self.sessions),
+        );
         gauge(
             &mut s,
             "gateway_sessions_persistent",
@@ -235,7 +240,12 @@ impl Metrics {
             "QoS 1/2 messages held in session queues (in flight included).",
             get(&self.queued_messages),
         );
-        gauge(&mut s, "gateway_retained_messages", "Retained messages held.", get(&self.retained_messages));
+        gauge(
+            &mut s,
+            "gateway_retained_messages",
+            "Retained messages held.",
+            get(&self.retained_messages),
+        );
         gauge(
             &mut s,
             "gateway_retained_bytes",

@@ -165,7 +165,14 @@ impl Registry {
 
     /// The connection `conn` ended. A session with expiry 0 ends with it; a persistent
     /// one stays, offline, and is written to the store with its disconnect time.
-    pub fn detach(&self, cell: &Arc<SessionCell>, conn: u64, router: &Router, store: &Store, metrics: &Metrics) -> Detached {
+    pub fn detach(
+        &self,
+        cell: &Arc<SessionCell>,
+        conn: u64,
+        router: &Router,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Detached {
         let mut map = self.write();
         let mut st = cell.lock();
         if st.owner.as_ref().map(|o| o.conn) != Some(conn) {

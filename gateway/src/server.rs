@@ -247,7 +247,9 @@ fn restore(shared: &Shared) -> anyhow::Result<()> {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     state.subscriptions.insert(filter, opts);
                 }
-                Err(e) => warn!(client_id = %client_id, filter, error = e, "stored subscription not restored"),
+                Err(e) => {
+                    warn!(client_id = %client_id, filter, error = e, "stored subscription not restored")
+                }
             }
         }
         for (id, rec) in s.queue {

@@ -52,4 +52,3 @@ impl Shared {
         self.journal.append_would_fail()
     }
 }
-

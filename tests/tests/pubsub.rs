@@ -190,7 +190,12 @@ fn qos2_publish_resent_after_sigkill_reaches_kafka_once() {
     // with the same journal id and seq; consumers dedupe on that pair — README.)
     let mut seqs: Vec<&str> = ours
         .iter()
-        .flat_map(|r| r.headers.iter().filter(|(k, _)| k == "gateway.seq").map(|(_, v)| v.as_str()))
+        .flat_map(|r| {
+            r.headers
+                .iter()
+                .filter(|(k, _)| k == "gateway.seq")
+                .map(|(_, v)| v.as_str())
+        })
         .collect();
     seqs.dedup();
     assert_eq!(seqs.len(), 1, "journaled more than once: {records:?}");

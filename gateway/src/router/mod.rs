@@ -27,7 +27,7 @@ use crate::config::{RetainedSection, SessionsSection};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
-use crate::session::state::{store_failed, OutItem, Offer};
+use crate::session::state::{store_failed, Offer, OutItem};
 use crate::store::Store;
 use retained::RetainedIndex;
 use trie::SubscriptionTrie;
@@ -97,7 +97,12 @@ impl Router {
     }
 
     /// Adds or replaces `client_id`'s subscription; true when it replaced one.
-    pub fn subscribe(&self, client_id: &Arc<str>, filter: &str, opts: SubOptions) -> Result<bool, &'static str> {
+    pub fn subscribe(
+        &self,
+        client_id: &Arc<str>,
+        filter: &str,
+        opts: SubOptions,
+    ) -> Result<bool, &'static str> {
         let replaced = self.trie_write().subscribe(client_id.clone(), filter, opts)?;
         if !replaced {
             self.count.fetch_add(1, Ordering::Relaxed);
@@ -156,7 +161,13 @@ impl Router {
 
     /// Stores (or, with an empty payload, deletes) the retained message of its topic.
     /// Returns the store generation to wait for, or the reason it was not stored.
-    pub fn retain(&self, msg: &Arc<Message>, limits: &RetainedSection, store: &Store, metrics: &Metrics) -> Result<Option<u64>, &'static str> {
+    pub fn retain(
+        &self,
+        msg: &Arc<Message>,
+        limits: &RetainedSection,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Result<Option<u64>, &'static str> {
         let mut set = self.retained_lock();
         if msg.payload.is_empty() {
             let Some(old) = set.index.remove(&msg.topic) else {
@@ -214,6 +225,8 @@ impl Router {
 }
 
 fn gauges(metrics: &Metrics, set: &RetainedSet) {
-    metrics.retained_messages.store(set.index.len() as i64, Ordering::Relaxed);
+    metrics
+        .retained_messages
+        .store(set.index.len() as i64, Ordering::Relaxed);
     metrics.retained_bytes.store(set.bytes as i64, Ordering::Relaxed);
 }

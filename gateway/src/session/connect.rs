@@ -255,4 +255,3 @@ fn rand_id() -> u64 {
     h.write_u64(NEXT_CONN.load(Ordering::Relaxed));
     h.finish()
 }
-

@@ -145,10 +145,15 @@ where
                 self.last_gen = self.last_gen.max(g);
             }
         }
-        self.owe(AckKind::PubComp, pkid, if known { 0 } else { 0x92 });
+        self.owe(AckKind::Complete, pkid, if known { 0 } else { 0x92 });
     }
 
-    async fn subscribe(&mut self, pkid: u16, filters: Vec<SubscribeFilter>, id: Option<u32>) -> Result<(), Close> {
+    async fn subscribe(
+        &mut self,
+        pkid: u16,
+        filters: Vec<SubscribeFilter>,
+        id: Option<u32>,
+    ) -> Result<(), Close> {
         let shared = self.shared.clone();
         let (cfg, metrics) = (&shared.cfg, &shared.metrics);
         let max = cfg.mqtt.max_subscriptions;
@@ -229,7 +234,9 @@ where
         for (m, opts) in retained {
             let qos = m.qos.min(opts.qos);
             let item = OutItem::new(m, qos, true, opts.id.into_iter().collect());
-            if let super::state::Offer::Dropped(reason) = self.cell.offer(item, &cfg.sessions, &shared.store, metrics) {
+            if let super::state::Offer::Dropped(reason) =
+                self.cell.offer(item, &cfg.sessions, &shared.store, metrics)
+            {
                 metrics.messages_dropped.inc(reason);
             }
         }
@@ -244,7 +251,10 @@ where
             if had {
                 shared.router.unsubscribe(&self.client_id, f);
                 self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
-                shared.metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
+                shared
+                    .metrics
+                    .subscriptions_active
+                    .fetch_sub(1, Ordering::Relaxed);
             }
             existed.push(had);
         }
@@ -281,14 +291,18 @@ where
         match (self.codec.version, p.qos) {
             (_, 0) => Ok(()),
             (Version::V5, 1) => {
-                self.owe(AckKind::PubAck, p.pkid, reason);
+                self.owe(AckKind::Ack, p.pkid, reason);
                 Ok(())
             }
             (Version::V5, _) => {
-                self.owe(AckKind::PubRec, p.pkid, reason);
+                self.owe(AckKind::Received, p.pkid, reason);
                 Ok(())
             }
-            (Version::V4, _) => Err(Close::Protocol(ProtocolError { reason, label, detail })),
+            (Version::V4, _) => Err(Close::Protocol(ProtocolError {
+                reason,
+                label,
+                detail,
+            })),
         }
     }
 
@@ -306,7 +320,7 @@ where
         if p.qos == 2 && self.cell.lock().inbound_qos2.contains(&p.pkid) {
             // Re-sent before PUBREL: already journaled and routed once; answer again.
             metrics.qos2_duplicates.fetch_add(1, Ordering::Relaxed);
-            self.owe(AckKind::PubRec, p.pkid, 0);
+            self.owe(AckKind::Received, p.pkid, 0);
             return Ok(());
         }
         let alias = self.alias_slot(&p).map_err(Close::Protocol)?;
@@ -332,7 +346,10 @@ where
             }));
         }
         let qos_label = super::state::qos_label(p.qos);
-        if !shared.auth.may_publish_as(self.user.as_deref(), &self.client_id, &topic) {
+        if !shared
+            .auth
+            .may_publish_as(self.user.as_deref(), &self.client_id, &topic)
+        {
             metrics.acl_denied.inc(qos_label);
             warn!(topic, qos = p.qos, "publish denied by the publish ACL");
             let detail = format!("not authorised to publish to {topic}");
@@ -446,7 +463,10 @@ where
                 self.last_gen = self.last_gen.max(g);
             }
             if p.retain {
-                match shared.router.retain(msg, &shared.cfg.retained, &shared.store, metrics) {
+                match shared
+                    .router
+                    .retain(msg, &shared.cfg.retained, &shared.store, metrics)
+                {
                     Ok(Some(g)) => self.last_gen = self.last_gen.max(g),
                     Ok(None) => {}
                     Err(reason) => {
@@ -460,7 +480,10 @@ where
             // kafka.unmatched = "refuse" and nobody here subscribes: never silent, never
             // acknowledged as stored.
             metrics.unrouted.inc(qos_label);
-            warn!(topic, "publish refused: no route to Kafka (kafka.unmatched = \"refuse\") and no subscriber");
+            warn!(
+                topic,
+                "publish refused: no route to Kafka (kafka.unmatched = \"refuse\") and no subscriber"
+            );
             let detail = format!("no route to Kafka for {topic} (kafka.unmatched = \"refuse\")");
             return self.refuse_publish(&p, Refusal::Reason(0x90, "no_route", detail));
         }
@@ -471,7 +494,7 @@ where
             }
             1 => {
                 metrics.messages_received_qos1.fetch_add(1, Ordering::Relaxed);
-                self.owe(AckKind::PubAck, p.pkid, 0);
+                self.owe(AckKind::Ack, p.pkid, 0);
             }
             _ => {
                 metrics.messages_received_qos2.fetch_add(1, Ordering::Relaxed);
@@ -479,7 +502,7 @@ where
                 if let Some(g) = self.cell.persist(&shared.store, metrics) {
                     self.last_gen = self.last_gen.max(g);
                 }
-                self.owe(AckKind::PubRec, p.pkid, 0);
+                self.owe(AckKind::Received, p.pkid, 0);
             }
         }
         Ok(())

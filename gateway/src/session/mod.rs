@@ -120,9 +120,12 @@ impl Close {
 /// Which acknowledgement a client's PUBLISH (or PUBREL) is owed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AckKind {
-    PubAck,
-    PubRec,
-    PubComp,
+    /// PUBACK (QoS 1).
+    Ack,
+    /// PUBREC (QoS 2, first half).
+    Received,
+    /// PUBCOMP (answer to PUBREL).
+    Complete,
 }
 
 /// An acknowledgement waiting until what it acknowledges is durable.
@@ -214,7 +217,13 @@ where
     let mut out = BytesMut::new();
     let decided = timeout_at(
         connect_deadline,
-        Box::pin(connect::accept_connect(&codec, &req, peer, identity.as_ref(), &shared)),
+        Box::pin(connect::accept_connect(
+            &codec,
+            &req,
+            peer,
+            identity.as_ref(),
+            &shared,
+        )),
     )
     .await
     .unwrap_or(Err(ConnectRefusal::AuthTimeout));

@@ -37,11 +37,11 @@ where
                 break;
             }
             match p.kind {
-                AckKind::PubAck => self.codec.puback(&mut self.out, p.pkid, p.reason),
-                AckKind::PubRec => self.codec.pubrec(&mut self.out, p.pkid, p.reason),
-                AckKind::PubComp => self.codec.pubcomp(&mut self.out, p.pkid, p.reason),
+                AckKind::Ack => self.codec.puback(&mut self.out, p.pkid, p.reason),
+                AckKind::Received => self.codec.pubrec(&mut self.out, p.pkid, p.reason),
+                AckKind::Complete => self.codec.pubcomp(&mut self.out, p.pkid, p.reason),
             }
-            if p.reason == 0 && p.kind == AckKind::PubAck {
+            if p.reason == 0 && p.kind == AckKind::Ack {
                 self.shared.metrics.pubacks_sent.fetch_add(1, Ordering::Relaxed);
             }
             self.pending.pop_front();

@@ -45,7 +45,9 @@ pub struct SessionCell {
 
 impl std::fmt::Debug for SessionCell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionCell").field("client_id", &self.client_id).finish()
+        f.debug_struct("SessionCell")
+            .field("client_id", &self.client_id)
+            .finish()
     }
 }
 
@@ -103,11 +105,7 @@ impl SessionState {
         SessionRecord {
             expiry_secs: self.expiry_secs,
             disconnected_at_ms: self.disconnected_at_ms,
-            subscriptions: self
-                .subscriptions
-                .iter()
-                .map(|(f, o)| (f.clone(), *o))
-                .collect(),
+            subscriptions: self.subscriptions.iter().map(|(f, o)| (f.clone(), *o)).collect(),
             inbound_qos2: self.inbound_qos2.iter().copied().collect(),
             protocol: self.protocol,
         }
@@ -475,12 +473,7 @@ impl SessionCell {
     pub fn received(&self, pkid: u16, store: &Store, metrics: &Metrics) -> bool {
         let mut st = self.lock();
         let persistent = st.persistent();
-        let Some(item) = st
-            .out
-            .inflight
-            .iter_mut()
-            .find(|i| i.pkid == pkid && i.qos == 2)
-        else {
+        let Some(item) = st.out.inflight.iter_mut().find(|i| i.pkid == pkid && i.qos == 2) else {
             return false;
         };
         item.state = OutState::Released;
