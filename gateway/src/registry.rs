@@ -99,6 +99,7 @@ impl Registry {
         let mut map = self.write();
         let now = now_ms();
         let mut will_due = None;
+        let mut stale = Vec::new();
         if let Some(cell) = map.get(c.client_id).cloned() {
             let mut st = cell.lock();
             if let Some(old) = st.owner.take() {
@@ -134,7 +135,7 @@ impl Registry {
                 w.cancel.cancel();
                 will_due = Some(w);
             }
-            discard(&cell, &mut st, router, store, metrics);
+            stale = discard(&cell, &mut st, store, metrics);
         }
         let client_id: Arc<str> = Arc::from(c.client_id);
         let state = SessionState {
@@ -149,8 +150,11 @@ impl Registry {
             gone: false,
         };
         let cell = SessionCell::new(client_id.clone(), state);
-        map.insert(client_id, cell.clone());
+        map.insert(client_id.clone(), cell.clone());
         drop(map);
+        // The old session's filters leave the router before this CONNECT is answered,
+        // so the new session cannot subscribe in between.
+        unroute(router, &client_id, stale);
         metrics.sessions.fetch_add(1, Ordering::Relaxed);
         if c.expiry_secs > 0 {
             metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
@@ -186,7 +190,10 @@ impl Registry {
             if map.get(&cell.client_id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
                 map.remove(&cell.client_id);
             }
-            discard(cell, &mut st, router, store, metrics);
+            let filters = discard(cell, &mut st, store, metrics);
+            drop(st);
+            drop(map);
+            unroute(router, &cell.client_id, filters);
             return Detached::Ended;
         }
         st.disconnected_at_ms = Some(now_ms());
@@ -220,7 +227,10 @@ impl Registry {
                 w.cancel.cancel();
                 wills.push((cell.client_id.clone(), w));
             }
-            discard(&cell, &mut st, router, store, metrics);
+            let filters = discard(&cell, &mut st, store, metrics);
+            drop(st);
+            drop(map);
+            unroute(router, &cell.client_id, filters);
             metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client_id = %cell.client_id, "persistent session expired; removed");
         }
@@ -240,13 +250,17 @@ fn persistent_gauge(metrics: &Metrics, was: bool, now: bool) {
     }
 }
 
-/// Ends a session for good: out of the router, queue emptied, out of the store.
-fn discard(cell: &SessionCell, st: &mut SessionState, router: &Router, store: &Store, metrics: &Metrics) {
+/// Ends a session for good: queue emptied, out of the store. Returns its filters, which
+/// the caller takes out of the router once it released the registry and cell locks
+/// (lock order: the router's trie is never taken under the registry lock, because
+/// routing takes the registry under the trie).
+#[must_use]
+fn discard(cell: &SessionCell, st: &mut SessionState, store: &Store, metrics: &Metrics) -> Vec<String> {
     st.gone = true;
-    for filter in std::mem::take(&mut st.subscriptions).keys() {
-        router.unsubscribe(&cell.client_id, filter);
-        metrics.subscriptions_active.fetch_sub(1, Ordering::Relaxed);
-    }
+    let filters: Vec<String> = std::mem::take(&mut st.subscriptions).into_keys().collect();
+    metrics
+        .subscriptions_active
+        .fetch_sub(filters.len() as i64, Ordering::Relaxed);
     st.out.clear(metrics);
     st.inbound_qos2.clear();
     metrics.sessions.fetch_sub(1, Ordering::Relaxed);
@@ -255,5 +269,13 @@ fn discard(cell: &SessionCell, st: &mut SessionState, router: &Router, store: &S
         if let Err(e) = store.remove_session(&cell.client_id) {
             crate::session::state::store_failed(metrics, &cell.client_id, &e);
         }
+    }
+    filters
+}
+
+/// Takes a discarded session's filters out of the router (no registry lock held).
+fn unroute(router: &Router, client_id: &Arc<str>, filters: Vec<String>) {
+    for f in filters {
+        router.unsubscribe(client_id, &f);
     }
 }
