@@ -281,7 +281,7 @@ where
     if let Some(w) = attached.will_due {
         // The discarded session's delayed Will is due now; published beside this CONNECT.
         let (shared, client_id) = (shared.clone(), client_id.clone());
-        tokio::spawn(async move { will::publish(&shared, &client_id, w.will).await });
+        tokio::spawn(async move { will::publish(&shared, &client_id, w.user.as_deref(), w.will).await });
     }
     let assigned = (*client_id != *req.client_id).then(|| client_id.to_string());
     let mut codec = codec;
@@ -478,7 +478,7 @@ where
         );
         if close.publishes_will() {
             if let Some(w) = self.will.take() {
-                will::on_close(&self.shared, &self.cell, w, &detached).await;
+                will::on_close(&self.shared, &self.cell, self.user.clone(), w, &detached).await;
             }
         }
         if detached == Detached::Kept {

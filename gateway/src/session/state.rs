@@ -63,6 +63,8 @@ pub struct Owner {
 #[derive(Debug)]
 pub struct DelayedWill {
     pub will: Will,
+    /// The password user of the connection (its publish ACL applies to the Will).
+    pub user: Option<String>,
     /// Cancelled when the session is resumed before the delay passed.
     pub cancel: CancellationToken,
 }
@@ -549,4 +551,166 @@ pub fn store_failed(metrics: &Metrics, client_id: &str, e: &dyn std::fmt::Displa
         .store_errors
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     warn!(client_id, error = %e, "session store write failed");
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::message::MessageProperties;
+
+    fn msg(topic: &str, qos: u8, payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(payload),
+            qos,
+            retain: false,
+            props: MessageProperties::default(),
+            received_at_ms: now_ms(),
+            expires_at_ms: None,
+        })
+    }
+
+    fn cell(expiry: u32, online: bool) -> Arc<SessionCell> {
+        SessionCell::new(
+            Arc::from("car"),
+            SessionState {
+                owner: online.then(|| Owner {
+                    conn: 7,
+                    kicked: CancellationToken::new(),
+                }),
+                expiry_secs: expiry,
+                disconnected_at_ms: (!online).then(now_ms),
+                subscriptions: Default::default(),
+                inbound_qos2: Default::default(),
+                out: Default::default(),
+                protocol: 5,
+                delayed_will: None,
+                gone: false,
+            },
+        )
+    }
+
+    fn limits(max: usize, overflow: QueueOverflow) -> SessionsSection {
+        SessionsSection {
+            max_queued_messages: max,
+            max_queued_bytes: 1 << 20,
+            queue_overflow: overflow,
+            max_outbound_qos0: 2,
+            ..SessionsSection::default()
+        }
+    }
+
+    fn payloads(c: &SessionCell) -> Vec<String> {
+        c.lock()
+            .out
+            .queue
+            .iter()
+            .map(|i| String::from_utf8_lossy(&i.msg.payload).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn bounds_and_overflow_policies() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        // QoS 0 is never kept for an offline session, and bounded for an online one.
+        let off = cell(0, false);
+        assert_eq!(
+            off.offer(
+                OutItem::new(msg("t", 0, b"a"), 0, false, vec![]),
+                &limits(3, QueueOverflow::DropOldest),
+                &store,
+                &m
+            ),
+            Offer::Dropped("offline_qos0")
+        );
+        let on = cell(0, true);
+        for p in [b"a", b"b", b"c"] {
+            on.offer(
+                OutItem::new(msg("t", 0, p), 0, false, vec![]),
+                &limits(3, QueueOverflow::DropOldest),
+                &store,
+                &m,
+            );
+        }
+        assert_eq!(payloads(&on), ["a", "b"], "max_outbound_qos0 = 2");
+        // drop_oldest keeps the newest; refuse_new keeps the oldest.
+        let drop = cell(0, false);
+        for p in [b"1", b"2", b"3", b"4"] {
+            drop.offer(
+                OutItem::new(msg("t", 1, p), 1, false, vec![]),
+                &limits(3, QueueOverflow::DropOldest),
+                &store,
+                &m,
+            );
+        }
+        assert_eq!(payloads(&drop), ["2", "3", "4"]);
+        let refuse = cell(0, false);
+        let mut last = Offer::Queued { gen: None };
+        for p in [b"1", b"2", b"3", b"4"] {
+            last = refuse.offer(
+                OutItem::new(msg("t", 1, p), 1, false, vec![]),
+                &limits(3, QueueOverflow::RefuseNew),
+                &store,
+                &m,
+            );
+        }
+        assert_eq!(payloads(&refuse), ["1", "2", "3"]);
+        assert_eq!(last, Offer::Dropped("queue_full_refuse_new"));
+        assert_eq!(m.messages_dropped.get("queue_full_drop_oldest"), 1);
+    }
+
+    #[tokio::test]
+    async fn persistent_queue_is_stored_and_acknowledged_entries_leave() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let c = cell(60, true);
+        c.persist(&store, &m).unwrap();
+        let lim = limits(10, QueueOverflow::DropOldest);
+        let Offer::Queued { gen: Some(_) } = c.offer(
+            OutItem::new(msg("t", 1, b"x"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        ) else {
+            panic!("a persistent session's QoS 1 entry is written to the store");
+        };
+        assert_eq!(store.queued_count(), 1);
+        let codec = Codec::new(crate::mqtt::Version::V5, 1024);
+        let mut buf = BytesMut::new();
+        let sent = c.fill(
+            &mut buf,
+            &SendLimits {
+                conn: 7,
+                codec: &codec,
+                receive_max: 10,
+                out_budget: 1 << 16,
+            },
+            &store,
+            &m,
+        );
+        assert_eq!(sent, 1);
+        let pkid = c.lock().out.inflight[0].pkid;
+        // Another connection (taken over) may not send.
+        let mut other = BytesMut::new();
+        c.offer(
+            OutItem::new(msg("t", 1, b"y"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        let lim2 = SendLimits {
+            conn: 8,
+            codec: &codec,
+            receive_max: 10,
+            out_budget: 1 << 16,
+        };
+        assert_eq!(c.fill(&mut other, &lim2, &store, &m), 0);
+        assert!(c.complete(pkid, 1, &store, &m));
+        assert!(!c.complete(pkid, 1, &store, &m), "acknowledged once");
+        assert_eq!(store.queued_count(), 1, "the second message is still queued");
+    }
 }

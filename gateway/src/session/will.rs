@@ -29,7 +29,13 @@ const WILL_APPEND_WAIT: Duration = Duration::from_secs(5);
 
 /// The connection of `cell` closed without a normal DISCONNECT: publish its Will now,
 /// or after its delay if the session outlives the connection.
-pub async fn on_close(shared: &Arc<Shared>, cell: &Arc<SessionCell>, will: Will, detached: &Detached) {
+pub async fn on_close(
+    shared: &Arc<Shared>,
+    cell: &Arc<SessionCell>,
+    user: Option<String>,
+    will: Will,
+    detached: &Detached,
+) {
     let delay = will.delay_interval_secs;
     match detached {
         Detached::Kept if delay > 0 => {
@@ -38,6 +44,7 @@ pub async fn on_close(shared: &Arc<Shared>, cell: &Arc<SessionCell>, will: Will,
                 let mut st = cell.lock();
                 st.delayed_will = Some(DelayedWill {
                     will,
+                    user,
                     cancel: cancel.clone(),
                 });
                 st.expiry_secs
@@ -56,7 +63,7 @@ pub async fn on_close(shared: &Arc<Shared>, cell: &Arc<SessionCell>, will: Will,
                             }
                         };
                         if let Some(w) = due {
-                            publish(&shared, &cell.client_id, w.will).await;
+                            publish(&shared, &cell.client_id, w.user.as_deref(), w.will).await;
                         }
                     }
                 }
@@ -65,15 +72,15 @@ pub async fn on_close(shared: &Arc<Shared>, cell: &Arc<SessionCell>, will: Will,
         // Taken over and resumed by the new connection: a delayed Will is cancelled by
         // the resumption (§3.1.3.2.2); without a delay it is due now.
         Detached::TakenOver if delay > 0 => {}
-        _ => publish(shared, &cell.client_id, will).await,
+        _ => publish(shared, &cell.client_id, user.as_deref(), will).await,
     }
 }
 
 /// Publishes a Will as its client would have: journaled when a route matches (checked
 /// again against the ACL and routes), routed to local subscribers, retained if asked.
-pub async fn publish(shared: &Arc<Shared>, client_id: &Arc<str>, w: Will) {
+pub async fn publish(shared: &Arc<Shared>, client_id: &Arc<str>, user: Option<&str>, w: Will) {
     let metrics = &shared.metrics;
-    if topic::validate_name(&w.topic).is_err() || !shared.auth.may_publish(client_id, &w.topic) {
+    if topic::validate_name(&w.topic).is_err() || !shared.auth.may_publish_as(user, client_id, &w.topic) {
         metrics.unrouted.inc(if w.qos == 0 { "0" } else { "1" });
         warn!(client_id = %client_id, topic = %w.topic, "Will not published: not allowed");
         return;
@@ -151,7 +158,7 @@ pub async fn expire_sessions(shared: Arc<Shared>) {
             .expired(&shared.router, &shared.store, &shared.metrics);
         for (client_id, w) in due {
             info!(client_id = %client_id, "session expired before its Will delay: publishing the Will");
-            publish(&shared, &client_id, w.will).await;
+            publish(&shared, &client_id, w.user.as_deref(), w.will).await;
         }
     }
 }
