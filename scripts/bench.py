@@ -2,10 +2,13 @@
 """Benchmark suite: the gateway against Mosquitto, same machine, same simulator, one run.
 
     python3 scripts/bench.py [--runs 3] [--connections 18000] [--replay 1000000]
+    python3 scripts/bench.py --only pubsub                  # delivery: fan-out and fan-in
+    python3 scripts/bench.py --only pubsub --brokers mosquitto
 
 Builds release binaries, provisions Apache Kafka (scripts/kafka.sh), installs Mosquitto
 (Debian package) if missing, runs every case --runs times alternating the two brokers,
 and writes docs/BENCHMARKS.md (medians, min-max, ratios) plus docs/bench-results.json.
+With --only, the scenarios not run keep their results from docs/bench-results.json.
 """
 import argparse
 import json
@@ -26,6 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 FLEET = os.path.join(REL, "fleet")
 GATEWAY = os.path.join(REL, "gateway")
+SCENARIOS = ("ingest", "idle", "replay", "journal", "pubsub")
+# Delivery cases: (pattern, QoS); publish QoS = subscribe QoS.
+PUBSUB_CASES = (("fanout", 0), ("fanout", 1), ("fanin", 0), ("fanin", 1))
+PENDING = "pending: run after local delivery lands"
 
 
 def raise_fd_limit():
@@ -118,7 +125,7 @@ num.partitions=4
 
 
 class Gateway:
-    def __init__(self, work, kafka_bootstrap, certs, name="gw"):
+    def __init__(self, work, kafka_bootstrap, certs, name="gw", pubsub=False):
         self.dir = os.path.join(work, name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -145,9 +152,13 @@ kafka_topic = "vehicles.telemetry"
 listen = "127.0.0.1:{self.admin}"
 [auth]
 allow_anonymous = true
-publish_acl = ["vehicles/{{client_id}}/#"]
 connect_rate_per_ip = 0
 """)
+            # Delivery benchmarks publish and subscribe anywhere; ingest keeps the vehicle ACL.
+            if pubsub:
+                f.write('publish_acl = ["#"]\nsubscribe_acl = ["#"]\n')
+            else:
+                f.write('publish_acl = ["vehicles/{client_id}/#"]\n')
         log = open(os.path.join(self.dir, "gateway.log"), "w")
         self.proc = subprocess.Popen([GATEWAY, "run", "--config", cfg], stdout=log, stderr=log,
                                      env={**os.environ, "RUST_LOG": "warn"})
@@ -219,6 +230,33 @@ def fmt(v, unit="", digits=0):
     return f"{f.format(m)}{unit} ({f.format(lo)}–{f.format(hi)})"
 
 
+def pubsub_case(pattern, qos, args):
+    """The fleet arguments of one delivery case (without port, id prefix and CPU pids)."""
+    many = "--subscribers" if pattern == "fanout" else "--publishers"
+    rate = args.fanout_rate if pattern == "fanout" else args.fanin_rate
+    return [pattern, many, str(args.pubsub_clients), "--rate", f"{rate:g}", "--qos", str(qos),
+            "--warmup-secs", str(args.pubsub_warmup), "--duration-secs", str(args.pubsub_seconds)]
+
+
+def pubsub_run(name, port, case, prefix, cpu_pids, args):
+    """Runs one delivery case; a run that delivers nothing (or fails) stops the suite."""
+    cmd = [FLEET, *case, "--port", str(port), "--id-prefix", prefix, "--json",
+           *[f"--cpu-pid={n}={pid}" for n, pid in cpu_pids.items()]]
+    print("+", " ".join(cmd), flush=True)
+    # fleet bounds every wait itself; this is the backstop against a wedged simulator.
+    limit = args.pubsub_warmup + args.pubsub_seconds + 180
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench: {' '.join(case)} against {name}: no result after {limit} s")
+    lines = p.stdout.strip().splitlines()
+    report = json.loads(lines[-1]) if lines else {}
+    if p.returncode != 0:
+        why = report.get("failure") or p.stderr.strip()[-2000:] or f"exit status {p.returncode}"
+        raise SystemExit(f"bench: {' '.join(case)} against {name} FAILED: {why}")
+    return report
+
+
 def idle_case(server_pid, port, n, tls_ca, source_ips):
     """Connects n idle vehicles; returns (KiB per connection, connections/s, connected)."""
     time.sleep(1)
@@ -241,21 +279,96 @@ def main():
     ap.add_argument("--connections", type=int, default=18000)
     ap.add_argument("--replay", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=int, default=15)
+    ap.add_argument("--only", default=",".join(SCENARIOS),
+                    help=f"comma-separated scenarios to run, of {','.join(SCENARIOS)}")
+    ap.add_argument("--brokers", default="gateway,mosquitto",
+                    help="brokers for the pubsub scenario (the others always run both)")
+    ap.add_argument("--pubsub-clients", type=int, default=1000,
+                    help="subscribers (fan-out) and publishers (fan-in)")
+    ap.add_argument("--fanout-rate", type=float, default=50, help="fan-out publishes/s (× subscribers delivered)")
+    ap.add_argument("--fanin-rate", type=float, default=10000, help="fan-in publishes/s over all publishers")
+    ap.add_argument("--pubsub-warmup", type=int, default=3)
+    ap.add_argument("--pubsub-seconds", type=int, default=10)
     args = ap.parse_args()
+    only = [x for x in args.only.split(",") if x]
+    brokers = [x for x in args.brokers.split(",") if x]
+    bad = [x for x in only if x not in SCENARIOS] + [x for x in brokers if x not in ("gateway", "mosquitto")]
+    if bad:
+        ap.error(f"unknown scenario or broker: {', '.join(bad)}")
     raise_fd_limit()
     os.chdir(ROOT)
     if not os.path.exists("/usr/sbin/mosquitto"):
         sh(["apt-get", "install", "-y", "-qq", "mosquitto"])
-    sh(["./scripts/kafka.sh"])
+    need_kafka = any(x in only for x in ("ingest", "idle", "replay")) or ("pubsub" in only and "gateway" in brokers)
+    if need_kafka:
+        sh(["./scripts/kafka.sh"])
     sh(["cargo", "build", "--release", "-p", "gateway", "-p", "fleet"])
-    sh(["cargo", "build", "--release", "-p", "bridge", "--example", "journal_bench"])
+    if "journal" in only:
+        sh(["cargo", "build", "--release", "-p", "bridge", "--example", "journal_bench"])
     work = tempfile.mkdtemp(prefix="bench-", dir=os.path.join(ROOT, "target"))
     certs = os.path.join(work, "certs")
     sh(["./certs/gen-dev-certs.sh", certs], stdout=subprocess.DEVNULL)
     ca = os.path.join(certs, "ca.pem")
-    results = {"ingest": {}, "latency": {}, "idle": {}, "replay": {}, "journal": {}}
+    # Scenarios not run this time keep their earlier results.
+    path = os.path.join(ROOT, "docs", "bench-results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    results.setdefault("meta", {})
+    fresh = {"ingest": ("ingest", "latency"), "idle": ("idle",), "replay": ("replay",),
+             "journal": ("journal",), "pubsub": ("pubsub",)}
+    for scenario in only:
+        for key in fresh[scenario]:
+            results[key] = {}
+        results["meta"][scenario] = {"date": time.strftime("%Y-%m-%d"), "args": vars(args)}
 
-    kafka = Kafka(work)
+    kafka = Kafka(work) if need_kafka else None
+    try:
+        # Delivery first: short, and it stops the suite at once if a broker delivers nothing.
+        if "pubsub" in only:
+            pubsub_phase(work, kafka, certs, brokers, results, args)
+        if "ingest" in only:
+            ingest_phase(work, kafka, certs, results, args)
+        if "idle" in only:
+            idle_phase(work, kafka, certs, ca, results, args)
+        if "replay" in only:
+            replay_phase(work, kafka, certs, results, args)
+    finally:
+        if kafka:
+            kafka.kill()
+    if "journal" in only:
+        journal_phase(work, results, args)
+
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    write_markdown(results, args)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def pubsub_phase(work, kafka, certs, brokers, results, args):
+    """Delivery: fan-out and fan-in at QoS 0 and 1, the brokers alternating per case."""
+    servers = {}
+    if "gateway" in brokers:
+        servers["gateway"] = Gateway(work, kafka.bootstrap, certs, name="pubsub", pubsub=True)
+    if "mosquitto" in brokers:
+        servers["mosquitto"] = Mosquitto(work, certs)
+    try:
+        for run in range(args.runs):
+            for pattern, qos in PUBSUB_CASES:
+                case = pubsub_case(pattern, qos, args)
+                for name, srv in servers.items():
+                    cpu = {"broker": srv.proc.pid}
+                    if name == "gateway":
+                        cpu["kafka"] = kafka.proc.pid
+                    r = pubsub_run(name, srv.port, case, f"{pattern}{qos}r{run}", cpu, args)
+                    results["pubsub"].setdefault(f"{pattern}-q{qos}", {}).setdefault(name, []).append(r)
+                    print(f"{pattern} QoS {qos} {name}: {r['delivered_per_sec']:,.0f} delivered/s, "
+                          f"p50 {r['latency']['p50_us']} µs, p99 {r['latency']['p99_us']} µs, "
+                          f"broker CPU {r['cpu_secs'].get('broker', 0):.2f} s", flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+def ingest_phase(work, kafka, certs, results, args):
     gw = Gateway(work, kafka.bootstrap, certs)
     mq = Mosquitto(work, certs)
     sat = ["--vehicles", "100", "--window", "16", "--duration-secs", str(args.seconds), "--qos", "1"]
@@ -271,6 +384,8 @@ def main():
     gw.stop()
     mq.stop()
 
+
+def idle_phase(work, kafka, certs, ca, results, args):
     # Idle connections: plain and TLS, each broker, RSS per connection, each on a fresh
     # process (memory freed by earlier cases would otherwise hide the cost).
     for run in range(args.runs):
@@ -286,6 +401,8 @@ def main():
                 time.sleep(2)
     print("idle", results["idle"], flush=True)
 
+
+def replay_phase(work, kafka, certs, results, args):
     # Replay: a backlog built while Kafka is down, drained when it returns.
     for run in range(args.runs):
         g = Gateway(work, kafka.bootstrap, certs, name=f"replay{run}")
@@ -316,8 +433,9 @@ def main():
         wait_port(kafka.port)
         g.stop()
     print("replay", results["replay"], flush=True)
-    kafka.kill()
 
+
+def journal_phase(work, results, args):
     # Journal: group sizes against plain write + fdatasync on the same disk.
     jdir = os.path.join(work, "journal-bench")
     for run in range(args.runs):
@@ -326,11 +444,6 @@ def main():
         for line in out.splitlines():
             row = json.loads(line)
             results["journal"].setdefault(f"{row['kind']}-{row['group']}", []).append(row)
-
-    with open(os.path.join(ROOT, "docs", "bench-results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    write_markdown(results, args)
-    shutil.rmtree(work, ignore_errors=True)
 
 
 def machine():
@@ -351,10 +464,21 @@ def machine():
 
 
 def write_markdown(res, args):
+    meta = res.get("meta", {})
+
+    def arg(scenario, name):
+        """An argument as it was when the scenario last ran (results kept across --only runs)."""
+        return meta.get(scenario, {}).get("args", {}).get(name, getattr(args, name))
+
+    def when(scenario):
+        m = meta.get(scenario, {})
+        return f"`{scenario}` on {m['date']} (--runs {arg(scenario, 'runs')})" if "date" in m else f"`{scenario}`"
+
     L = []
     L.append("# Benchmarks\n")
-    L.append("Generated by `python3 scripts/bench.py` (" + f"--runs {args.runs} --connections {args.connections} "
-             f"--replay {args.replay} --seconds {args.seconds}" + f") on {time.strftime('%Y-%m-%d')}.\n")
+    L.append("Generated by `python3 scripts/bench.py` (" + f"--connections {arg('idle', 'connections')} "
+             f"--replay {arg('replay', 'replay')} --seconds {arg('ingest', 'seconds')}" + "); scenarios as last run: "
+             + ", ".join(when(x) for x in SCENARIOS if x in meta) + ".\n")
     L.append(f"**Machine:** {machine()}. The simulator (`fleet`), the brokers and Kafka share the "
              "machine and its 2 cores; numbers are medians of the runs with (min–max). These machines "
              "are shared and noisy: compare ratios measured in the same run, not absolute numbers "
@@ -363,7 +487,7 @@ def write_markdown(res, args):
              "Kafka with `acks=all`, idempotent) and Mosquitto 2.x from Debian with default settings "
              "(listeners only; it persists nothing and forwards nowhere).\n")
     L.append("## Durable QoS1 ingest at saturation\n")
-    L.append(f"`fleet run --vehicles 100 --window 16 --duration-secs {args.seconds} --qos 1` "
+    L.append(f"`fleet run --vehicles 100 --window 16 --duration-secs {arg('ingest', 'seconds')} --qos 1` "
              "(100 vehicles, 16 QoS1 publishes in flight each, PUBACKs counted).\n")
     g, m = res["ingest"].get("gateway", []), res["ingest"].get("mosquitto", [])
     L.append("| broker | PUBACK'd msgs/s |\n|---|---|")
@@ -372,7 +496,7 @@ def write_markdown(res, args):
         L.append(f"\n**Ratio gateway / mosquitto: {statistics.median(g) / statistics.median(m):.2f}×** "
                  "(target ≥ 1.0×).\n")
     L.append("## PUBACK latency at a fixed moderate rate\n")
-    L.append(f"`fleet run --vehicles 100 --rate 5000 --duration-secs {args.seconds} --qos 1`.\n")
+    L.append(f"`fleet run --vehicles 100 --rate 5000 --duration-secs {arg('ingest', 'seconds')} --qos 1`.\n")
     L.append("| broker | p50 | p90 | p99 | p99.9 |\n|---|---|---|---|---|")
     for name in ("gateway", "mosquitto"):
         rows = res["latency"].get(name, [])
@@ -381,7 +505,7 @@ def write_markdown(res, args):
     L.append("\nThe gateway's PUBACK waits for an `fdatasync` of the journal (group commit); Mosquitto "
              "acknowledges from memory.\n")
     L.append("## Idle connections\n")
-    L.append(f"`fleet run --vehicles {args.connections} --idle --connect-rate 4000 --keep-alive 0 "
+    L.append(f"`fleet run --vehicles {arg('idle', 'connections')} --idle --connect-rate 4000 --keep-alive 0 "
              "--source-ips 8` (TLS: `--ca`), server RSS (VmRSS) measured before connecting and while "
              "all are held.\n")
     L.append("| broker | transport | connected | RSS per connection | connections/s |\n|---|---|---|---|---|")
@@ -397,8 +521,9 @@ def write_markdown(res, args):
                  f"connection (measured {statistics.median(gt):.2f}). A million TLS vehicles at this rate: "
                  f"{statistics.median(gt) * 1e6 / 2**20:.1f} GiB.\n")
     L.append("## Replay after an outage\n")
-    L.append(f"Kafka stopped; `fleet run --vehicles 100 --messages {args.replay // 100}` builds a "
-             f"{args.replay:,}-record backlog in the journal; Kafka started; drain rate measured from the first "
+    replay = arg("replay", "replay")
+    L.append(f"Kafka stopped; `fleet run --vehicles 100 --messages {replay // 100}` builds a "
+             f"{replay:,}-record backlog in the journal; Kafka started; drain rate measured from the first "
              "confirmed record until the release watermark reaches the durable one.\n")
     rows = res["replay"].get("gateway", [])
     L.append("| backlog | ingest msgs/s | drain records/s | drain / ingest |\n|---|---|---|---|")
@@ -422,6 +547,7 @@ def write_markdown(res, args):
         L.append(f"| {gsz} | {fmt([x['records_per_sec'] for x in j])} | {fmt([x['p99_commit_us'] for x in j], ' µs')} | "
                  f"{fmt([x['records_per_sec'] for x in r])} | {fmt([x['p99_commit_us'] for x in r], ' µs')} | {ratio:.2f} |")
     L.append("")
+    pubsub_markdown(L, res.get("pubsub", {}), lambda name: arg("pubsub", name))
     path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
     notes = os.path.join(ROOT, "docs", "BENCHMARKS.notes.md")
     with open(path, "w") as f:
@@ -429,6 +555,61 @@ def write_markdown(res, args):
         if os.path.exists(notes):
             f.write("\n" + open(notes).read())
     print("wrote", path)
+
+
+def pubsub_markdown(L, res, arg):
+    clients, warm, secs = arg("pubsub_clients"), arg("pubsub_warmup"), arg("pubsub_seconds")
+    fan_out, fan_in = f"{arg('fanout_rate'):g}", f"{arg('fanin_rate'):g}"
+    L.append("## Delivery: fan-out and fan-in\n")
+    L.append(f"`python3 scripts/bench.py --only pubsub` runs, per QoS (0 and 1; publish QoS = subscribe QoS), "
+             f"the brokers alternating:\n\n"
+             f"* **fan-out** `fleet fanout --subscribers {clients} --rate {fan_out} --qos <q> --warmup-secs {warm} "
+             f"--duration-secs {secs}`: one publisher → {clients:,} subscribers of `bench/fanout` "
+             f"({float(fan_out) * clients:,.0f} deliveries/s offered);\n"
+             f"* **fan-in** `fleet fanin --publishers {clients} --rate {fan_in} --qos <q> --warmup-secs {warm} "
+             f"--duration-secs {secs}`: {clients:,} publishers, each on `vehicles/<id>/telemetry` → one "
+             f"subscriber of `vehicles/+/telemetry` ({float(fan_in):,.0f} deliveries/s offered).\n")
+    L.append(f"All subscribers hold their SUBACK before publishing starts; {warm} s of warm-up, then a {secs} s "
+             "window at the fixed offered rate. **Delivered msgs/s**: PUBLISHes the subscribers received inside "
+             "the window. **Latency**: receive time − the send time the publisher wrote into the payload (same "
+             "host, one clock), for those deliveries. **Complete**: deliveries of the messages sent inside the "
+             "window, received by the end of the drain, over what the subscriptions call for (below 1: the broker "
+             "dropped some). **CPU s**: the broker process's utime + stime over the window (`/proc/<pid>/stat`); "
+             "for the gateway the Kafka broker's JVM is listed apart (`kafka`), and `fleet` is the simulator, "
+             "which shares the 2 cores. The gateway runs as in the sections above (journal fsync'd, bridged to "
+             "the real single-node Kafka; every publish is also journaled and forwarded, `bench/fanout` to the "
+             "unmatched default topic) with `[auth] publish_acl = [\"#\"]`, `subscribe_acl = [\"#\"]` and "
+             "`[mqtt] max_publish_rate = 0`; Mosquitto with its defaults (which drop QoS 1 messages beyond "
+             "`max_queued_messages` = 1000 per subscriber). Medians of the runs with (min–max).\n")
+    L.append("| case | broker | delivered msgs/s | complete | p50 | p99 | broker CPU s | delivered per broker CPU-s | "
+             "fleet CPU s |\n|---|---|---|---|---|---|---|---|---|")
+    ratios = []
+    for pattern, qos in PUBSUB_CASES:
+        label = f"{'fan-out' if pattern == 'fanout' else 'fan-in'} QoS {qos}"
+        per = {}
+        for name in ("gateway", "mosquitto"):
+            rows = res.get(f"{pattern}-q{qos}", {}).get(name, [])
+            if not rows:
+                L.append(f"| {label} | {name} | {PENDING} | | | | | | |")
+                continue
+            rate = [r["delivered_per_sec"] for r in rows]
+            per_cpu = [r["delivered"] / max(r["cpu_secs"].get("broker", 0), 1e-9) for r in rows]
+            per[name] = (statistics.median(rate), statistics.median(per_cpu))
+            cpu = fmt([r["cpu_secs"].get("broker") for r in rows], "", 2)
+            if name == "gateway":
+                cpu += f" + kafka {fmt([r['cpu_secs'].get('kafka') for r in rows], '', 2)}"
+            L.append(f"| {label} | {name} | {fmt(rate)} | {fmt([r['completeness'] for r in rows], '', 4)} | "
+                     f"{fmt([r['latency']['p50_us'] / 1000 for r in rows], ' ms', 2)} | "
+                     f"{fmt([r['latency']['p99_us'] / 1000 for r in rows], ' ms', 2)} | {cpu} | {fmt(per_cpu)} | "
+                     f"{fmt([r['cpu_secs'].get('fleet') for r in rows], '', 2)} |")
+        if len(per) == 2:
+            g, m = per["gateway"], per["mosquitto"]
+            ratios.append(f"| {label} | {g[0] / m[0]:.2f}× | {g[1] / m[1]:.2f}× |")
+        else:
+            ratios.append(f"| {label} | {PENDING} | |")
+    L.append("\n| case | gateway / mosquitto delivered msgs/s | gateway / mosquitto msgs per broker CPU-s |\n|---|---|---|")
+    L.extend(ratios)
+    L.append("")
 
 
 if __name__ == "__main__":

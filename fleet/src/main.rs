@@ -6,9 +6,12 @@
 //! fleet run --vehicles 40000 --idle --workers 3 --source-ips 6              # beyond one process
 //! fleet probe --bootstrap 127.0.0.1:9092 --topic vehicles.telemetry        # end-to-end
 //! fleet commander --vehicles 100 --rate 100 --duration-secs 30             # command latency
+//! fleet fanout --subscribers 1000 --rate 100 --qos 1                       # delivery, 1 → N
+//! fleet fanin --publishers 1000 --rate 10000 --qos 1                       # delivery, N → 1
 //! ```
 
 mod probe;
+mod pubsub;
 mod report;
 mod tls;
 mod vehicle;
@@ -74,6 +77,71 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         duration_secs: u64,
     },
+    /// Delivery benchmark, one publisher → N subscribers of one topic: delivered msgs/s,
+    /// publish→receive latency, broker CPU.
+    Fanout {
+        #[command(flatten)]
+        common: PubSubArgs,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        /// Messages per second the publisher sends (each delivered to every subscriber).
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        #[arg(long, default_value = "bench/fanout")]
+        topic: String,
+    },
+    /// Delivery benchmark, N publishers (`vehicles/<id>/telemetry`) → one subscriber of
+    /// `vehicles/+/telemetry`.
+    Fanin {
+        #[command(flatten)]
+        common: PubSubArgs,
+        #[arg(long, default_value_t = 1000)]
+        publishers: usize,
+        /// Messages per second over all publishers together.
+        #[arg(long, default_value_t = 10000.0)]
+        rate: f64,
+    },
+}
+
+/// What `fanout` and `fanin` share (see `pubsub.rs` for what is measured and when).
+#[derive(Args, Clone)]
+struct PubSubArgs {
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// QoS of the publishes and of the subscriptions: 0 or 1.
+    #[arg(long, default_value_t = 0)]
+    qos: u8,
+    /// Publishing before the measured window (not counted).
+    #[arg(long, default_value_t = 3)]
+    warmup_secs: u64,
+    /// The measured window.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Longest wait after the window for messages still on their way.
+    #[arg(long, default_value_t = 10)]
+    drain_secs: u64,
+    /// Payload size (at least the 16-byte timestamp and sequence header).
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// New connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    /// QoS 1 publishes in flight per publisher.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    #[arg(long, default_value_t = 60)]
+    keep_alive: u16,
+    /// Report this process's CPU seconds inside the window, e.g. `broker=1234` (repeatable).
+    #[arg(long = "cpu-pid", value_name = "NAME=PID", value_parser = parse_cpu_pid)]
+    cpu_pid: Vec<(String, u32)>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_cpu_pid(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s.split_once('=').ok_or("expected NAME=PID")?;
+    let pid = pid.parse().map_err(|e| format!("PID: {e}"))?;
+    Ok((name.to_string(), pid))
 }
 
 #[derive(Args, Clone)]
@@ -209,7 +277,78 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(commander(conn, vehicles, rate, duration_secs))
         }
+        Cmd::Fanout {
+            common,
+            subscribers,
+            rate,
+            topic,
+        } => pubsub_main(common, pubsub::Pattern::FanOut, subscribers, rate, topic),
+        Cmd::Fanin {
+            common,
+            publishers,
+            rate,
+        } => pubsub_main(common, pubsub::Pattern::FanIn, publishers, rate, String::new()),
     }
+}
+
+/// Runs `fanout` or `fanin`, prints the report, and fails (non-zero exit) when the run
+/// is not a valid measurement.
+fn pubsub_main(
+    args: PubSubArgs,
+    pattern: pubsub::Pattern,
+    clients: usize,
+    rate: f64,
+    topic: String,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(args.qos <= 1, "--qos must be 0 or 1");
+    anyhow::ensure!(clients > 0, "at least one publisher and one subscriber");
+    anyhow::ensure!(rate > 0.0, "--rate must be above 0");
+    let conn = &args.conn;
+    let tls = match &conn.ca {
+        Some(ca) => {
+            let client = conn.client_ca_cert.as_deref().zip(conn.client_ca_key.as_deref());
+            let name = rustls::pki_types::ServerName::try_from(
+                conn.server_name.clone().unwrap_or_else(|| conn.host.clone()),
+            )
+            .map_err(|e| anyhow!("--server-name: {e}"))?;
+            Some((tls::VehicleTls::new(ca, client)?, name))
+        }
+        None => None,
+    };
+    let plan = pubsub::Plan {
+        pattern,
+        addr: resolve(conn)?,
+        tls,
+        v5: conn.mqtt_version == 5,
+        qos: args.qos,
+        clients,
+        rate,
+        warmup: Duration::from_secs(args.warmup_secs),
+        duration: Duration::from_secs(args.duration_secs.max(1)),
+        drain: Duration::from_secs(args.drain_secs),
+        payload_bytes: args.payload_bytes,
+        connect_rate: args.connect_rate,
+        window: args.window.max(1),
+        keep_alive: args.keep_alive,
+        id_prefix: conn.id_prefix.clone(),
+        topic,
+        cpu_pids: args.cpu_pid.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = rt.block_on(pubsub::run(plan));
+    // Tasks still parked on a broker that never answered are dropped, not awaited.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        report.print();
+    }
+    // A harness reads the reason from stderr and the exit status; no backtrace.
+    if let Some(f) = &report.failure {
+        eprintln!("fleet {} QoS {}: FAILED: {f}", report.pattern, report.qos);
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Splits the fleet over child processes and merges their JSON reports.

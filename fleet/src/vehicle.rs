@@ -39,10 +39,13 @@ pub struct Plan {
     pub payload_bytes: usize,
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+/// A broker connection, plain TCP or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-fn now_us() -> u64 {
+/// Wall-clock microseconds: what payload timestamps carry, so that any process on the
+/// same host can time a message.
+pub fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
@@ -71,8 +74,11 @@ fn telemetry(id: &str, seq: u64, pad: usize) -> Vec<u8> {
     s.into_bytes()
 }
 
-async fn connect(
-    plan: &Plan,
+/// Opens a connection to `addr` (from `source` if given), with TLS when both a client
+/// config and a server name are given.
+pub async fn dial(
+    addr: SocketAddr,
+    server_name: Option<&rustls::pki_types::ServerName<'static>>,
     source: Option<IpAddr>,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> std::io::Result<Box<dyn Io>> {
@@ -80,9 +86,9 @@ async fn connect(
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let stream = socket.connect(plan.addr).await?;
+    let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
-    match (tls, &plan.tls_server_name) {
+    match (tls, server_name) {
         (Some(cfg), Some(name)) => {
             let s = TlsConnector::from(cfg).connect(name.clone(), stream).await?;
             Ok(Box::new(s))
@@ -99,7 +105,12 @@ pub async fn run(
     source: Option<IpAddr>,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) {
-    let mut io = match tokio::time::timeout(Duration::from_secs(30), connect(&plan, source, tls)).await {
+    let mut io = match tokio::time::timeout(
+        Duration::from_secs(30),
+        dial(plan.addr, plan.tls_server_name.as_ref(), source, tls),
+    )
+    .await
+    {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => return stats.error(&format!("connect: {}", e.kind())),
         Err(_) => return stats.error("connect: timeout"),
@@ -111,6 +122,7 @@ pub async fn run(
             &mut out,
             1,
             &format!("{}/{id}/commands/#", plan.topic_prefix),
+            1,
             plan.v5,
         );
     }

@@ -122,3 +122,50 @@ fn counts_every_acknowledged_message_and_merges_workers() {
         "histograms merged exactly: {r}"
     );
 }
+
+#[test]
+fn fan_out_and_fan_in_deliver_everything_with_latency_and_cpu() {
+    let broker = Mosquitto::start();
+    let port = broker.1.to_string();
+    let pid = format!("broker={}", broker.0.id());
+    for (pattern, many, qos) in [
+        ("fanout", "--subscribers", "0"),
+        ("fanout", "--subscribers", "1"),
+        ("fanin", "--publishers", "0"),
+        ("fanin", "--publishers", "1"),
+    ] {
+        let r = fleet(&[
+            pattern,
+            many,
+            "20",
+            "--rate",
+            "100",
+            "--qos",
+            qos,
+            "--warmup-secs",
+            "1",
+            "--duration-secs",
+            "2",
+            "--port",
+            &port,
+            "--id-prefix",
+            &format!("{pattern}{qos}"),
+            "--cpu-pid",
+            &pid,
+            "--json",
+        ]);
+        let reach = if pattern == "fanout" { 20 } else { 1 };
+        let published = r["published"].as_u64().unwrap_or(0);
+        assert!(published >= 150, "{r}");
+        assert_eq!(r["completeness"], 1.0, "{r}");
+        // Received inside the window: what was sent in it, give or take the edges.
+        let delivered = r["delivered"].as_u64().unwrap_or(0);
+        assert!(delivered.abs_diff(published * reach) <= 5 * reach, "{r}");
+        assert!(r["latency"]["p99_us"].as_u64().is_some_and(|v| v > 0), "{r}");
+        assert!(r["cpu_secs"]["broker"].as_f64().is_some(), "{r}");
+        assert!(
+            r["failure"].is_null() && r["errors"].as_object().is_some_and(|e| e.is_empty()),
+            "{r}"
+        );
+    }
+}
