@@ -61,7 +61,15 @@ impl Message {
 
     /// Bytes this message accounts for in queue and retained bounds.
     pub fn weight(&self) -> usize {
-        self.topic.len() + self.payload.len() + 64
+        let p = &self.props;
+        let props = p.content_type.as_ref().map_or(0, String::len)
+            + p.response_topic.as_ref().map_or(0, String::len)
+            + p.correlation_data.as_ref().map_or(0, |c| c.len())
+            + p.user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum::<usize>();
+        self.topic.len() + self.payload.len() + props + 64
     }
 }
 

@@ -119,7 +119,7 @@ impl Registry {
                 drop(st);
                 persistent_gauge(metrics, was_persistent, now_persistent);
                 if now_persistent {
-                    cell.persist(store, metrics);
+                    let _ = cell.persist(store, metrics);
                 } else if was_persistent {
                     if let Err(e) = store.remove_session(c.client_id) {
                         crate::session::state::store_failed(metrics, c.client_id, &e);
@@ -158,7 +158,7 @@ impl Registry {
         metrics.sessions.fetch_add(1, Ordering::Relaxed);
         if c.expiry_secs > 0 {
             metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
-            cell.persist(store, metrics);
+            let _ = cell.persist(store, metrics);
         }
         Attached {
             cell,
@@ -199,7 +199,7 @@ impl Registry {
         st.disconnected_at_ms = Some(now_ms());
         drop(st);
         drop(map);
-        cell.persist(store, metrics);
+        let _ = cell.persist(store, metrics);
         Detached::Kept
     }
 
@@ -277,5 +277,100 @@ fn discard(cell: &SessionCell, st: &mut SessionState, store: &Store, metrics: &M
 fn unroute(router: &Router, client_id: &Arc<str>, filters: Vec<String>) {
     for f in filters {
         router.unsubscribe(client_id, &f);
+    }
+}
+
+#[cfg(test)]
+mod lock_order_tests {
+    use super::*;
+    use crate::config::SessionsSection;
+    use crate::message::Message;
+    use crate::router::SubOptions;
+    use crate::session::state::Owner;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+    use tokio_util::sync::CancellationToken;
+
+    /// route() holds the trie read lock while `pick` calls registry.is_online (registry
+    /// read lock); attach/detach hold the registry write lock while discard() takes the
+    /// trie write lock. A shared subscription plus a clean-start reconnect deadlocks.
+    #[test]
+    fn route_vs_attach_lock_order_deadlock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let shared = Arc::new((Registry::default(), Router::default(), store, Metrics::default()));
+        // A shared-subscription member (so `pick` calls `online`).
+        let member: Arc<str> = Arc::from("member");
+        shared
+            .1
+            .subscribe(&member, "$share/g/t", SubOptions::qos(0))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut hs = Vec::new();
+        {
+            let (s, stop, progress) = (shared.clone(), stop.clone(), progress.clone());
+            hs.push(std::thread::spawn(move || {
+                let msg = Arc::new(Message {
+                    topic: "t".into(),
+                    payload: bytes::Bytes::from_static(b"x"),
+                    qos: 0,
+                    retain: false,
+                    props: Default::default(),
+                    received_at_ms: 0,
+                    expires_at_ms: None,
+                });
+                let lim = SessionsSection::default();
+                while !stop.load(Ordering::Relaxed) {
+                    s.1.route(&msg, None, &s.0, &lim, &s.2, &s.3);
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        {
+            let (s, stop, progress) = (shared.clone(), stop.clone(), progress.clone());
+            hs.push(std::thread::spawn(move || {
+                let mut conn = 0;
+                let id: Arc<str> = Arc::from("churn");
+                while !stop.load(Ordering::Relaxed) {
+                    conn += 1;
+                    let a = s.0.attach(
+                        Connecting {
+                            client_id: "churn",
+                            owner: Owner {
+                                conn,
+                                kicked: CancellationToken::new(),
+                            },
+                            clean_start: true,
+                            expiry_secs: 0,
+                            protocol: 5,
+                        },
+                        &s.1,
+                        &s.2,
+                        &s.3,
+                    );
+                    s.1.subscribe(&id, "other", SubOptions::qos(0)).unwrap();
+                    a.cell
+                        .lock()
+                        .subscriptions
+                        .insert("other".into(), SubOptions::qos(0));
+                    s.0.detach(&a.cell, conn, &s.1, &s.2, &s.3);
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        let mut last = 0;
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = progress.load(Ordering::Relaxed);
+            if now == last {
+                panic!("DEADLOCK: no progress for 500 ms after {now} operations (route vs attach/detach lock order)");
+            }
+            last = now;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for h in hs {
+            h.join().unwrap();
+        }
     }
 }

@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::router::Router;
-use crate::session::state::{OutItem, SessionCell, SessionState};
+use crate::session::state::{OutItem, Qos2In, SessionCell, SessionState};
 use crate::state::Shared;
 use crate::store::Store;
 use crate::tls::CertIdentity;
@@ -224,6 +224,9 @@ fn restore(shared: &Shared) -> anyhow::Result<()> {
         .load_retained()
         .context("loading retained messages from the store")?;
     let now = crate::message::now_ms();
+    // What the journal kept: a QoS 2 id whose record lies beyond it was in an unsynced
+    // tail and is forgotten, so the client's re-send is journaled, not taken for a duplicate.
+    let recovered = *shared.journal.durable().borrow();
     let (count, mut queued) = (sessions.len(), 0);
     for s in sessions {
         let client_id: Arc<str> = Arc::from(s.client_id.as_str());
@@ -232,7 +235,13 @@ fn restore(shared: &Shared) -> anyhow::Result<()> {
             expiry_secs: s.record.expiry_secs,
             disconnected_at_ms: Some(s.record.disconnected_at_ms.unwrap_or(now)),
             subscriptions: Default::default(),
-            inbound_qos2: s.record.inbound_qos2.iter().copied().collect(),
+            inbound_qos2: s
+                .record
+                .inbound_qos2
+                .iter()
+                .filter(|(_, seq)| *seq <= recovered)
+                .map(|(pkid, seq)| (*pkid, Qos2In { seq: *seq, gen: 0 }))
+                .collect(),
             out: Default::default(),
             protocol: s.record.protocol,
             delayed_will: None,

@@ -169,8 +169,8 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
         out.contains("received SUBACK") && out.contains("135"),
         "refused subscription: {out}"
     );
-    // QoS 2 is refused: MQTT 5 clients learn it from CONNACK (Maximum QoS 1).
-    let (_, out) = integration::mosquitto(
+    // QoS 2 is accepted: PUBREC once the record is durable, PUBCOMP after PUBREL.
+    let (code, out) = integration::mosquitto(
         "mosquitto_pub",
         &port,
         &[
@@ -184,9 +184,14 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
             "vehicles/q2/t",
             "-m",
             "x",
+            "-d",
         ],
     );
-    assert!(out.contains("QoS not supported"), "{out}");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("received PUBREC") && out.contains("received PUBCOMP"),
+        "{out}"
+    );
     assert!(gw.terminate(Duration::from_secs(10)));
     let records = Gateway::journal_records(gw.dir.path());
     assert_eq!(
@@ -196,6 +201,9 @@ fn mosquitto_pub_and_sub_v311_and_v5() {
             .count(),
         4
     );
+    let q2: Vec<_> = records.iter().filter(|r| r.entry.client_id == "q2").collect();
+    assert_eq!(q2.len(), 1, "the QoS 2 publish is journaled once");
+    assert_eq!(q2[0].entry.qos, 2);
 }
 
 #[test]

@@ -17,7 +17,7 @@ use crate::mqtt::packet::SubscribeFilter;
 use crate::mqtt::{Inbound, ProtocolError, PublishRequest, Version};
 use crate::router::trie::{parse_filter, FilterKind};
 use crate::router::SubOptions;
-use crate::session::state::OutItem;
+use crate::session::state::{OutItem, Qos2In};
 use crate::topic;
 
 /// What a refused PUBLISH gets: MQTT 5 an acknowledgement with `reason` (QoS > 0),
@@ -34,6 +34,11 @@ where
     /// in-flight bound.
     pub(super) async fn process_buffered(&mut self, max_inflight: usize) -> Result<(), Close> {
         loop {
+            // A connection taken over handles nothing more: its buffered SUBSCRIBEs must
+            // not reach the router on behalf of the new session.
+            if self.kicked.is_cancelled() {
+                return Err(Close::TakenOver);
+            }
             if self.codec.version == Version::V4 && !self.inbound_room(max_inflight) {
                 return Ok(());
             }
@@ -76,8 +81,8 @@ where
                 Ok(())
             }
             Inbound::PubRel { pkid, .. } => {
-                self.release(pkid);
-                Ok(())
+                self.bound_owed(max_inflight)?;
+                self.release(pkid)
             }
             Inbound::Disconnect {
                 reason,
@@ -130,7 +135,22 @@ where
                 super::state::store_failed(metrics, &self.client_id, &e);
             }
         } else {
-            self.cell.persist(store, metrics);
+            self.cell
+                .persist(store, metrics)
+                .map_err(|e| Close::StoreFailed(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledgements owed are bounded: a client sending PUBRELs for unknown ids or
+    /// re-sending QoS 2 duplicates faster than they become durable is cut off.
+    fn bound_owed(&self, max_inflight: usize) -> Result<(), Close> {
+        if self.pending.len() >= 2 * max_inflight {
+            return Err(Close::Protocol(ProtocolError {
+                reason: 0x93,
+                label: "too_many_unacknowledged",
+                detail: format!("more than {} acknowledgements owed", 2 * max_inflight),
+            }));
         }
         Ok(())
     }
@@ -138,14 +158,19 @@ where
     /// PUBREL: the client releases a QoS 2 packet id; PUBCOMP once that is flushed (a
     /// crash must not leave the id marked, or the client's next message under it would
     /// be taken for a duplicate).
-    fn release(&mut self, pkid: u16) {
-        let known = self.cell.lock().inbound_qos2.remove(&pkid);
+    fn release(&mut self, pkid: u16) -> Result<(), Close> {
+        let known = self.cell.lock().inbound_qos2.remove(&pkid).is_some();
         if known {
-            if let Some(g) = self.cell.persist(&self.shared.store, &self.shared.metrics) {
+            if let Some(g) = self
+                .cell
+                .persist(&self.shared.store, &self.shared.metrics)
+                .map_err(|e| Close::StoreFailed(e.to_string()))?
+            {
                 self.last_gen = self.last_gen.max(g);
             }
         }
         self.owe(AckKind::Complete, pkid, if known { 0 } else { 0x92 });
+        Ok(())
     }
 
     async fn subscribe(
@@ -201,6 +226,9 @@ where
                 retain_handling: f.retain_handling,
                 id,
             };
+            if self.cell.lock().gone {
+                return Err(Close::TakenOver);
+            }
             let replaced = match shared.router.subscribe(&self.client_id, &f.filter, opts) {
                 Ok(r) => r,
                 Err(_) => {
@@ -266,21 +294,27 @@ where
     /// Writes the session record (persistent sessions) and waits, bounded, until the
     /// store flushed it: a SUBACK promises the subscription survives a crash.
     async fn persist_and_wait(&mut self) -> Result<(), Close> {
-        let Some(gen) = self.cell.persist(&self.shared.store, &self.shared.metrics) else {
+        let persisted = self
+            .cell
+            .persist(&self.shared.store, &self.shared.metrics)
+            .map_err(|e| Close::StoreFailed(e.to_string()))?;
+        let Some(gen) = persisted else {
             return Ok(());
         };
-        let mut rx = self.shared.store.flushed();
-        let wait = rx.wait_for(|f| *f >= gen);
+        let store = self.shared.store.clone();
         tokio::select! {
             biased;
             _ = self.kicked.cancelled() => Err(Close::TakenOver),
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
-            r = tokio::time::timeout(STORE_WAIT, wait) => {
-                if !matches!(r, Ok(Ok(_))) {
-                    warn!("session store did not flush a subscription change in time; acknowledged anyway");
-                }
-                Ok(())
-            }
+            r = tokio::time::timeout(STORE_WAIT, store.wait_flushed(gen)) => match r {
+                Ok(Ok(())) => Ok(()),
+                // Not acknowledged as kept: the client resubscribes when it reconnects.
+                Ok(Err(e)) => Err(Close::StoreFailed(e.to_string())),
+                Err(_) => Err(Close::StoreFailed(format!(
+                    "the session store did not flush a subscription change within {} s",
+                    STORE_WAIT.as_secs()
+                ))),
+            },
         }
     }
 
@@ -317,10 +351,24 @@ where
                 detail: format!("QoS {} above the maximum QoS {}", p.qos, shared.cfg.mqtt.max_qos),
             }));
         }
-        if p.qos == 2 && self.cell.lock().inbound_qos2.contains(&p.pkid) {
-            // Re-sent before PUBREL: already journaled and routed once; answer again.
+        let duplicate = if p.qos == 2 {
+            self.cell.lock().inbound_qos2.get(&p.pkid).copied()
+        } else {
+            None
+        };
+        if let Some(first) = duplicate {
+            // Re-sent before PUBREL: already journaled and routed once. Answered again,
+            // behind what the first copy's PUBREC waits for (it may be another
+            // connection's append, not durable yet).
+            self.bound_owed(max_inflight)?;
             metrics.qos2_duplicates.fetch_add(1, Ordering::Relaxed);
-            self.owe(AckKind::Received, p.pkid, 0);
+            self.pending.push_back(super::Pending {
+                kind: AckKind::Received,
+                pkid: p.pkid,
+                seq: first.seq.max(self.last_seq),
+                gen: first.gen.max(self.last_gen),
+                reason: 0,
+            });
             return Ok(());
         }
         let alias = self.alias_slot(&p).map_err(Close::Protocol)?;
@@ -336,9 +384,8 @@ where
             _ => p.topic.clone(),
         };
         topic::validate_name(&topic).map_err(|e| Close::Protocol(ProtocolError::topic_invalid(e)))?;
-        let inbound_qos2 = self.cell.lock().inbound_qos2.len();
         // Receive Maximum counts QoS 1 and 2 publishes until PUBACK / PUBCOMP (§4.9).
-        if p.qos > 0 && self.pending.len() + inbound_qos2 >= max_inflight {
+        if p.qos > 0 && self.client_inflight() >= max_inflight {
             return Err(Close::Protocol(ProtocolError {
                 reason: 0x93,
                 label: "receive_maximum_exceeded",
@@ -498,9 +545,23 @@ where
             }
             _ => {
                 metrics.messages_received_qos2.fetch_add(1, Ordering::Relaxed);
-                self.cell.lock().inbound_qos2.insert(p.pkid);
-                if let Some(g) = self.cell.persist(&shared.store, metrics) {
+                let seq = self.last_seq;
+                self.cell.lock().inbound_qos2.insert(
+                    p.pkid,
+                    Qos2In {
+                        seq,
+                        gen: self.last_gen,
+                    },
+                );
+                let persisted = self
+                    .cell
+                    .persist(&shared.store, metrics)
+                    .map_err(|e| Close::StoreFailed(e.to_string()))?;
+                if let Some(g) = persisted {
                     self.last_gen = self.last_gen.max(g);
+                    if let Some(q) = self.cell.lock().inbound_qos2.get_mut(&p.pkid) {
+                        q.gen = self.last_gen;
+                    }
                 }
                 self.owe(AckKind::Received, p.pkid, 0);
             }

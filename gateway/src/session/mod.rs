@@ -95,6 +95,8 @@ enum Close {
     Protocol(ProtocolError),
     Io(std::io::Error),
     JournalStopped(String),
+    /// The session store failed: what this session promised cannot be made durable.
+    StoreFailed(String),
 }
 
 impl Close {
@@ -109,6 +111,7 @@ impl Close {
             Close::Protocol(_) => "protocol_error",
             Close::Io(_) => "io_error",
             Close::JournalStopped(_) => "journal_stopped",
+            Close::StoreFailed(_) => "store_failed",
         }
     }
     /// Whether the Will message is published (MQTT: any close without a normal DISCONNECT).
@@ -126,6 +129,9 @@ enum AckKind {
     Received,
     /// PUBCOMP (answer to PUBREL).
     Complete,
+    /// PUBREL (answer to the client's PUBREC of a QoS 2 delivery), once "released" is
+    /// flushed to the store.
+    Release,
 }
 
 /// An acknowledgement waiting until what it acknowledges is durable.
@@ -403,7 +409,11 @@ where
                         return Close::JournalStopped("journal closed".into());
                     }
                 }
-                _ = flushed_rx.changed(), if waiting => {}
+                _ = flushed_rx.changed(), if waiting => {
+                    if self.shared.store.has_failed() {
+                        return Close::StoreFailed("a store flush failed; acknowledgements cannot be made durable".into());
+                    }
+                }
                 _ = sleep_until_deadline(self.deadline), if can_read => return Close::KeepAlive,
                 // Not reading and waiting on the journal: a writer that stopped for good
                 // wakes nobody, so look now and then (the session must not outlive it).
@@ -451,6 +461,10 @@ where
             }
             Close::JournalStopped(why) => {
                 warn!(error = %why, "closing connection: journal stopped");
+                Some(0x80)
+            }
+            Close::StoreFailed(why) => {
+                warn!(error = %why, "closing connection: session store failed");
                 Some(0x80)
             }
             Close::Io(e) => {

@@ -40,6 +40,7 @@ where
                 AckKind::Ack => self.codec.puback(&mut self.out, p.pkid, p.reason),
                 AckKind::Received => self.codec.pubrec(&mut self.out, p.pkid, p.reason),
                 AckKind::Complete => self.codec.pubcomp(&mut self.out, p.pkid, p.reason),
+                AckKind::Release => self.codec.pubrel(&mut self.out, p.pkid, p.reason),
             }
             if p.reason == 0 && p.kind == AckKind::Ack {
                 self.shared.metrics.pubacks_sent.fetch_add(1, Ordering::Relaxed);
@@ -48,9 +49,27 @@ where
         }
     }
 
-    /// Whether another QoS 1/2 PUBLISH from the client may be taken now.
+    /// Whether another QoS 1/2 PUBLISH from the client may be taken now (3.1.1 pauses
+    /// reading when not).
     pub(super) fn inbound_room(&self, max_inflight: usize) -> bool {
-        self.pending.len() < max_inflight
+        self.owed_to_client() < max_inflight
+    }
+
+    /// Acknowledgements owed for the client's publishes (PUBREL we send is ours).
+    fn owed_to_client(&self) -> usize {
+        self.pending.iter().filter(|p| p.kind != AckKind::Release).count()
+    }
+
+    /// The client's QoS 1/2 publishes not yet complete, each counted once (§4.9): owed
+    /// PUBACKs and PUBCOMPs plus the QoS 2 ids held until PUBREL (a PUBREC owed is for
+    /// one of those).
+    pub(super) fn client_inflight(&self) -> usize {
+        let owed = self
+            .pending
+            .iter()
+            .filter(|p| matches!(p.kind, AckKind::Ack | AckKind::Complete))
+            .count();
+        owed + self.cell.lock().inbound_qos2.len()
     }
 
     pub(super) fn packet_buffered(&self) -> bool {
@@ -85,9 +104,16 @@ where
             self.cell.refused(pkid, store, metrics);
             return;
         }
-        let known = self.cell.received(pkid, store, metrics);
-        self.codec
-            .pubrel(&mut self.out, pkid, if known { 0 } else { 0x92 });
+        match self.cell.received(pkid, store, metrics) {
+            Some(gen) => self.pending.push_back(Pending {
+                kind: AckKind::Release,
+                pkid,
+                seq: 0,
+                gen,
+                reason: 0,
+            }),
+            None => self.codec.pubrel(&mut self.out, pkid, 0x92),
+        }
     }
 
     /// PUBCOMP from the client: the QoS 2 delivery is complete.

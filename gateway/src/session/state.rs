@@ -17,7 +17,7 @@
 //!   before the write's generation is handed back; the publisher's PUBACK waits until the
 //!   store has flushed that generation, so an acknowledged message survives a SIGKILL.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
@@ -32,7 +32,7 @@ use crate::mqtt::codec::OutPublish;
 use crate::mqtt::packet::Will;
 use crate::mqtt::Codec;
 use crate::router::SubOptions;
-use crate::store::{OutState, QueuedRecord, SessionRecord, Store};
+use crate::store::{OutState, QueuedRecord, SessionRecord, Store, StoreError};
 
 /// A session, online or offline, shared by its connection, the router and the registry.
 pub struct SessionCell {
@@ -77,8 +77,9 @@ pub struct SessionState {
     pub disconnected_at_ms: Option<u64>,
     /// Raw filter (`$share/...` included) → options.
     pub subscriptions: BTreeMap<String, SubOptions>,
-    /// Inbound QoS 2 packet ids received and not yet released (PUBREL).
-    pub inbound_qos2: BTreeSet<u16>,
+    /// Inbound QoS 2 packet ids received and not yet released (PUBREL), with what their
+    /// PUBREC waits for (a re-sent duplicate is answered behind the same watermarks).
+    pub inbound_qos2: BTreeMap<u16, Qos2In>,
     pub out: Outbound,
     /// 4 or 5.
     pub protocol: u8,
@@ -108,10 +109,19 @@ impl SessionState {
             expiry_secs: self.expiry_secs,
             disconnected_at_ms: self.disconnected_at_ms,
             subscriptions: self.subscriptions.iter().map(|(f, o)| (f.clone(), *o)).collect(),
-            inbound_qos2: self.inbound_qos2.iter().copied().collect(),
+            inbound_qos2: self.inbound_qos2.iter().map(|(p, q)| (*p, q.seq)).collect(),
             protocol: self.protocol,
         }
     }
+}
+
+/// An inbound QoS 2 message between PUBLISH and PUBREL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qos2In {
+    /// Journal sequence its record must reach before PUBREC (0: nothing journaled).
+    pub seq: u64,
+    /// Store generation that must be flushed before PUBREC (0 after a restart).
+    pub gen: u64,
 }
 
 /// One message on its way to this session.
@@ -175,6 +185,7 @@ pub struct Outbound {
     /// Sent (QoS 1/2), waiting for PUBACK / PUBREC / PUBCOMP, in send order.
     pub inflight: VecDeque<OutItem>,
     qos0: usize,
+    qos0_bytes: usize,
     /// QoS 1/2 messages held (queue + in flight) and their bytes.
     held: usize,
     held_bytes: usize,
@@ -225,6 +236,7 @@ impl Outbound {
     fn forget(&mut self, item: &OutItem, metrics: &Metrics) {
         if item.qos == 0 {
             self.qos0 = self.qos0.saturating_sub(1);
+            self.qos0_bytes = self.qos0_bytes.saturating_sub(item.msg.weight());
         } else {
             self.held = self.held.saturating_sub(1);
             self.held_bytes = self.held_bytes.saturating_sub(item.msg.weight());
@@ -237,6 +249,7 @@ impl Outbound {
     fn admit(&mut self, item: &OutItem, metrics: &Metrics) {
         if item.qos == 0 {
             self.qos0 += 1;
+            self.qos0_bytes += item.msg.weight();
         } else {
             self.held += 1;
             self.held_bytes += item.msg.weight();
@@ -306,7 +319,9 @@ impl SessionCell {
             if !online {
                 return Offer::Dropped("offline_qos0");
             }
-            if out.qos0 >= limits.max_outbound_qos0 {
+            if out.qos0 >= limits.max_outbound_qos0
+                || out.qos0_bytes + item.msg.weight() > limits.max_queued_bytes
+            {
                 return Offer::Dropped("qos0_queue_full");
             }
             out.admit(&item, metrics);
@@ -470,23 +485,27 @@ impl SessionCell {
         true
     }
 
-    /// PUBREC from the client: the QoS 2 message moves to "released" (PUBREL sent).
-    /// Returns false when no QoS 2 message was waiting under that packet id.
-    pub fn received(&self, pkid: u16, store: &Store, metrics: &Metrics) -> bool {
+    /// PUBREC from the client: the QoS 2 message moves to "released". Returns `None`
+    /// when no QoS 2 message waited under that packet id, else the store generation the
+    /// PUBREL must wait for (a PUBREL sent before "released" is durable could be followed,
+    /// after a crash, by a re-sent PUBLISH the client already completed).
+    pub fn received(&self, pkid: u16, store: &Store, metrics: &Metrics) -> Option<u64> {
         let mut st = self.lock();
         let persistent = st.persistent();
         let Some(item) = st.out.inflight.iter_mut().find(|i| i.pkid == pkid && i.qos == 2) else {
-            return false;
+            return None;
         };
         item.state = OutState::Released;
+        let mut gen = 0;
         if persistent && item.id != 0 {
             let rec = item.record();
             let id = item.id;
-            if let Err(e) = store.put_queued(&self.client_id, id, &rec) {
-                store_failed(metrics, &self.client_id, &e);
+            match store.put_queued(&self.client_id, id, &rec) {
+                Ok(g) => gen = g,
+                Err(e) => store_failed(metrics, &self.client_id, &e),
             }
         }
-        true
+        Some(gen)
     }
 
     /// PUBREC with a failure reason (MQTT 5 ≥ 0x80): the message is done, unreleased.
@@ -506,18 +525,18 @@ impl SessionCell {
 
     /// Writes the session record (subscriptions, inbound QoS 2 ids, expiry) to the store
     /// if the session is persistent. Returns the generation to wait for.
-    pub fn persist(&self, store: &Store, metrics: &Metrics) -> Option<u64> {
+    pub fn persist(&self, store: &Store, metrics: &Metrics) -> Result<Option<u64>, StoreError> {
         let st = self.lock();
         if !st.persistent() || st.gone {
-            return None;
+            return Ok(None);
         }
-        match store.put_session(&self.client_id, &st.record()) {
-            Ok(g) => Some(g),
-            Err(e) => {
+        store
+            .put_session(&self.client_id, &st.record())
+            .map(Some)
+            .map_err(|e| {
                 store_failed(metrics, &self.client_id, &e);
-                None
-            }
-        }
+                e
+            })
     }
 }
 

@@ -42,6 +42,11 @@ pub async fn on_close(
             let cancel = CancellationToken::new();
             let expiry = {
                 let mut st = cell.lock();
+                if st.owner.is_some() {
+                    // Resumed already (between the detach and here): within the delay,
+                    // so no Will.
+                    return;
+                }
                 st.delayed_will = Some(DelayedWill {
                     will,
                     user,
@@ -70,8 +75,9 @@ pub async fn on_close(
             });
         }
         // Taken over and resumed by the new connection: a delayed Will is cancelled by
-        // the resumption (§3.1.3.2.2); without a delay it is due now.
-        Detached::TakenOver if delay > 0 => {}
+        // the resumption (§3.1.3.2.2); without a delay, or when the takeover's clean
+        // start ended the session, it is due now.
+        Detached::TakenOver if delay > 0 && !cell.lock().gone => {}
         _ => publish(shared, &cell.client_id, user.as_deref(), will).await,
     }
 }

@@ -356,6 +356,12 @@ impl Store {
         self.wake.notify_one();
     }
 
+    /// Whether a flush failed: the store is stopped for good and nothing waiting for a
+    /// flush will be acknowledged (sessions close instead of waiting forever).
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
     /// Number of flushes done since open (tests and metrics: writes / flushes = group size).
     pub fn flushes(&self) -> u64 {
         self.flushes.load(Ordering::Relaxed)

@@ -20,8 +20,11 @@ pub struct SessionRecord {
     pub disconnected_at_ms: Option<u64>,
     /// Raw filters (including `$share/<group>/...`) with their options, in subscribe order.
     pub subscriptions: Vec<(String, SubOptions)>,
-    /// Inbound QoS 2 packet ids received and not yet released by PUBREL (exactly-once across restarts).
-    pub inbound_qos2: Vec<u16>,
+    /// Inbound QoS 2 packet ids received and not yet released by PUBREL (exactly-once
+    /// across restarts), each with the journal sequence its message was appended under:
+    /// at restore an id whose record the journal did not keep (an unsynced tail) is
+    /// dropped, so the client's re-send is journaled instead of taken for a duplicate.
+    pub inbound_qos2: Vec<(u16, u64)>,
     /// 4 or 5: the protocol level of the last connection.
     pub protocol: u8,
 }

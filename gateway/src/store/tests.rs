@@ -41,7 +41,7 @@ fn session() -> SessionRecord {
                 },
             ),
         ],
-        inbound_qos2: vec![3, 9],
+        inbound_qos2: vec![(3, 1), (9, 2)],
         protocol: 5,
     }
 }
