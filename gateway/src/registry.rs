@@ -281,6 +281,7 @@ fn unroute(router: &Router, client_id: &Arc<str>, filters: Vec<String>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod lock_order_tests {
     use super::*;
     use crate::config::SessionsSection;

@@ -492,9 +492,11 @@ impl SessionCell {
     pub fn received(&self, pkid: u16, store: &Store, metrics: &Metrics) -> Option<u64> {
         let mut st = self.lock();
         let persistent = st.persistent();
-        let Some(item) = st.out.inflight.iter_mut().find(|i| i.pkid == pkid && i.qos == 2) else {
-            return None;
-        };
+        let item = st
+            .out
+            .inflight
+            .iter_mut()
+            .find(|i| i.pkid == pkid && i.qos == 2)?;
         item.state = OutState::Released;
         let mut gen = 0;
         if persistent && item.id != 0 {
@@ -533,10 +535,7 @@ impl SessionCell {
         store
             .put_session(&self.client_id, &st.record())
             .map(Some)
-            .map_err(|e| {
-                store_failed(metrics, &self.client_id, &e);
-                e
-            })
+            .inspect_err(|e| store_failed(metrics, &self.client_id, e))
     }
 }
 
