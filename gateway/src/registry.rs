@@ -34,7 +34,7 @@ pub struct Attached {
     pub present: bool,
     /// A Will that was waiting for its delay and whose session just ended (clean start
     /// discarded it): due now.
-    pub will_due: Option<DelayedWill>,
+    pub will_due: Option<Box<DelayedWill>>,
 }
 
 /// What happened to a session when its connection ended.
@@ -205,7 +205,7 @@ impl Registry {
 
     /// Removes offline sessions whose expiry interval passed; returns the Wills that
     /// were still waiting for their delay (the session's end makes them due).
-    pub fn expired(&self, router: &Router, store: &Store, metrics: &Metrics) -> Vec<(Arc<str>, DelayedWill)> {
+    pub fn expired(&self, router: &Router, store: &Store, metrics: &Metrics) -> Vec<(Arc<str>, Box<DelayedWill>)> {
         let now = now_ms();
         let candidates: Vec<Arc<SessionCell>> = self
             .read()

@@ -173,7 +173,8 @@ struct Session<S> {
     /// topics), bounded by [`MAX_STORED_TOPIC_BYTES`]: a count bound alone let 100
     /// filters of 60 KiB each hold 6 MiB per connection.
     stored_bytes: usize,
-    will: Option<Will>,
+    /// Boxed: most vehicles send none, and the session lives as long as its connection.
+    will: Option<Box<Will>>,
     /// The client's Receive Maximum: QoS 1/2 deliveries in flight at once.
     receive_max: usize,
     /// Session Expiry Interval of the CONNECT (a DISCONNECT may change it, not from 0).
@@ -343,7 +344,7 @@ where
         aliases: Vec::new(),
         quota_logged: false,
         stored_bytes,
-        will: req.will.clone(),
+        will: req.will.clone().map(Box::new),
         receive_max: usize::from(req.receive_maximum.unwrap_or(u16::MAX).max(1)),
         connect_expiry: expiry,
         kicked,
@@ -492,7 +493,7 @@ where
         );
         if close.publishes_will() {
             if let Some(w) = self.will.take() {
-                will::on_close(&self.shared, &self.cell, self.user.clone(), w, &detached).await;
+                will::on_close(&self.shared, &self.cell, self.user.clone(), *w, &detached).await;
             }
         }
         if detached == Detached::Kept {
@@ -520,4 +521,21 @@ where
 
 async fn sleep_until_deadline(deadline: Instant) {
     tokio::time::sleep_until(deadline).await
+}
+
+#[cfg(test)]
+mod size_tests {
+    /// Every idle vehicle holds a `Session` (inside its task) and a `SessionCell`: their
+    /// sizes are most of the gateway's memory at a million connections.
+    #[test]
+    fn idle_state_sizes() {
+        use std::mem::size_of;
+        let session = size_of::<super::Session<tokio::net::TcpStream>>();
+        let cell = size_of::<super::state::SessionCell>();
+        let state = size_of::<super::state::SessionState>();
+        let out = size_of::<super::state::Outbound>();
+        println!("Session {session} B, SessionCell {cell} B (state {state} B, outbound {out} B)");
+        assert!(session <= 512, "Session grew to {session} bytes");
+        assert!(cell <= 384, "SessionCell grew to {cell} bytes");
+    }
 }

@@ -83,7 +83,8 @@ pub struct SessionState {
     pub out: Outbound,
     /// 4 or 5.
     pub protocol: u8,
-    pub delayed_will: Option<DelayedWill>,
+    /// Boxed: most sessions never have one, and every idle vehicle holds a cell.
+    pub delayed_will: Option<Box<DelayedWill>>,
     /// Set once the session is discarded (clean start, expiry): a cell still referenced
     /// by a connection or the router is then dead and takes nothing.
     pub gone: bool,

@@ -47,11 +47,11 @@ pub async fn on_close(
                     // so no Will.
                     return;
                 }
-                st.delayed_will = Some(DelayedWill {
+                st.delayed_will = Some(Box::new(DelayedWill {
                     will,
                     user,
                     cancel: cancel.clone(),
-                });
+                }));
                 st.expiry_secs
             };
             let wait = Duration::from_secs(u64::from(delay.min(expiry)));
