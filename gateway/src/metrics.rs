@@ -71,8 +71,9 @@ pub struct Metrics {
     /// PUBLISH packets a session had to wait for under `mqtt.max_publish_rate`.
     pub publish_throttled: AtomicU64,
     pub messages_received_qos2: AtomicU64,
-    /// PUBLISHes written to subscribers on this gateway, by delivery QoS.
-    pub messages_delivered: Labeled,
+    /// PUBLISHes written to subscribers on this gateway, by delivery QoS (atomics, not a
+    /// labelled map: this is counted once per subscriber per message).
+    pub messages_delivered: [AtomicU64; 3],
     /// Messages not delivered to a subscriber, by reason (`qos0_queue_full`,
     /// `queue_full_drop_oldest`, `queue_full_refuse_new`, `expired`, `too_large_for_client`).
     pub messages_dropped: Labeled,
@@ -201,13 +202,18 @@ impl Metrics {
             self.messages_received_qos1.load(Ordering::Relaxed),
             self.messages_received_qos2.load(Ordering::Relaxed)
         );
-        labeled(
-            &mut s,
-            "gateway_messages_delivered_total",
-            "PUBLISHes written to subscribers on this gateway, by delivery QoS.",
-            "qos",
-            &self.messages_delivered,
+        let _ = writeln!(
+            s,
+            "# HELP gateway_messages_delivered_total PUBLISHes written to subscribers on this gateway, by delivery QoS.\n\
+             # TYPE gateway_messages_delivered_total counter"
         );
+        for (q, c) in self.messages_delivered.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "gateway_messages_delivered_total{{qos=\"{q}\"}} {}",
+                c.load(Ordering::Relaxed)
+            );
+        }
         labeled(
             &mut s,
             "gateway_messages_dropped_total",

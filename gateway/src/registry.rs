@@ -205,7 +205,12 @@ impl Registry {
 
     /// Removes offline sessions whose expiry interval passed; returns the Wills that
     /// were still waiting for their delay (the session's end makes them due).
-    pub fn expired(&self, router: &Router, store: &Store, metrics: &Metrics) -> Vec<(Arc<str>, Box<DelayedWill>)> {
+    pub fn expired(
+        &self,
+        router: &Router,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Vec<(Arc<str>, Box<DelayedWill>)> {
         let now = now_ms();
         let candidates: Vec<Arc<SessionCell>> = self
             .read()

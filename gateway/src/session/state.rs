@@ -424,7 +424,9 @@ impl SessionCell {
                 }
                 continue;
             }
-            metrics.messages_delivered.inc(qos_label(item.qos));
+            if let Some(c) = metrics.messages_delivered.get(usize::from(item.qos)) {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             sent += 1;
             if item.qos == 0 {
                 st.out.forget(&item, metrics);
