@@ -304,8 +304,9 @@ where
         let store = self.shared.store.clone();
         tokio::select! {
             biased;
-            _ = self.kicked.cancelled() => Err(Close::TakenOver),
+            // Shutdown first: the takeover token is its child, cancelled with it.
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
+            _ = self.kicked.cancelled() => Err(Close::TakenOver),
             r = tokio::time::timeout(STORE_WAIT, store.wait_flushed(gen)) => match r {
                 Ok(Ok(())) => Ok(()),
                 // Not acknowledged as kept: the client resubscribes when it reconnects.
@@ -468,8 +469,8 @@ where
             // nothing was appended yet.
             let appended = tokio::select! {
                 biased;
-                _ = self.kicked.cancelled() => return Err(Close::TakenOver),
                 _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
+                _ = self.kicked.cancelled() => return Err(Close::TakenOver),
                 r = shared.journal.append_with(&entry, shared.full_policy) => r,
             };
             match appended {
@@ -608,8 +609,9 @@ where
             .fetch_add(1, Ordering::Relaxed);
         tokio::select! {
             biased;
-            _ = self.kicked.cancelled() => Err(Close::TakenOver),
+            // Shutdown first: the takeover token is its child, cancelled with it.
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
+            _ = self.kicked.cancelled() => Err(Close::TakenOver),
             _ = tokio::time::sleep(ahead - PUBLISH_BURST) => Ok(()),
         }
     }

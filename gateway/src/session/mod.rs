@@ -269,7 +269,9 @@ where
             (asked.min(max_expiry), asked > max_expiry)
         }
     };
-    let kicked = tokio_util::sync::CancellationToken::new();
+    // A child of the shutdown token: one token (and one select branch per idle vehicle)
+    // covers both takeover and shutdown.
+    let kicked = shared.shutdown.child_token();
     let attached = shared.registry.attach(
         Connecting {
             client_id: &client_id,
@@ -401,10 +403,16 @@ where
                 self.deadline = Instant::now() + self.keep_alive;
             }
             let waiting = !self.pending.is_empty();
+            let wake_at = if can_read {
+                self.deadline
+            } else {
+                Instant::now() + JOURNAL_CHECK
+            };
             tokio::select! {
                 biased;
-                _ = kicked.cancelled() => return Close::TakenOver,
-                _ = shutdown.cancelled() => return Close::Shutdown,
+                _ = kicked.cancelled() => {
+                    return if shutdown.is_cancelled() { Close::Shutdown } else { Close::TakenOver };
+                }
                 changed = durable_rx.changed(), if waiting => {
                     if changed.is_err() {
                         return Close::JournalStopped("journal closed".into());
@@ -415,10 +423,13 @@ where
                         return Close::StoreFailed("a store flush failed; acknowledgements cannot be made durable".into());
                     }
                 }
-                _ = sleep_until_deadline(self.deadline), if can_read => return Close::KeepAlive,
-                // Not reading and waiting on the journal: a writer that stopped for good
-                // wakes nobody, so look now and then (the session must not outlive it).
-                _ = tokio::time::sleep(JOURNAL_CHECK), if !can_read => {
+                // Reading: the keep-alive deadline. Not reading and waiting on the journal:
+                // a writer that stopped for good wakes nobody, so look now and then (the
+                // session must not outlive it). One timer for both.
+                _ = sleep_until_deadline(wake_at) => {
+                    if can_read {
+                        return Close::KeepAlive;
+                    }
                     if self.shared.journal_stopped() {
                         return Close::JournalStopped("journal stopped".into());
                     }

@@ -178,9 +178,47 @@ impl OutItem {
     }
 }
 
-/// A session's outbound side: queued messages and those in flight.
+/// A session's outbound side. Its queues are allocated only while something is held:
+/// an idle vehicle (most of a million) keeps none. Reads of an empty side see a shared
+/// empty value; the first write allocates.
 #[derive(Debug, Default)]
-pub struct Outbound {
+pub struct Outbound(Option<Box<Queues>>);
+
+static NO_QUEUES: Queues = Queues::EMPTY;
+
+impl std::ops::Deref for Outbound {
+    type Target = Queues;
+    fn deref(&self) -> &Queues {
+        self.0.as_deref().unwrap_or(&NO_QUEUES)
+    }
+}
+
+impl std::ops::DerefMut for Outbound {
+    fn deref_mut(&mut self) -> &mut Queues {
+        self.0.get_or_insert_with(Default::default)
+    }
+}
+
+impl Outbound {
+    /// Nothing queued, nothing in flight.
+    pub fn is_idle(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|q| q.queue.is_empty() && q.inflight.is_empty())
+    }
+
+    /// Frees the queues once nothing is held. Packet ids and store ids start over, which
+    /// is safe: nothing is in flight and every store entry of the session was removed.
+    pub fn shrink(&mut self) {
+        if self.is_idle() {
+            self.0 = None;
+        }
+    }
+}
+
+/// Queued messages and those in flight.
+#[derive(Debug, Default)]
+pub struct Queues {
     /// Not sent yet, in arrival order.
     pub queue: VecDeque<OutItem>,
     /// Sent (QoS 1/2), waiting for PUBACK / PUBREC / PUBCOMP, in send order.
@@ -216,7 +254,18 @@ pub struct SendLimits<'a> {
     pub out_budget: usize,
 }
 
-impl Outbound {
+impl Queues {
+    const EMPTY: Queues = Queues {
+        queue: VecDeque::new(),
+        inflight: VecDeque::new(),
+        qos0: 0,
+        qos0_bytes: 0,
+        held: 0,
+        held_bytes: 0,
+        next_id: 0,
+        next_pkid: 0,
+    };
+
     pub fn held(&self) -> usize {
         self.held
     }
@@ -272,12 +321,16 @@ impl Outbound {
             self.inflight.push_back(item);
         }
     }
+}
 
+impl Outbound {
     /// Empties the session's outbound side (session discarded or expired).
     pub fn clear(&mut self, metrics: &Metrics) {
-        let items: Vec<OutItem> = self.queue.drain(..).chain(self.inflight.drain(..)).collect();
-        for i in &items {
-            self.forget(i, metrics);
+        if let Some(mut q) = self.0.take() {
+            let items: Vec<OutItem> = q.queue.drain(..).chain(q.inflight.drain(..)).collect();
+            for i in &items {
+                q.forget(i, metrics);
+            }
         }
     }
 }
@@ -380,7 +433,7 @@ impl SessionCell {
         let mut st = self.lock();
         // Only the owning connection sends: a connection that was just taken over must
         // not move messages into flight behind the new owner's back.
-        if st.owner.as_ref().map(|o| o.conn) != Some(lim.conn) {
+        if st.owner.as_ref().map(|o| o.conn) != Some(lim.conn) || st.out.queue.is_empty() {
             return 0;
         }
         let persistent = st.persistent();
@@ -441,6 +494,7 @@ impl SessionCell {
             }
             st.out.inflight.push_back(item);
         }
+        st.out.shrink();
         sent
     }
 
@@ -480,6 +534,7 @@ impl SessionCell {
             return false;
         };
         st.out.forget(&item, metrics);
+        st.out.shrink();
         if st.persistent() && item.id != 0 {
             if let Err(e) = store.remove_queued(&self.client_id, item.id) {
                 store_failed(metrics, &self.client_id, &e);
@@ -519,6 +574,7 @@ impl SessionCell {
         if let Some(pos) = st.out.inflight.iter().position(|i| i.pkid == pkid && i.qos == 2) {
             if let Some(item) = st.out.inflight.remove(pos) {
                 st.out.forget(&item, metrics);
+                st.out.shrink();
                 if st.persistent() && item.id != 0 {
                     if let Err(e) = store.remove_queued(&self.client_id, item.id) {
                         store_failed(metrics, &self.client_id, &e);
