@@ -321,7 +321,7 @@ where
     );
     let cell = attached.cell;
     // Messages sent before and not acknowledged go first, with DUP (§4.4).
-    cell.resend_inflight(&mut out, &codec);
+    cell.resend_inflight(&mut out, &codec, &shared.store, &shared.metrics);
     let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
     shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
     info!(version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,

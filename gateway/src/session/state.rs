@@ -500,17 +500,39 @@ impl SessionCell {
 
     /// Re-sends what is in flight (a connection just took the session): PUBLISH with
     /// DUP for messages not acknowledged, PUBREL for those waiting for PUBCOMP.
-    pub fn resend_inflight(&self, buf: &mut BytesMut, codec: &Codec) {
-        let st = self.lock();
+    /// A message the new connection cannot take (larger than its Maximum Packet Size) is
+    /// dropped and counted rather than left in flight forever.
+    pub fn resend_inflight(&self, buf: &mut BytesMut, codec: &Codec, store: &Store, metrics: &Metrics) {
+        let mut st = self.lock();
+        if st.out.inflight.is_empty() {
+            return;
+        }
+        let persistent = st.persistent();
         let now = now_ms();
-        for item in &st.out.inflight {
-            match item.state {
-                OutState::Released => codec.pubrel(buf, item.pkid, 0),
-                _ => {
-                    encode(buf, codec, item, true, now);
+        let mut kept = VecDeque::new();
+        let inflight = std::mem::take(&mut st.out.inflight);
+        for item in inflight {
+            let fits = match item.state {
+                OutState::Released => {
+                    codec.pubrel(buf, item.pkid, 0);
+                    true
+                }
+                _ => encode(buf, codec, &item, true, now),
+            };
+            if fits {
+                kept.push_back(item);
+                continue;
+            }
+            st.out.forget(&item, metrics);
+            metrics.messages_dropped.inc("too_large_for_client");
+            if persistent && item.id != 0 {
+                if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                    store_failed(metrics, &self.client_id, &e);
                 }
             }
         }
+        st.out.inflight = kept;
+        st.out.shrink();
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client: the message is done.
