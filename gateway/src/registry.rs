@@ -147,6 +147,7 @@ impl Registry {
             out: Default::default(),
             protocol: c.protocol,
             delayed_will: None,
+            last_pkid: 0,
             gone: false,
         };
         let cell = SessionCell::new(client_id.clone(), state);

@@ -85,7 +85,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bridge_control: BridgeControl::new(),
         parked_dir: cfg.journal.dir.join("parked"),
     });
-    restore(&shared)?;
+    if restore(&shared)? > 0 {
+        shared.store.flush().await.context("flushing restored sessions")?;
+    }
     tokio::spawn(session::will::expire_sessions(shared.clone()));
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     let producer_cfg = ProducerConfig {
@@ -214,7 +216,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 /// Puts back what the store kept: persistent sessions (offline until their vehicle
 /// reconnects; a session held by a connection when the gateway died counts as
 /// disconnected now), their subscriptions and queues, and the retained messages.
-fn restore(shared: &Shared) -> anyhow::Result<()> {
+fn restore(shared: &Shared) -> anyhow::Result<usize> {
     let sessions = shared
         .store
         .load_sessions()
@@ -227,7 +229,7 @@ fn restore(shared: &Shared) -> anyhow::Result<()> {
     // What the journal kept: a QoS 2 id whose record lies beyond it was in an unsynced
     // tail and is forgotten, so the client's re-send is journaled, not taken for a duplicate.
     let recovered = *shared.journal.durable().borrow();
-    let (count, mut queued) = (sessions.len(), 0);
+    let (count, mut queued, mut rewritten) = (sessions.len(), 0, 0);
     for s in sessions {
         let client_id: Arc<str> = Arc::from(s.client_id.as_str());
         let mut state = SessionState {
@@ -245,6 +247,7 @@ fn restore(shared: &Shared) -> anyhow::Result<()> {
             out: Default::default(),
             protocol: s.record.protocol,
             delayed_will: None,
+            last_pkid: 0,
             gone: false,
         };
         for (filter, opts) in s.record.subscriptions {
@@ -265,9 +268,17 @@ fn restore(shared: &Shared) -> anyhow::Result<()> {
             queued += 1;
             state.out.restore(OutItem::from_record(id, rec), &shared.metrics);
         }
-        shared
-            .registry
-            .restore(SessionCell::new(client_id, state), &shared.metrics);
+        let forgot = state.inbound_qos2.len() != s.record.inbound_qos2.len();
+        let cell = SessionCell::new(client_id.clone(), state);
+        if forgot {
+            // Written back at once: a later restart (when new records reuse those
+            // sequences) must not bring the forgotten ids back.
+            warn!(client_id = %client_id, "QoS 2 packet ids whose record the journal did not keep were forgotten; the vehicle's re-send will be journaled");
+            cell.persist(&shared.store, &shared.metrics)
+                .context("rewriting a restored session")?;
+            rewritten += 1;
+        }
+        shared.registry.restore(cell, &shared.metrics);
     }
     let retained_count = retained.len();
     shared.router.restore_retained(retained, &shared.metrics);
@@ -277,7 +288,7 @@ fn restore(shared: &Shared) -> anyhow::Result<()> {
         retained = retained_count,
         "restored persistent sessions and retained messages"
     );
-    Ok(())
+    Ok(rewritten)
 }
 
 async fn bind(addr: &str, key: &str) -> anyhow::Result<TcpListener> {

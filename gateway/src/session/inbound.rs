@@ -37,7 +37,7 @@ where
             // A connection taken over handles nothing more: its buffered SUBSCRIBEs must
             // not reach the router on behalf of the new session.
             if self.kicked.is_cancelled() {
-                return Err(Close::TakenOver);
+                return Err(self.cancelled());
             }
             if self.codec.version == Version::V4 && !self.inbound_room(max_inflight) {
                 return Ok(());
@@ -72,10 +72,7 @@ where
                 self.on_puback(pkid);
                 Ok(())
             }
-            Inbound::PubRec { pkid, reason } => {
-                self.on_pubrec(pkid, reason);
-                Ok(())
-            }
+            Inbound::PubRec { pkid, reason } => self.on_pubrec(pkid, reason),
             Inbound::PubComp { pkid, .. } => {
                 self.on_pubcomp(pkid);
                 Ok(())
@@ -145,7 +142,7 @@ where
     /// Acknowledgements owed are bounded: a client sending PUBRELs for unknown ids or
     /// re-sending QoS 2 duplicates faster than they become durable is cut off.
     fn bound_owed(&self, max_inflight: usize) -> Result<(), Close> {
-        if self.pending.len() >= 2 * max_inflight {
+        if self.owed_to_client() >= 2 * max_inflight {
             return Err(Close::Protocol(ProtocolError {
                 reason: 0x93,
                 label: "too_many_unacknowledged",
@@ -227,7 +224,7 @@ where
                 id,
             };
             if self.cell.lock().gone {
-                return Err(Close::TakenOver);
+                return Err(self.cancelled());
             }
             let replaced = match shared.router.subscribe(&self.client_id, &f.filter, opts) {
                 Ok(r) => r,
@@ -237,7 +234,19 @@ where
                     continue;
                 }
             };
-            self.cell.lock().subscriptions.insert(f.filter.clone(), opts);
+            {
+                let mut st = self.cell.lock();
+                if st.gone {
+                    // Discarded (clean-start takeover) while this subscribed: the filter
+                    // must not stay in the router owned by no session.
+                    drop(st);
+                    if !replaced {
+                        shared.router.unsubscribe(&self.client_id, &f.filter);
+                    }
+                    return Err(self.cancelled());
+                }
+                st.subscriptions.insert(f.filter.clone(), opts);
+            }
             if !replaced {
                 self.stored_bytes += f.filter.len();
                 metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
@@ -385,8 +394,14 @@ where
             _ => p.topic.clone(),
         };
         topic::validate_name(&topic).map_err(|e| Close::Protocol(ProtocolError::topic_invalid(e)))?;
-        // Receive Maximum counts QoS 1 and 2 publishes until PUBACK / PUBCOMP (§4.9).
-        if p.qos > 0 && self.client_inflight() >= max_inflight {
+        // Receive Maximum counts QoS 1 and 2 publishes until PUBACK / PUBCOMP (§4.9). A
+        // 3.1.1 client has none: it is paused on owed acknowledgements instead, and its
+        // QoS 2 ids waiting for PUBREL are capped at 4 × mqtt.max_inflight.
+        let over = match self.codec.version {
+            Version::V5 => self.client_inflight() >= max_inflight,
+            Version::V4 => p.qos == 2 && self.cell.lock().inbound_qos2.len() >= 4 * max_inflight,
+        };
+        if p.qos > 0 && over {
             return Err(Close::Protocol(ProtocolError {
                 reason: 0x93,
                 label: "receive_maximum_exceeded",
@@ -546,7 +561,8 @@ where
             }
             _ => {
                 metrics.messages_received_qos2.fetch_add(1, Ordering::Relaxed);
-                let seq = self.last_seq;
+                // The journal sequence the id depends on (0: nothing journaled, local only).
+                let seq = if kafka { self.last_seq } else { 0 };
                 self.cell.lock().inbound_qos2.insert(
                     p.pkid,
                     Qos2In {

@@ -72,8 +72,8 @@ const IDLE_READ: usize = 64;
 /// Deliveries are encoded into the write buffer up to this many bytes before the
 /// socket is written: bounds a connection's write buffer whatever is queued for it.
 const OUT_BUDGET: usize = 64 * 1024;
-/// Longest a SUBSCRIBE / UNSUBSCRIBE waits for the store to flush its change before
-/// the SUBACK goes out anyway (the change is applied; only its crash-safety waits).
+/// Longest a SUBSCRIBE / UNSUBSCRIBE waits for the store to flush its change; past it
+/// the connection closes (`store_failed`) rather than acknowledge what may not survive.
 const STORE_WAIT: Duration = Duration::from_secs(5);
 
 /// Burst a connection may publish ahead of `mqtt.max_publish_rate`.
@@ -378,6 +378,11 @@ where
         let cell = self.cell.clone();
         let max_inflight = usize::from(self.shared.cfg.mqtt.max_inflight);
         loop {
+            if self.store_stuck(*flushed_rx.borrow()) {
+                return Close::StoreFailed(
+                    "a store flush failed; acknowledgements cannot be made durable".into(),
+                );
+            }
             // Acknowledge first: that frees in-flight room for packets already buffered
             // (a paused 3.1.1 client may have nothing more to send until they are read).
             self.ack_durable(*durable_rx.borrow_and_update(), *flushed_rx.borrow_and_update());
@@ -418,17 +423,16 @@ where
                         return Close::JournalStopped("journal closed".into());
                     }
                 }
-                _ = flushed_rx.changed(), if waiting => {
-                    if self.shared.store.has_failed() {
-                        return Close::StoreFailed("a store flush failed; acknowledgements cannot be made durable".into());
-                    }
-                }
+                _ = flushed_rx.changed(), if waiting => {}
                 // Reading: the keep-alive deadline. Not reading and waiting on the journal:
                 // a writer that stopped for good wakes nobody, so look now and then (the
                 // session must not outlive it). One timer for both.
                 _ = sleep_until_deadline(wake_at) => {
                     if can_read {
                         return Close::KeepAlive;
+                    }
+                    if self.store_stuck(*flushed_rx.borrow()) {
+                        return Close::StoreFailed("a store flush failed".into());
                     }
                     if self.shared.journal_stopped() {
                         return Close::JournalStopped("journal stopped".into());
@@ -512,6 +516,22 @@ where
         }
     }
 
+    /// Why this connection's token fired: it is a child of the shutdown token, so
+    /// shutdown cancels it too.
+    fn cancelled(&self) -> Close {
+        if self.shared.shutdown.is_cancelled() {
+            Close::Shutdown
+        } else {
+            Close::TakenOver
+        }
+    }
+
+    /// Acknowledgements wait for a store flush that will never come (a failed store
+    /// stays failed; sessions that owe nothing to it are not affected).
+    fn store_stuck(&self, flushed: u64) -> bool {
+        self.shared.store.has_failed() && self.pending.iter().any(|p| p.gen > flushed)
+    }
+
     /// On shutdown: acknowledge everything already accepted once it is durable.
     async fn drain_acks(&mut self) {
         let mut rx = self.shared.journal.durable();
@@ -519,7 +539,7 @@ where
         while !self.pending.is_empty() {
             let durable = *rx.borrow_and_update();
             self.ack_durable(durable, *flushed.borrow_and_update());
-            if self.pending.is_empty() {
+            if self.pending.is_empty() || self.shared.store.has_failed() {
                 break;
             }
             tokio::select! {

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 
 use super::state::SendLimits;
-use super::{AckKind, Pending, Session, IDLE_READ, OUT_BUDGET, READ_CHUNK, WRITE_TIMEOUT};
+use super::{AckKind, Close, Pending, Session, IDLE_READ, OUT_BUDGET, READ_CHUNK, WRITE_TIMEOUT};
 use crate::mqtt::codec::{frame, Framing};
 
 impl<S> Session<S>
@@ -56,7 +56,7 @@ where
     }
 
     /// Acknowledgements owed for the client's publishes (PUBREL we send is ours).
-    fn owed_to_client(&self) -> usize {
+    pub(super) fn owed_to_client(&self) -> usize {
         self.pending.iter().filter(|p| p.kind != AckKind::Release).count()
     }
 
@@ -96,24 +96,41 @@ where
             .complete(pkid, 1, &self.shared.store, &self.shared.metrics);
     }
 
-    /// PUBREC from the client: answer PUBREL (0x92 when nothing waits under that id).
-    pub(super) fn on_pubrec(&mut self, pkid: u16, reason: u8) {
+    /// PUBREC from the client: answer PUBREL (0x92 when nothing waits under that id)
+    /// once "released" is flushed to the store. PUBRELs wait only for the store, so they
+    /// go ahead of acknowledgements waiting for the journal, in PUBREC order among
+    /// themselves; each delivery is released once, so they are bounded by what is in
+    /// flight.
+    pub(super) fn on_pubrec(&mut self, pkid: u16, reason: u8) -> Result<(), Close> {
         let (store, metrics) = (&self.shared.store, &self.shared.metrics);
         if reason >= 0x80 {
             // The client refused the message: the flow ends here (MQTT 5 §4.3.3).
             self.cell.refused(pkid, store, metrics);
-            return;
+            return Ok(());
         }
         match self.cell.received(pkid, store, metrics) {
-            Some(gen) => self.pending.push_back(Pending {
-                kind: AckKind::Release,
-                pkid,
-                seq: 0,
-                gen,
-                reason: 0,
-            }),
+            Some(Ok(0)) => self.codec.pubrel(&mut self.out, pkid, 0),
+            Some(Ok(gen)) => {
+                let at = self
+                    .pending
+                    .iter()
+                    .position(|p| p.kind != AckKind::Release)
+                    .unwrap_or(self.pending.len());
+                self.pending.insert(
+                    at,
+                    Pending {
+                        kind: AckKind::Release,
+                        pkid,
+                        seq: 0,
+                        gen,
+                        reason: 0,
+                    },
+                );
+            }
+            Some(Err(e)) => return Err(Close::StoreFailed(e.to_string())),
             None => self.codec.pubrel(&mut self.out, pkid, 0x92),
         }
+        Ok(())
     }
 
     /// PUBCOMP from the client: the QoS 2 delivery is complete.

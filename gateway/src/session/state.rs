@@ -85,6 +85,8 @@ pub struct SessionState {
     pub protocol: u8,
     /// Boxed: most sessions never have one, and every idle vehicle holds a cell.
     pub delayed_will: Option<Box<DelayedWill>>,
+    /// Packet id of the latest outbound QoS 1/2 PUBLISH.
+    pub last_pkid: u16,
     /// Set once the session is discarded (clean start, expiry): a cell still referenced
     /// by a connection or the router is then dead and takes nothing.
     pub gone: bool,
@@ -229,7 +231,6 @@ pub struct Queues {
     held: usize,
     held_bytes: usize,
     next_id: u64,
-    next_pkid: u16,
 }
 
 /// What happened to a message offered to a session.
@@ -263,21 +264,19 @@ impl Queues {
         held: 0,
         held_bytes: 0,
         next_id: 0,
-        next_pkid: 0,
     };
 
     pub fn held(&self) -> usize {
         self.held
     }
 
-    fn next_pkid(&mut self) -> u16 {
+    /// The next packet id after `after` not in flight (ids keep counting across
+    /// `shrink`, so one just completed or dropped is not re-used at once).
+    fn free_pkid_after(&self, after: u16) -> u16 {
+        let mut p = after;
         loop {
-            self.next_pkid = self.next_pkid.wrapping_add(1);
-            if self.next_pkid == 0 {
-                continue;
-            }
-            let p = self.next_pkid;
-            if !self.inflight.iter().any(|i| i.pkid == p) {
+            p = p.wrapping_add(1);
+            if p != 0 && !self.inflight.iter().any(|i| i.pkid == p) {
                 return p;
             }
         }
@@ -463,7 +462,9 @@ impl SessionCell {
                 continue;
             }
             if item.qos > 0 {
-                item.pkid = st.out.next_pkid();
+                let pkid = st.out.free_pkid_after(st.last_pkid);
+                st.last_pkid = pkid;
+                item.pkid = pkid;
                 item.state = OutState::Published;
             }
             if !encode(buf, lim.codec, &item, false, now) {
@@ -569,7 +570,7 @@ impl SessionCell {
     /// when no QoS 2 message waited under that packet id, else the store generation the
     /// PUBREL must wait for (a PUBREL sent before "released" is durable could be followed,
     /// after a crash, by a re-sent PUBLISH the client already completed).
-    pub fn received(&self, pkid: u16, store: &Store, metrics: &Metrics) -> Option<u64> {
+    pub fn received(&self, pkid: u16, store: &Store, metrics: &Metrics) -> Option<Result<u64, StoreError>> {
         let mut st = self.lock();
         let persistent = st.persistent();
         let item = st
@@ -577,6 +578,10 @@ impl SessionCell {
             .inflight
             .iter_mut()
             .find(|i| i.pkid == pkid && i.qos == 2)?;
+        if item.state == OutState::Released {
+            // A repeated PUBREC: released (and written) already; answered at once.
+            return Some(Ok(0));
+        }
         item.state = OutState::Released;
         let mut gen = 0;
         if persistent && item.id != 0 {
@@ -584,10 +589,13 @@ impl SessionCell {
             let id = item.id;
             match store.put_queued(&self.client_id, id, &rec) {
                 Ok(g) => gen = g,
-                Err(e) => store_failed(metrics, &self.client_id, &e),
+                Err(e) => {
+                    store_failed(metrics, &self.client_id, &e);
+                    return Some(Err(e));
+                }
             }
         }
-        Some(gen)
+        Some(Ok(gen))
     }
 
     /// PUBREC with a failure reason (MQTT 5 ≥ 0x80): the message is done, unreleased.
@@ -685,6 +693,7 @@ mod tests {
                 out: Default::default(),
                 protocol: 5,
                 delayed_will: None,
+                last_pkid: 0,
                 gone: false,
             },
         )
