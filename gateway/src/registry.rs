@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 
 use crate::message::now_ms;
 use crate::metrics::Metrics;
-use crate::router::Router;
+use crate::router::{Router, SessionKey};
 use crate::session::state::{DelayedWill, Owner, SessionCell, SessionState};
 use crate::store::Store;
 
@@ -34,7 +34,7 @@ pub struct Attached {
     pub present: bool,
     /// A Will that was waiting for its delay and whose session just ended (clean start
     /// discarded it): due now.
-    pub will_due: Option<Box<DelayedWill>>,
+    pub will_due: Option<(SessionKey, Box<DelayedWill>)>,
 }
 
 /// What happened to a session when its connection ended.
@@ -99,7 +99,7 @@ impl Registry {
         let mut map = self.write();
         let now = now_ms();
         let mut will_due = None;
-        let mut stale = Vec::new();
+        let mut stale = None;
         if let Some(cell) = map.get(c.client_id).cloned() {
             let mut st = cell.lock();
             if let Some(old) = st.owner.take() {
@@ -133,9 +133,9 @@ impl Registry {
             }
             if let Some(w) = st.delayed_will.take() {
                 w.cancel.cancel();
-                will_due = Some(w);
+                will_due = Some((cell.key(), w));
             }
-            stale = discard(&cell, &mut st, store, metrics);
+            stale = Some((cell.key(), discard(&cell, &mut st, store, metrics)));
         }
         let client_id: Arc<str> = Arc::from(c.client_id);
         let state = SessionState {
@@ -153,9 +153,11 @@ impl Registry {
         let cell = SessionCell::new(client_id.clone(), state);
         map.insert(client_id.clone(), cell.clone());
         drop(map);
-        // The old session's filters leave the router before this CONNECT is answered,
-        // so the new session cannot subscribe in between.
-        unroute(router, &client_id, stale);
+        // The old session's filters leave the router (under its own incarnation, so
+        // nothing of the new session can be touched) before this CONNECT is answered.
+        if let Some((key, filters)) = stale {
+            unroute(router, &key, filters);
+        }
         metrics.sessions.fetch_add(1, Ordering::Relaxed);
         if c.expiry_secs > 0 {
             metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
@@ -194,7 +196,7 @@ impl Registry {
             let filters = discard(cell, &mut st, store, metrics);
             drop(st);
             drop(map);
-            unroute(router, &cell.client_id, filters);
+            unroute(router, &cell.key(), filters);
             return Detached::Ended;
         }
         st.disconnected_at_ms = Some(now_ms());
@@ -211,7 +213,7 @@ impl Registry {
         router: &Router,
         store: &Store,
         metrics: &Metrics,
-    ) -> Vec<(Arc<str>, Box<DelayedWill>)> {
+    ) -> Vec<(SessionKey, Box<DelayedWill>)> {
         let now = now_ms();
         let candidates: Vec<Arc<SessionCell>> = self
             .read()
@@ -231,12 +233,12 @@ impl Registry {
             }
             if let Some(w) = st.delayed_will.take() {
                 w.cancel.cancel();
-                wills.push((cell.client_id.clone(), w));
+                wills.push((cell.key(), w));
             }
             let filters = discard(&cell, &mut st, store, metrics);
             drop(st);
             drop(map);
-            unroute(router, &cell.client_id, filters);
+            unroute(router, &cell.key(), filters);
             metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
             tracing::info!(client_id = %cell.client_id, "persistent session expired; removed");
         }
@@ -280,9 +282,9 @@ fn discard(cell: &SessionCell, st: &mut SessionState, store: &Store, metrics: &M
 }
 
 /// Takes a discarded session's filters out of the router (no registry lock held).
-fn unroute(router: &Router, client_id: &Arc<str>, filters: Vec<String>) {
+fn unroute(router: &Router, key: &SessionKey, filters: Vec<String>) {
     for f in filters {
-        router.unsubscribe(client_id, &f);
+        router.unsubscribe(key, &f);
     }
 }
 
@@ -307,7 +309,10 @@ mod lock_order_tests {
         let store = Store::open(dir.path()).unwrap();
         let shared = Arc::new((Registry::default(), Router::default(), store, Metrics::default()));
         // A shared-subscription member (so `pick` calls `online`).
-        let member: Arc<str> = Arc::from("member");
+        let member = SessionKey {
+            id: Arc::from("member"),
+            incarnation: 0,
+        };
         shared
             .1
             .subscribe(&member, "$share/g/t", SubOptions::qos(0))
@@ -338,7 +343,6 @@ mod lock_order_tests {
             let (s, stop, progress) = (shared.clone(), stop.clone(), progress.clone());
             hs.push(std::thread::spawn(move || {
                 let mut conn = 0;
-                let id: Arc<str> = Arc::from("churn");
                 while !stop.load(Ordering::Relaxed) {
                     conn += 1;
                     let a = s.0.attach(
@@ -356,7 +360,7 @@ mod lock_order_tests {
                         &s.2,
                         &s.3,
                     );
-                    s.1.subscribe(&id, "other", SubOptions::qos(0)).unwrap();
+                    s.1.subscribe(&a.cell.key(), "other", SubOptions::qos(0)).unwrap();
                     a.cell
                         .lock()
                         .subscriptions

@@ -250,26 +250,27 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
             last_pkid: 0,
             gone: false,
         };
-        for (filter, opts) in s.record.subscriptions {
-            match shared.router.subscribe(&client_id, &filter, opts) {
-                Ok(_) => {
-                    shared
-                        .metrics
-                        .subscriptions_active
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    state.subscriptions.insert(filter, opts);
-                }
-                Err(e) => {
-                    warn!(client_id = %client_id, filter, error = e, "stored subscription not restored")
-                }
-            }
-        }
         for (id, rec) in s.queue {
             queued += 1;
             state.out.restore(OutItem::from_record(id, rec), &shared.metrics);
         }
         let forgot = state.inbound_qos2.len() != s.record.inbound_qos2.len();
         let cell = SessionCell::new(client_id.clone(), state);
+        let key = cell.key();
+        for (filter, opts) in s.record.subscriptions {
+            match shared.router.subscribe(&key, &filter, opts) {
+                Ok(_) => {
+                    shared
+                        .metrics
+                        .subscriptions_active
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    cell.lock().subscriptions.insert(filter, opts);
+                }
+                Err(e) => {
+                    warn!(client_id = %client_id, filter, error = e, "stored subscription not restored")
+                }
+            }
+        }
         if forgot {
             // Written back at once: a later restart (when new records reuse those
             // sequences) must not bring the forgotten ids back.

@@ -32,6 +32,16 @@ use crate::store::Store;
 use retained::RetainedIndex;
 use trie::SubscriptionTrie;
 
+/// Who holds a subscription: a client id and the incarnation of its session. A session
+/// discarded by a clean start (or expiry) and its successor share the client id but not
+/// the incarnation, so the old one's filters can neither be removed on the new one's
+/// behalf nor deliver into it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub id: Arc<str>,
+    pub incarnation: u64,
+}
+
 /// A subscription's options (MQTT 5 §3.8.3.1; 3.1.1 has only the QoS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubOptions {
@@ -77,18 +87,18 @@ struct RetainedSet {
 /// Subscriptions (a trie keyed by client id) and retained messages.
 #[derive(Default)]
 pub struct Router {
-    trie: RwLock<SubscriptionTrie<Arc<str>>>,
+    trie: RwLock<SubscriptionTrie<SessionKey>>,
     /// Subscriptions in the trie, read without its lock on the ingest path.
     count: AtomicUsize,
     retained: Mutex<RetainedSet>,
 }
 
 impl Router {
-    fn trie_read(&self) -> std::sync::RwLockReadGuard<'_, SubscriptionTrie<Arc<str>>> {
+    fn trie_read(&self) -> std::sync::RwLockReadGuard<'_, SubscriptionTrie<SessionKey>> {
         self.trie.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn trie_write(&self) -> std::sync::RwLockWriteGuard<'_, SubscriptionTrie<Arc<str>>> {
+    fn trie_write(&self) -> std::sync::RwLockWriteGuard<'_, SubscriptionTrie<SessionKey>> {
         self.trie.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -97,21 +107,16 @@ impl Router {
     }
 
     /// Adds or replaces `client_id`'s subscription; true when it replaced one.
-    pub fn subscribe(
-        &self,
-        client_id: &Arc<str>,
-        filter: &str,
-        opts: SubOptions,
-    ) -> Result<bool, &'static str> {
-        let replaced = self.trie_write().subscribe(client_id.clone(), filter, opts)?;
+    pub fn subscribe(&self, key: &SessionKey, filter: &str, opts: SubOptions) -> Result<bool, &'static str> {
+        let replaced = self.trie_write().subscribe(key.clone(), filter, opts)?;
         if !replaced {
             self.count.fetch_add(1, Ordering::Relaxed);
         }
         Ok(replaced)
     }
 
-    pub fn unsubscribe(&self, client_id: &Arc<str>, filter: &str) -> bool {
-        let removed = self.trie_write().unsubscribe(client_id, filter);
+    pub fn unsubscribe(&self, key: &SessionKey, filter: &str) -> bool {
+        let removed = self.trie_write().unsubscribe(key, filter);
         if removed {
             self.count.fetch_sub(1, Ordering::Relaxed);
         }
@@ -127,7 +132,7 @@ impl Router {
     pub fn route(
         &self,
         msg: &Arc<Message>,
-        publisher: Option<&Arc<str>>,
+        publisher: Option<&SessionKey>,
         registry: &Registry,
         limits: &SessionsSection,
         store: &Store,
@@ -137,11 +142,13 @@ impl Router {
         if self.subscriptions() == 0 {
             return routed;
         }
-        let targets = self
-            .trie_read()
-            .route(&msg.topic, publisher, |k| registry.is_online(k));
+        let current = |k: &SessionKey| registry.get(&k.id).filter(|c| c.incarnation == k.incarnation);
+        let targets = self.trie_read().route(&msg.topic, publisher, |k| {
+            current(k).is_some_and(|c| c.is_online())
+        });
         for t in targets {
-            let Some(cell) = registry.get(&t.key) else {
+            // A filter of a session that was just discarded reaches nobody.
+            let Some(cell) = current(&t.key) else {
                 continue;
             };
             routed.matched += 1;

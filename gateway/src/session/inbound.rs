@@ -226,7 +226,7 @@ where
             if self.cell.lock().gone {
                 return Err(self.cancelled());
             }
-            let replaced = match shared.router.subscribe(&self.client_id, &f.filter, opts) {
+            let replaced = match shared.router.subscribe(&self.cell.key(), &f.filter, opts) {
                 Ok(r) => r,
                 Err(_) => {
                     metrics.subscribe_refused.inc("filter_invalid");
@@ -241,7 +241,7 @@ where
                     // must not stay in the router owned by no session.
                     drop(st);
                     if !replaced {
-                        shared.router.unsubscribe(&self.client_id, &f.filter);
+                        shared.router.unsubscribe(&self.cell.key(), &f.filter);
                     }
                     return Err(self.cancelled());
                 }
@@ -286,7 +286,7 @@ where
         for f in &filters {
             let had = self.cell.lock().subscriptions.remove(f).is_some();
             if had {
-                shared.router.unsubscribe(&self.client_id, f);
+                shared.router.unsubscribe(&self.cell.key(), f);
                 self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
                 shared
                     .metrics
@@ -515,7 +515,7 @@ where
         if let Some(msg) = &msg {
             let routed = shared.router.route(
                 msg,
-                Some(&self.client_id),
+                Some(&self.cell.key()),
                 &shared.registry,
                 &shared.cfg.sessions,
                 &shared.store,

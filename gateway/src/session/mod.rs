@@ -287,10 +287,10 @@ where
         &shared.store,
         &shared.metrics,
     );
-    if let Some(w) = attached.will_due {
+    if let Some((old, w)) = attached.will_due {
         // The discarded session's delayed Will is due now; published beside this CONNECT.
-        let (shared, client_id) = (shared.clone(), client_id.clone());
-        tokio::spawn(async move { will::publish(&shared, &client_id, w.user.as_deref(), w.will).await });
+        let shared = shared.clone();
+        tokio::spawn(async move { will::publish(&shared, &old, w.user.as_deref(), w.will).await });
     }
     let assigned = (*client_id != *req.client_id).then(|| client_id.to_string());
     let mut codec = codec;

@@ -31,12 +31,14 @@ use crate::metrics::Metrics;
 use crate::mqtt::codec::OutPublish;
 use crate::mqtt::packet::Will;
 use crate::mqtt::Codec;
-use crate::router::SubOptions;
+use crate::router::{SessionKey, SubOptions};
 use crate::store::{OutState, QueuedRecord, SessionRecord, Store, StoreError};
 
 /// A session, online or offline, shared by its connection, the router and the registry.
 pub struct SessionCell {
     pub client_id: Arc<str>,
+    /// Distinguishes this session from earlier and later ones of the same client id.
+    pub incarnation: u64,
     state: Mutex<SessionState>,
     /// Wakes the owning connection when something was queued for it (a permit is kept
     /// if it is busy, so no wake-up is lost).
@@ -336,11 +338,21 @@ impl Outbound {
 
 impl SessionCell {
     pub fn new(client_id: Arc<str>, state: SessionState) -> Arc<Self> {
+        static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Arc::new(SessionCell {
             client_id,
+            incarnation: INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             state: Mutex::new(state),
             wake: Notify::new(),
         })
+    }
+
+    /// The key of this session's subscriptions in the router.
+    pub fn key(&self) -> SessionKey {
+        SessionKey {
+            id: self.client_id.clone(),
+            incarnation: self.incarnation,
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, SessionState> {

@@ -21,6 +21,7 @@ use super::state::{DelayedWill, SessionCell};
 use crate::message::{now_ms, Message};
 use crate::mqtt::packet::Will;
 use crate::registry::Detached;
+use crate::router::SessionKey;
 use crate::state::Shared;
 use crate::topic;
 
@@ -68,7 +69,7 @@ pub async fn on_close(
                             }
                         };
                         if let Some(w) = due {
-                            publish(&shared, &cell.client_id, w.user.as_deref(), w.will).await;
+                            publish(&shared, &cell.key(), w.user.as_deref(), w.will).await;
                         }
                     }
                 }
@@ -78,13 +79,14 @@ pub async fn on_close(
         // the resumption (§3.1.3.2.2); without a delay, or when the takeover's clean
         // start ended the session, it is due now.
         Detached::TakenOver if delay > 0 && !cell.lock().gone => {}
-        _ => publish(shared, &cell.client_id, user.as_deref(), will).await,
+        _ => publish(shared, &cell.key(), user.as_deref(), will).await,
     }
 }
 
 /// Publishes a Will as its client would have: journaled when a route matches (checked
 /// again against the ACL and routes), routed to local subscribers, retained if asked.
-pub async fn publish(shared: &Arc<Shared>, client_id: &Arc<str>, user: Option<&str>, w: Will) {
+pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>, w: Will) {
+    let client_id = &key.id;
     let metrics = &shared.metrics;
     if topic::validate_name(&w.topic).is_err() || !shared.auth.may_publish_as(user, client_id, &w.topic) {
         metrics.unrouted.inc(if w.qos == 0 { "0" } else { "1" });
@@ -134,7 +136,7 @@ pub async fn publish(shared: &Arc<Shared>, client_id: &Arc<str>, user: Option<&s
     });
     shared.router.route(
         &msg,
-        Some(client_id),
+        Some(key),
         &shared.registry,
         &shared.cfg.sessions,
         &shared.store,
@@ -162,9 +164,9 @@ pub async fn expire_sessions(shared: Arc<Shared>) {
         let due = shared
             .registry
             .expired(&shared.router, &shared.store, &shared.metrics);
-        for (client_id, w) in due {
-            info!(client_id = %client_id, "session expired before its Will delay: publishing the Will");
-            publish(&shared, &client_id, w.user.as_deref(), w.will).await;
+        for (key, w) in due {
+            info!(client_id = %key.id, "session expired before its Will delay: publishing the Will");
+            publish(&shared, &key, w.user.as_deref(), w.will).await;
         }
     }
 }
