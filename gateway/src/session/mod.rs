@@ -321,7 +321,7 @@ where
     );
     let cell = attached.cell;
     // Messages sent before and not acknowledged go first, with DUP (§4.4).
-    cell.resend_inflight(&mut out, &codec, &shared.store, &shared.metrics);
+    let releases = cell.resend_inflight(&mut out, &codec, &shared.store, &shared.metrics);
     let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
     shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
     info!(version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
@@ -338,7 +338,16 @@ where
         read_buf,
         last_read: 0,
         out,
-        pending: VecDeque::new(),
+        pending: releases
+            .into_iter()
+            .map(|(pkid, gen)| Pending {
+                kind: AckKind::Release,
+                pkid,
+                seq: 0,
+                gen,
+                reason: 0,
+            })
+            .collect(),
         last_seq: 0,
         last_gen: 0,
         keep_alive,

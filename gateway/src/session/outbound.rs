@@ -109,7 +109,9 @@ where
             return Ok(());
         }
         match self.cell.received(pkid, store, metrics) {
-            Some(Ok(0)) => self.codec.pubrel(&mut self.out, pkid, 0),
+            Some(Ok(gen)) if gen <= *self.shared.store.flushed().borrow() => {
+                self.codec.pubrel(&mut self.out, pkid, 0)
+            }
             Some(Ok(gen)) => {
                 let at = self
                     .pending

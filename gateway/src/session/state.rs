@@ -143,6 +143,9 @@ pub struct OutItem {
     /// Packet id once sent (QoS > 0).
     pub pkid: u16,
     pub state: OutState,
+    /// Store generation of the "released" write (0: flushed, or restored from the
+    /// store): a PUBREL re-sent on reconnect waits for it like the first one did.
+    pub released_gen: u64,
 }
 
 impl OutItem {
@@ -155,6 +158,7 @@ impl OutItem {
             subscription_ids,
             pkid: 0,
             state: OutState::Queued,
+            released_gen: 0,
         }
     }
 
@@ -178,6 +182,7 @@ impl OutItem {
             subscription_ids: r.subscription_ids,
             pkid: r.pkid,
             state: r.state,
+            released_gen: 0,
         }
     }
 }
@@ -513,12 +518,20 @@ impl SessionCell {
 
     /// Re-sends what is in flight (a connection just took the session): PUBLISH with
     /// DUP for messages not acknowledged, PUBREL for those waiting for PUBCOMP.
+    /// Returns the PUBRELs to send, each with the store generation it waits for.
     /// A message the new connection cannot take (larger than its Maximum Packet Size) is
     /// dropped and counted rather than left in flight forever.
-    pub fn resend_inflight(&self, buf: &mut BytesMut, codec: &Codec, store: &Store, metrics: &Metrics) {
+    pub fn resend_inflight(
+        &self,
+        buf: &mut BytesMut,
+        codec: &Codec,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Vec<(u16, u64)> {
         let mut st = self.lock();
+        let mut releases = Vec::new();
         if st.out.inflight.is_empty() {
-            return;
+            return releases;
         }
         let persistent = st.persistent();
         let now = now_ms();
@@ -526,8 +539,9 @@ impl SessionCell {
         let inflight = std::mem::take(&mut st.out.inflight);
         for item in inflight {
             let fits = match item.state {
+                // PUBRELs wait (in the connection's ack queue) for their write's flush.
                 OutState::Released => {
-                    codec.pubrel(buf, item.pkid, 0);
+                    releases.push((item.pkid, item.released_gen));
                     true
                 }
                 _ => encode(buf, codec, &item, true, now),
@@ -546,6 +560,7 @@ impl SessionCell {
         }
         st.out.inflight = kept;
         st.out.shrink();
+        releases
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) from the client: the message is done.
@@ -591,8 +606,8 @@ impl SessionCell {
             .iter_mut()
             .find(|i| i.pkid == pkid && i.qos == 2)?;
         if item.state == OutState::Released {
-            // A repeated PUBREC: released (and written) already; answered at once.
-            return Some(Ok(0));
+            // A repeated PUBREC: released already; answered behind the same write.
+            return Some(Ok(item.released_gen));
         }
         item.state = OutState::Released;
         let mut gen = 0;
@@ -607,6 +622,7 @@ impl SessionCell {
                 }
             }
         }
+        item.released_gen = gen;
         Some(Ok(gen))
     }
 
