@@ -229,6 +229,20 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
     // What the journal kept: a QoS 2 id whose record lies beyond it was in an unsynced
     // tail and is forgotten, so the client's re-send is journaled, not taken for a duplicate.
     let recovered = *shared.journal.durable().borrow();
+    // Sequences of another journal (a replaced journal directory) mean nothing here.
+    let journal_id = shared.journal.id().to_string();
+    let bound = shared
+        .store
+        .journal_binding()
+        .context("reading the store's journal binding")?;
+    let same_journal = bound.as_deref().is_none_or(|b| b == journal_id);
+    if !same_journal {
+        warn!(
+            store_journal = bound.as_deref().unwrap_or(""),
+            journal = %journal_id,
+            "the session store refers to another journal: inbound QoS 2 packet ids are forgotten"
+        );
+    }
     let (count, mut queued, mut rewritten) = (sessions.len(), 0, 0);
     for s in sessions {
         let client_id: Arc<str> = Arc::from(s.client_id.as_str());
@@ -241,7 +255,7 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
                 .record
                 .inbound_qos2
                 .iter()
-                .filter(|(_, seq)| *seq <= recovered)
+                .filter(|(_, seq)| same_journal && *seq <= recovered)
                 .map(|(pkid, seq)| (*pkid, Qos2In { seq: *seq, gen: 0 }))
                 .collect(),
             out: Default::default(),
@@ -280,6 +294,13 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
             rewritten += 1;
         }
         shared.registry.restore(cell, &shared.metrics);
+    }
+    if bound.as_deref() != Some(journal_id.as_str()) {
+        shared
+            .store
+            .bind_journal(&journal_id)
+            .context("binding the store to the journal")?;
+        rewritten += 1;
     }
     let retained_count = retained.len();
     shared.router.restore_retained(retained, &shared.metrics);

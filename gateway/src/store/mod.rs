@@ -201,6 +201,9 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// Key (in sled's default tree) of the journal binding.
+const JOURNAL_BINDING: &[u8] = b"journal_id";
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`. Fails if another process holds it.
     pub fn open(dir: &Path) -> Result<Arc<Store>, StoreError> {
@@ -250,6 +253,26 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The id of the journal whose sequences the stored inbound QoS 2 ids refer to (kept
+    /// in sled's default tree). A different journal (a replaced journal directory) makes
+    /// those sequences meaningless, and the ids are forgotten at restore.
+    pub fn journal_binding(&self) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db
+            .get(JOURNAL_BINDING)
+            .map_err(self.sled_err("journal_binding"))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records the journal the sessions now refer to.
+    pub fn bind_journal(&self, journal_id: &str) -> Result<u64, StoreError> {
+        self.check_writable()?;
+        self.db
+            .insert(JOURNAL_BINDING, journal_id.as_bytes())
+            .map_err(self.sled_err("bind_journal"))?;
+        Ok(self.wrote())
     }
 
     /// Starts the group-commit flusher. Call once, inside a tokio runtime; it holds the

@@ -475,3 +475,16 @@ async fn flush_latency() {
     );
     assert!(*store.flushed().borrow() >= store.generation());
 }
+
+#[tokio::test]
+async fn journal_binding_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.journal_binding().unwrap(), None);
+        store.bind_journal("journal-a").unwrap();
+        store.flush().await.unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.journal_binding().unwrap().as_deref(), Some("journal-a"));
+}
