@@ -371,7 +371,10 @@ fn without_a_dead_letter_topic_a_refused_record_is_parked_and_can_be_redriven() 
             .contains("\"seq\":2")
     );
     // The operator fixes the cause (a route to a topic that takes large records),
-    // restarts and re-drives: the record reaches Kafka and leaves the store.
+    // restarts and re-drives: the record reaches Kafka and leaves the store. (First past
+    // the 200 ms release checkpoint, so that the restart does not replay the delivered
+    // records into the new route; a replay would be at-least-once, not this test's point.)
+    std::thread::sleep(Duration::from_secs(1));
     let (dir, config_path) = gw.kill9();
     let fixed = std::fs::read_to_string(&config_path)
         .expect("config")
@@ -383,10 +386,17 @@ fn without_a_dead_letter_topic_a_refused_record_is_parked_and_can_be_redriven() 
     let (code, body) = integration::http_request(admin, "POST", "/api/v1/bridge/parked/redrive?seq=2", None);
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("\"delivered\":1"), "{body}");
-    let redriven = kafka.consume("roomy", 1, 1, Duration::from_secs(30));
+    let mut redriven = kafka.consume("roomy", 1, 1, Duration::from_secs(30));
+    if redriven.first().and_then(|r| r.header("gateway.seq")) != Some("2") {
+        // A replayed record came first: look further for the re-driven one.
+        redriven = kafka.consume("roomy", 1, 3, Duration::from_secs(10));
+    }
+    let redriven: Vec<_> = redriven
+        .into_iter()
+        .filter(|r| r.header("gateway.seq") == Some("2"))
+        .collect();
     assert_eq!(redriven.len(), 1);
     assert_eq!(redriven[0].payload.len(), 3000);
-    assert_eq!(redriven[0].header("gateway.seq"), Some("2"));
     let (_, body) = integration::http_request(admin, "GET", "/api/v1/bridge/parked", None);
     assert!(body.contains("\"total\":0"), "{body}");
 }
