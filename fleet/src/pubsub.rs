@@ -270,6 +270,21 @@ async fn open(plan: &Plan, id: &str) -> Result<(Box<dyn Io>, BytesMut), String> 
     Ok((io, buf))
 }
 
+/// Writes what `out` holds and empties it; false when the socket failed.
+async fn send(io: &mut Box<dyn Io>, out: &mut BytesMut) -> bool {
+    let ok = io.write_all(out).await.is_ok();
+    out.clear();
+    ok
+}
+
+/// A clean end: DISCONNECT, then close.
+async fn goodbye(io: &mut Box<dyn Io>, out: &mut BytesMut) {
+    out.clear();
+    wire::disconnect(out);
+    let _ = io.write_all(out).await;
+    let _ = io.shutdown().await;
+}
+
 async fn read_packet(io: &mut Box<dyn Io>, buf: &mut BytesMut) -> Result<(u8, BytesMut), String> {
     loop {
         if let Some(p) = wire::next_packet(buf) {
@@ -386,32 +401,27 @@ async fn subscriber(mut t: Task, filter: String) -> SubTally {
                 }
                 t.shared.received.fetch_add(n, Ordering::Relaxed);
                 if !out.is_empty() {
-                    if io.write_all(&out).await.is_err() {
+                    if !send(&mut io, &mut out).await {
                         t.shared.error("subscriber: write failed");
                         broken = true;
                         break;
                     }
-                    out.clear();
                     next_ping = Instant::now() + ping_every;
                 }
             }
             _ = sleep_until(next_ping) => {
                 wire::pingreq(&mut out);
-                if io.write_all(&out).await.is_err() {
+                if !send(&mut io, &mut out).await {
                     t.shared.error("subscriber: write failed");
                     broken = true;
                     break;
                 }
-                out.clear();
                 next_ping = Instant::now() + ping_every;
             }
         }
     }
     if !broken {
-        out.clear();
-        wire::disconnect(&mut out);
-        let _ = io.write_all(&out).await;
-        let _ = io.shutdown().await;
+        goodbye(&mut io, &mut out).await;
     }
     tally.latency = Some(hist);
     tally
@@ -503,33 +513,28 @@ async fn publisher(mut t: Task, index: usize, publishers: usize, topic: String) 
                     next += interval;
                 }
                 t.shared.sent.fetch_add(n, Ordering::Relaxed);
-                if io.write_all(&out).await.is_err() {
+                if !send(&mut io, &mut out).await {
                     t.shared.error("publisher: write failed");
                     broken = true;
                     break;
                 }
-                out.clear();
                 next_ping = Instant::now() + ping_every;
             }
             _ = sleep_until(sched.stop), if sending => {}
             _ = sleep_until(give_up), if !sending => {}
             _ = sleep_until(next_ping) => {
                 wire::pingreq(&mut out);
-                if io.write_all(&out).await.is_err() {
+                if !send(&mut io, &mut out).await {
                     t.shared.error("publisher: write failed");
                     broken = true;
                     break;
                 }
-                out.clear();
                 next_ping = Instant::now() + ping_every;
             }
         }
     }
     if !broken {
-        out.clear();
-        wire::disconnect(&mut out);
-        let _ = io.write_all(&out).await;
-        let _ = io.shutdown().await;
+        goodbye(&mut io, &mut out).await;
     }
     tally
 }
