@@ -70,10 +70,6 @@ impl Registry {
         self.read().get(client_id).cloned()
     }
 
-    pub fn is_online(&self, client_id: &str) -> bool {
-        self.get(client_id).is_some_and(|c| c.is_online())
-    }
-
     pub fn len(&self) -> usize {
         self.read().len()
     }

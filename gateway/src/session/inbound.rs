@@ -20,12 +20,6 @@ use crate::router::SubOptions;
 use crate::session::state::{OutItem, Qos2In};
 use crate::topic;
 
-/// What a refused PUBLISH gets: MQTT 5 an acknowledgement with `reason` (QoS > 0),
-/// QoS 0 nothing, 3.1.1 QoS > 0 a closed connection (it has no way to refuse).
-enum Refusal {
-    Reason(u8, &'static str, String),
-}
-
 impl<S> Session<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -330,8 +324,8 @@ where
 
     /// A refused PUBLISH: MQTT 5 acknowledgement with a reason (QoS > 0), nothing for
     /// QoS 0, and a closed connection for 3.1.1 QoS > 0 (which cannot be refused).
-    fn refuse_publish(&mut self, p: &PublishRequest, why: Refusal) -> Result<(), Close> {
-        let Refusal::Reason(reason, label, detail) = why;
+    fn refuse_publish(&mut self, p: &PublishRequest, why: ProtocolError) -> Result<(), Close> {
+        let reason = why.reason;
         match (self.codec.version, p.qos) {
             (_, 0) => Ok(()),
             (Version::V5, 1) => {
@@ -342,11 +336,7 @@ where
                 self.owe(AckKind::Received, p.pkid, reason);
                 Ok(())
             }
-            (Version::V4, _) => Err(Close::Protocol(ProtocolError {
-                reason,
-                label,
-                detail,
-            })),
+            (Version::V4, _) => Err(Close::Protocol(why)),
         }
     }
 
@@ -416,7 +406,14 @@ where
             metrics.acl_denied.inc(qos_label);
             warn!(topic, qos = p.qos, "publish denied by the publish ACL");
             let detail = format!("not authorised to publish to {topic}");
-            return self.refuse_publish(&p, Refusal::Reason(0x87, "not_authorized", detail));
+            return self.refuse_publish(
+                &p,
+                ProtocolError {
+                    reason: 0x87,
+                    label: "not_authorized",
+                    detail,
+                },
+            );
         }
         if p.retain && !shared.cfg.retained.enabled {
             // MQTT 5 §3.3.1.3: Retain Available is 0, a retained PUBLISH is a protocol error.
@@ -431,7 +428,14 @@ where
             metrics.retained_refused.inc("not_allowed");
             warn!(topic, "retained publish refused: auth.allow_retain");
             let detail = format!("not authorised to retain on {topic}");
-            return self.refuse_publish(&p, Refusal::Reason(0x87, "retain_not_allowed", detail));
+            return self.refuse_publish(
+                &p,
+                ProtocolError {
+                    reason: 0x87,
+                    label: "retain_not_allowed",
+                    detail,
+                },
+            );
         }
         // Only a topic that is valid and allowed may be remembered under an alias.
         if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
@@ -499,14 +503,28 @@ where
                     } else {
                         (0x95, "record_too_large")
                     };
-                    return self.refuse_publish(&p, Refusal::Reason(reason, label, e.to_string()));
+                    return self.refuse_publish(
+                        &p,
+                        ProtocolError {
+                            reason,
+                            label,
+                            detail: e.to_string(),
+                        },
+                    );
                 }
                 Err(e) => return Err(Close::JournalStopped(e.to_string())),
                 Ok(None) => {
                     // Journal full under the `reject` policy: refused, not acknowledged.
                     metrics.journal_rejected.inc(qos_label);
                     let detail = "journal full (journal.full_policy = \"reject\")".to_string();
-                    return self.refuse_publish(&p, Refusal::Reason(0x97, "journal_full", detail));
+                    return self.refuse_publish(
+                        &p,
+                        ProtocolError {
+                            reason: 0x97,
+                            label: "journal_full",
+                            detail,
+                        },
+                    );
                 }
                 Ok(Some(seq)) => self.last_seq = seq,
             }
@@ -548,7 +566,14 @@ where
                 "publish refused: no route to Kafka (kafka.unmatched = \"refuse\") and no subscriber"
             );
             let detail = format!("no route to Kafka for {topic} (kafka.unmatched = \"refuse\")");
-            return self.refuse_publish(&p, Refusal::Reason(0x90, "no_route", detail));
+            return self.refuse_publish(
+                &p,
+                ProtocolError {
+                    reason: 0x90,
+                    label: "no_route",
+                    detail,
+                },
+            );
         }
         metrics.message_bytes_received.fetch_add(len, Ordering::Relaxed);
         match p.qos {

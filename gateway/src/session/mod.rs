@@ -436,7 +436,7 @@ where
                 // Reading: the keep-alive deadline. Not reading and waiting on the journal:
                 // a writer that stopped for good wakes nobody, so look now and then (the
                 // session must not outlive it). One timer for both.
-                _ = sleep_until_deadline(wake_at) => {
+                _ = tokio::time::sleep_until(wake_at) => {
                     if can_read {
                         return Close::KeepAlive;
                     }
@@ -557,10 +557,6 @@ where
             }
         }
     }
-}
-
-async fn sleep_until_deadline(deadline: Instant) {
-    tokio::time::sleep_until(deadline).await
 }
 
 #[cfg(test)]

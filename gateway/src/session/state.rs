@@ -273,10 +273,6 @@ impl Queues {
         next_id: 0,
     };
 
-    pub fn held(&self) -> usize {
-        self.held
-    }
-
     /// The next packet id after `after` not in flight (ids keep counting across
     /// `shrink`, so one just completed or dropped is not re-used at once).
     fn free_pkid_after(&self, after: u16) -> u16 {
