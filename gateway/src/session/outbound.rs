@@ -108,8 +108,15 @@ where
             self.cell.refused(pkid, store, metrics);
             return Ok(());
         }
+        let queued = |p: &Pending| p.kind == AckKind::Release;
         match self.cell.received(pkid, store, metrics) {
-            Some(Ok(gen)) if gen <= *self.shared.store.flushed().borrow() => {
+            // A repeated PUBREC whose PUBREL is still queued: that one answers it (the
+            // queue stays bounded by what is in flight).
+            Some(Ok(_)) if self.pending.iter().any(|p| queued(p) && p.pkid == pkid) => {}
+            // Flushed already and nothing queued ahead of it (PUBRELs keep PUBREC order).
+            Some(Ok(gen))
+                if gen <= *self.shared.store.flushed().borrow() && !self.pending.iter().any(queued) =>
+            {
                 self.codec.pubrel(&mut self.out, pkid, 0)
             }
             Some(Ok(gen)) => {

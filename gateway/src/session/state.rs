@@ -605,19 +605,21 @@ impl SessionCell {
             // A repeated PUBREC: released already; answered behind the same write.
             return Some(Ok(item.released_gen));
         }
-        item.state = OutState::Released;
         let mut gen = 0;
         if persistent && item.id != 0 {
-            let rec = item.record();
-            let id = item.id;
-            match store.put_queued(&self.client_id, id, &rec) {
+            let mut rec = item.record();
+            rec.state = OutState::Released;
+            match store.put_queued(&self.client_id, item.id, &rec) {
                 Ok(g) => gen = g,
                 Err(e) => {
+                    // Stays "published": a later reconnect re-sends the PUBLISH (DUP),
+                    // never a PUBREL for a release that was not written.
                     store_failed(metrics, &self.client_id, &e);
                     return Some(Err(e));
                 }
             }
         }
+        item.state = OutState::Released;
         item.released_gen = gen;
         Some(Ok(gen))
     }
