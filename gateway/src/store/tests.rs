@@ -57,6 +57,23 @@ fn queued(n: u8) -> QueuedRecord {
     }
 }
 
+/// Opens a store this test process held a moment ago. sled releases its directory lock
+/// only when its own background threads let go of the last handle, which can be a moment
+/// after our last `Arc` dropped (CI saw `WouldBlock`). A different process holding the
+/// lock is the case `second_open_of_a_held_dir_fails_naming_it` covers.
+fn reopen(dir: &Path) -> Arc<Store> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Store::open(dir) {
+            Ok(store) => return store,
+            Err(e) if e.to_string().contains("could not acquire lock") && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("reopen {}: {e}", dir.display()),
+        }
+    }
+}
+
 async fn close(store: Arc<Store>, flusher: tokio::task::JoinHandle<()>) {
     store.close();
     flusher.await.unwrap();
@@ -126,7 +143,7 @@ async fn survives_drop_and_reopen() {
         store.put_retained(&msg("r/1", b"x")).unwrap();
         close(store, flusher).await;
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = reopen(dir.path());
     assert_eq!((store.session_count(), store.queued_count()), (2, 100));
     let sessions = store.load_sessions().unwrap();
     assert_eq!(sessions.len(), 2);
@@ -485,6 +502,6 @@ async fn journal_binding_survives_reopen() {
         store.bind_journal("journal-a").unwrap();
         store.flush().await.unwrap();
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = reopen(dir.path());
     assert_eq!(store.journal_binding().unwrap().as_deref(), Some("journal-a"));
 }
