@@ -257,7 +257,7 @@ where
         }
         if !self.quota_logged && granted.contains(&Granted::QuotaExceeded) {
             self.quota_logged = true;
-            warn!(max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
+            warn!(client_id = %self.client_id, max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
         }
         self.persist_and_wait().await?;
         self.codec.suback(&mut self.out, pkid, &granted);
@@ -404,7 +404,7 @@ where
             .may_publish_as(self.user.as_deref(), &self.client_id, &topic)
         {
             metrics.acl_denied.inc(qos_label);
-            warn!(topic, qos = p.qos, "publish denied by the publish ACL");
+            warn!(client_id = %self.client_id, topic, qos = p.qos, "publish denied by the publish ACL");
             let detail = format!("not authorised to publish to {topic}");
             return self.refuse_publish(
                 &p,
@@ -426,7 +426,7 @@ where
         }
         if p.retain && !shared.auth.may_retain(self.user.as_deref()) {
             metrics.retained_refused.inc("not_allowed");
-            warn!(topic, "retained publish refused: auth.allow_retain");
+            warn!(client_id = %self.client_id, topic, "retained publish refused: auth.allow_retain");
             let detail = format!("not authorised to retain on {topic}");
             return self.refuse_publish(
                 &p,
@@ -497,7 +497,7 @@ where
                 // segment): refused, never acknowledged as stored, not a disconnect loop.
                 Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
                     metrics.protocol_errors.inc("record_too_large");
-                    warn!(error = %e, qos = p.qos, "publish refused: too large to journal");
+                    warn!(client_id = %self.client_id, error = %e, qos = p.qos, "publish refused: too large to journal");
                     let (reason, label) = if self.codec.version == Version::V5 {
                         (0x83, "record_too_large")
                     } else {
@@ -552,7 +552,7 @@ where
                     Ok(None) => {}
                     Err(reason) => {
                         metrics.retained_refused.inc(reason);
-                        warn!(topic, reason, "retained message not stored ([retained] bounds)");
+                        warn!(client_id = %self.client_id, topic, reason, "retained message not stored ([retained] bounds)");
                     }
                 }
             }
@@ -562,6 +562,7 @@ where
             // acknowledged as stored.
             metrics.unrouted.inc(qos_label);
             warn!(
+                client_id = %self.client_id,
                 topic,
                 "publish refused: no route to Kafka (kafka.unmatched = \"refuse\") and no subscriber"
             );

@@ -483,7 +483,7 @@ impl SessionCell {
             if !encode(buf, lim.codec, &item, false, now) {
                 st.out.forget(&item, metrics);
                 metrics.messages_dropped.inc("too_large_for_client");
-                warn!(topic = %item.msg.topic, size = item.msg.payload.len(), "message larger than the client's Maximum Packet Size: dropped for this client");
+                warn!(client_id = %self.client_id, topic = %item.msg.topic, size = item.msg.payload.len(), "message larger than the client's Maximum Packet Size: dropped for this client");
                 if persistent && item.id != 0 {
                     if let Err(e) = store.remove_queued(&self.client_id, item.id) {
                         store_failed(metrics, &self.client_id, &e);
