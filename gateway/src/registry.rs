@@ -79,6 +79,14 @@ impl Registry {
     }
 
     /// Every session (for the expiry sweep and the admin API).
+    /// Wakes every session's connection (at shutdown, after the shutdown token was
+    /// cancelled: a connection not waiting now looks at the token before it waits).
+    pub fn wake_all(&self) {
+        for cell in self.read().values() {
+            cell.wake.notify_waiters();
+        }
+    }
+
     pub fn all(&self) -> Vec<Arc<SessionCell>> {
         self.read().values().cloned().collect()
     }
@@ -98,9 +106,7 @@ impl Registry {
         let mut stale = None;
         if let Some(cell) = map.get(c.client_id).cloned() {
             let mut st = cell.lock();
-            if let Some(old) = st.owner.take() {
-                old.kicked.cancel();
-            }
+            cell.take_owner(&mut st);
             if !c.clean_start && !st.expired(now) && !st.gone {
                 if let Some(w) = st.delayed_will.take() {
                     // Resumed within the Will Delay Interval: no Will (MQTT 5 §3.1.2.5).
@@ -179,6 +185,9 @@ impl Registry {
         let mut map = self.write();
         let mut st = cell.lock();
         if st.owner.as_ref().map(|o| o.conn) != Some(conn) {
+            // The new owner shares this cell's wake-ups: one meant for it may have woken
+            // this connection instead. Pass it on.
+            cell.wake.notify_one();
             return Detached::TakenOver;
         }
         st.owner = None;
@@ -294,7 +303,6 @@ mod lock_order_tests {
     use crate::session::state::Owner;
     use std::sync::atomic::AtomicBool;
     use std::time::Duration;
-    use tokio_util::sync::CancellationToken;
 
     /// route() holds the trie read lock while `pick` calls registry.is_online (registry
     /// read lock); attach/detach hold the registry write lock while discard() takes the
@@ -344,10 +352,7 @@ mod lock_order_tests {
                     let a = s.0.attach(
                         Connecting {
                             client_id: "churn",
-                            owner: Owner {
-                                conn,
-                                kicked: CancellationToken::new(),
-                            },
+                            owner: Owner { conn },
                             clean_start: true,
                             expiry_secs: 0,
                             protocol: 5,

@@ -161,6 +161,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     info!(version = env!("CARGO_PKG_VERSION"), "gateway ready");
 
     shutdown.cancelled().await;
+    // Sessions wait on their cell, not on the token (one fewer wait per idle vehicle).
+    shared.registry.wake_all();
     // One grace period for the whole shutdown: sessions, journal flush and the bridge's
     // last confirmations all end by the same deadline.
     let deadline = tokio::time::Instant::now() + grace;

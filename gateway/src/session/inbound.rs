@@ -20,9 +20,12 @@ use crate::router::SubOptions;
 use crate::session::state::{OutItem, Qos2In};
 use crate::topic;
 
+/// The handling of a packet that waits (for the journal, the store or a rate limit).
+type Waiting<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Close>> + Send + 'a>>;
+
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     /// Handles every complete packet in the read buffer, pausing a 3.1.1 client at the
     /// in-flight bound.
@@ -30,8 +33,8 @@ where
         loop {
             // A connection taken over handles nothing more: its buffered SUBSCRIBEs must
             // not reach the router on behalf of the new session.
-            if self.kicked.is_cancelled() {
-                return Err(self.cancelled());
+            if let Some(close) = self.ended() {
+                return Err(close);
             }
             if self.codec.version == Version::V4 && !self.inbound_room(max_inflight) {
                 return Ok(());
@@ -42,38 +45,43 @@ where
                 Err(e) => return Err(Close::Protocol(e)),
             };
             self.deadline = Instant::now() + self.keep_alive;
-            self.handle(packet, max_inflight).await?;
+            if let Some(waiting) = self.handle(packet, max_inflight)? {
+                waiting.await?;
+            }
             // Time spent waiting inside `handle` (journal back-pressure) was ours, not the
             // client's silence.
             self.deadline = Instant::now() + self.keep_alive;
         }
     }
 
-    async fn handle(&mut self, packet: Inbound, max_inflight: usize) -> Result<(), Close> {
-        match packet {
-            Inbound::Publish(p) => Box::pin(self.publish(p, max_inflight)).await,
-            Inbound::PingReq => {
-                self.codec.pingresp(&mut self.out);
-                Ok(())
-            }
+    /// Handles a packet, or returns the boxed handling of one that waits (PUBLISH for
+    /// durability, SUBSCRIBE / UNSUBSCRIBE for the store): an idle vehicle's future then
+    /// holds neither a packet nor room for its handling, only this box while it runs.
+    fn handle(&mut self, packet: Inbound, max_inflight: usize) -> Result<Option<Waiting<'_>>, Close> {
+        let waiting: Waiting<'_> = match packet {
+            Inbound::Publish(p) => Box::pin(self.publish(p, max_inflight)),
             Inbound::Subscribe {
                 pkid,
                 filters,
                 subscription_id,
-            } => Box::pin(self.subscribe(pkid, filters, subscription_id)).await,
-            Inbound::Unsubscribe { pkid, filters } => Box::pin(self.unsubscribe(pkid, filters)).await,
+            } => Box::pin(self.subscribe(pkid, filters, subscription_id)),
+            Inbound::Unsubscribe { pkid, filters } => Box::pin(self.unsubscribe(pkid, filters)),
+            Inbound::PingReq => {
+                self.codec.pingresp(&mut self.out);
+                return Ok(None);
+            }
             Inbound::PubAck(pkid) => {
                 self.on_puback(pkid);
-                Ok(())
+                return Ok(None);
             }
-            Inbound::PubRec { pkid, reason } => self.on_pubrec(pkid, reason),
+            Inbound::PubRec { pkid, reason } => return self.on_pubrec(pkid, reason).map(|()| None),
             Inbound::PubComp { pkid, .. } => {
                 self.on_pubcomp(pkid);
-                Ok(())
+                return Ok(None);
             }
             Inbound::PubRel { pkid, .. } => {
                 self.bound_owed(max_inflight)?;
-                self.release(pkid)
+                return self.release(pkid).map(|()| None);
             }
             Inbound::Disconnect {
                 reason,
@@ -86,22 +94,29 @@ where
                     return Err(Close::DisconnectWithWill);
                 }
                 self.will = None;
-                Err(Close::ClientDisconnect)
+                return Err(Close::ClientDisconnect);
             }
-            Inbound::Connect(_) => Err(Close::Protocol(ProtocolError::protocol(
-                "second_connect",
-                "second CONNECT",
-            ))),
-            Inbound::Auth => Err(Close::Protocol(ProtocolError {
-                reason: 0x8C,
-                label: "auth_not_supported",
-                detail: "enhanced authentication (AUTH) is not supported".into(),
-            })),
-            Inbound::ServerOnly => Err(Close::Protocol(ProtocolError::protocol(
-                "server_packet",
-                "client sent a server-only packet",
-            ))),
-        }
+            Inbound::Connect(_) => {
+                return Err(Close::Protocol(ProtocolError::protocol(
+                    "second_connect",
+                    "second CONNECT",
+                )))
+            }
+            Inbound::Auth => {
+                return Err(Close::Protocol(ProtocolError {
+                    reason: 0x8C,
+                    label: "auth_not_supported",
+                    detail: "enhanced authentication (AUTH) is not supported".into(),
+                }))
+            }
+            Inbound::ServerOnly => {
+                return Err(Close::Protocol(ProtocolError::protocol(
+                    "server_packet",
+                    "client sent a server-only packet",
+                )))
+            }
+        };
+        Ok(Some(waiting))
     }
 
     /// DISCONNECT with a Session Expiry Interval (MQTT 5 §3.14.2.2.2): not from 0.
@@ -218,7 +233,7 @@ where
                 id,
             };
             if self.cell.lock().gone {
-                return Err(self.cancelled());
+                return Err(self.ended().unwrap_or(Close::TakenOver));
             }
             let replaced = match shared.router.subscribe(&self.cell.key(), &f.filter, opts) {
                 Ok(r) => r,
@@ -237,7 +252,7 @@ where
                     if !replaced {
                         shared.router.unsubscribe(&self.cell.key(), &f.filter);
                     }
-                    return Err(self.cancelled());
+                    return Err(self.ended().unwrap_or(Close::TakenOver));
                 }
                 st.subscriptions.insert(f.filter.clone(), opts);
             }
@@ -307,9 +322,8 @@ where
         let store = self.shared.store.clone();
         tokio::select! {
             biased;
-            // Shutdown first: the takeover token is its child, cancelled with it.
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
-            _ = self.kicked.cancelled() => Err(Close::TakenOver),
+            _ = self.cell.lost_by(self.conn) => Err(Close::TakenOver),
             r = tokio::time::timeout(STORE_WAIT, store.wait_flushed(gen)) => match r {
                 Ok(Ok(())) => Ok(()),
                 // Not acknowledged as kept: the client resubscribes when it reconnects.
@@ -489,7 +503,7 @@ where
             let appended = tokio::select! {
                 biased;
                 _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
-                _ = self.kicked.cancelled() => return Err(Close::TakenOver),
+                _ = self.cell.lost_by(self.conn) => return Err(Close::TakenOver),
                 r = shared.journal.append_with(&entry, shared.full_policy) => r,
             };
             match appended {
@@ -651,9 +665,8 @@ where
             .fetch_add(1, Ordering::Relaxed);
         tokio::select! {
             biased;
-            // Shutdown first: the takeover token is its child, cancelled with it.
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
-            _ = self.kicked.cancelled() => Err(Close::TakenOver),
+            _ = self.cell.lost_by(self.conn) => Err(Close::TakenOver),
             _ = tokio::time::sleep(ahead - PUBLISH_BURST) => Ok(()),
         }
     }

@@ -179,9 +179,6 @@ struct Session<S> {
     receive_max: usize,
     /// Session Expiry Interval of the CONNECT (a DISCONNECT may change it, not from 0).
     connect_expiry: u32,
-    /// Cancelled when a newer connection takes this client id over. Also watched while
-    /// an append waits for journal space, so a back-pressured session still yields.
-    kicked: tokio_util::sync::CancellationToken,
     /// Theoretical arrival time of the next PUBLISH under `mqtt.max_publish_rate`
     /// (GCRA: one instant instead of a token count and a timestamp).
     pace: Instant,
@@ -200,7 +197,7 @@ pub fn run<S>(
     shared: Arc<Shared>,
 ) -> impl std::future::Future<Output = ()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let opening = Box::pin(open(stream, peer, identity, shared));
     async move {
@@ -219,7 +216,7 @@ async fn open<S>(
     shared: Arc<Shared>,
 ) -> Option<(Box<Session<S>>, tracing::Span)>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let connect_timeout = Duration::from_secs(shared.cfg.mqtt.connect_timeout_secs);
@@ -301,16 +298,10 @@ where
             (asked.min(max_expiry), asked > max_expiry)
         }
     };
-    // A child of the shutdown token: one token (and one select branch per idle vehicle)
-    // covers both takeover and shutdown.
-    let kicked = shared.shutdown.child_token();
     let attached = shared.registry.attach(
         Connecting {
             client_id: &client_id,
-            owner: Owner {
-                conn,
-                kicked: kicked.clone(),
-            },
+            owner: Owner { conn },
             clean_start: req.clean_start,
             expiry_secs: expiry,
             protocol: if codec.version == Version::V5 { 5 } else { 4 },
@@ -390,7 +381,6 @@ where
         will: req.will.clone().map(Box::new),
         receive_max: usize::from(req.receive_maximum.unwrap_or(u16::MAX).max(1)),
         connect_expiry: expiry,
-        kicked,
         pace: Instant::now(),
     });
     drop(_entered);
@@ -399,7 +389,7 @@ where
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     /// The connection's life after its CONNECT: serve it, then say goodbye.
     async fn live(mut self: Box<Self>) {
@@ -414,10 +404,8 @@ where
     }
 
     async fn serve(&mut self) -> Close {
-        let kicked = self.kicked.clone();
         let mut durable_rx = self.shared.journal.durable();
         let mut flushed_rx = self.shared.store.flushed();
-        let shutdown = self.shared.shutdown.clone();
         let cell = self.cell.clone();
         let max_inflight = usize::from(self.shared.cfg.mqtt.max_inflight);
         loop {
@@ -456,17 +444,32 @@ where
             } else {
                 Instant::now() + JOURNAL_CHECK
             };
+            // One wait covers deliveries, a takeover and shutdown: registered before the
+            // look below, so neither can slip in between.
+            let woken = cell.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if let Some(close) = self.ended() {
+                return close;
+            }
+            // Acknowledgements waiting on the journal or the store: their watches are
+            // waited on (boxed) only while something waits, so an idle vehicle's future
+            // reserves no room for them.
+            let acks = waiting.then(|| {
+                Box::pin(async {
+                    tokio::select! {
+                        changed = durable_rx.changed() => changed.is_ok(),
+                        _ = flushed_rx.changed() => true,
+                    }
+                })
+            });
             tokio::select! {
                 biased;
-                _ = kicked.cancelled() => {
-                    return if shutdown.is_cancelled() { Close::Shutdown } else { Close::TakenOver };
-                }
-                changed = durable_rx.changed(), if waiting => {
-                    if changed.is_err() {
+                journal_open = when_some(acks) => {
+                    if !journal_open {
                         return Close::JournalStopped("journal closed".into());
                     }
                 }
-                _ = flushed_rx.changed(), if waiting => {}
                 // Reading: the keep-alive deadline. Not reading and waiting on the journal:
                 // a writer that stopped for good wakes nobody, so look now and then (the
                 // session must not outlive it). One timer for both.
@@ -486,7 +489,7 @@ where
                     Ok(_) => {}
                     Err(e) => return Close::Io(e),
                 },
-                _ = cell.wake.notified() => {}
+                _ = &mut woken => {}
                 // More deliveries are ready (the write budget stopped the last fill):
                 // after the reads above had their chance.
                 _ = std::future::ready(()), if more => {}
@@ -559,13 +562,15 @@ where
         }
     }
 
-    /// Why this connection's token fired: it is a child of the shutdown token, so
-    /// shutdown cancels it too.
-    fn cancelled(&self) -> Close {
+    /// Whether this connection must end now: the gateway is shutting down, or a newer
+    /// connection took the session (or its client id) over.
+    fn ended(&self) -> Option<Close> {
         if self.shared.shutdown.is_cancelled() {
-            Close::Shutdown
+            Some(Close::Shutdown)
+        } else if !self.cell.owned_by(self.conn) {
+            Some(Close::TakenOver)
         } else {
-            Close::TakenOver
+            None
         }
     }
 
@@ -590,6 +595,14 @@ where
                 r = flushed.changed() => if r.is_err() { break },
             }
         }
+    }
+}
+
+/// Waits for `f`, or forever when there is none (a `select!` branch that may be absent).
+async fn when_some<F: std::future::Future>(f: Option<F>) -> F::Output {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -624,7 +637,7 @@ mod size_tests {
         );
         assert!(session <= 512, "Session grew to {session} bytes");
         assert!(cell <= 384, "SessionCell grew to {cell} bytes");
-        assert!(plain <= 800, "a plain connection's future grew to {plain} bytes");
-        assert!(tls <= 800, "a TLS connection's future grew to {tls} bytes");
+        assert!(plain <= 512, "a plain connection's future grew to {plain} bytes");
+        assert!(tls <= 512, "a TLS connection's future grew to {tls} bytes");
     }
 }

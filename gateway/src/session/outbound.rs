@@ -15,7 +15,7 @@ use crate::mqtt::codec::{frame, Framing};
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     /// Owes the client an acknowledgement with a failure reason (or a duplicate's), in
     /// arrival order: it waits behind this session's earlier publishes.

@@ -41,7 +41,7 @@ pub struct SessionCell {
     pub incarnation: u64,
     state: Mutex<SessionState>,
     /// Wakes the owning connection when something was queued for it (a permit is kept
-    /// if it is busy, so no wake-up is lost).
+    /// if it is busy, so no wake-up is lost), when it was taken over, and at shutdown.
     pub wake: Notify,
 }
 
@@ -53,12 +53,14 @@ impl std::fmt::Debug for SessionCell {
     }
 }
 
-/// The connection holding a session.
+/// The connection holding a session. A newer connection taking the session (or its
+/// client id) over replaces or removes the owner and wakes the cell's waiters
+/// ([`SessionCell::take_owner`]); the old connection sees it is no longer the owner
+/// ([`SessionCell::owned_by`]) and closes. No token per connection: an idle vehicle's
+/// memory is what a million of them cost.
 #[derive(Debug, Clone)]
 pub struct Owner {
     pub conn: u64,
-    /// Cancelled when a newer connection takes the session (or its client id) over.
-    pub kicked: CancellationToken,
 }
 
 /// A Will waiting for its delay interval (MQTT 5 §3.1.3.2.2) after its connection closed.
@@ -362,6 +364,38 @@ impl SessionCell {
 
     pub fn is_online(&self) -> bool {
         self.lock().owner.is_some()
+    }
+
+    /// Whether connection `conn` still holds this session (not taken over, not discarded).
+    pub fn owned_by(&self, conn: u64) -> bool {
+        self.lock().owner.as_ref().is_some_and(|o| o.conn == conn)
+    }
+
+    /// Takes the session from its connection (under the cell's lock, which the caller
+    /// holds as `st`) and wakes every waiter, so the old connection sees it lost the
+    /// session wherever it waits: in its loop, or on journal space or a store flush.
+    pub fn take_owner(&self, st: &mut SessionState) -> Option<Owner> {
+        let old = st.owner.take();
+        if old.is_some() {
+            self.wake.notify_waiters();
+        }
+        old
+    }
+
+    /// Resolves once connection `conn` no longer holds this session. Registers for the
+    /// wake-up before it looks, so a takeover between the look and the wait is not
+    /// missed. May consume a delivery wake-up meant for the same connection; its loop
+    /// fills the outbound queue on every pass anyway.
+    pub async fn lost_by(&self, conn: u64) {
+        loop {
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.owned_by(conn) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Offers a routed message. QoS 0 is only taken while a connection holds the
@@ -708,10 +742,7 @@ mod tests {
         SessionCell::new(
             Arc::from("car"),
             SessionState {
-                owner: online.then(|| Owner {
-                    conn: 7,
-                    kicked: CancellationToken::new(),
-                }),
+                owner: online.then_some(Owner { conn: 7 }),
                 expiry_secs: expiry,
                 disconnected_at_ms: (!online).then(now_ms),
                 subscriptions: Default::default(),
