@@ -3,9 +3,11 @@
 //!
 //! Invariants:
 //! - At most one session per client id, and at most one connection owns it. A new
-//!   CONNECT with the same id takes the session over: the older connection's token is
-//!   cancelled (it closes with MQTT 5 reason 0x8E) under the same lock that installs the
-//!   new owner, so two connections never both believe they own a session.
+//!   CONNECT with the same id takes the session over: the older connection loses the
+//!   owner (and is woken; it closes with MQTT 5 reason 0x8E) under the same lock that
+//!   installs the new owner, so two connections never both believe they own a session,
+//!   and every change a connection makes to the session checks ownership under the
+//!   cell's lock.
 //! - Clean start (or an expired session) discards the old session completely — its
 //!   subscriptions leave the router and its queue leaves the store — before the new one
 //!   is visible; otherwise the session continues and CONNACK says session present.
@@ -78,7 +80,6 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Every session (for the expiry sweep and the admin API).
     /// Wakes every session's connection (at shutdown, after the shutdown token was
     /// cancelled: a connection not waiting now looks at the token before it waits).
     pub fn wake_all(&self) {
@@ -87,6 +88,7 @@ impl Registry {
         }
     }
 
+    /// Every session (for the expiry sweep and the admin API).
     pub fn all(&self) -> Vec<Arc<SessionCell>> {
         self.read().values().cloned().collect()
     }
@@ -185,9 +187,6 @@ impl Registry {
         let mut map = self.write();
         let mut st = cell.lock();
         if st.owner.as_ref().map(|o| o.conn) != Some(conn) {
-            // The new owner shares this cell's wake-ups: one meant for it may have woken
-            // this connection instead. Pass it on.
-            cell.wake.notify_one();
             return Detached::TakenOver;
         }
         st.owner = None;

@@ -375,7 +375,8 @@ async fn connection(
 
 async fn tls_connection(stream: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let handshake = Duration::from_secs(shared.cfg.tls.handshake_timeout_secs);
-    let handshaking = tokio::time::timeout(handshake, Box::pin(acceptor.accept(stream)));
+    let config = acceptor.config().clone();
+    let handshaking = tokio::time::timeout(handshake, Box::pin(tls::stream::accept(stream, config)));
     let handshaken = tokio::select! {
         // A connection still without a session does not hold up a shutdown.
         _ = shared.shutdown.cancelled() => return,
@@ -395,8 +396,6 @@ async fn tls_connection(stream: TcpStream, peer: SocketAddr, acceptor: TlsAccept
         }
     };
     let identity = tls_stream
-        .get_ref()
-        .1
         .peer_certificates()
         .and_then(|certs| certs.first())
         .and_then(|c| CertIdentity::from_der(c.as_ref()));

@@ -165,7 +165,13 @@ where
     /// crash must not leave the id marked, or the client's next message under it would
     /// be taken for a duplicate).
     fn release(&mut self, pkid: u16) -> Result<(), Close> {
-        let known = self.cell.lock().inbound_qos2.remove(&pkid).is_some();
+        let known = {
+            let mut st = self.cell.lock();
+            if !st.owned_by(self.conn) {
+                return Err(Close::TakenOver);
+            }
+            st.inbound_qos2.remove(&pkid).is_some()
+        };
         if known {
             if let Some(g) = self
                 .cell
@@ -232,7 +238,7 @@ where
                 retain_handling: f.retain_handling,
                 id,
             };
-            if self.cell.lock().gone {
+            if !self.cell.owned_by(self.conn) {
                 return Err(self.ended().unwrap_or(Close::TakenOver));
             }
             let replaced = match shared.router.subscribe(&self.cell.key(), &f.filter, opts) {
@@ -245,9 +251,10 @@ where
             };
             {
                 let mut st = self.cell.lock();
-                if st.gone {
-                    // Discarded (clean-start takeover) while this subscribed: the filter
-                    // must not stay in the router owned by no session.
+                if !st.owned_by(self.conn) {
+                    // Taken over (or discarded by a clean start) while this subscribed:
+                    // the filter must not stay in the router on behalf of a session this
+                    // connection no longer holds.
                     drop(st);
                     if !replaced {
                         shared.router.unsubscribe(&self.cell.key(), &f.filter);
@@ -272,7 +279,7 @@ where
         }
         if !self.quota_logged && granted.contains(&Granted::QuotaExceeded) {
             self.quota_logged = true;
-            warn!(client_id = %self.client_id, max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
+            warn!(client_id = %self.client_id, peer = %self.peer, max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
         }
         self.persist_and_wait().await?;
         self.codec.suback(&mut self.out, pkid, &granted);
@@ -293,7 +300,13 @@ where
         let shared = self.shared.clone();
         let mut existed = Vec::with_capacity(filters.len());
         for f in &filters {
-            let had = self.cell.lock().subscriptions.remove(f).is_some();
+            let had = {
+                let mut st = self.cell.lock();
+                if !st.owned_by(self.conn) {
+                    return Err(Close::TakenOver);
+                }
+                st.subscriptions.remove(f).is_some()
+            };
             if had {
                 shared.router.unsubscribe(&self.cell.key(), f);
                 self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
@@ -418,7 +431,7 @@ where
             .may_publish_as(self.user.as_deref(), &self.client_id, &topic)
         {
             metrics.acl_denied.inc(qos_label);
-            warn!(client_id = %self.client_id, topic, qos = p.qos, "publish denied by the publish ACL");
+            warn!(client_id = %self.client_id, peer = %self.peer, topic, qos = p.qos, "publish denied by the publish ACL");
             let detail = format!("not authorised to publish to {topic}");
             return self.refuse_publish(
                 &p,
@@ -440,7 +453,7 @@ where
         }
         if p.retain && !shared.auth.may_retain(self.user.as_deref()) {
             metrics.retained_refused.inc("not_allowed");
-            warn!(client_id = %self.client_id, topic, "retained publish refused: auth.allow_retain");
+            warn!(client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: auth.allow_retain");
             let detail = format!("not authorised to retain on {topic}");
             return self.refuse_publish(
                 &p,
@@ -511,7 +524,7 @@ where
                 // segment): refused, never acknowledged as stored, not a disconnect loop.
                 Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
                     metrics.protocol_errors.inc("record_too_large");
-                    warn!(client_id = %self.client_id, error = %e, qos = p.qos, "publish refused: too large to journal");
+                    warn!(client_id = %self.client_id, peer = %self.peer, error = %e, qos = p.qos, "publish refused: too large to journal");
                     let (reason, label) = if self.codec.version == Version::V5 {
                         (0x83, "record_too_large")
                     } else {
@@ -566,7 +579,7 @@ where
                     Ok(None) => {}
                     Err(reason) => {
                         metrics.retained_refused.inc(reason);
-                        warn!(client_id = %self.client_id, topic, reason, "retained message not stored ([retained] bounds)");
+                        warn!(client_id = %self.client_id, peer = %self.peer, topic, reason, "retained message not stored ([retained] bounds)");
                     }
                 }
             }
@@ -576,7 +589,7 @@ where
             // acknowledged as stored.
             metrics.unrouted.inc(qos_label);
             warn!(
-                client_id = %self.client_id,
+                client_id = %self.client_id, peer = %self.peer,
                 topic,
                 "publish refused: no route to Kafka (kafka.unmatched = \"refuse\") and no subscriber"
             );

@@ -153,6 +153,9 @@ struct Session<S> {
     /// Password user (operator ACLs apply), if any.
     user: Option<String>,
     conn: u64,
+    /// The vehicle's address: named in every close and refusal event, the lead an SRE
+    /// follows (and blocks) for a hostile client.
+    peer: SocketAddr,
     cell: Arc<SessionCell>,
     read_buf: BytesMut,
     /// Size of the latest read, to tell a streaming session from an idle one.
@@ -347,7 +350,7 @@ where
     let releases = cell.resend_inflight(&mut out, &codec, &shared.store, &shared.metrics);
     let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
     shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
-    info!(client_id = %client_id, %peer, version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
+    info!(client_id = %client_id, %peer, conn, version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
         session_present = attached.present, session_expiry = expiry, "connected");
     let stored_bytes = cell.lock().subscriptions.keys().map(String::len).sum();
     let s = Box::new(Session {
@@ -357,6 +360,7 @@ where
         client_id: client_id.clone(),
         user: admitted.user,
         conn,
+        peer,
         cell,
         read_buf,
         last_read: 0,
@@ -501,20 +505,26 @@ where
     /// detaches from the session (which ends, or stays for a persistent session), and
     /// on shutdown first waits for pending acknowledgements to become durable.
     async fn finish(&mut self, close: Close) {
+        if matches!(close, Close::TakenOver) {
+            // The new owner shares this cell's wake-ups, and one meant for it may have
+            // been taken by this connection as it noticed the takeover: pass it on now,
+            // not after the goodbye.
+            self.cell.wake.notify_one();
+        }
         let metrics = &self.shared.metrics;
         metrics.connections_closed.inc(close.label());
         let reason = match &close {
             Close::Protocol(e) => {
                 metrics.protocol_errors.inc(e.label);
-                warn!(client_id = %self.client_id, reason = e.label, detail = %e.detail, "closing connection: protocol error");
+                warn!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, reason = e.label, detail = %e.detail, "closing connection: protocol error");
                 Some(e.reason)
             }
             Close::KeepAlive => {
-                info!(client_id = %self.client_id, "closing connection: no packet within 1.5 × keep alive");
+                info!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, "closing connection: no packet within 1.5 × keep alive");
                 Some(0x8D)
             }
             Close::TakenOver => {
-                info!(client_id = %self.client_id, "closing connection: client id taken over by a new connection");
+                info!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, "closing connection: client id taken over by a new connection");
                 Some(0x8E)
             }
             Close::Shutdown => {
@@ -522,11 +532,11 @@ where
                 Some(0x8B)
             }
             Close::JournalStopped(why) => {
-                warn!(client_id = %self.client_id, error = %why, "closing connection: journal stopped");
+                warn!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, error = %why, "closing connection: journal stopped");
                 Some(0x80)
             }
             Close::StoreFailed(why) => {
-                warn!(client_id = %self.client_id, error = %why, "closing connection: session store failed");
+                warn!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, error = %why, "closing connection: session store failed");
                 Some(0x80)
             }
             Close::Io(e) => {
@@ -611,7 +621,7 @@ mod size_tests {
     use std::mem::size_of;
 
     type Tcp = tokio::net::TcpStream;
-    type Tls = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Tls = crate::tls::stream::TlsStream;
 
     /// Size of what `f` returns (a future's size without having to run it).
     fn returned<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {

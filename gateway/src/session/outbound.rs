@@ -176,7 +176,12 @@ where
         if self.out.is_empty() {
             return Ok(());
         }
-        match timeout(limit, self.stream.write_all(&self.out)).await {
+        // Written and flushed: a TLS stream may hold the tail of its records until then.
+        let written = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        match timeout(limit, written).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(std::io::Error::new(

@@ -97,6 +97,13 @@ pub struct SessionState {
 }
 
 impl SessionState {
+    /// Whether connection `conn` holds this session: a change a connection makes to the
+    /// session is checked with this under the same lock, so a connection that was just
+    /// taken over cannot change the session its successor now owns.
+    pub fn owned_by(&self, conn: u64) -> bool {
+        !self.gone && self.owner.as_ref().is_some_and(|o| o.conn == conn)
+    }
+
     pub fn persistent(&self) -> bool {
         self.expiry_secs > 0
     }
@@ -368,7 +375,7 @@ impl SessionCell {
 
     /// Whether connection `conn` still holds this session (not taken over, not discarded).
     pub fn owned_by(&self, conn: u64) -> bool {
-        self.lock().owner.as_ref().is_some_and(|o| o.conn == conn)
+        self.lock().owned_by(conn)
     }
 
     /// Takes the session from its connection (under the cell's lock, which the caller

@@ -13,6 +13,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsSection;
 
+pub mod stream;
+
 fn load_certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let mut r = BufReader::new(File::open(path).with_context(|| format!("tls: cannot open {path}"))?);
     let certs = rustls_pemfile::certs(&mut r)

@@ -1,0 +1,362 @@
+//! A TLS server stream on rustls' unbuffered API, whose buffers are ours to size.
+//!
+//! Why not `tokio-rustls`: a buffered rustls connection keeps a zero-filled 4 KiB receive
+//! buffer for its whole life (rustls' deframer sizes it before every read and never
+//! below that), and an idle vehicle pays for it forever: it was a third of a TLS
+//! connection's memory. Here the ciphertext buffers are allocated while bytes are in
+//! flight and freed when a connection goes quiet, so an idle TLS vehicle holds rustls'
+//! keys and state and nothing else.
+//!
+//! The rules of the unbuffered API (`process_tls_records`) that this relies on:
+//! - records are decrypted in place in `incoming`; a record's plaintext is copied out
+//!   before the bytes it lived in are discarded (`status.discard`, applied before the next
+//!   call);
+//! - handshake and post-handshake messages (session tickets, alerts) come out as
+//!   `EncodeTlsData`; they are appended to `out`, which is sent in order ahead of any
+//!   application data encrypted later, so calling `TransmitTlsData::done` once they are
+//!   queued (not yet sent) keeps the record order;
+//! - the write path passes an empty input, so it never consumes received records.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Read size while the peer is quiet: a PINGREQ is one 24-byte record in TLS 1.3.
+const IDLE_READ: usize = 64;
+/// Read size while bytes stream in.
+const READ_CHUNK: usize = 4096;
+/// Largest TLS record on the wire (16 KiB of plaintext plus the most expansion
+/// TLS allows, plus its header); rustls refuses anything larger.
+const MAX_RECORD: usize = 16384 + 2048 + 5;
+/// Most ciphertext held at once: rustls joins a handshake message of up to 64 KiB (a
+/// client certificate chain) across records it leaves in our buffer until complete.
+const MAX_BUFFERED: usize = 0xffff + MAX_RECORD;
+
+/// A server-side TLS connection over TCP. Build it with [`accept`].
+pub struct TlsStream {
+    tcp: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// Ciphertext received and not yet processed: `incoming[..used]`. Freed when empty
+    /// and the peer is quiet.
+    incoming: Vec<u8>,
+    used: usize,
+    /// The latest socket read filled the room it was given: more is likely waiting, so
+    /// buffers are kept and reads are full-sized.
+    streaming: bool,
+    /// Plaintext decrypted and not yet handed to the reader.
+    plaintext: BytesMut,
+    /// Ciphertext to send: `out[sent..]`. Freed once everything was sent.
+    out: Vec<u8>,
+    sent: usize,
+    /// The peer sent close_notify, or closed the socket: reads return end of stream.
+    eof: bool,
+    /// We queued our close_notify.
+    closing: bool,
+}
+
+/// What one call of `process_tls_records` led to.
+enum Step {
+    /// Something changed (plaintext, queued records): look again.
+    Progress,
+    /// Nothing more can happen without more bytes from the peer.
+    NeedBytes,
+    /// The peer is done: end of stream.
+    Eof,
+}
+
+/// Completes the TLS handshake on `tcp` (the caller bounds it in time).
+pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
+    let conn = UnbufferedServerConnection::new(config).map_err(io::Error::other)?;
+    let mut s = TlsStream {
+        tcp,
+        conn,
+        incoming: Vec::new(),
+        used: 0,
+        streaming: true,
+        plaintext: BytesMut::new(),
+        out: Vec::new(),
+        sent: 0,
+        eof: false,
+        closing: false,
+    };
+    std::future::poll_fn(|cx| s.poll_handshake(cx)).await?;
+    Ok(s)
+}
+
+impl TlsStream {
+    /// The client's certificate chain, when it presented one (verified by rustls).
+    pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        self.conn.peer_certificates()
+    }
+
+    fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.process()? {
+                Step::Progress => {}
+                Step::Eof => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed during the TLS handshake",
+                    )))
+                }
+                Step::NeedBytes => {
+                    ready!(self.poll_send(cx))?;
+                    if !self.conn.is_handshaking() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    if ready!(self.poll_fill(cx))? == 0 {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed during the TLS handshake",
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs rustls over the received bytes once and acts on the state it reaches.
+    fn process(&mut self) -> io::Result<Step> {
+        let UnbufferedStatus { mut discard, state } =
+            self.conn.process_tls_records(&mut self.incoming[..self.used]);
+        let step = match state.map_err(invalid)? {
+            ConnectionState::ReadTraffic(mut records) => {
+                while let Some(record) = records.next_record() {
+                    let record = record.map_err(invalid)?;
+                    discard += record.discard;
+                    self.plaintext.extend_from_slice(record.payload);
+                }
+                Step::Progress
+            }
+            ConnectionState::EncodeTlsData(mut encode) => {
+                let start = self.out.len();
+                self.out.resize(start + 512, 0);
+                let written = match encode.encode(&mut self.out[start..]) {
+                    Ok(n) => n,
+                    Err(EncodeError::InsufficientSize(size)) => {
+                        self.out.resize(start + size.required_size, 0);
+                        encode.encode(&mut self.out[start..]).map_err(io::Error::other)?
+                    }
+                    Err(e) => return Err(io::Error::other(e)),
+                };
+                self.out.truncate(start + written);
+                Step::Progress
+            }
+            // Queued in `out` above, ahead of anything written later.
+            ConnectionState::TransmitTlsData(transmit) => {
+                transmit.done();
+                Step::Progress
+            }
+            ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => Step::NeedBytes,
+            ConnectionState::PeerClosed | ConnectionState::Closed => Step::Eof,
+            // Early data is never enabled (`max_early_data_size` is 0), and later states
+            // are not known to this code: refuse rather than guess.
+            _ => return Err(invalid("unexpected TLS connection state")),
+        };
+        if discard > 0 {
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+        }
+        if self.used == 0 && !self.streaming && !self.incoming.is_empty() {
+            // Quiet peer, nothing pending: no buffer while idle.
+            self.incoming = Vec::new();
+        }
+        Ok(step)
+    }
+
+    /// Reads more ciphertext from the socket; `Ok(0)` is the peer closing it.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let want = match self.incoming.get(..self.used).and_then(record_len) {
+            // The rest of a record whose header arrived (at least a chunk while streaming).
+            Some(len) if len > self.used => {
+                (len - self.used).max(if self.streaming { READ_CHUNK } else { 0 })
+            }
+            _ if self.streaming => READ_CHUNK,
+            _ => IDLE_READ,
+        };
+        if self.used + want > MAX_BUFFERED {
+            return Poll::Ready(Err(invalid("TLS message larger than this server accepts")));
+        }
+        if self.incoming.len() < self.used + want {
+            self.incoming.resize(self.used + want, 0);
+        }
+        let mut buf = ReadBuf::new(&mut self.incoming[self.used..]);
+        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
+        let n = buf.filled().len();
+        // Only a full chunk counts: a read that just completes a record is not a stream.
+        self.streaming = want >= READ_CHUNK && n == want;
+        self.used += n;
+        Poll::Ready(Ok(n))
+    }
+
+    /// Sends what is queued in `out`; ready once all of it is on the socket.
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.sent < self.out.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.out[self.sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        if !self.out.is_empty() {
+            // Sent: a quiet connection keeps no send buffer.
+            self.out = Vec::new();
+            self.sent = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Encrypts `data` into `out`.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        loop {
+            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+            match state.map_err(invalid)? {
+                ConnectionState::WriteTraffic(mut w) => {
+                    let start = self.out.len();
+                    // Room for the records' headers and tags; rustls says when it needs more.
+                    let guess = data.len() + (data.len() / 16384 + 1) * 64;
+                    self.out.resize(start + guess, 0);
+                    let written = match w.encrypt(data, &mut self.out[start..]) {
+                        Ok(n) => n,
+                        Err(EncryptError::InsufficientSize(size)) => {
+                            self.out.resize(start + size.required_size, 0);
+                            w.encrypt(data, &mut self.out[start..])
+                                .map_err(io::Error::other)?
+                        }
+                        Err(e) => return Err(io::Error::other(e)),
+                    };
+                    self.out.truncate(start + written);
+                    return Ok(());
+                }
+                ConnectionState::EncodeTlsData(mut encode) => {
+                    let start = self.out.len();
+                    self.out.resize(start + 512, 0);
+                    let written = match encode.encode(&mut self.out[start..]) {
+                        Ok(n) => n,
+                        Err(EncodeError::InsufficientSize(size)) => {
+                            self.out.resize(start + size.required_size, 0);
+                            encode.encode(&mut self.out[start..]).map_err(io::Error::other)?
+                        }
+                        Err(e) => return Err(io::Error::other(e)),
+                    };
+                    self.out.truncate(start + written);
+                }
+                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
+                // Records rustls holds already decrypted (none, as `process` drains them).
+                ConnectionState::ReadTraffic(mut records) => {
+                    while let Some(record) = records.next_record() {
+                        self.plaintext.extend_from_slice(record.map_err(invalid)?.payload);
+                    }
+                }
+                ConnectionState::PeerClosed => self.eof = true,
+                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                _ => return Err(invalid("TLS connection cannot send application data now")),
+            }
+        }
+    }
+
+    /// Queues our close_notify (once).
+    fn queue_close(&mut self) -> io::Result<()> {
+        if self.closing {
+            return Ok(());
+        }
+        self.closing = true;
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+        if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
+            let start = self.out.len();
+            self.out.resize(start + 64, 0);
+            let written = w.queue_close_notify(&mut self.out[start..]).unwrap_or(0);
+            self.out.truncate(start + written);
+        }
+        Ok(())
+    }
+}
+
+fn invalid<E: std::fmt::Display>(e: E) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+}
+
+/// Total length of the first TLS record in `buf`, once its 5-byte header is there.
+fn record_len(buf: &[u8]) -> Option<usize> {
+    let header = buf.get(..5)?;
+    Some(5 + usize::from(u16::from_be_bytes([header[3], header[4]])))
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if !this.plaintext.is_empty() {
+                let n = this.plaintext.len().min(buf.remaining());
+                buf.put_slice(&this.plaintext[..n]);
+                this.plaintext.advance(n);
+                if this.plaintext.is_empty() {
+                    this.plaintext = BytesMut::new();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            // Records rustls queued (an alert, a key update answer) go out as we read;
+            // a peer slow to read them must not stop us reading.
+            if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+                return Poll::Ready(Err(e));
+            }
+            match this.process()? {
+                Step::Progress => {}
+                Step::Eof => this.eof = true,
+                Step::NeedBytes => {
+                    if ready!(this.poll_fill(cx))? == 0 {
+                        // The socket closed without close_notify: end of stream for MQTT,
+                        // which frames its own packets.
+                        this.eof = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        // At most one batch waits in `out`: a peer that does not read pushes back here.
+        ready!(this.poll_send(cx))?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let n = data.len().min(64 * 1024);
+        this.encrypt(&data[..n])?;
+        // Start sending now; what the socket does not take goes with the next write or flush.
+        if let Poll::Ready(Err(e)) = this.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        this.queue_close()?;
+        ready!(this.poll_send(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
