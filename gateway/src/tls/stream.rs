@@ -360,3 +360,176 @@ impl AsyncWrite for TlsStream {
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::Arc;
+
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    struct Pair {
+        server: TlsStream,
+        client: tokio_rustls::client::TlsStream<TcpStream>,
+    }
+
+    fn configs(
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> (Arc<ServerConfig>, Arc<rustls::ClientConfig>) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der: CertificateDer<'static> = cert.cert.der().clone();
+        let key = PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (Arc::new(server), Arc::new(client))
+    }
+
+    async fn pair(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pair {
+        let (server_cfg, client_cfg) = configs(versions);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, server_cfg).await.unwrap()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let client = tokio_rustls::TlsConnector::from(client_cfg)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        Pair {
+            server: accepting.await.unwrap(),
+            client,
+        }
+    }
+
+    /// Bytes both ways, small and large (records larger than any read, reads spanning
+    /// records), in TLS 1.3 and 1.2, arrive intact and in order.
+    #[tokio::test]
+    async fn data_crosses_both_ways_intact() {
+        for versions in [&[&rustls::version::TLS13][..], &[&rustls::version::TLS12][..]] {
+            let Pair {
+                mut server,
+                mut client,
+            } = pair(versions).await;
+            let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            let send = big.clone();
+            let writer = tokio::spawn(async move {
+                client.write_all(b"hello").await.unwrap();
+                client.write_all(&send).await.unwrap();
+                client.flush().await.unwrap();
+                let mut back = vec![0u8; 300_000];
+                client.read_exact(&mut back).await.unwrap();
+                (client, back)
+            });
+            let mut got = vec![0u8; 5 + big.len()];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got[..5], b"hello");
+            assert!(got[5..] == big[..], "payload differs");
+            server.write_all(&big).await.unwrap();
+            server.flush().await.unwrap();
+            let (_client, back) = writer.await.unwrap();
+            assert!(back == big, "echo differs");
+        }
+    }
+
+    /// The point of this stream: a connection that went quiet holds no ciphertext or
+    /// plaintext buffer (a buffered rustls connection keeps 4 KiB for its whole life).
+    #[tokio::test]
+    async fn a_quiet_connection_keeps_no_buffers() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(&[&rustls::version::TLS13]).await;
+        client.write_all(&[0xC0, 0x00]).await.unwrap(); // a PINGREQ
+        client.flush().await.unwrap();
+        let mut ping = [0u8; 2];
+        server.read_exact(&mut ping).await.unwrap();
+        server.write_all(&[0xD0, 0x00]).await.unwrap();
+        server.flush().await.unwrap();
+        let mut pong = [0u8; 2];
+        client.read_exact(&mut pong).await.unwrap();
+        assert_eq!(pong, [0xD0, 0x00]);
+        assert_eq!(server.incoming.capacity(), 0, "receive buffer kept while idle");
+        assert_eq!(server.out.capacity(), 0, "send buffer kept while idle");
+        assert_eq!(server.plaintext.capacity(), 0, "plaintext buffer kept while idle");
+    }
+
+    /// close_notify (and a plain socket close) end the stream as end-of-file.
+    #[tokio::test]
+    async fn close_notify_is_end_of_stream() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(&[&rustls::version::TLS13]).await;
+        client.write_all(b"last").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        server.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"last");
+        server.shutdown().await.unwrap();
+    }
+
+    /// A peer that stops reading pushes back on the writer instead of growing our
+    /// buffer: at most one write's worth of records waits here.
+    #[tokio::test]
+    async fn a_peer_that_never_reads_pushes_back() {
+        let Pair {
+            mut server,
+            client: _client,
+        } = pair(&[&rustls::version::TLS13]).await;
+        let chunk = vec![7u8; 64 * 1024];
+        let mut accepted = 0usize;
+        let stuck = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+            loop {
+                server.write_all(&chunk).await.unwrap();
+                accepted += chunk.len();
+            }
+        })
+        .await;
+        assert!(stuck.is_err(), "writes never blocked");
+        assert!(
+            server.out.len() <= 64 * 1024 + 4096,
+            "send buffer grew to {}",
+            server.out.len()
+        );
+        assert!(
+            accepted < 64 * 1024 * 1024,
+            "accepted {accepted} bytes with nobody reading"
+        );
+    }
+
+    /// Garbage instead of a ClientHello fails the handshake with an error, no panic.
+    #[tokio::test]
+    async fn garbage_fails_the_handshake() {
+        let (server_cfg, _) = configs(&[&rustls::version::TLS13]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, server_cfg).await.map(|_| ())
+        });
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"CONNECT not tls at all\r\n\r\n\x16\x03\x01\xff\xff")
+            .await
+            .unwrap();
+        let err = accepting.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+}
