@@ -350,30 +350,39 @@ async fn accept_loop(
             continue;
         };
         shared.metrics.connections_accepted.inc(kind);
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let tls = tls.clone();
-        tracker.spawn(async move { connection(stream, peer, tls, shared, permit).await });
+        // Plain and TLS connections are separate task types, so a plain connection's task
+        // reserves no room for TLS state (an idle connection's memory is mostly its task).
+        match &tls {
+            None => tracker.spawn(plain_connection(stream, peer, shared, permit)),
+            Some(acceptor) => tracker.spawn(tls_connection(stream, peer, acceptor.clone(), shared, permit)),
+        };
     }
 }
 
-/// One accepted connection. Plain and TLS sessions are boxed separately so that a plain
-/// connection's task does not reserve room for TLS state (an idle connection's memory is
-/// mostly its task: this keeps a million of them in a few GiB).
-async fn connection(
+/// A plain connection's task is its session's future and its connection permit. Not an
+/// `async fn`: its arguments would stay in the task for the connection's whole life.
+fn plain_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send {
+    let session = session::run(stream, peer, None, shared);
+    async move {
+        let _permit = permit;
+        session.await
+    }
+}
+
+async fn tls_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
-    match tls {
-        None => Box::pin(session::run(stream, peer, None, shared)).await,
-        Some(acceptor) => Box::pin(tls_connection(stream, peer, acceptor, shared)).await,
-    }
-}
-
-async fn tls_connection(stream: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, shared: Arc<Shared>) {
     let handshake = Duration::from_secs(shared.cfg.tls.handshake_timeout_secs);
     let config = acceptor.config().clone();
     let handshaking = tokio::time::timeout(handshake, Box::pin(tls::stream::accept(stream, config)));

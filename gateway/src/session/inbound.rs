@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::{AckKind, Close, Session, MAX_STORED_TOPIC_BYTES, PUBLISH_BURST, STORE_WAIT};
+use super::{AckKind, Close, ReadReady, Session, MAX_STORED_TOPIC_BYTES, PUBLISH_BURST, STORE_WAIT};
 use crate::message::{now_ms, Message};
 use crate::mqtt::codec::Granted;
 use crate::mqtt::packet::SubscribeFilter;
@@ -25,7 +25,7 @@ type Waiting<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(),
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     /// Handles every complete packet in the read buffer, pausing a 3.1.1 client at the
     /// in-flight bound.

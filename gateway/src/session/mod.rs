@@ -76,6 +76,19 @@ const OUT_BUDGET: usize = 64 * 1024;
 /// the connection closes (`store_failed`) rather than acknowledge what may not survive.
 const STORE_WAIT: Duration = Duration::from_secs(5);
 
+/// A stream that can tell "bytes are waiting" without being read into a buffer, so an
+/// idle vehicle's connection waits holding no read buffer at all.
+pub trait ReadReady {
+    /// Ready when a read would make progress (bytes, end of stream or an error).
+    fn poll_read_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
 /// Burst a connection may publish ahead of `mqtt.max_publish_rate`.
 const PUBLISH_BURST: Duration = Duration::from_secs(1);
 
@@ -200,7 +213,7 @@ pub fn run<S>(
     shared: Arc<Shared>,
 ) -> impl std::future::Future<Output = ()>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     let opening = Box::pin(open(stream, peer, identity, shared));
     async move {
@@ -219,7 +232,7 @@ async fn open<S>(
     shared: Arc<Shared>,
 ) -> Option<(Box<Session<S>>, tracing::Span)>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     let conn = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let connect_timeout = Duration::from_secs(shared.cfg.mqtt.connect_timeout_secs);
@@ -393,7 +406,7 @@ where
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     /// The connection's life after its CONNECT: serve it, then say goodbye.
     async fn live(mut self: Box<Self>) {

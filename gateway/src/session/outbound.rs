@@ -9,13 +9,17 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 
+/// A write buffer this small is dropped once written (see `flush_within`).
+const SMALL_OUT: usize = 256;
+
 use super::state::SendLimits;
+use super::ReadReady;
 use super::{AckKind, Close, Pending, Session, IDLE_READ, OUT_BUDGET, READ_CHUNK, WRITE_TIMEOUT};
 use crate::mqtt::codec::{frame, Framing};
 
 impl<S> Session<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
 {
     /// Owes the client an acknowledgement with a failure reason (or a duplicate's), in
     /// arrival order: it waits behind this session's earlier publishes.
@@ -152,9 +156,11 @@ where
     /// small buffer: at a million connections the read buffer is most of the memory.
     pub(super) async fn read_more(&mut self) -> std::io::Result<usize> {
         if self.read_buf.is_empty() && self.last_read < IDLE_READ {
-            if self.read_buf.capacity() > 4 * IDLE_READ {
+            // Idle: wait until bytes arrive holding no buffer at all, then read them.
+            if self.read_buf.capacity() > 0 {
                 self.read_buf = bytes::BytesMut::new();
             }
+            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await?;
             self.read_buf.reserve(IDLE_READ);
         } else {
             self.read_buf.reserve(READ_CHUNK);
@@ -191,8 +197,10 @@ where
             }
         }
         self.out.clear();
-        if self.out.capacity() > 4 * super::OUT_BUDGET {
-            // A burst grew the buffer: do not keep it for an idle connection.
+        let kept = self.out.capacity();
+        if kept > 4 * super::OUT_BUDGET || kept <= SMALL_OUT {
+            // A burst grew the buffer, or it is an acknowledgement's worth (cheap to make
+            // again): an idle connection keeps no write buffer.
             self.out = bytes::BytesMut::new();
         }
         Ok(())

@@ -330,6 +330,21 @@ impl AsyncRead for TlsStream {
     }
 }
 
+impl crate::session::ReadReady for TlsStream {
+    /// Ready when plaintext or unprocessed ciphertext is here, or the socket has bytes.
+    /// Records rustls queued for the peer (an alert, a key update answer) go out too:
+    /// an idle session waits only here.
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(Err(e)) = self.poll_send(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if !self.plaintext.is_empty() || self.used > 0 || self.eof {
+            return Poll::Ready(Ok(()));
+        }
+        self.tcp.poll_read_ready(cx)
+    }
+}
+
 impl AsyncWrite for TlsStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
