@@ -8,14 +8,17 @@
 //! keys and state and nothing else.
 //!
 //! The rules of the unbuffered API (`process_tls_records`) that this relies on:
-//! - records are decrypted in place in `incoming`; a record's plaintext is copied out
-//!   before the bytes it lived in are discarded (`status.discard`, applied before the next
-//!   call);
-//! - handshake and post-handshake messages (session tickets, alerts) come out as
-//!   `EncodeTlsData`; they are appended to `out`, which is sent in order ahead of any
-//!   application data encrypted later, so calling `TransmitTlsData::done` once they are
+//! - every call gets the whole unprocessed input `incoming[..used]`, also on the write
+//!   path: rustls' handshake joiner remembers how far into our buffer it has read, so
+//!   any other slice (an empty one, say) breaks it;
+//! - a state is handled completely (records read, messages encoded) and `discard`
+//!   applied before the next call;
+//! - handshake and post-handshake messages (session tickets, alerts, key update answers)
+//!   come out as `EncodeTlsData`; they are appended to `out`, which is sent in order
+//!   ahead of anything encrypted later, so calling `TransmitTlsData::done` once they are
 //!   queued (not yet sent) keeps the record order;
-//! - the write path passes an empty input, so it never consumes received records.
+//! - after an error, one more call may yield the fatal alert rustls queued; it is sent
+//!   on a best-effort basis before the error is returned.
 
 use std::io;
 use std::pin::Pin;
@@ -31,7 +34,7 @@ use tokio::net::TcpStream;
 
 /// Read size while the peer is quiet: a PINGREQ is one 24-byte record in TLS 1.3.
 const IDLE_READ: usize = 64;
-/// Read size while bytes stream in.
+/// Read size while bytes stream in (and during the handshake).
 const READ_CHUNK: usize = 4096;
 /// Largest TLS record on the wire (16 KiB of plaintext plus the most expansion
 /// TLS allows, plus its header); rustls refuses anything larger.
@@ -48,8 +51,8 @@ pub struct TlsStream {
     /// and the peer is quiet.
     incoming: Vec<u8>,
     used: usize,
-    /// The latest socket read filled the room it was given: more is likely waiting, so
-    /// buffers are kept and reads are full-sized.
+    /// The latest socket read filled a full chunk: more is likely waiting, so reads
+    /// are full-sized. Cleared (and the buffer freed) as soon as the socket runs dry.
     streaming: bool,
     /// Plaintext decrypted and not yet handed to the reader.
     plaintext: BytesMut,
@@ -62,14 +65,29 @@ pub struct TlsStream {
     closing: bool,
 }
 
+/// What a pass over rustls' state machine is for.
+#[derive(Clone, Copy)]
+enum Goal<'d> {
+    /// Decrypt what arrived (and answer what rustls must answer).
+    Read,
+    /// Encrypt this application data.
+    Write(&'d [u8]),
+    /// Queue our close_notify.
+    Close,
+}
+
 /// What one call of `process_tls_records` led to.
 enum Step {
     /// Something changed (plaintext, queued records): look again.
     Progress,
     /// Nothing more can happen without more bytes from the peer.
     NeedBytes,
-    /// The peer is done: end of stream.
-    Eof,
+    /// The write or close goal was queued in `out`.
+    Done,
+    /// The peer sent close_notify: no more data from it (we may still write).
+    PeerClosed,
+    /// Closed both ways.
+    Closed,
 }
 
 /// Completes the TLS handshake on `tcp` (the caller bounds it in time).
@@ -80,7 +98,7 @@ pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Tls
         conn,
         incoming: Vec::new(),
         used: 0,
-        streaming: true,
+        streaming: false,
         plaintext: BytesMut::new(),
         out: Vec::new(),
         sent: 0,
@@ -99,9 +117,9 @@ impl TlsStream {
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            match self.process()? {
-                Step::Progress => {}
-                Step::Eof => {
+            match self.process_or_alert(cx, Goal::Read)? {
+                Step::Progress | Step::Done => {}
+                Step::PeerClosed | Step::Closed => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "peer closed during the TLS handshake",
@@ -123,11 +141,28 @@ impl TlsStream {
         }
     }
 
+    /// [`Self::process`], and on an error a last try to send the alert rustls queued.
+    fn process_or_alert(&mut self, cx: &mut Context<'_>, goal: Goal<'_>) -> io::Result<Step> {
+        let result = self.process(goal);
+        if result.is_err() {
+            let _ = self.poll_send(cx);
+        }
+        result
+    }
+
     /// Runs rustls over the received bytes once and acts on the state it reaches.
-    fn process(&mut self) -> io::Result<Step> {
+    fn process(&mut self, goal: Goal<'_>) -> io::Result<Step> {
         let UnbufferedStatus { mut discard, state } =
             self.conn.process_tls_records(&mut self.incoming[..self.used]);
-        let step = match state.map_err(invalid)? {
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                self.discard(discard);
+                self.queue_alert();
+                return Err(invalid(e));
+            }
+        };
+        let step = match state {
             ConnectionState::ReadTraffic(mut records) => {
                 while let Some(record) = records.next_record() {
                     let record = record.map_err(invalid)?;
@@ -137,17 +172,12 @@ impl TlsStream {
                 Step::Progress
             }
             ConnectionState::EncodeTlsData(mut encode) => {
-                let start = self.out.len();
-                self.out.resize(start + 512, 0);
-                let written = match encode.encode(&mut self.out[start..]) {
-                    Ok(n) => n,
-                    Err(EncodeError::InsufficientSize(size)) => {
-                        self.out.resize(start + size.required_size, 0);
-                        encode.encode(&mut self.out[start..]).map_err(io::Error::other)?
-                    }
-                    Err(e) => return Err(io::Error::other(e)),
-                };
-                self.out.truncate(start + written);
+                append(&mut self.out, 512, |buf| {
+                    encode.encode(buf).map_err(|e| match e {
+                        EncodeError::InsufficientSize(s) => Ok(s.required_size),
+                        e => Err(io::Error::other(e)),
+                    })
+                })?;
                 Step::Progress
             }
             // Queued in `out` above, ahead of anything written later.
@@ -155,16 +185,37 @@ impl TlsStream {
                 transmit.done();
                 Step::Progress
             }
-            ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => Step::NeedBytes,
-            ConnectionState::PeerClosed | ConnectionState::Closed => Step::Eof,
+            ConnectionState::WriteTraffic(mut w) => match goal {
+                Goal::Read => Step::NeedBytes,
+                Goal::Write(data) => {
+                    // Room for the records' headers and tags; rustls says if it needs more.
+                    let guess = data.len() + (data.len() / 16384 + 1) * 64;
+                    append(&mut self.out, guess, |buf| {
+                        w.encrypt(data, buf).map_err(|e| match e {
+                            EncryptError::InsufficientSize(s) => Ok(s.required_size),
+                            e => Err(io::Error::other(e)),
+                        })
+                    })?;
+                    Step::Done
+                }
+                Goal::Close => {
+                    append(&mut self.out, 64, |buf| {
+                        w.queue_close_notify(buf).map_err(|e| match e {
+                            EncryptError::InsufficientSize(s) => Ok(s.required_size),
+                            e => Err(io::Error::other(e)),
+                        })
+                    })?;
+                    Step::Done
+                }
+            },
+            ConnectionState::BlockedHandshake => Step::NeedBytes,
+            ConnectionState::PeerClosed => Step::PeerClosed,
+            ConnectionState::Closed => Step::Closed,
             // Early data is never enabled (`max_early_data_size` is 0), and later states
             // are not known to this code: refuse rather than guess.
             _ => return Err(invalid("unexpected TLS connection state")),
         };
-        if discard > 0 {
-            self.incoming.copy_within(discard..self.used, 0);
-            self.used -= discard;
-        }
+        self.discard(discard);
         if self.used == 0 && !self.streaming && !self.incoming.is_empty() {
             // Quiet peer, nothing pending: no buffer while idle.
             self.incoming = Vec::new();
@@ -172,15 +223,45 @@ impl TlsStream {
         Ok(step)
     }
 
+    fn discard(&mut self, discard: usize) {
+        if discard > 0 {
+            let discard = discard.min(self.used);
+            self.incoming.copy_within(discard..self.used, 0);
+            self.used -= discard;
+        }
+    }
+
+    /// After an error: rustls may have queued a fatal alert, which one more call hands
+    /// out (exactly one: a second would deframe the bad input again).
+    fn queue_alert(&mut self) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming[..self.used]);
+        if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
+            let _ = append(&mut self.out, 64, |buf| {
+                encode.encode(buf).map_err(|e| match e {
+                    EncodeError::InsufficientSize(s) => Ok(s.required_size),
+                    e => Err(io::Error::other(e)),
+                })
+            });
+        }
+    }
+
     /// Reads more ciphertext from the socket; `Ok(0)` is the peer closing it.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let want = match self.incoming.get(..self.used).and_then(record_len) {
-            // The rest of a record whose header arrived (at least a chunk while streaming).
-            Some(len) if len > self.used => {
-                (len - self.used).max(if self.streaming { READ_CHUNK } else { 0 })
+        let want = if self.conn.is_handshaking() || self.streaming {
+            // While handshaking, rustls may hold a joined message at the front of the
+            // buffer, so no record header can be read there: read whole chunks.
+            match self.incoming.get(..self.used).and_then(record_len) {
+                Some(len) if len > self.used && !self.conn.is_handshaking() => {
+                    (len - self.used).max(READ_CHUNK)
+                }
+                _ => READ_CHUNK,
             }
-            _ if self.streaming => READ_CHUNK,
-            _ => IDLE_READ,
+        } else {
+            match self.incoming.get(..self.used).and_then(record_len) {
+                // The rest of a record whose header arrived.
+                Some(len) if len > self.used => len - self.used,
+                _ => IDLE_READ,
+            }
         };
         if self.used + want > MAX_BUFFERED {
             return Poll::Ready(Err(invalid("TLS message larger than this server accepts")));
@@ -189,7 +270,14 @@ impl TlsStream {
             self.incoming.resize(self.used + want, 0);
         }
         let mut buf = ReadBuf::new(&mut self.incoming[self.used..]);
-        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut buf))?;
+        if Pin::new(&mut self.tcp).poll_read(cx, &mut buf)?.is_pending() {
+            if self.used == 0 {
+                // The socket ran dry: the peer went quiet, keep no buffer while it is.
+                self.streaming = false;
+                self.incoming = Vec::new();
+            }
+            return Poll::Pending;
+        }
         let n = buf.filled().len();
         // Only a full chunk counts: a read that just completes a record is not a stream.
         self.streaming = want >= READ_CHUNK && n == want;
@@ -214,70 +302,53 @@ impl TlsStream {
         Poll::Ready(Ok(()))
     }
 
-    /// Encrypts `data` into `out`.
-    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Drives rustls until `goal` (a write or our close_notify) is queued in `out`.
+    /// Records that arrived meanwhile are decrypted into `plaintext` for the next read.
+    fn queue(&mut self, cx: &mut Context<'_>, goal: Goal<'_>) -> io::Result<()> {
         loop {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state.map_err(invalid)? {
-                ConnectionState::WriteTraffic(mut w) => {
-                    let start = self.out.len();
-                    // Room for the records' headers and tags; rustls says when it needs more.
-                    let guess = data.len() + (data.len() / 16384 + 1) * 64;
-                    self.out.resize(start + guess, 0);
-                    let written = match w.encrypt(data, &mut self.out[start..]) {
-                        Ok(n) => n,
-                        Err(EncryptError::InsufficientSize(size)) => {
-                            self.out.resize(start + size.required_size, 0);
-                            w.encrypt(data, &mut self.out[start..])
-                                .map_err(io::Error::other)?
-                        }
-                        Err(e) => return Err(io::Error::other(e)),
-                    };
-                    self.out.truncate(start + written);
-                    return Ok(());
-                }
-                ConnectionState::EncodeTlsData(mut encode) => {
-                    let start = self.out.len();
-                    self.out.resize(start + 512, 0);
-                    let written = match encode.encode(&mut self.out[start..]) {
-                        Ok(n) => n,
-                        Err(EncodeError::InsufficientSize(size)) => {
-                            self.out.resize(start + size.required_size, 0);
-                            encode.encode(&mut self.out[start..]).map_err(io::Error::other)?
-                        }
-                        Err(e) => return Err(io::Error::other(e)),
-                    };
-                    self.out.truncate(start + written);
-                }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                // Records rustls holds already decrypted (none, as `process` drains them).
-                ConnectionState::ReadTraffic(mut records) => {
-                    while let Some(record) = records.next_record() {
-                        self.plaintext.extend_from_slice(record.map_err(invalid)?.payload);
-                    }
-                }
-                ConnectionState::PeerClosed => self.eof = true,
-                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
-                _ => return Err(invalid("TLS connection cannot send application data now")),
+            match self.process_or_alert(cx, goal)? {
+                Step::Done => return Ok(()),
+                Step::Progress => {}
+                Step::PeerClosed => self.eof = true,
+                Step::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
+                Step::NeedBytes => return Err(invalid("TLS connection cannot send application data now")),
             }
         }
     }
+}
 
-    /// Queues our close_notify (once).
-    fn queue_close(&mut self) -> io::Result<()> {
-        if self.closing {
-            return Ok(());
+/// Appends what `f` writes to `out`, giving it `guess` bytes of room first and, when it
+/// answers `Err(Ok(required))`, exactly that much.
+fn append(
+    out: &mut Vec<u8>,
+    guess: usize,
+    mut f: impl FnMut(&mut [u8]) -> Result<usize, Result<usize, io::Error>>,
+) -> io::Result<()> {
+    let start = out.len();
+    out.resize(start + guess, 0);
+    let written = match f(&mut out[start..]) {
+        Ok(n) => n,
+        Err(Ok(required)) => {
+            out.resize(start + required, 0);
+            match f(&mut out[start..]) {
+                Ok(n) => n,
+                Err(Ok(_)) => {
+                    out.truncate(start);
+                    return Err(io::Error::other("TLS output larger than rustls asked for"));
+                }
+                Err(Err(e)) => {
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
         }
-        self.closing = true;
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-        if let Ok(ConnectionState::WriteTraffic(mut w)) = state {
-            let start = self.out.len();
-            self.out.resize(start + 64, 0);
-            let written = w.queue_close_notify(&mut self.out[start..]).unwrap_or(0);
-            self.out.truncate(start + written);
+        Err(Err(e)) => {
+            out.truncate(start);
+            return Err(e);
         }
-        Ok(())
-    }
+    };
+    out.truncate(start + written);
+    Ok(())
 }
 
 fn invalid<E: std::fmt::Display>(e: E) -> io::Error {
@@ -315,9 +386,9 @@ impl AsyncRead for TlsStream {
             if let Poll::Ready(Err(e)) = this.poll_send(cx) {
                 return Poll::Ready(Err(e));
             }
-            match this.process()? {
-                Step::Progress => {}
-                Step::Eof => this.eof = true,
+            match this.process_or_alert(cx, Goal::Read)? {
+                Step::Progress | Step::Done => {}
+                Step::PeerClosed | Step::Closed => this.eof = true,
                 Step::NeedBytes => {
                     if ready!(this.poll_fill(cx))? == 0 {
                         // The socket closed without close_notify: end of stream for MQTT,
@@ -354,7 +425,7 @@ impl AsyncWrite for TlsStream {
             return Poll::Ready(Ok(0));
         }
         let n = data.len().min(64 * 1024);
-        this.encrypt(&data[..n])?;
+        this.queue(cx, Goal::Write(&data[..n]))?;
         // Start sending now; what the socket does not take goes with the next write or flush.
         if let Poll::Ready(Err(e)) = this.poll_send(cx) {
             return Poll::Ready(Err(e));
@@ -370,7 +441,11 @@ impl AsyncWrite for TlsStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        this.queue_close()?;
+        if !this.closing {
+            this.closing = true;
+            // Best effort: a connection in a state that cannot say goodbye just closes.
+            let _ = this.queue(cx, Goal::Close);
+        }
         ready!(this.poll_send(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
     }
@@ -546,5 +621,108 @@ mod tests {
             .unwrap();
         let err = accepting.await.unwrap().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    /// A vehicle that sent one large message and went quiet holds no receive buffer:
+    /// the buffer goes as soon as the socket runs dry, however the last read ended.
+    #[tokio::test]
+    async fn quiet_after_a_large_record_keeps_no_buffer() {
+        let Pair {
+            mut server,
+            mut client,
+        } = pair(&[&rustls::version::TLS13]).await;
+        let big = vec![9u8; 10_000];
+        client.write_all(&big).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = vec![0u8; big.len()];
+        server.read_exact(&mut got).await.unwrap();
+        // The session then waits for more: one read that finds nothing.
+        let mut more = [0u8; 16];
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(200), server.read(&mut more)).await;
+        assert!(waited.is_err(), "no more bytes were sent");
+        assert_eq!(
+            server.incoming.capacity(),
+            0,
+            "receive buffer kept after a large record"
+        );
+    }
+
+    /// A client the server refuses (here: TLS 1.2 only against a TLS 1.3 server) is told
+    /// why with an alert, not a bare close.
+    #[tokio::test]
+    async fn a_refused_handshake_sends_an_alert() {
+        let (server_cfg, _) = configs(&[&rustls::version::TLS13]);
+        let (_, client_cfg) = configs(&[&rustls::version::TLS12]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, server_cfg).await.map(|_| ())
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = tokio_rustls::TlsConnector::from(client_cfg)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("fatal alert"), "client saw: {err}");
+        assert!(accepting.await.unwrap().is_err());
+    }
+
+    /// A handshake message split across records after the handshake (here the first
+    /// two bytes of a KeyUpdate, then silence) leaves rustls holding part of our
+    /// buffer; a write must still work (it once panicked: the write path gave rustls an
+    /// empty buffer instead of the one it was reading from).
+    #[tokio::test]
+    async fn a_write_after_a_partial_post_handshake_message_works() {
+        use rustls::crypto::cipher::{OutboundChunks, OutboundPlainMessage};
+        use rustls::{ConnectionTrafficSecrets, ContentType, ProtocolVersion};
+
+        let (server_cfg, client_cfg) = configs(&[&rustls::version::TLS13]);
+        let mut client_cfg = (*client_cfg).clone();
+        client_cfg.enable_secret_extraction = true;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepting = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            accept(tcp, server_cfg).await.unwrap()
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let client = tokio_rustls::TlsConnector::from(Arc::new(client_cfg))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut server = accepting.await.unwrap();
+        let (mut tcp, conn) = client.into_inner();
+        let suite = conn.negotiated_cipher_suite().unwrap();
+        let (seq, secrets) = conn.dangerous_extract_secrets().unwrap().tx;
+        let (key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (key, iv),
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (key, iv),
+            _ => panic!("unexpected suite secrets"),
+        };
+        let rustls::SupportedCipherSuite::Tls13(suite) = suite else {
+            panic!("TLS 1.3 expected")
+        };
+        let mut encrypter = suite.aead_alg.encrypter(key, iv);
+        let partial = [0x18u8, 0x00]; // KeyUpdate type and the first length byte
+        let record = encrypter
+            .encrypt(
+                OutboundPlainMessage {
+                    typ: ContentType::Handshake,
+                    version: ProtocolVersion::TLSv1_2,
+                    payload: OutboundChunks::Single(&partial),
+                },
+                seq,
+            )
+            .unwrap()
+            .encode();
+        tcp.write_all(&record).await.unwrap();
+        let mut buf = [0u8; 16];
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(300), server.read(&mut buf)).await;
+        assert!(waited.is_err(), "nothing readable was sent");
+        server.write_all(&[0xD0, 0x00]).await.unwrap();
+        server.flush().await.unwrap();
     }
 }
