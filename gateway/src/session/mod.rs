@@ -365,7 +365,7 @@ where
     shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
     info!(client_id = %client_id, %peer, conn, version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
         session_present = attached.present, session_expiry = expiry, "connected");
-    let stored_bytes = cell.lock().subscriptions.keys().map(String::len).sum();
+    let stored_bytes = cell.lock().subscriptions.keys().map(str::len).sum();
     let s = Box::new(Session {
         stream,
         shared: shared.clone(),

@@ -80,7 +80,7 @@ pub struct SessionState {
     pub expiry_secs: u32,
     pub disconnected_at_ms: Option<u64>,
     /// Raw filter (`$share/...` included) → options.
-    pub subscriptions: BTreeMap<String, SubOptions>,
+    pub subscriptions: Subscriptions,
     /// Inbound QoS 2 packet ids received and not yet released (PUBREL), with what their
     /// PUBREC waits for (a re-sent duplicate is answered behind the same watermarks).
     pub inbound_qos2: BTreeMap<u16, Qos2In>,
@@ -94,6 +94,67 @@ pub struct SessionState {
     /// Set once the session is discarded (clean start, expiry): a cell still referenced
     /// by a connection or the router is then dead and takes nothing.
     pub gone: bool,
+}
+
+/// A session's subscriptions: raw filter (`$share/...` included) → options, sorted by
+/// filter. A sorted vector, not a map: a vehicle has one or a few (bounded by
+/// `mqtt.max_subscriptions`), and a B-tree's first node alone is about 400 bytes, which a
+/// million vehicles would each pay.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Subscriptions(Vec<(Box<str>, SubOptions)>);
+
+impl Subscriptions {
+    fn find(&self, filter: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(f, _)| (**f).cmp(filter))
+    }
+
+    /// Adds or replaces; the options replaced, if any.
+    pub fn insert(&mut self, filter: String, opts: SubOptions) -> Option<SubOptions> {
+        match self.find(&filter) {
+            Ok(i) => self.0.get_mut(i).map(|(_, o)| std::mem::replace(o, opts)),
+            Err(i) => {
+                self.0.insert(i, (filter.into_boxed_str(), opts));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, filter: &str) -> Option<SubOptions> {
+        let i = self.find(filter).ok()?;
+        let (_, opts) = self.0.remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(opts)
+    }
+
+    pub fn contains_key(&self, filter: &str) -> bool {
+        self.find(filter).is_ok()
+    }
+
+    pub fn get(&self, filter: &str) -> Option<&SubOptions> {
+        self.find(filter).ok().and_then(|i| self.0.get(i)).map(|(_, o)| o)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(f, _)| &**f)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SubOptions)> {
+        self.0.iter().map(|(f, o)| (&**f, o))
+    }
+
+    pub fn into_keys(self) -> impl Iterator<Item = String> {
+        self.0.into_iter().map(|(f, _)| f.into_string())
+    }
 }
 
 impl SessionState {
@@ -122,7 +183,11 @@ impl SessionState {
         SessionRecord {
             expiry_secs: self.expiry_secs,
             disconnected_at_ms: self.disconnected_at_ms,
-            subscriptions: self.subscriptions.iter().map(|(f, o)| (f.clone(), *o)).collect(),
+            subscriptions: self
+                .subscriptions
+                .iter()
+                .map(|(f, o)| (f.to_owned(), *o))
+                .collect(),
             inbound_qos2: self.inbound_qos2.iter().map(|(p, q)| (*p, q.seq)).collect(),
             protocol: self.protocol,
         }
@@ -732,6 +797,38 @@ pub fn store_failed(metrics: &Metrics, client_id: &str, e: &dyn std::fmt::Displa
 mod tests {
     use super::*;
     use crate::message::MessageProperties;
+
+    #[test]
+    fn subscriptions_keep_one_entry_per_filter_in_order() {
+        let opts = |qos| SubOptions {
+            qos,
+            no_local: false,
+            retain_as_published: false,
+            retain_handling: 0,
+            id: None,
+        };
+        let mut subs = Subscriptions::default();
+        assert_eq!(subs.insert("b/#".into(), opts(1)), None);
+        assert_eq!(subs.insert("a/+".into(), opts(0)), None);
+        assert_eq!(subs.insert("$share/g/c".into(), opts(2)), None);
+        assert_eq!(subs.insert("b/#".into(), opts(2)), Some(opts(1)));
+        assert_eq!(subs.len(), 3);
+        assert_eq!(subs.keys().collect::<Vec<_>>(), vec!["$share/g/c", "a/+", "b/#"]);
+        assert_eq!(subs.get("b/#"), Some(&opts(2)));
+        assert!(subs.contains_key("a/+") && !subs.contains_key("a"));
+        assert_eq!(subs.remove("a/+"), Some(opts(0)));
+        assert_eq!(subs.remove("a/+"), None);
+        let record: Vec<(String, SubOptions)> = subs.iter().map(|(f, o)| (f.to_owned(), *o)).collect();
+        assert_eq!(record.len(), 2);
+        assert_eq!(
+            subs.clone().into_keys().collect::<Vec<_>>(),
+            vec!["$share/g/c", "b/#"]
+        );
+        subs.remove("b/#");
+        subs.remove("$share/g/c");
+        assert!(subs.is_empty());
+        assert_eq!(subs.0.capacity(), 0, "an emptied list keeps no allocation");
+    }
 
     fn msg(topic: &str, qos: u8, payload: &'static [u8]) -> Arc<Message> {
         Arc::new(Message {
