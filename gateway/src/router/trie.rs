@@ -26,15 +26,26 @@
 //! * Cost: a route visits each trie node at most once and only nodes on paths that can
 //!   match (a literal level follows one child, `+` and `#` one each); subscribers are
 //!   stored in their filter's node keyed by `K`, so a filter with many subscribers is
-//!   one hash map walk, and merging is only done when several filters matched.
+//!   one map walk, and merging is only done when several filters matched. A node's
+//!   children and its direct subscribers are each a `SmallMap`: a vector searched
+//!   linearly while it holds at most `SMALL` (8) entries, a hash map above, so a lookup,
+//!   subscribe or unsubscribe costs O(1) (amortised) however many children or
+//!   subscribers one node has (a `vehicles` level with a million vehicle ids under it,
+//!   a broadcast topic with a million subscribers).
 //! * Memory: unsubscribing frees every node left without subscriptions or children; when
 //!   the last subscription goes, the trie is back to its initial, empty allocation.
 //!   Nodes live in an arena (indices, not boxes), so neither a very deep filter nor
-//!   dropping the trie recurses.
+//!   dropping the trie recurses. The common node (one child, or one subscriber, no
+//!   shared group) is what the layout is for: a million `vehicles/<id>/commands/#`
+//!   subscriptions are three million nodes. A subscription node is 56 bytes (144 with a
+//!   hash map for the children and two for the subscribers); a one-entry map is a one-entry vector; a node
+//!   without shared groups pays one null pointer for them; the arena grows by fixed
+//!   chunks, so it never holds more than one chunk unused nor copies itself to grow.
 //!
 //! The order of the targets `route` returns is unspecified.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{hash_map, HashMap};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -129,12 +140,13 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
         let replaced = match kind {
             FilterKind::Plain(_) => subs.direct.insert(key, opts).is_some(),
             FilterKind::Shared { group, .. } => {
-                if let Some(g) = subs.shared.get_mut(group) {
+                let shared = subs.shared.get_or_insert_with(Box::default);
+                if let Some(g) = shared.get_mut(group) {
                     g.insert(key, opts)
                 } else {
                     let mut g = Group::default();
                     g.insert(key, opts);
-                    subs.shared.insert(group.into(), g);
+                    shared.insert(group.into(), g);
                     false
                 }
             }
@@ -164,16 +176,25 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
         let subs = &mut self.tree.node_mut(at).payload;
         let removed = match kind {
             FilterKind::Plain(_) => subs.direct.remove(key).is_some(),
-            FilterKind::Shared { group, .. } => match subs.shared.get_mut(group) {
-                Some(g) => {
-                    let removed = g.remove(key);
-                    if g.members.is_empty() {
-                        subs.shared.remove(group);
+            FilterKind::Shared { group, .. } => {
+                let Some(shared) = subs.shared.as_deref_mut() else {
+                    return false;
+                };
+                let removed = match shared.get_mut(group) {
+                    Some(g) => {
+                        let removed = g.remove(key);
+                        if g.members.is_empty() {
+                            shared.remove(group);
+                        }
+                        removed
                     }
-                    removed
+                    None => false,
+                };
+                if shared.is_empty() {
+                    subs.shared = None;
                 }
-                None => false,
-            },
+                removed
+            }
         };
         if removed {
             self.len -= 1;
@@ -256,7 +277,7 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
             }
         }
         for &n in &matched {
-            for group in self.tree.node(n).payload.shared.values() {
+            for group in self.tree.node(n).payload.shared.iter().flat_map(|s| s.values()) {
                 if let Some((key, opts)) = group.pick(&online) {
                     out.push(target(key, opts, true));
                 }
@@ -289,23 +310,27 @@ fn merge<K>(t: &mut Target<K>, opts: &SubOptions) {
 /// The subscriptions whose filter ends at one node.
 #[derive(Debug)]
 struct Subs<K> {
-    direct: HashMap<K, SubOptions>,
-    /// By share name: the groups whose inner filter ends here.
-    shared: HashMap<Box<str>, Group<K>>,
+    direct: SmallMap<K, SubOptions>,
+    /// By share name: the groups whose inner filter ends here. Boxed and `None` when there
+    /// are none (never `Some` of an empty map), because most nodes have none and should
+    /// pay a pointer for them, not an empty hash map.
+    // The box is the point: 8 bytes here instead of 48.
+    #[allow(clippy::box_collection)]
+    shared: Option<Box<HashMap<Box<str>, Group<K>>>>,
 }
 
 impl<K> Default for Subs<K> {
     fn default() -> Self {
         Subs {
-            direct: HashMap::new(),
-            shared: HashMap::new(),
+            direct: SmallMap::default(),
+            shared: None,
         }
     }
 }
 
 impl<K> Payload for Subs<K> {
     fn is_empty(&self) -> bool {
-        self.direct.is_empty() && self.shared.is_empty()
+        self.direct.is_empty() && self.shared.is_none()
     }
 }
 
@@ -383,61 +408,235 @@ pub(super) trait Payload: Default {
 
 #[derive(Debug)]
 pub(super) struct Node<P> {
-    pub(super) children: HashMap<Box<str>, usize>,
+    pub(super) children: SmallMap<Box<str>, usize>,
     pub(super) payload: P,
 }
 
 impl<P: Default> Default for Node<P> {
     fn default() -> Self {
         Node {
-            children: HashMap::new(),
+            children: SmallMap::default(),
             payload: P::default(),
         }
     }
 }
 
+/// Most entries a [`SmallMap`] keeps in a vector; one more makes it a hash map. Up to
+/// here a linear search over short keys is as fast as hashing the key once.
+const SMALL: usize = 8;
+
+/// A hash map that shrinks to this many entries goes back to a vector. Lower than
+/// [`SMALL`] so that a map going back and forth across the threshold does not convert
+/// on every operation: between two conversions there are at least `SMALL / 2` inserts
+/// or removes, so each operation stays O(1) amortised.
+const BACK_TO_SMALL: usize = SMALL / 2;
+
+/// A map for the sizes trie nodes have: nearly always zero or one entry, now and then a
+/// few, once in a while a million (children of a `vehicles` level, subscribers of a
+/// broadcast topic). Small, it is a vector of exactly the length it needs rounded up to a
+/// power of two (no four-entry minimum, no hash table buckets and control bytes); large,
+/// a boxed hash map (a pointer while small maps are the norm). 24 bytes either way.
+#[derive(Debug)]
+pub(super) enum SmallMap<K, V> {
+    /// At most [`SMALL`] entries, unique keys, in no particular order.
+    Small(Vec<(K, V)>),
+    /// More than [`BACK_TO_SMALL`] entries.
+    // Boxed so the enum is the vector's 24 bytes, not the hash map's 48.
+    #[allow(clippy::box_collection)]
+    Large(Box<HashMap<K, V>>),
+}
+
+impl<K, V> Default for SmallMap<K, V> {
+    fn default() -> Self {
+        SmallMap::Small(Vec::new())
+    }
+}
+
+impl<K: Eq + Hash, V> SmallMap<K, V> {
+    pub(super) fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
+        match self {
+            SmallMap::Small(v) => v.iter().find(|(k, _)| k.borrow() == key).map(|(_, x)| x),
+            SmallMap::Large(m) => m.get(key),
+        }
+    }
+
+    /// Adds or replaces, returning the replaced value.
+    pub(super) fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let v = match self {
+            SmallMap::Large(m) => return m.insert(key, value),
+            SmallMap::Small(v) => v,
+        };
+        if let Some((_, x)) = v.iter_mut().find(|(k, _)| *k == key) {
+            return Some(std::mem::replace(x, value));
+        }
+        if v.len() < SMALL {
+            if v.len() == v.capacity() {
+                // 1, 2, 4, 8: `push` would start at 4 entries.
+                v.reserve_exact(v.len().max(1));
+            }
+            v.push((key, value));
+        } else {
+            let mut m = HashMap::with_capacity(2 * SMALL);
+            m.extend(v.drain(..));
+            m.insert(key, value);
+            *self = SmallMap::Large(Box::new(m));
+        }
+        None
+    }
+
+    /// Removes `key`'s entry. Gives memory back as the map empties: a vector at a quarter
+    /// of its capacity halves, a hash map at a quarter of its capacity is rehashed to half,
+    /// and one down to [`BACK_TO_SMALL`] entries becomes a vector. Each of these moves
+    /// O(n) entries only after Ω(n) operations since the last resize, so removal stays
+    /// O(1) amortised, as growing a hash map is.
+    pub(super) fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Eq + Hash + ?Sized,
+    {
+        match self {
+            SmallMap::Small(v) => {
+                let i = v.iter().position(|(k, _)| k.borrow() == key)?;
+                let (_, x) = v.swap_remove(i);
+                if v.len() <= v.capacity() / 4 {
+                    v.shrink_to(2 * v.len());
+                }
+                Some(x)
+            }
+            SmallMap::Large(m) => {
+                let x = m.remove(key)?;
+                if m.len() <= BACK_TO_SMALL {
+                    let v: Vec<(K, V)> = m.drain().collect();
+                    *self = SmallMap::Small(v);
+                } else if m.len() <= m.capacity() / 4 {
+                    m.shrink_to(2 * m.len());
+                }
+                Some(x)
+            }
+        }
+    }
+}
+
+impl<K, V> SmallMap<K, V> {
+    pub(super) fn len(&self) -> usize {
+        match self {
+            SmallMap::Small(v) => v.len(),
+            SmallMap::Large(m) => m.len(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(super) fn iter(&self) -> Iter<'_, K, V> {
+        match self {
+            SmallMap::Small(v) => Iter::Small(v.iter()),
+            SmallMap::Large(m) => Iter::Large(m.iter()),
+        }
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, x)| x)
+    }
+}
+
+impl<'a, K, V> IntoIterator for &'a SmallMap<K, V> {
+    type Item = (&'a K, &'a V);
+    type IntoIter = Iter<'a, K, V>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// The entries of a [`SmallMap`], in no particular order.
+pub(super) enum Iter<'a, K, V> {
+    Small(std::slice::Iter<'a, (K, V)>),
+    Large(hash_map::Iter<'a, K, V>),
+}
+
+impl<'a, K, V> Iterator for Iter<'a, K, V> {
+    type Item = (&'a K, &'a V);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Iter::Small(it) => it.next().map(|(k, x)| (k, x)),
+            Iter::Large(it) => it.next(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        match self {
+            Iter::Small(it) => it.size_hint(),
+            Iter::Large(it) => it.size_hint(),
+        }
+    }
+}
+
+/// log2 of the nodes per arena chunk.
+const CHUNK_BITS: u32 = 10;
+/// Nodes per arena chunk (a power of two: the first chunk, grown by doubling from one
+/// node, reaches it exactly).
+const CHUNK: usize = 1 << CHUNK_BITS;
+
 /// Node `ROOT` always exists; freed nodes are reset to empty and reused.
 #[derive(Debug)]
 pub(super) struct Tree<P> {
-    nodes: Vec<Node<P>>,
+    /// The arena, in chunks of [`CHUNK`] nodes, all full but the last; node `i` is
+    /// `chunks[i / CHUNK][i % CHUNK]`. One vector of three million nodes growing by
+    /// doubling would hold up to half of itself unused and copy itself at each growth
+    /// (old and new buffer alive at once); chunks leave at most one chunk unused and never
+    /// move a node. The first chunk grows like a vector, so a small tree stays small.
+    chunks: Vec<Vec<Node<P>>>,
     free: Vec<usize>,
 }
 
 impl<P: Payload> Tree<P> {
     pub(super) fn new() -> Self {
         Tree {
-            nodes: vec![Node::default()],
+            chunks: vec![vec![Node::default()]],
             free: Vec::new(),
         }
     }
 
     /// Indices come only from this tree (children maps, paths), so they are in range.
     pub(super) fn node(&self, at: usize) -> &Node<P> {
-        &self.nodes[at]
+        &self.chunks[at >> CHUNK_BITS][at & (CHUNK - 1)]
     }
 
     pub(super) fn node_mut(&mut self, at: usize) -> &mut Node<P> {
-        &mut self.nodes[at]
+        &mut self.chunks[at >> CHUNK_BITS][at & (CHUNK - 1)]
     }
 
     /// All nodes, free ones included (their payload is empty).
     pub(super) fn nodes(&self) -> impl Iterator<Item = &Node<P>> {
-        self.nodes.iter()
+        self.chunks.iter().flatten()
     }
 
     pub(super) fn node_count(&self) -> usize {
-        self.nodes.len() - 1 - self.free.len()
+        self.slots() - 1 - self.free.len()
+    }
+
+    /// Nodes in the arena, free ones included.
+    fn slots(&self) -> usize {
+        let full = (self.chunks.len() - 1) * CHUNK;
+        full + self.chunks.last().map_or(0, Vec::len)
     }
 
     /// The node at the end of `levels`, created as needed.
     pub(super) fn insert_path<'a>(&mut self, levels: impl Iterator<Item = &'a str>) -> usize {
         let mut at = ROOT;
         for level in levels {
-            at = match self.nodes[at].children.get(level) {
+            at = match self.node(at).children.get(level) {
                 Some(&c) => c,
                 None => {
                     let c = self.alloc();
-                    self.nodes[at].children.insert(level.into(), c);
+                    self.node_mut(at).children.insert(level.into(), c);
                     c
                 }
             };
@@ -452,7 +651,7 @@ impl<P: Payload> Tree<P> {
         let mut at = ROOT;
         path.push(at);
         for level in levels {
-            at = *self.nodes[at].children.get(*level)?;
+            at = *self.node(at).children.get(*level)?;
             path.push(at);
         }
         Some(path)
@@ -461,7 +660,7 @@ impl<P: Payload> Tree<P> {
     pub(super) fn find<'a>(&self, levels: impl Iterator<Item = &'a str>) -> Option<usize> {
         let mut at = ROOT;
         for level in levels {
-            at = *self.nodes[at].children.get(level)?;
+            at = *self.node(at).children.get(level)?;
         }
         Some(at)
     }
@@ -471,28 +670,34 @@ impl<P: Payload> Tree<P> {
     pub(super) fn prune(&mut self, path: &[usize], levels: &[&str]) {
         for i in (1..path.len()).rev() {
             let at = path[i];
-            let node = &self.nodes[at];
+            let node = self.node(at);
             if !node.children.is_empty() || !node.payload.is_empty() {
                 break;
             }
-            self.nodes[path[i - 1]].children.remove(levels[i - 1]);
-            self.nodes[at] = Node::default();
+            self.node_mut(path[i - 1]).children.remove(levels[i - 1]);
+            *self.node_mut(at) = Node::default();
             self.free.push(at);
         }
-        let root = &self.nodes[ROOT];
+        let root = self.node(ROOT);
         if root.children.is_empty() && root.payload.is_empty() {
             *self = Tree::new();
         }
     }
 
     fn alloc(&mut self) -> usize {
-        match self.free.pop() {
-            Some(at) => at,
-            None => {
-                self.nodes.push(Node::default());
-                self.nodes.len() - 1
+        if let Some(at) = self.free.pop() {
+            return at;
+        }
+        let at = self.slots();
+        match self.chunks.last_mut() {
+            Some(last) if last.len() < CHUNK => last.push(Node::default()),
+            _ => {
+                let mut chunk = Vec::with_capacity(CHUNK);
+                chunk.push(Node::default());
+                self.chunks.push(chunk);
             }
         }
+        at
     }
 }
 
@@ -943,6 +1148,363 @@ mod tests {
             for topic in &topics {
                 prop_assert!(route(&trie, topic).is_empty());
             }
+        }
+    }
+
+    // --- Memory layout and the small/large threshold ---------------------------------
+
+    use std::mem::size_of;
+
+    /// Heap held, counted from capacities: what was asked of the allocator, an estimate
+    /// of what glibc malloc hands out for it, and how many allocations.
+    #[derive(Debug, Default)]
+    struct Heap {
+        bytes: usize,
+        malloc: usize,
+        allocations: usize,
+    }
+
+    impl Heap {
+        fn add(&mut self, n: usize) {
+            if n > 0 {
+                self.bytes += n;
+                // 64-bit glibc: an 8-byte header, 16-byte granules, 32 bytes at least.
+                self.malloc += ((n + 8 + 15) & !15).max(32);
+                self.allocations += 1;
+            }
+        }
+
+        /// A hash table of `capacity` (as `HashMap::capacity` reports it), laid out as
+        /// hashbrown does: power-of-two buckets filled to 7/8 (to n - 1 below 8), one
+        /// control byte per bucket plus a 16-byte group.
+        fn table(&mut self, capacity: usize, entry: usize) {
+            if capacity > 0 {
+                let buckets = if capacity < 8 {
+                    (capacity + 1).next_power_of_two()
+                } else {
+                    (capacity * 8 / 7).next_power_of_two()
+                };
+                self.add(buckets * entry + buckets + 16);
+            }
+        }
+
+        fn map<K, V>(&mut self, m: &SmallMap<K, V>) {
+            match m {
+                SmallMap::Small(v) => self.add(v.capacity() * size_of::<(K, V)>()),
+                SmallMap::Large(m) => {
+                    self.add(size_of::<HashMap<K, V>>());
+                    self.table(m.capacity(), size_of::<(K, V)>());
+                }
+            }
+        }
+    }
+
+    /// The heap a trie holds, keys' own heap (a `SessionKey`'s shared `Arc<str>`) aside.
+    fn trie_heap<K>(t: &SubscriptionTrie<K>) -> Heap {
+        let mut heap = Heap::default();
+        let tree = &t.tree;
+        heap.add(tree.chunks.capacity() * size_of::<Vec<Node<Subs<K>>>>());
+        for chunk in &tree.chunks {
+            heap.add(chunk.capacity() * size_of::<Node<Subs<K>>>());
+        }
+        heap.add(tree.free.capacity() * size_of::<usize>());
+        for node in tree.nodes() {
+            heap.map(&node.children);
+            for (name, _) in &node.children {
+                heap.add(name.len());
+            }
+            heap.map(&node.payload.direct);
+            if let Some(shared) = &node.payload.shared {
+                heap.add(size_of::<HashMap<Box<str>, Group<K>>>());
+                heap.table(shared.capacity(), size_of::<(Box<str>, Group<K>)>());
+                for (name, g) in shared.iter() {
+                    heap.add(name.len());
+                    heap.add(g.members.capacity() * size_of::<(K, SubOptions)>());
+                    heap.table(g.index.capacity(), size_of::<(K, usize)>());
+                }
+            }
+        }
+        heap
+    }
+
+    fn node_at<'a, K: Clone + Eq + Hash>(t: &'a SubscriptionTrie<K>, filter: &str) -> &'a Node<Subs<K>> {
+        let at = t.tree.find(filter.split('/')).expect("the filter's node exists");
+        t.tree.node(at)
+    }
+
+    fn is_large<K, V>(m: &SmallMap<K, V>) -> bool {
+        matches!(m, SmallMap::Large(_))
+    }
+
+    #[test]
+    fn node_layout_is_compact() {
+        use crate::router::SessionKey;
+        let node = size_of::<Node<Subs<SessionKey>>>();
+        // Before: 144 bytes, a HashMap (48) for the children and two for the payload.
+        println!("Node<Subs<SessionKey>>: {node} bytes (was 144)");
+        assert!(size_of::<SmallMap<Box<str>, usize>>() <= 24);
+        assert!(size_of::<SmallMap<SessionKey, SubOptions>>() <= 24);
+        assert!(size_of::<Option<Box<HashMap<Box<str>, Group<SessionKey>>>>>() <= 8);
+        assert!(node <= 56, "a trie node grew to {node} bytes");
+    }
+
+    #[test]
+    fn vehicle_command_subscriptions_are_compact() {
+        use crate::router::SessionKey;
+        let n = 10_000;
+        let key = |i: usize| SessionKey {
+            id: format!("vehicle-{i:06}").into(),
+            incarnation: 1,
+        };
+        let filter = |i: usize| format!("vehicles/v{i:06}/commands/#");
+        let mut t = SubscriptionTrie::<SessionKey>::new();
+        let empty = trie_heap(&t);
+        for i in 0..n {
+            assert_eq!(t.subscribe(key(i), &filter(i), SubOptions::qos(1)), Ok(false));
+        }
+        assert_eq!(t.node_count(), 3 * n + 1);
+        let heap = trie_heap(&t);
+        let per = |x: usize| x as f64 / n as f64;
+        println!(
+            "per vehicles/<id>/commands/# subscription: {:.0} bytes asked, ~{:.0} bytes from \
+             malloc, {:.2} allocations (was 940 / ~1056 / 6.00)",
+            per(heap.bytes),
+            per(heap.malloc),
+            per(heap.allocations)
+        );
+        // Expected about 320 bytes asked: three 56-byte nodes, a one-entry vector of
+        // children at `<id>` and `commands` (24 bytes each), a one-entry vector of direct
+        // subscribers at `#` (40), 16 bytes of level names, ~40 bytes in the `vehicles`
+        // hash map. HashMaps instead of vectors, or 144-byte nodes, overshoot this.
+        assert!(heap.bytes <= 360 * n, "{} bytes per subscription", heap.bytes / n);
+        // Six per subscription, plus the arena's chunks and the `vehicles` hash map.
+        assert!(
+            heap.allocations <= 6 * n + n / 100,
+            "{} allocations",
+            heap.allocations
+        );
+        // The shapes that make it so.
+        assert!(is_large(&node_at(&t, "vehicles").children));
+        let id = node_at(&t, "vehicles/v000042");
+        assert!(matches!(&id.children, SmallMap::Small(v) if v.capacity() == 1));
+        let hash = node_at(&t, "vehicles/v000042/commands/#");
+        assert!(matches!(&hash.payload.direct, SmallMap::Small(v) if v.capacity() == 1));
+        assert!(hash.payload.shared.is_none());
+        // Still routed by a hash lookup at `vehicles`, and only to its vehicle.
+        let targets = t.route("vehicles/v000042/commands/unlock", None, |_| true);
+        assert_eq!(targets.len(), 1);
+        assert_eq!(targets[0].key, key(42));
+        for i in 0..n {
+            assert!(t.unsubscribe(&key(i), &filter(i)));
+        }
+        assert_eq!(t.node_count(), 0);
+        let after = trie_heap(&t);
+        assert_eq!((after.bytes, after.allocations), (empty.bytes, empty.allocations));
+    }
+
+    #[test]
+    fn crossing_the_small_threshold_both_ways() {
+        let mut t = Trie::new();
+        let many = 3 * SMALL as u32;
+        // Direct subscribers of one filter: up past the threshold, then back down.
+        for k in 0..many {
+            t.subscribe(k, "b/x", opts(1)).expect("valid");
+            assert_eq!(keys(&route(&t, "b/x")), (0..=k).collect::<Vec<_>>());
+            let large = is_large(&node_at(&t, "b/x").payload.direct);
+            assert_eq!(large, k as usize + 1 > SMALL, "{} subscribers", k + 1);
+        }
+        for k in 0..many {
+            assert!(t.unsubscribe(&k, "b/x"));
+            assert_eq!(keys(&route(&t, "b/x")), (k + 1..many).collect::<Vec<_>>());
+            if k + 1 < many {
+                let large = is_large(&node_at(&t, "b/x").payload.direct);
+                assert_eq!(large, (many - k - 1) as usize > BACK_TO_SMALL);
+            }
+        }
+        // Children of one level, each its own subscriber, likewise; `w` is subscribed to
+        // `c/+`, which walks the `+` child next to them.
+        let w = 1_000;
+        t.subscribe(w, "c/+", opts(0)).expect("valid");
+        let only = |t: &Trie, j: u32, present: bool| {
+            let got = keys(&route(t, &format!("c/l{j}")));
+            assert_eq!(got, if present { vec![j, w] } else { vec![w] }, "c/l{j}");
+        };
+        for k in 0..many {
+            t.subscribe(k, &format!("c/l{k}"), opts(0)).expect("valid");
+            (0..many).for_each(|j| only(&t, j, j <= k));
+            // `+` is a child too.
+            assert_eq!(is_large(&node_at(&t, "c").children), k as usize + 2 > SMALL);
+        }
+        for k in (0..many).rev() {
+            assert!(t.unsubscribe(&k, &format!("c/l{k}")));
+            (0..many).for_each(|j| only(&t, j, j < k));
+            assert_eq!(
+                is_large(&node_at(&t, "c").children),
+                k as usize + 1 > BACK_TO_SMALL
+            );
+        }
+        assert!(t.unsubscribe(&w, "c/+"));
+        assert!(t.is_empty());
+        assert_eq!(t.node_count(), 0);
+    }
+
+    #[test]
+    fn retained_index_across_the_threshold() {
+        let mut r = super::super::retained::RetainedIndex::new();
+        let many = 3 * SMALL as u32;
+        let matching = |r: &super::super::retained::RetainedIndex<u32>, f: &str| {
+            let mut v = Vec::new();
+            r.matching(f, |_, &x| v.push(x));
+            v.sort_unstable();
+            v
+        };
+        for k in 0..many {
+            assert_eq!(r.insert(&format!("r/l{k}"), k), None);
+            assert_eq!(matching(&r, "r/+"), (0..=k).collect::<Vec<_>>());
+            assert_eq!(matching(&r, "r/#"), (0..=k).collect::<Vec<_>>());
+        }
+        for k in 0..many {
+            assert_eq!(r.get(&format!("r/l{k}")), Some(&k));
+            assert_eq!(r.remove(&format!("r/l{k}")), Some(k));
+            assert_eq!(matching(&r, "r/+"), (k + 1..many).collect::<Vec<_>>());
+        }
+        assert_eq!(r.node_count(), 0);
+    }
+
+    #[test]
+    fn arena_grows_by_chunks() {
+        let mut t = Trie::new();
+        let n = 3 * CHUNK as u32;
+        for k in 0..n {
+            t.subscribe(k, &format!("a{k}"), opts(0)).expect("valid");
+        }
+        assert_eq!(t.tree.chunks.len(), 4);
+        assert!(t.tree.chunks.iter().all(|c| c.capacity() == CHUNK));
+        for k in 0..n {
+            assert_eq!(keys(&route(&t, &format!("a{k}"))), vec![k]);
+        }
+        for k in 0..n {
+            assert!(t.unsubscribe(&k, &format!("a{k}")));
+        }
+        assert_eq!(t.node_count(), 0);
+        assert_eq!(t.tree.chunks.len(), 1);
+    }
+
+    #[derive(Debug, Clone)]
+    enum MapOp {
+        Insert(u8, u32),
+        Remove(u8),
+    }
+
+    /// Filters around one hot filter (many direct subscribers) and one level with many
+    /// children, so that both cross [`SMALL`] and [`BACK_TO_SMALL`].
+    fn crowded_filter() -> impl Strategy<Value = String> {
+        let name = proptest::sample::select(vec![
+            "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "", "$s",
+        ]);
+        let tail = proptest::sample::select(vec!["", "/#", "/+", "/x"]);
+        prop_oneof![
+            3 => Just("t/a".to_owned()),
+            1 => Just("t/+".to_owned()),
+            1 => Just("#".to_owned()),
+            6 => (name, tail).prop_map(|(n, t)| format!("t/{n}{t}")),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn small_map_matches_a_model(
+            ops in proptest::collection::vec(
+                prop_oneof![
+                    (0u8..24, any::<u32>()).prop_map(|(k, v)| MapOp::Insert(k, v)),
+                    (0u8..24).prop_map(MapOp::Remove),
+                ],
+                0..200,
+            ),
+        ) {
+            let mut m: SmallMap<u8, u32> = SmallMap::default();
+            let mut model: BTreeMap<u8, u32> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    MapOp::Insert(k, v) => prop_assert_eq!(m.insert(k, v), model.insert(k, v)),
+                    MapOp::Remove(k) => prop_assert_eq!(m.remove(&k), model.remove(&k)),
+                }
+                prop_assert_eq!(m.len(), model.len());
+                let all: BTreeMap<u8, u32> = m.iter().map(|(&k, &v)| (k, v)).collect();
+                prop_assert_eq!(&all, &model);
+                prop_assert_eq!(m.iter().count(), model.len());
+                for k in 0..24 {
+                    prop_assert_eq!(m.get(&k), model.get(&k));
+                }
+                match &m {
+                    SmallMap::Small(v) => {
+                        prop_assert!(v.len() <= SMALL);
+                        prop_assert!(v.capacity() <= 4 * v.len(), "{} of {}", v.len(), v.capacity());
+                    }
+                    SmallMap::Large(h) => {
+                        prop_assert!(h.len() > BACK_TO_SMALL);
+                        prop_assert!(h.capacity() < 4 * h.len() + 4);
+                    }
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn route_matches_model_across_the_threshold(
+            subs in proptest::collection::vec(
+                (0u32..20, crowded_filter(), 0u8..3, proptest::option::of(1u32..4)),
+                0..100,
+            ),
+            order in proptest::collection::vec(any::<proptest::sample::Index>(), 100),
+            publisher in proptest::option::of(0u32..20),
+        ) {
+            let topics = ["t/a", "t/b", "t/k", "t/", "t/$s", "t/a/x", "t/c/x", "t"];
+            let mut trie = Trie::new();
+            let mut model: BTreeMap<(u32, String), SubOptions> = BTreeMap::new();
+            // Every route checked after every change, on both sides of the threshold.
+            let check = |trie: &Trie, model: &BTreeMap<(u32, String), SubOptions>| {
+                for topic in topics {
+                    let got = normalise(trie.route(topic, publisher.as_ref(), |_| true));
+                    if got != model_route(model, topic, publisher) {
+                        return Err(topic);
+                    }
+                }
+                Ok(())
+            };
+            // Up: past the threshold at `t/a` (direct) and `t` (children).
+            for (k, f, qos, id) in subs {
+                let o = SubOptions {
+                    qos,
+                    no_local: k % 3 == 0,
+                    retain_as_published: k % 2 == 0,
+                    retain_handling: 0,
+                    id,
+                };
+                let replaced = trie.subscribe(k, &f, o).expect("generated filters are valid");
+                prop_assert_eq!(replaced, model.insert((k, f), o).is_some());
+                prop_assert_eq!(trie.len(), model.len());
+                prop_assert_eq!(check(&trie, &model), Ok(()));
+            }
+            // Down, in a random order, back under it and to empty.
+            for ix in order {
+                if model.is_empty() {
+                    break;
+                }
+                let victim = model.keys().nth(ix.index(model.len())).cloned();
+                let Some((k, f)) = victim else { break };
+                prop_assert!(trie.unsubscribe(&k, &f));
+                model.remove(&(k, f));
+                prop_assert_eq!(trie.len(), model.len());
+                prop_assert_eq!(check(&trie, &model), Ok(()));
+            }
+            for (k, f) in model.keys() {
+                prop_assert!(trie.unsubscribe(k, f));
+            }
+            prop_assert!(trie.is_empty());
+            prop_assert_eq!(trie.node_count(), 0);
         }
     }
 }
