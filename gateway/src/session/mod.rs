@@ -206,20 +206,29 @@ struct Session<S> {
 /// in its future for its whole life even after moving them on. Here they go straight
 /// into the boxed CONNECT phase, which is freed once the session runs, so an idle
 /// vehicle's future is the session loop alone (measured by `size_tests`).
-pub fn run<S>(
+///
+/// `guard` (the connection's permit under `mqtt.max_connections`) is held until the
+/// connection ends.
+pub fn run<S, G>(
     stream: S,
     peer: SocketAddr,
     identity: Option<CertIdentity>,
     shared: Arc<Shared>,
+    guard: G,
 ) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
+    G: Send,
 {
     let opening = Box::pin(open(stream, peer, identity, shared));
     async move {
-        if let Some((s, span)) = opening.await {
-            s.live().instrument(span).await;
-        }
+        // `let else`, not `if let`, whose scrutinee would stay stored for the session's life.
+        let Some((s, span)) = opening.await else {
+            return drop(guard);
+        };
+        s.live().instrument(span).await;
+        // Dropped here, not moved into a local first (that would store it twice).
+        drop(guard);
     }
 }
 
@@ -641,6 +650,10 @@ mod size_tests {
         size_of::<R>()
     }
 
+    fn returned5<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+        size_of::<R>()
+    }
+
     /// Every idle vehicle holds its connection's future, a boxed `Session` and a
     /// `SessionCell`: their sizes are most of the gateway's memory at a million
     /// connections. The CONNECT phase must not stay in the future (it once made a plain
@@ -652,8 +665,8 @@ mod size_tests {
         let cell = size_of::<super::state::SessionCell>();
         let state = size_of::<super::state::SessionState>();
         let out = size_of::<super::state::Outbound>();
-        let plain = returned(super::run::<Tcp>);
-        let tls = returned(super::run::<Tls>);
+        let plain = returned5(super::run::<Tcp, tokio::sync::OwnedSemaphorePermit>);
+        let tls = returned5(super::run::<Tls, tokio::sync::OwnedSemaphorePermit>);
         println!(
             "run future: plain {plain} B, TLS {tls} B; Session {session} B, \
              SessionCell {cell} B (state {state} B, outbound {out} B)"
@@ -662,5 +675,18 @@ mod size_tests {
         assert!(cell <= 384, "SessionCell grew to {cell} bytes");
         assert!(plain <= 512, "a plain connection's future grew to {plain} bytes");
         assert!(tls <= 512, "a TLS connection's future grew to {tls} bytes");
+        // The task a plain connection runs in holds that future once, not twice.
+        let task = returned(crate::server::plain_connection);
+        println!("plain connection task future {task} B");
+        let tls_task = returned5(crate::server::tls_connection);
+        println!("TLS connection task future {tls_task} B");
+        assert!(
+            tls_task <= tls + 128,
+            "a TLS connection's task future is {tls_task} bytes"
+        );
+        assert!(
+            task <= plain + 16,
+            "a plain connection's task future is {task} bytes"
+        );
     }
 }

@@ -113,6 +113,8 @@ impl Subscriptions {
         match self.find(&filter) {
             Ok(i) => self.0.get_mut(i).map(|(_, o)| std::mem::replace(o, opts)),
             Err(i) => {
+                // Exactly the room needed: `insert` would reserve four entries for one.
+                self.0.reserve_exact(1);
                 self.0.insert(i, (filter.into_boxed_str(), opts));
                 None
             }
