@@ -406,9 +406,83 @@ pub(super) trait Payload: Default {
     fn is_empty(&self) -> bool;
 }
 
+/// Longest topic level kept inline in a [`Level`].
+const INLINE_LEVEL: usize = 22;
+
+/// A topic level as a trie key: up to [`INLINE_LEVEL`] bytes inline (`commands`, `#`, a
+/// 17-character VIN), longer ones boxed. A million `vehicles/<id>/commands/#`
+/// subscriptions then allocate no string for their levels (three allocations of ~32
+/// bytes each per vehicle with a `Box<str>`). 24 bytes either way.
+#[derive(Clone)]
+pub(super) enum Level {
+    Inline { len: u8, bytes: [u8; INLINE_LEVEL] },
+    Heap(Box<str>),
+}
+
+impl Level {
+    pub(super) fn as_str(&self) -> &str {
+        match self {
+            // Built from a `&str` (below), so always UTF-8; an empty string otherwise.
+            Level::Inline { len, bytes } => {
+                std::str::from_utf8(bytes.get(..usize::from(*len)).unwrap_or_default()).unwrap_or_default()
+            }
+            Level::Heap(s) => s,
+        }
+    }
+}
+
+impl From<&str> for Level {
+    fn from(s: &str) -> Self {
+        match u8::try_from(s.len()) {
+            Ok(len) if s.len() <= INLINE_LEVEL => {
+                let mut bytes = [0u8; INLINE_LEVEL];
+                if let Some(dst) = bytes.get_mut(..s.len()) {
+                    dst.copy_from_slice(s.as_bytes());
+                }
+                Level::Inline { len, bytes }
+            }
+            _ => Level::Heap(s.into()),
+        }
+    }
+}
+
+impl std::ops::Deref for Level {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Borrow<str> for Level {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// Equality and hashing are the string's, as `Borrow<str>` requires.
+impl PartialEq for Level {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Level {}
+
+impl Hash for Level {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl std::fmt::Debug for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_str().fmt(f)
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Node<P> {
-    pub(super) children: SmallMap<Box<str>, usize>,
+    pub(super) children: SmallMap<Level, usize>,
     pub(super) payload: P,
 }
 
@@ -1211,7 +1285,9 @@ mod tests {
         for node in tree.nodes() {
             heap.map(&node.children);
             for (name, _) in &node.children {
-                heap.add(name.len());
+                if let Level::Heap(boxed) = name {
+                    heap.add(boxed.len());
+                }
             }
             heap.map(&node.payload.direct);
             if let Some(shared) = &node.payload.shared {
@@ -1267,19 +1343,20 @@ mod tests {
         let per = |x: usize| x as f64 / n as f64;
         println!(
             "per vehicles/<id>/commands/# subscription: {:.0} bytes asked, ~{:.0} bytes from \
-             malloc, {:.2} allocations (was 940 / ~1056 / 6.00)",
+             malloc, {:.2} allocations (was 940 / ~1056 / 6.00 with HashMaps and boxed levels)",
             per(heap.bytes),
             per(heap.malloc),
             per(heap.allocations)
         );
         // Expected about 320 bytes asked: three 56-byte nodes, a one-entry vector of
-        // children at `<id>` and `commands` (24 bytes each), a one-entry vector of direct
-        // subscribers at `#` (40), 16 bytes of level names, ~40 bytes in the `vehicles`
-        // hash map. HashMaps instead of vectors, or 144-byte nodes, overshoot this.
+        // children at `<id>` and `commands` (32 bytes each), a one-entry vector of direct
+        // subscribers at `#` (40), level names inline, ~40 bytes in the `vehicles` hash
+        // map. HashMaps instead of vectors, or 144-byte nodes, overshoot this.
         assert!(heap.bytes <= 360 * n, "{} bytes per subscription", heap.bytes / n);
-        // Six per subscription, plus the arena's chunks and the `vehicles` hash map.
+        // Three per subscription (two one-entry children vectors, one subscriber vector;
+        // level names inline), plus the arena's chunks and the `vehicles` hash map.
         assert!(
-            heap.allocations <= 6 * n + n / 100,
+            heap.allocations <= 3 * n + n / 100,
             "{} allocations",
             heap.allocations
         );
@@ -1506,5 +1583,31 @@ mod tests {
             prop_assert!(trie.is_empty());
             prop_assert_eq!(trie.node_count(), 0);
         }
+    }
+
+    /// Short levels live inline, long ones boxed; both compare and hash as their string,
+    /// so lookups by `&str` find either.
+    #[test]
+    fn levels_are_inline_up_to_their_limit_and_equal_as_strings() {
+        let short = Level::from("commands");
+        let vin = Level::from("WVWZZZ1JZXW000001");
+        let long = Level::from("a-level-longer-than-twenty-two-bytes");
+        let empty = Level::from("");
+        assert!(matches!(short, Level::Inline { .. }));
+        assert!(matches!(vin, Level::Inline { .. }));
+        assert!(matches!(long, Level::Heap(_)));
+        assert_eq!(&*empty, "");
+        assert_eq!(&*vin, "WVWZZZ1JZXW000001");
+        assert_eq!(Level::from("ünïcödé/é"), Level::from("ünïcödé/é"));
+        let mut m: HashMap<Level, u8> = HashMap::new();
+        for (i, l) in [short, vin, long, empty].into_iter().enumerate() {
+            m.insert(l, i as u8);
+        }
+        assert_eq!(m.get("commands"), Some(&0));
+        assert_eq!(m.get("WVWZZZ1JZXW000001"), Some(&1));
+        assert_eq!(m.get("a-level-longer-than-twenty-two-bytes"), Some(&2));
+        assert_eq!(m.get(""), Some(&3));
+        assert_eq!(m.get("command"), None);
+        assert_eq!(size_of::<Level>(), 24);
     }
 }
