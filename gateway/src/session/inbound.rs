@@ -44,13 +44,13 @@ where
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(Close::Protocol(e)),
             };
-            self.deadline = Instant::now() + self.keep_alive;
+            self.deadline = Instant::now() + self.keep_alive();
             if let Some(waiting) = self.handle(packet, max_inflight)? {
                 waiting.await?;
             }
             // Time spent waiting inside `handle` (journal back-pressure) was ours, not the
             // client's silence.
-            self.deadline = Instant::now() + self.keep_alive;
+            self.deadline = Instant::now() + self.keep_alive();
         }
     }
 
@@ -400,14 +400,18 @@ where
         }
         let alias = self.alias_slot(&p).map_err(Close::Protocol)?;
         let topic = match alias {
-            Some(slot) if p.topic.is_empty() => {
-                self.aliases.get(slot).cloned().flatten().ok_or_else(|| {
+            Some(slot) if p.topic.is_empty() => self
+                .aliases
+                .as_ref()
+                .and_then(|a| a.get(slot))
+                .cloned()
+                .flatten()
+                .ok_or_else(|| {
                     Close::Protocol(ProtocolError::protocol(
                         "topic_alias_unknown",
                         format!("topic alias {} was never set", slot + 1),
                     ))
-                })?
-            }
+                })?,
             _ => p.topic.clone(),
         };
         topic::validate_name(&topic).map_err(|e| Close::Protocol(ProtocolError::topic_invalid(e)))?;
@@ -466,10 +470,11 @@ where
         }
         // Only a topic that is valid and allowed may be remembered under an alias.
         if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
-            if self.aliases.len() <= slot {
-                self.aliases.resize(slot + 1, None);
+            let aliases = self.aliases.get_or_insert_with(Box::default);
+            if aliases.len() <= slot {
+                aliases.resize(slot + 1, None);
             }
-            let replaced = self.aliases[slot].as_ref().map_or(0, String::len);
+            let replaced = aliases[slot].as_ref().map_or(0, String::len);
             let stored = self.stored_bytes - replaced.min(self.stored_bytes) + topic.len();
             if stored > MAX_STORED_TOPIC_BYTES {
                 return Err(Close::Protocol(ProtocolError {
@@ -481,7 +486,9 @@ where
                 }));
             }
             self.stored_bytes = stored;
-            self.aliases[slot] = Some(topic.clone());
+            if let Some(a) = self.aliases.as_mut().and_then(|a| a.get_mut(slot)) {
+                *a = Some(topic.clone());
+            }
         }
         let now = now_ms();
         let local = p.retain || shared.router.subscriptions() > 0;

@@ -164,7 +164,7 @@ struct Session<S> {
     codec: Codec,
     client_id: Arc<str>,
     /// Password user (operator ACLs apply), if any.
-    user: Option<String>,
+    user: Option<Box<str>>,
     conn: u64,
     /// The vehicle's address: named in every close and refusal event, the lead an SRE
     /// follows (and blocks) for a hostile client.
@@ -172,7 +172,7 @@ struct Session<S> {
     cell: Arc<SessionCell>,
     read_buf: BytesMut,
     /// Size of the latest read, to tell a streaming session from an idle one.
-    last_read: usize,
+    last_read: u32,
     out: BytesMut,
     pending: VecDeque<Pending>,
     /// Sequence of this session's latest append; refused publishes wait behind it.
@@ -180,9 +180,11 @@ struct Session<S> {
     /// Store generation of this session's latest write that an ack must wait for.
     last_gen: u64,
     /// 1.5 × the effective keep alive (always set: see `mqtt.max_keep_alive_secs`).
-    keep_alive: Duration,
+    keep_alive_ms: u32,
     deadline: Instant,
-    aliases: Vec<Option<String>>,
+    /// Allocated on the first alias: most vehicles never use one.
+    #[allow(clippy::box_collection)] // the box keeps an unused alias table at 8 bytes
+    aliases: Option<Box<Vec<Option<String>>>>,
     /// Whether the subscription bound was logged already (once per session, not per packet).
     quota_logged: bool,
     /// Bytes of topic strings this session stores (subscription filters and alias
@@ -192,7 +194,7 @@ struct Session<S> {
     /// Boxed: most vehicles send none, and the session lives as long as its connection.
     will: Option<Box<Will>>,
     /// The client's Receive Maximum: QoS 1/2 deliveries in flight at once.
-    receive_max: usize,
+    receive_max: u16,
     /// Session Expiry Interval of the CONNECT (a DISCONNECT may change it, not from 0).
     connect_expiry: u32,
     /// Theoretical arrival time of the next PUBLISH under `mqtt.max_publish_rate`
@@ -380,7 +382,7 @@ where
         shared: shared.clone(),
         codec,
         client_id: client_id.clone(),
-        user: admitted.user,
+        user: admitted.user.map(String::into_boxed_str),
         conn,
         peer,
         cell,
@@ -399,13 +401,13 @@ where
             .collect(),
         last_seq: 0,
         last_gen: 0,
-        keep_alive,
+        keep_alive_ms: u32::try_from(keep_alive.as_millis()).unwrap_or(u32::MAX),
         deadline: Instant::now() + keep_alive,
-        aliases: Vec::new(),
+        aliases: None,
         quota_logged: false,
         stored_bytes,
         will: req.will.clone().map(Box::new),
-        receive_max: usize::from(req.receive_maximum.unwrap_or(u16::MAX).max(1)),
+        receive_max: req.receive_maximum.unwrap_or(u16::MAX).max(1),
         connect_expiry: expiry,
         pace: Instant::now(),
     });
@@ -462,7 +464,7 @@ where
                 // We stopped reading (in-flight bound, e.g. while the journal withholds
                 // durability): the client's PINGREQs wait unread in the socket, so its
                 // keep-alive is not counting against it until we read again.
-                self.deadline = Instant::now() + self.keep_alive;
+                self.deadline = Instant::now() + self.keep_alive();
             }
             let waiting = !self.pending.is_empty();
             let wake_at = if can_read {
@@ -586,12 +588,18 @@ where
         );
         if close.publishes_will() {
             if let Some(w) = self.will.take() {
-                will::on_close(&self.shared, &self.cell, self.user.clone(), *w, &detached).await;
+                let user = self.user.as_deref().map(str::to_owned);
+                will::on_close(&self.shared, &self.cell, user, *w, &detached).await;
             }
         }
         if detached == Detached::Kept {
             debug!("persistent session kept offline");
         }
+    }
+
+    /// 1.5 × the effective keep alive.
+    fn keep_alive(&self) -> Duration {
+        Duration::from_millis(u64::from(self.keep_alive_ms))
     }
 
     /// Whether this connection must end now: the gateway is shutting down, or a newer

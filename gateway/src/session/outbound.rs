@@ -86,7 +86,7 @@ where
         let lim = SendLimits {
             conn: self.conn,
             codec: &self.codec,
-            receive_max: self.receive_max,
+            receive_max: usize::from(self.receive_max),
             out_budget: OUT_BUDGET,
         };
         self.cell
@@ -155,7 +155,7 @@ where
     /// Reads more bytes. An idle vehicle (nothing buffered, last read small) waits with a
     /// small buffer: at a million connections the read buffer is most of the memory.
     pub(super) async fn read_more(&mut self) -> std::io::Result<usize> {
-        if self.read_buf.is_empty() && self.last_read < IDLE_READ {
+        if self.read_buf.is_empty() && (self.last_read as usize) < IDLE_READ {
             // Idle: wait until bytes arrive holding no buffer at all, then read them.
             if self.read_buf.capacity() > 0 {
                 self.read_buf = bytes::BytesMut::new();
@@ -166,7 +166,7 @@ where
             self.read_buf.reserve(READ_CHUNK);
         }
         let n = self.stream.read_buf(&mut self.read_buf).await?;
-        self.last_read = n;
+        self.last_read = u32::try_from(n).unwrap_or(u32::MAX);
         Ok(n)
     }
 
@@ -175,7 +175,7 @@ where
     /// the write times out and the connection closes, so a client that never reads
     /// cannot hold a session (and its memory) forever.
     pub(super) async fn flush(&mut self) -> std::io::Result<()> {
-        self.flush_within(WRITE_TIMEOUT.min(self.keep_alive)).await
+        self.flush_within(WRITE_TIMEOUT.min(self.keep_alive())).await
     }
 
     pub(super) async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
