@@ -44,15 +44,23 @@ struct OpenSegment {
     chunk_offset: u64,
     chunk: Vec<u8>,
     pos: usize,
+    /// Bytes the next refill reads: small while the reader follows the writer (a few
+    /// fresh records per group commit), doubling up to [`READ_CHUNK`] while it reads
+    /// through a backlog. Segments are pre-sized, so a read always returns the whole
+    /// window: a fixed 1 MiB window made the caught-up reader copy 1 MiB from the page
+    /// cache for every commit (9 % of the gateway's CPU in the fan-in benchmark).
+    window: usize,
 }
 
 const READ_CHUNK: usize = 1 << 20;
+/// Refill size of a reader that caught up with the writer.
+const FOLLOW_CHUNK: usize = 16 << 10;
 
 impl OpenSegment {
     /// Reads a fresh chunk starting at the current position, at least `need` bytes.
     fn refill(&mut self, need: usize) -> Result<(), JournalError> {
         let offset = self.chunk_offset + self.pos as u64;
-        let len = need.max(READ_CHUNK);
+        let len = need.max(self.window);
         self.chunk.resize(len, 0);
         let mut filled = 0;
         while filled < len {
@@ -70,6 +78,20 @@ impl OpenSegment {
         self.chunk_offset = offset;
         self.pos = 0;
         Ok(())
+    }
+
+    /// Bytes the frame at the current position needs (its header's length, or a header
+    /// while unknown). A damaged length must not make the reader allocate gigabytes: no
+    /// frame runs past the end of its segment (decoding then reports the damage).
+    fn frame_need(&self) -> usize {
+        let rest = &self.chunk[self.pos..];
+        let need = match rest.get(..4) {
+            Some(len) if rest.len() >= FRAME_HEADER => {
+                FRAME_HEADER + u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize
+            }
+            _ => FRAME_HEADER,
+        };
+        need.min(self.size.saturating_sub(self.offset()).max(FRAME_HEADER as u64) as usize)
     }
 
     fn offset(&self) -> u64 {
@@ -108,16 +130,10 @@ impl JournalReader {
                 break;
             }
             let Some(seg) = self.seg.as_mut() else { break };
-            let rest = &seg.chunk[seg.pos..];
-            let need = if rest.len() >= FRAME_HEADER {
-                FRAME_HEADER + u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize
-            } else {
-                FRAME_HEADER
-            };
-            // A damaged length must not make the reader allocate gigabytes: no frame runs
-            // past the end of its segment (decoding then reports the damage).
-            let need = need.min(seg.size.saturating_sub(seg.offset()).max(FRAME_HEADER as u64) as usize);
-            if rest.len() < need {
+            let need = seg.frame_need();
+            if seg.chunk.len() - seg.pos < need {
+                // Ran off the end of the chunk with records still coming: a backlog.
+                seg.window = (seg.window * 2).min(READ_CHUNK);
                 let before = seg.chunk.len() - seg.pos;
                 seg.refill(need)?;
                 if seg.chunk.len() > before {
@@ -142,7 +158,15 @@ impl JournalReader {
                 // Either cached bytes the writer had not finished when they were read, or
                 // the unwritten rest of this segment: read again, then decide.
                 Frame::End | Frame::Torn(_) => {
+                    // Caught up with the writer: what comes next is a few fresh records.
+                    seg.window = FOLLOW_CHUNK;
                     seg.refill(need)?;
+                    // A fresh frame may be longer than the window: read all of it before
+                    // deciding (a partial frame would look torn).
+                    let full = seg.frame_need();
+                    if seg.chunk.len() - seg.pos < full {
+                        seg.refill(full)?;
+                    }
                     match decode(&seg.chunk[seg.pos..]) {
                         Frame::Record(..) => {}
                         Frame::End => self.next_segment(durable)?,
@@ -296,6 +320,7 @@ impl JournalReader {
                 chunk_offset: 0,
                 chunk: Vec::new(),
                 pos: 0,
+                window: READ_CHUNK,
             });
             return Ok(true);
         }
