@@ -414,20 +414,31 @@ const INLINE_LEVEL: usize = 22;
 /// subscriptions then allocate no string for their levels (three allocations of ~32
 /// bytes each per vehicle with a `Box<str>`). 24 bytes either way.
 #[derive(Clone)]
-pub(super) enum Level {
+pub(super) struct Level(Repr);
+
+/// Private, so that a `Level` is only ever built by `From<&str>`: its inline bytes are
+/// then always a whole UTF-8 string of `len` bytes.
+#[derive(Clone)]
+enum Repr {
     Inline { len: u8, bytes: [u8; INLINE_LEVEL] },
     Heap(Box<str>),
 }
 
 impl Level {
     pub(super) fn as_str(&self) -> &str {
-        match self {
-            // Built from a `&str` (below), so always UTF-8; an empty string otherwise.
-            Level::Inline { len, bytes } => {
+        match &self.0 {
+            // Built from a `&str` (below), so always UTF-8 of that length.
+            Repr::Inline { len, bytes } => {
                 std::str::from_utf8(bytes.get(..usize::from(*len)).unwrap_or_default()).unwrap_or_default()
             }
-            Level::Heap(s) => s,
+            Repr::Heap(s) => s,
         }
+    }
+
+    /// Whether the name lives inline (no allocation of its own).
+    #[cfg(test)]
+    fn is_inline(&self) -> bool {
+        matches!(self.0, Repr::Inline { .. })
     }
 }
 
@@ -439,9 +450,9 @@ impl From<&str> for Level {
                 if let Some(dst) = bytes.get_mut(..s.len()) {
                     dst.copy_from_slice(s.as_bytes());
                 }
-                Level::Inline { len, bytes }
+                Level(Repr::Inline { len, bytes })
             }
-            _ => Level::Heap(s.into()),
+            _ => Level(Repr::Heap(s.into())),
         }
     }
 }
@@ -1285,8 +1296,8 @@ mod tests {
         for node in tree.nodes() {
             heap.map(&node.children);
             for (name, _) in &node.children {
-                if let Level::Heap(boxed) = name {
-                    heap.add(boxed.len());
+                if !name.is_inline() {
+                    heap.add(name.len());
                 }
             }
             heap.map(&node.payload.direct);
@@ -1593,9 +1604,9 @@ mod tests {
         let vin = Level::from("WVWZZZ1JZXW000001");
         let long = Level::from("a-level-longer-than-twenty-two-bytes");
         let empty = Level::from("");
-        assert!(matches!(short, Level::Inline { .. }));
-        assert!(matches!(vin, Level::Inline { .. }));
-        assert!(matches!(long, Level::Heap(_)));
+        assert!(short.is_inline());
+        assert!(vin.is_inline());
+        assert!(!long.is_inline());
         assert_eq!(&*empty, "");
         assert_eq!(&*vin, "WVWZZZ1JZXW000001");
         assert_eq!(Level::from("ünïcödé/é"), Level::from("ünïcödé/é"));
@@ -1609,5 +1620,58 @@ mod tests {
         assert_eq!(m.get(""), Some(&3));
         assert_eq!(m.get("command"), None);
         assert_eq!(size_of::<Level>(), 24);
+    }
+
+    /// Review: levels around the inline limit, multi-byte ones, a shared 22-byte prefix,
+    /// empty levels, in small (vector) and large (hash map) children maps.
+    #[test]
+    fn review_levels_at_the_inline_boundary_route_exactly() {
+        let e11 = "é".repeat(11); // 22 bytes, inline
+        let e11a = format!("{e11}a"); // 23 bytes, boxed
+        let x22 = "x".repeat(22);
+        let x23 = "x".repeat(23);
+        let x21 = "x".repeat(21);
+        let long_mb = format!("{}é", "y".repeat(21)); // 23 bytes, ends in a 2-byte char
+        assert!(Level::from(e11.as_str()).is_inline());
+        assert!(!Level::from(e11a.as_str()).is_inline());
+        assert!(!Level::from(long_mb.as_str()).is_inline());
+        let levels: Vec<String> = vec![
+            e11.clone(),
+            e11a.clone(),
+            x21,
+            x22,
+            x23,
+            long_mb,
+            String::new(),
+            "é".into(),
+        ];
+        for extra in [0usize, 20] {
+            // 20 more siblings: the children map of `t` becomes a hash map.
+            let mut trie = Trie::default();
+            let mut all: Vec<String> = levels.clone();
+            all.extend((0..extra).map(|i| format!("pad{i}")));
+            for (k, l) in all.iter().enumerate() {
+                trie.subscribe(k as u32, &format!("t/{l}/z"), opts(0))
+                    .expect("valid");
+            }
+            for (k, l) in all.iter().enumerate() {
+                assert_eq!(
+                    keys(&route(&trie, &format!("t/{l}/z"))),
+                    vec![k as u32],
+                    "level {l:?}"
+                );
+            }
+            assert!(route(&trie, &format!("t/{}/z", "x".repeat(24))).is_empty());
+            // `+` matches every one, the empty level included.
+            trie.subscribe(999, "t/+/z", opts(0)).expect("valid");
+            for l in &all {
+                assert!(keys(&route(&trie, &format!("t/{l}/z"))).contains(&999));
+            }
+            assert!(trie.unsubscribe(&999, "t/+/z"));
+            for (k, l) in all.iter().enumerate() {
+                assert!(trie.unsubscribe(&(k as u32), &format!("t/{l}/z")), "level {l:?}");
+            }
+            assert_eq!(trie.node_count(), 0);
+        }
     }
 }

@@ -800,6 +800,52 @@ mod tests {
     use super::*;
     use crate::message::MessageProperties;
 
+    /// Review: the sorted vector behaves as the B-tree it replaced (same results, same
+    /// iteration order, so the same persisted record), over random operations.
+    #[test]
+    fn review_subscriptions_match_a_btreemap() {
+        use std::collections::BTreeMap;
+        let filters = [
+            "a",
+            "a/b",
+            "a/+",
+            "$share/g/a",
+            "$share/g/b",
+            "#",
+            "",
+            "é/x",
+            "Z",
+            "a/b/#",
+            "ab",
+        ];
+        let mut model: BTreeMap<String, SubOptions> = BTreeMap::new();
+        let mut subs = Subscriptions::default();
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for step in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = filters[(x % filters.len() as u64) as usize];
+            let o = SubOptions {
+                id: Some(step),
+                ..SubOptions::qos((x >> 8) as u8 % 3)
+            };
+            match (x >> 16) % 3 {
+                0 | 1 => assert_eq!(subs.insert(f.to_owned(), o), model.insert(f.to_owned(), o)),
+                _ => assert_eq!(subs.remove(f), model.remove(f)),
+            }
+            assert_eq!(subs.len(), model.len());
+            assert!(subs
+                .iter()
+                .map(|(f, o)| (f.to_owned(), *o))
+                .eq(model.iter().map(|(f, o)| (f.clone(), *o))));
+            for f in filters {
+                assert_eq!(subs.get(f), model.get(f));
+                assert_eq!(subs.contains_key(f), model.contains_key(f));
+            }
+        }
+    }
+
     #[test]
     fn subscriptions_keep_one_entry_per_filter_in_order() {
         let opts = |qos| SubOptions {
