@@ -30,6 +30,7 @@ use crate::registry::Registry;
 use crate::session::state::{store_failed, Offer, OutItem};
 use crate::store::Store;
 use retained::RetainedIndex;
+use trie::Presence;
 use trie::SubscriptionTrie;
 
 /// Who holds a subscription: a client id and the incarnation of its session. A session
@@ -143,9 +144,13 @@ impl Router {
             return routed;
         }
         let current = |k: &SessionKey| registry.get(&k.id).filter(|c| c.incarnation == k.incarnation);
-        let targets = self.trie_read().route(&msg.topic, publisher, |k| {
-            current(k).is_some_and(|c| c.is_online())
-        });
+        let targets = self
+            .trie_read()
+            .route_with(&msg.topic, publisher, |k| match current(k) {
+                Some(c) if c.is_online() => Presence::Online,
+                Some(_) => Presence::Offline,
+                None => Presence::Gone,
+            });
         for t in targets {
             // A filter of a session that was just discarded reaches nobody.
             let Some(cell) = current(&t.key) else {

@@ -16,8 +16,8 @@
 //!   `no_local` is skipped when its key is the publisher.
 //! * A shared subscription is a group name plus an inner filter; each one that matches
 //!   delivers to exactly one member (§4.8.2), chosen round robin among the members that
-//!   `online` accepts, or round robin among all members when none is online (their
-//!   sessions queue it). Shared deliveries are separate targets (`shared = true`), never
+//!   are [`Presence::Online`], or when none is, among those whose session still exists
+//!   offline (their sessions queue it); a member whose session is gone is never chosen. Shared deliveries are separate targets (`shared = true`), never
 //!   merged with the key's non-shared target; `no_local` is ignored for them (setting it
 //!   on a shared subscription is a protocol error the caller rejects at SUBSCRIBE).
 //! * Routing takes `&self`: the round-robin cursor of a group is an atomic, so routing
@@ -220,8 +220,26 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
 
     /// Who receives a PUBLISH to `topic` (a topic name; an invalid one reaches nobody).
     /// `publisher` is the sending session's key, for `no_local`; `online` says whether a
-    /// shared-group member can take a delivery now.
+    /// shared-group member can take a delivery now (every member's session exists).
     pub fn route(&self, topic: &str, publisher: Option<&K>, online: impl Fn(&K) -> bool) -> Vec<Target<K>> {
+        self.route_with(topic, publisher, |k| {
+            if online(k) {
+                Presence::Online
+            } else {
+                Presence::Offline
+            }
+        })
+    }
+
+    /// [`Self::route`] where `presence` also tells a member whose session is gone (a
+    /// discarded session whose filters are still being removed): a shared group never
+    /// picks it while another member can take the message.
+    pub fn route_with(
+        &self,
+        topic: &str,
+        publisher: Option<&K>,
+        presence: impl Fn(&K) -> Presence,
+    ) -> Vec<Target<K>> {
         let mut out = Vec::new();
         if topic::validate_name(topic).is_err() {
             return out;
@@ -278,13 +296,25 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
         }
         for &n in &matched {
             for group in self.tree.node(n).payload.shared.iter().flat_map(|s| s.values()) {
-                if let Some((key, opts)) = group.pick(&online) {
+                if let Some((key, opts)) = group.pick(&presence) {
                     out.push(target(key, opts, true));
                 }
             }
         }
         out
     }
+}
+
+/// Whether a subscriber's session can take a delivery, for the choice among the
+/// members of a shared subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Presence {
+    /// Connected: delivered now.
+    Online,
+    /// A persistent session offline: queued.
+    Offline,
+    /// Discarded; its filters are on their way out of the trie.
+    Gone,
 }
 
 fn target<K: Clone>(key: &K, opts: &SubOptions, shared: bool) -> Target<K> {
@@ -379,18 +409,21 @@ impl<K: Clone + Eq + Hash> Group<K> {
         true
     }
 
-    /// The next online member after the previous pick, or the next member at all when
-    /// none is online. `None` only for an empty group (never stored).
-    fn pick(&self, online: &impl Fn(&K) -> bool) -> Option<&(K, SubOptions)> {
+    /// The next online member after the previous pick, else the next member whose
+    /// session exists offline. `None` for an empty group (never stored) or one whose
+    /// members' sessions are all gone.
+    fn pick(&self, presence: &impl Fn(&K) -> Presence) -> Option<&(K, SubOptions)> {
         let n = self.members.len();
         if n == 0 {
             return None;
         }
         let start = self.next.load(Ordering::Relaxed) % n;
-        let chosen = (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| self.members.get(i).is_some_and(|m| online(&m.0)))
-            .unwrap_or(start);
+        let first = |want: Presence| {
+            (0..n)
+                .map(|i| (start + i) % n)
+                .find(|&i| self.members.get(i).is_some_and(|m| presence(&m.0) == want))
+        };
+        let chosen = first(Presence::Online).or_else(|| first(Presence::Offline))?;
         self.next.store(chosen + 1, Ordering::Relaxed);
         self.members.get(chosen)
     }
@@ -1057,6 +1090,42 @@ mod tests {
         assert_eq!(counts, BTreeMap::from([(1, 10), (2, 10), (3, 10)]));
         // `a/c` only matches group g.
         assert_eq!(route(&t, "a/c").len(), 1);
+    }
+
+    /// A member whose session was discarded (its filters not yet removed) is never
+    /// picked while another member's session exists: the message would reach nobody.
+    #[test]
+    fn shared_never_picks_a_gone_member() {
+        let mut t = Trie::new();
+        for k in 1..=3 {
+            t.subscribe(k, "$share/g/x", opts(1)).expect("valid");
+        }
+        // Nobody online, member 2 gone: round robin over 1 and 3 (offline, queued).
+        let presence = |k: &u32| {
+            if *k == 2 {
+                Presence::Gone
+            } else {
+                Presence::Offline
+            }
+        };
+        let mut seen = BTreeMap::new();
+        for _ in 0..10 {
+            let targets = t.route_with("x", None, presence);
+            assert_eq!(targets.len(), 1);
+            *seen.entry(targets[0].key).or_insert(0) += 1;
+        }
+        assert_eq!(seen, BTreeMap::from([(1, 5), (3, 5)]));
+        // Every member gone: no target rather than a delivery into nothing.
+        assert!(t.route_with("x", None, |_| Presence::Gone).is_empty());
+        // Online still wins over offline.
+        let presence = |k: &u32| {
+            if *k == 3 {
+                Presence::Online
+            } else {
+                Presence::Offline
+            }
+        };
+        assert_eq!(t.route_with("x", None, presence)[0].key, 3);
     }
 
     #[test]
