@@ -172,12 +172,7 @@ impl TlsStream {
                 Step::Progress
             }
             ConnectionState::EncodeTlsData(mut encode) => {
-                append(&mut self.out, 512, |buf| {
-                    encode.encode(buf).map_err(|e| match e {
-                        EncodeError::InsufficientSize(s) => Ok(s.required_size),
-                        e => Err(io::Error::other(e)),
-                    })
-                })?;
+                append(&mut self.out, 512, |buf| encode.encode(buf).map_err(encode_room))?;
                 Step::Progress
             }
             // Queued in `out` above, ahead of anything written later.
@@ -191,19 +186,13 @@ impl TlsStream {
                     // Room for the records' headers and tags; rustls says if it needs more.
                     let guess = data.len() + (data.len() / 16384 + 1) * 64;
                     append(&mut self.out, guess, |buf| {
-                        w.encrypt(data, buf).map_err(|e| match e {
-                            EncryptError::InsufficientSize(s) => Ok(s.required_size),
-                            e => Err(io::Error::other(e)),
-                        })
+                        w.encrypt(data, buf).map_err(encrypt_room)
                     })?;
                     Step::Done
                 }
                 Goal::Close => {
                     append(&mut self.out, 64, |buf| {
-                        w.queue_close_notify(buf).map_err(|e| match e {
-                            EncryptError::InsufficientSize(s) => Ok(s.required_size),
-                            e => Err(io::Error::other(e)),
-                        })
+                        w.queue_close_notify(buf).map_err(encrypt_room)
                     })?;
                     Step::Done
                 }
@@ -236,12 +225,7 @@ impl TlsStream {
     fn queue_alert(&mut self) {
         let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut self.incoming[..self.used]);
         if let Ok(ConnectionState::EncodeTlsData(mut encode)) = state {
-            let _ = append(&mut self.out, 64, |buf| {
-                encode.encode(buf).map_err(|e| match e {
-                    EncodeError::InsufficientSize(s) => Ok(s.required_size),
-                    e => Err(io::Error::other(e)),
-                })
-            });
+            let _ = append(&mut self.out, 64, |buf| encode.encode(buf).map_err(encode_room));
         }
     }
 
@@ -349,6 +333,22 @@ fn append(
     };
     out.truncate(start + written);
     Ok(())
+}
+
+/// For [`append`]: the room rustls asked for, or the error.
+fn encode_room(e: EncodeError) -> Result<usize, io::Error> {
+    match e {
+        EncodeError::InsufficientSize(s) => Ok(s.required_size),
+        e => Err(io::Error::other(e)),
+    }
+}
+
+/// For [`append`]: the room rustls asked for, or the error.
+fn encrypt_room(e: EncryptError) -> Result<usize, io::Error> {
+    match e {
+        EncryptError::InsufficientSize(s) => Ok(s.required_size),
+        e => Err(io::Error::other(e)),
+    }
 }
 
 fn invalid<E: std::fmt::Display>(e: E) -> io::Error {
