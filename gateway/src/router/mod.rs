@@ -43,6 +43,15 @@ pub struct SessionKey {
     pub incarnation: u64,
 }
 
+/// No Local compares client ids: during a clean-start takeover, a publish still routed by
+/// the old connection (or its Will) is not sent to the new session's No Local
+/// subscriptions, although their incarnations differ.
+impl trie::SubscriberKey for SessionKey {
+    fn same_client(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
 /// A subscription's options (MQTT 5 §3.8.3.1; 3.1.1 has only the QoS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubOptions {

@@ -114,13 +114,22 @@ pub struct SubscriptionTrie<K> {
     len: usize,
 }
 
-impl<K: Clone + Eq + Hash> Default for SubscriptionTrie<K> {
+/// A subscriber's key in the trie. No Local (MQTT 5 §3.8.3.1) is about client ids: a
+/// message is not sent back to a connection with the publisher's client id. A key that
+/// carries more than the client id (a session incarnation) says how to compare clients.
+pub trait SubscriberKey: Clone + Eq + Hash {
+    fn same_client(&self, other: &Self) -> bool {
+        self == other
+    }
+}
+
+impl<K: SubscriberKey> Default for SubscriptionTrie<K> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
+impl<K: SubscriberKey> SubscriptionTrie<K> {
     pub fn new() -> Self {
         SubscriptionTrie {
             tree: Tree::new(),
@@ -281,7 +290,7 @@ impl<K: Clone + Eq + Hash> SubscriptionTrie<K> {
         let mut seen: HashMap<&K, usize> = HashMap::new();
         for &n in &matched {
             for (key, opts) in &self.tree.node(n).payload.direct {
-                if opts.no_local && publisher == Some(key) {
+                if opts.no_local && publisher.is_some_and(|p| p.same_client(key)) {
                     continue;
                 }
                 if merging {
@@ -822,6 +831,9 @@ impl<P: Payload> Tree<P> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl SubscriberKey for u32 {}
+    impl SubscriberKey for std::sync::Arc<str> {}
     use proptest::prelude::*;
     use std::collections::{BTreeMap, BTreeSet};
 
@@ -1090,6 +1102,27 @@ mod tests {
         assert_eq!(counts, BTreeMap::from([(1, 10), (2, 10), (3, 10)]));
         // `a/c` only matches group g.
         assert_eq!(route(&t, "a/c").len(), 1);
+    }
+
+    /// No Local compares client ids (MQTT 5 §3.8.3.1), not sessions: a publish from the
+    /// old incarnation of a client id (a connection being taken over with clean start,
+    /// or its Will) does not reach the new incarnation's No Local subscription; another
+    /// client's does.
+    #[test]
+    fn no_local_compares_client_ids_across_incarnations() {
+        use crate::router::SessionKey;
+        let key = |id: &str, incarnation| SessionKey {
+            id: id.into(),
+            incarnation,
+        };
+        let mut t = SubscriptionTrie::new();
+        let mut o = opts(1);
+        o.no_local = true;
+        t.subscribe(key("car", 2), "t/#", o).expect("valid");
+        assert!(t.route("t/x", Some(&key("car", 1)), |_| true).is_empty());
+        assert!(t.route("t/x", Some(&key("car", 2)), |_| true).is_empty());
+        assert_eq!(t.route("t/x", Some(&key("other", 1)), |_| true).len(), 1);
+        assert_eq!(t.route("t/x", None, |_| true).len(), 1);
     }
 
     /// A member whose session was discarded (its filters not yet removed) is never
