@@ -490,23 +490,45 @@ mod tests {
         (Arc::new(server), Arc::new(client))
     }
 
-    async fn pair(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pair {
-        let (server_cfg, client_cfg) = configs(versions);
+    /// A listener that accepts one connection and runs [`accept`] on it: its address,
+    /// and the server side's outcome.
+    async fn serve_one(
+        cfg: Arc<ServerConfig>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<io::Result<TlsStream>>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepting = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, server_cfg).await.unwrap()
+            accept(tcp, cfg).await
         });
+        (addr, accepting)
+    }
+
+    async fn connect(
+        addr: std::net::SocketAddr,
+        cfg: Arc<rustls::ClientConfig>,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let client = tokio_rustls::TlsConnector::from(client_cfg)
+        tokio_rustls::TlsConnector::from(cfg)
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
-            .unwrap();
+    }
+
+    async fn pair_with(server_cfg: Arc<ServerConfig>, client_cfg: Arc<rustls::ClientConfig>) -> Pair {
+        let (addr, accepting) = serve_one(server_cfg).await;
+        let client = connect(addr, client_cfg).await.unwrap();
         Pair {
-            server: accepting.await.unwrap(),
+            server: accepting.await.unwrap().unwrap(),
             client,
         }
+    }
+
+    async fn pair(versions: &[&'static rustls::SupportedProtocolVersion]) -> Pair {
+        let (server_cfg, client_cfg) = configs(versions);
+        pair_with(server_cfg, client_cfg).await
     }
 
     /// Bytes both ways, small and large (records larger than any read, reads spanning
@@ -609,17 +631,14 @@ mod tests {
     #[tokio::test]
     async fn garbage_fails_the_handshake() {
         let (server_cfg, _) = configs(&[&rustls::version::TLS13]);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepting = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, server_cfg).await.map(|_| ())
-        });
+        let (addr, accepting) = serve_one(server_cfg).await;
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"CONNECT not tls at all\r\n\r\n\x16\x03\x01\xff\xff")
             .await
             .unwrap();
-        let err = accepting.await.unwrap().unwrap_err();
+        let Err(err) = accepting.await.unwrap() else {
+            panic!("garbage completed a handshake")
+        };
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
@@ -654,17 +673,8 @@ mod tests {
     async fn a_refused_handshake_sends_an_alert() {
         let (server_cfg, _) = configs(&[&rustls::version::TLS13]);
         let (_, client_cfg) = configs(&[&rustls::version::TLS12]);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepting = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, server_cfg).await.map(|_| ())
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let err = tokio_rustls::TlsConnector::from(client_cfg)
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap_err();
+        let (addr, accepting) = serve_one(server_cfg).await;
+        let err = connect(addr, client_cfg).await.unwrap_err();
         assert!(err.to_string().contains("fatal alert"), "client saw: {err}");
         assert!(accepting.await.unwrap().is_err());
     }
@@ -681,18 +691,7 @@ mod tests {
         let (server_cfg, client_cfg) = configs(&[&rustls::version::TLS13]);
         let mut client_cfg = (*client_cfg).clone();
         client_cfg.enable_secret_extraction = true;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepting = tokio::spawn(async move {
-            let (tcp, _) = listener.accept().await.unwrap();
-            accept(tcp, server_cfg).await.unwrap()
-        });
-        let tcp = TcpStream::connect(addr).await.unwrap();
-        let client = tokio_rustls::TlsConnector::from(Arc::new(client_cfg))
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await
-            .unwrap();
-        let mut server = accepting.await.unwrap();
+        let Pair { mut server, client } = pair_with(server_cfg, Arc::new(client_cfg)).await;
         let (mut tcp, conn) = client.into_inner();
         let suite = conn.negotiated_cipher_suite().unwrap();
         let (seq, secrets) = conn.dangerous_extract_secrets().unwrap().tx;
