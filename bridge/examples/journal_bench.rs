@@ -13,6 +13,7 @@ use bridge::{Entry, Journal, JournalConfig, SegmentedJournal};
 
 fn entry(n: u64) -> Entry {
     Entry {
+        kind: Default::default(),
         received_at_ms: 1_700_000_000_000 + n,
         qos: 1,
         client_id: format!("veh-{}", n % 1000),

@@ -283,6 +283,7 @@ fn recover(dir: &Path) {
     let _ = journal.stats();
     let first = read_all(&journal);
     let entry = Entry {
+        kind: Default::default(),
         received_at_ms: 1,
         qos: 1,
         client_id: "fuzz".into(),

@@ -19,5 +19,6 @@ pub mod supervisor;
 pub mod topic;
 
 pub use journal::{
-    Entry, FullPolicy, Journal, JournalConfig, JournalError, JournalStats, Record, SegmentedJournal,
+    Entry, EntryKind, FullPolicy, Journal, JournalConfig, JournalError, JournalStats, Record,
+    SegmentedJournal,
 };

@@ -391,6 +391,7 @@ mod tests {
         Record {
             seq,
             entry: Entry {
+                kind: Default::default(),
                 received_at_ms: 7,
                 qos: 1,
                 client_id: "veh-1".into(),

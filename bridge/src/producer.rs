@@ -960,7 +960,7 @@ impl<'p, J: Journal> Pump<'p, J> {
     /// journal, unreleased, for the next start).
     async fn send(&mut self, rec: &Record, shutdown: &Shutdown) -> Sent {
         let e = &rec.entry;
-        let Some(dest) = self.routes.resolve(&e.client_id, &e.topic) else {
+        let Some(dest) = self.routes.destination(e) else {
             self.tracker.push(rec.seq);
             let err = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic);
             self.failures.push((rec.seq, err));
@@ -1050,8 +1050,8 @@ impl<'p, J: Journal> Pump<'p, J> {
             Err(e) => return Err(e.to_string()),
         };
         let e = &rec.entry;
-        let Some(dest) = self.routes.resolve(&e.client_id, &e.topic) else {
-            return Err("no route matches its MQTT topic (kafka.unmatched = refuse)".into());
+        let Some(dest) = self.routes.destination(e) else {
+            return Err("no destination: no route matches its MQTT topic (kafka.unmatched = refuse), or its event topic is not configured".into());
         };
         loop {
             let headers = headers(&rec, &self.cfg.gateway_id, &self.cfg.journal_id).insert(Header {

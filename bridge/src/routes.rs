@@ -5,6 +5,7 @@
 //! Key templates may use `{client_id}` and `{N}`, the N-th level of the MQTT topic
 //! (0-based): `vehicles/{1}/telemetry` → `{1}` is the vehicle segment.
 
+use crate::journal::{Entry, EntryKind};
 use crate::topic;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +28,19 @@ pub enum Unmatched {
 pub struct Routes {
     pub routes: Vec<Route>,
     pub unmatched: Unmatched,
+    /// Where the gateway's own records go (keyed by client id).
+    pub events: EventTopics,
+}
+
+/// Kafka topics of the gateway's own records. `None`: that kind is not journaled (a
+/// record of it found in the journal anyway, from a run with other settings, is
+/// refused like an unroutable message: parked or dead-lettered, never dropped).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventTopics {
+    /// `[presence] kafka_topic`: connected / disconnected events.
+    pub presence: Option<String>,
+    /// `[commands] outcome_topic`: what became of each command.
+    pub outcomes: Option<String>,
 }
 
 /// Destination of one message.
@@ -56,12 +70,30 @@ impl Routes {
         }
     }
 
-    /// Every Kafka topic a message can be written to (for the embedded cluster).
+    /// The destination of a journal record: an MQTT message by its topic, a gateway
+    /// event by its kind.
+    pub fn destination(&self, e: &Entry) -> Option<Destination> {
+        let event = |topic: &Option<String>| {
+            topic.as_ref().map(|t| Destination {
+                topic: t.clone(),
+                key: e.client_id.clone(),
+            })
+        };
+        match e.kind {
+            EntryKind::Message => self.resolve(&e.client_id, &e.topic),
+            EntryKind::Presence => event(&self.events.presence),
+            EntryKind::Outcome => event(&self.events.outcomes),
+        }
+    }
+
+    /// Every Kafka topic a record can be written to (for the embedded cluster).
     pub fn topics(&self) -> Vec<String> {
         let mut t: Vec<String> = self.routes.iter().map(|r| r.kafka_topic.clone()).collect();
         if let Unmatched::DefaultTopic(d) = &self.unmatched {
             t.push(d.clone());
         }
+        t.extend(self.events.presence.iter().cloned());
+        t.extend(self.events.outcomes.iter().cloned());
         t.sort();
         t.dedup();
         t
@@ -111,6 +143,7 @@ mod tests {
     #[test]
     fn first_match_wins_and_templates_render() {
         let routes = Routes {
+            events: Default::default(),
             routes: vec![
                 Route {
                     mqtt: "vehicles/+/telemetry".into(),
@@ -136,11 +169,41 @@ mod tests {
             Some("unrouted".into())
         );
         let refuse = Routes {
+            events: Default::default(),
             routes: vec![],
             unmatched: Unmatched::Refuse,
         };
         assert_eq!(refuse.resolve("v1", "x"), None);
         assert!(validate_template("{client_id}/{3}").is_ok());
         assert!(validate_template("{vin}").is_err());
+    }
+
+    #[test]
+    fn gateway_events_go_to_their_topics_by_kind_not_by_mqtt_topic() {
+        let routes = Routes {
+            events: EventTopics {
+                presence: Some("presence".into()),
+                outcomes: None,
+            },
+            routes: vec![],
+            unmatched: Unmatched::DefaultTopic("unrouted".into()),
+        };
+        let e = |kind| Entry {
+            kind,
+            client_id: "v1".into(),
+            topic: "vehicles/v1/telemetry".into(),
+            ..Entry::default()
+        };
+        let d = routes.destination(&e(EntryKind::Presence)).expect("presence");
+        assert_eq!((d.topic.as_str(), d.key.as_str()), ("presence", "v1"));
+        assert_eq!(routes.destination(&e(EntryKind::Outcome)), None);
+        assert_eq!(
+            routes.destination(&e(EntryKind::Message)).map(|d| d.topic),
+            Some("unrouted".into())
+        );
+        assert_eq!(
+            routes.topics(),
+            vec!["presence".to_string(), "unrouted".to_string()]
+        );
     }
 }

@@ -152,6 +152,7 @@ fn regression_older_segment_huge_frame_len() {
 
 fn entry(i: usize) -> Entry {
     Entry {
+        kind: Default::default(),
         received_at_ms: 1_700_000_000_000 + i as u64,
         qos: (i % 2) as u8,
         retain: i.is_multiple_of(5),

@@ -16,6 +16,7 @@ use tmpfs::{is_root, TmpfsMount};
 
 fn entry(n: u64) -> Entry {
     Entry {
+        kind: Default::default(),
         received_at_ms: 1_700_000_000_000 + n,
         qos: 1,
         client_id: format!("vehicle-{}", n % 3),

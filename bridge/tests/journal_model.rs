@@ -50,6 +50,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn entry(seq_hint: usize, size: usize) -> Entry {
     Entry {
+        kind: Default::default(),
         received_at_ms: 1_700_000_000_000 + seq_hint as u64,
         qos: (seq_hint % 2) as u8,
         retain: false,

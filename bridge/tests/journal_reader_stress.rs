@@ -33,6 +33,7 @@ fn entry(seed: u64, i: u64, max_len: u64) -> Entry {
         *b = (r.next() >> 24) as u8;
     }
     Entry {
+        kind: Default::default(),
         received_at_ms: i,
         qos: 1,
         client_id: format!("v{}", i % 7),
@@ -138,6 +139,7 @@ fn reader_races_writer_records_over_1mib() {
 /// Entry whose frame is exactly `frame` bytes.
 fn sized(i: u64, frame: usize) -> Entry {
     let mut e = Entry {
+        kind: Default::default(),
         received_at_ms: i,
         qos: 1,
         client_id: "v".into(),

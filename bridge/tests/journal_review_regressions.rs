@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 fn entry(n: u64) -> Entry {
     Entry {
+        kind: Default::default(),
         received_at_ms: 1_700_000_000_000 + n,
         qos: 1,
         client_id: format!("vehicle-{}", n % 5),
@@ -320,6 +321,7 @@ fn a_caught_up_reader_reads_records_longer_than_its_window() {
     let rt = rt();
     let mut reader = j.reader(0);
     let big = |n: u64, len: usize| Entry {
+        kind: Default::default(),
         payload: Bytes::from(vec![(n % 251) as u8; len]),
         ..entry(n)
     };

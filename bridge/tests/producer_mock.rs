@@ -21,6 +21,7 @@ const PARTITIONS: i32 = 4;
 
 fn entry(vehicle: usize, n: usize) -> Entry {
     Entry {
+        kind: Default::default(),
         received_at_ms: 1_700_000_000_000,
         qos: 1,
         client_id: format!("veh-{vehicle}"),
@@ -87,6 +88,7 @@ async fn injected_faults_lose_and_reorder_nothing() {
     cluster.request_errors(RDKafkaApiKey::Produce, &errors);
 
     let routes = Arc::new(Routes {
+        events: Default::default(),
         routes: vec![],
         unmatched: Unmatched::DefaultTopic("telemetry".into()),
     });

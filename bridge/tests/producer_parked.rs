@@ -25,6 +25,7 @@ fn is_bad(n: usize) -> bool {
 
 fn fixed_routes() -> Routes {
     Routes {
+        events: Default::default(),
         routes: vec![
             Route {
                 mqtt: "vehicles/+/telemetry".into(),

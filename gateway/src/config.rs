@@ -51,6 +51,8 @@ pub struct Config {
     pub auth: AuthSection,
     pub sessions: SessionsSection,
     pub retained: RetainedSection,
+    pub presence: PresenceSection,
+    pub commands: CommandsSection,
     pub routes: Vec<RouteEntry>,
 }
 
@@ -153,6 +155,46 @@ pub struct RetainedSection {
     pub max_messages: usize,
     /// Bytes (topic + payload) of retained messages kept at once.
     pub max_bytes: usize,
+}
+
+/// `[presence]`: connected / disconnected events, journaled like telemetry and written
+/// to Kafka keyed by client id, so a consumer sees a vehicle's presence in order with
+/// its messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceSection {
+    pub enabled: bool,
+    pub kafka_topic: String,
+}
+
+/// `[commands]`: commands to vehicles from a Kafka topic (and the admin API), and the
+/// topic their outcomes are written to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsSection {
+    /// Consume `kafka_topic` (the REST and MQTT sources work either way).
+    pub enabled: bool,
+    /// Commands: key = client id, value = payload; optional headers (see README).
+    pub kafka_topic: String,
+    /// Consumer group; `{gateway_id}` is replaced by this gateway's id. Every gateway
+    /// of a region reads every command in its own group and acts for the sessions it
+    /// holds.
+    pub consumer_group: String,
+    /// MQTT topic a command is published to; `{client_id}` is the vehicle.
+    pub mqtt_topic: String,
+    /// QoS of a command that does not say (header `qos`).
+    pub default_qos: u8,
+    /// Expiry of a command that does not say (header `expiry_secs`); 0 = none.
+    pub default_expiry_secs: u32,
+    /// Where every command's outcome goes (JSON keyed by client id).
+    pub outcome_topic: String,
+    /// Commands taken from Kafka and not settled yet (acknowledged, durably queued or
+    /// final); beyond it the consumer pauses.
+    pub max_pending: usize,
+    /// Whether this gateway reports `unknown_vehicle` for a command to a vehicle it
+    /// holds no session for. With several gateways in a region, exactly one should
+    /// (the others stay silent for vehicles they do not hold).
+    pub report_unknown: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -332,6 +374,31 @@ impl Default for RetainedSection {
             enabled: true,
             max_messages: 100_000,
             max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for PresenceSection {
+    fn default() -> Self {
+        PresenceSection {
+            enabled: true,
+            kafka_topic: "vehicles.presence".into(),
+        }
+    }
+}
+
+impl Default for CommandsSection {
+    fn default() -> Self {
+        CommandsSection {
+            enabled: true,
+            kafka_topic: "vehicles.commands".into(),
+            consumer_group: "edge-gateway-commands-{gateway_id}".into(),
+            mqtt_topic: "vehicles/{client_id}/commands".into(),
+            default_qos: 1,
+            default_expiry_secs: 3600,
+            outcome_topic: "vehicles.command-outcomes".into(),
+            max_pending: 10_000,
+            report_unknown: true,
         }
     }
 }
@@ -645,6 +712,46 @@ impl Config {
                 "kafka.dead_letter_topic",
                 "Kafka topic names use [a-zA-Z0-9._-], at most 249 characters",
             ));
+        }
+        let topic_ok = |key: &str, t: &str, p: &mut Vec<Problem>| {
+            if !valid_kafka_topic(t) {
+                p.push(problem(
+                    key,
+                    format!("{t:?} is not a Kafka topic name: use [a-zA-Z0-9._-], at most 249 characters"),
+                ));
+            }
+        };
+        if self.presence.enabled {
+            topic_ok("presence.kafka_topic", &self.presence.kafka_topic, &mut p);
+        }
+        let c = &self.commands;
+        topic_ok("commands.outcome_topic", &c.outcome_topic, &mut p);
+        if c.enabled {
+            topic_ok("commands.kafka_topic", &c.kafka_topic, &mut p);
+            if c.consumer_group.trim().is_empty() {
+                p.push(problem(
+                    "commands.consumer_group",
+                    "must not be empty; e.g. \"edge-gateway-commands-{gateway_id}\"",
+                ));
+            }
+        }
+        if c.mqtt_topic.matches("{client_id}").count() != 1
+            || c.mqtt_topic.contains(['+', '#'])
+            || c.mqtt_topic.starts_with('$')
+        {
+            p.push(problem(
+                "commands.mqtt_topic",
+                format!(
+                    "{:?} must be a topic name (no wildcards, not a $-topic) with {{client_id}} once, e.g. \"vehicles/{{client_id}}/commands\"",
+                    c.mqtt_topic
+                ),
+            ));
+        }
+        if c.default_qos > 2 {
+            p.push(problem("commands.default_qos", "must be 0, 1 or 2"));
+        }
+        if c.max_pending == 0 {
+            p.push(problem("commands.max_pending", "must be at least 1"));
         }
         match k.unmatched.as_str() {
             "refuse" => {}
@@ -962,6 +1069,10 @@ impl Config {
                 Unmatched::Refuse
             } else {
                 Unmatched::DefaultTopic(self.kafka.default_topic.clone())
+            },
+            events: bridge::routes::EventTopics {
+                presence: self.presence.enabled.then(|| self.presence.kafka_topic.clone()),
+                outcomes: Some(self.commands.outcome_topic.clone()),
             },
         }
     }

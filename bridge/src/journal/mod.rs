@@ -182,7 +182,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use reader::JournalReader;
-pub use record::{decode, encode, frame_len, EncodeError, Entry, Frame, Record, FRAME_HEADER};
+pub use record::{decode, encode, frame_len, EncodeError, Entry, EntryKind, Frame, Record, FRAME_HEADER};
 pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
 pub use segmented::{FullPolicy, SegmentedJournal};
 use tokio::sync::watch;

@@ -3,6 +3,8 @@
 //! ```text
 //! frame  = len:u32le  crc:u32le  body[len]          crc = CRC32C(body)
 //! body   = seq:u64le  received_at_ms:u64le  qos:u8  flags:u8
+//!          (flags: 1 content type, 2 expiry, 4 retain, bits 3-4 the kind:
+//!           0 an MQTT message, 1 a presence event, 2 a command outcome)
 //!          client_id:str16  topic:str16
 //!          [content_type:str16]        (flags & HAS_CONTENT_TYPE)
 //!          [message_expiry_secs:u32le] (flags & HAS_EXPIRY)
@@ -25,6 +27,42 @@ pub const FRAME_HEADER: usize = 8;
 const HAS_CONTENT_TYPE: u8 = 1;
 const HAS_EXPIRY: u8 = 2;
 const RETAIN: u8 = 4;
+const KIND_SHIFT: u8 = 3;
+const KIND_MASK: u8 = 0b11 << KIND_SHIFT;
+
+/// What a journal record is. Vehicles' messages go where `[[routes]]` say; the
+/// gateway's own events (presence, command outcomes) go to their configured topics,
+/// keyed by client id, in journal order with the vehicle's telemetry. The kind is part
+/// of the record, not of its topic, so no MQTT publish can pass for a gateway event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EntryKind {
+    /// A PUBLISH from a vehicle (or its Will).
+    #[default]
+    Message,
+    /// A connected / disconnected event (JSON payload).
+    Presence,
+    /// The final (or `queued`) outcome of a command (JSON payload).
+    Outcome,
+}
+
+impl EntryKind {
+    fn bits(self) -> u8 {
+        match self {
+            EntryKind::Message => 0,
+            EntryKind::Presence => 1 << KIND_SHIFT,
+            EntryKind::Outcome => 2 << KIND_SHIFT,
+        }
+    }
+
+    fn from_flags(flags: u8) -> Option<Self> {
+        match (flags & KIND_MASK) >> KIND_SHIFT {
+            0 => Some(EntryKind::Message),
+            1 => Some(EntryKind::Presence),
+            2 => Some(EntryKind::Outcome),
+            _ => None,
+        }
+    }
+}
 
 /// A message as the gateway hands it to the journal (before it has a sequence number).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -42,6 +80,7 @@ pub struct Entry {
     pub content_type: Option<String>,
     pub message_expiry_secs: Option<u32>,
     pub user_properties: Vec<(String, String)>,
+    pub kind: EntryKind,
 }
 
 /// A journaled message with the sequence number the journal gave it.
@@ -133,6 +172,7 @@ fn encode_body(out: &mut Vec<u8>, seq: u64, e: &Entry) -> Result<(), EncodeError
     if e.retain {
         flags |= RETAIN;
     }
+    flags |= e.kind.bits();
     out.push(flags);
     put_str16(out, "client_id", &e.client_id)?;
     put_str16(out, "topic", &e.topic)?;
@@ -241,6 +281,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
     let received_at_ms = c.u64()?;
     let qos = c.u8()?;
     let flags = c.u8()?;
+    let kind = EntryKind::from_flags(flags)?;
     let client_id = c.str16()?;
     let topic = c.str16()?;
     let content_type = if flags & HAS_CONTENT_TYPE != 0 {
@@ -275,6 +316,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
             content_type,
             message_expiry_secs,
             user_properties,
+            kind,
         },
     })
 }
@@ -286,6 +328,7 @@ mod tests {
 
     fn entry() -> Entry {
         Entry {
+            kind: Default::default(),
             received_at_ms: 1_700_000_000_000,
             qos: 1,
             retain: false,
@@ -311,6 +354,27 @@ mod tests {
             }
             other => panic!("expected a record, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn every_kind_round_trips_and_an_unknown_kind_is_refused() {
+        for kind in [EntryKind::Message, EntryKind::Presence, EntryKind::Outcome] {
+            let e = Entry { kind, ..entry() };
+            let mut buf = Vec::new();
+            encode(&mut buf, 3, &e).expect("encodes");
+            match decode(&buf) {
+                Frame::Record(r, _) => assert_eq!(r.entry, e),
+                other => panic!("expected a record, got {other:?}"),
+            }
+        }
+        // Kind 3 does not exist: a record claiming it is not guessed at.
+        let mut buf = Vec::new();
+        encode(&mut buf, 3, &entry()).expect("encodes");
+        let flags = FRAME_HEADER + 8 + 8 + 1;
+        buf[flags] |= KIND_MASK;
+        let crc = crc32c::crc32c(&buf[FRAME_HEADER..]);
+        buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(decode(&buf), Frame::Torn(_)));
     }
 
     #[test]

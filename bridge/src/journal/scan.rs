@@ -183,6 +183,7 @@ mod tests {
         for s in seqs {
             starts.push(buf.len());
             let e = Entry {
+                kind: Default::default(),
                 client_id: format!("v{s}"),
                 topic: "t".into(),
                 payload: bytes::Bytes::from(vec![7u8; 30]),

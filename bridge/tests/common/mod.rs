@@ -14,6 +14,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 pub fn entry(vehicle: usize, n: usize, kind: &str) -> Entry {
     Entry {
+        kind: Default::default(),
         received_at_ms: 1_700_000_000_000,
         qos: 1,
         client_id: format!("veh-{vehicle}"),
@@ -26,6 +27,7 @@ pub fn entry(vehicle: usize, n: usize, kind: &str) -> Entry {
 /// `vehicles/+/telemetry` → `topic`; everything else refused (no dead-letter topic).
 pub fn telemetry_routes(topic: &str) -> Routes {
     Routes {
+        events: Default::default(),
         routes: vec![Route {
             mqtt: "vehicles/+/telemetry".into(),
             kafka_topic: topic.into(),
@@ -37,6 +39,7 @@ pub fn telemetry_routes(topic: &str) -> Routes {
 
 pub fn default_routes(topic: &str) -> Routes {
     Routes {
+        events: Default::default(),
         routes: vec![],
         unmatched: Unmatched::DefaultTopic(topic.into()),
     }

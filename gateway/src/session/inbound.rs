@@ -507,6 +507,7 @@ where
         let len = p.payload.len() as u64;
         if kafka {
             let entry = Entry {
+                kind: Default::default(),
                 received_at_ms: now,
                 qos: p.qos,
                 retain: p.retain,

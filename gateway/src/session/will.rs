@@ -97,6 +97,7 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
     let now = now_ms();
     if shared.routes.resolve(client_id, &w.topic).is_some() {
         let entry = Entry {
+            kind: Default::default(),
             received_at_ms: now,
             qos: w.qos,
             retain: w.retain,
