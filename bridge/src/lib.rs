@@ -8,6 +8,7 @@
 //! [`parked`] store. [`embedded`] is the dev-only
 //! in-process Kafka for a first run.
 
+pub mod commands;
 pub mod embedded;
 #[doc(hidden)]
 pub mod fuzzing;

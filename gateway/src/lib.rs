@@ -3,10 +3,13 @@
 //! Data path, in module order: [`server`] binds listeners ([`tls`] for TLS) and hands
 //! each connection to [`session`], which speaks MQTT through [`mqtt`], checks
 //! [`auth`], and appends to the journal (`bridge::journal`) before acknowledging.
-//! [`registry`] resolves client-id takeovers; [`admin`] serves operators.
+//! [`registry`] resolves client-id takeovers; [`router`] delivers to subscribers;
+//! [`commands`] brings commands to vehicles and their outcomes back; [`admin`] serves
+//! operators.
 
 pub mod admin;
 pub mod auth;
+pub mod commands;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -29,7 +29,7 @@ impl Labeled {
             .copied()
             .unwrap_or(0)
     }
-    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+    pub(crate) fn snapshot(&self) -> Vec<(&'static str, u64)> {
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())

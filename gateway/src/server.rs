@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use bridge::commands::CommandConsumerConfig;
 use bridge::embedded::EmbeddedKafka;
 use bridge::producer::{self, BridgeControl, BridgeStatus, ProducerConfig};
 use bridge::supervisor::{self, RestartPolicy};
@@ -19,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::auth::Auth;
+use crate::commands::{self, outcome, Commands};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -43,6 +45,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         let mut topics = routes.topics();
         if !cfg.kafka.dead_letter_topic.is_empty() {
             topics.push(cfg.kafka.dead_letter_topic.clone());
+        }
+        if cfg.commands.enabled {
+            topics.push(cfg.commands.kafka_topic.clone());
         }
         let kafka = EmbeddedKafka::start(&topics, cfg.kafka.embedded_partitions)
             .map_err(|e| anyhow::anyhow!("kafka.bootstrap = \"embedded\": {e}"))?;
@@ -84,11 +89,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         admin_rejected: Arc::default(),
         bridge_control: BridgeControl::new(),
         parked_dir: cfg.journal.dir.join("parked"),
+        commands: Commands::default(),
     });
     if restore(&shared)? > 0 {
         shared.store.flush().await.context("flushing restored sessions")?;
     }
     tokio::spawn(session::will::expire_sessions(shared.clone()));
+    let commands_task = start_commands(&shared, &bootstrap);
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     let producer_cfg = ProducerConfig {
         bootstrap,
@@ -161,6 +168,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     info!(version = env!("CARGO_PKG_VERSION"), "gateway ready");
 
     shutdown.cancelled().await;
+    // From here a command dropped with its session is not an outcome: it stays unsettled
+    // (Kafka re-delivers it) or, in a persistent session's store, pending.
+    shared.commands.close();
     // Sessions wait on their cell, not on the token (one fewer wait per idle vehicle).
     shared.registry.wake_all();
     // One grace period for the whole shutdown: sessions, journal flush and the bridge's
@@ -203,6 +213,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Ok(Err(e)) => error!(error = %e, "kafka bridge supervisor panicked"),
         Err(_) => warn!("kafka bridge did not stop within the grace period"),
     }
+    if tokio::time::timeout_at(deadline + Duration::from_secs(1), commands_task)
+        .await
+        .is_err()
+    {
+        warn!("command outcomes did not settle within the grace period");
+    }
     let journal = shared.journal.clone();
     tokio::task::spawn_blocking(move || journal.close()).await.ok();
     if let Err(e) = shared.store.flush().await {
@@ -213,6 +229,39 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     drop(embedded);
     info!("gateway stopped");
     Ok(())
+}
+
+/// Starts the outcome task and, with `commands.enabled`, the Kafka command consumer and
+/// its dispatcher. Returns the outcome task (it settles what it can after shutdown).
+fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHandle<()> {
+    let cfg = &shared.cfg;
+    let Some(reports) = shared.commands.take_reports() else {
+        return tokio::spawn(async {});
+    };
+    let drain = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
+    if !cfg.commands.enabled {
+        return tokio::spawn(outcome::run(shared.clone(), reports, None, drain));
+    }
+    let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let consumer = CommandConsumerConfig {
+        bootstrap: bootstrap.to_string(),
+        group: cfg
+            .commands
+            .consumer_group
+            .replace("{gateway_id}", &cfg.gateway_id()),
+        topic: cfg.commands.kafka_topic.clone(),
+        max_pending: cfg.commands.max_pending,
+        properties: cfg.kafka.properties.clone(),
+    };
+    tokio::spawn(bridge::commands::run(
+        consumer,
+        tx,
+        settle_rx,
+        shared.shutdown.clone(),
+    ));
+    tokio::spawn(commands::kafka::dispatch(shared.clone(), rx));
+    tokio::spawn(outcome::run(shared.clone(), reports, Some(settle_tx), drain))
 }
 
 /// Puts back what the store kept: persistent sessions (offline until their vehicle
@@ -268,7 +317,10 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
         };
         for (id, rec) in s.queue {
             queued += 1;
-            state.out.restore(OutItem::from_record(id, rec), &shared.metrics);
+            let command = rec.command.clone().map(|c| shared.commands.restore(c));
+            let mut item = OutItem::from_record(id, rec);
+            item.command = command;
+            state.out.restore(item, &shared.metrics);
         }
         let forgot = state.inbound_qos2.len() != s.record.inbound_qos2.len();
         let cell = SessionCell::new(client_id.clone(), state);

@@ -11,6 +11,7 @@ use bridge::{FullPolicy, SegmentedJournal};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Auth;
+use crate::commands::Commands;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub bridge_control: BridgeControl,
     /// Where the pipeline keeps records Kafka refused for good (`<journal.dir>/parked`).
     pub parked_dir: std::path::PathBuf,
+    /// Commands to vehicles and their outcomes.
+    pub commands: Commands,
 }
 
 impl Shared {

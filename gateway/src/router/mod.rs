@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use serde::{Deserialize, Serialize};
 
+use crate::commands::Ticket;
 use crate::config::{RetainedSection, SessionsSection};
 use crate::message::Message;
 use crate::metrics::Metrics;
@@ -79,6 +80,19 @@ impl SubOptions {
     }
 }
 
+/// What became of a command's copy for its vehicle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandRoute {
+    /// Queued for the vehicle's connection.
+    Online,
+    /// Queued in its offline session; `gen` is the store write to wait for.
+    Offline { gen: Option<u64> },
+    /// The vehicle's session has no subscription matching the command topic.
+    NotSubscribed,
+    /// Not queued (the reason is also counted in `messages_dropped`).
+    Dropped(&'static str),
+}
+
 /// What routing one message did.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Routed {
@@ -86,6 +100,15 @@ pub struct Routed {
     pub matched: usize,
     /// Store generation covering its queue entries (persistent sessions).
     pub gen: Option<u64>,
+}
+
+/// Where routing offers into.
+#[derive(Clone, Copy)]
+struct Ctx<'a> {
+    registry: &'a Registry,
+    limits: &'a SessionsSection,
+    store: &'a Store,
+    metrics: &'a Metrics,
 }
 
 #[derive(Default)]
@@ -148,9 +171,52 @@ impl Router {
         store: &Store,
         metrics: &Metrics,
     ) -> Routed {
+        let ctx = Ctx {
+            registry,
+            limits,
+            store,
+            metrics,
+        };
+        self.offer_all(msg, publisher, None, &ctx).0
+    }
+
+    /// Routes a command like any message (diagnostic subscribers see it too); the
+    /// vehicle's own copy carries `ticket`. Says what became of that copy.
+    pub fn route_command(
+        &self,
+        msg: &Arc<Message>,
+        ticket: &Arc<Ticket>,
+        registry: &Registry,
+        limits: &SessionsSection,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> CommandRoute {
+        let ctx = Ctx {
+            registry,
+            limits,
+            store,
+            metrics,
+        };
+        self.offer_all(msg, None, Some(ticket), &ctx).1
+    }
+
+    fn offer_all(
+        &self,
+        msg: &Arc<Message>,
+        publisher: Option<&SessionKey>,
+        ticket: Option<&Arc<Ticket>>,
+        ctx: &Ctx<'_>,
+    ) -> (Routed, CommandRoute) {
+        let Ctx {
+            registry,
+            limits,
+            store,
+            metrics,
+        } = *ctx;
         let mut routed = Routed::default();
+        let mut command = CommandRoute::NotSubscribed;
         if self.subscriptions() == 0 {
-            return routed;
+            return (routed, command);
         }
         let current = |k: &SessionKey| registry.get(&k.id).filter(|c| c.incarnation == k.incarnation);
         let targets = self
@@ -166,18 +232,28 @@ impl Router {
                 continue;
             };
             routed.matched += 1;
-            let item = OutItem::new(
+            let mut item = OutItem::new(
                 msg.clone(),
                 msg.qos.min(t.qos),
                 t.retain_as_published && msg.retain,
                 t.subscription_ids,
             );
-            match cell.offer(item, limits, store, metrics) {
-                Offer::Queued { gen } => routed.gen = routed.gen.max(gen),
+            let ours = ticket.filter(|tk| *tk.info.record.client_id == *t.key.id);
+            item.command = ours.cloned();
+            let offered = cell.offer(item, limits, store, metrics);
+            match offered {
+                Offer::Queued { gen, .. } => routed.gen = routed.gen.max(gen),
                 Offer::Dropped(reason) => metrics.messages_dropped.inc(reason),
             }
+            if ours.is_some() {
+                command = match offered {
+                    Offer::Queued { online: true, .. } => CommandRoute::Online,
+                    Offer::Queued { gen, online: false } => CommandRoute::Offline { gen },
+                    Offer::Dropped(reason) => CommandRoute::Dropped(reason),
+                };
+            }
         }
-        routed
+        (routed, command)
     }
 
     /// Stores (or, with an empty payload, deletes) the retained message of its topic.

@@ -16,6 +16,10 @@
 //! - Persistent sessions (expiry > 0) mirror every QoS 1/2 queue entry into the store
 //!   before the write's generation is handed back; the publisher's PUBACK waits until the
 //!   store has flushed that generation, so an acknowledged message survives a SIGKILL.
+//! - A command's copy ([`OutItem::command`]) reports its final outcome where the copy's
+//!   fate is decided: acknowledged (delivered), expired, too large or refused by the
+//!   vehicle (rejected), pushed out by a full queue (dropped). A copy that leaves any
+//!   other way reports `dropped` when its ticket is dropped.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,6 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use crate::commands::{Outcome, Ticket};
 use crate::config::{QueueOverflow, SessionsSection};
 use crate::message::{now_ms, Message};
 use crate::metrics::Metrics;
@@ -222,6 +227,8 @@ pub struct OutItem {
     /// Store generation of the "released" write (0: flushed, or restored from the
     /// store): a PUBREL re-sent on reconnect waits for it like the first one did.
     pub released_gen: u64,
+    /// The command this copy carries the outcome of (the addressed vehicle's copy only).
+    pub command: Option<Arc<Ticket>>,
 }
 
 impl OutItem {
@@ -235,6 +242,14 @@ impl OutItem {
             pkid: 0,
             state: OutState::Queued,
             released_gen: 0,
+            command: None,
+        }
+    }
+
+    /// Reports the final outcome of the command this copy carries, if any.
+    fn finish(&self, outcome: Outcome, reason: Option<&'static str>) {
+        if let Some(t) = &self.command {
+            t.finish(outcome, reason);
         }
     }
 
@@ -246,6 +261,7 @@ impl OutItem {
             subscription_ids: self.subscription_ids.clone(),
             pkid: self.pkid,
             state: self.state,
+            command: self.command.as_ref().map(|t| t.record()),
         }
     }
 
@@ -259,6 +275,7 @@ impl OutItem {
             pkid: r.pkid,
             state: r.state,
             released_gen: 0,
+            command: None,
         }
     }
 }
@@ -320,8 +337,8 @@ pub struct Queues {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     /// Queued; `gen` is the store generation to wait for before acknowledging the
-    /// publisher (persistent session, QoS > 0).
-    Queued { gen: Option<u64> },
+    /// publisher (persistent session, QoS > 0). `online`: a connection holds the session.
+    Queued { gen: Option<u64>, online: bool },
     /// Not queued (counted under this reason).
     Dropped(&'static str),
 }
@@ -502,7 +519,7 @@ impl SessionCell {
             out.queue.push_back(item);
             drop(st);
             self.wake.notify_one();
-            return Offer::Queued { gen: None };
+            return Offer::Queued { gen: None, online };
         }
         let weight = item.msg.weight();
         let mut gen = None;
@@ -519,6 +536,7 @@ impl SessionCell {
             };
             out.forget(&old, metrics);
             metrics.messages_dropped.inc("queue_full_drop_oldest");
+            old.finish(Outcome::Dropped, Some("queue_full_drop_oldest"));
             if persistent && old.id != 0 {
                 match store.remove_queued(&self.client_id, old.id) {
                     Ok(g) => gen = Some(g),
@@ -542,7 +560,7 @@ impl SessionCell {
         if online {
             self.wake.notify_one();
         }
-        Offer::Queued { gen }
+        Offer::Queued { gen, online }
     }
 
     /// Moves queued messages into flight and encodes them into `out`, up to the
@@ -575,6 +593,7 @@ impl SessionCell {
             if item.msg.expired(now) {
                 st.out.forget(&item, metrics);
                 metrics.messages_dropped.inc("expired");
+                item.finish(Outcome::Expired, None);
                 if persistent && item.id != 0 {
                     if let Err(e) = store.remove_queued(&self.client_id, item.id) {
                         store_failed(metrics, &self.client_id, &e);
@@ -591,6 +610,7 @@ impl SessionCell {
             if !encode(buf, lim.codec, &item, false, now) {
                 st.out.forget(&item, metrics);
                 metrics.messages_dropped.inc("too_large_for_client");
+                item.finish(Outcome::Rejected, Some("too_large_for_client"));
                 warn!(client_id = %self.client_id, topic = %item.msg.topic, size = item.msg.payload.len(), "message larger than the client's Maximum Packet Size: dropped for this client");
                 if persistent && item.id != 0 {
                     if let Err(e) = store.remove_queued(&self.client_id, item.id) {
@@ -605,6 +625,8 @@ impl SessionCell {
             sent += 1;
             if item.qos == 0 {
                 st.out.forget(&item, metrics);
+                // QoS 0: written to the socket's buffer is as delivered as it gets.
+                item.finish(Outcome::Delivered, None);
                 continue;
             }
             if persistent && item.id != 0 {
@@ -656,6 +678,7 @@ impl SessionCell {
             }
             st.out.forget(&item, metrics);
             metrics.messages_dropped.inc("too_large_for_client");
+            item.finish(Outcome::Rejected, Some("too_large_for_client"));
             if persistent && item.id != 0 {
                 if let Err(e) = store.remove_queued(&self.client_id, item.id) {
                     store_failed(metrics, &self.client_id, &e);
@@ -694,6 +717,8 @@ impl SessionCell {
                 store_failed(metrics, &self.client_id, &e);
             }
         }
+        drop(st);
+        item.finish(Outcome::Delivered, None);
         true
     }
 
@@ -738,6 +763,7 @@ impl SessionCell {
         if let Some(pos) = st.out.inflight.iter().position(|i| i.pkid == pkid && i.qos == 2) {
             if let Some(item) = st.out.inflight.remove(pos) {
                 st.out.forget(&item, metrics);
+                item.finish(Outcome::Rejected, Some("refused_by_vehicle"));
                 st.out.shrink();
                 if st.persistent() && item.id != 0 {
                     if let Err(e) = store.remove_queued(&self.client_id, item.id) {
@@ -746,6 +772,16 @@ impl SessionCell {
                 }
             }
         }
+    }
+
+    /// Whether the session holds (queued or in flight) the command with this id.
+    pub fn holds_command(&self, id: &str) -> bool {
+        let st = self.lock();
+        st.out
+            .queue
+            .iter()
+            .chain(st.out.inflight.iter())
+            .any(|i| i.command.as_ref().is_some_and(|t| t.id() == id))
     }
 
     /// Writes the session record (subscriptions, inbound QoS 2 ids, expiry) to the store
@@ -965,7 +1001,10 @@ mod tests {
         }
         assert_eq!(payloads(&drop), ["2", "3", "4"]);
         let refuse = cell(0, false);
-        let mut last = Offer::Queued { gen: None };
+        let mut last = Offer::Queued {
+            gen: None,
+            online: false,
+        };
         for p in [b"1", b"2", b"3", b"4"] {
             last = refuse.offer(
                 OutItem::new(msg("t", 1, p), 1, false, vec![]),
@@ -987,7 +1026,7 @@ mod tests {
         let c = cell(60, true);
         c.persist(&store, &m).unwrap();
         let lim = limits(10, QueueOverflow::DropOldest);
-        let Offer::Queued { gen: Some(_) } = c.offer(
+        let Offer::Queued { gen: Some(_), .. } = c.offer(
             OutItem::new(msg("t", 1, b"x"), 1, false, vec![]),
             &lim,
             &store,

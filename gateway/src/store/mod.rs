@@ -113,6 +113,9 @@ pub use sessions::{LoadedSession, OutState, QueuedRecord, SessionRecord};
 
 /// Version byte in front of every stored value.
 pub const FORMAT_V1: u8 = 1;
+/// Queue entries that may carry a command's ticket ([`sessions::QueuedRecord::command`]);
+/// version 1 queue entries are read as entries without one.
+pub const FORMAT_V2: u8 = 2;
 
 /// Bound of sled's page cache.
 pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
@@ -447,6 +450,23 @@ impl Store {
         }
     }
 
+    /// Decodes a value of a tree whose format went from `Old` (version 1) to `T`
+    /// (version 2).
+    fn decode_v2<T: DeserializeOwned, Old: DeserializeOwned + Into<T>>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<T, StoreError> {
+        match value.split_first() {
+            Some((&FORMAT_V1, _)) => self.decode::<Old>(tree, key, value).map(Into::into),
+            Some((&FORMAT_V2, body)) => codec()
+                .deserialize(body)
+                .map_err(|e| self.corrupt(tree, key, format!("value does not decode: {e}"))),
+            _ => self.decode(tree, key, value),
+        }
+    }
+
     fn decode<T: DeserializeOwned>(
         &self,
         tree: &'static str,
@@ -473,7 +493,16 @@ fn codec() -> impl bincode::Options {
 }
 
 fn encode<T: Serialize>(tree: &'static str, key: &[u8], value: &T) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![FORMAT_V1];
+    encode_as(FORMAT_V1, tree, key, value)
+}
+
+fn encode_as<T: Serialize>(
+    version: u8,
+    tree: &'static str,
+    key: &[u8],
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![version];
     codec()
         .serialize_into(&mut out, value)
         .map_err(|e| StoreError::Encode {

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 use sled::Transactional;
 
-use super::{encode, Store, StoreError, TREE_QUEUE, TREE_SESSIONS};
+use super::{encode, encode_as, Store, StoreError, FORMAT_V2, TREE_QUEUE, TREE_SESSIONS};
+use crate::commands::CommandRecord;
 use crate::message::Message;
 use crate::router::SubOptions;
 
@@ -54,6 +55,33 @@ pub struct QueuedRecord {
     /// Packet id; 0 until first sent, then kept so a retransmission reuses it.
     pub pkid: u16,
     pub state: OutState,
+    /// The command this copy carries the outcome of (format version 2).
+    pub command: Option<CommandRecord>,
+}
+
+/// A queue entry as version 1 wrote it (before commands).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct QueuedRecordV1 {
+    pub message: Message,
+    pub qos: u8,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+    pub pkid: u16,
+    pub state: OutState,
+}
+
+impl From<QueuedRecordV1> for QueuedRecord {
+    fn from(r: QueuedRecordV1) -> Self {
+        QueuedRecord {
+            message: r.message,
+            qos: r.qos,
+            retain: r.retain,
+            subscription_ids: r.subscription_ids,
+            pkid: r.pkid,
+            state: r.state,
+            command: None,
+        }
+    }
 }
 
 /// A session as found at startup.
@@ -186,7 +214,8 @@ impl Store {
             let (key, value) = item.map_err(self.sled_err("load_sessions (queue)"))?;
             let (client_id, id) =
                 split_queue_key(&key).ok_or_else(|| self.corrupt(TREE_QUEUE, &key, "not a queue key"))?;
-            let rec: QueuedRecord = self.decode(TREE_QUEUE, &key, &value)?;
+            let rec: QueuedRecord =
+                self.decode_v2::<QueuedRecord, QueuedRecordV1>(TREE_QUEUE, &key, &value)?;
             match loaded.get_mut(client_id) {
                 Some(s) => s.queue.push((id, rec)),
                 None => orphans.push(key),
@@ -219,7 +248,7 @@ impl Store {
         check_client_id(client_id)?;
         self.check_writable()?;
         let key = queue_key(client_id, id);
-        let value = encode(TREE_QUEUE, &key, rec)?;
+        let value = encode_as(FORMAT_V2, TREE_QUEUE, &key, rec)?;
         let _stripe = self.stripe(client_id);
         let has_session = self
             .sessions

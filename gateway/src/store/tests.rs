@@ -54,6 +54,7 @@ fn queued(n: u8) -> QueuedRecord {
         subscription_ids: vec![u32::from(n)],
         pkid: u16::from(n),
         state: OutState::Published,
+        command: None,
     }
 }
 
@@ -280,7 +281,7 @@ async fn orphaned_queue_entries_are_dropped_at_load() {
         .queue
         .insert(
             sessions::queue_key("zz", 5),
-            encode(TREE_QUEUE, b"", &queued(5)).unwrap(),
+            encode_as(FORMAT_V2, TREE_QUEUE, b"", &queued(5)).unwrap(),
         )
         .unwrap();
     let loaded = store.load_sessions().unwrap();
@@ -504,4 +505,47 @@ async fn journal_binding_survives_reopen() {
     }
     let store = reopen(dir.path());
     assert_eq!(store.journal_binding().unwrap().as_deref(), Some("journal-a"));
+}
+
+#[tokio::test]
+async fn version_1_queue_entries_load_as_entries_without_a_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.put_session("a", &session()).unwrap();
+    // What a gateway before commands wrote.
+    let q = queued(1);
+    let old = sessions::QueuedRecordV1 {
+        message: q.message.clone(),
+        qos: q.qos,
+        retain: q.retain,
+        subscription_ids: q.subscription_ids.clone(),
+        pkid: q.pkid,
+        state: q.state,
+    };
+    store
+        .queue
+        .insert(
+            sessions::queue_key("a", 1),
+            encode(TREE_QUEUE, b"", &old).unwrap(),
+        )
+        .unwrap();
+    // And one carrying a command's ticket.
+    let cmd = QueuedRecord {
+        command: Some(crate::commands::CommandRecord {
+            id: "kafka:vehicles.commands:0:7".into(),
+            client_id: "a".into(),
+            correlation_id: Some("c-1".into()),
+            source: crate::commands::Source::Kafka {
+                topic: "vehicles.commands".into(),
+                partition: 0,
+                offset: 7,
+            },
+            issued_at_ms: 1_700_000_000_000,
+            qos: 1,
+        }),
+        ..queued(2)
+    };
+    store.put_queued("a", 2, &cmd).unwrap();
+    let loaded = store.load_sessions().unwrap();
+    assert_eq!(loaded[0].queue, vec![(1, q), (2, cmd)]);
 }

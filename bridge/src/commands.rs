@@ -1,0 +1,293 @@
+//! The command consumer: reads the Kafka command topic and hands each record to the
+//! gateway, committing a partition's offset only past the commands the gateway settled.
+//!
+//! Invariants (DESIGN.md, invariant 5):
+//! - A partition's offset is committed only up to its lowest unsettled command. The
+//!   gateway settles a command once the vehicle acknowledged it, or it is durably queued
+//!   for the vehicle's offline session, or it reached a final outcome whose record is
+//!   durable in the journal. A crash before that makes Kafka deliver it again (at least
+//!   once, in partition order, so in per-vehicle order: commands are keyed by client id).
+//! - Bounded: at most `max_pending` commands are handed over and not settled; beyond that
+//!   the consumer stops reading (librdkafka's own prefetch is bounded by its
+//!   `queued.max.messages.kbytes`). A vehicle that never acknowledges holds its
+//!   partition's offset back, not the consumer.
+//! - The consumer never decides anything about a command: malformed records are handed
+//!   over too, so that each gets an outcome.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How the consumer connects and what it reads.
+#[derive(Debug, Clone)]
+pub struct CommandConsumerConfig {
+    pub bootstrap: String,
+    pub group: String,
+    pub topic: String,
+    /// Commands handed over and not settled, at most.
+    pub max_pending: usize,
+    /// librdkafka properties applied last (SASL, SSL, ...).
+    pub properties: BTreeMap<String, String>,
+}
+
+/// One command record as read from Kafka, undecoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub timestamp_ms: Option<i64>,
+}
+
+/// The gateway is done with the command at this position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Which offsets may be committed: per partition, the lowest offset handed over and not
+/// settled, or one past the highest handed over when all are settled.
+#[derive(Debug, Default)]
+pub struct Offsets {
+    parts: BTreeMap<i32, Part>,
+}
+
+#[derive(Debug, Default)]
+struct Part {
+    pending: BTreeSet<i64>,
+    /// One past the highest offset handed over.
+    next: i64,
+    /// The last position committed (or asked to be).
+    committed: i64,
+}
+
+impl Part {
+    fn position(&self) -> i64 {
+        self.pending.first().copied().unwrap_or(self.next)
+    }
+}
+
+impl Offsets {
+    /// A command at `offset` was handed over.
+    pub fn consumed(&mut self, partition: i32, offset: i64) {
+        let p = self.parts.entry(partition).or_default();
+        p.pending.insert(offset);
+        p.next = p.next.max(offset + 1);
+    }
+
+    /// The command at `offset` is settled. False when it was not pending (settled
+    /// twice, or consumed before a restart of the consumer).
+    pub fn settled(&mut self, partition: i32, offset: i64) -> bool {
+        self.parts
+            .get_mut(&partition)
+            .is_some_and(|p| p.pending.remove(&offset))
+    }
+
+    /// Commands handed over and not settled.
+    pub fn pending(&self) -> usize {
+        self.parts.values().map(|p| p.pending.len()).sum()
+    }
+
+    /// Positions that moved since the last call: (partition, next offset to read).
+    pub fn to_commit(&mut self) -> Vec<(i32, i64)> {
+        let mut out = Vec::new();
+        for (&partition, p) in &mut self.parts {
+            let pos = p.position();
+            if pos > p.committed {
+                p.committed = pos;
+                out.push((partition, pos));
+            }
+        }
+        out
+    }
+
+    /// Forgets everything (the consumer is rebuilt: Kafka re-delivers from the last
+    /// commit, so nothing pending is lost).
+    pub fn reset(&mut self) {
+        self.parts.clear();
+    }
+}
+
+/// Reads commands until `shutdown`, re-creating the consumer after errors. Handed-over
+/// commands go to `out`; their settlements come back on `settled`.
+pub async fn run(
+    cfg: CommandConsumerConfig,
+    out: mpsc::Sender<Consumed>,
+    mut settled: mpsc::UnboundedReceiver<Settled>,
+    shutdown: CancellationToken,
+) {
+    let mut offsets = Offsets::default();
+    let mut backoff = Duration::from_millis(500);
+    while !shutdown.is_cancelled() {
+        match consume(&cfg, &out, &mut settled, &mut offsets, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(topic = %cfg.topic, group = %cfg.group, error = %e, retry_in_ms = backoff.as_millis() as u64, "command consumer failed; restarting it");
+                // Whatever was handed over and not settled is read again from the last
+                // commit; settlements still arriving for it are ignored.
+                offsets.reset();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn consumer(cfg: &CommandConsumerConfig) -> Result<StreamConsumer, String> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap)
+        .set("group.id", &cfg.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A new group starts at the oldest command: commands carry an expiry, so stale
+        // ones end as `expired` instead of being skipped unseen.
+        .set("auto.offset.reset", "earliest")
+        .set("client.id", format!("edge-gateway-commands-{}", cfg.group));
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    let consumer: StreamConsumer = c.create().map_err(|e| format!("creating the consumer: {e}"))?;
+    consumer
+        .subscribe(&[&cfg.topic])
+        .map_err(|e| format!("subscribing to {}: {e}", cfg.topic))?;
+    Ok(consumer)
+}
+
+async fn consume(
+    cfg: &CommandConsumerConfig,
+    out: &mpsc::Sender<Consumed>,
+    settled: &mut mpsc::UnboundedReceiver<Settled>,
+    offsets: &mut Offsets,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let consumer = consumer(cfg)?;
+    tracing::info!(topic = %cfg.topic, group = %cfg.group, "command consumer started");
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut errors = 0u32;
+    loop {
+        let room = offsets.pending() < cfg.max_pending;
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                while let Ok(s) = settled.try_recv() {
+                    offsets.settled(s.partition, s.offset);
+                }
+                commit(&consumer, &cfg.topic, offsets, CommitMode::Sync);
+                return Ok(());
+            }
+            s = settled.recv() => match s {
+                Some(s) => {
+                    offsets.settled(s.partition, s.offset);
+                }
+                // The gateway side is gone: nothing can be settled any more.
+                None => return Ok(()),
+            },
+            _ = tick.tick() => commit(&consumer, &cfg.topic, offsets, CommitMode::Async),
+            m = consumer.recv(), if room => match m {
+                Ok(m) => {
+                    errors = 0;
+                    let c = Consumed {
+                        topic: m.topic().to_string(),
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(<[u8]>::to_vec),
+                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        headers: m
+                            .headers()
+                            .map(|h| {
+                                h.iter()
+                                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                    };
+                    offsets.consumed(c.partition, c.offset);
+                    if out.send(c).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => {
+                    // Transient broker errors and a missing topic are reported and
+                    // retried here; the consumer keeps its position.
+                    errors += 1;
+                    if errors == 1 || errors.is_multiple_of(100) {
+                        tracing::warn!(topic = %cfg.topic, error = %e, "command consumer: read failed");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn commit(consumer: &StreamConsumer, topic: &str, offsets: &mut Offsets, mode: CommitMode) {
+    let moved = offsets.to_commit();
+    if moved.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (partition, pos) in &moved {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*pos)) {
+            tracing::warn!(topic, partition, error = %e, "command consumer: bad commit position");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        // Not fatal: the next commit carries a position at least as far; a crash before
+        // it re-delivers (at least once).
+        tracing::warn!(topic, error = %e, "command consumer: offset commit failed");
+        for (partition, _) in moved {
+            if let Some(p) = offsets.parts.get_mut(&partition) {
+                p.committed = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_stop_at_the_lowest_unsettled_command() {
+        let mut o = Offsets::default();
+        for off in 10..15 {
+            o.consumed(0, off);
+        }
+        o.consumed(1, 3);
+        assert_eq!(o.pending(), 6);
+        // Nothing settled: the positions are the first commands themselves.
+        assert_eq!(o.to_commit(), vec![(0, 10), (1, 3)]);
+        // 11 and 12 settled, 10 not: nothing moves past 10.
+        assert!(o.settled(0, 11));
+        assert!(o.settled(0, 12));
+        assert!(o.to_commit().is_empty());
+        assert!(o.settled(0, 10));
+        assert_eq!(o.to_commit(), vec![(0, 13)]);
+        assert!(!o.settled(0, 10), "settled twice");
+        assert!(!o.settled(7, 1), "never consumed");
+        assert!(o.settled(0, 13));
+        assert!(o.settled(0, 14));
+        assert!(o.settled(1, 3));
+        assert_eq!(o.to_commit(), vec![(0, 15), (1, 4)]);
+        assert!(o.to_commit().is_empty());
+        assert_eq!(o.pending(), 0);
+    }
+}

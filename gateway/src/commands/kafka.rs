@@ -1,0 +1,168 @@
+//! Commands from the Kafka command topic: record key = client id, value = payload (bytes
+//! as-is), optional headers `qos`, `expiry_secs`, `correlation_id`, `response_topic`,
+//! `content_type`; any other UTF-8 header is forwarded as an MQTT 5 user property.
+//!
+//! A record that cannot be a command (no key, a key that is not UTF-8, a header that
+//! does not parse) still gets an outcome, `rejected`, so that it is settled and its
+//! producer learns why.
+
+use std::sync::Arc;
+
+use bridge::commands::Consumed;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::{CommandRecord, CommandRequest, Source};
+use crate::message::now_ms;
+use crate::state::Shared;
+
+/// Issues every consumed command, in the order the consumer hands them over.
+pub async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Consumed>) {
+    while let Some(c) = rx.recv().await {
+        issue(&shared, c);
+    }
+}
+
+fn issue(shared: &Shared, c: Consumed) {
+    let commands = &shared.commands;
+    let source = Source::Kafka {
+        topic: c.topic.clone(),
+        partition: c.partition,
+        offset: c.offset,
+    };
+    let id = format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset);
+    match decode(&c) {
+        Ok(req) => {
+            commands.issue(shared, id, source, req, None);
+        }
+        Err(reason) => {
+            commands.metrics.received.inc("kafka");
+            tracing::warn!(topic = %c.topic, partition = c.partition, offset = c.offset, reason, "command record refused");
+            let client_id = c
+                .key
+                .as_deref()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default();
+            commands.refuse(
+                CommandRecord {
+                    id,
+                    client_id,
+                    correlation_id: None,
+                    source,
+                    issued_at_ms: now_ms(),
+                    qos: 0,
+                },
+                reason,
+            );
+        }
+    }
+}
+
+/// The command a record carries, or why it carries none.
+pub fn decode(c: &Consumed) -> Result<CommandRequest, &'static str> {
+    let client_id = match &c.key {
+        None => return Err("missing_key"),
+        Some(k) => String::from_utf8(k.clone()).map_err(|_| "key_not_utf8")?,
+    };
+    let mut req = CommandRequest {
+        client_id,
+        payload: Bytes::from(c.payload.clone()),
+        issued_at_ms: c
+            .timestamp_ms
+            .and_then(|t| u64::try_from(t).ok())
+            .filter(|t| *t > 0),
+        ..CommandRequest::default()
+    };
+    for (k, v) in &c.headers {
+        let text = || std::str::from_utf8(v).map(str::to_string);
+        match k.as_str() {
+            "qos" => {
+                let q = text().ok().and_then(|t| t.trim().parse::<u8>().ok());
+                req.qos = Some(q.filter(|q| *q <= 2).ok_or("bad_qos_header")?);
+            }
+            "expiry_secs" => {
+                let e = text().ok().and_then(|t| t.trim().parse::<u32>().ok());
+                req.expiry_secs = Some(e.ok_or("bad_expiry_header")?);
+            }
+            "correlation_id" => req.correlation_id = Some(text().map_err(|_| "bad_correlation_id_header")?),
+            "response_topic" => {
+                let t = text().map_err(|_| "bad_response_topic_header")?;
+                if t.is_empty() || t.contains(['+', '#', '\0']) {
+                    return Err("bad_response_topic_header");
+                }
+                req.response_topic = Some(t);
+            }
+            "content_type" => req.content_type = Some(text().map_err(|_| "bad_content_type_header")?),
+            _ => {
+                if let Ok(v) = text() {
+                    req.user_properties.push((k.clone(), v));
+                }
+            }
+        }
+    }
+    Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(key: Option<&[u8]>, headers: &[(&str, &[u8])]) -> Consumed {
+        Consumed {
+            topic: "vehicles.commands".into(),
+            partition: 2,
+            offset: 7,
+            key: key.map(<[u8]>::to_vec),
+            payload: b"unlock".to_vec(),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect(),
+            timestamp_ms: Some(1_700_000_000_000),
+        }
+    }
+
+    #[test]
+    fn headers_become_command_settings_and_user_properties() {
+        let r = decode(&rec(
+            Some(b"VIN1"),
+            &[
+                ("qos", b"2"),
+                ("expiry_secs", b"30"),
+                ("correlation_id", b"c-1"),
+                ("response_topic", b"vehicles/VIN1/replies"),
+                ("content_type", b"application/json"),
+                ("trace", b"abc"),
+            ],
+        ))
+        .expect("a command");
+        assert_eq!(r.client_id, "VIN1");
+        assert_eq!(&r.payload[..], b"unlock");
+        assert_eq!(r.qos, Some(2));
+        assert_eq!(r.expiry_secs, Some(30));
+        assert_eq!(r.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(r.response_topic.as_deref(), Some("vehicles/VIN1/replies"));
+        assert_eq!(r.content_type.as_deref(), Some("application/json"));
+        assert_eq!(r.user_properties, vec![("trace".to_string(), "abc".to_string())]);
+        assert_eq!(r.issued_at_ms, Some(1_700_000_000_000));
+    }
+
+    #[test]
+    fn records_that_are_not_commands_say_why() {
+        assert_eq!(decode(&rec(None, &[])).err(), Some("missing_key"));
+        assert_eq!(decode(&rec(Some(&[0xff, 0xfe]), &[])).err(), Some("key_not_utf8"));
+        assert_eq!(
+            decode(&rec(Some(b"v"), &[("qos", b"3")])).err(),
+            Some("bad_qos_header")
+        );
+        assert_eq!(
+            decode(&rec(Some(b"v"), &[("qos", b"x")])).err(),
+            Some("bad_qos_header")
+        );
+        assert_eq!(
+            decode(&rec(Some(b"v"), &[("expiry_secs", b"-1")])).err(),
+            Some("bad_expiry_header")
+        );
+        assert_eq!(
+            decode(&rec(Some(b"v"), &[("response_topic", b"a/#")])).err(),
+            Some("bad_response_topic_header")
+        );
+    }
+}

@@ -1,0 +1,246 @@
+//! Commands to vehicles: from the Kafka command topic (`kafka`), the admin REST API and
+//! operators' MQTT publishes, through the router into the vehicle's session, and the
+//! outcome of each back to Kafka (`outcome`).
+//!
+//! Invariants:
+//! - A command is an MQTT message on the vehicle's command topic (`commands.mqtt_topic`),
+//!   routed like any other: diagnostic subscribers see it too, the vehicle receives it at
+//!   min(command QoS, its granted QoS), and its per-vehicle order is the order the
+//!   gateway took the commands (Kafka: partition order, and commands are keyed by
+//!   client id).
+//! - Its outcome follows the vehicle's own session only, through a [`Ticket`] that
+//!   travels with the vehicle's copy (in memory and, for a persistent session, in the
+//!   store): exactly one final outcome per command, plus `queued` when it waits in an
+//!   offline session.
+//! - A command for a vehicle whose session this gateway does not hold is reported
+//!   `unknown_vehicle` by this gateway only with `commands.report_unknown` (see the
+//!   README, "Many gateways in a region"); otherwise it is settled without a record.
+
+pub mod kafka;
+pub mod outcome;
+pub mod ticket;
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::message::{now_ms, Message, MessageProperties};
+use crate::metrics::Labeled;
+use crate::router::CommandRoute;
+use crate::state::Shared;
+pub use outcome::Outcome;
+use outcome::{Report, Sink};
+pub use ticket::{CommandRecord, Progress, Source, Ticket};
+
+/// A command as a source hands it over, before the gateway decides anything.
+#[derive(Debug, Clone, Default)]
+pub struct CommandRequest {
+    pub client_id: String,
+    pub payload: Bytes,
+    /// `None`: `commands.default_qos`.
+    pub qos: Option<u8>,
+    /// `None`: `commands.default_expiry_secs`. 0 (here or there): no expiry.
+    pub expiry_secs: Option<u32>,
+    pub correlation_id: Option<String>,
+    pub response_topic: Option<String>,
+    pub content_type: Option<String>,
+    pub user_properties: Vec<(String, String)>,
+    /// When it was issued (ms since epoch); expiry counts from here. `None`: now.
+    pub issued_at_ms: Option<u64>,
+}
+
+/// Counters of the command path (rendered with `/metrics`).
+#[derive(Debug, Default)]
+pub struct CommandMetrics {
+    /// Commands taken, by source (`kafka`, `rest`, `mqtt`).
+    pub received: Labeled,
+    /// Outcome records journaled, by outcome.
+    pub outcomes: Labeled,
+    /// Outcome records that could not be journaled (`encode`, `journal`).
+    pub outcomes_failed: Labeled,
+}
+
+impl CommandMetrics {
+    pub fn render(&self, s: &mut String) {
+        let family = |s: &mut String, name: &str, help: &str, label: &str, l: &Labeled| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (k, v) in l.snapshot() {
+                let _ = writeln!(s, "{name}{{{label}=\"{k}\"}} {v}");
+            }
+        };
+        family(
+            s,
+            "gateway_commands_received_total",
+            "Commands taken, by source.",
+            "source",
+            &self.received,
+        );
+        family(
+            s,
+            "gateway_command_outcomes_total",
+            "Command outcome records journaled, by outcome.",
+            "outcome",
+            &self.outcomes,
+        );
+        family(
+            s,
+            "gateway_command_outcomes_failed_total",
+            "Command outcome records that could not be journaled (the command stays unsettled).",
+            "reason",
+            &self.outcomes_failed,
+        );
+    }
+}
+
+/// The command service every source goes through.
+#[derive(Debug)]
+pub struct Commands {
+    sink: Arc<Sink>,
+    /// The outcome task takes it at start.
+    reports: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
+    pub metrics: CommandMetrics,
+    /// REST and MQTT command ids: `<source>-<start ms>-<n>`, unique per gateway run.
+    next: AtomicU64,
+    started_ms: u64,
+}
+
+impl Default for Commands {
+    fn default() -> Self {
+        let (sink, rx) = Sink::new();
+        Commands {
+            sink,
+            reports: Mutex::new(Some(rx)),
+            metrics: CommandMetrics::default(),
+            next: AtomicU64::new(1),
+            started_ms: now_ms(),
+        }
+    }
+}
+
+impl Commands {
+    /// The outcome reports, once (for the outcome task).
+    pub fn take_reports(&self) -> Option<mpsc::UnboundedReceiver<Report>> {
+        self.reports.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Shutdown began: tickets dropped from now on are not outcomes.
+    pub fn close(&self) {
+        self.sink.close();
+    }
+
+    /// A ticket for a command restored from the store at start.
+    pub fn restore(&self, record: CommandRecord) -> Arc<Ticket> {
+        Ticket::new(record, None, self.sink.clone())
+    }
+
+    /// A fresh command id for a source without its own (REST, MQTT).
+    pub fn new_id(&self, source: &str) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{source}-{}-{n}", self.started_ms)
+    }
+
+    /// A ticket for a command that is refused before it is routed (malformed).
+    pub fn refuse(&self, record: CommandRecord, reason: &'static str) -> Arc<Ticket> {
+        let t = Ticket::new(record, None, self.sink.clone());
+        t.finish(Outcome::Rejected, Some(reason));
+        t
+    }
+
+    /// Issues a command: routes it to the vehicle's session (and any other subscriber of
+    /// its topic) and reports what it can at once. `waiter` is told every outcome once
+    /// its record is durable.
+    pub fn issue(
+        &self,
+        shared: &Shared,
+        id: String,
+        source: Source,
+        req: CommandRequest,
+        waiter: Option<watch::Sender<Option<Progress>>>,
+    ) -> Arc<Ticket> {
+        let cfg = &shared.cfg.commands;
+        let now = now_ms();
+        let issued_at_ms = req.issued_at_ms.unwrap_or(now);
+        let qos = req.qos.unwrap_or(cfg.default_qos);
+        self.metrics.received.inc(source.label());
+        let record = CommandRecord {
+            id,
+            client_id: req.client_id.clone(),
+            correlation_id: req.correlation_id.clone(),
+            source,
+            issued_at_ms,
+            qos: qos.min(2),
+        };
+        let ticket = Ticket::new(record, waiter, self.sink.clone());
+        if qos > 2 {
+            ticket.finish(Outcome::Rejected, Some("invalid_qos"));
+            return ticket;
+        }
+        if !valid_client_id(&req.client_id, shared.cfg.mqtt.max_client_id_len) {
+            ticket.finish(Outcome::Rejected, Some("invalid_client_id"));
+            return ticket;
+        }
+        let expiry_secs = req.expiry_secs.unwrap_or(cfg.default_expiry_secs);
+        let expires_at_ms = (expiry_secs > 0).then(|| issued_at_ms + u64::from(expiry_secs) * 1000);
+        if expires_at_ms.is_some_and(|t| t <= now) {
+            ticket.finish(Outcome::Expired, Some("expired_before_delivery"));
+            return ticket;
+        }
+        let Some(cell) = shared.registry.get(&req.client_id) else {
+            self.unknown(&ticket, cfg.report_unknown);
+            return ticket;
+        };
+        // Re-delivered by Kafka after a restart while the session still holds it (in its
+        // store-backed queue): the held copy reports its outcome; this one only settles.
+        if cell.holds_command(ticket.id()) {
+            ticket.settle_silently();
+            return ticket;
+        }
+        let msg = Arc::new(Message {
+            topic: cfg.mqtt_topic.replace("{client_id}", &req.client_id),
+            payload: req.payload,
+            qos,
+            retain: false,
+            props: MessageProperties {
+                payload_format_indicator: None,
+                content_type: req.content_type,
+                response_topic: req.response_topic,
+                correlation_data: req.correlation_id.map(Bytes::from),
+                user_properties: req.user_properties,
+            },
+            received_at_ms: now,
+            expires_at_ms,
+        });
+        let routed = shared.router.route_command(
+            &msg,
+            &ticket,
+            &shared.registry,
+            &shared.cfg.sessions,
+            &shared.store,
+            &shared.metrics,
+        );
+        match routed {
+            CommandRoute::Online => {}
+            CommandRoute::Offline { gen } => ticket.queued(gen),
+            CommandRoute::NotSubscribed => ticket.finish(Outcome::Rejected, Some("not_subscribed")),
+            CommandRoute::Dropped("session_gone") => self.unknown(&ticket, cfg.report_unknown),
+            CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
+        }
+        ticket
+    }
+
+    fn unknown(&self, ticket: &Ticket, report: bool) {
+        if report {
+            ticket.finish(Outcome::UnknownVehicle, None);
+        } else {
+            ticket.settle_silently();
+        }
+    }
+}
+
+/// A client id a command can be addressed to: one topic level of the command topic.
+fn valid_client_id(id: &str, max_len: usize) -> bool {
+    !id.is_empty() && id.len() <= max_len && !id.contains(['/', '+', '#', '\0'])
+}

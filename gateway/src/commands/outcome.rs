@@ -1,0 +1,308 @@
+//! Outcomes: what became of each command, journaled like telemetry and written to the
+//! outcome topic (keyed by client id), and what settles the command's source.
+//!
+//! Invariants:
+//! - An outcome record is appended to the journal before anything it settles: the
+//!   command's Kafka offset moves past it (and a REST caller is answered) only once the
+//!   record is durable. A crash in between re-delivers the command, never loses its
+//!   outcome.
+//! - One task appends outcome records in the order they were reported, so a command's
+//!   `queued` precedes its final outcome in Kafka.
+//! - The report channel is unbounded but fed only by tickets, and the command sources
+//!   bound how many tickets exist (`commands.max_pending` for Kafka; REST and MQTT
+//!   commands are bounded by the session queues they sit in).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bridge::commands::Settled;
+use bridge::{Entry, EntryKind, FullPolicy, Journal as _};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::ticket::{Progress, Source, TicketInfo};
+use crate::message::now_ms;
+use crate::state::Shared;
+
+/// What became of a command. All but `Queued` are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The vehicle acknowledged it (PUBACK / PUBCOMP); QoS 0: written to its socket.
+    Delivered,
+    /// Stored in the queue of the vehicle's offline session (not final).
+    Queued,
+    /// Its expiry passed before it could be delivered.
+    Expired,
+    /// Not delivered: offline queue overflow, QoS 0 to an offline vehicle, or the
+    /// session ended with the command still queued.
+    Dropped,
+    /// Refused: malformed, not allowed, too large for the vehicle, the vehicle is not
+    /// subscribed to its command topic, or the vehicle refused it (MQTT 5 PUBREC ≥ 0x80).
+    Rejected,
+    /// This gateway holds no session for the vehicle.
+    UnknownVehicle,
+}
+
+impl Outcome {
+    pub fn is_final(self) -> bool {
+        self != Outcome::Queued
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Delivered => "delivered",
+            Outcome::Queued => "queued",
+            Outcome::Expired => "expired",
+            Outcome::Dropped => "dropped",
+            Outcome::Rejected => "rejected",
+            Outcome::UnknownVehicle => "unknown_vehicle",
+        }
+    }
+}
+
+/// The JSON value of an outcome record.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct OutcomeRecord {
+    pub command_id: String,
+    pub client_id: String,
+    pub outcome: Outcome,
+    /// Why, for `dropped` / `rejected` / `expired` (a short label).
+    pub reason: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Where the command came from: `kafka`, `rest` or `mqtt`.
+    pub source: String,
+    /// For `kafka`: the command record's coordinates.
+    pub kafka: Option<KafkaCoordinates>,
+    /// For `mqtt`: the client id that published the command.
+    pub publisher: Option<String>,
+    pub qos: u8,
+    pub gateway_id: String,
+    /// When the gateway took the command, and when this outcome happened (ms since epoch).
+    pub issued_at_ms: u64,
+    pub at_ms: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KafkaCoordinates {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// One report from a ticket to the outcome task.
+#[derive(Debug)]
+pub struct Report {
+    pub info: Arc<TicketInfo>,
+    /// `None`: settle the source without writing a record.
+    pub outcome: Option<Outcome>,
+    pub reason: Option<&'static str>,
+    /// A store write that must be flushed first (`queued`).
+    pub store_gen: Option<u64>,
+}
+
+/// Where tickets report. Closed at shutdown: a ticket dropped then is not an outcome.
+#[derive(Debug)]
+pub struct Sink {
+    tx: mpsc::UnboundedSender<Report>,
+    closed: AtomicBool,
+}
+
+impl Sink {
+    pub fn new() -> (Arc<Sink>, mpsc::UnboundedReceiver<Report>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Arc::new(Sink {
+                tx,
+                closed: AtomicBool::new(false),
+            }),
+            rx,
+        )
+    }
+
+    pub(super) fn report(&self, r: Report) {
+        if self.tx.send(r).is_err() && !self.is_closed() {
+            warn!("command outcome reported after the outcome task ended");
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// Journals every reported outcome and settles its command once the record is durable.
+/// Runs until the sink's channel closes or, after shutdown, until what was reported is
+/// durable (bounded by `drain`).
+pub async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Report>,
+    settle: Option<mpsc::UnboundedSender<Settled>>,
+    drain: Duration,
+) {
+    let mut durable = shared.journal.durable();
+    let mut flushed = shared.store.flushed();
+    let mut waiting: VecDeque<(u64, Report)> = VecDeque::new();
+    let gateway_id = shared.cfg.gateway_id();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => break,
+            r = rx.recv() => {
+                let Some(r) = r else { break };
+                if let Some(gen) = r.store_gen {
+                    // A `queued` outcome waits for its queue entry to be flushed.
+                    let ok = flushed.wait_for(|g| *g >= gen);
+                    tokio::select! {
+                        _ = shared.shutdown.cancelled() => break,
+                        res = ok => if res.is_err() { break },
+                    }
+                }
+                match journal(&shared, &gateway_id, &r, &shared.shutdown).await {
+                    Some(seq) => waiting.push_back((seq, r)),
+                    None => continue,
+                }
+            }
+            changed = durable.changed() => if changed.is_err() { break },
+        }
+        release(&mut waiting, *durable.borrow_and_update(), settle.as_ref());
+    }
+    // Shutdown: what was reported before it is journaled and settled if it becomes
+    // durable within the drain time; anything later is re-delivered after the restart.
+    let _ = tokio::time::timeout(drain, async {
+        let never = CancellationToken::new();
+        while let Ok(r) = rx.try_recv() {
+            if r.store_gen.is_some_and(|g| *flushed.borrow() < g) {
+                continue;
+            }
+            if let Some(seq) = journal(&shared, &gateway_id, &r, &never).await {
+                waiting.push_back((seq, r));
+            }
+        }
+        while !waiting.is_empty() {
+            release(&mut waiting, *durable.borrow_and_update(), settle.as_ref());
+            if waiting.is_empty() || durable.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Appends the outcome record; the journal sequence to wait for (0: nothing appended,
+/// settle in order). `None`: the record could not be journaled (counted, logged) and
+/// its command stays unsettled, so Kafka re-delivers it after a restart.
+async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &CancellationToken) -> Option<u64> {
+    let Some(outcome) = r.outcome else {
+        return Some(0);
+    };
+    let c = &r.info.record;
+    let at_ms = now_ms();
+    let record = OutcomeRecord {
+        command_id: c.id.clone(),
+        client_id: c.client_id.clone(),
+        outcome,
+        reason: r.reason.map(str::to_string),
+        correlation_id: c.correlation_id.clone(),
+        source: c.source.label().to_string(),
+        kafka: match &c.source {
+            Source::Kafka {
+                topic,
+                partition,
+                offset,
+            } => Some(KafkaCoordinates {
+                topic: topic.clone(),
+                partition: *partition,
+                offset: *offset,
+            }),
+            _ => None,
+        },
+        publisher: match &c.source {
+            Source::Mqtt { publisher } => Some(publisher.clone()),
+            _ => None,
+        },
+        qos: c.qos,
+        gateway_id: gateway_id.to_string(),
+        issued_at_ms: c.issued_at_ms,
+        at_ms,
+    };
+    let metrics = &shared.commands.metrics;
+    let payload = match serde_json::to_vec(&record) {
+        Ok(p) => Bytes::from(p),
+        Err(e) => {
+            metrics.outcomes_failed.inc("encode");
+            warn!(command_id = %c.id, error = %e, "command outcome not encoded");
+            return None;
+        }
+    };
+    let entry = Entry {
+        kind: EntryKind::Outcome,
+        received_at_ms: at_ms,
+        qos: 1,
+        retain: false,
+        client_id: c.client_id.clone(),
+        topic: "$gateway/outcome".into(),
+        payload,
+        content_type: Some("application/json".into()),
+        message_expiry_secs: None,
+        user_properties: Vec::new(),
+    };
+    // Outcomes wait for journal space whatever `journal.full_policy` says for vehicles:
+    // an outcome refused would leave its command unsettled until a restart.
+    let appended = tokio::select! {
+        _ = stop.cancelled() => return None,
+        r = shared.journal.append_with(&entry, FullPolicy::Backpressure) => r,
+    };
+    match appended {
+        Ok(Some(seq)) => {
+            metrics.outcomes.inc(outcome.label());
+            Some(seq)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            metrics.outcomes_failed.inc("journal");
+            warn!(command_id = %c.id, client_id = %c.client_id, outcome = outcome.label(), error = %e, "command outcome not journaled; the command stays unsettled");
+            None
+        }
+    }
+}
+
+/// Settles, in report order, every command whose outcome record is durable.
+fn release(
+    waiting: &mut VecDeque<(u64, Report)>,
+    durable: u64,
+    settle: Option<&mpsc::UnboundedSender<Settled>>,
+) {
+    while waiting.front().is_some_and(|(seq, _)| *seq <= durable) {
+        let Some((_, r)) = waiting.pop_front() else {
+            break;
+        };
+        if let (
+            Some(tx),
+            Source::Kafka {
+                partition, offset, ..
+            },
+        ) = (settle, &r.info.record.source)
+        {
+            let _ = tx.send(Settled {
+                partition: *partition,
+                offset: *offset,
+            });
+        }
+        if let (Some(w), Some(outcome)) = (&r.info.waiter, r.outcome) {
+            w.send_replace(Some(Progress {
+                outcome,
+                reason: r.reason,
+            }));
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! A command's ticket: it travels with the message into the vehicle's session queue and
+//! reports what became of the command.
+//!
+//! Invariants:
+//! - Exactly one final outcome per ticket: the first final report wins, later ones are
+//!   ignored. `queued` is reported at most once and never after a final outcome.
+//! - A ticket dropped without a final outcome (its session was discarded or expired
+//!   with the command still queued) reports `dropped` from `Drop`, so no command ends
+//!   silently — except at shutdown, when the sink is closed: a command held in a
+//!   persistent session's store is still pending and is restored at the next start.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::outcome::{Outcome, Report, Sink};
+
+/// Where a command came from. (Kept in the store with bincode: no serde tagging.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
+    /// A record of the command topic: settled by committing past its offset.
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    /// `POST /api/v1/vehicles/{client_id}/commands`.
+    Rest,
+    /// An operator's PUBLISH to the vehicle's command topic.
+    Mqtt { publisher: String },
+}
+
+impl Source {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Source::Kafka { .. } => "kafka",
+            Source::Rest => "rest",
+            Source::Mqtt { .. } => "mqtt",
+        }
+    }
+}
+
+/// What a ticket says about its command; kept in the store with a queued command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    pub id: String,
+    pub client_id: String,
+    pub correlation_id: Option<String>,
+    pub source: Source,
+    pub issued_at_ms: u64,
+    pub qos: u8,
+}
+
+/// The latest word on a command, for REST callers waiting on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub outcome: Outcome,
+    pub reason: Option<&'static str>,
+}
+
+/// The immutable part of a ticket, shared with the outcome reports.
+#[derive(Debug)]
+pub struct TicketInfo {
+    pub record: CommandRecord,
+    /// Set for callers that wait (REST `?wait=delivered`); sent once the outcome record
+    /// is durable in the journal.
+    pub waiter: Option<watch::Sender<Option<Progress>>>,
+}
+
+const PENDING: u8 = 0;
+const QUEUED: u8 = 1;
+const FINAL: u8 = 2;
+
+#[derive(Debug)]
+pub struct Ticket {
+    pub info: Arc<TicketInfo>,
+    state: AtomicU8,
+    sink: Arc<Sink>,
+}
+
+impl Ticket {
+    pub(super) fn new(
+        record: CommandRecord,
+        waiter: Option<watch::Sender<Option<Progress>>>,
+        sink: Arc<Sink>,
+    ) -> Arc<Self> {
+        Arc::new(Ticket {
+            info: Arc::new(TicketInfo { record, waiter }),
+            state: AtomicU8::new(PENDING),
+            sink,
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.info.record.id
+    }
+
+    pub fn record(&self) -> CommandRecord {
+        self.info.record.clone()
+    }
+
+    /// The command reached a final outcome (the first call wins).
+    pub fn finish(&self, outcome: Outcome, reason: Option<&'static str>) {
+        debug_assert!(outcome.is_final());
+        if self.state.swap(FINAL, Ordering::AcqRel) == FINAL {
+            return;
+        }
+        self.sink.report(Report {
+            info: self.info.clone(),
+            outcome: Some(outcome),
+            reason,
+            store_gen: None,
+        });
+    }
+
+    /// The command is in an offline session's queue; reported once the store write
+    /// `store_gen` is flushed (then the Kafka offset may move past it).
+    pub fn queued(&self, store_gen: Option<u64>) {
+        if self
+            .state
+            .compare_exchange(PENDING, QUEUED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        self.sink.report(Report {
+            info: self.info.clone(),
+            outcome: Some(Outcome::Queued),
+            reason: None,
+            store_gen,
+        });
+    }
+
+    /// Nothing to report (this gateway does not hold the vehicle and another reports
+    /// `unknown_vehicle`): settles the source without an outcome record.
+    pub fn settle_silently(&self) {
+        if self.state.swap(FINAL, Ordering::AcqRel) == FINAL {
+            return;
+        }
+        self.sink.report(Report {
+            info: self.info.clone(),
+            outcome: None,
+            reason: None,
+            store_gen: None,
+        });
+    }
+
+    pub fn is_final(&self) -> bool {
+        self.state.load(Ordering::Acquire) == FINAL
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if *self.state.get_mut() != FINAL && !self.sink.is_closed() {
+            self.sink.report(Report {
+                info: self.info.clone(),
+                outcome: Some(Outcome::Dropped),
+                reason: Some("session_ended"),
+                store_gen: None,
+            });
+        }
+    }
+}
