@@ -52,6 +52,15 @@ pub struct CommandRequest {
     pub issued_at_ms: Option<u64>,
 }
 
+/// What issuing a command did at once.
+#[derive(Debug)]
+pub struct Issued {
+    pub ticket: Arc<Ticket>,
+    /// Where the vehicle's copy went, when it was routed (`None`: refused or unknown
+    /// before routing; the ticket has reported that outcome).
+    pub route: Option<CommandRoute>,
+}
+
 /// Counters of the command path (rendered with `/metrics`).
 #[derive(Debug, Default)]
 pub struct CommandMetrics {
@@ -159,7 +168,7 @@ impl Commands {
         source: Source,
         req: CommandRequest,
         waiter: Option<watch::Sender<Option<Progress>>>,
-    ) -> Arc<Ticket> {
+    ) -> Issued {
         let cfg = &shared.cfg.commands;
         let now = now_ms();
         let issued_at_ms = req.issued_at_ms.unwrap_or(now);
@@ -176,27 +185,27 @@ impl Commands {
         let ticket = Ticket::new(record, waiter, self.sink.clone());
         if qos > 2 {
             ticket.finish(Outcome::Rejected, Some("invalid_qos"));
-            return ticket;
+            return Issued { ticket, route: None };
         }
         if !valid_client_id(&req.client_id, shared.cfg.mqtt.max_client_id_len) {
             ticket.finish(Outcome::Rejected, Some("invalid_client_id"));
-            return ticket;
+            return Issued { ticket, route: None };
         }
         let expiry_secs = req.expiry_secs.unwrap_or(cfg.default_expiry_secs);
         let expires_at_ms = (expiry_secs > 0).then(|| issued_at_ms + u64::from(expiry_secs) * 1000);
         if expires_at_ms.is_some_and(|t| t <= now) {
             ticket.finish(Outcome::Expired, Some("expired_before_delivery"));
-            return ticket;
+            return Issued { ticket, route: None };
         }
         let Some(cell) = shared.registry.get(&req.client_id) else {
             self.unknown(&ticket, cfg.report_unknown);
-            return ticket;
+            return Issued { ticket, route: None };
         };
         // Re-delivered by Kafka after a restart while the session still holds it (in its
         // store-backed queue): the held copy reports its outcome; this one only settles.
         if cell.holds_command(ticket.id()) {
             ticket.settle_silently();
-            return ticket;
+            return Issued { ticket, route: None };
         }
         let msg = Arc::new(Message {
             topic: cfg.mqtt_topic.replace("{client_id}", &req.client_id),
@@ -213,7 +222,7 @@ impl Commands {
             received_at_ms: now,
             expires_at_ms,
         });
-        let routed = shared.router.route_command(
+        let route = shared.router.route_command(
             &msg,
             &ticket,
             &shared.registry,
@@ -221,14 +230,17 @@ impl Commands {
             &shared.store,
             &shared.metrics,
         );
-        match routed {
+        match route {
             CommandRoute::Online => {}
             CommandRoute::Offline { gen } => ticket.queued(gen),
             CommandRoute::NotSubscribed => ticket.finish(Outcome::Rejected, Some("not_subscribed")),
             CommandRoute::Dropped("session_gone") => self.unknown(&ticket, cfg.report_unknown),
             CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
         }
-        ticket
+        Issued {
+            ticket,
+            route: Some(route),
+        }
     }
 
     fn unknown(&self, ticket: &Ticket, report: bool) {

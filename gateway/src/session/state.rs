@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::commands::{Outcome, Ticket};
+use crate::commands::{CommandRecord, Outcome, Ticket};
 use crate::config::{QueueOverflow, SessionsSection};
 use crate::message::{now_ms, Message};
 use crate::metrics::Metrics;
@@ -772,6 +772,17 @@ impl SessionCell {
                 }
             }
         }
+    }
+
+    /// The commands the session holds, in delivery order: `(record, in_flight)`.
+    pub fn held_commands(&self) -> Vec<(CommandRecord, bool)> {
+        let st = self.lock();
+        let queued = st.out.queue.iter().map(|i| (i, false));
+        let inflight = st.out.inflight.iter().map(|i| (i, true));
+        inflight
+            .chain(queued)
+            .filter_map(|(i, f)| i.command.as_ref().map(|t| (t.record(), f)))
+            .collect()
     }
 
     /// Whether the session holds (queued or in flight) the command with this id.
