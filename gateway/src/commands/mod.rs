@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::message::{now_ms, Message, MessageProperties};
 use crate::metrics::Labeled;
-use crate::router::CommandRoute;
+use crate::router::{CommandRoute, Routed, SessionKey};
 use crate::state::Shared;
 pub use outcome::Outcome;
 use outcome::{Report, Sink};
@@ -222,25 +222,76 @@ impl Commands {
             received_at_ms: now,
             expires_at_ms,
         });
-        let route = shared.router.route_command(
-            &msg,
-            &ticket,
-            &shared.registry,
-            &shared.cfg.sessions,
-            &shared.store,
-            &shared.metrics,
-        );
-        match route {
-            CommandRoute::Online => {}
-            CommandRoute::Offline { gen } => ticket.queued(gen),
-            CommandRoute::NotSubscribed => ticket.finish(Outcome::Rejected, Some("not_subscribed")),
-            CommandRoute::Dropped("session_gone") => self.unknown(&ticket, cfg.report_unknown),
-            CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
-        }
+        let (_, route) = shared.router.route_command(&msg, None, &ticket, shared);
+        self.account(&ticket, route, cfg.report_unknown);
         Issued {
             ticket,
             route: Some(route),
         }
+    }
+
+    /// An operator's PUBLISH to a vehicle's command topic (`vehicle`): routed like any
+    /// message, with the vehicle's copy accounted for as a command. Returns what the
+    /// routing did, for the publisher's acknowledgement.
+    pub fn issue_published(
+        &self,
+        shared: &Shared,
+        msg: &Arc<Message>,
+        vehicle: &str,
+        publisher: &SessionKey,
+    ) -> Routed {
+        let correlation_id = msg
+            .props
+            .correlation_data
+            .as_ref()
+            .map(|c| String::from_utf8_lossy(c).into_owned());
+        let record = CommandRecord {
+            id: self.new_id("mqtt"),
+            client_id: vehicle.to_string(),
+            correlation_id,
+            source: Source::Mqtt {
+                publisher: publisher.id.to_string(),
+            },
+            issued_at_ms: msg.received_at_ms,
+            qos: msg.qos,
+        };
+        self.metrics.received.inc("mqtt");
+        let ticket = Ticket::new(record, None, self.sink.clone());
+        let report = shared.cfg.commands.report_unknown;
+        if shared.registry.get(vehicle).is_none() {
+            // Still routed: diagnostic subscribers of the topic get it.
+            self.unknown(&ticket, report);
+            return shared.router.route(
+                msg,
+                Some(publisher),
+                &shared.registry,
+                &shared.cfg.sessions,
+                &shared.store,
+                &shared.metrics,
+            );
+        }
+        let (routed, route) = shared.router.route_command(msg, Some(publisher), &ticket, shared);
+        self.account(&ticket, route, report);
+        routed
+    }
+
+    /// The outcome routing decided at once (or none yet, for a connected vehicle).
+    fn account(&self, ticket: &Ticket, route: CommandRoute, report_unknown: bool) {
+        match route {
+            CommandRoute::Online => {}
+            CommandRoute::Offline { gen } => ticket.queued(gen),
+            CommandRoute::NotSubscribed => ticket.finish(Outcome::Rejected, Some("not_subscribed")),
+            CommandRoute::Dropped("session_gone") => self.unknown(ticket, report_unknown),
+            CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
+        }
+    }
+
+    /// The vehicle `commands.mqtt_topic` names in `topic`, if `topic` is a command
+    /// topic (the template's `{client_id}` matched exactly one topic level).
+    pub fn vehicle_of<'t>(template: &str, topic: &'t str) -> Option<&'t str> {
+        let (prefix, suffix) = template.split_once("{client_id}")?;
+        let id = topic.strip_prefix(prefix)?.strip_suffix(suffix)?;
+        (!id.is_empty() && !id.contains('/')).then_some(id)
     }
 
     fn unknown(&self, ticket: &Ticket, report: bool) {
@@ -255,4 +306,20 @@ impl Commands {
 /// A client id a command can be addressed to: one topic level of the command topic.
 fn valid_client_id(id: &str, max_len: usize) -> bool {
     !id.is_empty() && id.len() <= max_len && !id.contains(['/', '+', '#', '\0'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_topics_name_one_vehicle_level() {
+        let t = "vehicles/{client_id}/commands";
+        assert_eq!(Commands::vehicle_of(t, "vehicles/VIN1/commands"), Some("VIN1"));
+        assert_eq!(Commands::vehicle_of(t, "vehicles/a/b/commands"), None);
+        assert_eq!(Commands::vehicle_of(t, "vehicles//commands"), None);
+        assert_eq!(Commands::vehicle_of(t, "vehicles/VIN1/commands/x"), None);
+        assert_eq!(Commands::vehicle_of(t, "fleet/VIN1/commands"), None);
+        assert_eq!(Commands::vehicle_of("cmd/{client_id}", "cmd/VIN2"), Some("VIN2"));
+    }
 }

@@ -29,6 +29,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::session::state::{store_failed, Offer, OutItem};
+use crate::state::Shared;
 use crate::store::Store;
 use retained::RetainedIndex;
 use trie::Presence;
@@ -181,23 +182,22 @@ impl Router {
     }
 
     /// Routes a command like any message (diagnostic subscribers see it too); the
-    /// vehicle's own copy carries `ticket`. Says what became of that copy.
+    /// vehicle's own copy carries `ticket`. Says what routing did and what became of
+    /// the vehicle's copy.
     pub fn route_command(
         &self,
         msg: &Arc<Message>,
+        publisher: Option<&SessionKey>,
         ticket: &Arc<Ticket>,
-        registry: &Registry,
-        limits: &SessionsSection,
-        store: &Store,
-        metrics: &Metrics,
-    ) -> CommandRoute {
+        shared: &Shared,
+    ) -> (Routed, CommandRoute) {
         let ctx = Ctx {
-            registry,
-            limits,
-            store,
-            metrics,
+            registry: &shared.registry,
+            limits: &shared.cfg.sessions,
+            store: &shared.store,
+            metrics: &shared.metrics,
         };
-        self.offer_all(msg, None, Some(ticket), &ctx).1
+        self.offer_all(msg, publisher, Some(ticket), &ctx)
     }
 
     fn offer_all(

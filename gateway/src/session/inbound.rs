@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use super::{AckKind, Close, ReadReady, Session, MAX_STORED_TOPIC_BYTES, PUBLISH_BURST, STORE_WAIT};
+use crate::commands::Commands;
 use crate::message::{now_ms, Message};
 use crate::mqtt::codec::Granted;
 use crate::mqtt::packet::SubscribeFilter;
@@ -491,7 +492,12 @@ where
             }
         }
         let now = now_ms();
-        let local = p.retain || shared.router.subscriptions() > 0;
+        // An operator's publish to a vehicle's command topic is a command: its copy for
+        // the vehicle reports an outcome like a command from Kafka or REST. A vehicle
+        // publishing to its own command topic is not commanding itself.
+        let vehicle =
+            Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic).filter(|v| *v != &*self.client_id);
+        let local = p.retain || vehicle.is_some() || shared.router.subscriptions() > 0;
         let msg = local.then(|| {
             Arc::new(Message {
                 topic: topic.clone(),
@@ -566,14 +572,18 @@ where
         }
         let mut matched = 0;
         if let Some(msg) = &msg {
-            let routed = shared.router.route(
-                msg,
-                Some(&self.cell.key()),
-                &shared.registry,
-                &shared.cfg.sessions,
-                &shared.store,
-                metrics,
-            );
+            let key = self.cell.key();
+            let routed = match vehicle {
+                Some(v) => shared.commands.issue_published(&shared, msg, v, &key),
+                None => shared.router.route(
+                    msg,
+                    Some(&key),
+                    &shared.registry,
+                    &shared.cfg.sessions,
+                    &shared.store,
+                    metrics,
+                ),
+            };
             matched = routed.matched;
             if let Some(g) = routed.gen {
                 self.last_gen = self.last_gen.max(g);
