@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod embedded;
+pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod journal;

@@ -106,7 +106,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::journal::{Journal, JournalError, Record};
+use crate::journal::{EntryKind, Journal, JournalError, Record};
 use crate::parked::{ParkedError, ParkedStore};
 use crate::routes::Routes;
 
@@ -1135,10 +1135,46 @@ impl<'p, J: Journal> Pump<'p, J> {
     }
 }
 
+/// A handed-over command is a command record like any other (headers `qos`,
+/// `expiry_secs`, `correlation_id`, ... are its user properties), plus where it was
+/// journaled, so that a replay can be recognised.
+fn command_headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders {
+    let e = &rec.entry;
+    let qos = e.qos.to_string();
+    let seq = rec.seq.to_string();
+    let mut h = OwnedHeaders::new_with_capacity(4 + e.user_properties.len())
+        .insert(Header {
+            key: "qos",
+            value: Some(&qos),
+        })
+        .insert(Header {
+            key: "gateway.id",
+            value: Some(gateway_id),
+        })
+        .insert(Header {
+            key: "gateway.journal",
+            value: Some(journal_id),
+        })
+        .insert(Header {
+            key: "gateway.seq",
+            value: Some(&seq),
+        });
+    for (k, v) in &e.user_properties {
+        h = h.insert(Header {
+            key: k,
+            value: Some(v),
+        });
+    }
+    h
+}
+
 /// Kafka headers carried by every record: where it came from (gateway, journal and
 /// sequence, for exact de-duplication) and the MQTT 5 metadata.
 pub fn headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders {
     let e = &rec.entry;
+    if e.kind == EntryKind::Command {
+        return command_headers(rec, gateway_id, journal_id);
+    }
     let qos = e.qos.to_string();
     let received = e.received_at_ms.to_string();
     let seq = rec.seq.to_string();

@@ -41,6 +41,8 @@ pub struct EventTopics {
     pub presence: Option<String>,
     /// `[commands] outcome_topic`: what became of each command.
     pub outcomes: Option<String>,
+    /// `[commands] kafka_topic`: commands handed over to the gateway holding the vehicle.
+    pub commands: Option<String>,
 }
 
 /// Destination of one message.
@@ -83,6 +85,7 @@ impl Routes {
             EntryKind::Message => self.resolve(&e.client_id, &e.topic),
             EntryKind::Presence => event(&self.events.presence),
             EntryKind::Outcome => event(&self.events.outcomes),
+            EntryKind::Command => event(&self.events.commands),
         }
     }
 
@@ -94,6 +97,7 @@ impl Routes {
         }
         t.extend(self.events.presence.iter().cloned());
         t.extend(self.events.outcomes.iter().cloned());
+        t.extend(self.events.commands.iter().cloned());
         t.sort();
         t.dedup();
         t
@@ -184,6 +188,7 @@ mod tests {
             events: EventTopics {
                 presence: Some("presence".into()),
                 outcomes: None,
+                commands: None,
             },
             routes: vec![],
             unmatched: Unmatched::DefaultTopic("unrouted".into()),

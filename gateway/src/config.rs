@@ -195,6 +195,14 @@ pub struct CommandsSection {
     /// holds no session for. With several gateways in a region, exactly one should
     /// (the others stay silent for vehicles they do not hold).
     pub report_unknown: bool,
+    /// With several gateways: how long the reporter waits before deciding a vehicle is
+    /// unknown, so that one that just connected elsewhere is not reported before its
+    /// presence event arrives. 0 (one gateway): at once.
+    pub unknown_grace_ms: u64,
+    /// Several gateways serve the region: follow the presence topic, so that commands
+    /// queued here follow a vehicle that moved to another gateway, and the reporter
+    /// knows which vehicles other gateways hold. Needs `[presence] enabled`.
+    pub many_gateways: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -399,6 +407,8 @@ impl Default for CommandsSection {
             outcome_topic: "vehicles.command-outcomes".into(),
             max_pending: 10_000,
             report_unknown: true,
+            unknown_grace_ms: 0,
+            many_gateways: false,
         }
     }
 }
@@ -753,6 +763,12 @@ impl Config {
         if c.max_pending == 0 {
             p.push(problem("commands.max_pending", "must be at least 1"));
         }
+        if c.many_gateways && !self.presence.enabled {
+            p.push(problem(
+                "commands.many_gateways",
+                "needs [presence] enabled = true: gateways learn where vehicles are from the presence topic",
+            ));
+        }
         match k.unmatched.as_str() {
             "refuse" => {}
             "default_topic" if valid_kafka_topic(&k.default_topic) => {}
@@ -1073,6 +1089,7 @@ impl Config {
             events: bridge::routes::EventTopics {
                 presence: self.presence.enabled.then(|| self.presence.kafka_topic.clone()),
                 outcomes: Some(self.commands.outcome_topic.clone()),
+                commands: self.commands.enabled.then(|| self.commands.kafka_topic.clone()),
             },
         }
     }

@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use crate::message::now_ms;
 use crate::metrics::Metrics;
 use crate::router::{Router, SessionKey};
-use crate::session::state::{DelayedWill, Owner, SessionCell, SessionState};
+use crate::session::state::{DelayedWill, OutItem, Owner, SessionCell, SessionState};
 use crate::store::Store;
 
 #[derive(Default, Debug)]
@@ -248,6 +248,59 @@ impl Registry {
         }
         wills
     }
+}
+
+impl Registry {
+    /// The vehicle connected to another gateway at `since_ms` and this gateway holds its
+    /// session offline, left before then: the session moved. Returns the command copies
+    /// it holds (queued and in flight, in delivery order) for handing over; `None` when
+    /// the session is not (or no longer) one that moved.
+    pub fn moved_commands(&self, client_id: &str, since_ms: u64) -> Option<Vec<OutItem>> {
+        let cell = self.get(client_id)?;
+        let st = cell.lock();
+        if !moved(&st, since_ms) {
+            return None;
+        }
+        let items = st.out.inflight.iter().chain(st.out.queue.iter());
+        Some(items.filter(|i| i.command.is_some()).cloned().collect())
+    }
+
+    /// Ends a session that moved to another gateway (see [`Registry::moved_commands`]),
+    /// once its commands were handed over. A Will waiting for its delay is cancelled:
+    /// the vehicle is back, elsewhere. False when the session came back here meanwhile.
+    pub fn discard_moved(
+        &self,
+        client_id: &str,
+        since_ms: u64,
+        router: &Router,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> bool {
+        let Some(cell) = self.get(client_id) else {
+            return false;
+        };
+        let mut map = self.write();
+        let mut st = cell.lock();
+        if !moved(&st, since_ms) {
+            return false;
+        }
+        if map.get(&cell.client_id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            map.remove(&cell.client_id);
+        }
+        if let Some(w) = st.delayed_will.take() {
+            w.cancel.cancel();
+        }
+        let filters = discard(&cell, &mut st, store, metrics);
+        drop(st);
+        drop(map);
+        unroute(router, &cell.key(), filters);
+        true
+    }
+}
+
+/// An offline, live session its vehicle left before `since_ms`.
+fn moved(st: &SessionState, since_ms: u64) -> bool {
+    st.owner.is_none() && !st.gone && st.disconnected_at_ms.is_some_and(|t| t <= since_ms)
 }
 
 fn persistent_gauge(metrics: &Metrics, was: bool, now: bool) {

@@ -46,9 +46,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         if !cfg.kafka.dead_letter_topic.is_empty() {
             topics.push(cfg.kafka.dead_letter_topic.clone());
         }
-        if cfg.commands.enabled {
-            topics.push(cfg.commands.kafka_topic.clone());
-        }
         let kafka = EmbeddedKafka::start(&topics, cfg.kafka.embedded_partitions)
             .map_err(|e| anyhow::anyhow!("kafka.bootstrap = \"embedded\": {e}"))?;
         warn!(
@@ -239,6 +236,17 @@ fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHan
         return tokio::spawn(async {});
     };
     let drain = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
+    if cfg.commands.many_gateways {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(bridge::feed::run(
+            bootstrap.to_string(),
+            cfg.presence.kafka_topic.clone(),
+            cfg.kafka.properties.clone(),
+            tx,
+            shared.shutdown.clone(),
+        ));
+        tokio::spawn(commands::region::follow(shared.clone(), rx));
+    }
     if !cfg.commands.enabled {
         return tokio::spawn(outcome::run(shared.clone(), reports, None, drain));
     }

@@ -3,8 +3,9 @@
 //! ```text
 //! frame  = len:u32le  crc:u32le  body[len]          crc = CRC32C(body)
 //! body   = seq:u64le  received_at_ms:u64le  qos:u8  flags:u8
-//!          (flags: 1 content type, 2 expiry, 4 retain, bits 3-4 the kind:
-//!           0 an MQTT message, 1 a presence event, 2 a command outcome)
+//!          (flags: 1 content type, 2 expiry, 4 retain, bits 3-5 the kind:
+//!           0 an MQTT message, 1 a presence event, 2 a command outcome,
+//!           3 a command handed to another gateway)
 //!          client_id:str16  topic:str16
 //!          [content_type:str16]        (flags & HAS_CONTENT_TYPE)
 //!          [message_expiry_secs:u32le] (flags & HAS_EXPIRY)
@@ -28,7 +29,7 @@ const HAS_CONTENT_TYPE: u8 = 1;
 const HAS_EXPIRY: u8 = 2;
 const RETAIN: u8 = 4;
 const KIND_SHIFT: u8 = 3;
-const KIND_MASK: u8 = 0b11 << KIND_SHIFT;
+const KIND_MASK: u8 = 0b111 << KIND_SHIFT;
 
 /// What a journal record is. Vehicles' messages go where `[[routes]]` say; the
 /// gateway's own events (presence, command outcomes) go to their configured topics,
@@ -43,6 +44,9 @@ pub enum EntryKind {
     Presence,
     /// The final (or `queued`) outcome of a command (JSON payload).
     Outcome,
+    /// A command written back to the command topic for the gateway that now holds the
+    /// vehicle (its user properties are the command's Kafka headers).
+    Command,
 }
 
 impl EntryKind {
@@ -51,6 +55,7 @@ impl EntryKind {
             EntryKind::Message => 0,
             EntryKind::Presence => 1 << KIND_SHIFT,
             EntryKind::Outcome => 2 << KIND_SHIFT,
+            EntryKind::Command => 3 << KIND_SHIFT,
         }
     }
 
@@ -59,6 +64,7 @@ impl EntryKind {
             0 => Some(EntryKind::Message),
             1 => Some(EntryKind::Presence),
             2 => Some(EntryKind::Outcome),
+            3 => Some(EntryKind::Command),
             _ => None,
         }
     }
@@ -358,7 +364,12 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips_and_an_unknown_kind_is_refused() {
-        for kind in [EntryKind::Message, EntryKind::Presence, EntryKind::Outcome] {
+        for kind in [
+            EntryKind::Message,
+            EntryKind::Presence,
+            EntryKind::Outcome,
+            EntryKind::Command,
+        ] {
             let e = Entry { kind, ..entry() };
             let mut buf = Vec::new();
             encode(&mut buf, 3, &e).expect("encodes");
@@ -367,7 +378,7 @@ mod tests {
                 other => panic!("expected a record, got {other:?}"),
             }
         }
-        // Kind 3 does not exist: a record claiming it is not guessed at.
+        // Kind 7 does not exist: a record claiming it is not guessed at.
         let mut buf = Vec::new();
         encode(&mut buf, 3, &entry()).expect("encodes");
         let flags = FRAME_HEADER + 8 + 8 + 1;

@@ -1,6 +1,9 @@
 //! Commands from the Kafka command topic: record key = client id, value = payload (bytes
 //! as-is), optional headers `qos`, `expiry_secs`, `correlation_id`, `response_topic`,
-//! `content_type`; any other UTF-8 header is forwarded as an MQTT 5 user property.
+//! `content_type`; any other UTF-8 header is forwarded as an MQTT 5 user property,
+//! except `gateway.*` and `mqtt.*` (the gateway's own bookkeeping). A command another
+//! gateway handed over (see `region`) also carries `command_id` and `issued_at_ms`, so
+//! it keeps its identity and its expiry.
 //!
 //! A record that cannot be a command (no key, a key that is not UTF-8, a header that
 //! does not parse) still gets an outcome, `rejected`, so that it is settled and its
@@ -23,7 +26,7 @@ pub async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Consumed>) {
     }
 }
 
-fn issue(shared: &Shared, c: Consumed) {
+fn issue(shared: &Arc<Shared>, c: Consumed) {
     let commands = &shared.commands;
     let source = Source::Kafka {
         topic: c.topic.clone(),
@@ -32,8 +35,8 @@ fn issue(shared: &Shared, c: Consumed) {
     };
     let id = format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset);
     match decode(&c) {
-        Ok(req) => {
-            commands.issue(shared, id, source, req, None);
+        Ok((req, handed_over_id)) => {
+            commands.issue(shared, handed_over_id.unwrap_or(id), source, req, None);
         }
         Err(reason) => {
             commands.metrics.received.inc("kafka");
@@ -58,8 +61,9 @@ fn issue(shared: &Shared, c: Consumed) {
     }
 }
 
-/// The command a record carries, or why it carries none.
-pub fn decode(c: &Consumed) -> Result<CommandRequest, &'static str> {
+/// The command a record carries (and the id it was given before it was handed over),
+/// or why it carries none.
+pub fn decode(c: &Consumed) -> Result<(CommandRequest, Option<String>), &'static str> {
     let client_id = match &c.key {
         None => return Err("missing_key"),
         Some(k) => String::from_utf8(k.clone()).map_err(|_| "key_not_utf8")?,
@@ -73,6 +77,7 @@ pub fn decode(c: &Consumed) -> Result<CommandRequest, &'static str> {
             .filter(|t| *t > 0),
         ..CommandRequest::default()
     };
+    let mut id = None;
     for (k, v) in &c.headers {
         let text = || std::str::from_utf8(v).map(str::to_string);
         match k.as_str() {
@@ -93,6 +98,12 @@ pub fn decode(c: &Consumed) -> Result<CommandRequest, &'static str> {
                 req.response_topic = Some(t);
             }
             "content_type" => req.content_type = Some(text().map_err(|_| "bad_content_type_header")?),
+            "command_id" => id = Some(text().map_err(|_| "bad_command_id_header")?),
+            "issued_at_ms" => {
+                let t = text().ok().and_then(|t| t.trim().parse::<u64>().ok());
+                req.issued_at_ms = Some(t.ok_or("bad_issued_at_ms_header")?);
+            }
+            _ if k.starts_with("gateway.") || k.starts_with("mqtt.") => {}
             _ => {
                 if let Ok(v) = text() {
                     req.user_properties.push((k.clone(), v));
@@ -100,7 +111,7 @@ pub fn decode(c: &Consumed) -> Result<CommandRequest, &'static str> {
             }
         }
     }
-    Ok(req)
+    Ok((req, id))
 }
 
 #[cfg(test)]
@@ -132,7 +143,8 @@ mod tests {
                 ("trace", b"abc"),
             ],
         ))
-        .expect("a command");
+        .expect("a command")
+        .0;
         assert_eq!(r.client_id, "VIN1");
         assert_eq!(&r.payload[..], b"unlock");
         assert_eq!(r.qos, Some(2));
@@ -142,6 +154,24 @@ mod tests {
         assert_eq!(r.content_type.as_deref(), Some("application/json"));
         assert_eq!(r.user_properties, vec![("trace".to_string(), "abc".to_string())]);
         assert_eq!(r.issued_at_ms, Some(1_700_000_000_000));
+    }
+
+    #[test]
+    fn a_handed_over_command_keeps_its_id_and_issue_time_and_drops_bookkeeping() {
+        let (r, id) = decode(&rec(
+            Some(b"VIN1"),
+            &[
+                ("command_id", b"kafka:vehicles.commands:0:3"),
+                ("issued_at_ms", b"1600000000000"),
+                ("gateway.seq", b"42"),
+                ("gateway.handed_over_from", b"gw-a"),
+                ("mqtt.topic", b"vehicles/VIN1/commands"),
+            ],
+        ))
+        .expect("a command");
+        assert_eq!(id.as_deref(), Some("kafka:vehicles.commands:0:3"));
+        assert_eq!(r.issued_at_ms, Some(1_600_000_000_000));
+        assert!(r.user_properties.is_empty(), "{:?}", r.user_properties);
     }
 
     #[test]

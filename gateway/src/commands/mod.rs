@@ -18,6 +18,7 @@
 
 pub mod kafka;
 pub mod outcome;
+pub mod region;
 pub mod ticket;
 
 use std::fmt::Write as _;
@@ -111,6 +112,8 @@ pub struct Commands {
     /// The outcome task takes it at start.
     reports: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
     pub metrics: CommandMetrics,
+    /// Who holds the vehicles this gateway does not (see [`region`]).
+    pub region: region::Region,
     /// REST and MQTT command ids: `<source>-<start ms>-<n>`, unique per gateway run.
     next: AtomicU64,
     started_ms: u64,
@@ -123,6 +126,7 @@ impl Default for Commands {
             sink,
             reports: Mutex::new(Some(rx)),
             metrics: CommandMetrics::default(),
+            region: region::Region::default(),
             next: AtomicU64::new(1),
             started_ms: now_ms(),
         }
@@ -163,7 +167,7 @@ impl Commands {
     /// its record is durable.
     pub fn issue(
         &self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         id: String,
         source: Source,
         req: CommandRequest,
@@ -197,16 +201,6 @@ impl Commands {
             ticket.finish(Outcome::Expired, Some("expired_before_delivery"));
             return Issued { ticket, route: None };
         }
-        let Some(cell) = shared.registry.get(&req.client_id) else {
-            self.unknown(&ticket, cfg.report_unknown);
-            return Issued { ticket, route: None };
-        };
-        // Re-delivered by Kafka after a restart while the session still holds it (in its
-        // store-backed queue): the held copy reports its outcome; this one only settles.
-        if cell.holds_command(ticket.id()) {
-            ticket.settle_silently();
-            return Issued { ticket, route: None };
-        }
         let msg = Arc::new(Message {
             topic: cfg.mqtt_topic.replace("{client_id}", &req.client_id),
             payload: req.payload,
@@ -222,12 +216,8 @@ impl Commands {
             received_at_ms: now,
             expires_at_ms,
         });
-        let (_, route) = shared.router.route_command(&msg, None, &ticket, shared);
-        self.account(&ticket, route, cfg.report_unknown);
-        Issued {
-            ticket,
-            route: Some(route),
-        }
+        let (_, route) = self.place(shared, &ticket, &msg, None, true);
+        Issued { ticket, route }
     }
 
     /// An operator's PUBLISH to a vehicle's command topic (`vehicle`): routed like any
@@ -235,7 +225,7 @@ impl Commands {
     /// routing did, for the publisher's acknowledgement.
     pub fn issue_published(
         &self,
-        shared: &Shared,
+        shared: &Arc<Shared>,
         msg: &Arc<Message>,
         vehicle: &str,
         publisher: &SessionKey,
@@ -257,33 +247,72 @@ impl Commands {
         };
         self.metrics.received.inc("mqtt");
         let ticket = Ticket::new(record, None, self.sink.clone());
-        let report = shared.cfg.commands.report_unknown;
-        if shared.registry.get(vehicle).is_none() {
+        self.place(shared, &ticket, msg, Some(publisher), true).0
+    }
+
+    /// Routes `msg` with the vehicle's copy carrying `ticket`, and reports what routing
+    /// decided at once. A vehicle this gateway does not hold is left to the region rule.
+    fn place(
+        &self,
+        shared: &Arc<Shared>,
+        ticket: &Arc<Ticket>,
+        msg: &Arc<Message>,
+        publisher: Option<&SessionKey>,
+        may_wait: bool,
+    ) -> (Routed, Option<CommandRoute>) {
+        let client_id = &ticket.info.record.client_id;
+        let Some(cell) = shared.registry.get(client_id) else {
             // Still routed: diagnostic subscribers of the topic get it.
-            self.unknown(&ticket, report);
-            return shared.router.route(
+            let routed = shared.router.route(
                 msg,
-                Some(publisher),
+                publisher,
                 &shared.registry,
                 &shared.cfg.sessions,
                 &shared.store,
                 &shared.metrics,
             );
+            self.not_held(shared, ticket, msg, may_wait);
+            return (routed, None);
+        };
+        // Re-delivered by Kafka after a restart while the session still holds it (in its
+        // store-backed queue): the held copy reports its outcome; this one only settles.
+        if cell.holds_command(ticket.id()) {
+            ticket.settle_silently();
+            return (Routed::default(), None);
         }
-        let (routed, route) = shared.router.route_command(msg, Some(publisher), &ticket, shared);
-        self.account(&ticket, route, report);
-        routed
-    }
-
-    /// The outcome routing decided at once (or none yet, for a connected vehicle).
-    fn account(&self, ticket: &Ticket, route: CommandRoute, report_unknown: bool) {
+        let (routed, route) = shared.router.route_command(msg, publisher, ticket, shared);
         match route {
             CommandRoute::Online => {}
             CommandRoute::Offline { gen } => ticket.queued(gen),
             CommandRoute::NotSubscribed => ticket.finish(Outcome::Rejected, Some("not_subscribed")),
-            CommandRoute::Dropped("session_gone") => self.unknown(ticket, report_unknown),
+            CommandRoute::Dropped("session_gone") => self.not_held(shared, ticket, msg, may_wait),
             CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
         }
+        (routed, Some(route))
+    }
+
+    /// This gateway holds no session for the command's vehicle: silent unless it is
+    /// the region's reporter and no other gateway holds the vehicle either. The
+    /// reporter decides after `commands.unknown_grace_ms` (and delivers after all if
+    /// the vehicle connected here meanwhile).
+    fn not_held(&self, shared: &Arc<Shared>, ticket: &Arc<Ticket>, msg: &Arc<Message>, may_wait: bool) {
+        let cfg = &shared.cfg.commands;
+        let client_id = &ticket.info.record.client_id;
+        if !cfg.report_unknown || self.region.held_by(client_id).is_some() {
+            ticket.settle_silently();
+            return;
+        }
+        if !may_wait || cfg.unknown_grace_ms == 0 {
+            ticket.finish(Outcome::UnknownVehicle, None);
+            return;
+        }
+        let (shared, ticket, msg) = (shared.clone(), ticket.clone(), msg.clone());
+        let grace = std::time::Duration::from_millis(cfg.unknown_grace_ms);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let commands = &shared.commands;
+            commands.place(&shared, &ticket, &msg, None, false);
+        });
     }
 
     /// The vehicle `commands.mqtt_topic` names in `topic`, if `topic` is a command
@@ -292,14 +321,6 @@ impl Commands {
         let (prefix, suffix) = template.split_once("{client_id}")?;
         let id = topic.strip_prefix(prefix)?.strip_suffix(suffix)?;
         (!id.is_empty() && !id.contains('/')).then_some(id)
-    }
-
-    fn unknown(&self, ticket: &Ticket, report: bool) {
-        if report {
-            ticket.finish(Outcome::UnknownVehicle, None);
-        } else {
-            ticket.settle_silently();
-        }
     }
 }
 

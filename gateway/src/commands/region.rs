@@ -1,0 +1,211 @@
+//! Many gateways in a region: which gateway acts on a command, and how queued commands
+//! follow a vehicle that moved to another gateway.
+//!
+//! The rule (README, "Many gateways in a region"):
+//! - Every gateway reads every command (its own consumer group) and acts only for the
+//!   sessions it holds. A gateway that does not hold the vehicle stays silent, except
+//!   the one with `commands.report_unknown = true`, which reports `unknown_vehicle`
+//!   when no gateway holds it: it follows the presence topic and keeps, for vehicles
+//!   held by other gateways, who holds them (connected there, or disconnected there with
+//!   the session kept). It decides after `commands.unknown_grace_ms`, so that a vehicle
+//!   that just connected elsewhere is not reported before its presence event arrives.
+//! - Every gateway follows the presence topic: when a vehicle whose session this
+//!   gateway holds offline connects to another gateway, the session moved. The commands
+//!   it holds are journaled back to the command topic (`EntryKind::Command`, same key,
+//!   original command id and issue time), where the gateway that now holds the vehicle
+//!   picks them up; once those records are durable the old session is discarded. Other
+//!   messages queued in it are not handed over (they were local deliveries).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bridge::feed::FeedRecord;
+use bridge::{Entry, EntryKind, FullPolicy, Journal as _};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::message::now_ms;
+use crate::session::state::OutItem;
+use crate::state::Shared;
+
+/// The fields of a presence event this module needs.
+#[derive(Debug, Deserialize)]
+struct PresenceEvent {
+    event: String,
+    client_id: String,
+    gateway_id: String,
+    #[serde(default)]
+    at_ms: u64,
+    /// On `disconnected`: whether the session stays (persistent).
+    #[serde(default)]
+    session_kept: bool,
+}
+
+/// Vehicles whose session another gateway holds (kept only where `report_unknown`).
+#[derive(Debug, Default)]
+pub struct Region {
+    elsewhere: Mutex<HashMap<Box<str>, Box<str>>>,
+}
+
+impl Region {
+    /// The gateway holding `client_id`'s session, if another one does.
+    pub fn held_by(&self, client_id: &str) -> Option<String> {
+        self.lock().get(client_id).map(|g| g.to_string())
+    }
+
+    /// Vehicles held elsewhere, as far as this gateway knows.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Box<str>>> {
+        self.elsewhere.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Follows the presence feed until it ends.
+pub async fn follow(shared: Arc<Shared>, mut rx: mpsc::Receiver<FeedRecord>) {
+    let me = shared.cfg.gateway_id();
+    let track = shared.cfg.commands.report_unknown;
+    while let Some(r) = rx.recv().await {
+        let Ok(ev) = serde_json::from_slice::<PresenceEvent>(&r.payload) else {
+            continue;
+        };
+        if ev.gateway_id == me {
+            // Our own sessions are in the registry; only others' matter here.
+            continue;
+        }
+        match ev.event.as_str() {
+            "connected" => {
+                if track {
+                    shared
+                        .commands
+                        .region
+                        .lock()
+                        .insert(ev.client_id.clone().into(), ev.gateway_id.clone().into());
+                }
+                hand_over(&shared, &ev.client_id, ev.at_ms, &ev.gateway_id).await;
+            }
+            "disconnected" if track => {
+                let mut map = shared.commands.region.lock();
+                let holder = map
+                    .get(ev.client_id.as_str())
+                    .map(|g| &**g == ev.gateway_id.as_str());
+                if ev.session_kept {
+                    map.insert(ev.client_id.into(), ev.gateway_id.into());
+                } else if holder == Some(true) {
+                    map.remove(ev.client_id.as_str());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Hands the commands of `client_id`'s offline session over to `to`, where the vehicle
+/// connected at `since_ms`, then discards the session.
+async fn hand_over(shared: &Arc<Shared>, client_id: &str, since_ms: u64, to: &str) {
+    let Some(items) = shared.registry.moved_commands(client_id, since_ms) else {
+        return;
+    };
+    if !shared.cfg.commands.enabled && !items.is_empty() {
+        // Nobody would read them from the command topic: keep the session as it is.
+        warn!(
+            client_id,
+            to,
+            commands = items.len(),
+            "vehicle moved to another gateway, but commands.enabled = false here: its queued commands stay"
+        );
+        return;
+    }
+    let mut last = 0;
+    for item in &items {
+        match journal(shared, item).await {
+            Some(seq) => last = seq,
+            None => return,
+        }
+    }
+    if last > 0 {
+        let mut durable = shared.journal.durable();
+        if durable.wait_for(|d| *d >= last).await.is_err() {
+            return;
+        }
+    }
+    // The records are durable: the copies here are done, without an outcome of their
+    // own (the gateway holding the vehicle reports theirs).
+    for item in &items {
+        if let Some(t) = &item.command {
+            t.settle_silently();
+        }
+    }
+    let moved = shared.registry.discard_moved(
+        client_id,
+        since_ms,
+        &shared.router,
+        &shared.store,
+        &shared.metrics,
+    );
+    if moved {
+        info!(
+            client_id,
+            to,
+            commands = items.len(),
+            "vehicle's session moved to another gateway: commands handed over, session discarded"
+        );
+    } else {
+        info!(client_id, to, commands = items.len(), "vehicle came back while its commands were handed over: the session stays (they may arrive twice)");
+    }
+}
+
+/// Journals one command copy as a command record for the command topic.
+async fn journal(shared: &Shared, item: &OutItem) -> Option<u64> {
+    let t = item.command.as_ref()?;
+    let c = &t.info.record;
+    let m = &item.msg;
+    let mut props: Vec<(String, String)> = vec![
+        ("command_id".into(), c.id.clone()),
+        ("issued_at_ms".into(), c.issued_at_ms.to_string()),
+        ("gateway.handed_over_from".into(), shared.cfg.gateway_id()),
+    ];
+    if let Some(v) = &c.correlation_id {
+        props.push(("correlation_id".into(), v.clone()));
+    }
+    if let Some(v) = &m.props.response_topic {
+        props.push(("response_topic".into(), v.clone()));
+    }
+    if let Some(v) = &m.props.content_type {
+        props.push(("content_type".into(), v.clone()));
+    }
+    if let Some(e) = m.expires_at_ms {
+        let left = e.saturating_sub(c.issued_at_ms).div_ceil(1000).max(1);
+        props.push(("expiry_secs".into(), left.to_string()));
+    } else {
+        props.push(("expiry_secs".into(), "0".into()));
+    }
+    props.extend(m.props.user_properties.iter().cloned());
+    let entry = Entry {
+        kind: EntryKind::Command,
+        received_at_ms: now_ms(),
+        qos: c.qos,
+        retain: false,
+        client_id: c.client_id.clone(),
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        content_type: None,
+        message_expiry_secs: None,
+        user_properties: props,
+    };
+    match shared.journal.append_with(&entry, FullPolicy::Backpressure).await {
+        Ok(Some(seq)) => Some(seq),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(client_id = %c.client_id, command_id = %c.id, error = %e, "command not handed over (journal); the session stays");
+            None
+        }
+    }
+}
