@@ -162,7 +162,14 @@ fn queued_commands_follow_a_vehicle_that_moves_from_a_to_b() {
     for (id, _, _) in &queued {
         let finals: Vec<_> = all.iter().filter(|(i, o, _)| i == id && o != "queued").collect();
         assert_eq!(finals.len(), 1, "{id}: {all:?}");
-        assert_eq!((finals[0].1.as_str(), finals[0].2.as_str()), ("delivered", "gw-b"));
+        assert_eq!(
+            (finals[0].1.as_str(), finals[0].2.as_str()),
+            ("delivered", "gw-b")
+        );
     }
-    assert!(a.log().contains("session moved to another gateway"), "{}", a.log());
+    assert!(
+        a.log().contains("session moved to another gateway"),
+        "{}",
+        a.log()
+    );
 }

@@ -216,7 +216,7 @@ impl Commands {
             received_at_ms: now,
             expires_at_ms,
         });
-        let (_, route) = self.place(shared, &ticket, &msg, None, true);
+        let (_, route) = self.place(shared, &ticket, &msg, None, Attempt::First);
         Issued { ticket, route }
     }
 
@@ -247,7 +247,8 @@ impl Commands {
         };
         self.metrics.received.inc("mqtt");
         let ticket = Ticket::new(record, None, self.sink.clone());
-        self.place(shared, &ticket, msg, Some(publisher), true).0
+        self.place(shared, &ticket, msg, Some(publisher), Attempt::First)
+            .0
     }
 
     /// Routes `msg` with the vehicle's copy carrying `ticket`, and reports what routing
@@ -258,20 +259,23 @@ impl Commands {
         ticket: &Arc<Ticket>,
         msg: &Arc<Message>,
         publisher: Option<&SessionKey>,
-        may_wait: bool,
+        attempt: Attempt,
     ) -> (Routed, Option<CommandRoute>) {
         let client_id = &ticket.info.record.client_id;
         let Some(cell) = shared.registry.get(client_id) else {
-            // Still routed: diagnostic subscribers of the topic get it.
-            let routed = shared.router.route(
-                msg,
-                publisher,
-                &shared.registry,
-                &shared.cfg.sessions,
-                &shared.store,
-                &shared.metrics,
-            );
-            self.not_held(shared, ticket, msg, may_wait);
+            // Still routed (once): diagnostic subscribers of the topic get it.
+            let routed = match attempt {
+                Attempt::First => shared.router.route(
+                    msg,
+                    publisher,
+                    &shared.registry,
+                    &shared.cfg.sessions,
+                    &shared.store,
+                    &shared.metrics,
+                ),
+                Attempt::AfterGrace => Routed::default(),
+            };
+            self.not_held(shared, ticket, msg, attempt);
             return (routed, None);
         };
         // Re-delivered by Kafka after a restart while the session still holds it (in its
@@ -280,12 +284,15 @@ impl Commands {
             ticket.settle_silently();
             return (Routed::default(), None);
         }
-        let (routed, route) = shared.router.route_command(msg, publisher, ticket, shared);
+        let only_vehicle = attempt == Attempt::AfterGrace;
+        let (routed, route) = shared
+            .router
+            .route_command(msg, publisher, ticket, only_vehicle, shared);
         match route {
             CommandRoute::Online => {}
             CommandRoute::Offline { gen } => ticket.queued(gen),
             CommandRoute::NotSubscribed => ticket.finish(Outcome::Rejected, Some("not_subscribed")),
-            CommandRoute::Dropped("session_gone") => self.not_held(shared, ticket, msg, may_wait),
+            CommandRoute::Dropped("session_gone") => self.not_held(shared, ticket, msg, attempt),
             CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
         }
         (routed, Some(route))
@@ -295,14 +302,14 @@ impl Commands {
     /// the region's reporter and no other gateway holds the vehicle either. The
     /// reporter decides after `commands.unknown_grace_ms` (and delivers after all if
     /// the vehicle connected here meanwhile).
-    fn not_held(&self, shared: &Arc<Shared>, ticket: &Arc<Ticket>, msg: &Arc<Message>, may_wait: bool) {
+    fn not_held(&self, shared: &Arc<Shared>, ticket: &Arc<Ticket>, msg: &Arc<Message>, attempt: Attempt) {
         let cfg = &shared.cfg.commands;
         let client_id = &ticket.info.record.client_id;
         if !cfg.report_unknown || self.region.held_by(client_id).is_some() {
             ticket.settle_silently();
             return;
         }
-        if !may_wait || cfg.unknown_grace_ms == 0 {
+        if attempt == Attempt::AfterGrace || cfg.unknown_grace_ms == 0 {
             ticket.finish(Outcome::UnknownVehicle, None);
             return;
         }
@@ -311,7 +318,7 @@ impl Commands {
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
             let commands = &shared.commands;
-            commands.place(&shared, &ticket, &msg, None, false);
+            commands.place(&shared, &ticket, &msg, None, Attempt::AfterGrace);
         });
     }
 
@@ -322,6 +329,14 @@ impl Commands {
         let id = topic.strip_prefix(prefix)?.strip_suffix(suffix)?;
         (!id.is_empty() && !id.contains('/')).then_some(id)
     }
+}
+
+/// Placing a command: at once, or again after the reporter's grace (then only the
+/// vehicle's copy is routed: other subscribers had it the first time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    First,
+    AfterGrace,
 }
 
 /// A client id a command can be addressed to: one topic level of the command topic.
