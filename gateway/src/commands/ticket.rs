@@ -164,3 +164,64 @@ impl Drop for Ticket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> CommandRecord {
+        CommandRecord {
+            id: "rest-1-1".into(),
+            client_id: "VIN1".into(),
+            correlation_id: None,
+            source: Source::Rest,
+            issued_at_ms: 1,
+            qos: 1,
+        }
+    }
+
+    fn outcomes(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Report>) -> Vec<Option<Outcome>> {
+        let mut out = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            out.push(r.outcome);
+        }
+        out
+    }
+
+    #[test]
+    fn one_final_outcome_and_queued_only_before_it() {
+        let (sink, mut rx) = Sink::new();
+        let t = Ticket::new(record(), None, sink);
+        t.queued(Some(3));
+        t.queued(Some(4));
+        t.finish(Outcome::Delivered, None);
+        t.finish(Outcome::Expired, None);
+        t.queued(None);
+        t.settle_silently();
+        drop(t);
+        assert_eq!(
+            outcomes(&mut rx),
+            vec![Some(Outcome::Queued), Some(Outcome::Delivered)]
+        );
+    }
+
+    #[test]
+    fn a_ticket_dropped_unfinished_reports_dropped_unless_shutting_down() {
+        let (sink, mut rx) = Sink::new();
+        drop(Ticket::new(record(), None, sink.clone()));
+        assert_eq!(outcomes(&mut rx), vec![Some(Outcome::Dropped)]);
+        sink.close();
+        drop(Ticket::new(record(), None, sink));
+        assert!(outcomes(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn settling_silently_is_final_without_an_outcome() {
+        let (sink, mut rx) = Sink::new();
+        let t = Ticket::new(record(), None, sink);
+        t.settle_silently();
+        t.finish(Outcome::UnknownVehicle, None);
+        drop(t);
+        assert_eq!(outcomes(&mut rx), vec![None]);
+    }
+}
