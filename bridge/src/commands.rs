@@ -118,18 +118,22 @@ impl Offsets {
     }
 }
 
-/// Reads commands until `shutdown`, re-creating the consumer after errors. Handed-over
-/// commands go to `out`; their settlements come back on `settled`.
-pub async fn run(
-    cfg: CommandConsumerConfig,
-    out: mpsc::Sender<Consumed>,
-    mut settled: mpsc::UnboundedReceiver<Settled>,
-    shutdown: CancellationToken,
-) {
+/// The channels between the consumer and the gateway.
+pub struct Channels {
+    /// Commands handed over, in partition order.
+    pub out: mpsc::Sender<Consumed>,
+    /// Settlements coming back.
+    pub settled: mpsc::UnboundedReceiver<Settled>,
+    /// Positions committed (partition, next offset): what lies below is done for good.
+    pub committed: mpsc::UnboundedSender<(i32, i64)>,
+}
+
+/// Reads commands until `shutdown`, re-creating the consumer after errors.
+pub async fn run(cfg: CommandConsumerConfig, mut ch: Channels, shutdown: CancellationToken) {
     let mut offsets = Offsets::default();
     let mut backoff = Duration::from_millis(500);
     while !shutdown.is_cancelled() {
-        match consume(&cfg, &out, &mut settled, &mut offsets, &shutdown).await {
+        match consume(&cfg, &mut ch, &mut offsets, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(topic = %cfg.topic, group = %cfg.group, error = %e, retry_in_ms = backoff.as_millis() as u64, "command consumer failed; restarting it");
@@ -168,8 +172,7 @@ fn consumer(cfg: &CommandConsumerConfig) -> Result<StreamConsumer, String> {
 
 async fn consume(
     cfg: &CommandConsumerConfig,
-    out: &mpsc::Sender<Consumed>,
-    settled: &mut mpsc::UnboundedReceiver<Settled>,
+    ch: &mut Channels,
     offsets: &mut Offsets,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
@@ -183,20 +186,20 @@ async fn consume(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
-                while let Ok(s) = settled.try_recv() {
+                while let Ok(s) = ch.settled.try_recv() {
                     offsets.settled(s.partition, s.offset);
                 }
-                commit(&consumer, &cfg.topic, offsets, CommitMode::Sync);
+                commit(&consumer, &cfg.topic, offsets, &ch.committed);
                 return Ok(());
             }
-            s = settled.recv() => match s {
+            s = ch.settled.recv() => match s {
                 Some(s) => {
                     offsets.settled(s.partition, s.offset);
                 }
                 // The gateway side is gone: nothing can be settled any more.
                 None => return Ok(()),
             },
-            _ = tick.tick() => commit(&consumer, &cfg.topic, offsets, CommitMode::Async),
+            _ = tick.tick() => commit(&consumer, &cfg.topic, offsets, &ch.committed),
             m = consumer.recv(), if room => match m {
                 Ok(m) => {
                     errors = 0;
@@ -217,7 +220,7 @@ async fn consume(
                         timestamp_ms: m.timestamp().to_millis(),
                     };
                     offsets.consumed(c.partition, c.offset);
-                    if out.send(c).await.is_err() {
+                    if ch.out.send(c).await.is_err() {
                         return Ok(());
                     }
                 }
@@ -238,7 +241,14 @@ async fn consume(
     }
 }
 
-fn commit(consumer: &StreamConsumer, topic: &str, offsets: &mut Offsets, mode: CommitMode) {
+/// Commits the positions that moved, synchronously (one broker round trip, at most
+/// every tick), so that `committed` only ever reports what Kafka holds.
+fn commit(
+    consumer: &StreamConsumer,
+    topic: &str,
+    offsets: &mut Offsets,
+    committed: &mpsc::UnboundedSender<(i32, i64)>,
+) {
     let moved = offsets.to_commit();
     if moved.is_empty() {
         return;
@@ -249,7 +259,8 @@ fn commit(consumer: &StreamConsumer, topic: &str, offsets: &mut Offsets, mode: C
             tracing::warn!(topic, partition, error = %e, "command consumer: bad commit position");
         }
     }
-    if let Err(e) = consumer.commit(&tpl, mode) {
+    let result = tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync));
+    if let Err(e) = result {
         // Not fatal: the next commit carries a position at least as far; a crash before
         // it re-delivers (at least once).
         tracing::warn!(topic, error = %e, "command consumer: offset commit failed");
@@ -258,6 +269,10 @@ fn commit(consumer: &StreamConsumer, topic: &str, offsets: &mut Offsets, mode: C
                 p.committed = 0;
             }
         }
+        return;
+    }
+    for m in moved {
+        let _ = committed.send(m);
     }
 }
 

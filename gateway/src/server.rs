@@ -262,12 +262,14 @@ fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHan
         max_pending: cfg.commands.max_pending,
         properties: cfg.kafka.properties.clone(),
     };
-    tokio::spawn(bridge::commands::run(
-        consumer,
-        tx,
-        settle_rx,
-        shared.shutdown.clone(),
-    ));
+    let (committed_tx, committed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let channels = bridge::commands::Channels {
+        out: tx,
+        settled: settle_rx,
+        committed: committed_tx,
+    };
+    tokio::spawn(bridge::commands::run(consumer, channels, shared.shutdown.clone()));
+    tokio::spawn(commands::kafka::forget_committed(shared.clone(), committed_rx));
     tokio::spawn(commands::kafka::dispatch(shared.clone(), rx));
     tokio::spawn(outcome::run(shared.clone(), reports, Some(settle_tx), drain))
 }

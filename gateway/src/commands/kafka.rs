@@ -26,8 +26,42 @@ pub async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Consumed>) {
     }
 }
 
+/// Drops the "done" markers below each committed position: Kafka will not deliver
+/// those commands again.
+pub async fn forget_committed(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(i32, i64)>) {
+    let topic = shared.cfg.commands.kafka_topic.clone();
+    while let Some((partition, position)) = rx.recv().await {
+        if let Err(e) = shared.store.forget_commands_below(&topic, partition, position) {
+            tracing::warn!(topic, partition, error = %e, "command done markers not removed");
+        }
+    }
+}
+
 fn issue(shared: &Arc<Shared>, c: Consumed) {
     let commands = &shared.commands;
+    // Done before a crash that came before its offset commit: not again.
+    if shared
+        .store
+        .command_done(&c.topic, c.partition, c.offset)
+        .unwrap_or(false)
+    {
+        commands.metrics.received.inc("kafka_already_done");
+        commands
+            .restore(CommandRecord {
+                id: format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset),
+                client_id: String::new(),
+                correlation_id: None,
+                source: Source::Kafka {
+                    topic: c.topic.clone(),
+                    partition: c.partition,
+                    offset: c.offset,
+                },
+                issued_at_ms: now_ms(),
+                qos: 0,
+            })
+            .settle_silently();
+        return;
+    }
     let source = Source::Kafka {
         topic: c.topic.clone(),
         partition: c.partition,

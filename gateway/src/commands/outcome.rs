@@ -104,6 +104,9 @@ pub struct Report {
     pub reason: Option<&'static str>,
     /// A store write that must be flushed first (`queued`).
     pub store_gen: Option<u64>,
+    /// The first report that settles the command (not after a `queued`): a final one
+    /// leaves a "done" marker for a Kafka command until its offset is committed.
+    pub first_settle: bool,
 }
 
 /// Where tickets report. Closed at shutdown: a ticket dropped then is not an outcome.
@@ -174,7 +177,8 @@ pub async fn run(
             }
             changed = durable.changed() => if changed.is_err() { break },
         }
-        release(&mut waiting, *durable.borrow_and_update(), settle.as_ref());
+        let d = *durable.borrow_and_update();
+        release(&shared, &mut waiting, d, settle.as_ref(), &mut flushed).await;
     }
     // Shutdown: what was reported before it is journaled and settled if it becomes
     // durable within the drain time; anything later is re-delivered after the restart.
@@ -189,7 +193,8 @@ pub async fn run(
             }
         }
         while !waiting.is_empty() {
-            release(&mut waiting, *durable.borrow_and_update(), settle.as_ref());
+            let d = *durable.borrow_and_update();
+            release(&shared, &mut waiting, d, settle.as_ref(), &mut flushed).await;
             if waiting.is_empty() || durable.changed().await.is_err() {
                 break;
             }
@@ -276,16 +281,48 @@ async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &Cancellat
     }
 }
 
-/// Settles, in report order, every command whose outcome record is durable.
-fn release(
+/// Settles, in report order, every command whose outcome record is durable. A Kafka
+/// command's final outcome first leaves a flushed "done" marker in the store, so that a
+/// crash before its offset is committed does not deliver it again.
+async fn release(
+    shared: &Shared,
     waiting: &mut VecDeque<(u64, Report)>,
     durable: u64,
     settle: Option<&mpsc::UnboundedSender<Settled>>,
+    flushed: &mut tokio::sync::watch::Receiver<u64>,
 ) {
+    let mut ready = Vec::new();
     while waiting.front().is_some_and(|(seq, _)| *seq <= durable) {
         let Some((_, r)) = waiting.pop_front() else {
             break;
         };
+        ready.push(r);
+    }
+    let mut gen = 0;
+    for r in &ready {
+        let marks = r.first_settle && r.outcome.is_some_and(Outcome::is_final);
+        if let (
+            true,
+            Source::Kafka {
+                topic,
+                partition,
+                offset,
+            },
+        ) = (marks, &r.info.record.source)
+        {
+            let label = r.outcome.map_or("", Outcome::label);
+            match shared.store.put_command_done(topic, *partition, *offset, label) {
+                Ok(g) => gen = gen.max(g),
+                Err(e) => {
+                    warn!(topic, partition, offset, error = %e, "command done marker not stored (a crash before the commit re-delivers it)")
+                }
+            }
+        }
+    }
+    if gen > 0 {
+        let _ = flushed.wait_for(|g| *g >= gen).await;
+    }
+    for r in ready {
         if let (
             Some(tx),
             Source::Kafka {

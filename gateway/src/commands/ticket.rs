@@ -104,7 +104,8 @@ impl Ticket {
     /// The command reached a final outcome (the first call wins).
     pub fn finish(&self, outcome: Outcome, reason: Option<&'static str>) {
         debug_assert!(outcome.is_final());
-        if self.state.swap(FINAL, Ordering::AcqRel) == FINAL {
+        let was = self.state.swap(FINAL, Ordering::AcqRel);
+        if was == FINAL {
             return;
         }
         self.sink.report(Report {
@@ -112,6 +113,7 @@ impl Ticket {
             outcome: Some(outcome),
             reason,
             store_gen: None,
+            first_settle: was == PENDING,
         });
     }
 
@@ -130,6 +132,7 @@ impl Ticket {
             outcome: Some(Outcome::Queued),
             reason: None,
             store_gen,
+            first_settle: true,
         });
     }
 
@@ -144,6 +147,7 @@ impl Ticket {
             outcome: None,
             reason: None,
             store_gen: None,
+            first_settle: false,
         });
     }
 
@@ -160,6 +164,7 @@ impl Drop for Ticket {
                 outcome: Some(Outcome::Dropped),
                 reason: Some("session_ended"),
                 store_gen: None,
+                first_settle: *self.state.get_mut() == PENDING,
             });
         }
     }

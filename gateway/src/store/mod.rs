@@ -96,6 +96,7 @@
 //! holds sessions and queues, the hot data are the queues currently draining), no sled
 //! background flush (above).
 
+mod commands;
 mod retained;
 mod sessions;
 
@@ -123,6 +124,7 @@ pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const TREE_SESSIONS: &str = "sessions";
 const TREE_QUEUE: &str = "queue";
 const TREE_RETAINED: &str = "retained";
+const TREE_COMMANDS_DONE: &str = "commands_done";
 
 /// Lock stripes serializing `put_queued` / `remove_session` per client id.
 const STRIPES: usize = 64;
@@ -172,6 +174,8 @@ pub struct Store {
     sessions: sled::Tree,
     queue: sled::Tree,
     retained: sled::Tree,
+    /// Kafka commands with a final outcome whose offset may not be committed yet.
+    commands_done: sled::Tree,
     /// Bumped after every write; the number a caller waits on.
     generation: AtomicU64,
     /// Highest generation covered by a finished flush.
@@ -228,6 +232,7 @@ impl Store {
         let sessions = db.open_tree(TREE_SESSIONS).map_err(open_err)?;
         let queue = db.open_tree(TREE_QUEUE).map_err(open_err)?;
         let retained = db.open_tree(TREE_RETAINED).map_err(open_err)?;
+        let commands_done = db.open_tree(TREE_COMMANDS_DONE).map_err(open_err)?;
         // Counted once here (a walk of both trees), then kept by the writes.
         let session_count = sessions.len();
         let queued_count = queue.len();
@@ -238,6 +243,7 @@ impl Store {
             sessions,
             queue,
             retained,
+            commands_done,
             generation: AtomicU64::new(0),
             flushed_tx,
             wake: Notify::new(),
