@@ -376,13 +376,15 @@ impl Answer {
         self.respond(status, outcome, reason)
     }
 
-    /// The waiter closed without a word. Only a vehicle this gateway holds no session
-    /// for is settled without an outcome record (`commands.report_unknown = false`);
-    /// otherwise the record could not be journaled (shutdown, journal failure) and the
-    /// command's fate is unknown here.
+    /// The waiter closed without a word. For a vehicle this gateway holds no session for,
+    /// the command service settles without an outcome record when this gateway is not the
+    /// one that reports `unknown_vehicle` (`commands.report_unknown = false`): the caller
+    /// still learns that the vehicle is not here (404, reason `not_reported`). Otherwise
+    /// the outcome record could not be journaled (shutdown, journal failure) and the
+    /// command's fate is unknown here (503).
     fn without_record(self, s: &Shared, route: Option<CommandRoute>) -> Response {
-        let unknown = matches!(route, None | Some(CommandRoute::Dropped("session_gone")));
-        if unknown && !s.cfg.commands.report_unknown && s.registry.get(&self.client_id).is_none() {
+        let not_routed = matches!(route, None | Some(CommandRoute::Dropped("session_gone")));
+        if not_routed && s.registry.get(&self.client_id).is_none() {
             return self.respond(StatusCode::NOT_FOUND, "unknown_vehicle", Some("not_reported"));
         }
         self.respond(
