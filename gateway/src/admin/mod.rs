@@ -2,6 +2,7 @@
 //! under `/api/v1` (bearer token from `admin.token` when set, compared in constant
 //! time). [`listener`] serves it with a connection bound and timeouts.
 
+mod commands;
 pub mod listener;
 
 use std::sync::Arc;
@@ -25,6 +26,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/bridge", get(bridge))
         .route("/api/v1/bridge/parked", get(parked))
         .route("/api/v1/bridge/parked/redrive", post(redrive))
+        .route(
+            "/api/v1/vehicles/:client_id/commands",
+            get(commands::list).post(commands::issue),
+        )
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
