@@ -140,7 +140,10 @@ pub async fn issue(
     };
     let limit = match (wait, route) {
         (Wait::FirstWord, Some(CommandRoute::Online)) => return answer.pending(),
-        (Wait::FirstWord, _) => FIRST_WORD_WAIT,
+        // The region's reporter decides about a vehicle it does not hold only after its
+        // grace: wait that long too.
+        (Wait::FirstWord, _) => FIRST_WORD_WAIT
+            .max(Duration::from_millis(s.cfg.commands.unknown_grace_ms) + Duration::from_secs(1)),
         (Wait::Final(t), _) => t,
     };
     let want_final = matches!(wait, Wait::Final(_));
@@ -220,11 +223,9 @@ fn parse(
 /// The client id of the path, if a command can be addressed to it.
 fn client_id(s: &Shared, path: Result<Path<String>, PathRejection>) -> Result<String, Refusal> {
     let Path(id) = path.map_err(|e| Refusal::bad("invalid_client_id", e.body_text()))?;
-    // The rule of the command service (`commands::valid_client_id`): one topic level of
-    // the command topic, so a command can reach no other vehicle's topic.
-    let ok =
-        !id.is_empty() && id.len() <= s.cfg.mqtt.max_client_id_len && !id.contains(['/', '+', '#', '\0']);
-    if !ok {
+    // The rule of the command service: one topic level of the command topic, so a
+    // command can reach no other vehicle's topic.
+    if !crate::commands::valid_client_id(&id, s.cfg.mqtt.max_client_id_len) {
         return Err(Refusal::bad(
             "invalid_client_id",
             format!(

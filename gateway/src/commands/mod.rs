@@ -298,19 +298,25 @@ impl Commands {
         (routed, Some(route))
     }
 
-    /// This gateway holds no session for the command's vehicle: silent unless it is
-    /// the region's reporter and no other gateway holds the vehicle either. The
-    /// reporter decides after `commands.unknown_grace_ms` (and delivers after all if
-    /// the vehicle connected here meanwhile).
+    /// This gateway holds no session for the command's vehicle. A Kafka command (every
+    /// gateway reads it) is left silently to the others unless this gateway is the
+    /// region's reporter and no other gateway holds the vehicle either. A REST or MQTT
+    /// command reached only this gateway: it is always reported (`unknown_vehicle`,
+    /// with reason `held_by_other_gateway` when presence says another one holds it).
+    /// Either decides after `commands.unknown_grace_ms` (and delivers after all if the
+    /// vehicle connected here meanwhile).
     fn not_held(&self, shared: &Arc<Shared>, ticket: &Arc<Ticket>, msg: &Arc<Message>, attempt: Attempt) {
         let cfg = &shared.cfg.commands;
         let client_id = &ticket.info.record.client_id;
-        if !cfg.report_unknown || self.region.held_by(client_id).is_some() {
+        let from_kafka = matches!(ticket.info.record.source, Source::Kafka { .. });
+        let elsewhere = self.region.held_by(client_id).is_some();
+        if from_kafka && (!cfg.report_unknown || elsewhere) {
             ticket.settle_silently();
             return;
         }
-        if attempt == Attempt::AfterGrace || cfg.unknown_grace_ms == 0 {
-            ticket.finish(Outcome::UnknownVehicle, None);
+        if attempt == Attempt::AfterGrace || cfg.unknown_grace_ms == 0 || elsewhere {
+            let reason = elsewhere.then_some("held_by_other_gateway");
+            ticket.finish(Outcome::UnknownVehicle, reason);
             return;
         }
         let (shared, ticket, msg) = (shared.clone(), ticket.clone(), msg.clone());
@@ -340,7 +346,7 @@ enum Attempt {
 }
 
 /// A client id a command can be addressed to: one topic level of the command topic.
-fn valid_client_id(id: &str, max_len: usize) -> bool {
+pub(crate) fn valid_client_id(id: &str, max_len: usize) -> bool {
     !id.is_empty() && id.len() <= max_len && !id.contains(['/', '+', '#', '\0'])
 }
 
