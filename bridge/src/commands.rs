@@ -7,10 +7,12 @@
 //!   for the vehicle's offline session, or it reached a final outcome whose record is
 //!   durable in the journal. A crash before that makes Kafka deliver it again (at least
 //!   once, in partition order, so in per-vehicle order: commands are keyed by client id).
-//! - Bounded: at most `max_pending` commands are handed over and not settled; beyond that
-//!   the consumer stops reading (librdkafka's own prefetch is bounded by its
-//!   `queued.max.messages.kbytes`). A vehicle that never acknowledges holds its
-//!   partition's offset back, not the consumer.
+//! - Bounded: at most `max_pending` commands are handed over and not settled (plus what
+//!   librdkafka had prefetched, bounded by its `queued.max.messages.kbytes`); beyond that
+//!   the partitions are paused (the consumer keeps polling, so it stays in its group). A
+//!   vehicle that never acknowledges holds its partition's offset back, not the consumer.
+//! - A command read again while it is pending (the group re-delivered from its last
+//!   commit) is not handed over twice: only the first copy settles its offset.
 //! - The consumer never decides anything about a command: malformed records are handed
 //!   over too, so that each gets an outcome.
 
@@ -78,11 +80,14 @@ impl Part {
 }
 
 impl Offsets {
-    /// A command at `offset` was handed over.
-    pub fn consumed(&mut self, partition: i32, offset: i64) {
+    /// A command at `offset` was read. False when it is already pending: a re-read
+    /// (the group re-delivered from its committed offset) of a command the gateway has
+    /// not settled yet must not be handed over again, or its second copy would settle
+    /// the offset for the first.
+    pub fn consumed(&mut self, partition: i32, offset: i64) -> bool {
         let p = self.parts.entry(partition).or_default();
-        p.pending.insert(offset);
-        p.next = p.next.max(offset + 1);
+        p.next = p.next.max(offset.saturating_add(1));
+        p.pending.insert(offset)
     }
 
     /// The command at `offset` is settled. False when it was not pending (settled
@@ -118,6 +123,15 @@ impl Offsets {
     }
 }
 
+/// What the consumer is doing, for metrics.
+#[derive(Debug, Default)]
+pub struct ConsumerStatus {
+    /// Commands handed over and not settled.
+    pub pending: std::sync::atomic::AtomicUsize,
+    /// Reading is paused at `max_pending` (vehicles that do not acknowledge).
+    pub paused: std::sync::atomic::AtomicBool,
+}
+
 /// The channels between the consumer and the gateway.
 pub struct Channels {
     /// Commands handed over, in partition order.
@@ -126,6 +140,7 @@ pub struct Channels {
     pub settled: mpsc::UnboundedReceiver<Settled>,
     /// Positions committed (partition, next offset): what lies below is done for good.
     pub committed: mpsc::UnboundedSender<(i32, i64)>,
+    pub status: std::sync::Arc<ConsumerStatus>,
 }
 
 /// Reads commands until `shutdown`, re-creating the consumer after errors.
@@ -159,6 +174,9 @@ fn consumer(cfg: &CommandConsumerConfig) -> Result<StreamConsumer, String> {
         // A new group starts at the oldest command: commands carry an expiry, so stale
         // ones end as `expired` instead of being skipped unseen.
         .set("auto.offset.reset", "earliest")
+        // Static membership: a gateway restarted after a crash takes its partitions back
+        // at once instead of waiting for its dead self's session to time out.
+        .set("group.instance.id", &cfg.group)
         .set("client.id", format!("edge-gateway-commands-{}", cfg.group));
     for (k, v) in &cfg.properties {
         c.set(k, v);
@@ -181,8 +199,33 @@ async fn consume(
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut errors = 0u32;
+    let mut paused = false;
     loop {
+        // Full: the partitions are paused, not the polling — a consumer that stops
+        // polling for `max.poll.interval.ms` leaves its group and re-reads from the
+        // last commit.
         let room = offsets.pending() < cfg.max_pending;
+        ch.status
+            .pending
+            .store(offsets.pending(), std::sync::atomic::Ordering::Relaxed);
+        if room == paused {
+            if room {
+                tracing::info!(topic = %cfg.topic, "command consumer resumed");
+            } else {
+                tracing::warn!(topic = %cfg.topic, max_pending = cfg.max_pending, "command consumer paused: commands.max_pending commands wait for vehicles to acknowledge (or be queued offline)");
+            }
+            ch.status
+                .paused
+                .store(!room, std::sync::atomic::Ordering::Relaxed);
+            let assignment = consumer.assignment().map_err(|e| format!("assignment: {e}"))?;
+            let r = if room {
+                consumer.resume(&assignment)
+            } else {
+                consumer.pause(&assignment)
+            };
+            r.map_err(|e| format!("pausing/resuming: {e}"))?;
+            paused = !room;
+        }
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
@@ -200,7 +243,7 @@ async fn consume(
                 None => return Ok(()),
             },
             _ = tick.tick() => commit(&consumer, &cfg.topic, offsets, &ch.committed),
-            m = consumer.recv(), if room => match m {
+            m = consumer.recv() => match m {
                 Ok(m) => {
                     errors = 0;
                     let c = Consumed {
@@ -219,7 +262,9 @@ async fn consume(
                             .unwrap_or_default(),
                         timestamp_ms: m.timestamp().to_millis(),
                     };
-                    offsets.consumed(c.partition, c.offset);
+                    if !offsets.consumed(c.partition, c.offset) {
+                        continue;
+                    }
                     if ch.out.send(c).await.is_err() {
                         return Ok(());
                     }
@@ -297,6 +342,10 @@ mod tests {
         assert!(o.settled(0, 10));
         assert_eq!(o.to_commit(), vec![(0, 13)]);
         assert!(!o.settled(0, 10), "settled twice");
+        o.consumed(0, 13);
+        assert!(!o.consumed(0, 13), "a re-read of a pending command");
+        assert!(o.consumed(0, 10), "a re-read of a settled one is a new hand-over");
+        assert!(o.settled(0, 10));
         assert!(!o.settled(7, 1), "never consumed");
         assert!(o.settled(0, 13));
         assert!(o.settled(0, 14));

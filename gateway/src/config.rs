@@ -195,10 +195,6 @@ pub struct CommandsSection {
     /// holds no session for. With several gateways in a region, exactly one should
     /// (the others stay silent for vehicles they do not hold).
     pub report_unknown: bool,
-    /// With several gateways: how long the reporter waits before deciding a vehicle is
-    /// unknown, so that one that just connected elsewhere is not reported before its
-    /// presence event arrives. 0 (one gateway): at once.
-    pub unknown_grace_ms: u64,
     /// Several gateways serve the region: follow the presence topic, so that commands
     /// queued here follow a vehicle that moved to another gateway, and the reporter
     /// knows which vehicles other gateways hold. Needs `[presence] enabled`.
@@ -407,7 +403,6 @@ impl Default for CommandsSection {
             outcome_topic: "vehicles.command-outcomes".into(),
             max_pending: 10_000,
             report_unknown: true,
-            unknown_grace_ms: 0,
             many_gateways: false,
         }
     }

@@ -138,7 +138,7 @@ fn answer(codec: &Codec, packet: &Inbound, out: &mut BytesMut) {
         }
         Inbound::PingReq => answered(&codec, out, |c, o| c.pingresp(o)),
         Inbound::Disconnect { reason, .. } => answered(&codec, out, |c, o| c.disconnect(o, *reason)),
-        Inbound::PubAck(_)
+        Inbound::PubAck { .. }
         | Inbound::PubRec { .. }
         | Inbound::PubRel { .. }
         | Inbound::PubComp { .. }

@@ -204,6 +204,7 @@ impl Registry {
             return Detached::Ended;
         }
         st.disconnected_at_ms = Some(now_ms());
+        st.out.went_offline(store.generation(), metrics);
         drop(st);
         drop(map);
         let _ = cell.persist(store, metrics);

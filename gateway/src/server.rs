@@ -193,6 +193,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             "grace period over; closing remaining connections"
         );
     }
+    // Sessions are done: their commands' last outcomes are reported.
+    shared.commands.stop();
     let flushed = tokio::time::timeout_at(deadline, shared.journal.flush()).await;
     match flushed {
         Ok(Ok(())) => info!(
@@ -248,7 +250,8 @@ fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHan
         tokio::spawn(commands::region::follow(shared.clone(), rx));
     }
     if !cfg.commands.enabled {
-        return tokio::spawn(outcome::run(shared.clone(), reports, None, drain));
+        let stop = shared.commands.stopping.clone();
+        return tokio::spawn(outcome::run(shared.clone(), reports, None, stop, drain));
     }
     let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -267,11 +270,19 @@ fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHan
         out: tx,
         settled: settle_rx,
         committed: committed_tx,
+        status: shared.commands.consumer.clone(),
     };
     tokio::spawn(bridge::commands::run(consumer, channels, shared.shutdown.clone()));
     tokio::spawn(commands::kafka::forget_committed(shared.clone(), committed_rx));
     tokio::spawn(commands::kafka::dispatch(shared.clone(), rx));
-    tokio::spawn(outcome::run(shared.clone(), reports, Some(settle_tx), drain))
+    let stop = shared.commands.stopping.clone();
+    tokio::spawn(outcome::run(
+        shared.clone(),
+        reports,
+        Some(settle_tx),
+        stop,
+        drain,
+    ))
 }
 
 /// Puts back what the store kept: persistent sessions (offline until their vehicle

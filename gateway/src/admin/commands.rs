@@ -140,10 +140,7 @@ pub async fn issue(
     };
     let limit = match (wait, route) {
         (Wait::FirstWord, Some(CommandRoute::Online)) => return answer.pending(),
-        // The region's reporter decides about a vehicle it does not hold only after its
-        // grace: wait that long too.
-        (Wait::FirstWord, _) => FIRST_WORD_WAIT
-            .max(Duration::from_millis(s.cfg.commands.unknown_grace_ms) + Duration::from_secs(1)),
+        (Wait::FirstWord, _) => FIRST_WORD_WAIT,
         (Wait::Final(t), _) => t,
     };
     let want_final = matches!(wait, Wait::Final(_));

@@ -134,8 +134,10 @@ pub fn decode(c: &Consumed) -> Result<(CommandRequest, Option<String>), &'static
             "content_type" => req.content_type = Some(text().map_err(|_| "bad_content_type_header")?),
             "command_id" => id = Some(text().map_err(|_| "bad_command_id_header")?),
             "issued_at_ms" => {
+                // A time from the future (beyond a day of clock skew) is not an issue time.
                 let t = text().ok().and_then(|t| t.trim().parse::<u64>().ok());
-                req.issued_at_ms = Some(t.ok_or("bad_issued_at_ms_header")?);
+                let plausible = t.filter(|t| *t <= now_ms().saturating_add(86_400_000));
+                req.issued_at_ms = Some(plausible.ok_or("bad_issued_at_ms_header")?);
             }
             _ if k.starts_with("gateway.") || k.starts_with("mqtt.") => {}
             _ => {
@@ -227,6 +229,10 @@ mod tests {
         assert_eq!(
             decode(&rec(Some(b"v"), &[("response_topic", b"a/#")])).err(),
             Some("bad_response_topic_header")
+        );
+        assert_eq!(
+            decode(&rec(Some(b"v"), &[("issued_at_ms", b"18446744073709551615")])).err(),
+            Some("bad_issued_at_ms_header")
         );
     }
 }

@@ -114,6 +114,10 @@ pub struct Commands {
     pub metrics: CommandMetrics,
     /// Who holds the vehicles this gateway does not (see [`region`]).
     pub region: region::Region,
+    /// The Kafka command consumer's state.
+    pub consumer: Arc<bridge::commands::ConsumerStatus>,
+    /// Cancelled once sessions ended at shutdown (see [`Commands::stop`]).
+    pub stopping: tokio_util::sync::CancellationToken,
     /// REST and MQTT command ids: `<source>-<start ms>-<n>`, unique per gateway run.
     next: AtomicU64,
     started_ms: u64,
@@ -127,6 +131,8 @@ impl Default for Commands {
             reports: Mutex::new(Some(rx)),
             metrics: CommandMetrics::default(),
             region: region::Region::default(),
+            consumer: Arc::default(),
+            stopping: tokio_util::sync::CancellationToken::new(),
             next: AtomicU64::new(1),
             started_ms: now_ms(),
         }
@@ -134,14 +140,35 @@ impl Default for Commands {
 }
 
 impl Commands {
+    /// The command metrics in Prometheus text.
+    pub fn render(&self, s: &mut String) {
+        self.metrics.render(s);
+        let pending = self.consumer.pending.load(Ordering::Relaxed);
+        let paused = u8::from(self.consumer.paused.load(Ordering::Relaxed));
+        let _ = writeln!(
+            s,
+            "# HELP gateway_commands_pending Kafka commands taken and not settled (vehicles yet to acknowledge).\n# TYPE gateway_commands_pending gauge\ngateway_commands_pending {pending}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP gateway_commands_consumer_paused 1 while the command consumer waits at commands.max_pending.\n# TYPE gateway_commands_consumer_paused gauge\ngateway_commands_consumer_paused {paused}"
+        );
+    }
+
     /// The outcome reports, once (for the outcome task).
     pub fn take_reports(&self) -> Option<mpsc::UnboundedReceiver<Report>> {
         self.reports.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// Shutdown began: tickets dropped from now on are not outcomes.
+    /// Shutdown began: Kafka commands dropped from now on stay unsettled (Kafka
+    /// re-delivers them after the restart).
     pub fn close(&self) {
         self.sink.close();
+    }
+
+    /// Sessions have ended: the outcome task journals what is left and stops.
+    pub fn stop(&self) {
+        self.stopping.cancel();
     }
 
     /// A ticket for a command restored from the store at start.
@@ -196,7 +223,8 @@ impl Commands {
             return Issued { ticket, route: None };
         }
         let expiry_secs = req.expiry_secs.unwrap_or(cfg.default_expiry_secs);
-        let expires_at_ms = (expiry_secs > 0).then(|| issued_at_ms + u64::from(expiry_secs) * 1000);
+        let expires_at_ms =
+            (expiry_secs > 0).then(|| issued_at_ms.saturating_add(u64::from(expiry_secs) * 1000));
         if expires_at_ms.is_some_and(|t| t <= now) {
             ticket.finish(Outcome::Expired, Some("expired_before_delivery"));
             return Issued { ticket, route: None };
@@ -216,7 +244,7 @@ impl Commands {
             received_at_ms: now,
             expires_at_ms,
         });
-        let (_, route) = self.place(shared, &ticket, &msg, None, Attempt::First);
+        let (_, route) = self.place(shared, &ticket, &msg, None);
         Issued { ticket, route }
     }
 
@@ -247,8 +275,7 @@ impl Commands {
         };
         self.metrics.received.inc("mqtt");
         let ticket = Ticket::new(record, None, self.sink.clone());
-        self.place(shared, &ticket, msg, Some(publisher), Attempt::First)
-            .0
+        self.place(shared, &ticket, msg, Some(publisher)).0
     }
 
     /// Routes `msg` with the vehicle's copy carrying `ticket`, and reports what routing
@@ -259,40 +286,40 @@ impl Commands {
         ticket: &Arc<Ticket>,
         msg: &Arc<Message>,
         publisher: Option<&SessionKey>,
-        attempt: Attempt,
     ) -> (Routed, Option<CommandRoute>) {
         let client_id = &ticket.info.record.client_id;
         let Some(cell) = shared.registry.get(client_id) else {
-            // Still routed (once): diagnostic subscribers of the topic get it.
-            let routed = match attempt {
-                Attempt::First => shared.router.route(
-                    msg,
-                    publisher,
-                    &shared.registry,
-                    &shared.cfg.sessions,
-                    &shared.store,
-                    &shared.metrics,
-                ),
-                Attempt::AfterGrace => Routed::default(),
-            };
-            self.not_held(shared, ticket, msg, attempt);
+            // Still routed: diagnostic subscribers of the topic get it.
+            let routed = shared.router.route(
+                msg,
+                publisher,
+                &shared.registry,
+                &shared.cfg.sessions,
+                &shared.store,
+                &shared.metrics,
+            );
+            self.not_held(shared, ticket);
             return (routed, None);
         };
-        // Re-delivered by Kafka after a restart while the session still holds it (in its
-        // store-backed queue): the held copy reports its outcome; this one only settles.
-        if cell.holds_command(ticket.id()) {
-            ticket.settle_silently();
+        // Read again (a restart, or the consumer rejoining its group) while the session
+        // still holds it: the held copy reports the outcome. In the store (a persistent
+        // session, or reported `queued`) the command is durably queued, so the re-read
+        // settles once the store is flushed; held in memory only, the held copy settles
+        // the offset itself when it ends.
+        if let Some((held, persistent)) = cell.held_command(ticket.id()) {
+            if persistent || held.is_queued() {
+                ticket.settle_after_flush(shared.store.generation());
+            } else {
+                ticket.forget();
+            }
             return (Routed::default(), None);
         }
-        let only_vehicle = attempt == Attempt::AfterGrace;
-        let (routed, route) = shared
-            .router
-            .route_command(msg, publisher, ticket, only_vehicle, shared);
+        let (routed, route) = shared.router.route_command(msg, publisher, ticket, shared);
         match route {
             CommandRoute::Online => {}
             CommandRoute::Offline { gen } => ticket.queued(gen),
             CommandRoute::NotSubscribed => ticket.finish(Outcome::Rejected, Some("not_subscribed")),
-            CommandRoute::Dropped("session_gone") => self.not_held(shared, ticket, msg, attempt),
+            CommandRoute::Dropped("session_gone") => self.not_held(shared, ticket),
             CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
         }
         (routed, Some(route))
@@ -300,12 +327,10 @@ impl Commands {
 
     /// This gateway holds no session for the command's vehicle. A Kafka command (every
     /// gateway reads it) is left silently to the others unless this gateway is the
-    /// region's reporter and no other gateway holds the vehicle either. A REST or MQTT
-    /// command reached only this gateway: it is always reported (`unknown_vehicle`,
-    /// with reason `held_by_other_gateway` when presence says another one holds it).
-    /// Either decides after `commands.unknown_grace_ms` (and delivers after all if the
-    /// vehicle connected here meanwhile).
-    fn not_held(&self, shared: &Arc<Shared>, ticket: &Arc<Ticket>, msg: &Arc<Message>, attempt: Attempt) {
+    /// region's reporter and, as far as the presence topic says, no other gateway holds
+    /// the vehicle. A REST or MQTT command reached only this gateway: it is always
+    /// reported (reason `held_by_other_gateway` when another gateway holds the vehicle).
+    fn not_held(&self, shared: &Shared, ticket: &Ticket) {
         let cfg = &shared.cfg.commands;
         let client_id = &ticket.info.record.client_id;
         let from_kafka = matches!(ticket.info.record.source, Source::Kafka { .. });
@@ -314,18 +339,8 @@ impl Commands {
             ticket.settle_silently();
             return;
         }
-        if attempt == Attempt::AfterGrace || cfg.unknown_grace_ms == 0 || elsewhere {
-            let reason = elsewhere.then_some("held_by_other_gateway");
-            ticket.finish(Outcome::UnknownVehicle, reason);
-            return;
-        }
-        let (shared, ticket, msg) = (shared.clone(), ticket.clone(), msg.clone());
-        let grace = std::time::Duration::from_millis(cfg.unknown_grace_ms);
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            let commands = &shared.commands;
-            commands.place(&shared, &ticket, &msg, None, Attempt::AfterGrace);
-        });
+        let reason = elsewhere.then_some("held_by_other_gateway");
+        ticket.finish(Outcome::UnknownVehicle, reason);
     }
 
     /// The vehicle `commands.mqtt_topic` names in `topic`, if `topic` is a command
@@ -335,14 +350,6 @@ impl Commands {
         let id = topic.strip_prefix(prefix)?.strip_suffix(suffix)?;
         (!id.is_empty() && !id.contains('/')).then_some(id)
     }
-}
-
-/// Placing a command: at once, or again after the reporter's grace (then only the
-/// vehicle's copy is routed: other subscribers had it the first time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Attempt {
-    First,
-    AfterGrace,
 }
 
 /// A client id a command can be addressed to: one topic level of the command topic.

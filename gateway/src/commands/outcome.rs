@@ -104,9 +104,6 @@ pub struct Report {
     pub reason: Option<&'static str>,
     /// A store write that must be flushed first (`queued`).
     pub store_gen: Option<u64>,
-    /// The first report that settles the command (not after a `queued`): a final one
-    /// leaves a "done" marker for a Kafka command until its offset is committed.
-    pub first_settle: bool,
 }
 
 /// Where tickets report. Closed at shutdown: a ticket dropped then is not an outcome.
@@ -144,12 +141,14 @@ impl Sink {
 }
 
 /// Journals every reported outcome and settles its command once the record is durable.
-/// Runs until the sink's channel closes or, after shutdown, until what was reported is
-/// durable (bounded by `drain`).
+/// Runs through shutdown until `stop` (sessions have ended: their last outcomes are
+/// reported), then journals what is left and waits for it to be durable, bounded by
+/// `drain`.
 pub async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::UnboundedReceiver<Report>,
     settle: Option<mpsc::UnboundedSender<Settled>>,
+    stop: CancellationToken,
     drain: Duration,
 ) {
     let mut durable = shared.journal.durable();
@@ -159,18 +158,18 @@ pub async fn run(
     loop {
         tokio::select! {
             biased;
-            _ = shared.shutdown.cancelled() => break,
+            _ = stop.cancelled() => break,
             r = rx.recv() => {
                 let Some(r) = r else { break };
                 if let Some(gen) = r.store_gen {
                     // A `queued` outcome waits for its queue entry to be flushed.
                     let ok = flushed.wait_for(|g| *g >= gen);
                     tokio::select! {
-                        _ = shared.shutdown.cancelled() => break,
+                        _ = stop.cancelled() => break,
                         res = ok => if res.is_err() { break },
                     }
                 }
-                match journal(&shared, &gateway_id, &r, &shared.shutdown).await {
+                match journal(&shared, &gateway_id, &r, &stop).await {
                     Some(seq) => waiting.push_back((seq, r)),
                     None => continue,
                 }
@@ -300,7 +299,8 @@ async fn release(
     }
     let mut gen = 0;
     for r in &ready {
-        let marks = r.first_settle && r.outcome.is_some_and(Outcome::is_final);
+        // Every final outcome (also after `queued`: the offset may still be behind it).
+        let marks = r.outcome.is_some_and(Outcome::is_final);
         if let (
             true,
             Source::Kafka {

@@ -136,13 +136,6 @@ async fn hand_over(shared: &Arc<Shared>, client_id: &str, since_ms: u64, to: &st
             return;
         }
     }
-    // The records are durable: the copies here are done, without an outcome of their
-    // own (the gateway holding the vehicle reports theirs).
-    for item in &items {
-        if let Some(t) = &item.command {
-            t.settle_silently();
-        }
-    }
     let moved = shared.registry.discard_moved(
         client_id,
         since_ms,
@@ -151,6 +144,13 @@ async fn hand_over(shared: &Arc<Shared>, client_id: &str, since_ms: u64, to: &st
         &shared.metrics,
     );
     if moved {
+        // The records are durable and the session is gone: the copies here end without
+        // an outcome of their own (the gateway holding the vehicle reports theirs).
+        for item in &items {
+            if let Some(t) = &item.command {
+                t.settle_silently();
+            }
+        }
         info!(
             client_id,
             to,
@@ -158,7 +158,14 @@ async fn hand_over(shared: &Arc<Shared>, client_id: &str, since_ms: u64, to: &st
             "vehicle's session moved to another gateway: commands handed over, session discarded"
         );
     } else {
-        info!(client_id, to, commands = items.len(), "vehicle came back while its commands were handed over: the session stays (they may arrive twice)");
+        // The copies here stay and report; the handed-over records reach this gateway
+        // too, which holds the vehicle again and takes them for the same commands.
+        info!(
+            client_id,
+            to,
+            commands = items.len(),
+            "vehicle came back while its commands were handed over: the session stays"
+        );
     }
 }
 

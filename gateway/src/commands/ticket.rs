@@ -6,8 +6,10 @@
 //!   ignored. `queued` is reported at most once and never after a final outcome.
 //! - A ticket dropped without a final outcome (its session was discarded or expired
 //!   with the command still queued) reports `dropped` from `Drop`, so no command ends
-//!   silently — except at shutdown, when the sink is closed: a command held in a
-//!   persistent session's store is still pending and is restored at the next start.
+//!   silently. At shutdown (the sink is closed) a Kafka command stays unsettled instead
+//!   (Kafka delivers it again after the restart; one held in a persistent session's
+//!   store is restored), while a REST or MQTT one, which nothing re-delivers, reports
+//!   `dropped` / `gateway_shutdown`.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
@@ -104,8 +106,7 @@ impl Ticket {
     /// The command reached a final outcome (the first call wins).
     pub fn finish(&self, outcome: Outcome, reason: Option<&'static str>) {
         debug_assert!(outcome.is_final());
-        let was = self.state.swap(FINAL, Ordering::AcqRel);
-        if was == FINAL {
+        if self.state.swap(FINAL, Ordering::AcqRel) == FINAL {
             return;
         }
         self.sink.report(Report {
@@ -113,7 +114,6 @@ impl Ticket {
             outcome: Some(outcome),
             reason,
             store_gen: None,
-            first_settle: was == PENDING,
         });
     }
 
@@ -132,7 +132,6 @@ impl Ticket {
             outcome: Some(Outcome::Queued),
             reason: None,
             store_gen,
-            first_settle: true,
         });
     }
 
@@ -147,7 +146,31 @@ impl Ticket {
             outcome: None,
             reason: None,
             store_gen: None,
-            first_settle: false,
+        });
+    }
+
+    /// A second copy of a command the session already holds: ends without a word (the
+    /// held copy reports and settles).
+    pub fn forget(&self) {
+        self.state.store(FINAL, Ordering::Release);
+    }
+
+    /// Whether `queued` was reported (the command is settled at its source).
+    pub fn is_queued(&self) -> bool {
+        self.state.load(Ordering::Acquire) == QUEUED
+    }
+
+    /// Settles the source without an outcome record once the store write `store_gen`
+    /// is flushed.
+    pub fn settle_after_flush(&self, store_gen: u64) {
+        if self.state.swap(FINAL, Ordering::AcqRel) == FINAL {
+            return;
+        }
+        self.sink.report(Report {
+            info: self.info.clone(),
+            outcome: None,
+            reason: None,
+            store_gen: Some(store_gen),
         });
     }
 
@@ -158,15 +181,22 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        if *self.state.get_mut() != FINAL && !self.sink.is_closed() {
-            self.sink.report(Report {
-                info: self.info.clone(),
-                outcome: Some(Outcome::Dropped),
-                reason: Some("session_ended"),
-                store_gen: None,
-                first_settle: *self.state.get_mut() == PENDING,
-            });
+        if *self.state.get_mut() == FINAL {
+            return;
         }
+        let reason = if !self.sink.is_closed() {
+            "session_ended"
+        } else if matches!(self.info.record.source, Source::Kafka { .. }) {
+            return;
+        } else {
+            "gateway_shutdown"
+        };
+        self.sink.report(Report {
+            info: self.info.clone(),
+            outcome: Some(Outcome::Dropped),
+            reason: Some(reason),
+            store_gen: None,
+        });
     }
 }
 

@@ -294,6 +294,20 @@ fn v5_error(e: rumqttc::v5::mqttbytes::Error) -> ProtocolError {
 }
 
 /// The wire code of a PUBREC reason (rumqttc's enum has no explicit discriminants).
+fn puback_code(r: v5::PubAckReason) -> u8 {
+    match r {
+        v5::PubAckReason::Success => 0x00,
+        v5::PubAckReason::NoMatchingSubscribers => 0x10,
+        v5::PubAckReason::UnspecifiedError => 0x80,
+        v5::PubAckReason::ImplementationSpecificError => 0x83,
+        v5::PubAckReason::NotAuthorized => 0x87,
+        v5::PubAckReason::TopicNameInvalid => 0x90,
+        v5::PubAckReason::PacketIdentifierInUse => 0x91,
+        v5::PubAckReason::QuotaExceeded => 0x97,
+        v5::PubAckReason::PayloadFormatInvalid => 0x99,
+    }
+}
+
 fn pubrec_code(r: v5::PubRecReason) -> u8 {
     match r {
         v5::PubRecReason::Success => 0x00,
@@ -473,7 +487,10 @@ impl Codec {
                 message_expiry_secs: None,
                 props: MessageProperties::default(),
             }),
-            v4::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
+            v4::Packet::PubAck(a) => Inbound::PubAck {
+                pkid: a.pkid,
+                reason: 0,
+            },
             v4::Packet::PubRec(a) => Inbound::PubRec {
                 pkid: a.pkid,
                 reason: 0,
@@ -596,7 +613,10 @@ impl Codec {
                     },
                 })
             }
-            v5::Packet::PubAck(a) => Inbound::PubAck(a.pkid),
+            v5::Packet::PubAck(a) => Inbound::PubAck {
+                pkid: a.pkid,
+                reason: puback_code(a.reason),
+            },
             v5::Packet::PubRec(a) => Inbound::PubRec {
                 pkid: a.pkid,
                 reason: pubrec_code(a.reason),

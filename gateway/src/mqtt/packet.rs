@@ -83,7 +83,12 @@ pub struct SubscribeFilter {
 pub enum Inbound {
     Connect(Box<ConnectRequest>),
     Publish(PublishRequest),
-    PubAck(u16),
+    /// The client's acknowledgement of our QoS 1 PUBLISH (`reason` >= 0x80: it did
+    /// not accept it, MQTT 5 §3.4.2.1). 3.1.1: 0.
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
     /// The client received our QoS 2 PUBLISH (`reason` >= 0x80: it refused it). 3.1.1: 0.
     PubRec {
         pkid: u16,

@@ -178,20 +178,17 @@ impl Router {
             store,
             metrics,
         };
-        self.offer_all(msg, publisher, None, false, &ctx).0
+        self.offer_all(msg, publisher, None, &ctx).0
     }
 
     /// Routes a command like any message (diagnostic subscribers see it too); the
     /// vehicle's own copy carries `ticket`. Says what routing did and what became of
     /// the vehicle's copy.
-    /// With `only_vehicle`, the other subscribers are skipped (they had the message
-    /// already).
     pub fn route_command(
         &self,
         msg: &Arc<Message>,
         publisher: Option<&SessionKey>,
         ticket: &Arc<Ticket>,
-        only_vehicle: bool,
         shared: &Shared,
     ) -> (Routed, CommandRoute) {
         let ctx = Ctx {
@@ -200,7 +197,7 @@ impl Router {
             store: &shared.store,
             metrics: &shared.metrics,
         };
-        self.offer_all(msg, publisher, Some(ticket), only_vehicle, &ctx)
+        self.offer_all(msg, publisher, Some(ticket), &ctx)
     }
 
     fn offer_all(
@@ -208,7 +205,6 @@ impl Router {
         msg: &Arc<Message>,
         publisher: Option<&SessionKey>,
         ticket: Option<&Arc<Ticket>>,
-        only_vehicle: bool,
         ctx: &Ctx<'_>,
     ) -> (Routed, CommandRoute) {
         let Ctx {
@@ -243,9 +239,6 @@ impl Router {
                 t.subscription_ids,
             );
             let ours = ticket.filter(|tk| *tk.info.record.client_id == *t.key.id);
-            if only_vehicle && ours.is_none() {
-                continue;
-            }
             item.command = ours.cloned();
             let offered = cell.offer(item, limits, store, metrics);
             match offered {

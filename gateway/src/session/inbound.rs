@@ -71,8 +71,8 @@ where
                 self.codec.pingresp(&mut self.out);
                 return Ok(None);
             }
-            Inbound::PubAck(pkid) => {
-                self.on_puback(pkid);
+            Inbound::PubAck { pkid, reason } => {
+                self.on_puback(pkid, reason);
                 return Ok(None);
             }
             Inbound::PubRec { pkid, reason } => return self.on_pubrec(pkid, reason).map(|()| None),

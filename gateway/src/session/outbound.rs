@@ -94,10 +94,15 @@ where
         self.out.len() >= OUT_BUDGET
     }
 
-    /// PUBACK from the client for a QoS 1 delivery.
-    pub(super) fn on_puback(&mut self, pkid: u16) {
-        self.cell
-            .complete(pkid, 1, &self.shared.store, &self.shared.metrics);
+    /// PUBACK from the client for a QoS 1 delivery. With a failure reason (MQTT 5
+    /// ≥ 0x80) the flow ends too, but the message was not accepted.
+    pub(super) fn on_puback(&mut self, pkid: u16, reason: u8) {
+        let (store, metrics) = (&self.shared.store, &self.shared.metrics);
+        if reason >= 0x80 {
+            self.cell.refused(pkid, 1, store, metrics);
+        } else {
+            self.cell.complete(pkid, 1, store, metrics);
+        }
     }
 
     /// PUBREC from the client: answer PUBREL (0x92 when nothing waits under that id)
@@ -109,7 +114,7 @@ where
         let (store, metrics) = (&self.shared.store, &self.shared.metrics);
         if reason >= 0x80 {
             // The client refused the message: the flow ends here (MQTT 5 §4.3.3).
-            self.cell.refused(pkid, store, metrics);
+            self.cell.refused(pkid, 2, store, metrics);
             return Ok(());
         }
         let queued = |p: &Pending| p.kind == AckKind::Release;

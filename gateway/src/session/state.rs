@@ -419,6 +419,31 @@ impl Queues {
 }
 
 impl Outbound {
+    /// The connection ended and the (persistent) session stays. QoS 0 messages are
+    /// never kept for an offline session: dropped, counted. Commands whose copies are in
+    /// the store are durably queued now: `queued` is reported (their source may settle
+    /// once store write `gen` is flushed), instead of holding a Kafka offset until the
+    /// vehicle returns.
+    pub fn went_offline(&mut self, gen: u64, metrics: &Metrics) {
+        let Some(q) = self.0.as_mut() else {
+            return;
+        };
+        let (qos0, keep): (VecDeque<OutItem>, VecDeque<OutItem>) =
+            std::mem::take(&mut q.queue).into_iter().partition(|i| i.qos == 0);
+        q.queue = keep;
+        for i in qos0 {
+            q.forget(&i, metrics);
+            metrics.messages_dropped.inc("offline_qos0");
+            i.finish(Outcome::Dropped, Some("offline_qos0"));
+        }
+        for i in q.inflight.iter().chain(q.queue.iter()) {
+            if let Some(t) = &i.command {
+                t.queued(Some(gen));
+            }
+        }
+        self.shrink();
+    }
+
     /// Empties the session's outbound side (session discarded or expired).
     pub fn clear(&mut self, metrics: &Metrics) {
         if let Some(mut q) = self.0.take() {
@@ -757,10 +782,12 @@ impl SessionCell {
         Some(Ok(gen))
     }
 
-    /// PUBREC with a failure reason (MQTT 5 ≥ 0x80): the message is done, unreleased.
-    pub fn refused(&self, pkid: u16, store: &Store, metrics: &Metrics) {
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) with a failure reason (MQTT 5 ≥ 0x80): the
+    /// message is done, not accepted.
+    pub fn refused(&self, pkid: u16, qos: u8, store: &Store, metrics: &Metrics) {
         let mut st = self.lock();
-        if let Some(pos) = st.out.inflight.iter().position(|i| i.pkid == pkid && i.qos == 2) {
+        let sent = |i: &OutItem| i.pkid == pkid && i.qos == qos && i.state == OutState::Published;
+        if let Some(pos) = st.out.inflight.iter().position(sent) {
             if let Some(item) = st.out.inflight.remove(pos) {
                 st.out.forget(&item, metrics);
                 item.finish(Outcome::Rejected, Some("refused_by_vehicle"));
@@ -785,14 +812,17 @@ impl SessionCell {
             .collect()
     }
 
-    /// Whether the session holds (queued or in flight) the command with this id.
-    pub fn holds_command(&self, id: &str) -> bool {
+    /// The ticket of the command with this id, if the session holds it (queued or in
+    /// flight), and whether the session is persistent (the copy is in the store).
+    pub fn held_command(&self, id: &str) -> Option<(Arc<Ticket>, bool)> {
         let st = self.lock();
-        st.out
+        let t = st
+            .out
             .queue
             .iter()
             .chain(st.out.inflight.iter())
-            .any(|i| i.command.as_ref().is_some_and(|t| t.id() == id))
+            .find_map(|i| i.command.as_ref().filter(|t| t.id() == id))?;
+        Some((t.clone(), st.persistent()))
     }
 
     /// Writes the session record (subscriptions, inbound QoS 2 ids, expiry) to the store
