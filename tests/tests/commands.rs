@@ -591,6 +591,17 @@ impl Vehicle {
     /// Connects (`v5`: MQTT 5, else 3.1.1). `persistent`: clean session 0 / session
     /// expiry 3600 s. Returns the vehicle and CONNACK's session present.
     fn connect(addr: SocketAddr, id: &str, v5: bool, persistent: bool) -> (Vehicle, bool) {
+        Vehicle::open(addr, id, v5, persistent, None)
+    }
+
+    /// As [`Vehicle::connect`]; `max_packet`: MQTT 5 Maximum Packet Size.
+    fn open(
+        addr: SocketAddr,
+        id: &str,
+        v5: bool,
+        persistent: bool,
+        max_packet: Option<u32>,
+    ) -> (Vehicle, bool) {
         let stream = TcpStream::connect(addr).expect("tcp connect");
         let mut v = Vehicle {
             v5,
@@ -603,6 +614,7 @@ impl Vehicle {
         if v5 {
             let mut props = v5::ConnectProperties::new();
             props.session_expiry_interval = Some(if persistent { 3600 } else { 0 });
+            props.max_packet_size = max_packet;
             let c = v5::Connect {
                 keep_alive: 120,
                 client_id: id.to_string(),
@@ -825,6 +837,13 @@ impl Vehicle {
                 None => panic!("no PUBREL for packet id {}", c.pkid),
             }
         }
+    }
+
+    /// Refuses a command (MQTT 5): PUBACK (QoS 1) or PUBREC (QoS 2) with `reason` ≥ 0x80.
+    fn refuse(&mut self, c: &Cmd, reason: u8) {
+        let [hi, lo] = c.pkid.to_be_bytes();
+        let kind = if c.qos == 1 { 0x40 } else { 0x50 };
+        self.send(&[kind, 0x03, hi, lo, reason]);
     }
 
     /// A normal DISCONNECT; waits until the gateway closed the connection.
@@ -1099,20 +1118,30 @@ fn unknown_malformed_and_unsubscribed_commands_are_reported() {
     let env = Env::new("refused");
     let gw = env.start_gateway("");
     let mut out = Outcomes::new(&env);
+    // Connected and not subscribed (the default ACL allows only the command topic).
     let (mut deaf, _) = Vehicle::connect(gw.mqtt(), "deaf-car", false, false);
-    // Connected, subscribed to something else? The default ACL allows only its command
-    // topic, so: not subscribed at all.
+    // An MQTT 5 vehicle that takes packets of at most 256 bytes.
+    let (mut tiny, _) = Vehicle::open(gw.mqtt(), "tiny-car", true, false, Some(256));
+    assert!(tiny.subscribe("vehicles/tiny-car/commands/#", 1));
 
     let unknown = env.send(Some("ghost-car"), "x", &[]);
     let no_key = env.send(None, "x", &[]);
     let bad_qos = env.send(Some("deaf-car"), "x", &[("qos", "7")]);
     let unsubscribed = env.send(Some("deaf-car"), "x", &[("qos", "1")]);
+    let too_large = env.send(Some("tiny-car"), &"x".repeat(1000), &[("qos", "1")]);
+    let small = env.send(Some("tiny-car"), "fits", &[("qos", "1")]);
     let cases = [
         (unknown, "ghost-car", "unknown_vehicle", None),
         (no_key, "", "rejected", Some("missing_key")),
         (bad_qos, "deaf-car", "rejected", Some("bad_qos_header")),
         (unsubscribed, "deaf-car", "rejected", Some("not_subscribed")),
+        (too_large, "tiny-car", "rejected", Some("too_large_for_client")),
     ];
+    // The vehicle that could not take the large command takes the next one.
+    let c = tiny.recv(WAIT).expect("tiny-car got the small command");
+    assert_eq!(c.payload, "fits");
+    tiny.ack(&c);
+    out.wait_for(&env.command_id(small), "delivered", WAIT);
     for (offset, _, outcome, _) in &cases {
         out.wait_for(&env.command_id(*offset), outcome, WAIT);
     }
@@ -1127,10 +1156,11 @@ fn unknown_malformed_and_unsubscribed_commands_are_reported() {
         assert_eq!(all[0].kafka, Some((env.commands.clone(), 0, offset)));
     }
     assert!(deaf.recv_quiet(Duration::from_millis(300)).is_empty());
+    assert!(tiny.recv_quiet(Duration::from_millis(300)).is_empty());
     // Every one of them is settled.
     assert_eq!(
-        env.wait_committed(unsubscribed + 1, Duration::from_secs(10)),
-        Some(unsubscribed + 1)
+        env.wait_committed(small + 1, Duration::from_secs(10)),
+        Some(small + 1)
     );
 }
 
@@ -1412,6 +1442,149 @@ fn vehicles_that_never_acknowledge_do_not_stop_commands_to_other_vehicles() {
             .filter(|l| l.contains("command") && !l.starts_with('#'))
             .collect::<Vec<_>>()
             .join("\n"),
+        out.dump()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. A vehicle that refuses a command (MQTT 5 reason code ≥ 0x80 in its PUBREC or
+//     PUBACK) did not take it: `rejected` (refused_by_vehicle), not `delivered`.
+
+#[test]
+fn a_command_the_vehicle_refuses_is_rejected_not_delivered() {
+    let env = Env::new("refusal");
+    let gw = env.start_gateway("");
+    let mut out = Outcomes::new(&env);
+    env.probe(&mut out, WAIT);
+    let (mut v, _) = Vehicle::connect(gw.mqtt(), "picky-car", true, false);
+    assert!(v.subscribe("vehicles/picky-car/commands/#", 2));
+
+    // QoS 2, PUBREC 0x80 (unspecified error).
+    let o2 = env.send(Some("picky-car"), "q2", &[("qos", "2")]);
+    let c = v.recv(WAIT).expect("the QoS 2 command");
+    v.refuse(&c, 0x80);
+    out.wait(&format!("a final outcome of {}", env.command_id(o2)), WAIT, |o| {
+        o.iter()
+            .any(|r| r.command_id == env.command_id(o2) && r.is_final())
+    });
+    // QoS 1, PUBACK 0x87 (not authorized): MQTT 5 §3.4.2.1, "the receiver does not
+    // accept the publication".
+    let o1 = env.send(Some("picky-car"), "q1", &[("qos", "1")]);
+    let c = v.recv(WAIT).expect("the QoS 1 command");
+    v.refuse(&c, 0x87);
+    out.wait(&format!("a final outcome of {}", env.command_id(o1)), WAIT, |o| {
+        o.iter()
+            .any(|r| r.command_id == env.command_id(o1) && r.is_final())
+    });
+    out.poll(Duration::from_millis(500));
+    for (offset, what) in [(o2, "QoS 2, PUBREC 0x80"), (o1, "QoS 1, PUBACK 0x87")] {
+        let finals = out.finals(&env.command_id(offset));
+        let got: Vec<(&str, Option<&str>)> = finals
+            .iter()
+            .map(|r| (r.outcome.as_str(), r.reason.as_deref()))
+            .collect();
+        assert_eq!(
+            got,
+            [("rejected", Some("refused_by_vehicle"))],
+            "{what}: outcome of a command the vehicle refused\n{}",
+            out.dump()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 11. After a SIGKILL and restart (default settings), the gateway takes commands again
+//     promptly: the vehicles reconnect within seconds and their commands should too.
+
+#[test]
+fn commands_flow_again_soon_after_a_gateway_sigkill() {
+    let env = Env::new("resume");
+    let gw = env.start_gateway("");
+    let mut out = Outcomes::new(&env);
+    env.probe(&mut out, WAIT);
+    let (dir, config) = gw.kill9();
+    let gw = Gateway::start_in(dir, config);
+    let (mut v, _) = Vehicle::connect(gw.mqtt(), "back-car", false, false);
+    assert!(v.subscribe("vehicles/back-car/commands/#", 1));
+    let started = Instant::now();
+    env.send(Some("back-car"), "unlock", &[("qos", "1")]);
+    let got = v.recv(Duration::from_secs(50));
+    let took = started.elapsed();
+    assert!(got.is_some(), "no command within 50 s of the restart");
+    assert!(
+        took < Duration::from_secs(15),
+        "the restarted gateway delivered its first command {took:?} after the restart \
+         (the dead consumer holds the group until session.timeout.ms, 45 s by default)"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 12. A consumer paused at `commands.max_pending` longer than `max.poll.interval.ms`
+//     (librdkafka: the application must poll within it or it leaves the group) must not
+//     re-deliver commands that were already settled when it resumes.
+
+#[test]
+fn a_long_pause_at_max_pending_does_not_redeliver_settled_commands() {
+    let env = Env::new("pause");
+    // max.poll.interval.ms 7 s instead of 5 min, so that the test is short.
+    let gw = env.start_gateway_with(
+        "max_pending = 2\n",
+        "[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"7000\"\n",
+    );
+    let mut out = Outcomes::new(&env);
+    env.probe(&mut out, WAIT);
+    let (mut mute, _) = Vehicle::connect(gw.mqtt(), "mute-car", false, false);
+    assert!(mute.subscribe("vehicles/mute-car/commands/#", 1));
+    let (mut quick, _) = Vehicle::connect(gw.mqtt(), "quick-car", true, false);
+    assert!(quick.subscribe("vehicles/quick-car/commands/#", 1));
+
+    let a = env.send(Some("mute-car"), "a", &[("qos", "1")]);
+    let ca = mute.recv(WAIT).expect("mute-car got a");
+    let b = env.send(Some("quick-car"), "b", &[("qos", "1")]);
+    let cb = quick.recv(WAIT).expect("quick-car got b");
+    quick.ack(&cb);
+    out.wait_for(&env.command_id(b), "delivered", WAIT);
+    let c = env.send(Some("mute-car"), "c", &[("qos", "1")]);
+    let cc = mute.recv(WAIT).expect("mute-car got c");
+    // Two unsettled commands: the consumer pauses. Longer than max.poll.interval.ms.
+    std::thread::sleep(Duration::from_secs(10));
+    mute.ack(&ca);
+    mute.ack(&cc);
+    out.wait_for(&env.command_id(c), "delivered", WAIT);
+    // The consumer reads again: a probe behind them is handled. Meanwhile both vehicles
+    // acknowledge whatever they get.
+    let probe = env.send(Some("probe-nobody"), "probe", &[]);
+    let probe_id = env.command_id(probe);
+    let (mut again_mute, mut again_quick) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut probe_seen: Option<Instant> = None;
+    while probe_seen.is_none_or(|t| t.elapsed() < Duration::from_secs(2)) {
+        assert!(
+            Instant::now() < deadline,
+            "the consumer did not handle a probe within 40 s after the pause; mute-car \
+             received again {again_mute:?}, quick-car {again_quick:?}\n{}",
+            out.dump()
+        );
+        for (v, seen) in [(&mut mute, &mut again_mute), (&mut quick, &mut again_quick)] {
+            while let Some(c) = v.recv(Duration::from_millis(100)) {
+                seen.push(label(&c));
+                v.ack(&c);
+            }
+        }
+        out.poll(Duration::from_millis(100));
+        if probe_seen.is_none() && out.seen.iter().any(|r| r.command_id == probe_id) {
+            probe_seen = Some(Instant::now());
+        }
+    }
+    out.poll(Duration::from_millis(500));
+    let finals: Vec<(i64, usize)> = [a, b, c]
+        .iter()
+        .map(|o| (*o, out.finals(&env.command_id(*o)).len()))
+        .collect();
+    assert!(
+        again_mute.is_empty() && again_quick.is_empty() && finals.iter().all(|(_, n)| *n == 1),
+        "after the pause: mute-car received again {again_mute:?}, quick-car received again \
+         {again_quick:?}; final outcomes per offset {finals:?}\n{}",
         out.dump()
     );
 }
