@@ -401,7 +401,7 @@ impl Default for CommandsSection {
             default_qos: 1,
             default_expiry_secs: 3600,
             outcome_topic: "vehicles.command-outcomes".into(),
-            max_pending: 10_000,
+            max_pending: 100_000,
             report_unknown: true,
             many_gateways: false,
         }

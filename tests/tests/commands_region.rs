@@ -18,15 +18,16 @@ const OUTCOMES: &str = "region.outcomes";
 const PRESENCE: &str = "region.presence";
 
 fn gateway(kafka: &Kafka, id: &str, reporter: bool) -> Gateway {
-    Gateway::start(&format!(
-        "[gateway]\nid = \"{id}\"\n\
-         [kafka]\nbootstrap = \"{}\"\nlinger_ms = 1\ndead_letter_topic = \"\"\n\
+    let extra = format!(
+        "[kafka]\nbootstrap = \"{}\"\nlinger_ms = 1\ndead_letter_topic = \"\"\n\
          [presence]\nkafka_topic = \"{PRESENCE}\"\n\
          [commands]\nkafka_topic = \"{COMMANDS}\"\noutcome_topic = \"{OUTCOMES}\"\n\
-         many_gateways = true\nreport_unknown = {reporter}\nunknown_grace_ms = 2000\n\
+         many_gateways = true\nreport_unknown = {reporter}\n\
          [auth]\nallow_anonymous = true\n",
         kafka.bootstrap()
-    ))
+    );
+    // The harness writes its own [gateway] table: the id comes from the environment.
+    Gateway::start_env(&extra, &[("GATEWAY_GATEWAY__ID", id)])
 }
 
 fn produce(kafka: &Kafka, client_id: &str, payload: &str) {

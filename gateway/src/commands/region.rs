@@ -7,8 +7,8 @@
 //!   the one with `commands.report_unknown = true`, which reports `unknown_vehicle`
 //!   when no gateway holds it: it follows the presence topic and keeps, for vehicles
 //!   held by other gateways, who holds them (connected there, or disconnected there with
-//!   the session kept). It decides after `commands.unknown_grace_ms`, so that a vehicle
-//!   that just connected elsewhere is not reported before its presence event arrives.
+//!   the session kept). A vehicle that connected elsewhere within the presence topic's
+//!   propagation delay may be reported unknown while the other gateway delivers it.
 //! - Every gateway follows the presence topic: when a vehicle whose session this
 //!   gateway holds offline connects to another gateway, the session moved. The commands
 //!   it holds are journaled back to the command topic (`EntryKind::Command`, same key,
