@@ -28,9 +28,10 @@
 //! * **issued → acknowledged**: the vehicle's clock reading right after its `write` of the
 //!   PUBACK returned (the PUBACK handed to the kernel), minus the issue time. QoS 1 only.
 //!   This is when the vehicle acknowledged, not when the gateway learnt it.
-//! * **issue lag**: actual issue time minus the scheduled one; a large value means the
-//!   issuer (or the path's back-pressure: MQTT window, REST round trip) did not keep up
-//!   and the offered rate was not met.
+//! * **issue lag**: actual issue time minus the scheduled one. Tokio's timer has 1 ms
+//!   granularity (commands due within one tick leave together), so 1–2 ms is the timer;
+//!   much more means the issuer (or the path's back-pressure: MQTT window, REST round
+//!   trip) did not keep up and the offered rate was not met.
 //! * **completeness**: distinct commands received / issued (inside the window);
 //!   duplicates are counted apart.
 //! * **CPU**: utime + stime of each `--cpu-pid` process (and of this one) over the window.
@@ -709,7 +710,8 @@ fn rest_path(client_id: &str) -> String {
 }
 
 /// Asks the admin API whether the REST command route exists, with a body it must refuse
-/// (no payload), so that nothing is issued: `Ok(false)` on 404 / 405.
+/// (no payload), so that nothing is issued: `Ok(false)` on a 404 / 405 that is not one of
+/// the API's own errors (those carry `{"error": {"code": ...}}`; a missing route has none).
 async fn rest_route_exists(admin: SocketAddr, token: Option<&str>, id: &str) -> Result<bool, String> {
     let mut c = timeout(REST_ANSWER, http::Conn::connect(admin, token))
         .await
@@ -719,8 +721,11 @@ async fn rest_route_exists(admin: SocketAddr, token: Option<&str>, id: &str) -> 
         .await
         .map_err(|_| "admin API: no answer".to_string())?
         .map_err(|e| format!("admin API: {e}"))?;
+    let api_error = serde_json::from_slice::<serde_json::Value>(&a.body)
+        .ok()
+        .is_some_and(|v| v["error"]["code"].is_string());
     match a.status {
-        404 | 405 => Ok(false),
+        404 | 405 if !api_error => Ok(false),
         401 | 403 => Err(format!(
             "admin API answered {} (give the admin token with --token)",
             a.status
