@@ -4,6 +4,8 @@
     python3 scripts/bench.py [--runs 3] [--connections 18000] [--replay 1000000]
     python3 scripts/bench.py --only pubsub                  # delivery: fan-out and fan-in
     python3 scripts/bench.py --only pubsub --brokers mosquitto
+    python3 scripts/bench.py --only commands                # command latency to online vehicles
+    python3 scripts/bench.py --only commands --command-paths mqtt,kafka   # without REST
 
 Builds release binaries, provisions Apache Kafka (scripts/kafka.sh), installs Mosquitto
 (Debian package) if missing, runs every case --runs times alternating the two brokers,
@@ -29,10 +31,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 FLEET = os.path.join(REL, "fleet")
 GATEWAY = os.path.join(REL, "gateway")
-SCENARIOS = ("ingest", "idle", "replay", "journal", "pubsub")
+SCENARIOS = ("ingest", "idle", "replay", "journal", "pubsub", "commands")
 # Delivery cases: (pattern, QoS); publish QoS = subscribe QoS.
 PUBSUB_CASES = (("fanout", 0), ("fanout", 1), ("fanin", 0), ("fanin", 1))
 PENDING = "pending: run after local delivery lands"
+# Command paths, and the brokers each one applies to (REST and Kafka are the gateway's own).
+COMMAND_PATHS = ("mqtt", "rest", "kafka")
+# The operator that issues MQTT commands to the gateway: a password user with its own
+# publish ACL (vehicles keep the default ACLs). Mosquitto (no ACLs) takes it anonymously.
+OPERATOR_USER, OPERATOR_PASSWORD = "operator", "bench-operator"
 
 
 def raise_fd_limit():
@@ -113,6 +120,13 @@ num.partitions=4
             wait_port(self.port)
             time.sleep(2)
 
+    def create_topic(self, name, partitions=4):
+        """Creates a topic (before a gateway that consumes it starts: a consumer started
+        before its topic exists may not see it for minutes)."""
+        sh(["java", "-cp", self.cp, "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", self.bootstrap,
+            "--create", "--if-not-exists", "--topic", name, "--partitions", str(partitions),
+            "--replication-factor", "1"], stdout=subprocess.DEVNULL)
+
     def kill(self):
         if self.proc:
             self.proc.kill()
@@ -125,7 +139,7 @@ num.partitions=4
 
 
 class Gateway:
-    def __init__(self, work, kafka_bootstrap, certs, name="gw", pubsub=False):
+    def __init__(self, work, kafka_bootstrap, certs, name="gw", pubsub=False, operator_hash=None):
         self.dir = os.path.join(work, name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -159,6 +173,14 @@ connect_rate_per_ip = 0
                 f.write('publish_acl = ["#"]\nsubscribe_acl = ["#"]\n')
             else:
                 f.write('publish_acl = ["vehicles/{client_id}/#"]\n')
+            # Commands: an operator user may publish to every vehicle's command topic.
+            if operator_hash:
+                f.write(f"""[[auth.users]]
+username = "{OPERATOR_USER}"
+password_hash = "{operator_hash}"
+client_ids = ["op-*"]
+publish_acl = ["vehicles/+/commands"]
+""")
         log = open(os.path.join(self.dir, "gateway.log"), "w")
         self.proc = subprocess.Popen([GATEWAY, "run", "--config", cfg], stdout=log, stderr=log,
                                      env={**os.environ, "RUST_LOG": "warn"})
@@ -291,17 +313,29 @@ def main():
     ap.add_argument("--fanin-rate", type=float, default=10000, help="fan-in publishes/s over all publishers")
     ap.add_argument("--pubsub-warmup", type=int, default=3)
     ap.add_argument("--pubsub-seconds", type=int, default=10)
+    ap.add_argument("--command-vehicles", type=int, default=10000, help="connected vehicles (commands scenario)")
+    ap.add_argument("--command-rates", default="1000,10000", help="comma-separated commands/s")
+    ap.add_argument("--command-paths", default=",".join(COMMAND_PATHS),
+                    help=f"comma-separated command paths, of {','.join(COMMAND_PATHS)} (leave out rest "
+                         "while the gateway has no REST command route)")
+    ap.add_argument("--command-issuers", type=int, default=8,
+                    help="MQTT operator connections / REST connections / Kafka issuing tasks")
+    ap.add_argument("--command-warmup", type=int, default=3)
+    ap.add_argument("--command-seconds", type=int, default=10)
     args = ap.parse_args()
     only = [x for x in args.only.split(",") if x]
     brokers = [x for x in args.brokers.split(",") if x]
-    bad = [x for x in only if x not in SCENARIOS] + [x for x in brokers if x not in ("gateway", "mosquitto")]
+    paths = [x for x in args.command_paths.split(",") if x]
+    bad = ([x for x in only if x not in SCENARIOS] + [x for x in brokers if x not in ("gateway", "mosquitto")]
+           + [x for x in paths if x not in COMMAND_PATHS])
     if bad:
         ap.error(f"unknown scenario or broker: {', '.join(bad)}")
     raise_fd_limit()
     os.chdir(ROOT)
     if not os.path.exists("/usr/sbin/mosquitto"):
         sh(["apt-get", "install", "-y", "-qq", "mosquitto"])
-    need_kafka = any(x in only for x in ("ingest", "idle", "replay")) or ("pubsub" in only and "gateway" in brokers)
+    need_kafka = (any(x in only for x in ("ingest", "idle", "replay"))
+                  or (any(x in only for x in ("pubsub", "commands")) and "gateway" in brokers))
     if need_kafka:
         sh(["./scripts/kafka.sh"])
     sh(["cargo", "build", "--release", "-p", "gateway", "-p", "fleet"])
@@ -316,7 +350,7 @@ def main():
     results = json.load(open(path)) if os.path.exists(path) else {}
     results.setdefault("meta", {})
     fresh = {"ingest": ("ingest", "latency"), "idle": ("idle",), "replay": ("replay",),
-             "journal": ("journal",), "pubsub": ("pubsub",)}
+             "journal": ("journal",), "pubsub": ("pubsub",), "commands": ("commands",)}
     for scenario in only:
         for key in fresh[scenario]:
             results[key] = {}
@@ -327,6 +361,8 @@ def main():
         # Delivery first: short, and it stops the suite at once if a broker delivers nothing.
         if "pubsub" in only:
             pubsub_phase(work, kafka, certs, brokers, results, args)
+        if "commands" in only:
+            commands_phase(work, kafka, certs, brokers, paths, results, args)
         if "ingest" in only:
             ingest_phase(work, kafka, certs, results, args)
         if "idle" in only:
@@ -365,6 +401,94 @@ def pubsub_phase(work, kafka, certs, brokers, results, args):
                     print(f"{pattern} QoS {qos} {name}: {r['delivered_per_sec']:,.0f} delivered/s, "
                           f"p50 {r['latency']['p50_us']} µs, p99 {r['latency']['p99_us']} µs, "
                           f"broker CPU {r['cpu_secs'].get('broker', 0):.2f} s", flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+
+
+def command_case(path, rate, args):
+    """The fleet arguments of one command case (without port, path addresses, prefixes, CPU pids)."""
+    return ["commands", "--via", path, "--vehicles", str(args.command_vehicles), "--rate", f"{rate:g}",
+            "--qos", "1", "--issuers", str(args.command_issuers), "--warmup-secs", str(args.command_warmup),
+            "--duration-secs", str(args.command_seconds)]
+
+
+def command_run(name, case, extra, cpu_pids, args):
+    """Runs one command case. Returns the report, or None when the path is not available
+    on this gateway (the REST command route answered 404); any other failure stops the suite."""
+    cmd = [FLEET, *case, *extra, "--json", *[f"--cpu-pid={n}={pid}" for n, pid in cpu_pids.items()]]
+    print("+", " ".join(cmd), flush=True)
+    # fleet bounds every wait itself (connects, drain); this is the backstop.
+    limit = args.command_vehicles / 2000 + args.command_warmup + args.command_seconds + 240
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"bench: {' '.join(case)} against {name}: no result after {limit:.0f} s")
+    lines = p.stdout.strip().splitlines()
+    report = json.loads(lines[-1]) if lines else {}
+    if p.returncode == 3 and report.get("unavailable"):
+        return None
+    if p.returncode != 0:
+        why = report.get("failure") or p.stderr.strip()[-2000:] or f"exit status {p.returncode}"
+        raise SystemExit(f"bench: {' '.join(case)} against {name} FAILED: {why}")
+    return report
+
+
+def commands_phase(work, kafka, certs, brokers, paths, results, args):
+    """Command latency to online vehicles: per rate and path, the brokers alternating
+    (Mosquitto only for the MQTT path)."""
+    rates = [float(x) for x in args.command_rates.split(",") if x]
+    servers = {}
+    if "gateway" in brokers:
+        kafka.create_topic("vehicles.commands")
+        kafka.create_topic("vehicles.command-outcomes")
+        pw_hash = subprocess.run([GATEWAY, "hash-password"], input=OPERATOR_PASSWORD, capture_output=True,
+                                 text=True, check=True).stdout.strip()
+        servers["gateway"] = Gateway(work, kafka.bootstrap, certs, name="commands", operator_hash=pw_hash)
+    if "mosquitto" in brokers:
+        servers["mosquitto"] = Mosquitto(work, certs)
+    res = results["commands"]
+    res["unavailable"] = {}
+    try:
+        for run in range(args.runs):
+            for rate in rates:
+                for path in paths:
+                    case = command_case(path, rate, args)
+                    for name, srv in servers.items():
+                        if path != "mqtt" and name != "gateway":
+                            continue
+                        if path in res["unavailable"]:
+                            continue
+                        tag = f"{path}{rate:g}r{run}"
+                        extra = ["--port", str(srv.port), "--id-prefix", f"v{tag}"]
+                        cpu = {"broker": srv.proc.pid}
+                        if name == "gateway":
+                            cpu["kafka"] = kafka.proc.pid
+                            # Afterwards: the gateway's outcome record for every command.
+                            extra += ["--kafka-bootstrap", kafka.bootstrap,
+                                      "--outcomes-topic", "vehicles.command-outcomes"]
+                        if path == "mqtt" and name == "gateway":
+                            extra += ["--operator-username", OPERATOR_USER, "--operator-password", OPERATOR_PASSWORD,
+                                      "--operator-prefix", f"op-{tag}"]
+                        elif path == "mqtt":
+                            extra += ["--operator-prefix", f"op-{tag}"]
+                        elif path == "rest":
+                            extra += ["--admin", f"127.0.0.1:{srv.admin}"]
+                        else:
+                            extra += ["--kafka-topic", "vehicles.commands"]
+                        r = command_run(name, case, extra, cpu, args)
+                        if r is None:
+                            res["unavailable"][path] = "the gateway's REST command route answered 404"
+                            print(f"bench: commands via {path}: not available on this gateway (404); "
+                                  "skipping this path", flush=True)
+                            continue
+                        res.setdefault(f"{path}-{rate:g}", {}).setdefault(name, []).append(r)
+                        rl, al = r["received_latency"], r["acked_latency"]
+                        print(f"commands via {path} at {rate:g}/s {name}: {r['issued_per_sec']:,.0f} issued/s, "
+                              f"complete {r['completeness']:.4f}, received p50 {rl['p50_us']} µs "
+                              f"p99 {rl['p99_us']} µs p99.9 {rl['p999_us']} µs, acked p99 {al['p99_us']} µs, "
+                              f"broker CPU {r['cpu_secs'].get('broker', 0):.2f} s, outcomes {r.get('outcomes')} "
+                              f"of {r.get('outcomes_expected')}", flush=True)
     finally:
         for srv in servers.values():
             srv.stop()
@@ -564,6 +688,7 @@ def write_markdown(res, args):
                  f"{fmt([x['records_per_sec'] for x in r])} | {fmt([x['p99_commit_us'] for x in r], ' µs')} | {ratio:.2f} |")
     L.append("")
     pubsub_markdown(L, res.get("pubsub", {}), lambda name: arg("pubsub", name))
+    commands_markdown(L, res.get("commands", {}), lambda name: arg("commands", name))
     path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
     notes = os.path.join(ROOT, "docs", "BENCHMARKS.notes.md")
     with open(path, "w") as f:
@@ -627,6 +752,113 @@ def pubsub_markdown(L, res, arg):
     L.extend(ratios)
     L.append("")
 
+
+# Goals for issued → received p99, per path (issue 9).
+COMMAND_GOALS_MS = {"mqtt": 1.0, "rest": 1.0, "kafka": 10.0}
+COMMAND_PATH_NAMES = {"mqtt": "MQTT (operator publish)", "rest": "REST", "kafka": "Kafka"}
+
+
+def commands_markdown(L, res, arg):
+    vehicles, issuers = arg("command_vehicles"), arg("command_issuers")
+    warm, secs = arg("command_warmup"), arg("command_seconds")
+    rates = [float(x) for x in str(arg("command_rates")).split(",") if x]
+    paths = [x for x in str(arg("command_paths")).split(",") if x]
+    common = (f"--vehicles {vehicles} --rate <rate> --qos 1 --issuers {issuers} --warmup-secs {warm} "
+              f"--duration-secs {secs}")
+    L.append("## Commands: latency to online vehicles\n")
+    if not [k for k in res if k != "unavailable"]:
+        L.append("Not measured yet: `python3 scripts/bench.py --only commands` (`fleet commands`, see the README).\n")
+        return
+    L.append(f"`python3 scripts/bench.py --only commands` runs, per rate ({', '.join(f'{r:,.0f}' for r in rates)} "
+             "commands/s) and path, the brokers alternating (Mosquitto for the MQTT path only):\n\n"
+             f"* **MQTT** `fleet commands --via mqtt {common}` (gateway: `--operator-username {OPERATOR_USER} "
+             f"--operator-password …`): {issuers} operator connections publish QoS 1 to `vehicles/<id>/commands`, "
+             "at most 32 unacknowledged each;\n"
+             f"* **REST** `fleet commands --via rest {common} --admin 127.0.0.1:<admin port>`: {issuers} HTTP/1.1 "
+             "keep-alive connections, one `POST /api/v1/vehicles/<id>/commands` "
+             "(`{\"payload\": …, \"qos\": 1}`) at a time each;\n"
+             f"* **Kafka** `fleet commands --via kafka {common} --kafka-bootstrap 127.0.0.1:<kafka port>`: one "
+             "librdkafka producer (`linger.ms` 0, `acks` all) writes each command to `vehicles.commands` (key = "
+             "client id, header `qos` 1); the gateway's command consumer takes it from there.\n")
+    L.append(f"{vehicles:,} vehicles connect and subscribe to `vehicles/<id>/commands` at QoS 1 (every SUBACK "
+             "held) before the first command; commands go round robin over the vehicles at the fixed rate, "
+             f"{warm} s of warm-up, then a {secs} s window. Measured for the commands *issued inside the window*: "
+             "**issued → received**: the vehicle's clock right after the read that brought the PUBLISH, minus the "
+             "issue time the issuer wrote into the payload just before handing the command to its path (same "
+             "host, one clock, ns); **issued → acknowledged**: the vehicle's clock right after its `write` of the "
+             "PUBACK returned (the PUBACK handed to its kernel), minus the issue time: when the vehicle "
+             "acknowledged, not when the broker learnt it. **Complete**: distinct commands received / issued. "
+             "**Issue lag p99**: how late the issuer sent against its schedule (tokio's 1 ms timer accounts for "
+             "1–2 ms; much more: the offered rate was not met). **CPU s**: the broker process over the window (for the gateway + the Kafka broker's JVM). "
+             "The gateway runs as in the sections above (journal fsync'd; an operator's QoS 1 publish is also "
+             "journaled, forwarded, and PUBACK'd only once durable; each command's outcome record goes through "
+             "the journal to `vehicles.command-outcomes`), with an operator user whose `publish_acl` is "
+             "`[\"vehicles/+/commands\"]`; the vehicles keep the default ACLs. Mosquitto with its defaults. "
+             "Medians of the runs with (min–max).\n")
+    unavailable = res.get("unavailable", {})
+    L.append("| path | commands/s | broker | issued/s | complete | received p50 | p99 | p99.9 | acked p50 | p99 | "
+             "p99.9 | issue lag p99 | broker CPU s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def ms(rows, key, k):
+        return fmt([r[key][k] / 1000 for r in rows], " ms", 3)
+
+    def med_of(rows, f):
+        return statistics.median([f(r) for r in rows])
+
+    goals, ratios = [], []
+    for path in paths:
+        for rate in rates:
+            label = COMMAND_PATH_NAMES[path]
+            brokers = ("gateway", "mosquitto") if path == "mqtt" else ("gateway",)
+            per = {}
+            for name in brokers:
+                rows = res.get(f"{path}-{rate:g}", {}).get(name, [])
+                if not rows:
+                    why = unavailable.get(path, "not run") if name == "gateway" else "not run"
+                    L.append(f"| {label} | {rate:,.0f} | {name} | {why} | | | | | | | | | |")
+                    continue
+                per[name] = rows
+                cpu = fmt([r["cpu_secs"].get("broker") for r in rows], "", 2)
+                if name == "gateway":
+                    cpu += f" + kafka {fmt([r['cpu_secs'].get('kafka') for r in rows], '', 2)}"
+                L.append(f"| {label} | {rate:,.0f} | {name} | {fmt([r['issued_per_sec'] for r in rows])} | "
+                         f"{fmt([r['completeness'] for r in rows], '', 4)} | "
+                         f"{ms(rows, 'received_latency', 'p50_us')} | {ms(rows, 'received_latency', 'p99_us')} | "
+                         f"{ms(rows, 'received_latency', 'p999_us')} | {ms(rows, 'acked_latency', 'p50_us')} | "
+                         f"{ms(rows, 'acked_latency', 'p99_us')} | {ms(rows, 'acked_latency', 'p999_us')} | "
+                         f"{ms(rows, 'issue_lag', 'p99_us')} | {cpu} |")
+            if "gateway" in per:
+                p99 = med_of(per["gateway"], lambda r: r["received_latency"]["p99_us"]) / 1000
+                goal = COMMAND_GOALS_MS[path]
+                goals.append(f"{label} at {rate:,.0f}/s: p99 {p99:.3f} ms against < {goal:g} ms "
+                             f"({'met' if p99 < goal else 'not met'})")
+            if len(per) == 2:
+                g, m = per["gateway"], per["mosquitto"]
+                ratio = [med_of(g, f) / max(med_of(m, f), 1e-9) for f in (
+                    lambda r: r["received_latency"]["p50_us"],
+                    lambda r: r["received_latency"]["p99_us"],
+                    lambda r: r["cpu_secs"].get("broker", 0))]
+                ratios.append(f"| {rate:,.0f} | " + " | ".join(f"{x:.2f}×" for x in ratio) + " |")
+    if goals:
+        L.append("\nGoals (issued → received p99, gateway, medians): " + "; ".join(goals) + ".")
+    # The gateway's own account: an outcome record per command (`fleet commands --outcomes-topic`).
+    accounts = []
+    for path in paths:
+        for rate in rates:
+            for r in res.get(f"{path}-{rate:g}", {}).get("gateway", []):
+                if r.get("outcomes_expected"):
+                    accounts.append((r["outcomes"].get("delivered", 0) / r["outcomes_expected"], r["outcomes"]))
+    if accounts:
+        worst = min(a[0] for a in accounts)
+        others = sorted({k for _, c in accounts for k in c if k != "delivered"})
+        L.append(f"\nOutcome records (`vehicles.command-outcomes`, read after each gateway run): `delivered` for "
+                 f"{worst:.4f} of the commands issued (warm-up included) in the lowest of the {len(accounts)} gateway runs"
+                 + (f"; other outcomes seen: {', '.join(others)}" if others else "; no other outcome") + ".")
+    if ratios:
+        L.append("\nMQTT path, gateway / mosquitto in the same runs (below 1: the gateway is faster or cheaper):\n")
+        L.append("| commands/s | received p50 | received p99 | broker CPU s |\n|---|---|---|---|")
+        L.extend(ratios)
+    L.append("")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,8 +8,12 @@
 //! fleet commander --vehicles 100 --rate 100 --duration-secs 30             # command latency
 //! fleet fanout --subscribers 1000 --rate 100 --qos 1                       # delivery, 1 → N
 //! fleet fanin --publishers 1000 --rate 10000 --qos 1                       # delivery, N → 1
+//! fleet commands --vehicles 10000 --rate 1000 --via mqtt                   # command latency
 //! ```
 
+mod commands;
+mod http;
+mod outcomes;
 mod probe;
 mod pubsub;
 mod report;
@@ -77,6 +81,10 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         duration_secs: u64,
     },
+    /// Command latency: N online vehicles subscribed to their command topics, commands
+    /// issued at a fixed rate via MQTT, REST or Kafka, timed at the vehicles (issued →
+    /// received, issued → PUBACK written). See `commands.rs` for the definitions.
+    Commands(CommandsArgs),
     /// Delivery benchmark, one publisher → N subscribers of one topic: delivered msgs/s,
     /// publish→receive latency, broker CPU.
     Fanout {
@@ -131,6 +139,84 @@ struct PubSubArgs {
     window: usize,
     #[arg(long, default_value_t = 60)]
     keep_alive: u16,
+    /// Report this process's CPU seconds inside the window, e.g. `broker=1234` (repeatable).
+    #[arg(long = "cpu-pid", value_name = "NAME=PID", value_parser = parse_cpu_pid)]
+    cpu_pid: Vec<(String, u32)>,
+    #[arg(long)]
+    json: bool,
+}
+
+/// `fleet commands`.
+#[derive(Args, Clone)]
+struct CommandsArgs {
+    /// The MQTT broker the vehicles (and MQTT operators) connect to; vehicle client ids
+    /// are `<id-prefix>-<n>`.
+    #[command(flatten)]
+    conn: ConnArgs,
+    /// Path the commands take.
+    #[arg(long, value_enum)]
+    via: commands::Via,
+    /// Vehicles, each connected and subscribed to `vehicles/<id>/commands` (QoS 1).
+    #[arg(long, default_value_t = 1000)]
+    vehicles: usize,
+    /// Commands per second over all vehicles (round robin).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// QoS of the commands: MQTT publish QoS, REST `qos`, Kafka header `qos`.
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
+    /// MQTT operator connections, REST connections, or tasks sharing the Kafka producer.
+    #[arg(long, default_value_t = 8)]
+    issuers: usize,
+    /// QoS 1 commands in flight per MQTT operator connection.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+    /// MQTT operators log in with this username (and --operator-password).
+    #[arg(long, requires = "operator_password")]
+    operator_username: Option<String>,
+    #[arg(long)]
+    operator_password: Option<String>,
+    /// MQTT operator client ids are `<operator-prefix>-<n>` (default `<id-prefix>-op`).
+    #[arg(long)]
+    operator_prefix: Option<String>,
+    /// Kafka bootstrap servers (`--via kafka`).
+    #[arg(long)]
+    kafka_bootstrap: Option<String>,
+    /// The gateway's command topic (`commands.kafka_topic`); must exist.
+    #[arg(long, default_value = "vehicles.commands")]
+    kafka_topic: String,
+    /// Afterwards, count the gateway's outcome records for this run's vehicles on this
+    /// topic (`commands.outcome_topic`, e.g. `vehicles.command-outcomes`; needs
+    /// --kafka-bootstrap).
+    #[arg(long, requires = "kafka_bootstrap")]
+    outcomes_topic: Option<String>,
+    /// The gateway's admin API, HOST:PORT (`--via rest`).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Admin bearer token (`--via rest`).
+    #[arg(long)]
+    token: Option<String>,
+    /// Issuing before the measured window (not counted).
+    #[arg(long, default_value_t = 3)]
+    warmup_secs: u64,
+    /// The measured window.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Longest wait after the window for commands still on their way.
+    #[arg(long, default_value_t = 10)]
+    drain_secs: u64,
+    /// New vehicle connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    connect_rate: f64,
+    /// Spread the vehicles over this many loopback source addresses (127.0.1.x);
+    /// default: one per 1,000 vehicles.
+    #[arg(long)]
+    source_ips: Option<usize>,
+    #[arg(long, default_value_t = 60)]
+    keep_alive: u16,
+    /// Command payload size (at least its `seq=… t_ns=…` text).
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
     /// Report this process's CPU seconds inside the window, e.g. `broker=1234` (repeatable).
     #[arg(long = "cpu-pid", value_name = "NAME=PID", value_parser = parse_cpu_pid)]
     cpu_pid: Vec<(String, u32)>,
@@ -277,6 +363,7 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(commander(conn, vehicles, rate, duration_secs))
         }
+        Cmd::Commands(args) => commands_main(args),
         Cmd::Fanout {
             common,
             subscribers,
@@ -347,6 +434,80 @@ fn pubsub_main(
     if let Some(f) = &report.failure {
         eprintln!("fleet {} QoS {}: FAILED: {f}", report.pattern, report.qos);
         std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Runs `commands`, prints the report, and fails (exit 1; 3 when the REST command route
+/// is missing) when the run is not a valid measurement.
+fn commands_main(args: CommandsArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.qos <= 2, "--qos must be 0, 1 or 2");
+    anyhow::ensure!(args.vehicles > 0, "at least one vehicle");
+    anyhow::ensure!(args.issuers > 0, "at least one issuer");
+    anyhow::ensure!(args.rate > 0.0, "--rate must be above 0");
+    let conn = &args.conn;
+    let tls = match &conn.ca {
+        Some(ca) => {
+            let client = conn.client_ca_cert.as_deref().zip(conn.client_ca_key.as_deref());
+            let name = rustls::pki_types::ServerName::try_from(
+                conn.server_name.clone().unwrap_or_else(|| conn.host.clone()),
+            )
+            .map_err(|e| anyhow!("--server-name: {e}"))?;
+            Some((tls::VehicleTls::new(ca, client)?, name))
+        }
+        None => None,
+    };
+    let admin = match &args.admin {
+        Some(a) => Some(
+            a.to_socket_addrs()
+                .with_context(|| format!("--admin {a}"))?
+                .next()
+                .ok_or_else(|| anyhow!("--admin {a}: no address"))?,
+        ),
+        None => None,
+    };
+    let plan = commands::Plan {
+        via: args.via,
+        addr: resolve(conn)?,
+        tls,
+        v5: conn.mqtt_version == 5,
+        vehicles: args.vehicles,
+        rate: args.rate,
+        qos: args.qos,
+        issuers: args.issuers,
+        window: args.window.max(1),
+        operator_login: args.operator_username.clone().zip(args.operator_password.clone()),
+        operator_prefix: args
+            .operator_prefix
+            .clone()
+            .unwrap_or_else(|| format!("{}-op", conn.id_prefix)),
+        kafka_bootstrap: args.kafka_bootstrap.clone(),
+        kafka_topic: args.kafka_topic.clone(),
+        outcomes_topic: args.outcomes_topic.clone(),
+        admin,
+        token: args.token.clone(),
+        warmup: Duration::from_secs(args.warmup_secs),
+        duration: Duration::from_secs(args.duration_secs.max(1)),
+        drain: Duration::from_secs(args.drain_secs),
+        connect_rate: args.connect_rate,
+        source_ips: args.source_ips.unwrap_or(args.vehicles.div_ceil(1000)),
+        keep_alive: args.keep_alive,
+        payload_bytes: args.payload_bytes,
+        id_prefix: conn.id_prefix.clone(),
+        cpu_pids: args.cpu_pid.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = rt.block_on(commands::run(plan));
+    // Tasks still parked on a broker that never answered are dropped, not awaited.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        report.print();
+    }
+    if let Some(f) = &report.failure {
+        eprintln!("fleet commands via {}: FAILED: {f}", report.via);
+        std::process::exit(if report.unavailable { 3 } else { 1 });
     }
     Ok(())
 }

@@ -56,7 +56,7 @@ use crate::wire;
 /// Bytes of the payload header: send time and sequence number.
 const HEADER: usize = 16;
 /// Time a connect, a CONNACK or a SUBACK may take.
-const HANDSHAKE: Duration = Duration::from_secs(30);
+pub(crate) const HANDSHAKE: Duration = Duration::from_secs(30);
 /// The drain ends once nothing has arrived for this long.
 const QUIET: Duration = Duration::from_secs(1);
 /// Kernel clock ticks per second in `/proc/<pid>/stat` (USER_HZ, 100 on Linux).
@@ -285,7 +285,7 @@ async fn goodbye(io: &mut Box<dyn Io>, out: &mut BytesMut) {
     let _ = io.shutdown().await;
 }
 
-async fn read_packet(io: &mut Box<dyn Io>, buf: &mut BytesMut) -> Result<(u8, BytesMut), String> {
+pub(crate) async fn read_packet(io: &mut Box<dyn Io>, buf: &mut BytesMut) -> Result<(u8, BytesMut), String> {
     loop {
         if let Some(p) = wire::next_packet(buf) {
             return Ok(p);
@@ -540,7 +540,11 @@ async fn publisher(mut t: Task, index: usize, publishers: usize, topic: String) 
 }
 
 /// Collects `n` readiness reports; an error names how many failed and why.
-async fn ready(rx: &mut mpsc::Receiver<Result<(), String>>, n: usize, what: &str) -> Result<(), String> {
+pub(crate) async fn ready(
+    rx: &mut mpsc::Receiver<Result<(), String>>,
+    n: usize,
+    what: &str,
+) -> Result<(), String> {
     let deadline = Instant::now() + HANDSHAKE * 2 + Duration::from_secs(5);
     let mut failed: BTreeMap<String, u64> = BTreeMap::new();
     let mut ok = 0;
@@ -566,7 +570,7 @@ async fn ready(rx: &mut mpsc::Receiver<Result<(), String>>, n: usize, what: &str
 }
 
 /// Spawns one task per client id, paced at the plan's connect rate.
-async fn spawn_paced<T, F>(ids: Vec<String>, connect_rate: f64, mut spawn: F) -> Vec<JoinHandle<T>>
+pub(crate) async fn spawn_paced<T, F>(ids: Vec<String>, connect_rate: f64, mut spawn: F) -> Vec<JoinHandle<T>>
 where
     F: FnMut(usize, String) -> JoinHandle<T>,
 {

@@ -24,15 +24,30 @@ fn put_str(out: &mut BytesMut, s: &str) {
 
 /// CONNECT with clean start; `v5` adds an empty property block.
 pub fn connect(out: &mut BytesMut, client_id: &str, keep_alive: u16, v5: bool) {
+    connect_as(out, client_id, keep_alive, v5, None);
+}
+
+/// CONNECT with clean start and, if given, a username and password.
+pub fn connect_as(
+    out: &mut BytesMut,
+    client_id: &str,
+    keep_alive: u16,
+    v5: bool,
+    login: Option<(&str, &str)>,
+) {
     let mut body = BytesMut::new();
     put_str(&mut body, "MQTT");
     body.put_u8(if v5 { 5 } else { 4 });
-    body.put_u8(0x02);
+    body.put_u8(if login.is_some() { 0xC2 } else { 0x02 });
     body.put_u16(keep_alive);
     if v5 {
         body.put_u8(0);
     }
     put_str(&mut body, client_id);
+    if let Some((user, password)) = login {
+        put_str(&mut body, user);
+        put_str(&mut body, password);
+    }
     out.put_u8(0x10);
     put_len(out, body.len());
     out.put_slice(&body);
