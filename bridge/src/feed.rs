@@ -6,6 +6,7 @@
 //! compacted or short-lived). Partitions are assigned by hand, so the feed never takes
 //! part in a rebalance and never steals work from anyone.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -14,6 +15,14 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// What the feed hands over: records, and once, the moment it has read everything the
+/// topic held when the feed started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedItem {
+    Record(FeedRecord),
+    CaughtUp,
+}
 
 /// One record of the feed: its key and value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,13 +36,14 @@ pub struct FeedRecord {
 pub async fn run(
     bootstrap: String,
     topic: String,
-    properties: std::collections::BTreeMap<String, String>,
-    out: mpsc::Sender<FeedRecord>,
+    properties: BTreeMap<String, String>,
+    out: mpsc::Sender<FeedItem>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(500);
+    let mut announced = false;
     while !shutdown.is_cancelled() {
-        match follow(&bootstrap, &topic, &properties, &out, &shutdown).await {
+        match follow(&bootstrap, &topic, &properties, &out, &shutdown, &mut announced).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(topic, error = %e, "feed failed; reading it again");
@@ -50,9 +60,10 @@ pub async fn run(
 async fn follow(
     bootstrap: &str,
     topic: &str,
-    properties: &std::collections::BTreeMap<String, String>,
-    out: &mpsc::Sender<FeedRecord>,
+    properties: &BTreeMap<String, String>,
+    out: &mpsc::Sender<FeedItem>,
     shutdown: &CancellationToken,
+    announced: &mut bool,
 ) -> Result<(), String> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
@@ -74,11 +85,15 @@ async fn follow(
         });
         match found {
             Some(p) if !p.is_empty() => break p,
-            // The topic does not exist yet (nobody wrote presence so far): look again.
-            _ => tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-            },
+            // The topic does not exist yet (nobody wrote presence so far): nothing to
+            // catch up with; look again.
+            _ => {
+                caught_up(out, announced).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
         }
     };
     let mut tpl = TopicPartitionList::new();
@@ -89,7 +104,20 @@ async fn follow(
     consumer
         .assign(&tpl)
         .map_err(|e| format!("assigning {topic}: {e}"))?;
+    // Where each partition ends now: reading up to there is catching up.
+    let mut behind: BTreeMap<i32, i64> = BTreeMap::new();
+    for p in &partitions {
+        let (low, high) =
+            tokio::task::block_in_place(|| consumer.fetch_watermarks(topic, *p, Duration::from_secs(10)))
+                .map_err(|e| format!("watermarks of partition {p}: {e}"))?;
+        if high > low {
+            behind.insert(*p, high);
+        }
+    }
     tracing::info!(topic, partitions = partitions.len(), "feed started");
+    if behind.is_empty() {
+        caught_up(out, announced).await;
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -99,12 +127,27 @@ async fn follow(
                         key: m.key().map(<[u8]>::to_vec),
                         payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                     };
-                    if out.send(r).await.is_err() {
+                    if out.send(FeedItem::Record(r)).await.is_err() {
                         return Ok(());
+                    }
+                    let p = m.partition();
+                    if behind.get(&p).is_some_and(|high| m.offset() + 1 >= *high) {
+                        behind.remove(&p);
+                        if behind.is_empty() {
+                            caught_up(out, announced).await;
+                        }
                     }
                 }
                 Err(e) => return Err(e.to_string()),
             },
         }
+    }
+}
+
+/// Says `CaughtUp` once per feed (not again after a re-read).
+async fn caught_up(out: &mpsc::Sender<FeedItem>, announced: &mut bool) {
+    if !*announced {
+        *announced = true;
+        let _ = out.send(FeedItem::CaughtUp).await;
     }
 }

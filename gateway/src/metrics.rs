@@ -91,6 +91,11 @@ pub struct Metrics {
     pub retained_refused: Labeled,
     /// Will messages published (immediately or after their delay).
     pub wills_published: AtomicU64,
+    /// Presence events journaled, by event (`connected`, `disconnected`).
+    pub presence_events: Labeled,
+    /// Presence events not journaled, by reason (`journal_full`, `journal_error`,
+    /// `shutdown`, `taken_over`, `timeout`, `encode_error`).
+    pub presence_dropped: Labeled,
     /// Duplicate QoS 2 PUBLISHes (same packet id before PUBREL) not journaled again.
     pub qos2_duplicates: AtomicU64,
     /// Writes to the sled store that failed (the affected message or session is logged).
@@ -270,6 +275,20 @@ impl Metrics {
             "gateway_wills_published_total",
             "Will messages published.",
             self.wills_published.load(Ordering::Relaxed),
+        );
+        labeled(
+            &mut s,
+            "gateway_presence_events_total",
+            "Presence events journaled, by event.",
+            "event",
+            &self.presence_events,
+        );
+        labeled(
+            &mut s,
+            "gateway_presence_dropped_total",
+            "Presence events not journaled (journal full, failing, or a wait given up), by reason.",
+            "reason",
+            &self.presence_dropped,
         );
         counter(
             &mut s,

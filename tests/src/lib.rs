@@ -42,12 +42,17 @@ pub struct Gateway {
 }
 
 /// Config text for a test gateway; `extra` is appended (TOML sections).
+///
+/// Presence events are off: tests count and read the journal's records, in which a
+/// connection's two events would be noise. `tests/tests/presence.rs` turns them on
+/// (`GATEWAY_PRESENCE__ENABLED=true`).
 pub fn config(journal_dir: &Path, extra: &str) -> String {
     format!(
         "[gateway]\nshutdown_grace_secs = 5\n\
          [mqtt]\nlisten = \"127.0.0.1:0\"\nconnect_timeout_secs = 2\n\
          [journal]\ndir = \"{}\"\nmax_bytes = 67108864\nsegment_bytes = 4194304\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [presence]\nenabled = false\n\
          {extra}",
         journal_dir.display()
     )

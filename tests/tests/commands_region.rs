@@ -20,14 +20,21 @@ const PRESENCE: &str = "region.presence";
 fn gateway(kafka: &Kafka, id: &str, reporter: bool) -> Gateway {
     let extra = format!(
         "[kafka]\nbootstrap = \"{}\"\nlinger_ms = 1\ndead_letter_topic = \"\"\n\
-         [presence]\nkafka_topic = \"{PRESENCE}\"\n\
          [commands]\nkafka_topic = \"{COMMANDS}\"\noutcome_topic = \"{OUTCOMES}\"\n\
          many_gateways = true\nreport_unknown = {reporter}\n\
          [auth]\nallow_anonymous = true\n",
         kafka.bootstrap()
     );
     // The harness writes its own [gateway] table: the id comes from the environment.
-    Gateway::start_env(&extra, &[("GATEWAY_GATEWAY__ID", id)])
+    // The harness turns presence off: these gateways need it.
+    Gateway::start_env(
+        &extra,
+        &[
+            ("GATEWAY_GATEWAY__ID", id),
+            ("GATEWAY_PRESENCE__ENABLED", "true"),
+            ("GATEWAY_PRESENCE__KAFKA_TOPIC", PRESENCE),
+        ],
+    )
 }
 
 fn produce(kafka: &Kafka, client_id: &str, payload: &str) {

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use bridge::feed::FeedRecord;
+use bridge::feed::FeedItem;
 use bridge::{Entry, EntryKind, FullPolicy, Journal as _};
 use serde::Deserialize;
 use tokio::sync::mpsc;
@@ -37,21 +37,43 @@ struct PresenceEvent {
     gateway_id: String,
     #[serde(default)]
     at_ms: u64,
-    /// On `disconnected`: whether the session stays (persistent).
+    #[serde(default)]
+    conn: u64,
+    #[serde(default)]
+    reason: Option<String>,
+    /// On `disconnected`: whether the session stays (persistent) and for how long.
     #[serde(default)]
     session_kept: bool,
+    #[serde(default)]
+    session_expiry_secs: Option<u32>,
 }
 
-/// Vehicles whose session another gateway holds (kept only where `report_unknown`).
+/// Who holds a vehicle elsewhere: a gateway, its connection (to pair the
+/// `disconnected`), and, once offline, until when its session may last.
+#[derive(Debug)]
+struct Holder {
+    gateway: Box<str>,
+    conn: u64,
+    until_ms: Option<u64>,
+}
+
+/// Vehicles whose session another gateway holds (kept only where `report_unknown`),
+/// and whether the presence topic was read up to where it stood at start.
 #[derive(Debug, Default)]
 pub struct Region {
-    elsewhere: Mutex<HashMap<Box<str>, Box<str>>>,
+    elsewhere: Mutex<HashMap<Box<str>, Holder>>,
+    caught_up: tokio::sync::Notify,
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Region {
     /// The gateway holding `client_id`'s session, if another one does.
     pub fn held_by(&self, client_id: &str) -> Option<String> {
-        self.lock().get(client_id).map(|g| g.to_string())
+        let now = now_ms();
+        self.lock()
+            .get(client_id)
+            .filter(|h| h.until_ms.is_none_or(|u| u > now))
+            .map(|h| h.gateway.to_string())
     }
 
     /// Vehicles held elsewhere, as far as this gateway knows.
@@ -63,46 +85,93 @@ impl Region {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Box<str>>> {
+    /// Waits until the presence topic was read up to where it stood at start, so that
+    /// `held_by` is not asked about a vehicle before its latest event was seen.
+    pub async fn ready(&self) {
+        loop {
+            let notified = self.caught_up.notified();
+            if self.ready.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.caught_up.notify_waiters();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Holder>> {
         self.elsewhere.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one presence event (of any gateway) to the map.
+    fn apply(&self, me: &str, ev: &PresenceEvent) {
+        let mut map = self.lock();
+        if ev.gateway_id == me {
+            // The vehicle is here now: whatever another gateway held is history.
+            if ev.event == "connected" {
+                map.remove(ev.client_id.as_str());
+            }
+            return;
+        }
+        match ev.event.as_str() {
+            "connected" => {
+                let h = Holder {
+                    gateway: ev.gateway_id.as_str().into(),
+                    conn: ev.conn,
+                    until_ms: None,
+                };
+                map.insert(ev.client_id.as_str().into(), h);
+            }
+            // A takeover: the session goes on under the new connection.
+            "disconnected" if ev.reason.as_deref() == Some("taken_over") => {}
+            "disconnected" => {
+                let ours = map
+                    .get(ev.client_id.as_str())
+                    .is_some_and(|h| *h.gateway == *ev.gateway_id && h.conn == ev.conn);
+                if !ours {
+                    return;
+                }
+                match (ev.session_kept, ev.session_expiry_secs) {
+                    (true, Some(secs)) if secs != u32::MAX => {
+                        let until = ev.at_ms.saturating_add(u64::from(secs) * 1000);
+                        if let Some(h) = map.get_mut(ev.client_id.as_str()) {
+                            h.until_ms = Some(until);
+                        }
+                    }
+                    (true, _) => {}
+                    (false, _) => {
+                        map.remove(ev.client_id.as_str());
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 
 /// Follows the presence feed until it ends.
-pub async fn follow(shared: Arc<Shared>, mut rx: mpsc::Receiver<FeedRecord>) {
+pub async fn follow(shared: Arc<Shared>, mut rx: mpsc::Receiver<FeedItem>) {
     let me = shared.cfg.gateway_id();
     let track = shared.cfg.commands.report_unknown;
-    while let Some(r) = rx.recv().await {
+    while let Some(item) = rx.recv().await {
+        let r = match item {
+            FeedItem::CaughtUp => {
+                shared.commands.region.set_ready();
+                continue;
+            }
+            FeedItem::Record(r) => r,
+        };
         let Ok(ev) = serde_json::from_slice::<PresenceEvent>(&r.payload) else {
             continue;
         };
-        if ev.gateway_id == me {
-            // Our own sessions are in the registry; only others' matter here.
-            continue;
+        if track {
+            shared.commands.region.apply(&me, &ev);
         }
-        match ev.event.as_str() {
-            "connected" => {
-                if track {
-                    shared
-                        .commands
-                        .region
-                        .lock()
-                        .insert(ev.client_id.clone().into(), ev.gateway_id.clone().into());
-                }
-                hand_over(&shared, &ev.client_id, ev.at_ms, &ev.gateway_id).await;
-            }
-            "disconnected" if track => {
-                let mut map = shared.commands.region.lock();
-                let holder = map
-                    .get(ev.client_id.as_str())
-                    .map(|g| &**g == ev.gateway_id.as_str());
-                if ev.session_kept {
-                    map.insert(ev.client_id.into(), ev.gateway_id.into());
-                } else if holder == Some(true) {
-                    map.remove(ev.client_id.as_str());
-                }
-            }
-            _ => {}
+        if ev.gateway_id != me && ev.event == "connected" {
+            hand_over(&shared, &ev.client_id, ev.at_ms, &ev.gateway_id).await;
         }
     }
 }

@@ -4,8 +4,9 @@
 //! CONNECT), this module (attach to a session, the connection loop, the close),
 //! [`inbound`] (what the client sends: PUBLISH, SUBSCRIBE, ...), [`outbound`] (what the
 //! gateway sends: deliveries and the acknowledgements it owes), [`will`] (Will
-//! messages, their delay, session expiry) and [`state`] (the session itself, which
-//! outlives connections).
+//! messages, their delay, session expiry), [`presence`] (connected / disconnected
+//! events, journaled in order with the connection's publishes) and [`state`] (the
+//! session itself, which outlives connections).
 //!
 //! The ingest rule lives here: a QoS 1/2 PUBLISH is appended to the journal and its
 //! PUBACK / PUBREC is written only once the journal's durable watermark covers the
@@ -35,6 +36,7 @@
 pub mod connect;
 mod inbound;
 mod outbound;
+pub mod presence;
 pub mod state;
 pub mod will;
 
@@ -50,6 +52,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::message::now_ms;
 use crate::mqtt::codec::{ConnAckParams, ConnectRefusal};
 use crate::mqtt::packet::Will;
 use crate::mqtt::{Codec, ProtocolError, Version};
@@ -57,6 +60,7 @@ use crate::registry::{Connecting, Detached};
 use crate::state::Shared;
 use crate::tls::CertIdentity;
 pub use connect::refuse_busy;
+use presence::Transport;
 use state::{Owner, SessionCell};
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -77,8 +81,9 @@ const OUT_BUDGET: usize = 64 * 1024;
 const STORE_WAIT: Duration = Duration::from_secs(5);
 
 /// A stream that can tell "bytes are waiting" without being read into a buffer, so an
-/// idle vehicle's connection waits holding no read buffer at all.
-pub trait ReadReady {
+/// idle vehicle's connection waits holding no read buffer at all. Like every stream a
+/// session runs on, it also names its listener for the presence events.
+pub trait ReadReady: Transport {
     /// Ready when a read would make progress (bytes, end of stream or an error).
     fn poll_read_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>>;
 }
@@ -200,6 +205,10 @@ struct Session<S> {
     /// Theoretical arrival time of the next PUBLISH under `mqtt.max_publish_rate`
     /// (GCRA: one instant instead of a token count and a timestamp).
     pace: Instant,
+    /// When the CONNECT was accepted, and its clean start flag: the `disconnected`
+    /// presence event repeats them (the other facts it needs are kept anyway).
+    connected_at_ms: u64,
+    clean_start: bool,
 }
 
 /// Runs one connection. `identity` is set when TLS verified a client certificate.
@@ -377,7 +386,7 @@ where
     info!(client_id = %client_id, %peer, conn, version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
         session_present = attached.present, session_expiry = expiry, "connected");
     let stored_bytes = cell.lock().subscriptions.keys().map(str::len).sum();
-    let s = Box::new(Session {
+    let mut s = Box::new(Session {
         stream,
         shared: shared.clone(),
         codec,
@@ -410,8 +419,16 @@ where
         receive_max: req.receive_maximum.unwrap_or(u16::MAX).max(1),
         connect_expiry: expiry,
         pace: Instant::now(),
+        connected_at_ms: now_ms(),
+        clean_start: req.clean_start,
     });
     drop(_entered);
+    // Before the session reads anything more: every publish of this connection is
+    // journaled after its `connected` event.
+    s.journal_connected(attached.present, identity.as_ref()).await;
+    // That may have waited for journal space: the keep alive counts from the CONNACK,
+    // which leaves only now.
+    s.deadline = Instant::now() + s.keep_alive();
     Some((s, span))
 }
 
@@ -526,8 +543,9 @@ where
     }
 
     /// Ends the session: tells the client why (MQTT 5), publishes the Will when due,
-    /// detaches from the session (which ends, or stays for a persistent session), and
-    /// on shutdown first waits for pending acknowledgements to become durable.
+    /// detaches from the session (which ends, or stays for a persistent session),
+    /// journals the `disconnected` presence event, and on shutdown first waits for
+    /// pending acknowledgements to become durable.
     async fn finish(&mut self, close: Close) {
         if matches!(close, Close::TakenOver) {
             // The new owner shares this cell's wake-ups, and one meant for it may have
@@ -592,6 +610,9 @@ where
                 will::on_close(&self.shared, &self.cell, user, *w, &detached).await;
             }
         }
+        // Last: after the connection's final publish and its Will (when published now).
+        self.journal_disconnected(&close, detached == Detached::Kept)
+            .await;
         if detached == Detached::Kept {
             debug!("persistent session kept offline");
         }
