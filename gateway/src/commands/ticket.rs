@@ -241,13 +241,25 @@ mod tests {
     }
 
     #[test]
-    fn a_ticket_dropped_unfinished_reports_dropped_unless_shutting_down() {
+    fn a_ticket_dropped_unfinished_reports_dropped_but_a_kafka_one_stays_unsettled_at_shutdown() {
         let (sink, mut rx) = Sink::new();
         drop(Ticket::new(record(), None, sink.clone()));
         assert_eq!(outcomes(&mut rx), vec![Some(Outcome::Dropped)]);
         sink.close();
-        drop(Ticket::new(record(), None, sink));
+        let kafka = CommandRecord {
+            source: Source::Kafka {
+                topic: "t".into(),
+                partition: 0,
+                offset: 1,
+            },
+            ..record()
+        };
+        // Kafka delivers it again after the restart: no outcome now.
+        drop(Ticket::new(kafka, None, sink.clone()));
         assert!(outcomes(&mut rx).is_empty());
+        // Nothing re-delivers a REST command: it ends here.
+        drop(Ticket::new(record(), None, sink));
+        assert_eq!(outcomes(&mut rx), vec![Some(Outcome::Dropped)]);
     }
 
     #[test]

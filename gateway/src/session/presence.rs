@@ -270,6 +270,8 @@ mod tests {
             clean_start: true,
             keep_alive_secs: 60,
             reason: None,
+            session_kept: None,
+            session_expiry_secs: None,
             connected_at_ms: 1_700_000_000_000,
             at_ms: 1_700_000_000_000,
             conn: 42,
@@ -307,7 +309,9 @@ mod tests {
             listener: "tcp",
             tls_identity: None,
             session_present: None,
-            reason: Some(Close::TakenOver.label()),
+            reason: Some(Close::KeepAlive.label()),
+            session_kept: Some(true),
+            session_expiry_secs: Some(3600),
             at_ms: 1_700_000_060_000,
             ..connected()
         };
@@ -315,7 +319,9 @@ mod tests {
         assert_eq!(v["event"], "disconnected");
         assert_eq!(v["protocol"], "3.1.1");
         assert_eq!(v["listener"], "tcp");
-        assert_eq!(v["reason"], "taken_over");
+        assert_eq!(v["reason"], Close::KeepAlive.label());
+        assert_eq!(v["session_kept"], true);
+        assert_eq!(v["session_expiry_secs"], 3600);
         assert!(v["tls_identity"].is_null(), "null, not absent: {v}");
         assert!(v.get("session_present").is_none(), "{v}");
         assert_eq!(v["connected_at_ms"], 1_700_000_000_000u64);
