@@ -98,7 +98,6 @@ impl Env {
     fn config_text(&self, journal: &Path, commands: &str, extra: &str) -> String {
         let sections = format!(
             "[kafka]\nbootstrap = \"{b}\"\nlinger_ms = 5\ndead_letter_topic = \"\"\n\
-             [presence]\nkafka_topic = \"{n}.presence\"\n\
              [commands]\nkafka_topic = \"{c}\"\noutcome_topic = \"{o}\"\n{commands}\
              [auth]\nallow_anonymous = true\n\
              {extra}\
