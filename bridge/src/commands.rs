@@ -17,6 +17,7 @@
 //!   over too, so that each gets an outcome.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -194,8 +195,11 @@ async fn consume(
     offsets: &mut Offsets,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let consumer = consumer(cfg)?;
+    let consumer = Arc::new(consumer(cfg)?);
     tracing::info!(topic = %cfg.topic, group = %cfg.group, "command consumer started");
+    // One commit at a time, off this task: a commit waits for the broker, and commands
+    // keep flowing meanwhile.
+    let mut committing: Option<Commit> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut errors = 0u32;
@@ -229,10 +233,17 @@ async fn consume(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => {
+                if let Some(c) = committing.take() {
+                    let done = c.await;
+                    committed(done, offsets, &ch.committed, &cfg.topic);
+                }
                 while let Ok(s) = ch.settled.try_recv() {
                     offsets.settled(s.partition, s.offset);
                 }
-                commit(&consumer, &cfg.topic, offsets, &ch.committed);
+                if let Some(c) = start_commit(&consumer, &cfg.topic, offsets) {
+                    let done = c.await;
+                    committed(done, offsets, &ch.committed, &cfg.topic);
+                }
                 return Ok(());
             }
             s = ch.settled.recv() => match s {
@@ -242,7 +253,18 @@ async fn consume(
                 // The gateway side is gone: nothing can be settled any more.
                 None => return Ok(()),
             },
-            _ = tick.tick() => commit(&consumer, &cfg.topic, offsets, &ch.committed),
+            _ = tick.tick(), if committing.is_none() => {
+                committing = start_commit(&consumer, &cfg.topic, offsets);
+            }
+            done = async {
+                match committing.as_mut() {
+                    Some(c) => c.await,
+                    None => std::future::pending().await,
+                }
+            }, if committing.is_some() => {
+                committing = None;
+                committed(done, offsets, &ch.committed, &cfg.topic);
+            }
             m = consumer.recv() => match m {
                 Ok(m) => {
                     errors = 0;
@@ -286,17 +308,18 @@ async fn consume(
     }
 }
 
-/// Commits the positions that moved, synchronously (one broker round trip, at most
-/// every tick), so that `committed` only ever reports what Kafka holds.
-fn commit(
-    consumer: &StreamConsumer,
-    topic: &str,
-    offsets: &mut Offsets,
-    committed: &mpsc::UnboundedSender<(i32, i64)>,
-) {
+/// What a commit carried (partition, position) and how it went.
+type CommitResult = (Vec<(i32, i64)>, Result<(), String>);
+
+/// A commit running on a blocking thread.
+type Commit = tokio::task::JoinHandle<CommitResult>;
+
+/// Starts committing the positions that moved (synchronously, on a blocking thread, so
+/// that `committed` only ever reports what Kafka holds).
+fn start_commit(consumer: &Arc<StreamConsumer>, topic: &str, offsets: &mut Offsets) -> Option<Commit> {
     let moved = offsets.to_commit();
     if moved.is_empty() {
-        return;
+        return None;
     }
     let mut tpl = TopicPartitionList::new();
     for (partition, pos) in &moved {
@@ -304,20 +327,44 @@ fn commit(
             tracing::warn!(topic, partition, error = %e, "command consumer: bad commit position");
         }
     }
-    let result = tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync));
-    if let Err(e) = result {
-        // Not fatal: the next commit carries a position at least as far; a crash before
-        // it re-delivers (at least once).
-        tracing::warn!(topic, error = %e, "command consumer: offset commit failed");
-        for (partition, _) in moved {
-            if let Some(p) = offsets.parts.get_mut(&partition) {
-                p.committed = 0;
+    let consumer = consumer.clone();
+    Some(tokio::task::spawn_blocking(move || {
+        let r = consumer.commit(&tpl, CommitMode::Sync).map_err(|e| e.to_string());
+        (moved, r)
+    }))
+}
+
+/// A commit ended: report what Kafka holds now, or take the positions back so that the
+/// next commit carries them again (a crash before it re-delivers: at least once).
+fn committed(
+    done: Result<CommitResult, tokio::task::JoinError>,
+    offsets: &mut Offsets,
+    committed: &mpsc::UnboundedSender<(i32, i64)>,
+    topic: &str,
+) {
+    let (moved, result) = match done {
+        Ok(d) => d,
+        // The commit thread died: what it carried is unknown, so every position goes
+        // out again with the next commit.
+        Err(e) => (
+            offsets.parts.iter().map(|(p, part)| (*p, part.committed)).collect(),
+            Err(e.to_string()),
+        ),
+    };
+    match result {
+        Ok(()) => {
+            for m in moved {
+                let _ = committed.send(m);
             }
         }
-        return;
-    }
-    for m in moved {
-        let _ = committed.send(m);
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "command consumer: offset commit failed");
+            for (partition, _) in moved {
+                if let Some(p) = offsets.parts.get_mut(&partition) {
+                    p.committed = 0;
+                }
+            }
+        }
     }
 }
 
