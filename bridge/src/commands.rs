@@ -347,7 +347,11 @@ fn committed(
         // The commit thread died: what it carried is unknown, so every position goes
         // out again with the next commit.
         Err(e) => (
-            offsets.parts.iter().map(|(p, part)| (*p, part.committed)).collect(),
+            offsets
+                .parts
+                .iter()
+                .map(|(p, part)| (*p, part.committed))
+                .collect(),
             Err(e.to_string()),
         ),
     };
