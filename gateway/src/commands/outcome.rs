@@ -297,10 +297,11 @@ async fn release(
         };
         ready.push(r);
     }
-    let mut gen = 0;
+    // Every final outcome (also after `queued`: the offset may still be behind it) of a
+    // Kafka command, one marker write per partition for the whole batch.
+    let mut marks: std::collections::BTreeMap<(&str, i32), Vec<i64>> = std::collections::BTreeMap::new();
     for r in &ready {
-        // Every final outcome (also after `queued`: the offset may still be behind it).
-        let marks = r.outcome.is_some_and(Outcome::is_final);
+        let is_final = r.outcome.is_some_and(Outcome::is_final);
         if let (
             true,
             Source::Kafka {
@@ -308,14 +309,20 @@ async fn release(
                 partition,
                 offset,
             },
-        ) = (marks, &r.info.record.source)
+        ) = (is_final, &r.info.record.source)
         {
-            let label = r.outcome.map_or("", Outcome::label);
-            match shared.store.put_command_done(topic, *partition, *offset, label) {
-                Ok(g) => gen = gen.max(g),
-                Err(e) => {
-                    warn!(topic, partition, offset, error = %e, "command done marker not stored (a crash before the commit re-delivers it)")
-                }
+            marks
+                .entry((topic.as_str(), *partition))
+                .or_default()
+                .push(*offset);
+        }
+    }
+    let mut gen = 0;
+    for ((topic, partition), offsets) in &marks {
+        match shared.store.put_commands_done(topic, *partition, offsets) {
+            Ok(g) => gen = gen.max(g),
+            Err(e) => {
+                warn!(topic, partition, error = %e, "command done markers not stored (a crash before the commit re-delivers them)")
             }
         }
     }

@@ -5,9 +5,11 @@
 //! in between makes Kafka deliver the command again; the marker says it is done, so it
 //! is neither delivered a second time nor given a second final outcome.
 //!
-//! Key: topic bytes, 0x00, partition (i32 big endian, sign bit flipped), offset (i64
-//! big endian, sign bit flipped), so one partition's markers are one range in offset
-//! order. Value: the outcome label.
+//! One entry per partition per settled batch (not per command: a sled write and its
+//! share of a flush per command cost more than the rest of the command's path). Key:
+//! topic bytes, 0x00, partition (i32 big endian, sign bit flipped), the batch's lowest
+//! offset (i64 big endian, sign bit flipped), so one partition's entries are one range
+//! in offset order. Value: the batch's offsets, ascending.
 
 use super::{encode, Store, StoreError, TREE_COMMANDS_DONE};
 
@@ -26,31 +28,50 @@ fn key(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
 }
 
 impl Store {
-    /// Marks the command at (`topic`, `partition`, `offset`) done with `outcome`.
-    pub fn put_command_done(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        outcome: &str,
-    ) -> Result<u64, StoreError> {
+    /// Marks the commands at `offsets` of (`topic`, `partition`) done: one write.
+    pub fn put_commands_done(&self, topic: &str, partition: i32, offsets: &[i64]) -> Result<u64, StoreError> {
         self.check_writable()?;
-        let k = key(topic, partition, offset);
-        let value = encode(TREE_COMMANDS_DONE, &k, &outcome.to_string())?;
+        let mut sorted = offsets.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let Some(first) = sorted.first().copied() else {
+            return Ok(self.generation());
+        };
+        let k = key(topic, partition, first);
+        // A batch starting at the same offset (a re-read settled again) adds to it.
+        if let Some(old) = self
+            .commands_done
+            .get(&k)
+            .map_err(self.sled_err("put_commands_done"))?
+        {
+            let old: Vec<i64> = self.decode(TREE_COMMANDS_DONE, &k, &old)?;
+            sorted.extend(old);
+            sorted.sort_unstable();
+            sorted.dedup();
+        }
+        let value = encode(TREE_COMMANDS_DONE, &k, &sorted)?;
         self.commands_done
             .insert(k, value)
-            .map_err(self.sled_err("put_command_done"))?;
+            .map_err(self.sled_err("put_commands_done"))?;
         Ok(self.wrote())
     }
 
     /// Whether the command at (`topic`, `partition`, `offset`) is done.
     pub fn command_done(&self, topic: &str, partition: i32, offset: i64) -> Result<bool, StoreError> {
-        self.commands_done
-            .contains_key(key(topic, partition, offset))
-            .map_err(self.sled_err("command_done"))
+        let from = prefix(topic, partition);
+        let to = key(topic, partition, offset.saturating_add(1));
+        for item in self.commands_done.range(from..to) {
+            let (k, v) = item.map_err(self.sled_err("command_done"))?;
+            let offsets: Vec<i64> = self.decode(TREE_COMMANDS_DONE, &k, &v)?;
+            if offsets.binary_search(&offset).is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
-    /// Forgets the markers of `partition` below `position` (its committed offset).
+    /// Forgets the markers of `partition` below `position` (its committed offset): a
+    /// batch goes once all its offsets are below.
     pub fn forget_commands_below(
         &self,
         topic: &str,
@@ -59,21 +80,26 @@ impl Store {
     ) -> Result<usize, StoreError> {
         let from = prefix(topic, partition);
         let to = key(topic, partition, position);
-        let mut n = 0;
+        let mut gone = Vec::new();
         for item in self.commands_done.range(from..to) {
-            let (k, _) = item.map_err(self.sled_err("forget_commands_below"))?;
+            let (k, v) = item.map_err(self.sled_err("forget_commands_below"))?;
+            let offsets: Vec<i64> = self.decode(TREE_COMMANDS_DONE, &k, &v)?;
+            if offsets.last().is_none_or(|last| *last < position) {
+                gone.push(k);
+            }
+        }
+        for k in &gone {
             self.commands_done
                 .remove(k)
                 .map_err(self.sled_err("forget_commands_below"))?;
-            n += 1;
         }
-        if n > 0 {
+        if !gone.is_empty() {
             self.wrote();
         }
-        Ok(n)
+        Ok(gone.len())
     }
 
-    /// Markers held (metrics, tests).
+    /// Marker entries held (metrics, tests).
     pub fn commands_done_len(&self) -> usize {
         self.commands_done.len()
     }
@@ -87,22 +113,27 @@ mod tests {
     fn markers_are_found_and_forgotten_per_partition_below_the_committed_position() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
-        for (p, o) in [(0, 5), (0, 9), (1, 2), (-1, 3)] {
+        let put = |p: i32, offsets: &[i64]| {
             store
-                .put_command_done("t", p, o, "delivered")
+                .put_commands_done("t", p, offsets)
                 .unwrap_or_else(|e| panic!("{e}"));
-        }
+        };
+        put(0, &[9, 5]);
+        put(0, &[12]);
+        put(1, &[2]);
+        put(-1, &[3]);
         store
-            .put_command_done("t2", 0, 1, "expired")
+            .put_commands_done("t2", 0, &[1])
             .unwrap_or_else(|e| panic!("{e}"));
-        assert!(store.command_done("t", 0, 9).unwrap_or(false));
-        assert!(!store.command_done("t", 0, 6).unwrap_or(true));
-        assert_eq!(store.forget_commands_below("t", 0, 9).unwrap_or(0), 1);
-        assert!(!store.command_done("t", 0, 5).unwrap_or(true));
-        assert!(store.command_done("t", 0, 9).unwrap_or(false));
-        assert!(store.command_done("t", 1, 2).unwrap_or(false));
-        assert!(store.command_done("t", -1, 3).unwrap_or(false));
-        assert!(store.command_done("t2", 0, 1).unwrap_or(false));
+        let done = |t: &str, p: i32, o: i64| store.command_done(t, p, o).unwrap_or_else(|e| panic!("{e}"));
+        assert!(done("t", 0, 9) && done("t", 0, 5) && done("t", 0, 12));
+        assert!(!done("t", 0, 6) && !done("t", 0, 13) && !done("t", 0, 4));
+        // The batch {5, 9} stays while 9 is not below the committed position.
+        assert_eq!(store.forget_commands_below("t", 0, 9).unwrap_or(9), 0);
+        assert!(done("t", 0, 9));
+        assert_eq!(store.forget_commands_below("t", 0, 10).unwrap_or(9), 1);
+        assert!(!done("t", 0, 5) && !done("t", 0, 9) && done("t", 0, 12));
+        assert!(done("t", 1, 2) && done("t", -1, 3) && done("t2", 0, 1));
         assert_eq!(store.commands_done_len(), 4);
     }
 }
