@@ -469,6 +469,25 @@ where
                 },
             );
         }
+        // A command is for now, once: retained, it would be replayed to the vehicle on
+        // every later subscription (an old "unlock" after each reconnect), with no
+        // outcome. Clearing one (empty payload) stays allowed.
+        if p.retain
+            && !p.payload.is_empty()
+            && Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic).is_some()
+        {
+            metrics.retained_refused.inc("command_topic");
+            warn!(client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: a command topic");
+            let detail = format!("commands are not retained ({topic} is a command topic)");
+            return self.refuse_publish(
+                &p,
+                ProtocolError {
+                    reason: 0x87,
+                    label: "retain_on_command_topic",
+                    detail,
+                },
+            );
+        }
         // Only a topic that is valid and allowed may be remembered under an alias.
         if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
             let aliases = self.aliases.get_or_insert_with(Box::default);
