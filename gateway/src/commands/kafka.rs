@@ -21,6 +21,11 @@ use crate::state::Shared;
 
 /// Issues every consumed command, in the order the consumer hands them over.
 pub async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Consumed>) {
+    let cfg = &shared.cfg.commands;
+    if cfg.many_gateways && cfg.report_unknown {
+        // The region's reporter first learns who holds what from the presence topic.
+        shared.commands.region.ready().await;
+    }
     while let Some(c) = rx.recv().await {
         issue(&shared, c);
     }
