@@ -1141,24 +1141,11 @@ impl<'p, J: Journal> Pump<'p, J> {
 fn command_headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders {
     let e = &rec.entry;
     let qos = e.qos.to_string();
-    let seq = rec.seq.to_string();
-    let mut h = OwnedHeaders::new_with_capacity(4 + e.user_properties.len())
-        .insert(Header {
-            key: "qos",
-            value: Some(&qos),
-        })
-        .insert(Header {
-            key: "gateway.id",
-            value: Some(gateway_id),
-        })
-        .insert(Header {
-            key: "gateway.journal",
-            value: Some(journal_id),
-        })
-        .insert(Header {
-            key: "gateway.seq",
-            value: Some(&seq),
-        });
+    let h = OwnedHeaders::new_with_capacity(4 + e.user_properties.len()).insert(Header {
+        key: "qos",
+        value: Some(&qos),
+    });
+    let mut h = provenance(h, rec, gateway_id, journal_id);
     for (k, v) in &e.user_properties {
         h = h.insert(Header {
             key: k,
@@ -1166,6 +1153,24 @@ fn command_headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHea
         });
     }
     h
+}
+
+/// Where a record was journaled: `gateway.id`, `gateway.journal`, `gateway.seq` (with
+/// the last two a consumer drops replays exactly).
+fn provenance(h: OwnedHeaders, rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders {
+    let seq = rec.seq.to_string();
+    h.insert(Header {
+        key: "gateway.id",
+        value: Some(gateway_id),
+    })
+    .insert(Header {
+        key: "gateway.journal",
+        value: Some(journal_id),
+    })
+    .insert(Header {
+        key: "gateway.seq",
+        value: Some(&seq),
+    })
 }
 
 /// Kafka headers carried by every record: where it came from (gateway, journal and
@@ -1177,8 +1182,7 @@ pub fn headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders
     }
     let qos = e.qos.to_string();
     let received = e.received_at_ms.to_string();
-    let seq = rec.seq.to_string();
-    let mut h = OwnedHeaders::new_with_capacity(8 + e.user_properties.len())
+    let h = OwnedHeaders::new_with_capacity(8 + e.user_properties.len())
         .insert(Header {
             key: "mqtt.topic",
             value: Some(&e.topic),
@@ -1194,19 +1198,8 @@ pub fn headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders
         .insert(Header {
             key: "mqtt.received_at_ms",
             value: Some(&received),
-        })
-        .insert(Header {
-            key: "gateway.id",
-            value: Some(gateway_id),
-        })
-        .insert(Header {
-            key: "gateway.journal",
-            value: Some(journal_id),
-        })
-        .insert(Header {
-            key: "gateway.seq",
-            value: Some(&seq),
         });
+    let mut h = provenance(h, rec, gateway_id, journal_id);
     if let Some(ct) = &e.content_type {
         h = h.insert(Header {
             key: "mqtt.content_type",

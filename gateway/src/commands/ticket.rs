@@ -138,15 +138,7 @@ impl Ticket {
     /// Nothing to report (this gateway does not hold the vehicle and another reports
     /// `unknown_vehicle`): settles the source without an outcome record.
     pub fn settle_silently(&self) {
-        if self.state.swap(FINAL, Ordering::AcqRel) == FINAL {
-            return;
-        }
-        self.sink.report(Report {
-            info: self.info.clone(),
-            outcome: None,
-            reason: None,
-            store_gen: None,
-        });
+        self.settle(None);
     }
 
     /// A second copy of a command the session already holds: ends without a word (the
@@ -163,6 +155,11 @@ impl Ticket {
     /// Settles the source without an outcome record once the store write `store_gen`
     /// is flushed.
     pub fn settle_after_flush(&self, store_gen: u64) {
+        self.settle(Some(store_gen));
+    }
+
+    /// Final without an outcome record: the source settles (after `store_gen`).
+    fn settle(&self, store_gen: Option<u64>) {
         if self.state.swap(FINAL, Ordering::AcqRel) == FINAL {
             return;
         }
@@ -170,7 +167,7 @@ impl Ticket {
             info: self.info.clone(),
             outcome: None,
             reason: None,
-            store_gen: Some(store_gen),
+            store_gen,
         });
     }
 

@@ -466,11 +466,21 @@ impl Store {
     ) -> Result<T, StoreError> {
         match value.split_first() {
             Some((&FORMAT_V1, _)) => self.decode::<Old>(tree, key, value).map(Into::into),
-            Some((&FORMAT_V2, body)) => codec()
-                .deserialize(body)
-                .map_err(|e| self.corrupt(tree, key, format!("value does not decode: {e}"))),
+            Some((&FORMAT_V2, body)) => self.decode_body(tree, key, body),
             _ => self.decode(tree, key, value),
         }
+    }
+
+    /// The bincode part of a value, after its version byte.
+    fn decode_body<T: DeserializeOwned>(
+        &self,
+        tree: &'static str,
+        key: &[u8],
+        body: &[u8],
+    ) -> Result<T, StoreError> {
+        codec()
+            .deserialize(body)
+            .map_err(|e| self.corrupt(tree, key, format!("value does not decode: {e}")))
     }
 
     fn decode<T: DeserializeOwned>(
@@ -480,9 +490,7 @@ impl Store {
         value: &[u8],
     ) -> Result<T, StoreError> {
         match value.split_first() {
-            Some((&FORMAT_V1, body)) => codec()
-                .deserialize(body)
-                .map_err(|e| self.corrupt(tree, key, format!("value does not decode: {e}"))),
+            Some((&FORMAT_V1, body)) => self.decode_body(tree, key, body),
             Some((v, _)) => Err(self.corrupt(
                 tree,
                 key,
