@@ -131,6 +131,9 @@ pub struct ConsumerStatus {
     pub pending: std::sync::atomic::AtomicUsize,
     /// Reading is paused at `max_pending` (vehicles that do not acknowledge).
     pub paused: std::sync::atomic::AtomicBool,
+    /// Partitions of the command topic this consumer holds (0 until the group assigned
+    /// them: commands produced meanwhile wait in Kafka).
+    pub assigned: std::sync::atomic::AtomicUsize,
 }
 
 /// The channels between the consumer and the gateway.
@@ -148,11 +151,19 @@ pub struct Channels {
 pub async fn run(cfg: CommandConsumerConfig, mut ch: Channels, shutdown: CancellationToken) {
     let mut offsets = Offsets::default();
     let mut backoff = Duration::from_millis(500);
+    // The commit in flight outlives a failed consumer: it is awaited before the next
+    // consumer starts, so that an old position cannot land after a newer one.
+    let mut committing: Option<Commit> = None;
     while !shutdown.is_cancelled() {
-        match consume(&cfg, &mut ch, &mut offsets, &shutdown).await {
+        match consume(&cfg, &mut ch, &mut offsets, &mut committing, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(topic = %cfg.topic, group = %cfg.group, error = %e, retry_in_ms = backoff.as_millis() as u64, "command consumer failed; restarting it");
+                if let Some(c) = committing.take() {
+                    let done = c.await;
+                    committed(done, &mut offsets, &ch.committed, &cfg.topic);
+                }
+                ch.status.assigned.store(0, std::sync::atomic::Ordering::Relaxed);
                 // Whatever was handed over and not settled is read again from the last
                 // commit; settlements still arriving for it are ignored.
                 offsets.reset();
@@ -193,13 +204,13 @@ async fn consume(
     cfg: &CommandConsumerConfig,
     ch: &mut Channels,
     offsets: &mut Offsets,
+    committing: &mut Option<Commit>,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let consumer = Arc::new(consumer(cfg)?);
     tracing::info!(topic = %cfg.topic, group = %cfg.group, "command consumer started");
     // One commit at a time, off this task: a commit waits for the broker, and commands
     // keep flowing meanwhile.
-    let mut committing: Option<Commit> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut errors = 0u32;
@@ -253,8 +264,12 @@ async fn consume(
                 // The gateway side is gone: nothing can be settled any more.
                 None => return Ok(()),
             },
-            _ = tick.tick(), if committing.is_none() => {
-                committing = start_commit(&consumer, &cfg.topic, offsets);
+            _ = tick.tick() => {
+                let held = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+                ch.status.assigned.store(held, std::sync::atomic::Ordering::Relaxed);
+                if committing.is_none() {
+                    *committing = start_commit(&consumer, &cfg.topic, offsets);
+                }
             }
             done = async {
                 match committing.as_mut() {
@@ -262,7 +277,7 @@ async fn consume(
                     None => std::future::pending().await,
                 }
             }, if committing.is_some() => {
-                committing = None;
+                *committing = None;
                 committed(done, offsets, &ch.committed, &cfg.topic);
             }
             m = consumer.recv() => match m {

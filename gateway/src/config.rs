@@ -807,6 +807,7 @@ impl Config {
                 p.push(problem(format!("routes[{i}].key"), format!("{:?}: {e}", r.key)));
             }
         }
+        self.gateway_topics_apart(&mut p);
         if !["backpressure", "reject", "drop_oldest"].contains(&self.journal.full_policy.as_str()) {
             p.push(problem(
                 "journal.full_policy",
@@ -923,6 +924,55 @@ impl Config {
 }
 
 impl Config {
+    /// The topics the gateway writes its own records to (presence events, commands
+    /// handed over, outcomes) may receive no vehicle publish: a route, the default
+    /// topic or the dead-letter topic naming one of them would let a vehicle forge a
+    /// presence event (which `commands::region` trusts), a command or an outcome.
+    /// They must differ from each other too, so that no consumer mistakes one for another.
+    fn gateway_topics_apart(&self, p: &mut Vec<Problem>) {
+        let mut owned: Vec<(&str, &str)> = vec![
+            ("commands.kafka_topic", self.commands.kafka_topic.as_str()),
+            ("commands.outcome_topic", self.commands.outcome_topic.as_str()),
+        ];
+        if self.presence.enabled {
+            owned.push(("presence.kafka_topic", self.presence.kafka_topic.as_str()));
+        }
+        for (i, (key, topic)) in owned.iter().enumerate() {
+            if let Some((other, _)) = owned[..i].iter().find(|(_, t)| t == topic) {
+                p.push(problem(
+                    *key,
+                    format!(
+                        "{topic:?} is also {other}: give each of the gateway's own topics a name of its own"
+                    ),
+                ));
+            }
+        }
+        let k = &self.kafka;
+        let mut vehicle: Vec<(String, &str)> = self
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (format!("routes[{i}].kafka_topic"), r.kafka_topic.as_str()))
+            .collect();
+        if k.unmatched == "default_topic" {
+            vehicle.push(("kafka.default_topic".into(), k.default_topic.as_str()));
+        }
+        if !k.dead_letter_topic.is_empty() {
+            vehicle.push(("kafka.dead_letter_topic".into(), k.dead_letter_topic.as_str()));
+        }
+        for (key, topic) in vehicle {
+            if let Some((owner, _)) = owned.iter().find(|(_, t)| *t == topic) {
+                p.push(problem(
+                    key,
+                    format!(
+                        "{topic:?} is {owner}, the gateway's own topic: a vehicle's publish there could pass \
+                         for one of the gateway's records; route vehicle messages to another topic"
+                    ),
+                ));
+            }
+        }
+    }
+
     /// Problems only visible on the machine that runs the gateway: files named by the
     /// configuration that do not exist. `check-config` and `run` both apply it.
     pub fn check_files(&self) -> Vec<Problem> {

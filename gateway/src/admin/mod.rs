@@ -63,7 +63,7 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let mut text = s.metrics.render(&s.journal.stats(), &s.bridge);
-    s.commands.render(&mut text);
+    s.commands.render(&mut text, s.store.commands_done_offsets());
     text.push_str(&format!(
         "# HELP gateway_admin_connections_rejected_total Admin connections closed at admin.max_connections.\n\
          # TYPE gateway_admin_connections_rejected_total counter\n\

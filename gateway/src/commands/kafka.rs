@@ -45,11 +45,7 @@ pub async fn forget_committed(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiv
 fn issue(shared: &Arc<Shared>, c: Consumed) {
     let commands = &shared.commands;
     // Done before a crash that came before its offset commit: not again.
-    if shared
-        .store
-        .command_done(&c.topic, c.partition, c.offset)
-        .unwrap_or(false)
-    {
+    if shared.store.command_done(&c.topic, c.partition, c.offset) {
         commands.metrics.received.inc("kafka_already_done");
         commands
             .restore(CommandRecord {

@@ -141,10 +141,19 @@ impl Default for Commands {
 
 impl Commands {
     /// The command metrics in Prometheus text.
-    pub fn render(&self, s: &mut String) {
+    pub fn render(&self, s: &mut String, done_offsets: usize) {
         self.metrics.render(s);
         let pending = self.consumer.pending.load(Ordering::Relaxed);
         let paused = u8::from(self.consumer.paused.load(Ordering::Relaxed));
+        let assigned = self.consumer.assigned.load(Ordering::Relaxed);
+        let _ = writeln!(
+            s,
+            "# HELP gateway_commands_partitions_assigned Command topic partitions this gateway's consumer holds (0: not reading yet).\n# TYPE gateway_commands_partitions_assigned gauge\ngateway_commands_partitions_assigned {assigned}"
+        );
+        let _ = writeln!(
+            s,
+            "# HELP gateway_commands_done_markers Kafka commands with a final outcome whose offset is not committed yet (kept so a crash does not deliver them again).\n# TYPE gateway_commands_done_markers gauge\ngateway_commands_done_markers {done_offsets}"
+        );
         let _ = writeln!(
             s,
             "# HELP gateway_commands_pending Kafka commands taken and not settled (vehicles yet to acknowledge).\n# TYPE gateway_commands_pending gauge\ngateway_commands_pending {pending}"

@@ -169,6 +169,17 @@ pub(super) async fn accept_connect(
         {
             return Err(ConnectRefusal::NotAuthorized);
         }
+        // Retained on a command topic, a Will would be replayed to the vehicle as a
+        // command on every later subscription, with no outcome (as a retained PUBLISH
+        // there is refused: `inbound`).
+        if w.retain
+            && !w.payload.is_empty()
+            && crate::commands::Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &w.topic).is_some()
+        {
+            shared.metrics.retained_refused.inc("command_topic");
+            warn!(client_id, topic = %w.topic, "CONNECT refused: a retained Will on a command topic");
+            return Err(ConnectRefusal::NotAuthorized);
+        }
         if shared.routes.resolve(&client_id, &w.topic).is_none() {
             warn!(client_id, topic = %w.topic, "Will topic has no route to Kafka (kafka.unmatched = \"refuse\")");
             return Err(ConnectRefusal::WillUnroutable);

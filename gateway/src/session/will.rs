@@ -143,7 +143,14 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
         &shared.store,
         metrics,
     );
-    if msg.retain && shared.cfg.retained.enabled {
+    // A Will stored before retained Wills on command topics were refused at CONNECT is
+    // still delivered, but not retained.
+    let on_command_topic = !msg.payload.is_empty()
+        && crate::commands::Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &msg.topic).is_some();
+    if msg.retain && on_command_topic {
+        metrics.retained_refused.inc("command_topic");
+        warn!(client_id = %client_id, topic = %msg.topic, "retained Will not retained: a command topic");
+    } else if msg.retain && shared.cfg.retained.enabled {
         if let Err(reason) = shared
             .router
             .retain(&msg, &shared.cfg.retained, &shared.store, metrics)

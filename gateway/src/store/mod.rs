@@ -176,6 +176,10 @@ pub struct Store {
     retained: sled::Tree,
     /// Kafka commands with a final outcome whose offset may not be committed yet.
     commands_done: sled::Tree,
+    /// The offsets in `commands_done`, per (topic, partition), in memory: asked for every
+    /// consumed command, so a lookup may not walk the tree. Its lock also serializes the
+    /// tree's read-modify-write (a batch merged by `put` while `forget` removes it).
+    done_index: Mutex<commands::DoneIndex>,
     /// Bumped after every write; the number a caller waits on.
     generation: AtomicU64,
     /// Highest generation covered by a finished flush.
@@ -236,6 +240,7 @@ impl Store {
         // Counted once here (a walk of both trees), then kept by the writes.
         let session_count = sessions.len();
         let queued_count = queue.len();
+        let done_index = commands::DoneIndex::load(&commands_done).map_err(open_err)?;
         let (flushed_tx, _) = watch::channel(0);
         Ok(Arc::new(Store {
             dir: dir.into(),
@@ -244,6 +249,7 @@ impl Store {
             queue,
             retained,
             commands_done,
+            done_index: Mutex::new(done_index),
             generation: AtomicU64::new(0),
             flushed_tx,
             wake: Notify::new(),

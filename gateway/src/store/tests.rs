@@ -62,7 +62,7 @@ fn queued(n: u8) -> QueuedRecord {
 /// only when its own background threads let go of the last handle, which can be a moment
 /// after our last `Arc` dropped (CI saw `WouldBlock`). A different process holding the
 /// lock is the case `second_open_of_a_held_dir_fails_naming_it` covers.
-fn reopen(dir: &Path) -> Arc<Store> {
+pub(super) fn reopen(dir: &Path) -> Arc<Store> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match Store::open(dir) {
@@ -75,7 +75,7 @@ fn reopen(dir: &Path) -> Arc<Store> {
     }
 }
 
-async fn close(store: Arc<Store>, flusher: tokio::task::JoinHandle<()>) {
+pub(super) async fn close(store: Arc<Store>, flusher: tokio::task::JoinHandle<()>) {
     store.close();
     flusher.await.unwrap();
 }
