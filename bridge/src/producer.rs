@@ -182,6 +182,10 @@ pub struct BridgeStatus {
     pub producer_rebuilds: AtomicU64,
     /// Pipeline restarts by the supervisor after an error or a panic (counter).
     pub restarts: AtomicU64,
+    /// An operator paused forwarding (admin API): ingest goes on into the journal, no
+    /// new record is produced (those in flight finish); resuming drains the journal in
+    /// order. Not persisted: a restarted gateway forwards.
+    paused: std::sync::atomic::AtomicBool,
     last_error: Mutex<Option<String>>,
     failed: Mutex<Option<String>>,
 }
@@ -201,6 +205,14 @@ impl BridgeStatus {
     }
     pub(crate) fn set_state(&self, s: State) {
         self.state.store(s as u8, Ordering::Relaxed);
+    }
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+    /// Pauses (true) or resumes (false) forwarding; the pipeline notices within 250 ms.
+    /// Returns whether it was paused before.
+    pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused.swap(paused, Ordering::Relaxed)
     }
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -734,7 +746,11 @@ impl<'p, J: Journal> Pump<'p, J> {
                 self.command(cmd, shutdown).await;
                 continue;
             }
-            let room = self.cfg.max_inflight.saturating_sub(self.tracker.len());
+            let room = if self.status.paused() {
+                0
+            } else {
+                self.cfg.max_inflight.saturating_sub(self.tracker.len())
+            };
             if room > 0 {
                 let batch = self.reader.next_batch(room.min(4096))?;
                 if !batch.is_empty() {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// One problem with the configuration, tied to the key that causes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +39,7 @@ impl std::fmt::Display for ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub gateway: GatewaySection,
@@ -56,7 +56,7 @@ pub struct Config {
     pub routes: Vec<RouteEntry>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySection {
     /// This gateway's name in the `gateway.id` Kafka header; empty = the host name.
@@ -65,7 +65,7 @@ pub struct GatewaySection {
     pub shutdown_grace_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSection {
     /// Plain-TCP listener; empty disables it.
@@ -105,7 +105,7 @@ pub struct MqttSection {
     pub max_client_id_len: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClientIdPolicy {
     Any,
@@ -113,7 +113,7 @@ pub enum ClientIdPolicy {
 }
 
 /// What happens when a session's outbound queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QueueOverflow {
     /// The oldest queued message is dropped (counted) to make room.
@@ -123,7 +123,7 @@ pub enum QueueOverflow {
 }
 
 /// `[sessions]`: persistent sessions and their queues (kept in the sled store).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SessionsSection {
     /// Directory of the sled store (sessions, subscriptions, queues, retained
@@ -146,7 +146,7 @@ pub struct SessionsSection {
 }
 
 /// `[retained]`: retained messages (kept in the sled store).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetainedSection {
     /// Retain Available: false refuses retained publishes (MQTT 5 0x9A; 3.1.1 closes).
@@ -160,7 +160,7 @@ pub struct RetainedSection {
 /// `[presence]`: connected / disconnected events, journaled like telemetry and written
 /// to Kafka keyed by client id, so a consumer sees a vehicle's presence in order with
 /// its messages.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PresenceSection {
     pub enabled: bool,
@@ -169,7 +169,7 @@ pub struct PresenceSection {
 
 /// `[commands]`: commands to vehicles from a Kafka topic (and the admin API), and the
 /// topic their outcomes are written to.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CommandsSection {
     /// Consume `kafka_topic` (the REST and MQTT sources work either way).
@@ -201,7 +201,7 @@ pub struct CommandsSection {
     pub many_gateways: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSection {
     pub cert: String,
@@ -216,7 +216,7 @@ pub struct TlsSection {
     pub identity: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JournalSection {
     pub dir: PathBuf,
@@ -226,7 +226,7 @@ pub struct JournalSection {
     pub full_policy: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSection {
     /// "embedded" (dev-only in-process mock cluster) or a broker list `host:port,...`.
@@ -252,7 +252,7 @@ pub struct KafkaSection {
 }
 
 /// `[[routes]]`: MQTT topic filter → Kafka topic and key template.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteEntry {
     pub mqtt: String,
@@ -265,7 +265,7 @@ fn default_key() -> String {
     "{client_id}".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     /// REST API and `/metrics`; empty disables it.
@@ -281,7 +281,7 @@ pub struct AdminSection {
     pub request_timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     pub allow_anonymous: bool,
@@ -307,7 +307,7 @@ pub struct AuthSection {
     pub allow_retain: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct User {
     pub username: String,

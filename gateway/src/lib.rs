@@ -13,6 +13,7 @@ pub mod commands;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

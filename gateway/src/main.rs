@@ -159,14 +159,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            gateway::logging::init(std::io::IsTerminal::is_terminal(&std::io::stderr()));
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -431,6 +431,12 @@ impl Metrics {
             "1 while the Kafka bridge fails persistently (/healthz is 503).",
             i64::from(bridge.failed().is_some()),
         );
+        gauge(
+            &mut s,
+            "gateway_bridge_paused",
+            "1 while an operator paused forwarding to Kafka (POST /api/v1/bridge/pause); ingest goes on into the journal.",
+            i64::from(bridge.paused()),
+        );
         counter(
             &mut s,
             "gateway_bridge_errors_total",

@@ -299,6 +299,65 @@ impl Registry {
     }
 }
 
+/// Why an operator's discard did not happen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DiscardRefused {
+    NoSession,
+    /// A connection holds it: kick the connection first.
+    Online,
+}
+
+impl Registry {
+    /// Asks the connection holding `client_id`'s session to close (MQTT 5 reason 0x98).
+    /// False when no connection holds it.
+    pub fn kick(&self, client_id: &str) -> bool {
+        let Some(cell) = self.get(client_id) else {
+            return false;
+        };
+        let st = cell.lock();
+        let Some(owner) = &st.owner else {
+            return false;
+        };
+        owner.info.kicked.store(true, Ordering::Relaxed);
+        drop(st);
+        cell.wake.notify_waiters();
+        true
+    }
+
+    /// An operator discards an offline session: it leaves the registry, the router and
+    /// the store now (its queued commands report `dropped`). Its delayed Will, if one was
+    /// waiting, is handed back: the session ended, so it is due (MQTT 5 §3.1.3.2.2).
+    pub fn discard_offline(
+        &self,
+        client_id: &str,
+        router: &Router,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> Result<Option<(SessionKey, Box<DelayedWill>)>, DiscardRefused> {
+        let cell = self.get(client_id).ok_or(DiscardRefused::NoSession)?;
+        let mut map = self.write();
+        let mut st = cell.lock();
+        if st.owner.is_some() {
+            return Err(DiscardRefused::Online);
+        }
+        if st.gone {
+            return Err(DiscardRefused::NoSession);
+        }
+        if map.get(&cell.client_id).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            map.remove(&cell.client_id);
+        }
+        let will = st.delayed_will.take();
+        if let Some(w) = &will {
+            w.cancel.cancel();
+        }
+        let filters = discard(&cell, &mut st, store, metrics);
+        drop(st);
+        drop(map);
+        unroute(router, &cell.key(), filters);
+        Ok(will.map(|w| (cell.key(), w)))
+    }
+}
+
 /// An offline, live session its vehicle left before `since_ms`.
 fn moved(st: &SessionState, since_ms: u64) -> bool {
     st.owner.is_none() && !st.gone && st.disconnected_at_ms.is_some_and(|t| t <= since_ms)
@@ -405,7 +464,7 @@ mod lock_order_tests {
                     let a = s.0.attach(
                         Connecting {
                             client_id: "churn",
-                            owner: Owner { conn },
+                            owner: Owner::bare(conn),
                             clean_start: true,
                             expiry_secs: 0,
                             protocol: 5,

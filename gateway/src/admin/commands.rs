@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 
-use super::api_error;
+use super::error::{ApiError, ErrorCode};
 use super::listener::MAX_LIFETIME_FACTOR;
 use crate::commands::{CommandRequest, Issued, Outcome, Progress, Source};
 use crate::router::CommandRoute;
@@ -50,15 +50,13 @@ const MAX_MQTT_STRING: usize = u16::MAX as usize;
 /// with a stable code.
 #[derive(Debug)]
 struct Refusal {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl Refusal {
-    fn bad(code: &'static str, message: impl Into<String>) -> Self {
+    fn bad(code: ErrorCode, message: impl Into<String>) -> Self {
         Refusal {
-            status: StatusCode::BAD_REQUEST,
             code,
             message: message.into(),
         }
@@ -67,14 +65,14 @@ impl Refusal {
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        api_error(self.status, self.code, self.message)
+        ApiError::new(self.code, self.message).into_response()
     }
 }
 
 /// The JSON body of `POST .../commands`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CommandBody {
+pub struct CommandBody {
     /// The payload as UTF-8 text; exactly one of `payload` and `payload_base64`.
     payload: Option<String>,
     /// The payload as standard base64, for binary commands.
@@ -90,12 +88,14 @@ struct CommandBody {
     content_type: Option<String>,
     /// MQTT 5 user properties as `[name, value]` pairs: ordered and repeatable, as MQTT
     /// allows (a JSON object could be neither).
+    #[schema(value_type = Option<Vec<Vec<String>>>)]
     user_properties: Option<Vec<(String, String)>>,
 }
 
 /// The query of `POST .../commands`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct IssueQuery {
     /// `delivered`: wait for the final outcome.
     wait: Option<String>,
@@ -113,7 +113,16 @@ enum Wait {
     Final(Duration),
 }
 
-/// `POST /api/v1/vehicles/{client_id}/commands`.
+/// `POST /api/v1/vehicles/{client_id}/commands`: issues a command and answers its
+/// durable outcome (see the README, "Commands to vehicles").
+#[utoipa::path(post, path = "/api/v1/vehicles/{client_id}/commands", tag = "commands",
+    params(("client_id" = String, Path, description = "The vehicle's MQTT client id"), IssueQuery),
+    request_body = CommandBody,
+    responses((status = 200, description = "delivered", body = Object), (status = 202, description = "pending or queued", body = Object),
+        (status = 404, description = "unknown_vehicle", body = Object), (status = 422, description = "rejected, expired or dropped", body = Object),
+        (status = 400, body = super::error::ErrorBody), (status = 413, body = super::error::ErrorBody),
+        (status = 401, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn issue(
     State(s): State<Arc<Shared>>,
     path: Result<Path<String>, PathRejection>,
@@ -161,17 +170,22 @@ pub async fn issue(
 
 /// `GET /api/v1/vehicles/{client_id}/commands`: what the vehicle's session holds, in
 /// delivery order (in flight first), whichever source issued it.
+#[utoipa::path(get, path = "/api/v1/vehicles/{client_id}/commands", tag = "commands",
+    params(("client_id" = String, Path, description = "The vehicle's MQTT client id")),
+    responses((status = 200, body = Object), (status = 404, body = super::error::ErrorBody),
+        (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody)),
+    security(("bearer" = [])))]
 pub async fn list(State(s): State<Arc<Shared>>, path: Result<Path<String>, PathRejection>) -> Response {
     let client_id = match client_id(&s, path) {
         Ok(id) => id,
         Err(r) => return r.into_response(),
     };
     let Some(cell) = s.registry.get(&client_id) else {
-        return api_error(
-            StatusCode::NOT_FOUND,
-            "unknown_vehicle",
+        return ApiError::new(
+            ErrorCode::UnknownVehicle,
             format!("this gateway holds no session for {client_id:?}"),
-        );
+        )
+        .into_response();
     };
     let commands: Vec<_> = cell
         .held_commands()
@@ -203,28 +217,27 @@ fn parse(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Wait, CommandRequest), Refusal> {
     let client_id = client_id(s, path)?;
-    let Query(q) = query.map_err(|e| Refusal::bad("invalid_query", e.body_text()))?;
-    let wait = wait_of(s, q).map_err(|m| Refusal::bad("invalid_query", m))?;
+    let Query(q) = query.map_err(|e| Refusal::bad(ErrorCode::InvalidQuery, e.body_text()))?;
+    let wait = wait_of(s, q).map_err(|m| Refusal::bad(ErrorCode::InvalidQuery, m))?;
     let body = body.map_err(|e| match e.status() {
         // Over the admin listener's body limit (axum's default, 2 MiB).
         StatusCode::PAYLOAD_TOO_LARGE => Refusal {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            code: "body_too_large",
+            code: ErrorCode::BodyTooLarge,
             message: e.body_text(),
         },
-        _ => Refusal::bad("invalid_body", e.body_text()),
+        _ => Refusal::bad(ErrorCode::InvalidBody, e.body_text()),
     })?;
     Ok((wait, request(s, client_id, &body)?))
 }
 
 /// The client id of the path, if a command can be addressed to it.
 fn client_id(s: &Shared, path: Result<Path<String>, PathRejection>) -> Result<String, Refusal> {
-    let Path(id) = path.map_err(|e| Refusal::bad("invalid_client_id", e.body_text()))?;
+    let Path(id) = path.map_err(|e| Refusal::bad(ErrorCode::InvalidClientId, e.body_text()))?;
     // The rule of the command service: one topic level of the command topic, so a
     // command can reach no other vehicle's topic.
     if !crate::commands::valid_client_id(&id, s.cfg.mqtt.max_client_id_len) {
         return Err(Refusal::bad(
-            "invalid_client_id",
+            ErrorCode::InvalidClientId,
             format!(
                 "{id:?} is not a client id a command can be sent to (1 to {} bytes, no '/', '+', '#' or NUL)",
                 s.cfg.mqtt.max_client_id_len
@@ -268,7 +281,7 @@ fn request(s: &Shared, client_id: String, body: &[u8]) -> Result<CommandRequest,
         } else {
             format!("{at}: {}", e.inner())
         };
-        bad("invalid_body", msg)
+        bad(ErrorCode::InvalidBody, msg)
     })?;
     let payload = match (b.payload, b.payload_base64) {
         (Some(text), None) => Bytes::from(text),
@@ -276,25 +289,25 @@ fn request(s: &Shared, client_id: String, body: &[u8]) -> Result<CommandRequest,
             Some(p) => Bytes::from(p),
             None => {
                 return Err(bad(
-                    "invalid_base64",
+                    ErrorCode::InvalidBase64,
                     "payload_base64 is not standard base64 (A-Z a-z 0-9 + /, '=' padding)".into(),
                 ))
             }
         },
         (Some(_), Some(_)) | (None, None) => {
             return Err(bad(
-                "invalid_payload",
+                ErrorCode::InvalidPayload,
                 "give exactly one of payload (text) and payload_base64".into(),
             ))
         }
     };
     if let Some(q) = b.qos.filter(|q| *q > 2) {
-        return Err(bad("invalid_qos", format!("qos {q}: must be 0, 1 or 2")));
+        return Err(bad(ErrorCode::InvalidQos, format!("qos {q}: must be 0, 1 or 2")));
     }
     if let Some(t) = &b.response_topic {
         if t.is_empty() || t.contains(['+', '#']) {
             return Err(bad(
-                "invalid_response_topic",
+                ErrorCode::InvalidResponseTopic,
                 format!("response_topic {t:?} must be a topic name (no wildcards)"),
             ));
         }
@@ -317,7 +330,7 @@ fn request(s: &Shared, client_id: String, body: &[u8]) -> Result<CommandRequest,
         // MQTT strings may not hold NUL (a vehicle must close the connection on one).
         if v.len() > MAX_MQTT_STRING || v.contains('\0') {
             return Err(bad(
-                "invalid_string",
+                ErrorCode::InvalidString,
                 format!("{field}: at most {MAX_MQTT_STRING} bytes, no NUL"),
             ));
         }
@@ -328,8 +341,7 @@ fn request(s: &Shared, client_id: String, body: &[u8]) -> Result<CommandRequest,
     let max = s.cfg.mqtt.max_packet_size as usize;
     if size > max {
         return Err(Refusal {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            code: "payload_too_large",
+            code: ErrorCode::PayloadTooLarge,
             message: format!("payload and properties are {size} bytes; mqtt.max_packet_size is {max}"),
         });
     }

@@ -3,37 +3,97 @@
 //! time). [`listener`] serves it with a connection bound and timeouts.
 
 mod commands;
+pub mod error;
 pub mod listener;
+mod operate;
+mod retained;
+mod sessions;
 
 use std::sync::Arc;
 
-use axum::extract::Query;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Json, Router};
 use bridge::Journal;
 use serde_json::json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::state::Shared;
+use error::{ApiError, ApiQuery, ErrorCode};
+
+/// The OpenAPI document's frame; the paths come from the routes themselves
+/// ([`api_routes`]), so a routed path cannot be missing from it.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "edge-gateway admin API", description = "Operate a regional MQTT-to-Kafka gateway. Errors are {\"error\": {\"code\", \"message\"}} with the stable codes of docs/API.md."),
+    modifiers(&BearerAuth),
+    components(schemas(error::ErrorBody, error::ErrorDetail))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every `/api/v1` route, each registered together with its OpenAPI operation.
+fn api_routes() -> OpenApiRouter<Arc<Shared>> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(status))
+        .routes(routes!(journal))
+        .routes(routes!(bridge))
+        .routes(routes!(operate::pause))
+        .routes(routes!(operate::resume))
+        .routes(routes!(parked))
+        .routes(routes!(redrive))
+        .routes(routes!(commands::list, commands::issue))
+        .routes(routes!(sessions::list_connections))
+        .routes(routes!(sessions::get_connection, sessions::kick))
+        .routes(routes!(sessions::list_sessions))
+        .routes(routes!(sessions::get_session, sessions::discard))
+        .routes(routes!(retained::list_subscriptions))
+        .routes(routes!(retained::list_retained, retained::delete_retained))
+        .routes(routes!(operate::config))
+        .routes(routes!(operate::routes))
+        .routes(routes!(operate::get_log_level, operate::set_log_level))
+}
+
+/// The OpenAPI 3 document of the admin API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    api_routes().split_for_parts().1
+}
 
 pub fn router(shared: Arc<Shared>) -> Router {
-    let api = Router::new()
-        .route("/api/v1/journal", get(journal))
-        .route("/api/v1/status", get(status))
-        .route("/api/v1/bridge", get(bridge))
-        .route("/api/v1/bridge/parked", get(parked))
-        .route("/api/v1/bridge/parked/redrive", post(redrive))
+    let (api, doc) = api_routes().split_for_parts();
+    let doc = Arc::new(doc);
+    let api = api
         .route(
-            "/api/v1/vehicles/:client_id/commands",
-            get(commands::list).post(commands::issue),
+            "/api/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { Json((*doc).clone()) }
+            }),
         )
+        // Unknown paths under /api/v1 answer in the API's error shape too.
+        .fallback(|| async { ApiError::not_found("no such route; see /api/v1/openapi.json") })
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .merge(api)
         .with_state(shared)
 }
@@ -47,8 +107,7 @@ async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: Next) -
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .unwrap_or_default();
         if !token_matches(given, token.as_bytes()) {
-            let body = json!({"error": {"code": "unauthorized", "message": "missing or wrong bearer token"}});
-            return (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+            return ApiError::new(ErrorCode::Unauthorized, "missing or wrong bearer token").into_response();
         }
     }
     next.run(req).await
@@ -107,6 +166,35 @@ async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
+/// Readiness as a load balancer should act on it: 503 while the gateway should not get
+/// new vehicles — shutting down, journal stopped (nothing could be acknowledged), Kafka
+/// bridge failing persistently. The MQTT listeners are bound before the admin listener,
+/// so an answer at all means they are. `problems` says why not.
+async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    let mut problems = Vec::new();
+    if s.shutdown.is_cancelled() {
+        problems.push(json!({"code": "shutting_down", "message": "the gateway is draining its connections"}));
+    }
+    if s.journal_stopped() {
+        problems.push(json!({"code": "journal_stopped", "message": "the journal writer stopped; nothing more is acknowledged"}));
+    }
+    if let Some(why) = s.bridge.failed() {
+        problems.push(json!({"code": "bridge_failed", "message": why}));
+    }
+    let code = if problems.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Json(json!({"ready": problems.is_empty(), "problems": problems})),
+    )
+}
+
+#[utoipa::path(get, path = "/api/v1/journal", tag = "journal",
+    responses((status = 200, body = Object), (status = 401, body = error::ErrorBody)),
+    security(("bearer" = [])))]
 async fn journal(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     let st = s.journal.stats();
     Json(json!({
@@ -125,6 +213,9 @@ async fn journal(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/bridge", tag = "bridge",
+    responses((status = 200, body = Object), (status = 401, body = error::ErrorBody)),
+    security(("bearer" = [])))]
 async fn bridge(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     use std::sync::atomic::Ordering::Relaxed;
     let b = &s.bridge;
@@ -134,6 +225,7 @@ async fn bridge(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "embedded": s.embedded,
         "dev_only": s.embedded,
         "state": b.state().as_str(),
+        "paused": b.paused(),
         "failed": b.failed(),
         "restarts": b.restarts.load(Relaxed),
         "parked_now": b.parked_now.load(Relaxed),
@@ -152,12 +244,8 @@ async fn bridge(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     }))
 }
 
-fn api_error(code: StatusCode, id: &str, message: impl Into<String>) -> Response {
-    let body = json!({"error": {"code": id, "message": message.into()}});
-    (code, Json(body)).into_response()
-}
-
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ParkedQuery {
     /// Records to return at most (default 1000).
     limit: Option<usize>,
@@ -166,13 +254,16 @@ struct ParkedQuery {
 }
 
 /// Records Kafka refused for good, held in the parked store until re-driven.
-async fn parked(State(s): State<Arc<Shared>>, Query(q): Query<ParkedQuery>) -> Response {
+#[utoipa::path(get, path = "/api/v1/bridge/parked", tag = "bridge", params(ParkedQuery),
+    responses((status = 200, body = Object), (status = 500, body = error::ErrorBody), (status = 401, body = error::ErrorBody)),
+    security(("bearer" = [])))]
+async fn parked(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<ParkedQuery>) -> Response {
     let dir = s.parked_dir.clone();
     let listed = tokio::task::spawn_blocking(move || bridge::parked::ParkedStore::view(&dir).list()).await;
     let records = match listed {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "parked_store", e.to_string()),
-        Err(e) => return api_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+        Ok(Err(e)) => return ApiError::new(ErrorCode::ParkedStore, e.to_string()).into_response(),
+        Err(e) => return ApiError::new(ErrorCode::Internal, e.to_string()).into_response(),
     };
     let limit = q.limit.unwrap_or(1000).clamp(1, 10_000);
     let total = records.len();
@@ -197,7 +288,8 @@ async fn parked(State(s): State<Arc<Shared>>, Query(q): Query<ParkedQuery>) -> R
     Json(json!({"total": total, "records": page, "next_after": next})).into_response()
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct RedriveQuery {
     /// One record; all of them when absent.
     seq: Option<u64>,
@@ -205,7 +297,10 @@ struct RedriveQuery {
 
 /// Produces parked records again to their current route; each leaves the store only once
 /// Kafka confirmed it.
-async fn redrive(State(s): State<Arc<Shared>>, Query(q): Query<RedriveQuery>) -> Response {
+#[utoipa::path(post, path = "/api/v1/bridge/parked/redrive", tag = "bridge", params(RedriveQuery),
+    responses((status = 200, body = Object), (status = 409, body = error::ErrorBody), (status = 503, body = error::ErrorBody), (status = 504, body = error::ErrorBody), (status = 401, body = error::ErrorBody)),
+    security(("bearer" = [])))]
+async fn redrive(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<RedriveQuery>) -> Response {
     let wait = bridge::producer::REDRIVE_WAIT + std::time::Duration::from_secs(20);
     match tokio::time::timeout(wait, s.bridge_control.redrive(q.seq)).await {
         Ok(Ok(r)) => Json(json!({
@@ -215,24 +310,21 @@ async fn redrive(State(s): State<Arc<Shared>>, Query(q): Query<RedriveQuery>) ->
             "failed": r.failed.iter().map(|f| json!({"seq": f.seq, "reason": f.reason})).collect::<Vec<_>>(),
         }))
         .into_response(),
-        Ok(Err(bridge::producer::RedriveError::Busy)) => api_error(
-            StatusCode::CONFLICT,
-            "bridge_busy",
-            "a re-drive is already running; try again",
-        ),
-        Ok(Err(e)) => api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "bridge_unavailable",
-            e.to_string(),
-        ),
-        Err(_) => api_error(
-            StatusCode::GATEWAY_TIMEOUT,
-            "bridge_timeout",
+        Ok(Err(bridge::producer::RedriveError::Busy)) => {
+            ApiError::new(ErrorCode::BridgeBusy, "a re-drive is already running; try again").into_response()
+        }
+        Ok(Err(e)) => ApiError::new(ErrorCode::BridgeUnavailable, e.to_string()).into_response(),
+        Err(_) => ApiError::new(
+            ErrorCode::BridgeTimeout,
             "the Kafka bridge did not answer (restarting?); list the parked records to see what is left",
-        ),
+        )
+        .into_response(),
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/status", tag = "operate",
+    responses((status = 200, body = Object), (status = 401, body = error::ErrorBody)),
+    security(("bearer" = [])))]
 async fn status(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

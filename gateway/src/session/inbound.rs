@@ -369,6 +369,7 @@ where
     }
 
     async fn publish(&mut self, p: PublishRequest, max_inflight: usize) -> Result<(), Close> {
+        super::state::ConnInfo::add(&self.info.messages_in, 1);
         self.pace_publish().await?;
         let shared = self.shared.clone();
         let metrics = &shared.metrics;

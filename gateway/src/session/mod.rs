@@ -61,7 +61,7 @@ use crate::state::Shared;
 use crate::tls::CertIdentity;
 pub use connect::refuse_busy;
 use presence::Transport;
-use state::{Owner, SessionCell};
+use state::{ConnInfo, Owner, SessionCell};
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -109,6 +109,8 @@ enum Close {
     PeerClosed,
     KeepAlive,
     TakenOver,
+    /// An operator kicked the connection (admin API): MQTT 5 reason 0x98.
+    Kicked,
     Shutdown,
     Protocol(ProtocolError),
     Io(std::io::Error),
@@ -125,6 +127,7 @@ impl Close {
             Close::PeerClosed => "peer_closed",
             Close::KeepAlive => "keepalive_timeout",
             Close::TakenOver => "taken_over",
+            Close::Kicked => "administrative_action",
             Close::Shutdown => "shutdown",
             Close::Protocol(_) => "protocol_error",
             Close::Io(_) => "io_error",
@@ -209,6 +212,8 @@ struct Session<S> {
     /// presence event repeats them (the other facts it needs are kept anyway).
     connected_at_ms: u64,
     clean_start: bool,
+    /// Shared with the session cell: the admin API reads it (and may kick).
+    info: Arc<ConnInfo>,
 }
 
 /// Runs one connection. `identity` is set when TLS verified a client certificate.
@@ -334,10 +339,34 @@ where
             (asked.min(max_expiry), asked > max_expiry)
         }
     };
+    // Keep alive 0 ("never") or above the cap becomes the cap.
+    let capped = req.keep_alive == 0 || req.keep_alive > m.max_keep_alive_secs;
+    let keep_alive_secs = if capped {
+        shared.metrics.keep_alive_capped.fetch_add(1, Ordering::Relaxed);
+        m.max_keep_alive_secs
+    } else {
+        req.keep_alive
+    };
+    let connected_at_ms = now_ms();
+    let info = Arc::new(ConnInfo {
+        conn,
+        peer,
+        listener: S::LISTENER,
+        tls_identity: identity
+            .as_ref()
+            .and_then(|i| i.preferred(&shared.cfg.tls.identity))
+            .map(String::into_boxed_str),
+        connected_at_ms,
+        keep_alive_secs,
+        ..ConnInfo::default()
+    });
     let attached = shared.registry.attach(
         Connecting {
             client_id: &client_id,
-            owner: Owner { conn },
+            owner: Owner {
+                conn,
+                info: info.clone(),
+            },
             clean_start: req.clean_start,
             expiry_secs: expiry,
             protocol: if codec.version == Version::V5 { 5 } else { 4 },
@@ -356,14 +385,6 @@ where
     if let Some(max) = req.max_packet_size {
         codec.max_out = max as usize;
     }
-    // Keep alive 0 ("never") or above the cap becomes the cap.
-    let capped = req.keep_alive == 0 || req.keep_alive > m.max_keep_alive_secs;
-    let keep_alive_secs = if capped {
-        shared.metrics.keep_alive_capped.fetch_add(1, Ordering::Relaxed);
-        m.max_keep_alive_secs
-    } else {
-        req.keep_alive
-    };
     let server_keep_alive = (capped && codec.version == Version::V5).then_some(keep_alive_secs);
     codec.connack(
         &mut out,
@@ -419,8 +440,9 @@ where
         receive_max: req.receive_maximum.unwrap_or(u16::MAX).max(1),
         connect_expiry: expiry,
         pace: Instant::now(),
-        connected_at_ms: now_ms(),
+        connected_at_ms,
         clean_start: req.clean_start,
+        info,
     });
     drop(_entered);
     // Before the session reads anything more: every publish of this connection is
@@ -569,6 +591,10 @@ where
                 info!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, "closing connection: client id taken over by a new connection");
                 Some(0x8E)
             }
+            Close::Kicked => {
+                warn!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, "closing connection: kicked by an operator (admin API)");
+                Some(0x98)
+            }
             Close::Shutdown => {
                 self.drain_acks().await;
                 Some(0x8B)
@@ -630,6 +656,8 @@ where
             Some(Close::Shutdown)
         } else if !self.cell.owned_by(self.conn) {
             Some(Close::TakenOver)
+        } else if self.info.kicked.load(Ordering::Relaxed) {
+            Some(Close::Kicked)
         } else {
             None
         }

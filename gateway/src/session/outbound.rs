@@ -12,7 +12,7 @@ use tokio::time::timeout;
 /// A write buffer this small is dropped once written (see `flush_within`).
 const SMALL_OUT: usize = 256;
 
-use super::state::SendLimits;
+use super::state::{ConnInfo, SendLimits};
 use super::ReadReady;
 use super::{AckKind, Close, Pending, Session, IDLE_READ, OUT_BUDGET, READ_CHUNK, WRITE_TIMEOUT};
 use crate::mqtt::codec::{frame, Framing};
@@ -89,8 +89,12 @@ where
             receive_max: usize::from(self.receive_max),
             out_budget: OUT_BUDGET,
         };
-        self.cell
+        let sent = self
+            .cell
             .fill(&mut self.out, &lim, &self.shared.store, &self.shared.metrics);
+        if sent > 0 {
+            ConnInfo::add(&self.info.messages_out, sent);
+        }
         self.out.len() >= OUT_BUDGET
     }
 
@@ -171,6 +175,7 @@ where
             self.read_buf.reserve(READ_CHUNK);
         }
         let n = self.stream.read_buf(&mut self.read_buf).await?;
+        ConnInfo::add(&self.info.bytes_in, n);
         self.last_read = u32::try_from(n).unwrap_or(u32::MAX);
         Ok(n)
     }
@@ -188,6 +193,7 @@ where
             return Ok(());
         }
         // Written and flushed: a TLS stream may hold the tail of its records until then.
+        ConnInfo::add(&self.info.bytes_out, self.out.len());
         let written = async {
             self.stream.write_all(&self.out).await?;
             self.stream.flush().await

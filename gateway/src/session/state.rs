@@ -22,6 +22,7 @@
 //!   other way reports `dropped` when its ticket is dropped.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
@@ -66,6 +67,67 @@ impl std::fmt::Debug for SessionCell {
 #[derive(Debug, Clone)]
 pub struct Owner {
     pub conn: u64,
+    /// What the admin API shows of the connection (one allocation, shared with it).
+    pub info: Arc<ConnInfo>,
+}
+
+impl Owner {
+    /// An owner with no connection facts (tests, load probes).
+    pub fn bare(conn: u64) -> Self {
+        Owner {
+            conn,
+            info: Arc::new(ConnInfo {
+                conn,
+                ..ConnInfo::default()
+            }),
+        }
+    }
+}
+
+/// A connection as the admin API shows it. Written once at CONNECT, except the counters
+/// (the connection task adds to them as it reads and writes) and `kicked` (set by the
+/// admin API; the connection then closes with MQTT 5 reason 0x98).
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub conn: u64,
+    pub peer: std::net::SocketAddr,
+    /// `tcp` or `tls`, as `gateway_connections_accepted_total{listener}` names it.
+    pub listener: &'static str,
+    /// The verified client certificate's identity (mTLS), if any.
+    pub tls_identity: Option<Box<str>>,
+    pub connected_at_ms: u64,
+    /// The keep alive in force (after `mqtt.max_keep_alive_secs`).
+    pub keep_alive_secs: u16,
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub kicked: std::sync::atomic::AtomicBool,
+}
+
+impl Default for ConnInfo {
+    fn default() -> Self {
+        ConnInfo {
+            conn: 0,
+            peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            listener: "tcp",
+            tls_identity: None,
+            connected_at_ms: 0,
+            keep_alive_secs: 0,
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            kicked: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+}
+
+impl ConnInfo {
+    /// Adds to a counter (relaxed: statistics, read by the admin API only).
+    pub fn add(counter: &AtomicU64, n: usize) {
+        counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A Will waiting for its delay interval (MQTT 5 §3.1.3.2.2) after its connection closed.
@@ -971,7 +1033,7 @@ mod tests {
         SessionCell::new(
             Arc::from("car"),
             SessionState {
-                owner: online.then_some(Owner { conn: 7 }),
+                owner: online.then(|| Owner::bare(7)),
                 expiry_secs: expiry,
                 disconnected_at_ms: (!online).then(now_ms),
                 subscriptions: Default::default(),
