@@ -119,6 +119,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bridge_stop.clone(),
         RestartPolicy::default(),
     ));
+    // In a region: tell it this gateway (re)started, before any vehicle can connect (and
+    // after the bridge started, so that a full journal can drain).
+    session::presence::journal_start(&shared).await;
 
     let tracker = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(cfg.mqtt.max_connections));

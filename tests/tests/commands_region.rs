@@ -1,6 +1,7 @@
 //! Two gateways of one region against one real Kafka (README, "Many gateways in a
 //! region"): a command reaches the vehicle on whichever gateway holds it, exactly once,
-//! with one outcome; a vehicle that moves from A to B takes its queued commands along.
+//! with one outcome; a vehicle that moves from A to B takes its queued commands along; a
+//! gateway killed and started again tells the region what it no longer holds.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -17,14 +18,18 @@ const COMMANDS: &str = "region.commands";
 const OUTCOMES: &str = "region.outcomes";
 const PRESENCE: &str = "region.presence";
 
-fn gateway(kafka: &Kafka, id: &str, reporter: bool) -> Gateway {
-    let extra = format!(
+fn extra(kafka: &Kafka, reporter: bool) -> String {
+    format!(
         "[kafka]\nbootstrap = \"{}\"\nlinger_ms = 1\ndead_letter_topic = \"\"\n\
          [commands]\nkafka_topic = \"{COMMANDS}\"\noutcome_topic = \"{OUTCOMES}\"\n\
          many_gateways = true\nreport_unknown = {reporter}\n\
          [auth]\nallow_anonymous = true\n",
         kafka.bootstrap()
-    );
+    )
+}
+
+fn gateway(kafka: &Kafka, id: &str, reporter: bool) -> Gateway {
+    let extra = extra(kafka, reporter);
     // The harness writes its own [gateway] table: the id comes from the environment.
     // The harness turns presence off: these gateways need it.
     Gateway::start_env(
@@ -35,6 +40,26 @@ fn gateway(kafka: &Kafka, id: &str, reporter: bool) -> Gateway {
             ("GATEWAY_PRESENCE__KAFKA_TOPIC", PRESENCE),
         ],
     )
+}
+
+/// As [`gateway`], with every setting in its config file: `Gateway::start_in` restarts a
+/// gateway on its directory without the environment, as the same gateway.
+fn restartable_gateway(kafka: &Kafka, id: &str, reporter: bool) -> Gateway {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gateway.toml");
+    let harness = integration::config(&dir.path().join("journal"), &extra(kafka, reporter));
+    let config = harness
+        .replace("[gateway]\n", &format!("[gateway]\nid = \"{id}\"\n"))
+        .replace(
+            "[presence]\nenabled = false\n",
+            &format!("[presence]\nenabled = true\nkafka_topic = \"{PRESENCE}\"\n"),
+        );
+    assert!(
+        config.contains(&format!("id = \"{id}\"")) && config.contains("enabled = true"),
+        "the harness config changed: {harness}"
+    );
+    std::fs::write(&path, config).unwrap();
+    Gateway::start_in(dir, path)
 }
 
 fn produce(kafka: &Kafka, client_id: &str, payload: &str) {
@@ -109,6 +134,22 @@ fn outcomes(kafka: &Kafka, client_id: &str) -> Vec<(String, String, String)> {
         .collect()
 }
 
+/// Waits (at most 15 s) until a presence record contains every one of `needles`, then
+/// gives the reporter a moment to read it. Returns without it (the test's assertions
+/// then tell what went wrong).
+fn await_presence(kafka: &Kafka, needles: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline
+        && !kafka
+            .consume_all(PRESENCE, 1, Duration::from_secs(3))
+            .iter()
+            .any(|r| needles.iter().all(|n| r.payload.contains(n)))
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
 fn topics(kafka: &Kafka) {
     kafka.create_topic(COMMANDS, 2);
     kafka.create_topic(OUTCOMES, 1);
@@ -179,5 +220,106 @@ fn queued_commands_follow_a_vehicle_that_moves_from_a_to_b() {
         a.log().contains("session moved to another gateway"),
         "{}",
         a.log()
+    );
+}
+
+#[test]
+fn a_gateway_killed_and_started_again_leaves_no_vehicle_held_there_for_ever() {
+    let kafka = Kafka::start();
+    topics(&kafka);
+    let a = restartable_gateway(&kafka, "gw-a", false);
+    let b = gateway(&kafka, "gw-b", true);
+    // A clean session on A: gone with A's process.
+    let mut v = vehicle(&a, "VIN-K1", true);
+    std::thread::sleep(Duration::from_secs(2));
+    // The reporter knows A holds the vehicle: A delivers, B stays silent.
+    produce(&kafka, "VIN-K1", "before");
+    assert_eq!(
+        receive(&mut v, Duration::from_secs(5)),
+        vec!["before"],
+        "{}",
+        a.log()
+    );
+    let before = outcomes(&kafka, "VIN-K1");
+    assert_eq!(before.len(), 1, "one outcome: {before:?}\n{}", b.log());
+    assert_eq!(
+        (before[0].1.as_str(), before[0].2.as_str()),
+        ("delivered", "gw-a")
+    );
+
+    // SIGKILL: A journals no `disconnected` for the vehicle. Then A starts again.
+    let (dir, config) = a.kill9();
+    drop(v);
+    let a = Gateway::start_in(dir, config);
+    await_presence(&kafka, &["\"gateway_started\"", "\"gw-a\""]);
+
+    // Nobody holds the vehicle now: the reporter says so, once. (Before A journaled its
+    // start, B took the vehicle for held by A for ever, and the command had no outcome.)
+    produce(&kafka, "VIN-K1", "after");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while outcomes(&kafka, "VIN-K1").len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let all = outcomes(&kafka, "VIN-K1");
+    let after: Vec<_> = all.iter().filter(|o| o.0 != before[0].0).collect();
+    assert_eq!(after.len(), 1, "one outcome: {all:?}\n{}\n{}", a.log(), b.log());
+    assert_eq!(
+        (after[0].1.as_str(), after[0].2.as_str()),
+        ("unknown_vehicle", "gw-b"),
+        "{all:?}"
+    );
+}
+
+#[test]
+fn a_persistent_session_restored_after_a_kill_stays_held_there() {
+    let kafka = Kafka::start();
+    topics(&kafka);
+    let a = restartable_gateway(&kafka, "gw-a", false);
+    let b = gateway(&kafka, "gw-b", true);
+    // A persistent session on A, online when A is killed.
+    let v = vehicle(&a, "VIN-P1", false);
+    std::thread::sleep(Duration::from_secs(2));
+    let (dir, config) = a.kill9();
+    drop(v);
+    let a = Gateway::start_in(dir, config);
+    // A's start voids what it held before and announces the session it restored.
+    await_presence(&kafka, &["\"gateway_restarted\"", "\"VIN-P1\""]);
+    await_presence(&kafka, &["\"gateway_started\"", "\"gw-a\""]);
+    produce(&kafka, "VIN-P1", "after");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while outcomes(&kafka, "VIN-P1").is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // Queued in A's restored session; the reporter does not call the vehicle unknown.
+    let queued = outcomes(&kafka, "VIN-P1");
+    assert_eq!(
+        queued.len(),
+        1,
+        "one outcome: {queued:?}\n{}\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!((queued[0].1.as_str(), queued[0].2.as_str()), ("queued", "gw-a"));
+    // The vehicle comes back to A and gets it (its session is subscribed already).
+    let (mut v, connack) = connect311(a.mqtt(), "VIN-P1", false);
+    assert_eq!(connack.code, 0, "{}", a.log());
+    assert_eq!(
+        receive(&mut v, Duration::from_secs(5)),
+        vec!["after"],
+        "{}",
+        a.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while outcomes(&kafka, "VIN-P1").len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all = outcomes(&kafka, "VIN-P1");
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(
+        (all[1].1.as_str(), all[1].2.as_str()),
+        ("delivered", "gw-a"),
+        "{all:?}"
     );
 }

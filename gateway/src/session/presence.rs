@@ -21,6 +21,17 @@
 //! already closed, so it waits at most [`DISCONNECTED_WAIT`] and gives up on shutdown.
 //! Under `reject` the event is not journaled. An event not journaled is never silent:
 //! `gateway_presence_dropped_total{reason}` and a warn line.
+//!
+//! At start, in a region (`commands.many_gateways = true`): a gateway that was killed
+//! (SIGKILL, power loss) journaled no `disconnected` for its connections, and the
+//! region's reporter would take those vehicles for held here for ever. So once the
+//! persistent sessions are restored and before the listeners accept anyone,
+//! [`journal_start`] journals one `gateway_started` (key [`started_key`]) and, for each
+//! restored session, a `disconnected` with reason [`GATEWAY_RESTARTED`], all at the same
+//! `at_ms`: what this gateway held before is void, what it still holds is said again
+//! (`commands::region` has the rule). Journaled before the listeners, they precede every
+//! vehicle's next `connected` in the journal, hence in Kafka per key. They wait for
+//! journal space at most [`STARTED_WAIT`] in all.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,22 +54,48 @@ pub const TOPIC: &str = "$gateway/presence";
 /// the bound its Will gets, so a full journal cannot hold connection slots forever.
 const DISCONNECTED_WAIT: Duration = Duration::from_secs(5);
 
+/// Longest the start events wait for journal space, all together: a full journal that
+/// does not drain (Kafka unreachable) must not keep the gateway from starting. Events
+/// that did not fit are counted like any other, and logged in one line.
+const STARTED_WAIT: Duration = Duration::from_secs(5);
+
+/// `reason` of the `disconnected` event a gateway journals at start for each persistent
+/// session it restored: the session is held here, offline, though no connection of this
+/// process ended.
+pub const GATEWAY_RESTARTED: &str = "gateway_restarted";
+
 /// Which presence event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Presence {
     Connected,
     Disconnected,
+    /// A gateway (re)started: its events from before say nothing any more.
+    GatewayStarted,
 }
 
 impl Presence {
-    /// The label of `gateway_presence_events_total{event}`.
+    /// The label of `gateway_presence_events_total{event}` (and the JSON `event`).
     pub fn label(self) -> &'static str {
         match self {
             Presence::Connected => "connected",
             Presence::Disconnected => "disconnected",
+            Presence::GatewayStarted => "gateway_started",
         }
     }
+}
+
+/// The Kafka key (and `mqtt.client_id` header) of `gateway_id`'s `gateway_started`
+/// event: a NUL, then `gateway_started/` and the gateway id.
+///
+/// It must never be a vehicle's client id: the presence topic is compacted by key, and a
+/// vehicle sharing it would have its events, or the gateway's start, compacted away. MQTT
+/// forbids U+0000 in every string (3.1.1 §1.5.3, 5.0 §1.5.4) and this gateway refuses a
+/// client id with a control character under either `mqtt.client_id_policy`, so no vehicle
+/// connects, publishes or gets commands under it. One key per gateway: compaction keeps
+/// its latest start, the only one the region's rule needs.
+pub fn started_key(gateway_id: &str) -> String {
+    format!("\0gateway_started/{gateway_id}")
 }
 
 /// The JSON value of a presence record (the README shows an example).
@@ -103,17 +140,153 @@ pub struct Event<'a> {
 impl Event<'_> {
     /// The journal record carrying this event.
     fn entry(&self) -> serde_json::Result<Entry> {
-        Ok(Entry {
-            kind: EntryKind::Presence,
-            received_at_ms: self.at_ms,
-            // QoS 1: stored and confirmed like a vehicle's QoS 1 message.
-            qos: 1,
-            client_id: self.client_id.to_string(),
-            topic: TOPIC.to_string(),
-            payload: serde_json::to_vec(self)?.into(),
-            content_type: Some("application/json".to_string()),
-            ..Default::default()
+        record(self.client_id.to_string(), self.at_ms, serde_json::to_vec(self)?)
+    }
+}
+
+/// The JSON value of a `gateway_started` record: the gateway and when it started.
+#[derive(Debug, Serialize)]
+pub struct Started<'a> {
+    pub event: Presence,
+    pub gateway_id: &'a str,
+    pub at_ms: u64,
+}
+
+impl Started<'_> {
+    fn entry(&self) -> serde_json::Result<Entry> {
+        record(
+            started_key(self.gateway_id),
+            self.at_ms,
+            serde_json::to_vec(self)?,
+        )
+    }
+}
+
+/// The JSON value of the `disconnected` record journaled at start for a restored
+/// persistent session (reason [`GATEWAY_RESTARTED`]). It has no connection: `conn` is 0,
+/// which no connection gets, and the connection's fields are absent.
+#[derive(Debug, Serialize)]
+pub struct Restored<'a> {
+    pub event: Presence,
+    pub client_id: &'a str,
+    pub gateway_id: &'a str,
+    pub reason: &'static str,
+    pub session_kept: bool,
+    /// What remains of the session's expiry at `at_ms` (u32::MAX: never expires), so
+    /// that `at_ms` + this is when the session ends here, as on any `disconnected`.
+    pub session_expiry_secs: u32,
+    pub at_ms: u64,
+    pub conn: u64,
+}
+
+impl Restored<'_> {
+    fn entry(&self) -> serde_json::Result<Entry> {
+        record(self.client_id.to_string(), self.at_ms, serde_json::to_vec(self)?)
+    }
+}
+
+/// A presence record keyed by `key`.
+fn record(key: String, at_ms: u64, payload: Vec<u8>) -> serde_json::Result<Entry> {
+    Ok(Entry {
+        kind: EntryKind::Presence,
+        received_at_ms: at_ms,
+        // QoS 1: stored and confirmed like a vehicle's QoS 1 message.
+        qos: 1,
+        client_id: key,
+        topic: TOPIC.to_string(),
+        payload: payload.into(),
+        content_type: Some("application/json".to_string()),
+        ..Default::default()
+    })
+}
+
+/// What remains at `now` of a restored offline session's expiry, rounded up to whole
+/// seconds (the session lasts here at least that long: expiry is swept, not exact);
+/// `None` when it already expired (the sweep removes it; nothing to announce).
+fn remaining_expiry_secs(expiry_secs: u32, disconnected_at_ms: u64, now: u64) -> Option<u32> {
+    if expiry_secs == u32::MAX {
+        return Some(u32::MAX);
+    }
+    let end = disconnected_at_ms.saturating_add(u64::from(expiry_secs) * 1000);
+    let left = end.checked_sub(now).filter(|l| *l > 0)?;
+    u32::try_from(left.div_ceil(1000)).ok()
+}
+
+/// Journals the start events (see the module doc) when this gateway is one of a region
+/// (`commands.many_gateways`) with presence on: a single gateway has nobody to tell, and
+/// its presence topic keeps only vehicles' keys. Called after the persistent sessions
+/// are restored and before the listeners are bound, with the bridge running (so that a
+/// full journal can drain).
+pub async fn journal_start(shared: &Shared) {
+    let cfg = &shared.cfg;
+    if !cfg.presence.enabled || !cfg.commands.many_gateways {
+        return;
+    }
+    let gateway_id = cfg.gateway_id();
+    let at_ms = crate::message::now_ms();
+    // Nothing is connected yet: every session is a restored, offline one.
+    let restored: Vec<(std::sync::Arc<str>, u32)> = shared
+        .registry
+        .all()
+        .into_iter()
+        .filter_map(|cell| {
+            let st = cell.lock();
+            let left = match (st.owner.is_none(), st.disconnected_at_ms) {
+                (true, Some(at)) => remaining_expiry_secs(st.expiry_secs, at, at_ms)?,
+                _ => return None,
+            };
+            Some((cell.client_id.clone(), left))
         })
+        .collect();
+    let deadline = tokio::time::Instant::now() + STARTED_WAIT;
+    let give_up = || async move {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => "shutdown",
+            _ = tokio::time::sleep_until(deadline) => "timeout",
+        }
+    };
+    let started = Started {
+        event: Presence::GatewayStarted,
+        gateway_id: &gateway_id,
+        at_ms,
+    };
+    let mut dropped: Option<(&'static str, String)> = None;
+    let mut dropped_count = 0usize;
+    if let Err(e) = append(shared, started.entry(), started.event, give_up()).await {
+        dropped_count += 1;
+        dropped.get_or_insert(e);
+    }
+    for (client_id, left) in &restored {
+        let event = Restored {
+            event: Presence::Disconnected,
+            client_id,
+            gateway_id: &gateway_id,
+            reason: GATEWAY_RESTARTED,
+            session_kept: true,
+            session_expiry_secs: *left,
+            at_ms,
+            conn: 0,
+        };
+        if let Err(e) = append(shared, event.entry(), event.event, give_up()).await {
+            dropped_count += 1;
+            dropped.get_or_insert(e);
+        }
+    }
+    match dropped {
+        // One line for all: a full journal at start could otherwise log one per session.
+        Some((reason, detail)) => warn!(
+            gateway_id,
+            dropped = dropped_count,
+            sessions = restored.len(),
+            reason,
+            detail,
+            "start presence events not all journaled: the region's reporter may take vehicles for held here that are not (Kafka commands to them get no outcome until they connect again)"
+        ),
+        None => tracing::info!(
+            gateway_id,
+            sessions = restored.len(),
+            "gateway_started journaled, with a disconnected (gateway_restarted) per restored session"
+        ),
     }
 }
 
@@ -226,7 +399,21 @@ impl<S: Transport> Session<S> {
 /// Appends `event` under `journal.full_policy`; a wait for space ends when `give_up`
 /// does (with the reason it gives). The outcome is counted, and a drop logged.
 async fn journal(shared: &Shared, event: &Event<'_>, give_up: impl Future<Output = &'static str>) {
-    let outcome = match event.entry() {
+    if let Err((reason, detail)) = append(shared, event.entry(), event.event, give_up).await {
+        warn!(client_id = %event.client_id, peer = %event.peer, conn = event.conn,
+            event = event.event.label(), reason, detail, "presence event not journaled");
+    }
+}
+
+/// Appends one presence record under `journal.full_policy` until `give_up`, and counts
+/// the outcome; a drop comes back as (reason label, detail) for the caller to log.
+async fn append(
+    shared: &Shared,
+    entry: serde_json::Result<Entry>,
+    event: Presence,
+    give_up: impl Future<Output = &'static str>,
+) -> Result<(), (&'static str, String)> {
+    let outcome = match entry {
         Err(e) => Err(("encode_error", e.to_string())),
         Ok(entry) => tokio::select! {
             // Tried first: with room the event is journaled, even during a shutdown
@@ -241,14 +428,11 @@ async fn journal(shared: &Shared, event: &Event<'_>, give_up: impl Future<Output
         },
     };
     let metrics = &shared.metrics;
-    match outcome {
-        Ok(()) => metrics.presence_events.inc(event.event.label()),
-        Err((reason, detail)) => {
-            metrics.presence_dropped.inc(reason);
-            warn!(client_id = %event.client_id, peer = %event.peer, conn = event.conn,
-                event = event.event.label(), reason, detail, "presence event not journaled");
-        }
+    match &outcome {
+        Ok(()) => metrics.presence_events.inc(event.label()),
+        Err((reason, _)) => metrics.presence_dropped.inc(reason),
     }
+    outcome
 }
 
 #[cfg(test)]
@@ -326,6 +510,78 @@ mod tests {
         assert!(v.get("session_present").is_none(), "{v}");
         assert_eq!(v["connected_at_ms"], 1_700_000_000_000u64);
         assert_eq!(v["at_ms"], 1_700_000_060_000u64);
+    }
+
+    #[test]
+    fn gateway_started_json_and_key() {
+        let e = Started {
+            event: Presence::GatewayStarted,
+            gateway_id: "gw-eu-1",
+            at_ms: 1_700_000_000_000,
+        };
+        let entry = e.entry().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "event": "gateway_started",
+                "gateway_id": "gw-eu-1",
+                "at_ms": 1_700_000_000_000u64,
+            })
+        );
+        assert_eq!(entry.kind, EntryKind::Presence);
+        assert_eq!(entry.client_id, "\0gateway_started/gw-eu-1");
+        assert_eq!(entry.received_at_ms, 1_700_000_000_000);
+        assert_eq!(entry.topic, TOPIC);
+        // No vehicle can connect under that key, whatever the client id policy.
+        for policy in [
+            crate::config::ClientIdPolicy::Any,
+            crate::config::ClientIdPolicy::Strict,
+        ] {
+            assert!(!crate::auth::client_id_allowed(&entry.client_id, policy, 128));
+        }
+        assert!(!crate::commands::valid_client_id(&entry.client_id, 128));
+    }
+
+    #[test]
+    fn restored_session_json_is_a_disconnected_without_a_connection() {
+        let e = Restored {
+            event: Presence::Disconnected,
+            client_id: "VIN0001",
+            gateway_id: "gw-eu-1",
+            reason: GATEWAY_RESTARTED,
+            session_kept: true,
+            session_expiry_secs: 3599,
+            at_ms: 1_700_000_000_000,
+            conn: 0,
+        };
+        let entry = e.entry().unwrap();
+        assert_eq!(entry.client_id, "VIN0001", "keyed by client id");
+        let v: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "event": "disconnected",
+                "client_id": "VIN0001",
+                "gateway_id": "gw-eu-1",
+                "reason": "gateway_restarted",
+                "session_kept": true,
+                "session_expiry_secs": 3599,
+                "at_ms": 1_700_000_000_000u64,
+                "conn": 0,
+            })
+        );
+    }
+
+    #[test]
+    fn a_restored_session_is_announced_with_what_remains_of_its_expiry() {
+        // Left at 10 s with an hour: at 70.5 s, 3,539.5 s remain, rounded up.
+        assert_eq!(remaining_expiry_secs(3600, 10_000, 70_500), Some(3540));
+        assert_eq!(remaining_expiry_secs(3600, 10_000, 10_000), Some(3600));
+        assert_eq!(remaining_expiry_secs(60, 10_000, 69_999), Some(1));
+        assert_eq!(remaining_expiry_secs(60, 10_000, 70_000), None, "expired");
+        assert_eq!(remaining_expiry_secs(60, 10_000, 90_000), None, "expired");
+        assert_eq!(remaining_expiry_secs(u32::MAX, 10_000, u64::MAX), Some(u32::MAX));
     }
 
     #[test]
