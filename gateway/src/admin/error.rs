@@ -170,6 +170,19 @@ pub fn error_response(status: StatusCode, code: &str, message: impl Into<String>
     (status, Json(body)).into_response()
 }
 
+/// Default and largest page of a listing.
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_LIMIT: usize = 1000;
+
+/// The page size a listing asked for, checked.
+pub fn page_limit(asked: Option<usize>) -> Result<usize, ApiError> {
+    match asked {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::bad_query(format!("limit {n}: must be 1–{MAX_LIMIT}"))),
+    }
+}
+
 /// `Query<T>` whose rejection answers in the error shape (`invalid_query`), not axum's
 /// plain text.
 #[derive(Debug)]

@@ -12,12 +12,10 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiError, ApiQuery, ErrorBody, ErrorCode};
+use super::error::{page_limit, ApiError, ApiQuery, ErrorBody, ErrorCode};
 use crate::message::{now_ms, Message};
 use crate::state::Shared;
 
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 /// Payload bytes shown per retained message (the rest is counted, not shown).
 const PREVIEW_BYTES: usize = 256;
 
@@ -93,14 +91,6 @@ pub struct Deleted {
     pub topic: String,
 }
 
-fn limit(asked: Option<usize>) -> Result<usize, ApiError> {
-    match asked {
-        None => Ok(DEFAULT_LIMIT),
-        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::bad_query(format!("limit {n}: must be 1–{MAX_LIMIT}"))),
-    }
-}
-
 /// Subscriptions of every session, by client id then filter.
 #[utoipa::path(get, path = "/api/v1/subscriptions", tag = "subscriptions", params(SubscriptionsQuery),
     responses((status = 200, body = SubscriptionPage), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
@@ -109,7 +99,7 @@ pub async fn list_subscriptions(
     State(s): State<Arc<Shared>>,
     ApiQuery(q): ApiQuery<SubscriptionsQuery>,
 ) -> Result<Json<SubscriptionPage>, ApiError> {
-    let limit = limit(q.limit)?;
+    let limit = page_limit(q.limit)?;
     let mut cells: Vec<_> = s
         .registry
         .all()
@@ -166,7 +156,7 @@ pub async fn list_retained(
     State(s): State<Arc<Shared>>,
     ApiQuery(q): ApiQuery<RetainedQuery>,
 ) -> Result<Json<RetainedPage>, ApiError> {
-    let limit = limit(q.limit)?;
+    let limit = page_limit(q.limit)?;
     let filter = q.filter.unwrap_or_else(|| "#".into());
     if let Err(e) = crate::topic::validate_filter(&filter) {
         return Err(ApiError::bad_query(format!("filter {filter:?}: {e}")));

@@ -14,15 +14,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{ApiError, ApiQuery, ErrorBody, ErrorCode};
+use super::error::{page_limit, ApiError, ApiQuery, ErrorBody, ErrorCode};
 use crate::message::now_ms;
 use crate::registry::DiscardRefused;
 use crate::session::state::{SessionCell, SessionState};
 use crate::state::Shared;
-
-/// Default and largest page of a listing.
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -157,14 +153,6 @@ pub struct Done {
     pub action: String,
 }
 
-fn limit(asked: Option<usize>) -> Result<usize, ApiError> {
-    match asked {
-        None => Ok(DEFAULT_LIMIT),
-        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::bad_query(format!("limit {n}: must be 1–{MAX_LIMIT}"))),
-    }
-}
-
 /// The cells whose client id passes `keep`, sorted, after the cursor, one page (plus
 /// the cursor for the next).
 fn page(
@@ -261,7 +249,7 @@ pub async fn list_connections(
     State(s): State<Arc<Shared>>,
     ApiQuery(q): ApiQuery<ConnectionsQuery>,
 ) -> Result<Json<ConnectionPage>, ApiError> {
-    let limit = limit(q.limit)?;
+    let limit = page_limit(q.limit)?;
     if let Some(l) = q.listener.as_deref().filter(|l| !["tcp", "tls"].contains(l)) {
         return Err(ApiError::bad_query(format!("listener {l:?}: tcp or tls")));
     }
@@ -327,7 +315,7 @@ pub async fn list_sessions(
     State(s): State<Arc<Shared>>,
     ApiQuery(q): ApiQuery<SessionsQuery>,
 ) -> Result<Json<SessionPage>, ApiError> {
-    let limit = limit(q.limit)?;
+    let limit = page_limit(q.limit)?;
     let (cells, next_after) = page(&s, q.prefix.as_deref(), q.after.as_deref(), limit, |_, st| {
         q.online.is_none_or(|o| o == st.owner.is_some())
     });
