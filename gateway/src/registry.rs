@@ -8,7 +8,8 @@
 //!   installs the new owner, so two connections never both believe they own a session,
 //!   and every change a connection makes to the session checks ownership under the
 //!   cell's lock.
-//! - Clean start (or an expired session) discards the old session completely — its
+//! - Clean start (or an expired session, or one with expiry 0 whose connection this
+//!   CONNECT takes over) discards the old session completely — its
 //!   subscriptions leave the router and its queue leaves the store — before the new one
 //!   is visible; otherwise the session continues and CONNACK says session present.
 //! - A session whose connection ends is removed at once if its expiry is 0, otherwise
@@ -109,7 +110,10 @@ impl Registry {
         if let Some(cell) = map.get(c.client_id).cloned() {
             let mut st = cell.lock();
             cell.take_owner(&mut st);
-            if !c.clean_start && !st.expired(now) && !st.gone {
+            // A session with expiry 0 (3.1.1 clean session) lasts as long as its
+            // connection, which this takeover ends: there is nothing to resume even if
+            // that connection's close is not processed yet (3.1.2-6; MQTT 5 §3.1.2.11.2).
+            if !c.clean_start && !st.expired(now) && !st.gone && st.persistent() {
                 if let Some(w) = st.delayed_will.take() {
                     // Resumed within the Will Delay Interval: no Will (MQTT 5 §3.1.2.5).
                     w.cancel.cancel();
@@ -496,5 +500,39 @@ mod lock_order_tests {
         for h in hs {
             h.join().unwrap();
         }
+    }
+
+    /// 3.1.2-6: a clean-session connection whose close the gateway has not processed
+    /// yet is taken over by a CONNECT with clean session 0: there is no session to
+    /// resume (present 0, its subscriptions gone); a persistent one is resumed.
+    #[test]
+    fn taking_over_a_live_clean_session_resumes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (reg, router, m) = (Registry::default(), Router::default(), Metrics::default());
+        let connect = |conn: u64, clean_start: bool, expiry_secs: u32| {
+            reg.attach(
+                Connecting {
+                    client_id: "car",
+                    owner: Owner::bare(conn),
+                    clean_start,
+                    expiry_secs,
+                    protocol: 4,
+                },
+                &router,
+                &store,
+                &m,
+            )
+        };
+        let a = connect(1, true, 0);
+        router.subscribe(&a.cell.key(), "t", SubOptions::qos(1)).unwrap();
+        a.cell.lock().subscriptions.insert("t".into(), SubOptions::qos(1));
+        let b = connect(2, false, u32::MAX);
+        assert!(!b.present, "a clean session ends with the connection taken over");
+        assert!(b.cell.lock().subscriptions.is_empty());
+        b.cell.lock().subscriptions.insert("u".into(), SubOptions::qos(1));
+        let c = connect(3, false, u32::MAX);
+        assert!(c.present, "a persistent session is resumed by a takeover");
+        assert!(c.cell.lock().subscriptions.contains_key("u"));
     }
 }

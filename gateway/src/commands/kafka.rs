@@ -36,6 +36,7 @@ pub async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Consumed>) {
 pub async fn forget_committed(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<(i32, i64)>) {
     let topic = shared.cfg.commands.kafka_topic.clone();
     while let Some((partition, position)) = rx.recv().await {
+        shared.commands.sink.forget_below(&topic, partition, position);
         if let Err(e) = shared.store.forget_commands_below(&topic, partition, position) {
             tracing::warn!(topic, partition, error = %e, "command done markers not removed");
         }

@@ -323,6 +323,12 @@ impl Commands {
             }
             return (Routed::default(), None);
         }
+        // Not held, but its final outcome is reported already (the vehicle acknowledged
+        // it a moment ago; its "done" marker may not be written yet): not again.
+        if ticket.settle_if_finished(|(t, p, o)| shared.store.command_done(t, *p, *o)) {
+            self.metrics.received.inc("kafka_already_done");
+            return (Routed::default(), None);
+        }
         let (routed, route) = shared.router.route_command(msg, publisher, ticket, shared);
         match route {
             CommandRoute::Online => {}

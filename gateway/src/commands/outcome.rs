@@ -12,9 +12,9 @@
 //!   bound how many tickets exist (`commands.max_pending` for Kafka; REST and MQTT
 //!   commands are bounded by the session queues they sit in).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bridge::commands::Settled;
@@ -106,11 +106,21 @@ pub struct Report {
     pub store_gen: Option<u64>,
 }
 
+/// A Kafka command's coordinates: (topic, partition, offset).
+pub type KafkaKey = (String, i32, i64);
+
 /// Where tickets report. Closed at shutdown: a ticket dropped then is not an outcome.
 #[derive(Debug)]
 pub struct Sink {
     tx: mpsc::UnboundedSender<Report>,
     closed: AtomicBool,
+    /// Kafka commands whose final outcome is reported and whose "done" marker is not
+    /// in the store yet. Between a vehicle's PUBACK and that marker the command is held
+    /// by no session and not marked done: a re-read of its offset then (a restart, the
+    /// consumer rejoining) must not deliver it again. Inserting here and sending the
+    /// report happen under this lock, and so do a re-read's check and its own report, so
+    /// the re-read settles after the original.
+    finishing: Mutex<HashSet<KafkaKey>>,
 }
 
 impl Sink {
@@ -120,12 +130,60 @@ impl Sink {
             Arc::new(Sink {
                 tx,
                 closed: AtomicBool::new(false),
+                finishing: Mutex::new(HashSet::new()),
             }),
             rx,
         )
     }
 
     pub(super) fn report(&self, r: Report) {
+        let key = r.outcome.filter(|o| o.is_final()).and(kafka_key(&r.info.record.source));
+        match key {
+            Some(k) => {
+                let mut finishing = self.finishing();
+                finishing.insert(k);
+                self.send(r);
+            }
+            None => self.send(r),
+        }
+    }
+
+    /// Reports `r` (a re-read settling without a word) when the Kafka command at `key`
+    /// already has a final outcome: reported and still settling, or (`done`) marked in
+    /// the store. False, and nothing sent, otherwise.
+    pub(super) fn report_if_finished(&self, key: &KafkaKey, done: impl FnOnce() -> bool, r: Report) -> bool {
+        let finishing = self.finishing();
+        if !finishing.contains(key) && !done() {
+            return false;
+        }
+        self.send(r);
+        true
+    }
+
+    /// The command's "done" marker is in the store, or its outcome will never be
+    /// (not journaled): nothing to guard any more.
+    pub(super) fn finished(&self, source: &Source) {
+        if let Some(k) = kafka_key(source) {
+            self.finishing().remove(&k);
+        }
+    }
+
+    /// Kafka will not deliver again what lies below a committed `position`.
+    pub fn forget_below(&self, topic: &str, partition: i32, position: i64) {
+        self.finishing()
+            .retain(|(t, p, o)| !(t == topic && *p == partition && *o < position));
+    }
+
+    /// Kafka commands whose final outcome is settling (for tests and metrics).
+    pub fn finishing_len(&self) -> usize {
+        self.finishing().len()
+    }
+
+    fn finishing(&self) -> std::sync::MutexGuard<'_, HashSet<KafkaKey>> {
+        self.finishing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, r: Report) {
         if self.tx.send(r).is_err() && !self.is_closed() {
             warn!("command outcome reported after the outcome task ended");
         }
@@ -137,6 +195,18 @@ impl Sink {
 
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
+    }
+}
+
+/// The coordinates of a Kafka command.
+pub fn kafka_key(source: &Source) -> Option<KafkaKey> {
+    match source {
+        Source::Kafka {
+            topic,
+            partition,
+            offset,
+        } => Some((topic.clone(), *partition, *offset)),
+        _ => None,
     }
 }
 
@@ -171,7 +241,11 @@ pub async fn run(
                 }
                 match journal(&shared, &gateway_id, &r, &stop).await {
                     Some(seq) => waiting.push_back((seq, r)),
-                    None => continue,
+                    None => {
+                        // Unsettled: Kafka delivers it again after a restart.
+                        shared.commands.sink.finished(&r.info.record.source);
+                        continue;
+                    }
                 }
             }
             changed = durable.changed() => if changed.is_err() { break },
@@ -320,7 +394,18 @@ async fn release(
     let mut gen = 0;
     for ((topic, partition), offsets) in &marks {
         match shared.store.put_commands_done(topic, *partition, offsets) {
-            Ok(g) => gen = gen.max(g),
+            Ok(g) => {
+                gen = gen.max(g);
+                // The store's index answers for them from now on. (A marker not
+                // stored stays guarded here until its offset is committed.)
+                for o in offsets {
+                    shared.commands.sink.finished(&Source::Kafka {
+                        topic: (*topic).to_string(),
+                        partition: *partition,
+                        offset: *o,
+                    });
+                }
+            }
             Err(e) => {
                 warn!(topic, partition, error = %e, "command done markers not stored (a crash before the commit re-delivers them)")
             }

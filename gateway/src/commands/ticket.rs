@@ -17,7 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::outcome::{Outcome, Report, Sink};
+use super::outcome::{kafka_key, KafkaKey, Outcome, Report, Sink};
 
 /// Where a command came from. (Kept in the store with bincode: no serde tagging.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +147,29 @@ impl Ticket {
         self.state.store(FINAL, Ordering::Release);
     }
 
+    /// A Kafka command read again that already reached a final outcome (reported and
+    /// settling, or `done` says its marker is in the store): settles without a word,
+    /// after the original. False (nothing done) otherwise, or for another source.
+    pub fn settle_if_finished(&self, done: impl FnOnce(&KafkaKey) -> bool) -> bool {
+        let Some(key) = kafka_key(&self.info.record.source) else {
+            return false;
+        };
+        if self.state.load(Ordering::Acquire) == FINAL {
+            return false;
+        }
+        let report = Report {
+            info: self.info.clone(),
+            outcome: None,
+            reason: None,
+            store_gen: None,
+        };
+        let settled = self.sink.report_if_finished(&key, || done(&key), report);
+        if settled {
+            self.state.store(FINAL, Ordering::Release);
+        }
+        settled
+    }
+
     /// Whether `queued` was reported (the command is settled at its source).
     pub fn is_queued(&self) -> bool {
         self.state.load(Ordering::Acquire) == QUEUED
@@ -257,6 +280,39 @@ mod tests {
         // Nothing re-delivers a REST command: it ends here.
         drop(Ticket::new(record(), None, sink));
         assert_eq!(outcomes(&mut rx), vec![Some(Outcome::Dropped)]);
+    }
+
+    #[test]
+    fn a_kafka_command_read_again_after_its_final_outcome_settles_after_it_without_a_word() {
+        let (sink, mut rx) = Sink::new();
+        let kafka = CommandRecord {
+            source: Source::Kafka {
+                topic: "t".into(),
+                partition: 0,
+                offset: 7,
+            },
+            ..record()
+        };
+        let first = Ticket::new(kafka.clone(), None, sink.clone());
+        // Not finished yet: a re-read is a command like any other.
+        let early = Ticket::new(kafka.clone(), None, sink.clone());
+        assert!(!early.settle_if_finished(|_| false));
+        early.forget();
+        // The vehicle acknowledged it; its done marker is not in the store yet.
+        first.finish(Outcome::Delivered, None);
+        let again = Ticket::new(kafka.clone(), None, sink.clone());
+        assert!(again.settle_if_finished(|_| false), "guarded until the marker is written");
+        drop(again);
+        // The marker was written: the store answers from now on.
+        sink.finished(&kafka.source);
+        assert_eq!(sink.finishing_len(), 0);
+        let later = Ticket::new(kafka.clone(), None, sink.clone());
+        assert!(!later.settle_if_finished(|_| false));
+        later.forget();
+        let marked = Ticket::new(kafka, None, sink);
+        assert!(marked.settle_if_finished(|k| k.2 == 7));
+        // The original's outcome, then the re-reads' silent settlements, in that order.
+        assert_eq!(outcomes(&mut rx), vec![Some(Outcome::Delivered), None, None]);
     }
 
     #[test]

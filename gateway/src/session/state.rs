@@ -804,8 +804,10 @@ impl SessionCell {
                 store_failed(metrics, &self.client_id, &e);
             }
         }
-        drop(st);
+        // Reported before the lock goes: a re-read of a Kafka command that no longer
+        // finds it held must find its outcome reported (see `Sink::finishing`).
         item.finish(Outcome::Delivered, None);
+        drop(st);
         true
     }
 
