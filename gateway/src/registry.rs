@@ -215,6 +215,16 @@ impl Registry {
         Detached::Kept
     }
 
+    /// Ends the commands whose expiry passed in any session (see
+    /// [`SessionCell::expire_commands`]). Returns how many.
+    pub fn expire_commands(&self, store: &Store, metrics: &Metrics) -> usize {
+        let now = now_ms();
+        self.all()
+            .iter()
+            .map(|c| c.expire_commands(now, store, metrics))
+            .sum()
+    }
+
     /// Removes offline sessions whose expiry interval passed; returns the Wills that
     /// were still waiting for their delay (the session's end makes them due).
     pub fn expired(

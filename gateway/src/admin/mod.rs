@@ -150,6 +150,9 @@ async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     if let Some(why) = &journal.stalled {
         warnings.push(json!({"code": "journal_stalled", "message": why}));
     }
+    if s.bridge.paused() {
+        warnings.push(json!({"code": "bridge_paused", "message": "an operator paused forwarding to Kafka (POST /api/v1/bridge/resume); the journal fills meanwhile"}));
+    }
     let status = problems
         .first()
         .and_then(|p| p["code"].as_str())
@@ -180,6 +183,9 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     }
     if let Some(why) = s.bridge.failed() {
         problems.push(json!({"code": "bridge_failed", "message": why}));
+    }
+    if s.bridge.paused() && s.journal.stats().full {
+        problems.push(json!({"code": "bridge_paused_journal_full", "message": "the Kafka bridge is paused and the journal is full: nothing new can be acknowledged (POST /api/v1/bridge/resume)"}));
     }
     let code = if problems.is_empty() {
         StatusCode::OK
@@ -301,6 +307,13 @@ struct RedriveQuery {
     responses((status = 200, body = Object), (status = 409, body = error::ErrorBody), (status = 503, body = error::ErrorBody), (status = 504, body = error::ErrorBody), (status = 401, body = error::ErrorBody)),
     security(("bearer" = [])))]
 async fn redrive(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<RedriveQuery>) -> Response {
+    if s.bridge.paused() {
+        return ApiError::new(
+            ErrorCode::BridgePaused,
+            "the bridge is paused; resume it (POST /api/v1/bridge/resume) before a re-drive",
+        )
+        .into_response();
+    }
     let wait = bridge::producer::REDRIVE_WAIT + std::time::Duration::from_secs(20);
     match tokio::time::timeout(wait, s.bridge_control.redrive(q.seq)).await {
         Ok(Ok(r)) => Json(json!({

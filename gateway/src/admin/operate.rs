@@ -93,9 +93,14 @@ fn mask(v: &mut serde_json::Value) {
     if let Some(props) = v.pointer_mut("/kafka/properties").and_then(|p| p.as_object_mut()) {
         for (k, val) in props.iter_mut() {
             let k = k.to_ascii_lowercase();
-            if ["password", "secret", "token", "key", "jaas"]
-                .iter()
-                .any(|w| k.contains(w))
+            // Every SASL setting but the mechanism and user name can carry a secret
+            // (`sasl.oauthbearer.config` holds a client secret, for one).
+            let sasl_secret = k.starts_with("sasl.")
+                && !["sasl.mechanism", "sasl.mechanisms", "sasl.username"].contains(&k.as_str());
+            if sasl_secret
+                || ["password", "secret", "token", "key", "jaas", "credential"]
+                    .iter()
+                    .any(|w| k.contains(w))
             {
                 set(val);
             }
@@ -190,7 +195,8 @@ mod tests {
         let mut v = serde_json::json!({
             "admin": {"token": "s3cret", "listen": "0.0.0.0:8080"},
             "auth": {"users": [{"username": "ops", "password_hash": "$argon2id$..."}]},
-            "kafka": {"properties": {"sasl.password": "pw", "ssl.key.password": "k", "sasl.username": "u"}},
+            "kafka": {"properties": {"sasl.password": "pw", "ssl.key.password": "k", "sasl.username": "u",
+                "sasl.oauthbearer.config": "clientSecret=x", "sasl.mechanism": "OAUTHBEARER"}},
         });
         mask(&mut v);
         assert_eq!(v["admin"]["token"], MASK);
@@ -200,5 +206,7 @@ mod tests {
         assert_eq!(v["kafka"]["properties"]["sasl.password"], MASK);
         assert_eq!(v["kafka"]["properties"]["ssl.key.password"], MASK);
         assert_eq!(v["kafka"]["properties"]["sasl.username"], "u");
+        assert_eq!(v["kafka"]["properties"]["sasl.oauthbearer.config"], MASK);
+        assert_eq!(v["kafka"]["properties"]["sasl.mechanism"], "OAUTHBEARER");
     }
 }

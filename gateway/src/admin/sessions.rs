@@ -367,6 +367,7 @@ pub async fn discard(
     {
         Ok(will) => {
             tracing::warn!(client_id, "session discarded through the admin API");
+            crate::session::presence::journal_discarded(&s, &client_id).await;
             if let Some((key, w)) = will {
                 let shared = s.clone();
                 tokio::spawn(async move {

@@ -45,25 +45,26 @@ pub async fn forget_committed(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiv
 
 fn issue(shared: &Arc<Shared>, c: Consumed) {
     let commands = &shared.commands;
-    // Done before a crash that came before its offset commit: not again.
-    if shared.store.command_done(&c.topic, c.partition, c.offset) {
+    // Done before (its marker is in the store: a crash came before its offset commit),
+    // or its final outcome is reported and settling (the consumer was rebuilt and read
+    // it again): not again, whatever the session or the record now says.
+    let again = commands.restore(CommandRecord {
+        id: format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset),
+        client_id: String::new(),
+        correlation_id: None,
+        source: Source::Kafka {
+            topic: c.topic.clone(),
+            partition: c.partition,
+            offset: c.offset,
+        },
+        issued_at_ms: now_ms(),
+        qos: 0,
+    });
+    if again.settle_if_finished(|(t, p, o)| shared.store.command_done(t, *p, *o)) {
         commands.metrics.received.inc("kafka_already_done");
-        commands
-            .restore(CommandRecord {
-                id: format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset),
-                client_id: String::new(),
-                correlation_id: None,
-                source: Source::Kafka {
-                    topic: c.topic.clone(),
-                    partition: c.partition,
-                    offset: c.offset,
-                },
-                issued_at_ms: now_ms(),
-                qos: 0,
-            })
-            .settle_silently();
         return;
     }
+    again.forget();
     let source = Source::Kafka {
         topic: c.topic.clone(),
         partition: c.partition,

@@ -137,7 +137,10 @@ impl Sink {
     }
 
     pub(super) fn report(&self, r: Report) {
-        let key = r.outcome.filter(|o| o.is_final()).and(kafka_key(&r.info.record.source));
+        let key = r
+            .outcome
+            .filter(|o| o.is_final())
+            .and(kafka_key(&r.info.record.source));
         match key {
             Some(k) => {
                 let mut finishing = self.finishing();
@@ -242,8 +245,12 @@ pub async fn run(
                 match journal(&shared, &gateway_id, &r, &stop).await {
                     Some(seq) => waiting.push_back((seq, r)),
                     None => {
-                        // Unsettled: Kafka delivers it again after a restart.
-                        shared.commands.sink.finished(&r.info.record.source);
+                        // Unsettled: Kafka delivers it again after a restart. (Only a
+                        // final report was guarded; a `queued` one must not lift the
+                        // guard of the same command's final outcome.)
+                        if r.outcome.is_some_and(Outcome::is_final) {
+                            shared.commands.sink.finished(&r.info.record.source);
+                        }
                         continue;
                     }
                 }

@@ -254,6 +254,16 @@ impl Region {
             _ if stale => {}
             // A takeover: the session goes on under the new connection.
             "disconnected" if ev.reason.as_deref() == Some("taken_over") => {}
+            // An operator discarded the session there: whatever connection it had.
+            "disconnected" if ev.reason.as_deref() == Some(presence::SESSION_DISCARDED) => {
+                let held_there = m
+                    .elsewhere
+                    .get(client_id)
+                    .is_some_and(|h| *h.gateway == *gateway && h.since_ms <= ev.at_ms);
+                if held_there {
+                    m.elsewhere.remove(client_id);
+                }
+            }
             // A restarted gateway holds the session, offline; no connection to pair.
             "disconnected" if ev.reason.as_deref() == Some(presence::GATEWAY_RESTARTED) => {
                 if m.later_elsewhere(client_id, gateway, ev.at_ms) {
@@ -504,6 +514,30 @@ mod tests {
         );
         assert_eq!(r.held_at("V2", 1_500), None);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_discarded_session_is_held_no_more_but_a_later_connection_is() {
+        let discarded = |gw: &str, at_ms: u64| PresenceEvent {
+            reason: Some(presence::SESSION_DISCARDED.into()),
+            ..disconnected(gw, "V1", at_ms, 0, None)
+        };
+        let r = region(
+            &[
+                connected(X, "V1", 1_000, 7),
+                disconnected(X, "V1", 2_000, 7, Some(u32::MAX)),
+            ],
+            2_000,
+        );
+        // Another gateway's discard says nothing of X's session.
+        r.apply_at(ME, &discarded(Y, 3_000), 3_000);
+        assert_eq!(r.held_at("V1", 3_000).as_deref(), Some(X));
+        r.apply_at(ME, &discarded(X, 3_000), 3_000);
+        assert_eq!(r.held_at("V1", 3_000), None);
+        // A discard older than the connection it would end changes nothing.
+        let r = region(&[connected(X, "V1", 5_000, 8)], 5_000);
+        r.apply_at(ME, &discarded(X, 4_000), 5_000);
+        assert_eq!(r.held_at("V1", 5_000).as_deref(), Some(X));
     }
 
     #[test]

@@ -64,6 +64,10 @@ const STARTED_WAIT: Duration = Duration::from_secs(5);
 /// process ended.
 pub const GATEWAY_RESTARTED: &str = "gateway_restarted";
 
+/// `reason` of the `disconnected` event journaled when an operator discards an offline
+/// session (`DELETE /api/v1/sessions/{client_id}`): the gateway holds it no more.
+pub const SESSION_DISCARDED: &str = "session_discarded";
+
 /// Which presence event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -182,6 +186,40 @@ pub struct Restored<'a> {
 impl Restored<'_> {
     fn entry(&self) -> serde_json::Result<Entry> {
         record(self.client_id.to_string(), self.at_ms, serde_json::to_vec(self)?)
+    }
+}
+
+/// Journals that an operator discarded `client_id`'s offline session here: consumers of
+/// the presence topic, and the region's reporter, learn that this gateway no longer
+/// holds it (else commands to it would be left to this gateway, which settles them
+/// silently, until the session's expiry would have passed). Gives up after
+/// [`STARTED_WAIT`] for journal space.
+pub async fn journal_discarded(shared: &Shared, client_id: &str) {
+    if !shared.cfg.presence.enabled {
+        return;
+    }
+    let gateway_id = shared.cfg.gateway_id();
+    let event = Restored {
+        event: Presence::Disconnected,
+        client_id,
+        gateway_id: &gateway_id,
+        reason: SESSION_DISCARDED,
+        session_kept: false,
+        session_expiry_secs: 0,
+        at_ms: crate::message::now_ms(),
+        conn: 0,
+    };
+    let give_up = async {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => "shutdown",
+            _ = tokio::time::sleep(STARTED_WAIT) => "timeout",
+        }
+    };
+    if let Err((reason, detail)) = append(shared, event.entry(), event.event, give_up).await {
+        warn!(
+            client_id,
+            reason, detail, "session_discarded presence event not journaled"
+        );
     }
 }
 

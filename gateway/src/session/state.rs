@@ -865,6 +865,62 @@ impl SessionCell {
         }
     }
 
+    /// Ends the commands whose expiry passed while the session held them, so a vehicle
+    /// that never acknowledges (or stays offline) does not hold its Kafka partition's
+    /// offset, and the done markers behind it, for ever. A queued copy leaves the queue;
+    /// a copy in flight stays in flight (its packet id belongs to the vehicle, which may
+    /// still acknowledge it) but no longer carries the command, in memory and in the
+    /// store. Returns how many commands expired.
+    pub fn expire_commands(&self, now: u64, store: &Store, metrics: &Metrics) -> usize {
+        let mut st = self.lock();
+        if st.gone {
+            return 0;
+        }
+        let persistent = st.persistent();
+        let mut expired = 0;
+        let mut i = 0;
+        while i < st.out.queue.len() {
+            let due = st
+                .out
+                .queue
+                .get(i)
+                .is_some_and(|it| it.command.is_some() && it.msg.expired(now));
+            if !due {
+                i += 1;
+                continue;
+            }
+            let Some(item) = st.out.queue.remove(i) else {
+                break;
+            };
+            st.out.forget(&item, metrics);
+            metrics.messages_dropped.inc("expired");
+            item.finish(Outcome::Expired, None);
+            expired += 1;
+            if persistent && item.id != 0 {
+                if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                    store_failed(metrics, &self.client_id, &e);
+                }
+            }
+        }
+        for item in st.out.inflight.iter_mut() {
+            if !item.msg.expired(now) {
+                continue;
+            }
+            let Some(t) = item.command.take() else {
+                continue;
+            };
+            t.finish(Outcome::Expired, Some("unacknowledged"));
+            expired += 1;
+            if persistent && item.id != 0 {
+                if let Err(e) = store.put_queued(&self.client_id, item.id, &item.record()) {
+                    store_failed(metrics, &self.client_id, &e);
+                }
+            }
+        }
+        st.out.shrink();
+        expired
+    }
+
     /// The commands the session holds, in delivery order: `(record, in_flight)`.
     pub fn held_commands(&self) -> Vec<(CommandRecord, bool)> {
         let st = self.lock();
@@ -1066,6 +1122,82 @@ mod tests {
             .iter()
             .map(|i| String::from_utf8_lossy(&i.msg.payload).into_owned())
             .collect()
+    }
+
+    #[tokio::test]
+    async fn expired_commands_end_queued_or_in_flight_and_the_in_flight_packet_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let commands = crate::commands::Commands::default();
+        let mut reports = commands.take_reports().unwrap();
+        let command = |offset: i64, expires_at_ms: Option<u64>| {
+            let mut item = OutItem::new(
+                Arc::new(Message {
+                    expires_at_ms,
+                    ..(*msg("vehicles/car/commands", 1, b"unlock")).clone()
+                }),
+                1,
+                false,
+                vec![],
+            );
+            item.command = Some(commands.restore(CommandRecord {
+                id: format!("kafka:c:0:{offset}"),
+                client_id: "car".into(),
+                correlation_id: None,
+                source: crate::commands::Source::Kafka {
+                    topic: "c".into(),
+                    partition: 0,
+                    offset,
+                },
+                issued_at_ms: 1,
+                qos: 1,
+            }));
+            item
+        };
+        let c = cell(60, true);
+        c.persist(&store, &m).unwrap();
+        let soon = now_ms() + 1_000;
+        let lim = limits(10, QueueOverflow::DropOldest);
+        let o = c.offer(command(1, Some(soon)), &lim, &store, &m);
+        assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
+        assert!(matches!(
+            c.offer(command(2, None), &lim, &store, &m),
+            Offer::Queued { .. }
+        ));
+        let mut sent = command(3, Some(soon));
+        sent.pkid = 9;
+        sent.state = OutState::Published;
+        c.lock().out.inflight.push_back(sent);
+        assert_eq!(c.expire_commands(now_ms(), &store, &m), 0, "not due yet");
+        assert_eq!(c.expire_commands(soon, &store, &m), 2);
+        let mut seen = Vec::new();
+        while let Ok(r) = reports.try_recv() {
+            seen.push((r.info.record.id.clone(), r.outcome, r.reason));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                ("kafka:c:0:1".to_string(), Some(Outcome::Expired), None),
+                (
+                    "kafka:c:0:3".to_string(),
+                    Some(Outcome::Expired),
+                    Some("unacknowledged")
+                ),
+            ]
+        );
+        let st = c.lock();
+        assert_eq!(st.out.queue.len(), 1, "the command without expiry stays queued");
+        assert_eq!(
+            st.out.inflight.len(),
+            1,
+            "the vehicle's packet id stays in flight"
+        );
+        assert!(st.out.inflight[0].command.is_none());
+        drop(st);
+        // Its late PUBACK completes the packet and reports nothing more.
+        assert!(c.complete(9, 1, &store, &m));
+        assert!(reports.try_recv().is_err());
     }
 
     #[tokio::test]

@@ -161,13 +161,18 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
 }
 
 /// Removes expired persistent sessions every `sessions.expiry_check_secs`, publishing
-/// Wills that were still waiting for their delay.
+/// Wills that were still waiting for their delay, and ends the commands whose expiry
+/// passed in a session (queued, or in flight and not acknowledged).
 pub async fn expire_sessions(shared: Arc<Shared>) {
     let every = Duration::from_secs(shared.cfg.sessions.expiry_check_secs);
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+        let ended = shared.registry.expire_commands(&shared.store, &shared.metrics);
+        if ended > 0 {
+            info!(commands = ended, "commands expired in sessions that held them");
         }
         let due = shared
             .registry
