@@ -14,6 +14,7 @@ pub mod feed;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod journal;
+pub mod metrics;
 pub mod parked;
 pub mod producer;
 pub mod routes;

@@ -90,7 +90,7 @@
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,7 +106,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use prometheus::{Histogram, IntCounter, IntGauge, IntGaugeVec};
+
 use crate::journal::{EntryKind, Journal, JournalError, Record};
+use crate::metrics::Defs;
 use crate::parked::{ParkedError, ParkedStore};
 use crate::routes::Routes;
 
@@ -164,30 +167,134 @@ impl State {
     }
 }
 
-/// Live counters of the pipeline, shared with the admin API.
-#[derive(Debug, Default)]
+/// Live counters of the pipeline, shared with the admin API; its metrics are the
+/// bridge's own (see [`BridgeStatus::gather`]).
 pub struct BridgeStatus {
     state: AtomicU8,
-    pub in_flight: AtomicU64,
-    pub delivered: AtomicU64,
-    pub dead_lettered: AtomicU64,
+    pub in_flight: IntGauge,
+    pub delivered: IntCounter,
+    pub dead_lettered: IntCounter,
     /// Records parked since start (counter).
-    pub parked: AtomicU64,
+    pub parked: IntCounter,
     /// Records in the parked store now (gauge).
-    pub parked_now: AtomicU64,
+    pub parked_now: IntGauge,
     /// Parked records delivered by a re-drive (counter).
-    pub redriven: AtomicU64,
+    pub redriven: IntCounter,
     /// Errors reported by librdkafka (connection failures, retried requests).
-    pub errors: AtomicU64,
-    pub producer_rebuilds: AtomicU64,
+    pub errors: IntCounter,
+    pub producer_rebuilds: IntCounter,
     /// Pipeline restarts by the supervisor after an error or a panic (counter).
-    pub restarts: AtomicU64,
+    pub restarts: IntCounter,
+    /// From handing a record to the Kafka producer to its `acks=all` confirmation.
+    pub delivery_latency: Histogram,
+    /// From the vehicle's PUBLISH reaching the gateway (its journal append) to the
+    /// record's `acks=all` confirmation: what a consumer sees as lag.
+    pub record_age: Histogram,
+    state_gauge: IntGaugeVec,
+    failed_gauge: IntGauge,
+    paused_gauge: IntGauge,
     /// An operator paused forwarding (admin API): ingest goes on into the journal, no
     /// new record is produced (those in flight finish); resuming drains the journal in
     /// order. Not persisted: a restarted gateway forwards.
     paused: std::sync::atomic::AtomicBool,
     last_error: Mutex<Option<String>>,
     failed: Mutex<Option<String>>,
+    defs: Defs,
+}
+
+impl std::fmt::Debug for BridgeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BridgeStatus")
+            .field("state", &self.state())
+            .field("delivered", &self.delivered.get())
+            .field("in_flight", &self.in_flight.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wall-clock ms since the epoch (records carry their receive time so).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The values `gateway_bridge_state{state}` takes (1 for the current one).
+const STATES: [State; 5] = [
+    State::Connecting,
+    State::Connected,
+    State::Degraded,
+    State::Down,
+    State::Failed,
+];
+
+impl Default for BridgeStatus {
+    fn default() -> Self {
+        let defs = Defs::default();
+        let status = BridgeStatus {
+            state: AtomicU8::new(0),
+            in_flight: defs.gauge("gateway_bridge_in_flight", "Records produced, not yet confirmed."),
+            delivered: defs.counter("gateway_bridge_delivered_total", "Records confirmed by Kafka (acks=all)."),
+            dead_lettered: defs.counter(
+                "gateway_bridge_dead_lettered_total",
+                "Records written to the dead-letter topic.",
+            ),
+            parked: defs.counter(
+                "gateway_bridge_parked_total",
+                "Records Kafka refused for good that were moved to the parked store.",
+            ),
+            parked_now: defs.gauge(
+                "gateway_bridge_parked_records",
+                "Records in the parked store now (re-drive them with POST /api/v1/bridge/parked/redrive).",
+            ),
+            redriven: defs.counter(
+                "gateway_bridge_redriven_total",
+                "Parked records delivered by a re-drive.",
+            ),
+            errors: defs.counter(
+                "gateway_bridge_errors_total",
+                "Errors reported by the Kafka client (retried).",
+            ),
+            producer_rebuilds: defs.counter(
+                "gateway_bridge_producer_rebuilds_total",
+                "Kafka producers rebuilt after a fatal error (every unconfirmed record is sent again, in order).",
+            ),
+            restarts: defs.counter(
+                "gateway_bridge_restarts_total",
+                "Restarts of the Kafka bridge pipeline by its supervisor.",
+            ),
+            delivery_latency: defs.histogram(
+                "gateway_bridge_delivery_latency_seconds",
+                "From handing a record to the Kafka producer to its acks=all confirmation.",
+                crate::metrics::LATENCY_BUCKETS,
+            ),
+            record_age: defs.histogram(
+                "gateway_bridge_record_age_seconds",
+                "End-to-end age of records when Kafka confirmed them: from the PUBLISH reaching the gateway (journal append) to acks=all.",
+                crate::metrics::AGE_BUCKETS,
+            ),
+            state_gauge: defs.gauge_vec(
+                "gateway_bridge_state",
+                "Kafka bridge state (1 for the current one).",
+                &["state"],
+            ),
+            failed_gauge: defs.gauge(
+                "gateway_bridge_failed",
+                "1 while the Kafka bridge fails persistently (/healthz is 503).",
+            ),
+            paused_gauge: defs.gauge(
+                "gateway_bridge_paused",
+                "1 while an operator paused forwarding to Kafka (POST /api/v1/bridge/pause); ingest goes on into the journal.",
+            ),
+            paused: std::sync::atomic::AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            failed: Mutex::new(None),
+            defs,
+        };
+        status.show_state();
+        status
+    }
 }
 
 impl BridgeStatus {
@@ -204,7 +311,18 @@ impl BridgeStatus {
         }
     }
     pub(crate) fn set_state(&self, s: State) {
-        self.state.store(s as u8, Ordering::Relaxed);
+        if self.state.swap(s as u8, Ordering::Relaxed) != s as u8 {
+            self.show_state();
+        }
+    }
+    /// `gateway_bridge_state{state}` as [`BridgeStatus::state`] says now.
+    fn show_state(&self) {
+        let now = self.state();
+        for st in STATES {
+            self.state_gauge
+                .with_label_values(&[st.as_str()])
+                .set(i64::from(st == now));
+        }
     }
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
@@ -212,7 +330,12 @@ impl BridgeStatus {
     /// Pauses (true) or resumes (false) forwarding; the pipeline notices within 250 ms.
     /// Returns whether it was paused before.
     pub fn set_paused(&self, paused: bool) -> bool {
+        self.paused_gauge.set(i64::from(paused));
         self.paused.swap(paused, Ordering::Relaxed)
+    }
+    /// The bridge's metrics, for `/metrics`.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.defs.gather()
     }
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -227,7 +350,9 @@ impl BridgeStatus {
         self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
     pub(crate) fn set_failed(&self, why: Option<String>) {
+        self.failed_gauge.set(i64::from(why.is_some()));
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        self.show_state();
     }
 }
 
@@ -398,7 +523,7 @@ struct Ctx {
 impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
-        self.status.errors.fetch_add(1, Ordering::Relaxed);
+        self.status.errors.inc();
         self.status.set_error(format!("{error}: {reason}"));
         if code == Some(RDKafkaErrorCode::Fatal) {
             self.reports.fatal.store(true, Ordering::Relaxed);
@@ -468,12 +593,20 @@ enum Slot {
 #[derive(Default)]
 struct Tracker {
     slots: VecDeque<(u64, Slot)>,
+    /// Beside each slot: when it was handed to the producer and when its PUBLISH
+    /// reached the gateway (ms since epoch), for the latency histograms.
+    sent: VecDeque<(Instant, u64)>,
 }
 
 impl Tracker {
-    fn push(&mut self, seq: u64) {
+    fn push(&mut self, seq: u64, received_at_ms: u64) {
         debug_assert!(self.slots.back().is_none_or(|(s, _)| *s < seq));
         self.slots.push_back((seq, Slot::Sent));
+        self.sent.push_back((Instant::now(), received_at_ms));
+    }
+    fn sent_at(&self, seq: u64) -> Option<(Instant, u64)> {
+        let i = self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        self.sent.get(i).copied()
     }
     fn slot(&mut self, seq: u64) -> Option<&mut Slot> {
         let i = self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
@@ -485,6 +618,7 @@ impl Tracker {
         while let Some((seq, Slot::Done)) = self.slots.front() {
             last = Some(*seq);
             self.slots.pop_front();
+            self.sent.pop_front();
         }
         last
     }
@@ -538,7 +672,7 @@ pub async fn run<J: Journal>(
 ) -> Result<(), BridgeError> {
     info!(bootstrap = %cfg.bootstrap, "kafka bridge: starting");
     let store = ParkedStore::open(&cfg.parked_dir, cfg.max_parked)?;
-    status.parked_now.store(store.len() as u64, Ordering::Relaxed);
+    status.parked_now.set(store.len() as i64);
     // One pipeline at a time holds the control queue (a restarted one waits for the old).
     let mut commands = control.rx.lock().await;
     loop {
@@ -595,7 +729,7 @@ pub async fn run<J: Journal>(
                 return Ok(());
             }
             Exit::Rebuild(why) => {
-                status.producer_rebuilds.fetch_add(1, Ordering::Relaxed);
+                status.producer_rebuilds.inc();
                 status.set_state(State::Degraded);
                 status.set_error(why.clone());
                 warn!(reason = %why, "kafka bridge: rebuilding the producer, replaying from the release watermark");
@@ -735,9 +869,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                 self.journal.release(w);
             }
             self.finish_redrives(false);
-            self.status
-                .in_flight
-                .store(self.tracker.len() as u64, Ordering::Relaxed);
+            self.status.in_flight.set(self.tracker.len() as i64);
             self.watch_progress();
             if shutdown.is_requested() {
                 return Ok(Exit::Shutdown);
@@ -827,11 +959,19 @@ impl<'p, J: Journal> Pump<'p, J> {
             match (outcome, slot.clone()) {
                 (Ok(()), Slot::DeadLettering) => {
                     *slot = Slot::Done;
-                    self.status.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    self.status.dead_lettered.inc();
                 }
                 (Ok(()), _) => {
                     *slot = Slot::Done;
-                    self.status.delivered.fetch_add(1, Ordering::Relaxed);
+                    self.status.delivered.inc();
+                    if let Some((sent_at, received_at_ms)) = self.tracker.sent_at(seq) {
+                        self.status
+                            .delivery_latency
+                            .observe(sent_at.elapsed().as_secs_f64());
+                        self.status
+                            .record_age
+                            .observe(crate::metrics::secs_between_ms(received_at_ms, wall_ms()));
+                    }
                     self.status.set_state(State::Connected);
                 }
                 (Err(e), Slot::DeadLettering) => {
@@ -871,7 +1011,7 @@ impl<'p, J: Journal> Pump<'p, J> {
     /// the watermark moves past it. If the store is full or failing, holds it (slot stays
     /// open, the watermark stops before it) and retries later. Counted and logged.
     fn park(&mut self, seq: u64, rec: Option<Record>, why: &str) -> Result<(), BridgeError> {
-        self.status.parked.fetch_add(1, Ordering::Relaxed);
+        self.status.parked.inc();
         self.park_or_hold(seq, rec, why)
     }
 
@@ -892,9 +1032,7 @@ impl<'p, J: Journal> Pump<'p, J> {
         match self.store.park(&rec, why) {
             Ok(()) => {
                 self.mark(seq, Slot::Done);
-                self.status
-                    .parked_now
-                    .store(self.store.len() as u64, Ordering::Relaxed);
+                self.status.parked_now.set(self.store.len() as i64);
                 self.status.set_error(format!("record {seq} parked: {why}"));
                 error!(
                     seq,
@@ -977,7 +1115,7 @@ impl<'p, J: Journal> Pump<'p, J> {
     async fn send(&mut self, rec: &Record, shutdown: &Shutdown) -> Sent {
         let e = &rec.entry;
         let Some(dest) = self.routes.destination(e) else {
-            self.tracker.push(rec.seq);
+            self.tracker.push(rec.seq, e.received_at_ms);
             let err = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic);
             self.failures.push((rec.seq, err));
             return Sent::Queued;
@@ -990,7 +1128,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                 .timestamp(e.received_at_ms as i64);
             match self.producer.send(record) {
                 Ok(()) => {
-                    self.tracker.push(rec.seq);
+                    self.tracker.push(rec.seq, e.received_at_ms);
                     return Sent::Queued;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -999,7 +1137,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                     }
                 }
                 Err((err, _)) => {
-                    self.tracker.push(rec.seq);
+                    self.tracker.push(rec.seq, e.received_at_ms);
                     self.failures.push((rec.seq, err));
                     return Sent::Queued;
                 }
@@ -1102,7 +1240,7 @@ impl<'p, J: Journal> Pump<'p, J> {
             Ok(()) => {
                 match self.store.remove(seq) {
                     Ok(_) => {
-                        self.status.redriven.fetch_add(1, Ordering::Relaxed);
+                        self.status.redriven.inc();
                         info!(seq, "kafka bridge: parked record re-driven and confirmed; removed from the parked store");
                         Ok(())
                     }
@@ -1116,9 +1254,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                 Err(e.to_string())
             }
         };
-        self.status
-            .parked_now
-            .store(self.store.len() as u64, Ordering::Relaxed);
+        self.status.parked_now.set(self.store.len() as i64);
         for op in &mut self.ops {
             if op.waiting.remove(&seq) {
                 match &result {
@@ -1239,7 +1375,7 @@ mod tests {
     fn tracker_releases_across_sequence_gaps() {
         let mut t = Tracker::default();
         for seq in [3, 4, 10, 11, 40] {
-            t.push(seq);
+            t.push(seq, 0);
         }
         *t.slot(4).expect("4") = Slot::Done;
         assert_eq!(t.advance(), None, "3 is not done");

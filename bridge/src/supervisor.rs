@@ -19,7 +19,6 @@
 //! [`State::Failed`]: crate::producer::State::Failed
 
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,7 +133,7 @@ pub async fn supervise_with<F, Fut>(
             return;
         }
         consecutive = consecutive.saturating_add(1);
-        status.restarts.fetch_add(1, Ordering::Relaxed);
+        status.restarts.inc();
         status.set_error(reason.clone());
         if persistent || consecutive >= policy.fail_after {
             let why = if persistent {

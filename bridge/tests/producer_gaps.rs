@@ -48,10 +48,7 @@ async fn forwarding_continues_across_dropped_segments() {
         BridgeControl::new(),
         stop.clone(),
     ));
-    let in_flight = wait_until(Duration::from_secs(10), || {
-        status.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 10
-    })
-    .await;
+    let in_flight = wait_until(Duration::from_secs(10), || status.in_flight.get() == 10).await;
     assert!(in_flight, "ten records in flight");
 
     // The journal fills up: drop_oldest evicts the oldest segments, undelivered.
@@ -72,12 +69,12 @@ async fn forwarding_continues_across_dropped_segments() {
         released,
         "forwarding continued past the gap: released {} of {last}; in flight {}; {:?}",
         journal.stats().released_seq,
-        status.in_flight.load(std::sync::atomic::Ordering::Relaxed),
+        status.in_flight.get(),
         status.last_error()
     );
 
     // The newest records (after the gap) reached Kafka exactly once.
-    let delivered = status.delivered.load(std::sync::atomic::Ordering::Relaxed) as usize;
+    let delivered = status.delivered.get() as usize;
     let seen = tokio::task::spawn_blocking(move || {
         consume(&bootstrap, "telemetry", 2, delivered, Duration::from_secs(30))
     })

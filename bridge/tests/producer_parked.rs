@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,9 +81,9 @@ async fn parked_records_skip_past_and_are_redriven() {
         journal.stats().released_seq,
         status.last_error()
     );
-    assert_eq!(status.parked.load(Relaxed), bad_seqs.len() as u64);
-    assert_eq!(status.parked_now.load(Relaxed), bad_seqs.len() as u64);
-    assert_eq!(status.delivered.load(Relaxed), (TOTAL - bad_seqs.len()) as u64);
+    assert_eq!(status.parked.get(), bad_seqs.len() as u64);
+    assert_eq!(status.parked_now.get(), bad_seqs.len() as i64);
+    assert_eq!(status.delivered.get(), (TOTAL - bad_seqs.len()) as u64);
 
     // Listed, durable, with the reason.
     let store = ParkedStore::open(&cfg.parked_dir, cfg.max_parked).expect("store");
@@ -120,7 +119,7 @@ async fn parked_records_skip_past_and_are_redriven() {
         stop.clone(),
     ));
     let gauge = wait_until(Duration::from_secs(10), || {
-        status.parked_now.load(Relaxed) == bad_seqs.len() as u64
+        status.parked_now.get() == bad_seqs.len() as i64
     })
     .await;
     assert!(gauge, "parked_now read from the store at start");
@@ -140,8 +139,8 @@ async fn parked_records_skip_past_and_are_redriven() {
         "{report:?}"
     );
     assert!(store.list().expect("list").is_empty());
-    assert_eq!(status.parked_now.load(Relaxed), 0);
-    assert_eq!(status.redriven.load(Relaxed), bad_seqs.len() as u64);
+    assert_eq!(status.parked_now.get(), 0);
+    assert_eq!(status.redriven.get(), bad_seqs.len() as u64);
     stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
     task.await.expect("join").expect("bridge");
 
@@ -204,7 +203,7 @@ async fn full_parked_store_holds_the_watermark_loudly() {
         held_at,
         "the third refused record is held"
     );
-    assert_eq!(status.parked_now.load(Relaxed), 2);
+    assert_eq!(status.parked_now.get(), 2);
     let err = status.last_error().unwrap_or_default();
     assert!(err.contains("could not be parked"), "{err}");
     stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
@@ -222,7 +221,7 @@ async fn full_parked_store_holds_the_watermark_loudly() {
     ));
     assert!(wait_released(&*journal, 40, Duration::from_secs(30)).await);
     assert_eq!(
-        status.parked_now.load(Relaxed),
+        status.parked_now.get(),
         2,
         "the two parked ones wait for a re-drive"
     );

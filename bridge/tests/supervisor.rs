@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,10 +46,10 @@ async fn invalid_producer_configuration_marks_the_bridge_failed() {
         quick(),
     ));
     let failed = wait_until(Duration::from_secs(10), || {
-        status.failed().is_some() && status.restarts.load(Relaxed) >= 3
+        status.failed().is_some() && status.restarts.get() >= 3
     })
     .await;
-    assert!(failed, "restarts {}", status.restarts.load(Relaxed));
+    assert!(failed, "restarts {}", status.restarts.get());
     let why = status.failed().unwrap_or_default();
     assert!(why.contains("no.such.librdkafka.property"), "{why}");
     assert!(why.contains("not transient"), "{why}");
@@ -95,7 +94,7 @@ async fn transient_failure_recovers_and_clears_the_mark() {
     ));
     let failed = wait_until(Duration::from_secs(10), || status.failed().is_some()).await;
     assert!(failed, "marked failed after repeated failures");
-    assert!(status.restarts.load(Relaxed) >= 3);
+    assert!(status.restarts.get() >= 3);
     let why = status.failed().unwrap_or_default();
     assert!(why.contains("consecutive failures"), "{why}");
     assert_eq!(status.state(), State::Failed);
@@ -107,9 +106,9 @@ async fn transient_failure_recovers_and_clears_the_mark() {
     let healthy = wait_until(Duration::from_secs(10), || status.failed().is_none()).await;
     assert!(healthy, "failure mark cleared once healthy");
     assert_ne!(status.state(), State::Failed);
-    let restarts = status.restarts.load(Relaxed);
+    let restarts = status.restarts.get();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(status.restarts.load(Relaxed), restarts, "no more restarts");
+    assert_eq!(status.restarts.get(), restarts, "no more restarts");
     stop.stop_by(Instant::now() + Duration::from_secs(2));
     tokio::time::timeout(Duration::from_secs(5), task)
         .await
@@ -135,7 +134,7 @@ async fn panics_are_caught_and_restarted() {
         }
     }));
     assert!(wait_until(Duration::from_secs(5), || starts.load(Ordering::SeqCst) == 3).await);
-    assert_eq!(status.restarts.load(Relaxed), 2);
+    assert_eq!(status.restarts.get(), 2);
     assert!(status.failed().is_none(), "two failures stay below fail_after");
     assert!(status
         .last_error()
@@ -156,7 +155,7 @@ async fn panics_are_caught_and_restarted() {
         }
         Ok::<(), BridgeError>(())
     }));
-    assert!(wait_until(Duration::from_secs(5), || status.restarts.load(Relaxed) >= 5).await);
+    assert!(wait_until(Duration::from_secs(5), || status.restarts.get() >= 5).await);
     let why = status.failed().unwrap_or_default();
     assert!(why.contains("panicked: always"), "{why}");
     stop.stop_by(Instant::now() + Duration::from_secs(1));
@@ -207,13 +206,13 @@ async fn corrupt_journal_segment_under_a_running_reader_marks_the_bridge_failed(
         quick(),
     ));
     let failed = wait_until(Duration::from_secs(20), || {
-        status.failed().is_some() && status.restarts.load(Relaxed) >= 3
+        status.failed().is_some() && status.restarts.get() >= 3
     })
     .await;
     assert!(
         failed,
         "restarts {}, failed {:?}, last error {:?}",
-        status.restarts.load(Relaxed),
+        status.restarts.get(),
         status.failed(),
         status.last_error()
     );

@@ -7,6 +7,9 @@
 //! [`commands`] brings commands to vehicles and their outcomes back; [`admin`] serves
 //! operators.
 
+/// The git commit this binary was built from (`unknown` without `.git`).
+pub const BUILD_COMMIT: &str = env!("GATEWAY_BUILD_COMMIT");
+
 pub mod admin;
 pub mod auth;
 pub mod commands;

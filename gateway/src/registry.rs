@@ -96,8 +96,8 @@ impl Registry {
 
     /// Puts back a session restored from the store at start.
     pub fn restore(&self, cell: Arc<SessionCell>, metrics: &Metrics) {
-        metrics.sessions.fetch_add(1, Ordering::Relaxed);
-        metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
+        metrics.sessions.inc();
+        metrics.sessions_persistent.inc();
         self.write().insert(cell.client_id.clone(), cell);
     }
 
@@ -166,9 +166,9 @@ impl Registry {
         if let Some((key, filters)) = stale {
             unroute(router, &key, filters);
         }
-        metrics.sessions.fetch_add(1, Ordering::Relaxed);
+        metrics.sessions.inc();
         if c.expiry_secs > 0 {
-            metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
+            metrics.sessions_persistent.inc();
             let _ = cell.persist(store, metrics);
         }
         Attached {
@@ -258,7 +258,7 @@ impl Registry {
             drop(st);
             drop(map);
             unroute(router, &cell.key(), filters);
-            metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            metrics.sessions_expired.inc();
             tracing::info!(client_id = %cell.client_id, "persistent session expired; removed");
         }
         wills
@@ -380,10 +380,10 @@ fn moved(st: &SessionState, since_ms: u64) -> bool {
 fn persistent_gauge(metrics: &Metrics, was: bool, now: bool) {
     match (was, now) {
         (false, true) => {
-            metrics.sessions_persistent.fetch_add(1, Ordering::Relaxed);
+            metrics.sessions_persistent.inc();
         }
         (true, false) => {
-            metrics.sessions_persistent.fetch_sub(1, Ordering::Relaxed);
+            metrics.sessions_persistent.dec();
         }
         _ => {}
     }
@@ -397,14 +397,12 @@ fn persistent_gauge(metrics: &Metrics, was: bool, now: bool) {
 fn discard(cell: &SessionCell, st: &mut SessionState, store: &Store, metrics: &Metrics) -> Vec<String> {
     st.gone = true;
     let filters: Vec<String> = std::mem::take(&mut st.subscriptions).into_keys().collect();
-    metrics
-        .subscriptions_active
-        .fetch_sub(filters.len() as i64, Ordering::Relaxed);
+    metrics.subscriptions_active.sub(filters.len() as i64);
     st.out.clear(metrics);
     st.inbound_qos2.clear();
-    metrics.sessions.fetch_sub(1, Ordering::Relaxed);
+    metrics.sessions.dec();
     if st.persistent() {
-        metrics.sessions_persistent.fetch_sub(1, Ordering::Relaxed);
+        metrics.sessions_persistent.dec();
         if let Err(e) = store.remove_session(&cell.client_id) {
             crate::session::state::store_failed(metrics, &cell.client_id, &e);
         }

@@ -83,7 +83,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bootstrap: bootstrap.clone(),
         embedded: embedded.is_some(),
         admin_token: cfg.admin_token().map_err(|p| anyhow::anyhow!("{p}"))?,
-        admin_rejected: Arc::default(),
         bridge_control: BridgeControl::new(),
         parked_dir: cfg.journal.dir.join("parked"),
         commands: Commands::default(),
@@ -161,7 +160,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             listener,
             app,
             limits,
-            shared.admin_rejected.clone(),
+            shared.metrics.admin_connections_rejected.clone(),
             shutdown.clone(),
         ));
     }
@@ -352,10 +351,7 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
         for (filter, opts) in s.record.subscriptions {
             match shared.router.subscribe(&key, &filter, opts) {
                 Ok(_) => {
-                    shared
-                        .metrics
-                        .subscriptions_active
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    shared.metrics.subscriptions_active.inc();
                     cell.lock().subscriptions.insert(filter, opts);
                 }
                 Err(e) => {

@@ -40,8 +40,6 @@ pub struct Shared {
     pub embedded: bool,
     /// Bearer token of `/api/v1` (from `admin.token`); empty = none (loopback only).
     pub admin_token: String,
-    /// Admin connections turned away at `admin.max_connections`.
-    pub admin_rejected: Arc<std::sync::atomic::AtomicU64>,
     /// Re-drives parked records through the running pipeline (admin API).
     pub bridge_control: BridgeControl,
     /// Where the pipeline keeps records Kafka refused for good (`<journal.dir>/parked`).

@@ -169,6 +169,7 @@
 //! gateway runs. See [`repair`] for crash safety.
 
 mod dir;
+mod metrics;
 mod reader;
 mod record;
 mod recovery;

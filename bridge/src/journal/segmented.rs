@@ -14,11 +14,13 @@ use super::dir::{
     list_segments, load_or_create_id, lock_dir, open_or_create_segment, preallocate, read_checkpoint,
     read_gaps, SegmentMeta, CHECKPOINT, ID_FILE,
 };
+use super::metrics::{CommitMetrics, StateGauges};
 use super::reader::JournalReader;
 use super::record::{encode, frame_len};
 use super::recovery::{check_older_segments, recover_head};
 use super::writer::{writer_loop, Head};
 use super::{Entry, Journal, JournalConfig, JournalError, JournalStats};
+use crate::metrics::Defs;
 
 /// Granularity of the receive-time marks behind `oldest_age`.
 const MARK_INTERVAL_MS: u64 = 1000;
@@ -66,6 +68,8 @@ pub(super) struct Inner {
     /// Sequence ranges `repair` recorded as lost (`<dir>/GAPS`): with released sequences,
     /// the only gaps a reader skips.
     pub(super) gaps: Vec<(u64, u64)>,
+    /// Group-commit histograms, moved by the writer thread.
+    pub(super) commit: CommitMetrics,
     /// Holds the flock for as long as anything uses the journal.
     pub(super) _lock: File,
 }
@@ -84,6 +88,8 @@ impl Inner {
 pub struct SegmentedJournal {
     inner: Arc<Inner>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The journal's metrics (see [`SegmentedJournal::gather`]).
+    defs: Defs,
 }
 
 pub(super) fn now_ms() -> u64 {
@@ -184,6 +190,8 @@ impl SegmentedJournal {
             offset: scan.end,
         };
         let (durable_tx, _) = watch::channel(durable);
+        let defs = Defs::default();
+        let commit = CommitMetrics::new(&defs);
         let inner = Arc::new(Inner {
             id,
             state: Mutex::new(State {
@@ -212,8 +220,10 @@ impl SegmentedJournal {
             dropped: AtomicU64::new(0),
             segments: Mutex::new(segments),
             gaps,
+            commit,
             _lock: lock,
         });
+        defs.collector(Box::new(StateGauges::new(inner.clone())));
         let writer_inner = inner.clone();
         let writer = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -222,7 +232,13 @@ impl SegmentedJournal {
         Ok(SegmentedJournal {
             inner,
             writer: Mutex::new(Some(writer)),
+            defs,
         })
+    }
+
+    /// The journal's metrics, for `/metrics`.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.defs.gather()
     }
 
     /// Waits until everything appended before this call is durable.
@@ -427,37 +443,41 @@ impl Journal for SegmentedJournal {
     }
 
     fn stats(&self) -> JournalStats {
-        let inner = &self.inner;
-        let released = inner.released.load(Ordering::Acquire);
-        let durable = *inner.durable_tx.borrow();
-        let (segments, disk_bytes) = {
-            let segs = inner.segments();
-            (segs.len() as u64, segs.iter().map(|s| s.size).sum())
-        };
-        let mut st = inner.state();
-        while st.marks.len() > 1 && st.marks.get(1).is_some_and(|(s, _)| *s <= released + 1) {
-            st.marks.pop_front();
-        }
-        let oldest_age = (durable > released)
-            .then(|| {
-                st.marks
-                    .front()
-                    .map(|(_, ms)| Duration::from_millis(now_ms().saturating_sub(*ms)))
-            })
-            .flatten();
-        JournalStats {
-            records: st.next_seq - 1 - released,
-            disk_bytes,
-            segments,
-            oldest_age,
-            next_seq: st.next_seq,
-            durable_seq: durable,
-            released_seq: released,
-            syncs: inner.syncs.load(Ordering::Relaxed),
-            full: st.full,
-            rejected: inner.rejected.load(Ordering::Relaxed),
-            dropped: inner.dropped.load(Ordering::Relaxed),
-            stalled: st.stalled.clone(),
-        }
+        stats_of(&self.inner)
+    }
+}
+
+/// The journal's state now (see [`Journal::stats`]).
+pub(super) fn stats_of(inner: &Inner) -> JournalStats {
+    let released = inner.released.load(Ordering::Acquire);
+    let durable = *inner.durable_tx.borrow();
+    let (segments, disk_bytes) = {
+        let segs = inner.segments();
+        (segs.len() as u64, segs.iter().map(|s| s.size).sum())
+    };
+    let mut st = inner.state();
+    while st.marks.len() > 1 && st.marks.get(1).is_some_and(|(s, _)| *s <= released + 1) {
+        st.marks.pop_front();
+    }
+    let oldest_age = (durable > released)
+        .then(|| {
+            st.marks
+                .front()
+                .map(|(_, ms)| Duration::from_millis(now_ms().saturating_sub(*ms)))
+        })
+        .flatten();
+    JournalStats {
+        records: st.next_seq - 1 - released,
+        disk_bytes,
+        segments,
+        oldest_age,
+        next_seq: st.next_seq,
+        durable_seq: durable,
+        released_seq: released,
+        syncs: inner.syncs.load(Ordering::Relaxed),
+        full: st.full,
+        rejected: inner.rejected.load(Ordering::Relaxed),
+        dropped: inner.dropped.load(Ordering::Relaxed),
+        stalled: st.stalled.clone(),
     }
 }

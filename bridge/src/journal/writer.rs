@@ -84,9 +84,16 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
         };
         let mut result = Ok(());
         if let Some((path, offset)) = start.clone() {
+            let began = std::time::Instant::now();
             result = rewind(&mut head, &path, offset)
                 .and_then(|()| write_batch(&inner, &mut head, &mut batch, &mut rolls, &mut start));
             if result.is_ok() {
+                inner.commit.latency.observe(began.elapsed().as_secs_f64());
+                let before = *inner.durable_tx.borrow();
+                inner
+                    .commit
+                    .records
+                    .observe(last_seq.saturating_sub(before) as f64);
                 inner.syncs.fetch_add(1, Ordering::Relaxed);
                 inner.durable_tx.send_replace(last_seq);
                 batch.clear();

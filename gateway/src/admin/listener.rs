@@ -13,7 +13,6 @@
 //! * accept errors (EMFILE and friends) back off instead of spinning;
 //! * on shutdown the loop stops accepting and open connections finish gracefully.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,7 +39,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
-    rejected: Arc<AtomicU64>,
+    rejected: prometheus::IntCounter,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -59,7 +58,7 @@ pub async fn serve(
             }
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            rejected.fetch_add(1, Ordering::Relaxed);
+            rejected.inc();
             warn!(%peer, max = limits.max_connections, "admin: connection refused, admin.max_connections reached");
             drop(stream);
             continue;

@@ -121,15 +121,8 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
-    let mut text = s.metrics.render(&s.journal.stats(), &s.bridge);
-    s.commands.render(&mut text, s.store.commands_done_offsets());
-    text.push_str(&format!(
-        "# HELP gateway_admin_connections_rejected_total Admin connections closed at admin.max_connections.\n\
-         # TYPE gateway_admin_connections_rejected_total counter\n\
-         gateway_admin_connections_rejected_total {}\n",
-        s.admin_rejected.load(std::sync::atomic::Ordering::Relaxed)
-    ));
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    let text = bridge::metrics::encode(crate::metrics::gather_all(&s));
+    ([(header::CONTENT_TYPE, bridge::metrics::CONTENT_TYPE)], text)
 }
 
 /// Liveness as an orchestrator should act on it: 503 when the journal stopped (nothing can
@@ -223,7 +216,6 @@ async fn journal(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     responses((status = 200, body = Object), (status = 401, body = error::ErrorBody)),
     security(("bearer" = [])))]
 async fn bridge(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    use std::sync::atomic::Ordering::Relaxed;
     let b = &s.bridge;
     let j = s.journal.stats();
     Json(json!({
@@ -233,14 +225,14 @@ async fn bridge(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "state": b.state().as_str(),
         "paused": b.paused(),
         "failed": b.failed(),
-        "restarts": b.restarts.load(Relaxed),
-        "parked_now": b.parked_now.load(Relaxed),
-        "redriven": b.redriven.load(Relaxed),
-        "in_flight": b.in_flight.load(Relaxed),
-        "delivered": b.delivered.load(Relaxed),
-        "dead_lettered": b.dead_lettered.load(Relaxed),
-        "parked": b.parked.load(Relaxed),
-        "errors": b.errors.load(Relaxed),
+        "restarts": b.restarts.get(),
+        "parked_now": b.parked_now.get(),
+        "redriven": b.redriven.get(),
+        "in_flight": b.in_flight.get(),
+        "delivered": b.delivered.get(),
+        "dead_lettered": b.dead_lettered.get(),
+        "parked": b.parked.get(),
+        "errors": b.errors.get(),
         "last_error": b.last_error(),
         "journal_waiting": j.records,
         "journal_oldest_age_secs": j.oldest_age.map(|d| d.as_secs_f64()),
@@ -341,7 +333,7 @@ async fn redrive(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<RedriveQuer
 async fn status(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "connections": s.metrics.connections_active.load(std::sync::atomic::Ordering::Relaxed),
+        "connections": s.metrics.connections_active.get(),
         "sessions": s.registry.len(),
         "kafka": {"bootstrap": s.cfg.kafka.bootstrap, "embedded": s.cfg.kafka.bootstrap == "embedded"},
         "shutting_down": s.shutdown.is_cancelled(),

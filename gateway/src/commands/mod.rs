@@ -21,7 +21,6 @@ pub mod outcome;
 pub mod region;
 pub mod ticket;
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -29,9 +28,9 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::message::{now_ms, Message, MessageProperties};
-use crate::metrics::Labeled;
 use crate::router::{CommandRoute, Routed, SessionKey};
 use crate::state::Shared;
+use bridge::metrics::{Defs, Labeled};
 pub use outcome::Outcome;
 use outcome::{Report, Sink};
 pub use ticket::{CommandRecord, Progress, Source, Ticket};
@@ -62,8 +61,7 @@ pub struct Issued {
     pub route: Option<CommandRoute>,
 }
 
-/// Counters of the command path (rendered with `/metrics`).
-#[derive(Debug, Default)]
+/// The command path's metrics.
 pub struct CommandMetrics {
     /// Commands taken, by source (`kafka`, `rest`, `mqtt`).
     pub received: Labeled,
@@ -71,37 +69,62 @@ pub struct CommandMetrics {
     pub outcomes: Labeled,
     /// Outcome records that could not be journaled (`encode`, `journal`).
     pub outcomes_failed: Labeled,
+    /// From a command being taken to its final outcome, by outcome.
+    pub latency: prometheus::HistogramVec,
+    partitions_assigned: prometheus::IntGauge,
+    done_markers: prometheus::IntGauge,
+    pending: prometheus::IntGauge,
+    consumer_paused: prometheus::IntGauge,
+    defs: Defs,
 }
 
-impl CommandMetrics {
-    pub fn render(&self, s: &mut String) {
-        let family = |s: &mut String, name: &str, help: &str, label: &str, l: &Labeled| {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (k, v) in l.snapshot() {
-                let _ = writeln!(s, "{name}{{{label}=\"{k}\"}} {v}");
-            }
-        };
-        family(
-            s,
-            "gateway_commands_received_total",
-            "Commands taken, by source.",
-            "source",
-            &self.received,
-        );
-        family(
-            s,
-            "gateway_command_outcomes_total",
-            "Command outcome records journaled, by outcome.",
-            "outcome",
-            &self.outcomes,
-        );
-        family(
-            s,
-            "gateway_command_outcomes_failed_total",
-            "Command outcome records that could not be journaled (the command stays unsettled).",
-            "reason",
-            &self.outcomes_failed,
-        );
+impl Default for CommandMetrics {
+    fn default() -> Self {
+        let d = Defs::default();
+        CommandMetrics {
+            received: Labeled::new(&d, "gateway_commands_received_total", "Commands taken, by source.", "source"),
+            outcomes: Labeled::new(
+                &d,
+                "gateway_command_outcomes_total",
+                "Command outcome records journaled, by outcome.",
+                "outcome",
+            ),
+            outcomes_failed: Labeled::new(
+                &d,
+                "gateway_command_outcomes_failed_total",
+                "Command outcome records that could not be journaled (the command stays unsettled).",
+                "reason",
+            ),
+            latency: d.histogram_vec(
+                "gateway_command_latency_seconds",
+                "From a command being taken (Kafka, REST, MQTT) to its final outcome, by outcome (delivered: the vehicle's acknowledgement).",
+                "outcome",
+                bridge::metrics::AGE_BUCKETS,
+            ),
+            partitions_assigned: d.gauge(
+                "gateway_commands_partitions_assigned",
+                "Command topic partitions this gateway's consumer holds (0: not reading yet).",
+            ),
+            done_markers: d.gauge(
+                "gateway_commands_done_markers",
+                "Kafka commands with a final outcome whose offset is not committed yet (kept so a crash does not deliver them again).",
+            ),
+            pending: d.gauge(
+                "gateway_commands_pending",
+                "Kafka commands taken and not settled (vehicles yet to acknowledge).",
+            ),
+            consumer_paused: d.gauge(
+                "gateway_commands_consumer_paused",
+                "1 while the command consumer waits at commands.max_pending.",
+            ),
+            defs: d,
+        }
+    }
+}
+
+impl std::fmt::Debug for CommandMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandMetrics").finish_non_exhaustive()
     }
 }
 
@@ -140,28 +163,17 @@ impl Default for Commands {
 }
 
 impl Commands {
-    /// The command metrics in Prometheus text.
-    pub fn render(&self, s: &mut String, done_offsets: usize) {
-        self.metrics.render(s);
-        let pending = self.consumer.pending.load(Ordering::Relaxed);
-        let paused = u8::from(self.consumer.paused.load(Ordering::Relaxed));
-        let assigned = self.consumer.assigned.load(Ordering::Relaxed);
-        let _ = writeln!(
-            s,
-            "# HELP gateway_commands_partitions_assigned Command topic partitions this gateway's consumer holds (0: not reading yet).\n# TYPE gateway_commands_partitions_assigned gauge\ngateway_commands_partitions_assigned {assigned}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP gateway_commands_done_markers Kafka commands with a final outcome whose offset is not committed yet (kept so a crash does not deliver them again).\n# TYPE gateway_commands_done_markers gauge\ngateway_commands_done_markers {done_offsets}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP gateway_commands_pending Kafka commands taken and not settled (vehicles yet to acknowledge).\n# TYPE gateway_commands_pending gauge\ngateway_commands_pending {pending}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP gateway_commands_consumer_paused 1 while the command consumer waits at commands.max_pending.\n# TYPE gateway_commands_consumer_paused gauge\ngateway_commands_consumer_paused {paused}"
-        );
+    /// The command path's metrics, with the consumer's state and the number of done
+    /// markers (`done_offsets`, from the store) read now.
+    pub fn gather(&self, done_offsets: usize) -> Vec<prometheus::proto::MetricFamily> {
+        let m = &self.metrics;
+        let c = &self.consumer;
+        m.pending.set(c.pending.load(Ordering::Relaxed) as i64);
+        m.consumer_paused.set(i64::from(c.paused.load(Ordering::Relaxed)));
+        m.partitions_assigned
+            .set(c.assigned.load(Ordering::Relaxed) as i64);
+        m.done_markers.set(done_offsets as i64);
+        m.defs.gather()
     }
 
     /// The outcome reports, once (for the outcome task).

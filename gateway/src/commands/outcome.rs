@@ -350,6 +350,12 @@ async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &Cancellat
     match appended {
         Ok(Some(seq)) => {
             metrics.outcomes.inc(outcome.label());
+            if outcome.is_final() {
+                metrics
+                    .latency
+                    .with_label_values(&[outcome.label()])
+                    .observe(bridge::metrics::secs_between_ms(c.issued_at_ms, at_ms));
+            }
             Some(seq)
         }
         Ok(None) => None,

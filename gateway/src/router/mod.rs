@@ -322,8 +322,6 @@ impl Router {
 }
 
 fn gauges(metrics: &Metrics, set: &RetainedSet) {
-    metrics
-        .retained_messages
-        .store(set.index.len() as i64, Ordering::Relaxed);
-    metrics.retained_bytes.store(set.bytes as i64, Ordering::Relaxed);
+    metrics.retained_messages.set(set.index.len() as i64);
+    metrics.retained_bytes.set(set.bytes as i64);
 }

@@ -1,7 +1,6 @@
 //! What the client sends: PUBLISH (journal for Kafka, route to local subscribers,
 //! retain), SUBSCRIBE / UNSUBSCRIBE, the QoS 2 release, PINGREQ and DISCONNECT.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -137,7 +136,7 @@ where
             was
         };
         if was > 0 && expiry == 0 {
-            metrics.sessions_persistent.fetch_sub(1, Ordering::Relaxed);
+            metrics.sessions_persistent.dec();
             if let Err(e) = store.remove_session(&self.client_id) {
                 super::state::store_failed(metrics, &self.client_id, &e);
             }
@@ -266,7 +265,7 @@ where
             }
             if !replaced {
                 self.stored_bytes += f.filter.len();
-                metrics.subscriptions_active.fetch_add(1, Ordering::Relaxed);
+                metrics.subscriptions_active.inc();
             }
             // Retained messages (§3.3.1.3): not for shared subscriptions; handling 1 only
             // for a new subscription, 2 never.
@@ -311,10 +310,7 @@ where
             if had {
                 shared.router.unsubscribe(&self.cell.key(), f);
                 self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
-                shared
-                    .metrics
-                    .subscriptions_active
-                    .fetch_sub(1, Ordering::Relaxed);
+                shared.metrics.subscriptions_active.dec();
             }
             existed.push(had);
         }
@@ -390,13 +386,14 @@ where
             // behind what the first copy's PUBREC waits for (it may be another
             // connection's append, not durable yet).
             self.bound_owed(max_inflight)?;
-            metrics.qos2_duplicates.fetch_add(1, Ordering::Relaxed);
+            metrics.qos2_duplicates.inc();
             self.pending.push_back(super::Pending {
                 kind: AckKind::Received,
                 pkid: p.pkid,
                 seq: first.seq.max(self.last_seq),
                 gen: first.gen.max(self.last_gen),
                 reason: 0,
+                since: None,
             });
             return Ok(());
         }
@@ -641,17 +638,17 @@ where
                 },
             );
         }
-        metrics.message_bytes_received.fetch_add(len, Ordering::Relaxed);
+        metrics.message_bytes_received.inc_by(len);
         match p.qos {
             0 => {
-                metrics.messages_received_qos0.fetch_add(1, Ordering::Relaxed);
+                metrics.messages_received[0].inc();
             }
             1 => {
-                metrics.messages_received_qos1.fetch_add(1, Ordering::Relaxed);
+                metrics.messages_received[1].inc();
                 self.owe(AckKind::Ack, p.pkid, 0);
             }
             _ => {
-                metrics.messages_received_qos2.fetch_add(1, Ordering::Relaxed);
+                metrics.messages_received[2].inc();
                 // The journal sequence the id depends on (0: nothing journaled, local only).
                 let seq = if kafka { self.last_seq } else { 0 };
                 self.cell.lock().inbound_qos2.insert(
@@ -710,10 +707,7 @@ where
         if ahead <= PUBLISH_BURST {
             return Ok(());
         }
-        self.shared
-            .metrics
-            .publish_throttled
-            .fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.publish_throttled.inc();
         tokio::select! {
             biased;
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),

@@ -164,6 +164,9 @@ struct Pending {
     /// ...and the store's flushed generation reaches this one (0 = nothing to wait for).
     gen: u64,
     reason: u8,
+    /// When the client's PUBLISH was taken (`None`: not an acknowledgement of one),
+    /// for `gateway_puback_latency_seconds`.
+    since: Option<std::time::Instant>,
 }
 
 struct Session<S> {
@@ -342,7 +345,7 @@ where
     // Keep alive 0 ("never") or above the cap becomes the cap.
     let capped = req.keep_alive == 0 || req.keep_alive > m.max_keep_alive_secs;
     let keep_alive_secs = if capped {
-        shared.metrics.keep_alive_capped.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.keep_alive_capped.inc();
         m.max_keep_alive_secs
     } else {
         req.keep_alive
@@ -403,7 +406,7 @@ where
     // Messages sent before and not acknowledged go first, with DUP (§4.4).
     let releases = cell.resend_inflight(&mut out, &codec, &shared.store, &shared.metrics);
     let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
-    shared.metrics.connections_active.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.connections_active.inc();
     info!(client_id = %client_id, %peer, conn, version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
         session_present = attached.present, session_expiry = expiry, "connected");
     let stored_bytes = cell.lock().subscriptions.keys().map(str::len).sum();
@@ -427,6 +430,7 @@ where
                 seq: 0,
                 gen,
                 reason: 0,
+                since: None,
             })
             .collect(),
         last_seq: 0,
@@ -464,10 +468,7 @@ where
         // Boxed: the goodbye path is rare; keeping it out of the session's future keeps an
         // idle connection small (a million of them must fit in memory).
         Box::pin(self.finish(close)).await;
-        self.shared
-            .metrics
-            .connections_active
-            .fetch_sub(1, Ordering::Relaxed);
+        self.shared.metrics.connections_active.dec();
     }
 
     async fn serve(&mut self) -> Close {

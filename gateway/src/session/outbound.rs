@@ -3,7 +3,6 @@
 //! client's Receive Maximum and a write budget), and the client's acknowledgements of
 //! those deliveries (PUBACK, PUBREC → PUBREL, PUBCOMP).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,12 +23,14 @@ where
     /// Owes the client an acknowledgement with a failure reason (or a duplicate's), in
     /// arrival order: it waits behind this session's earlier publishes.
     pub(super) fn owe(&mut self, kind: AckKind, pkid: u16, reason: u8) {
+        let since = matches!(kind, AckKind::Ack | AckKind::Received).then(std::time::Instant::now);
         self.pending.push_back(Pending {
             kind,
             pkid,
             seq: self.last_seq,
             gen: self.last_gen,
             reason,
+            since,
         });
     }
 
@@ -47,7 +48,13 @@ where
                 AckKind::Release => self.codec.pubrel(&mut self.out, p.pkid, p.reason),
             }
             if p.reason == 0 && p.kind == AckKind::Ack {
-                self.shared.metrics.pubacks_sent.fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.pubacks_sent.inc();
+            }
+            if let (0, Some(since)) = (p.reason, p.since) {
+                self.shared
+                    .metrics
+                    .puback_latency
+                    .observe(since.elapsed().as_secs_f64());
             }
             self.pending.pop_front();
         }
@@ -146,6 +153,7 @@ where
                         seq: 0,
                         gen,
                         reason: 0,
+                        since: None,
                     },
                 );
             }

@@ -447,9 +447,7 @@ impl Queues {
         } else {
             self.held = self.held.saturating_sub(1);
             self.held_bytes = self.held_bytes.saturating_sub(item.msg.weight());
-            metrics
-                .queued_messages
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            metrics.queued_messages.dec();
         }
     }
 
@@ -460,9 +458,7 @@ impl Queues {
         } else {
             self.held += 1;
             self.held_bytes += item.msg.weight();
-            metrics
-                .queued_messages
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics.queued_messages.inc();
         }
         if item.id >= self.next_id {
             self.next_id = item.id + 1;
@@ -707,7 +703,7 @@ impl SessionCell {
                 continue;
             }
             if let Some(c) = metrics.messages_delivered.get(usize::from(item.qos)) {
-                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                c.inc();
             }
             sent += 1;
             if item.qos == 0 {
@@ -985,9 +981,7 @@ pub fn qos_label(qos: u8) -> &'static str {
 }
 
 pub fn store_failed(metrics: &Metrics, client_id: &str, e: &dyn std::fmt::Display) {
-    metrics
-        .store_errors
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics.store_errors.inc();
     warn!(client_id, error = %e, "session store write failed");
 }
 

@@ -8,7 +8,6 @@
 //! Kafka route matches, local subscribers, and the retained store when it is retained.
 //! A delayed Will lives in memory only: a gateway restart within the delay loses it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,7 +92,7 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
         warn!(client_id = %client_id, topic = %w.topic, "Will not published: not allowed");
         return;
     }
-    metrics.wills_published.fetch_add(1, Ordering::Relaxed);
+    metrics.wills_published.inc();
     let now = now_ms();
     if shared.routes.resolve(client_id, &w.topic).is_some() {
         let entry = Entry {
