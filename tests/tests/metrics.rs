@@ -50,7 +50,7 @@ fn metrics_pass_promtool_and_the_histograms_move_with_traffic() {
         );
     }
     assert!(
-        before.contains(&format!("gateway_build_info{{commit=\""))
+        before.contains("gateway_build_info{commit=\"")
             && before.contains(&format!("version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
         "{before}"
     );
