@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine, set-up included:
 #   1. system packages the tests drive (mosquitto-clients, the mosquitto broker for the
-#      simulator's tests, kcat, Java and Maven),
+#      simulator's tests, kcat, Java and Maven, headless Chromium for the status page),
 #   2. the Python conformance suite's virtualenv (.venv-tests/: paho-mqtt, pytest),
 #   3. Apache Kafka 4.4 jars from Maven Central (scripts/kafka.sh, cached in .kafka/),
 #   4. cargo test for every workspace member (unit, model, mock-cluster and integration
@@ -17,6 +17,7 @@ command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 command -v kcat >/dev/null 2>&1 || need_pkgs+=(kcat)
 command -v java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -28,6 +29,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq "${need_pkgs[@]}"
 fi
 command -v mosquitto_pub >/dev/null || { echo "test setup: mosquitto_pub still missing" >&2; exit 1; }
+command -v chromium >/dev/null || { echo "test setup: chromium still missing" >&2; exit 1; }
 
 # The MQTT conformance suite (tests/conformance, driven by tests/tests/conformance.rs).
 PAHO_VERSION=2.1.0
