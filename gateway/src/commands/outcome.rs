@@ -137,7 +137,10 @@ impl Sink {
     }
 
     pub(super) fn report(&self, r: Report) {
-        let key = r.outcome.filter(|o| o.is_final()).and(kafka_key(&r.info.record.source));
+        let key = r
+            .outcome
+            .filter(|o| o.is_final())
+            .and(kafka_key(&r.info.record.source));
         match key {
             Some(k) => {
                 let mut finishing = self.finishing();

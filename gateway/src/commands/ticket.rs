@@ -301,7 +301,10 @@ mod tests {
         // The vehicle acknowledged it; its done marker is not in the store yet.
         first.finish(Outcome::Delivered, None);
         let again = Ticket::new(kafka.clone(), None, sink.clone());
-        assert!(again.settle_if_finished(|_| false), "guarded until the marker is written");
+        assert!(
+            again.settle_if_finished(|_| false),
+            "guarded until the marker is written"
+        );
         drop(again);
         // The marker was written: the store answers from now on.
         sink.finished(&kafka.source);
