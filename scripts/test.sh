@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine, set-up included:
 #   1. system packages the tests drive (mosquitto-clients, the mosquitto broker for the
-#      simulator's tests, kcat, promtool from prometheus, Java and Maven),
+#      simulator's tests, kcat, promtool from prometheus, Java and Maven, headless
+#      Chromium for the status page),
 #   2. the Python conformance suite's virtualenv (.venv-tests/: paho-mqtt, pytest),
 #   3. Apache Kafka 4.4 jars from Maven Central (scripts/kafka.sh, cached in .kafka/),
 #   4. cargo test for every workspace member (unit, model, mock-cluster and integration
@@ -18,6 +19,7 @@ command -v kcat >/dev/null 2>&1 || need_pkgs+=(kcat)
 command -v promtool >/dev/null 2>&1 || need_pkgs+=(prometheus)
 command -v java >/dev/null 2>&1 || need_pkgs+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -30,6 +32,7 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 command -v mosquitto_pub >/dev/null || { echo "test setup: mosquitto_pub still missing" >&2; exit 1; }
 command -v promtool >/dev/null || { echo "test setup: promtool (package prometheus) still missing" >&2; exit 1; }
+command -v chromium >/dev/null || { echo "test setup: chromium still missing" >&2; exit 1; }
 
 # The MQTT conformance suite (tests/conformance, driven by tests/tests/conformance.rs).
 PAHO_VERSION=2.1.0

@@ -6,6 +6,7 @@ mod commands;
 pub mod error;
 pub mod listener;
 mod operate;
+mod page;
 mod retained;
 mod sessions;
 
@@ -91,6 +92,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .fallback(|| async { ApiError::not_found("no such route; see /api/v1/openapi.json") })
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
     Router::new()
+        .route("/", get(page::page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
