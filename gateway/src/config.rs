@@ -53,7 +53,29 @@ pub struct Config {
     pub retained: RetainedSection,
     pub presence: PresenceSection,
     pub commands: CommandsSection,
+    pub log: LogSection,
     pub routes: Vec<RouteEntry>,
+}
+
+/// `[log]`: how the gateway writes its log and exports its traces. The filter comes
+/// from `RUST_LOG` (default `info`) and changes at run time (`PUT /api/v1/log-level`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `human` (a line per event) or `json` (a JSON object per line, for log shippers).
+    pub format: LogFormat,
+    /// OTLP/HTTP collector for traces, e.g. `http://otel-collector:4318`; empty: no
+    /// export. Needs a gateway built with `--features otlp`.
+    pub otlp_endpoint: String,
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -572,6 +594,20 @@ impl Config {
     /// Cross-field rules. Returns every violation, not just the first.
     pub fn validate(&self) -> Vec<Problem> {
         let mut p = Vec::new();
+        let otlp = &self.log.otlp_endpoint;
+        if !otlp.is_empty() {
+            if !cfg!(feature = "otlp") {
+                p.push(problem(
+                    "log.otlp_endpoint",
+                    "this gateway was built without OTLP export; build it with `cargo build --release -p gateway --features otlp`, or leave log.otlp_endpoint empty",
+                ));
+            } else if !(otlp.starts_with("http://") || otlp.starts_with("https://")) {
+                p.push(problem(
+                    "log.otlp_endpoint",
+                    format!("{otlp:?} is not an http(s) URL; write e.g. \"http://otel-collector:4318\""),
+                ));
+            }
+        }
         let m = &self.mqtt;
         let addr_ok = |key: &str, v: &str, p: &mut Vec<Problem>| {
             if !v.is_empty() && v.parse::<SocketAddr>().is_err() {

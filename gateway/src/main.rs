@@ -159,7 +159,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            gateway::logging::init(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+            let _log = gateway::logging::init(
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                &cfg.log,
+                &cfg.gateway_id(),
+            );
             match run(cfg) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::auth::Auth;
 use crate::commands::{self, outcome, Commands};
@@ -414,9 +414,18 @@ async fn accept_loop(
                 continue;
             }
         };
+        // The connection's span, from accept until its CONNACK: every refusal (limits,
+        // TLS handshake, CONNECT, authentication) carries the listener and the peer, and
+        // the client id once the CONNECT named it. The live session then runs under its
+        // own debug span (see `session::open`): an enabled span costs its connection
+        // about 0.5 KiB in the subscriber for as long as it lives.
+        let span = tracing::info_span!("conn", listener = kind, %peer, client_id = tracing::field::Empty);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             shared.metrics.connections_rejected.inc("max_connections");
-            warn!(%peer, max = shared.cfg.mqtt.max_connections, "connection refused: mqtt.max_connections reached");
+            // The peer in the event too: with RUST_LOG=warn the span is not recorded.
+            span.in_scope(|| {
+                warn!(%peer, max = shared.cfg.mqtt.max_connections, "connection refused: mqtt.max_connections reached")
+            });
             // Told with a CONNACK (3 / 0x97) when its CONNECT comes within a second.
             session::refuse_busy(stream, peer, tls.clone(), &shared);
             continue;
@@ -427,8 +436,15 @@ async fn accept_loop(
         // Plain and TLS connections are separate task types, so a plain connection's task
         // reserves no room for TLS state (an idle connection's memory is mostly its task).
         match &tls {
-            None => tracker.spawn(plain_connection(stream, peer, shared, permit)),
-            Some(acceptor) => tracker.spawn(tls_connection(stream, peer, acceptor.clone(), shared, permit)),
+            None => tracker.spawn(plain_connection(stream, peer, shared, permit, span)),
+            Some(acceptor) => tracker.spawn(tls_connection(
+                stream,
+                peer,
+                acceptor.clone(),
+                shared,
+                permit,
+                span,
+            )),
         };
     }
 }
@@ -442,8 +458,9 @@ pub(crate) fn plain_connection(
     peer: SocketAddr,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
+    span: tracing::Span,
 ) -> impl std::future::Future<Output = ()> + Send {
-    session::run(stream, peer, None, shared, permit)
+    session::run(stream, peer, None, shared, permit, span)
 }
 
 /// A TLS connection's task: the handshake (boxed, freed once done), then the session.
@@ -455,15 +472,24 @@ pub(crate) fn tls_connection(
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
+    span: tracing::Span,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let handshaking = Box::pin(tls_handshake(stream, peer, acceptor, shared.clone()));
+    // The span and `shared` go into the boxed handshake and come back out with its
+    // result: captured by the task itself they would cost every TLS connection their
+    // size for good.
+    let handshaking = Box::pin(async move {
+        let done = tls_handshake(stream, peer, acceptor, shared.clone())
+            .instrument(span.clone())
+            .await;
+        done.map(|(tls_stream, identity)| (tls_stream, identity, span, shared))
+    });
     async move {
         // `let else`, not `if let`: an `if let` keeps its scrutinee (the whole TLS state)
         // alive, and so stored in the task, for as long as its body runs.
-        let Some((tls_stream, identity)) = handshaking.await else {
+        let Some((tls_stream, identity, span, shared)) = handshaking.await else {
             return;
         };
-        session::run(tls_stream, peer, identity, shared, permit).await;
+        session::run(tls_stream, peer, identity, shared, permit, span).await;
     }
 }
 

@@ -77,8 +77,20 @@ impl Gateway {
         Self::spawn(dir, config_path, &[])
     }
 
+    /// As [`Gateway::start_env`], running another build of the gateway (`bin`).
+    pub fn start_bin(bin: &Path, extra: &str, env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("gateway.toml");
+        std::fs::write(&config_path, config(&dir.path().join("journal"), extra)).expect("write config");
+        Self::spawn_bin(bin, dir, config_path, env)
+    }
+
     fn spawn(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Gateway {
-        let mut child = Command::new(gateway_bin())
+        Self::spawn_bin(&gateway_bin(), dir, config_path, env)
+    }
+
+    fn spawn_bin(bin: &Path, dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Gateway {
+        let mut child = Command::new(bin)
             .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
@@ -121,7 +133,7 @@ impl Gateway {
                 Err(_) => panic!("gateway did not become ready:\n{}", gw.log()),
             };
             if line.contains("listener bound") {
-                let addr: SocketAddr = field(&line, "addr").parse().expect("addr");
+                let addr: SocketAddr = field(&line, "addr").trim_matches('"').parse().expect("addr");
                 match field(&line, "kind").trim_matches('"') {
                     "tcp" => gw.mqtt = Some(addr),
                     "tls" => gw.tls = Some(addr),
@@ -217,10 +229,16 @@ impl Drop for Gateway {
     }
 }
 
+/// A field of a log line, human (`name=value`) or JSON (`"name":"value"`, `log.format =
+/// "json"`).
 fn field<'a>(line: &'a str, name: &str) -> &'a str {
     let key = format!("{name}=");
+    if let Some(i) = line.find(&key) {
+        return line[i + key.len()..].split_whitespace().next().unwrap_or("");
+    }
+    let key = format!("\"{name}\":");
     let start = line.find(&key).map(|i| i + key.len()).unwrap_or(line.len());
-    line[start..].split_whitespace().next().unwrap_or("")
+    line[start..].split([',', '}']).next().unwrap_or("")
 }
 
 /// Reads a journal directory with the bridge crate (the gateway must be stopped).

@@ -234,12 +234,15 @@ pub fn run<S, G>(
     identity: Option<CertIdentity>,
     shared: Arc<Shared>,
     guard: G,
+    span: tracing::Span,
 ) -> impl std::future::Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send,
     G: Send,
 {
-    let opening = Box::pin(open(stream, peer, identity, shared));
+    // The connection's span (from accept) covers the CONNECT phase only, and is boxed
+    // with it: it is gone once the session runs.
+    let opening = Box::pin(open(stream, peer, identity, shared).instrument(span));
     async move {
         // `let else`, not `if let`, whose scrutinee would stay stored for the session's life.
         let Some((s, span)) = opening.await else {
@@ -291,6 +294,9 @@ where
         }
     };
     let (codec, req) = first;
+    if !req.client_id.is_empty() {
+        tracing::Span::current().record("client_id", req.client_id.as_str());
+    }
     let mut out = BytesMut::new();
     let decided = timeout_at(
         connect_deadline,
@@ -315,7 +321,7 @@ where
                 // A flood must not turn into a log flood: counted, logged at debug.
                 debug!(%peer, reason = why.label(), "CONNECT refused: rate limit");
             } else {
-                warn!(%peer, client_id = %req.client_id, reason = why.label(), "CONNECT refused");
+                warn!(%peer, client_id = ?req.client_id, reason = why.label(), "CONNECT refused");
             }
             codec.connack_refuse(&mut out, why);
             let _ = timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;
@@ -324,12 +330,13 @@ where
         }
     };
     let client_id: Arc<str> = Arc::from(admitted.client_id.as_str());
+    tracing::Span::current().record("client_id", &*client_id);
     // The span is attached to the session's future (not entered across awaits, which
     // would label other tasks' log lines with this vehicle). A debug span: an enabled span
     // lives in the subscriber's registry with its formatted fields for the connection's
     // whole life (0.5 KiB per idle vehicle, measured), so the info and warn events of a
     // session name the client id themselves.
-    let span = tracing::debug_span!("session", client_id = %client_id, %peer);
+    let span = tracing::debug_span!("session", client_id = %client_id, %peer, listener = S::LISTENER);
     let _entered = span.clone().entered();
     let m = &shared.cfg.mqtt;
     let max_expiry = shared.cfg.sessions.max_expiry_secs;
@@ -704,11 +711,11 @@ mod size_tests {
     type Tls = crate::tls::stream::TlsStream;
 
     /// Size of what `f` returns (a future's size without having to run it).
-    fn returned<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
+    fn returned5<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
         size_of::<R>()
     }
 
-    fn returned5<A, B, C, D, E, R>(_: fn(A, B, C, D, E) -> R) -> usize {
+    fn returned6<A, B, C, D, E, F, R>(_: fn(A, B, C, D, E, F) -> R) -> usize {
         size_of::<R>()
     }
 
@@ -723,8 +730,8 @@ mod size_tests {
         let cell = size_of::<super::state::SessionCell>();
         let state = size_of::<super::state::SessionState>();
         let out = size_of::<super::state::Outbound>();
-        let plain = returned5(super::run::<Tcp, tokio::sync::OwnedSemaphorePermit>);
-        let tls = returned5(super::run::<Tls, tokio::sync::OwnedSemaphorePermit>);
+        let plain = returned6(super::run::<Tcp, tokio::sync::OwnedSemaphorePermit>);
+        let tls = returned6(super::run::<Tls, tokio::sync::OwnedSemaphorePermit>);
         println!(
             "run future: plain {plain} B, TLS {tls} B; Session {session} B, \
              SessionCell {cell} B (state {state} B, outbound {out} B)"
@@ -734,9 +741,9 @@ mod size_tests {
         assert!(plain <= 512, "a plain connection's future grew to {plain} bytes");
         assert!(tls <= 512, "a TLS connection's future grew to {tls} bytes");
         // The task a plain connection runs in holds that future once, not twice.
-        let task = returned(crate::server::plain_connection);
+        let task = returned5(crate::server::plain_connection);
         println!("plain connection task future {task} B");
-        let tls_task = returned5(crate::server::tls_connection);
+        let tls_task = returned6(crate::server::tls_connection);
         println!("TLS connection task future {tls_task} B");
         assert!(
             tls_task <= tls + 128,
