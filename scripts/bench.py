@@ -6,6 +6,7 @@
     python3 scripts/bench.py --only pubsub --brokers mosquitto
     python3 scripts/bench.py --only commands                # command latency to online vehicles
     python3 scripts/bench.py --only commands --command-paths mqtt,kafka   # without REST
+    python3 scripts/bench.py --only overhead --baseline d302a4d  # metrics/tracing cost on ingest
 
 Builds release binaries, provisions Apache Kafka (scripts/kafka.sh), installs Mosquitto
 (Debian package) if missing, runs every case --runs times alternating the two brokers,
@@ -31,7 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 FLEET = os.path.join(REL, "fleet")
 GATEWAY = os.path.join(REL, "gateway")
-SCENARIOS = ("ingest", "idle", "replay", "journal", "pubsub", "commands")
+SCENARIOS = ("ingest", "idle", "replay", "journal", "pubsub", "commands", "overhead")
+# Run by default (`overhead` builds another revision: only when asked for).
+DEFAULT_SCENARIOS = SCENARIOS[:-1]
 # Delivery cases: (pattern, QoS); publish QoS = subscribe QoS.
 PUBSUB_CASES = (("fanout", 0), ("fanout", 1), ("fanin", 0), ("fanin", 1))
 PENDING = "pending: run after local delivery lands"
@@ -139,7 +142,7 @@ num.partitions=4
 
 
 class Gateway:
-    def __init__(self, work, kafka_bootstrap, certs, name="gw", pubsub=False, operator_hash=None):
+    def __init__(self, work, kafka_bootstrap, certs, name="gw", pubsub=False, operator_hash=None, binary=None):
         self.dir = os.path.join(work, name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
@@ -182,7 +185,7 @@ client_ids = ["op-*"]
 publish_acl = ["vehicles/+/commands"]
 """)
         log = open(os.path.join(self.dir, "gateway.log"), "w")
-        self.proc = subprocess.Popen([GATEWAY, "run", "--config", cfg], stdout=log, stderr=log,
+        self.proc = subprocess.Popen([binary or GATEWAY, "run", "--config", cfg], stdout=log, stderr=log,
                                      env={**os.environ, "RUST_LOG": "warn"})
         wait_port(self.port)
         wait_port(self.admin)
@@ -303,7 +306,7 @@ def main():
     ap.add_argument("--connections", type=int, default=18000)
     ap.add_argument("--replay", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=int, default=15)
-    ap.add_argument("--only", default=",".join(SCENARIOS),
+    ap.add_argument("--only", default=",".join(DEFAULT_SCENARIOS),
                     help=f"comma-separated scenarios to run, of {','.join(SCENARIOS)}")
     ap.add_argument("--brokers", default="gateway,mosquitto",
                     help="brokers for the pubsub scenario (the others always run both)")
@@ -322,6 +325,8 @@ def main():
                     help="MQTT operator connections / REST connections / Kafka issuing tasks")
     ap.add_argument("--command-warmup", type=int, default=3)
     ap.add_argument("--command-seconds", type=int, default=10)
+    ap.add_argument("--baseline", default="d302a4d",
+                    help="overhead: the revision to compare the working tree's gateway with")
     args = ap.parse_args()
     only = [x for x in args.only.split(",") if x]
     brokers = [x for x in args.brokers.split(",") if x]
@@ -334,7 +339,7 @@ def main():
     os.chdir(ROOT)
     if not os.path.exists("/usr/sbin/mosquitto"):
         sh(["apt-get", "install", "-y", "-qq", "mosquitto"])
-    need_kafka = (any(x in only for x in ("ingest", "idle", "replay"))
+    need_kafka = (any(x in only for x in ("ingest", "idle", "replay", "overhead"))
                   or (any(x in only for x in ("pubsub", "commands")) and "gateway" in brokers))
     if need_kafka:
         sh(["./scripts/kafka.sh"])
@@ -350,7 +355,8 @@ def main():
     results = json.load(open(path)) if os.path.exists(path) else {}
     results.setdefault("meta", {})
     fresh = {"ingest": ("ingest", "latency"), "idle": ("idle",), "replay": ("replay",),
-             "journal": ("journal",), "pubsub": ("pubsub",), "commands": ("commands",)}
+             "journal": ("journal",), "pubsub": ("pubsub",), "commands": ("commands",),
+             "overhead": ("overhead",)}
     for scenario in only:
         for key in fresh[scenario]:
             results[key] = {}
@@ -369,6 +375,8 @@ def main():
             idle_phase(work, kafka, certs, ca, results, args)
         if "replay" in only:
             replay_phase(work, kafka, certs, results, args)
+        if "overhead" in only:
+            overhead_phase(work, kafka, certs, results, args)
     finally:
         if kafka:
             kafka.kill()
@@ -509,6 +517,64 @@ def ingest_phase(work, kafka, certs, results, args):
 
     gw.stop()
     mq.stop()
+
+
+def build_baseline(rev):
+    """The release gateway of `rev`, built in a worktree under target/ (target/release is
+    hard-linked in first, so only what changed since is compiled)."""
+    tree = os.path.join(ROOT, "target", "overhead-base")
+    out = os.path.join(ROOT, "target", "overhead-base-target")
+    sh(["git", "worktree", "remove", "--force", tree], stderr=subprocess.DEVNULL) if os.path.exists(tree) else None
+    sh(["git", "worktree", "prune"])
+    sh(["git", "worktree", "add", "--detach", tree, rev])
+    if not os.path.exists(os.path.join(out, "release")):
+        os.makedirs(out, exist_ok=True)
+        sh(["cp", "-al", REL, os.path.join(out, "release")])
+    sh(["cargo", "build", "--release", "-p", "gateway", "--target-dir", out], cwd=tree)
+    return os.path.join(out, "release", "gateway")
+
+
+def overhead_phase(work, kafka, certs, results, args):
+    """What metrics and tracing cost the ingest path: the working tree's gateway against
+    `--baseline` (a revision before them), same Kafka, runs interleaved."""
+    base = build_baseline(args.baseline)
+    sat = ["--vehicles", "100", "--window", "16", "--duration-secs", str(args.seconds), "--qos", "1"]
+    mod = ["--vehicles", "100", "--rate", "5000", "--duration-secs", str(args.seconds), "--qos", "1"]
+    res = results["overhead"] = {"revision": args.baseline, "builds": {}}
+    for run in range(args.runs):
+        for name, binary in (("baseline", base), ("current", GATEWAY)):
+            gw = Gateway(work, kafka.bootstrap, certs, name=f"ovh-{name}", binary=binary)
+            rows = res["builds"].setdefault(name, {"ingest": [], "latency": []})
+            try:
+                rows["ingest"].append(fleet(gw.port, *sat, "--id-prefix", f"o{run}")["acked_per_sec"])
+                rows["latency"].append(fleet(gw.port, *mod, "--id-prefix", f"p{run}")["puback_latency"])
+            finally:
+                gw.stop()
+    print("overhead", res, flush=True)
+
+
+def overhead_markdown(L, res, arg):
+    builds = res.get("builds", {})
+    if not builds.get("current") or not builds.get("baseline"):
+        return
+    L.append("## What metrics and tracing cost the ingest path\n")
+    L.append(f"`python3 scripts/bench.py --only overhead --baseline {res['revision']} --runs {arg('runs')} "
+             f"--seconds {arg('seconds')}`: the gateway at `{res['revision']}` (hand-written counters, no "
+             "histograms, no connection span) against the working tree (the `prometheus` crate, the PUBACK, "
+             "journal commit, Kafka delivery and record age histograms, the `conn` span), each on a fresh "
+             "journal against the same Kafka, runs interleaved. Saturation: `fleet run --vehicles 100 "
+             "--window 16 --qos 1`; latency: `--rate 5000`.\n")
+    L.append("| build | PUBACK'd msgs/s | PUBACK p50 | PUBACK p99 |\n|---|---|---|---|")
+    for name in ("baseline", "current"):
+        rows = builds[name]
+        lat = rows["latency"]
+        L.append(f"| {name} | {fmt(rows['ingest'])} | {fmt([r['p50_us'] / 1000 for r in lat], ' ms', 3)} | "
+                 f"{fmt([r['p99_us'] / 1000 for r in lat], ' ms', 3)} |")
+    b, c = statistics.median(builds["baseline"]["ingest"]), statistics.median(builds["current"]["ingest"])
+    cost = (b - c) / b * 100
+    L.append(f"\n**Throughput cost of metrics and tracing: {cost:+.1f}%** of the baseline's median "
+             "(target < 5%; negative: the current build was faster in this run, i.e. the difference is "
+             "within the noise).\n")
 
 
 # `+sub`: each vehicle also holds one subscription (`vehicles/<id>/commands/#`), which is
@@ -689,6 +755,7 @@ def write_markdown(res, args):
     L.append("")
     pubsub_markdown(L, res.get("pubsub", {}), lambda name: arg("pubsub", name))
     commands_markdown(L, res.get("commands", {}), lambda name: arg("commands", name))
+    overhead_markdown(L, res.get("overhead", {}), lambda name: arg("overhead", name))
     path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
     notes = os.path.join(ROOT, "docs", "BENCHMARKS.notes.md")
     with open(path, "w") as f:

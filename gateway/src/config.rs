@@ -301,6 +301,9 @@ pub struct AdminSection {
     pub max_connections: usize,
     /// Time an admin request (headers and body) may take before it is cut.
     pub request_timeout_secs: u64,
+    /// `/metrics`, `/healthz` and `/readyz` answer without the token (what scrapers and
+    /// orchestrator probes expect). false: they need it too.
+    pub open_probes: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -480,6 +483,7 @@ impl Default for AdminSection {
             token_file: String::new(),
             max_connections: 64,
             request_timeout_secs: 10,
+            open_probes: true,
         }
     }
 }

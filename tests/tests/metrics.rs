@@ -123,3 +123,29 @@ fn metrics_pass_promtool_and_the_histograms_move_with_traffic() {
         .unwrap();
     assert!(sum > 0.0 && sum < N as f64 * 10.0, "PUBACK latency sum {sum}");
 }
+
+#[test]
+fn probes_need_the_token_when_admin_open_probes_is_false() {
+    const TOKEN: &str = "probe-test-token-0123456789abcdef";
+    let open = Gateway::start_env(integration::ANON, &[("GATEWAY_ADMIN__TOKEN", TOKEN)]);
+    let admin = open.admin.unwrap();
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let (code, body) = integration::http_send(admin, "GET", path, None, "");
+        assert_eq!(code, 200, "{path} is open by default: {body}");
+    }
+    let closed = Gateway::start_env(
+        integration::ANON,
+        &[
+            ("GATEWAY_ADMIN__TOKEN", TOKEN),
+            ("GATEWAY_ADMIN__OPEN_PROBES", "false"),
+        ],
+    );
+    let admin = closed.admin.unwrap();
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let (code, body) = integration::http_send(admin, "GET", path, None, "");
+        assert_eq!(code, 401, "{path} without the token: {body}");
+        assert!(body.contains("\"unauthorized\""), "{path}: {body}");
+        let (code, body) = integration::http_send(admin, "GET", path, Some(TOKEN), "");
+        assert_eq!(code, 200, "{path} with the token: {body}");
+    }
+}

@@ -25,9 +25,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorCode};
 use super::listener::MAX_LIFETIME_FACTOR;
@@ -118,8 +118,8 @@ enum Wait {
 #[utoipa::path(post, path = "/api/v1/vehicles/{client_id}/commands", tag = "commands",
     params(("client_id" = String, Path, description = "The vehicle's MQTT client id"), IssueQuery),
     request_body = CommandBody,
-    responses((status = 200, description = "delivered", body = Object), (status = 202, description = "pending or queued", body = Object),
-        (status = 404, description = "unknown_vehicle", body = Object), (status = 422, description = "rejected, expired or dropped", body = Object),
+    responses((status = 200, description = "delivered", body = CommandAnswer), (status = 202, description = "pending or queued", body = CommandAnswer),
+        (status = 404, description = "unknown_vehicle", body = CommandAnswer), (status = 422, description = "rejected, expired or dropped", body = CommandAnswer),
         (status = 400, body = super::error::ErrorBody), (status = 413, body = super::error::ErrorBody),
         (status = 401, body = super::error::ErrorBody)),
     security(("bearer" = [])))]
@@ -172,7 +172,7 @@ pub async fn issue(
 /// delivery order (in flight first), whichever source issued it.
 #[utoipa::path(get, path = "/api/v1/vehicles/{client_id}/commands", tag = "commands",
     params(("client_id" = String, Path, description = "The vehicle's MQTT client id")),
-    responses((status = 200, body = Object), (status = 404, body = super::error::ErrorBody),
+    responses((status = 200, body = HeldCommands), (status = 404, body = super::error::ErrorBody),
         (status = 400, body = super::error::ErrorBody), (status = 401, body = super::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn list(State(s): State<Arc<Shared>>, path: Result<Path<String>, PathRejection>) -> Response {
@@ -187,25 +187,23 @@ pub async fn list(State(s): State<Arc<Shared>>, path: Result<Path<String>, PathR
         )
         .into_response();
     };
-    let commands: Vec<_> = cell
+    let commands = cell
         .held_commands()
         .into_iter()
-        .map(|(c, in_flight)| {
-            json!({
-                "command_id": c.id,
-                "correlation_id": c.correlation_id,
-                "source": c.source.label(),
-                "qos": c.qos,
-                "issued_at_ms": c.issued_at_ms,
-                "in_flight": in_flight,
-            })
+        .map(|(c, in_flight)| HeldCommand {
+            command_id: c.id,
+            correlation_id: c.correlation_id,
+            source: c.source.label().to_string(),
+            qos: c.qos,
+            issued_at_ms: c.issued_at_ms,
+            in_flight,
         })
         .collect();
-    Json(json!({
-        "client_id": client_id,
-        "online": cell.is_online(),
-        "commands": commands,
-    }))
+    Json(HeldCommands {
+        online: cell.is_online(),
+        client_id,
+        commands,
+    })
     .into_response()
 }
 
@@ -359,6 +357,44 @@ fn request(s: &Shared, client_id: String, body: &[u8]) -> Result<CommandRequest,
 }
 
 /// What every answer about an issued command names.
+/// What issuing a command answers: its id and its latest outcome.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandAnswer {
+    pub command_id: String,
+    pub client_id: String,
+    /// The MQTT topic it was published to.
+    pub topic: String,
+    /// `pending` (sent to the connected vehicle, not acknowledged yet), `queued`,
+    /// `delivered`, `expired`, `dropped`, `rejected` or `unknown_vehicle`.
+    pub outcome: String,
+    pub reason: Option<String>,
+    /// On a 4xx/5xx: the admin API's error shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<super::error::ErrorDetail>,
+}
+
+/// A command a session holds.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeldCommand {
+    pub command_id: String,
+    pub correlation_id: Option<String>,
+    /// `kafka`, `rest` or `mqtt`.
+    pub source: String,
+    pub qos: u8,
+    pub issued_at_ms: u64,
+    /// Sent to the vehicle and not acknowledged yet (else queued behind).
+    pub in_flight: bool,
+}
+
+/// What `GET /api/v1/vehicles/{client_id}/commands` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeldCommands {
+    pub client_id: String,
+    pub online: bool,
+    /// In delivery order, in flight first.
+    pub commands: Vec<HeldCommand>,
+}
+
 struct Answer {
     command_id: String,
     client_id: String,
@@ -405,23 +441,27 @@ impl Answer {
     }
 
     fn respond(self, status: StatusCode, outcome: &str, reason: Option<&str>) -> Response {
-        let mut body = json!({
-            "command_id": self.command_id,
-            "client_id": self.client_id,
-            "topic": self.topic,
-            "outcome": outcome,
-            "reason": reason,
-        });
         // Failures also carry the admin API's error shape, so a client that reads
         // `error.code` on any 4xx/5xx finds one.
-        if status.is_client_error() || status.is_server_error() {
+        let error = (status.is_client_error() || status.is_server_error()).then(|| {
             let code = reason.filter(|_| status.is_server_error()).unwrap_or(outcome);
             let message = match reason {
                 Some(r) => format!("command {outcome}: {r}"),
                 None => format!("command {outcome}"),
             };
-            body["error"] = json!({"code": code, "message": message});
-        }
+            super::error::ErrorDetail {
+                code: code.to_string(),
+                message,
+            }
+        });
+        let body = CommandAnswer {
+            command_id: self.command_id,
+            client_id: self.client_id,
+            topic: self.topic,
+            outcome: outcome.to_string(),
+            reason: reason.map(str::to_string),
+            error,
+        };
         (status, Json(body)).into_response()
     }
 }

@@ -91,11 +91,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
         // Unknown paths under /api/v1 answer in the API's error shape too.
         .fallback(|| async { ApiError::not_found("no such route; see /api/v1/openapi.json") })
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
-    Router::new()
-        .route("/", get(page::page))
+    let mut probes = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/readyz", get(readyz));
+    if !shared.cfg.admin.open_probes {
+        probes = probes.route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
+    }
+    Router::new()
+        .route("/", get(page::page))
+        .merge(probes)
         .merge(api)
         .with_state(shared)
 }
@@ -214,34 +219,68 @@ async fn journal(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
     }))
 }
 
+/// The Kafka bridge as `GET /api/v1/bridge` shows it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct BridgeView {
+    /// Kafka bootstrap in use (the mock cluster's address when embedded).
+    bootstrap: String,
+    /// The embedded mock cluster (development only).
+    embedded: bool,
+    dev_only: bool,
+    /// `connecting`, `connected`, `degraded`, `down` or `failed`.
+    state: String,
+    /// An operator paused forwarding (`POST /api/v1/bridge/pause`).
+    paused: bool,
+    /// Why the bridge fails persistently (`/healthz` is 503 meanwhile).
+    failed: Option<String>,
+    restarts: u64,
+    /// Records in the parked store now.
+    parked_now: i64,
+    redriven: u64,
+    /// Records produced and not yet confirmed.
+    in_flight: i64,
+    delivered: u64,
+    dead_lettered: u64,
+    parked: u64,
+    errors: u64,
+    last_error: Option<String>,
+    /// Journal records waiting for Kafka.
+    journal_waiting: u64,
+    journal_oldest_age_secs: Option<f64>,
+    released_seq: u64,
+    durable_seq: u64,
+    /// Every Kafka topic the routes (and presence) write to.
+    topics: Vec<String>,
+}
+
 #[utoipa::path(get, path = "/api/v1/bridge", tag = "bridge",
-    responses((status = 200, body = Object), (status = 401, body = error::ErrorBody)),
+    responses((status = 200, body = BridgeView), (status = 401, body = error::ErrorBody)),
     security(("bearer" = [])))]
-async fn bridge(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn bridge(State(s): State<Arc<Shared>>) -> Json<BridgeView> {
     let b = &s.bridge;
     let j = s.journal.stats();
-    Json(json!({
-        "bootstrap": s.bootstrap,
-        "embedded": s.embedded,
-        "dev_only": s.embedded,
-        "state": b.state().as_str(),
-        "paused": b.paused(),
-        "failed": b.failed(),
-        "restarts": b.restarts.get(),
-        "parked_now": b.parked_now.get(),
-        "redriven": b.redriven.get(),
-        "in_flight": b.in_flight.get(),
-        "delivered": b.delivered.get(),
-        "dead_lettered": b.dead_lettered.get(),
-        "parked": b.parked.get(),
-        "errors": b.errors.get(),
-        "last_error": b.last_error(),
-        "journal_waiting": j.records,
-        "journal_oldest_age_secs": j.oldest_age.map(|d| d.as_secs_f64()),
-        "released_seq": j.released_seq,
-        "durable_seq": j.durable_seq,
-        "topics": s.routes.topics(),
-    }))
+    Json(BridgeView {
+        bootstrap: s.bootstrap.clone(),
+        embedded: s.embedded,
+        dev_only: s.embedded,
+        state: b.state().as_str().to_string(),
+        paused: b.paused(),
+        failed: b.failed(),
+        restarts: b.restarts.get(),
+        parked_now: b.parked_now.get(),
+        redriven: b.redriven.get(),
+        in_flight: b.in_flight.get(),
+        delivered: b.delivered.get(),
+        dead_lettered: b.dead_lettered.get(),
+        parked: b.parked.get(),
+        errors: b.errors.get(),
+        last_error: b.last_error(),
+        journal_waiting: j.records,
+        journal_oldest_age_secs: j.oldest_age.map(|d| d.as_secs_f64()),
+        released_seq: j.released_seq,
+        durable_seq: j.durable_seq,
+        topics: s.routes.topics(),
+    })
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]
@@ -253,9 +292,30 @@ struct ParkedQuery {
     after: Option<u64>,
 }
 
+/// One record Kafka refused for good.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ParkedRecord {
+    seq: u64,
+    client_id: String,
+    topic: String,
+    reason: String,
+    parked_at_ms: u64,
+    bytes: u64,
+}
+
+/// A page of parked records.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct ParkedPage {
+    /// Records in the parked store.
+    total: usize,
+    records: Vec<ParkedRecord>,
+    /// Pass as `after` for the next page; absent on the last one.
+    next_after: Option<u64>,
+}
+
 /// Records Kafka refused for good, held in the parked store until re-driven.
 #[utoipa::path(get, path = "/api/v1/bridge/parked", tag = "bridge", params(ParkedQuery),
-    responses((status = 200, body = Object), (status = 500, body = error::ErrorBody), (status = 401, body = error::ErrorBody)),
+    responses((status = 200, body = ParkedPage), (status = 500, body = error::ErrorBody), (status = 401, body = error::ErrorBody)),
     security(("bearer" = [])))]
 async fn parked(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<ParkedQuery>) -> Response {
     let dir = s.parked_dir.clone();
@@ -271,21 +331,24 @@ async fn parked(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<ParkedQuery>
         .into_iter()
         .filter(|r| q.after.is_none_or(|a| r.seq > a))
         .take(limit)
-        .map(|r| {
-            json!({
-                "seq": r.seq,
-                "client_id": r.client_id,
-                "topic": r.topic,
-                "reason": r.reason,
-                "parked_at_ms": r.parked_at_ms,
-                "bytes": r.bytes,
-            })
+        .map(|r| ParkedRecord {
+            seq: r.seq,
+            client_id: r.client_id,
+            topic: r.topic,
+            reason: r.reason,
+            parked_at_ms: r.parked_at_ms,
+            bytes: r.bytes,
         })
         .collect();
-    let next = (page.len() == limit)
-        .then(|| page.last().and_then(|r| r["seq"].as_u64()))
+    let next_after = (page.len() == limit)
+        .then(|| page.last().map(|r| r.seq))
         .flatten();
-    Json(json!({"total": total, "records": page, "next_after": next})).into_response()
+    Json(ParkedPage {
+        total,
+        records: page,
+        next_after,
+    })
+    .into_response()
 }
 
 #[derive(serde::Deserialize, utoipa::IntoParams)]
@@ -295,10 +358,29 @@ struct RedriveQuery {
     seq: Option<u64>,
 }
 
+/// What a re-drive did.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct Redriven {
+    /// Records produced again.
+    sent: u64,
+    /// Confirmed by Kafka (and gone from the parked store).
+    delivered: u64,
+    /// Produced, not confirmed within the wait: still parked, re-drive again later.
+    pending: u64,
+    /// Refused again, with Kafka's reason.
+    failed: Vec<RedriveFailure>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct RedriveFailure {
+    seq: u64,
+    reason: String,
+}
+
 /// Produces parked records again to their current route; each leaves the store only once
 /// Kafka confirmed it.
 #[utoipa::path(post, path = "/api/v1/bridge/parked/redrive", tag = "bridge", params(RedriveQuery),
-    responses((status = 200, body = Object), (status = 409, body = error::ErrorBody), (status = 503, body = error::ErrorBody), (status = 504, body = error::ErrorBody), (status = 401, body = error::ErrorBody)),
+    responses((status = 200, body = Redriven), (status = 409, body = error::ErrorBody), (status = 503, body = error::ErrorBody), (status = 504, body = error::ErrorBody), (status = 401, body = error::ErrorBody)),
     security(("bearer" = [])))]
 async fn redrive(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<RedriveQuery>) -> Response {
     if s.bridge.paused() {
@@ -310,12 +392,19 @@ async fn redrive(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<RedriveQuer
     }
     let wait = bridge::producer::REDRIVE_WAIT + std::time::Duration::from_secs(20);
     match tokio::time::timeout(wait, s.bridge_control.redrive(q.seq)).await {
-        Ok(Ok(r)) => Json(json!({
-            "sent": r.sent,
-            "delivered": r.delivered,
-            "pending": r.pending,
-            "failed": r.failed.iter().map(|f| json!({"seq": f.seq, "reason": f.reason})).collect::<Vec<_>>(),
-        }))
+        Ok(Ok(r)) => Json(Redriven {
+            sent: r.sent as u64,
+            delivered: r.delivered as u64,
+            pending: r.pending as u64,
+            failed: r
+                .failed
+                .iter()
+                .map(|f| RedriveFailure {
+                    seq: f.seq,
+                    reason: f.reason.clone(),
+                })
+                .collect(),
+        })
         .into_response(),
         Ok(Err(bridge::producer::RedriveError::Busy)) => {
             ApiError::new(ErrorCode::BridgeBusy, "a re-drive is already running; try again").into_response()
@@ -329,17 +418,41 @@ async fn redrive(State(s): State<Arc<Shared>>, ApiQuery(q): ApiQuery<RedriveQuer
     }
 }
 
+/// What `GET /api/v1/status` answers.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct StatusView {
+    version: String,
+    /// The git commit of the build (`unknown` without `.git`).
+    commit: String,
+    /// Open MQTT connections.
+    connections: i64,
+    /// Sessions held, online and offline.
+    sessions: usize,
+    kafka: KafkaView,
+    shutting_down: bool,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct KafkaView {
+    bootstrap: String,
+    embedded: bool,
+}
+
 #[utoipa::path(get, path = "/api/v1/status", tag = "operate",
-    responses((status = 200, body = Object), (status = 401, body = error::ErrorBody)),
+    responses((status = 200, body = StatusView), (status = 401, body = error::ErrorBody)),
     security(("bearer" = [])))]
-async fn status(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
-    Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "connections": s.metrics.connections_active.get(),
-        "sessions": s.registry.len(),
-        "kafka": {"bootstrap": s.cfg.kafka.bootstrap, "embedded": s.cfg.kafka.bootstrap == "embedded"},
-        "shutting_down": s.shutdown.is_cancelled(),
-    }))
+async fn status(State(s): State<Arc<Shared>>) -> Json<StatusView> {
+    Json(StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        commit: crate::BUILD_COMMIT.to_string(),
+        connections: s.metrics.connections_active.get(),
+        sessions: s.registry.len(),
+        kafka: KafkaView {
+            bootstrap: s.cfg.kafka.bootstrap.clone(),
+            embedded: s.cfg.kafka.bootstrap == "embedded",
+        },
+        shutting_down: s.shutdown.is_cancelled(),
+    })
 }
 
 #[cfg(test)]

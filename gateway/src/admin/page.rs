@@ -20,7 +20,7 @@ use axum::response::IntoResponse;
 const PAGE: &str = include_str!("status.html");
 
 /// The SHA-256 of the text between `<script>` and `</script>` in `status.html`.
-const SCRIPT_HASH: &str = "sha256-YG2O4RP9Y7Y5cBWAwmxqYTmxdDVMFSnM39dEkOjL1uk=";
+const SCRIPT_HASH: &str = "sha256-7G0kyvFeOgZB2whhUG0bPO6m1Hrfe9QLIQX0WRpzsTM=";
 /// The SHA-256 of the text between `<style>` and `</style>` in `status.html`.
 const STYLE_HASH: &str = "sha256-Sp1ZNI9kk5mZnUdn8i4bq6Tev5cH5yvxCxYFkTO8iek=";
 
