@@ -102,6 +102,23 @@ impl Labeled {
     }
 }
 
+#[doc(hidden)]
+pub use tracing as __tracing;
+
+/// Counts an event under a label of a [`Labeled`] family and logs it at the given level
+/// with that label as its `reason`, in one statement: the log line and the counter come
+/// from one place and cannot drift apart.
+///
+/// `counted!(warn, metrics.protocol_errors, "connect_timeout", %peer, "no CONNECT in time")`
+#[macro_export]
+macro_rules! counted {
+    ($level:ident, $counter:expr, $label:expr, $($rest:tt)+) => {{
+        let reason: &'static str = $label;
+        $counter.inc(reason);
+        $crate::metrics::__tracing::$level!(reason, $($rest)+);
+    }};
+}
+
 /// Seconds since `start`, for a histogram.
 pub fn secs_since(start: std::time::Instant) -> f64 {
     start.elapsed().as_secs_f64()

@@ -421,10 +421,9 @@ async fn accept_loop(
         // about 0.5 KiB in the subscriber for as long as it lives.
         let span = tracing::info_span!("conn", listener = kind, %peer, client_id = tracing::field::Empty);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            shared.metrics.connections_rejected.inc("max_connections");
             // The peer in the event too: with RUST_LOG=warn the span is not recorded.
             span.in_scope(|| {
-                warn!(%peer, max = shared.cfg.mqtt.max_connections, "connection refused: mqtt.max_connections reached")
+                bridge::counted!(warn, shared.metrics.connections_rejected, "max_connections", %peer, max = shared.cfg.mqtt.max_connections, "connection refused: mqtt.max_connections reached")
             });
             // Told with a CONNACK (3 / 0x97) when its CONNECT comes within a second.
             session::refuse_busy(stream, peer, tls.clone(), &shared);
@@ -512,13 +511,11 @@ async fn tls_handshake(
     let tls_stream = match handshaken {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            shared.metrics.connections_rejected.inc("tls_handshake_failed");
-            warn!(%peer, error = %e, "TLS handshake failed");
+            bridge::counted!(warn, shared.metrics.connections_rejected, "tls_handshake_failed", %peer, error = %e, "TLS handshake failed");
             return None;
         }
         Err(_) => {
-            shared.metrics.connections_rejected.inc("tls_handshake_timeout");
-            warn!(%peer, "TLS handshake timed out");
+            bridge::counted!(warn, shared.metrics.connections_rejected, "tls_handshake_timeout", %peer, "TLS handshake timed out");
             return None;
         }
     };

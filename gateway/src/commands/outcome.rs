@@ -324,8 +324,7 @@ async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &Cancellat
     let payload = match serde_json::to_vec(&record) {
         Ok(p) => Bytes::from(p),
         Err(e) => {
-            metrics.outcomes_failed.inc("encode");
-            warn!(command_id = %c.id, error = %e, "command outcome not encoded");
+            bridge::counted!(warn, metrics.outcomes_failed, "encode", command_id = %c.id, error = %e, "command outcome not encoded");
             return None;
         }
     };
@@ -360,8 +359,7 @@ async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &Cancellat
         }
         Ok(None) => None,
         Err(e) => {
-            metrics.outcomes_failed.inc("journal");
-            warn!(command_id = %c.id, client_id = %c.client_id, outcome = outcome.label(), error = %e, "command outcome not journaled; the command stays unsettled");
+            bridge::counted!(warn, metrics.outcomes_failed, "journal", command_id = %c.id, client_id = %c.client_id, outcome = outcome.label(), error = %e, "command outcome not journaled; the command stays unsettled");
             None
         }
     }

@@ -176,8 +176,7 @@ pub(super) async fn accept_connect(
             && !w.payload.is_empty()
             && crate::commands::Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &w.topic).is_some()
         {
-            shared.metrics.retained_refused.inc("command_topic");
-            warn!(client_id, topic = %w.topic, "CONNECT refused: a retained Will on a command topic");
+            bridge::counted!(warn, shared.metrics.retained_refused, "command_topic", client_id, topic = %w.topic, "CONNECT refused: a retained Will on a command topic");
             return Err(ConnectRefusal::NotAuthorized);
         }
         if shared.routes.resolve(&client_id, &w.topic).is_none() {

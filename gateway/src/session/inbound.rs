@@ -455,8 +455,7 @@ where
             }));
         }
         if p.retain && !shared.auth.may_retain(self.user.as_deref()) {
-            metrics.retained_refused.inc("not_allowed");
-            warn!(client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: auth.allow_retain");
+            bridge::counted!(warn, metrics.retained_refused, "not_allowed", client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: auth.allow_retain");
             let detail = format!("not authorised to retain on {topic}");
             return self.refuse_publish(
                 &p,
@@ -474,8 +473,7 @@ where
             && !p.payload.is_empty()
             && Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic).is_some()
         {
-            metrics.retained_refused.inc("command_topic");
-            warn!(client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: a command topic");
+            bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: a command topic");
             let detail = format!("commands are not retained ({topic} is a command topic)");
             return self.refuse_publish(
                 &p,
@@ -554,8 +552,7 @@ where
                 // Too large to journal (an aliased topic plus a payload larger than a
                 // segment): refused, never acknowledged as stored, not a disconnect loop.
                 Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
-                    metrics.protocol_errors.inc("record_too_large");
-                    warn!(client_id = %self.client_id, peer = %self.peer, error = %e, qos = p.qos, "publish refused: too large to journal");
+                    bridge::counted!(warn, metrics.protocol_errors, "record_too_large", client_id = %self.client_id, peer = %self.peer, error = %e, qos = p.qos, "publish refused: too large to journal");
                     let (reason, label) = if self.codec.version == Version::V5 {
                         (0x83, "record_too_large")
                     } else {

@@ -283,13 +283,11 @@ where
         Ok(Ok(Some(first))) => first,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
-            shared.metrics.protocol_errors.inc(e.label);
-            warn!(%peer, reason = e.label, detail = %e, "connection closed before CONNECT");
+            bridge::counted!(warn, shared.metrics.protocol_errors, e.label, %peer, detail = %e, "connection closed before CONNECT");
             return None;
         }
         Err(_) => {
-            shared.metrics.protocol_errors.inc("connect_timeout");
-            warn!(%peer, timeout_secs = connect_timeout.as_secs(), "no complete CONNECT in time; closing");
+            bridge::counted!(warn, shared.metrics.protocol_errors, "connect_timeout", %peer, timeout_secs = connect_timeout.as_secs(), "no complete CONNECT in time; closing");
             return None;
         }
     };
@@ -313,15 +311,15 @@ where
     let admitted = match decided {
         Ok(a) => a,
         Err(why) => {
-            shared.metrics.connack_refused.inc(why.label());
+            let counter = &shared.metrics.connack_refused;
             if matches!(
                 why,
                 ConnectRefusal::RateLimitedAddress | ConnectRefusal::RateLimitedGlobal
             ) {
                 // A flood must not turn into a log flood: counted, logged at debug.
-                debug!(%peer, reason = why.label(), "CONNECT refused: rate limit");
+                bridge::counted!(debug, counter, why.label(), %peer, "CONNECT refused: rate limit");
             } else {
-                warn!(%peer, client_id = ?req.client_id, reason = why.label(), "CONNECT refused");
+                bridge::counted!(warn, counter, why.label(), %peer, client_id = ?req.client_id, "CONNECT refused");
             }
             codec.connack_refuse(&mut out, why);
             let _ = timeout(WRITE_TIMEOUT, stream.write_all(&out)).await;

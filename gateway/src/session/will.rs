@@ -112,12 +112,13 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
         match timeout(WILL_APPEND_WAIT, shared.journal.append(&entry)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                metrics.protocol_errors.inc("will_not_journaled");
-                warn!(client_id = %client_id, error = %e, "will message could not be journaled");
+                bridge::counted!(warn, metrics.protocol_errors, "will_not_journaled", client_id = %client_id, error = %e, "will message could not be journaled");
             }
             Err(_) => {
-                metrics.protocol_errors.inc("will_not_journaled");
-                warn!(
+                bridge::counted!(
+                    warn,
+                    metrics.protocol_errors,
+                    "will_not_journaled",
                     client_id = %client_id,
                     wait_secs = WILL_APPEND_WAIT.as_secs(),
                     "will message not journaled: the journal stayed full"
@@ -147,8 +148,7 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
     let on_command_topic = !msg.payload.is_empty()
         && crate::commands::Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &msg.topic).is_some();
     if msg.retain && on_command_topic {
-        metrics.retained_refused.inc("command_topic");
-        warn!(client_id = %client_id, topic = %msg.topic, "retained Will not retained: a command topic");
+        bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %client_id, topic = %msg.topic, "retained Will not retained: a command topic");
     } else if msg.retain && shared.cfg.retained.enabled {
         if let Err(reason) = shared
             .router
