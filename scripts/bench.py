@@ -453,6 +453,13 @@ def commands_phase(work, kafka, certs, brokers, paths, results, args):
         pw_hash = subprocess.run([GATEWAY, "hash-password"], input=OPERATOR_PASSWORD, capture_output=True,
                                  text=True, check=True).stdout.strip()
         servers["gateway"] = Gateway(work, kafka.bootstrap, certs, name="commands", operator_hash=pw_hash)
+        # Commands issued before the consumer holds its partitions pile up while it joins
+        # its group (seconds) and the Kafka path measures that backlog, not the gateway.
+        deadline = time.time() + 60
+        while servers["gateway"].metric("gateway_commands_partitions_assigned") < 1:
+            if time.time() > deadline:
+                raise SystemExit("bench: the gateway's command consumer got no partition in 60 s")
+            time.sleep(0.2)
     if "mosquitto" in brokers:
         servers["mosquitto"] = Mosquitto(work, certs)
     res = results["commands"]
