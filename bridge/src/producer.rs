@@ -311,11 +311,10 @@ impl BridgeStatus {
         }
     }
     pub(crate) fn set_state(&self, s: State) {
-        if self.state.swap(s as u8, Ordering::Relaxed) != s as u8 {
-            self.show_state();
-        }
+        self.state.store(s as u8, Ordering::Relaxed);
     }
-    /// `gateway_bridge_state{state}` as [`BridgeStatus::state`] says now.
+    /// The state gauges as the state is now (set when scraped: written from several
+    /// threads as it changes, they could be left showing two states).
     fn show_state(&self) {
         let now = self.state();
         for st in STATES {
@@ -323,6 +322,8 @@ impl BridgeStatus {
                 .with_label_values(&[st.as_str()])
                 .set(i64::from(st == now));
         }
+        self.failed_gauge.set(i64::from(now == State::Failed));
+        self.paused_gauge.set(i64::from(self.paused()));
     }
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::Relaxed)
@@ -330,11 +331,11 @@ impl BridgeStatus {
     /// Pauses (true) or resumes (false) forwarding; the pipeline notices within 250 ms.
     /// Returns whether it was paused before.
     pub fn set_paused(&self, paused: bool) -> bool {
-        self.paused_gauge.set(i64::from(paused));
         self.paused.swap(paused, Ordering::Relaxed)
     }
     /// The bridge's metrics, for `/metrics`.
     pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.show_state();
         self.defs.gather()
     }
     pub fn last_error(&self) -> Option<String> {
@@ -350,9 +351,7 @@ impl BridgeStatus {
         self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
     pub(crate) fn set_failed(&self, why: Option<String>) {
-        self.failed_gauge.set(i64::from(why.is_some()));
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = why;
-        self.show_state();
     }
 }
 

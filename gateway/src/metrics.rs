@@ -25,8 +25,9 @@ pub struct Metrics {
     pub messages_received: [IntCounter; 3],
     pub message_bytes_received: IntCounter,
     pub pubacks_sent: IntCounter,
-    /// From a QoS 1 PUBLISH read off the socket to its PUBACK written (after the journal
-    /// sync), and the same for QoS 2's PUBREC.
+    /// From a QoS 1 PUBLISH taken from the connection to its PUBACK written (throttling,
+    /// waits for journal space and the journal sync included), and the same for QoS 2's
+    /// PUBREC.
     pub puback_latency: Histogram,
     /// Publishes refused by the publish ACL.
     pub acl_denied: Labeled,
@@ -77,6 +78,9 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Admin connections turned away at `admin.max_connections`.
     pub admin_connections_rejected: IntCounter,
+    /// Commands a vehicle acknowledged after they were reported `expired` (in flight,
+    /// unacknowledged past their expiry: the vehicle may still have acted on them).
+    pub commands_acknowledged_after_expiry: IntCounter,
     defs: Defs,
 }
 
@@ -143,7 +147,7 @@ impl Default for Metrics {
             ),
             puback_latency: d.histogram(
                 "gateway_puback_latency_seconds",
-                "From a QoS 1/2 PUBLISH read off the socket to its PUBACK/PUBREC written, after the journal sync.",
+                "From a QoS 1/2 PUBLISH taken from the connection to its PUBACK/PUBREC written: throttling, waits for journal space and the journal sync included.",
                 LATENCY_BUCKETS,
             ),
             acl_denied: labeled("gateway_acl_denied_total", "PUBLISHes refused by the publish ACL.", "qos"),
@@ -224,6 +228,10 @@ impl Default for Metrics {
             admin_connections_rejected: d.counter(
                 "gateway_admin_connections_rejected_total",
                 "Admin connections closed at admin.max_connections.",
+            ),
+            commands_acknowledged_after_expiry: d.counter(
+                "gateway_commands_acknowledged_after_expiry_total",
+                "Commands a vehicle acknowledged after they were reported expired (sent, unacknowledged past their expiry).",
             ),
             defs: d,
         }

@@ -83,6 +83,14 @@ fn mask(v: &mut serde_json::Value) {
     if let Some(t) = v.pointer_mut("/admin/token") {
         set(t);
     }
+    // A collector URL may carry credentials (`https://user:token@host`).
+    if let Some(serde_json::Value::String(url)) = v.pointer_mut("/log/otlp_endpoint") {
+        if let Some((scheme, rest)) = url.split_once("://") {
+            if let Some((_, host)) = rest.split_once('@') {
+                *url = format!("{scheme}://{MASK}@{host}");
+            }
+        }
+    }
     if let Some(users) = v.pointer_mut("/auth/users").and_then(|u| u.as_array_mut()) {
         for u in users {
             if let Some(h) = u.get_mut("password_hash") {
@@ -208,5 +216,8 @@ mod tests {
         assert_eq!(v["kafka"]["properties"]["sasl.username"], "u");
         assert_eq!(v["kafka"]["properties"]["sasl.oauthbearer.config"], MASK);
         assert_eq!(v["kafka"]["properties"]["sasl.mechanism"], "OAUTHBEARER");
+        let mut v = serde_json::json!({"log": {"otlp_endpoint": "https://svc:s3cret@otel:4318"}});
+        mask(&mut v);
+        assert_eq!(v["log"]["otlp_endpoint"], format!("https://{MASK}@otel:4318"));
     }
 }

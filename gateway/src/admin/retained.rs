@@ -224,6 +224,6 @@ pub async fn delete_retained(
             "removed from memory, but the store did not flush the deletion; check the volume",
         ));
     }
-    tracing::warn!(topic = %q.topic, "retained message deleted through the admin API");
+    tracing::warn!(topic = ?q.topic, "retained message deleted through the admin API");
     Ok(Json(Deleted { topic: q.topic }))
 }

@@ -97,7 +97,7 @@ impl Default for CommandMetrics {
             ),
             latency: d.histogram_vec(
                 "gateway_command_latency_seconds",
-                "From a command being taken (Kafka, REST, MQTT) to its final outcome, by outcome (delivered: the vehicle's acknowledgement).",
+                "From a command being taken by this gateway process (Kafka, REST, MQTT; a restored one: from the restart) to its final outcome, by outcome (delivered: the vehicle's acknowledgement).",
                 "outcome",
                 bridge::metrics::AGE_BUCKETS,
             ),

@@ -353,7 +353,7 @@ async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &Cancellat
                 metrics
                     .latency
                     .with_label_values(&[outcome.label()])
-                    .observe(bridge::metrics::secs_between_ms(c.issued_at_ms, at_ms));
+                    .observe(r.info.taken_at.elapsed().as_secs_f64());
             }
             Some(seq)
         }

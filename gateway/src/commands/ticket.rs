@@ -69,6 +69,9 @@ pub struct TicketInfo {
     /// Set for callers that wait (REST `?wait=delivered`); sent once the outcome record
     /// is durable in the journal.
     pub waiter: Option<watch::Sender<Option<Progress>>>,
+    /// When this gateway process took the command (for `gateway_command_latency_seconds`:
+    /// a Kafka record's own timestamp is the producer's clock).
+    pub taken_at: std::time::Instant,
 }
 
 const PENDING: u8 = 0;
@@ -89,7 +92,11 @@ impl Ticket {
         sink: Arc<Sink>,
     ) -> Arc<Self> {
         Arc::new(Ticket {
-            info: Arc::new(TicketInfo { record, waiter }),
+            info: Arc::new(TicketInfo {
+                record,
+                waiter,
+                taken_at: std::time::Instant::now(),
+            }),
             state: AtomicU8::new(PENDING),
             sink,
         })

@@ -176,11 +176,11 @@ pub(super) async fn accept_connect(
             && !w.payload.is_empty()
             && crate::commands::Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &w.topic).is_some()
         {
-            bridge::counted!(warn, shared.metrics.retained_refused, "command_topic", client_id, topic = %w.topic, "CONNECT refused: a retained Will on a command topic");
+            bridge::counted!(warn, shared.metrics.retained_refused, "command_topic", client_id, topic = ?w.topic, "CONNECT refused: a retained Will on a command topic");
             return Err(ConnectRefusal::NotAuthorized);
         }
         if shared.routes.resolve(&client_id, &w.topic).is_none() {
-            warn!(client_id, topic = %w.topic, "Will topic has no route to Kafka (kafka.unmatched = \"refuse\")");
+            warn!(client_id, topic = ?w.topic, "Will topic has no route to Kafka (kafka.unmatched = \"refuse\")");
             return Err(ConnectRefusal::WillUnroutable);
         }
     }

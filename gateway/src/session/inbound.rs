@@ -365,6 +365,9 @@ where
     }
 
     async fn publish(&mut self, p: PublishRequest, max_inflight: usize) -> Result<(), Close> {
+        // PUBACK latency counts from here: throttling, waiting for journal space and the
+        // group commit are all part of what the vehicle waits for.
+        let taken = std::time::Instant::now();
         super::state::ConnInfo::add(&self.info.messages_in, 1);
         self.pace_publish().await?;
         let shared = self.shared.clone();
@@ -642,7 +645,7 @@ where
             }
             1 => {
                 metrics.messages_received[1].inc();
-                self.owe(AckKind::Ack, p.pkid, 0);
+                self.owe_since(AckKind::Ack, p.pkid, 0, Some(taken));
             }
             _ => {
                 metrics.messages_received[2].inc();
@@ -665,7 +668,7 @@ where
                         q.gen = self.last_gen;
                     }
                 }
-                self.owe(AckKind::Received, p.pkid, 0);
+                self.owe_since(AckKind::Received, p.pkid, 0, Some(taken));
             }
         }
         Ok(())

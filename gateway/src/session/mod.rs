@@ -283,7 +283,7 @@ where
         Ok(Ok(Some(first))) => first,
         Ok(Ok(None)) => return None,
         Ok(Err(e)) => {
-            bridge::counted!(warn, shared.metrics.protocol_errors, e.label, %peer, detail = %e, "connection closed before CONNECT");
+            bridge::counted!(warn, shared.metrics.protocol_errors, e.label, %peer, detail = ?e.to_string(), "connection closed before CONNECT");
             return None;
         }
         Err(_) => {
@@ -334,7 +334,9 @@ where
     // lives in the subscriber's registry with its formatted fields for the connection's
     // whole life (0.5 KiB per idle vehicle, measured), so the info and warn events of a
     // session name the client id themselves.
-    let span = tracing::debug_span!("session", client_id = %client_id, %peer, listener = S::LISTENER);
+    // No parent: the connection's `conn` span ends at CONNACK and is not kept alive by it.
+    let span =
+        tracing::debug_span!(parent: None, "session", client_id = %client_id, %peer, listener = S::LISTENER);
     let _entered = span.clone().entered();
     let m = &shared.cfg.mqtt;
     let max_expiry = shared.cfg.sessions.max_expiry_secs;
@@ -586,7 +588,7 @@ where
         let reason = match &close {
             Close::Protocol(e) => {
                 metrics.protocol_errors.inc(e.label);
-                warn!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, reason = e.label, detail = %e.detail, "closing connection: protocol error");
+                warn!(client_id = %self.client_id, peer = %self.peer, conn = self.conn, reason = e.label, detail = ?e.detail, "closing connection: protocol error");
                 Some(e.reason)
             }
             Close::KeepAlive => {

@@ -23,7 +23,18 @@ where
     /// Owes the client an acknowledgement with a failure reason (or a duplicate's), in
     /// arrival order: it waits behind this session's earlier publishes.
     pub(super) fn owe(&mut self, kind: AckKind, pkid: u16, reason: u8) {
-        let since = matches!(kind, AckKind::Ack | AckKind::Received).then(std::time::Instant::now);
+        self.owe_since(kind, pkid, reason, None);
+    }
+
+    /// As [`Session::owe`], for the acknowledgement of a PUBLISH taken at `since`
+    /// (observed in `gateway_puback_latency_seconds` when it is written).
+    pub(super) fn owe_since(
+        &mut self,
+        kind: AckKind,
+        pkid: u16,
+        reason: u8,
+        since: Option<std::time::Instant>,
+    ) {
         self.pending.push_back(Pending {
             kind,
             pkid,

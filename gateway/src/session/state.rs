@@ -323,7 +323,12 @@ impl OutItem {
             subscription_ids: self.subscription_ids.clone(),
             pkid: self.pkid,
             state: self.state,
-            command: self.command.as_ref().map(|t| t.record()),
+            // A command already ended (expired while in flight) is not restored as one.
+            command: self
+                .command
+                .as_ref()
+                .filter(|t| !t.is_final())
+                .map(|t| t.record()),
         }
     }
 
@@ -694,7 +699,7 @@ impl SessionCell {
                 st.out.forget(&item, metrics);
                 metrics.messages_dropped.inc("too_large_for_client");
                 item.finish(Outcome::Rejected, Some("too_large_for_client"));
-                warn!(client_id = %self.client_id, topic = %item.msg.topic, size = item.msg.payload.len(), "message larger than the client's Maximum Packet Size: dropped for this client");
+                warn!(client_id = %self.client_id, topic = ?item.msg.topic, size = item.msg.payload.len(), "message larger than the client's Maximum Packet Size: dropped for this client");
                 if persistent && item.id != 0 {
                     if let Err(e) = store.remove_queued(&self.client_id, item.id) {
                         store_failed(metrics, &self.client_id, &e);
@@ -800,6 +805,10 @@ impl SessionCell {
                 store_failed(metrics, &self.client_id, &e);
             }
         }
+        if let Some(t) = item.command.as_ref().filter(|t| t.is_final()) {
+            metrics.commands_acknowledged_after_expiry.inc();
+            tracing::info!(client_id = %self.client_id, command_id = %t.id(), "command acknowledged after it was reported expired");
+        }
         // Reported before the lock goes: a re-read of a Kafka command that no longer
         // finds it held must find its outcome reported (see `Sink::finishing`).
         item.finish(Outcome::Delivered, None);
@@ -898,13 +907,17 @@ impl SessionCell {
                 }
             }
         }
-        for item in st.out.inflight.iter_mut() {
-            if !item.msg.expired(now) {
+        for item in st.out.inflight.iter() {
+            // Only a PUBLISH the vehicle has not answered: a QoS 2 one it PUBRECed has
+            // reached it (its outcome comes with the PUBCOMP).
+            if item.state != OutState::Published || !item.msg.expired(now) {
                 continue;
             }
-            let Some(t) = item.command.take() else {
+            let Some(t) = item.command.as_ref().filter(|t| !t.is_final()) else {
                 continue;
             };
+            // The packet stays in flight (MQTT re-sends it on reconnect): the vehicle may
+            // still act on it; its late acknowledgement is counted, not reported again.
             t.finish(Outcome::Expired, Some("unacknowledged"));
             expired += 1;
             if persistent && item.id != 0 {
@@ -1187,11 +1200,16 @@ mod tests {
             1,
             "the vehicle's packet id stays in flight"
         );
-        assert!(st.out.inflight[0].command.is_none());
+        assert!(
+            st.out.inflight[0].record().command.is_none(),
+            "not restored as a command"
+        );
         drop(st);
-        // Its late PUBACK completes the packet and reports nothing more.
+        assert_eq!(c.expire_commands(soon, &store, &m), 0, "expired once");
+        // Its late PUBACK completes the packet, is counted, and reports nothing more.
         assert!(c.complete(9, 1, &store, &m));
         assert!(reports.try_recv().is_err());
+        assert_eq!(m.commands_acknowledged_after_expiry.get(), 1);
     }
 
     #[tokio::test]

@@ -89,7 +89,7 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
     let metrics = &shared.metrics;
     if topic::validate_name(&w.topic).is_err() || !shared.auth.may_publish_as(user, client_id, &w.topic) {
         metrics.unrouted.inc(if w.qos == 0 { "0" } else { "1" });
-        warn!(client_id = %client_id, topic = %w.topic, "Will not published: not allowed");
+        warn!(client_id = %client_id, topic = ?w.topic, "Will not published: not allowed");
         return;
     }
     metrics.wills_published.inc();
@@ -148,7 +148,7 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
     let on_command_topic = !msg.payload.is_empty()
         && crate::commands::Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &msg.topic).is_some();
     if msg.retain && on_command_topic {
-        bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %client_id, topic = %msg.topic, "retained Will not retained: a command topic");
+        bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %client_id, topic = ?msg.topic, "retained Will not retained: a command topic");
     } else if msg.retain && shared.cfg.retained.enabled {
         if let Err(reason) = shared
             .router
