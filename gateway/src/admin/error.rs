@@ -34,6 +34,9 @@ pub enum ErrorCode {
     BridgeUnavailable,
     BridgeTimeout,
     ParkedStore,
+    ReplayRangeNotRetained,
+    ReplayRunning,
+    ReplayFailed,
     Store,
     Internal,
 }
@@ -59,6 +62,9 @@ impl ErrorCode {
         ErrorCode::BridgeUnavailable,
         ErrorCode::BridgeTimeout,
         ErrorCode::ParkedStore,
+        ErrorCode::ReplayRangeNotRetained,
+        ErrorCode::ReplayRunning,
+        ErrorCode::ReplayFailed,
         ErrorCode::Store,
         ErrorCode::Internal,
     ];
@@ -83,6 +89,9 @@ impl ErrorCode {
             ErrorCode::BridgeUnavailable => "bridge_unavailable",
             ErrorCode::BridgeTimeout => "bridge_timeout",
             ErrorCode::ParkedStore => "parked_store",
+            ErrorCode::ReplayRangeNotRetained => "replay_range_not_retained",
+            ErrorCode::ReplayRunning => "replay_running",
+            ErrorCode::ReplayFailed => "replay_failed",
             ErrorCode::Store => "store",
             ErrorCode::Internal => "internal",
         }
@@ -109,6 +118,9 @@ impl ErrorCode {
             ErrorCode::BridgeUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::BridgeTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::ParkedStore => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::ReplayRangeNotRetained => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::ReplayRunning => StatusCode::CONFLICT,
+            ErrorCode::ReplayFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Store => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
