@@ -103,7 +103,10 @@
 //! fsync directory) and then deletes every segment whose records are all released
 //! (never the head segment): the segment leaves the in-memory list first, then its file
 //! is unlinked, then the directory is fsync'd, so a reader never looks up a segment
-//! whose file is gone (one that raced the lookup retries).
+//! whose file is gone (one that raced the lookup retries). With replay retention on it
+//! moves the segment to the retained set instead (both lists locked together, so a
+//! replay's reader finds it in one of them) and deletes retained segments as described
+//! next.
 //!
 //! # Replay retention
 //!
