@@ -269,6 +269,7 @@ fn config(dir: &Path) -> JournalConfig {
         max_bytes: MAX_BYTES,
         segment_bytes: SEGMENT_BYTES,
         max_buffer_bytes: 1 << 20,
+        replay_retention: Default::default(),
     }
 }
 

@@ -5,7 +5,8 @@
 //! writes to Kafka with `acks=all` and idempotence, releases records on confirmed
 //! delivery) using [`routes`] to pick topic and key, under the [`supervisor`] (restarts
 //! with back-off, marks the bridge failed); records Kafka refuses for good go to the
-//! [`parked`] store. [`embedded`] is the dev-only
+//! [`parked`] store. An operator [`replay`] re-sends records Kafka already confirmed from
+//! the segments the journal retains for it. [`embedded`] is the dev-only
 //! in-process Kafka for a first run.
 
 pub mod commands;
@@ -17,6 +18,7 @@ pub mod journal;
 pub mod metrics;
 pub mod parked;
 pub mod producer;
+pub mod replay;
 pub mod routes;
 pub mod supervisor;
 pub mod topic;

@@ -246,6 +246,11 @@ pub struct JournalSection {
     pub segment_bytes: u64,
     /// When `max_bytes` is reached: "backpressure" (default), "reject", "drop_oldest".
     pub full_policy: String,
+    /// Released segments are kept this long for `POST /api/v1/replay` (measured from
+    /// their last record); 0 keeps nothing.
+    pub replay_retention_secs: u64,
+    /// Cap on the bytes of kept released segments, outside `max_bytes`; the oldest go first.
+    pub replay_retention_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -453,6 +458,8 @@ impl Default for JournalSection {
             max_bytes: 1 << 30,
             segment_bytes: 64 << 20,
             full_policy: "backpressure".into(),
+            replay_retention_secs: 0,
+            replay_retention_bytes: 1 << 30,
         }
     }
 }
@@ -733,6 +740,16 @@ impl Config {
                 format!(
                     "must be at least two segments (2 × journal.segment_bytes = {})",
                     j.segment_bytes.saturating_mul(2)
+                ),
+            ));
+        }
+        if j.replay_retention_secs > 0 && j.replay_retention_bytes < j.segment_bytes {
+            p.push(problem(
+                "journal.replay_retention_bytes",
+                format!(
+                    "must hold at least one segment (journal.segment_bytes = {}) when journal.replay_retention_secs \
+                     is set, or nothing could be kept for replays",
+                    j.segment_bytes
                 ),
             ));
         }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use bridge::commands::CommandConsumerConfig;
 use bridge::embedded::EmbeddedKafka;
+use bridge::journal::ReplayRetention;
 use bridge::producer::{self, BridgeControl, BridgeStatus, ProducerConfig};
+use bridge::replay::Replays;
 use bridge::supervisor::{self, RestartPolicy};
 use bridge::{Journal, JournalConfig, SegmentedJournal};
 use tokio::net::{TcpListener, TcpStream};
@@ -36,6 +38,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let cfg = Arc::new(cfg);
     let mut jcfg = JournalConfig::new(cfg.journal.dir.clone(), cfg.journal.max_bytes);
     jcfg.segment_bytes = cfg.journal.segment_bytes;
+    jcfg.replay_retention = ReplayRetention {
+        max_age: Duration::from_secs(cfg.journal.replay_retention_secs),
+        max_bytes: cfg.journal.replay_retention_bytes,
+    };
     let journal = tokio::task::spawn_blocking(move || SegmentedJournal::open(jcfg))
         .await
         .context("journal open task")?
@@ -68,9 +74,25 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .context("store open task")?
         .with_context(|| format!("sessions.store_dir = {}", cfg.store_dir().display()))?;
     let flusher = store.spawn_flusher();
+    let journal = Arc::new(journal);
+    let parked_dir = cfg.journal.dir.join("parked");
+    let producer_cfg = ProducerConfig {
+        bootstrap: bootstrap.clone(),
+        compression: cfg.kafka.compression.clone(),
+        linger_ms: cfg.kafka.linger_ms,
+        batch_bytes: cfg.kafka.batch_bytes,
+        max_inflight: cfg.kafka.max_inflight,
+        gateway_id: cfg.gateway_id(),
+        dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+        properties: cfg.kafka.properties.clone(),
+        journal_id: journal.id().to_string(),
+        parked_dir: parked_dir.clone(),
+        max_parked: cfg.kafka.max_parked,
+    };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
-        journal: Arc::new(journal),
+        replays: Replays::new(journal.clone(), routes.clone(), producer_cfg.clone()),
+        journal,
         auth: Auth::new(&cfg.auth),
         registry: Registry::default(),
         router: Router::default(),
@@ -84,7 +106,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         embedded: embedded.is_some(),
         admin_token: cfg.admin_token().map_err(|p| anyhow::anyhow!("{p}"))?,
         bridge_control: BridgeControl::new(),
-        parked_dir: cfg.journal.dir.join("parked"),
+        parked_dir,
         commands: Commands::default(),
     });
     if restore(&shared)? > 0 {
@@ -93,19 +115,6 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tokio::spawn(session::will::expire_sessions(shared.clone()));
     let commands_task = start_commands(&shared, &bootstrap);
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
-    let producer_cfg = ProducerConfig {
-        bootstrap,
-        compression: cfg.kafka.compression.clone(),
-        linger_ms: cfg.kafka.linger_ms,
-        batch_bytes: cfg.kafka.batch_bytes,
-        max_inflight: cfg.kafka.max_inflight,
-        gateway_id: cfg.gateway_id(),
-        dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
-        properties: cfg.kafka.properties.clone(),
-        journal_id: shared.journal.id().to_string(),
-        parked_dir: shared.parked_dir.clone(),
-        max_parked: cfg.kafka.max_parked,
-    };
     // Supervised: an error or a panic restarts the pipeline with back-off and a
     // persistent failure turns /healthz unhealthy, instead of ending the task unseen.
     let bridge_stop = producer::Shutdown::new();
@@ -175,6 +184,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // One grace period for the whole shutdown: sessions, journal flush and the bridge's
     // last confirmations all end by the same deadline.
     let deadline = tokio::time::Instant::now() + grace;
+    // A running replay stops first (it ends `failed`, "interrupted"); it is never resumed.
+    shared.replays.shutdown(deadline).await;
     info!(
         grace_secs = grace.as_secs(),
         "shutting down: no new connections, draining sessions"

@@ -46,6 +46,8 @@ pub struct Shared {
     pub parked_dir: std::path::PathBuf,
     /// Commands to vehicles and their outcomes.
     pub commands: Commands,
+    /// Operator replays of delivered records (admin API, `POST /api/v1/replay`).
+    pub replays: Arc<bridge::replay::Replays>,
 }
 
 impl Shared {

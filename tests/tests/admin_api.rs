@@ -55,6 +55,8 @@ fn every_documented_route_answers_and_needs_the_token() {
         "/api/v1/bridge/resume",
         "/api/v1/bridge/parked",
         "/api/v1/bridge/parked/redrive",
+        "/api/v1/replay",
+        "/api/v1/replay/{replay_id}",
         "/api/v1/vehicles/{client_id}/commands",
         "/api/v1/routes",
         "/api/v1/config",
@@ -65,6 +67,7 @@ fn every_documented_route_answers_and_needs_the_token() {
     for (path, ops) in paths {
         let concrete = path
             .replace("{client_id}", "VIN-NOT-HERE")
+            .replace("{replay_id}", "replay-not-here")
             .replace("/api/v1/retained", "/api/v1/retained?topic=a/b");
         for (method, op) in ops.as_object().expect("operations") {
             let method = method.to_uppercase();

@@ -30,6 +30,9 @@
 //!   records missing at the end of a segment, or below the release checkpoint at the end
 //!   of the head) stops the journal with [`JournalError::Corrupt`] until an operator runs
 //!   [`verify`] / [`repair`].
+//! * Released segments are deleted, or, with replay retention on, kept for a while so
+//!   that an operator can re-send delivered records (see Replay retention). Retained
+//!   segments never count toward `max_bytes`: live ingest is never held back for them.
 //! * [`SegmentedJournal::id`] identifies this journal: sequences restart when a journal
 //!   directory is recreated, the identity tells consumers that it happened.
 //!
@@ -100,7 +103,37 @@
 //! fsync directory) and then deletes every segment whose records are all released
 //! (never the head segment): the segment leaves the in-memory list first, then its file
 //! is unlinked, then the directory is fsync'd, so a reader never looks up a segment
-//! whose file is gone (one that raced the lookup retries).
+//! whose file is gone (one that raced the lookup retries). With replay retention on it
+//! moves the segment to the retained set instead (both lists locked together, so a
+//! replay's reader finds it in one of them) and deletes retained segments as described
+//! next.
+//!
+//! # Replay retention
+//!
+//! With `replay_retention` on ([`ReplayRetention::enabled`]), a segment whose records are
+//! all released leaves the live list for the *retained* set instead of being deleted. A
+//! retained segment is deleted (oldest first) once
+//!
+//! * its last record was written more than `max_age` ago (the file's modification time,
+//!   made durable by the `fsync` that sealed the segment at its roll), **or**
+//! * the retained set holds more than `max_bytes` (real file sizes),
+//!
+//! except while a replay pins it ([`ReplayReader`]): a replay never loses the records it
+//! is reading to the window or the cap, which may then be exceeded until it finishes.
+//! Retained segments are outside `max_bytes`, so the journal-full policy never applies
+//! because of them: the disk holds at most `max_bytes` + `replay_retention.max_bytes`
+//! (plus what a running replay pins). When the volume itself is full (the writer stalls on
+//! ENOSPC or EDQUOT) every retained segment is deleted at once, pinned or not (the replay
+//! reading it then fails, [`ReplayReader::revoked`]): live ingest comes first. Segments
+//! `drop_oldest` released undelivered are deleted, never retained.
+//!
+//! Nothing about retention is persisted besides the files themselves: at open (with
+//! retention on), every wholly released segment (by the release checkpoint) is retained
+//! and the window and cap apply at once, so a restart keeps honouring them; with retention
+//! turned off they are deleted with the next release. Readers start after the release
+//! watermark as always (a restart never re-sends a retained record by itself). The
+//! replayable range is from the oldest retained segment (or the oldest live one) to the
+//! release watermark: [`SegmentedJournal::retained_range`].
 //!
 //! # Reading
 //!
@@ -174,6 +207,7 @@ mod reader;
 mod record;
 mod recovery;
 mod repair;
+mod retained;
 mod scan;
 mod segmented;
 mod writer;
@@ -185,6 +219,7 @@ use std::time::Duration;
 pub use reader::JournalReader;
 pub use record::{decode, encode, frame_len, EncodeError, Entry, EntryKind, Frame, Record, FRAME_HEADER};
 pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
+pub use retained::{NotRetained, ReplayReader, RetainedRange};
 pub use segmented::{FullPolicy, SegmentedJournal};
 use tokio::sync::watch;
 
@@ -199,6 +234,25 @@ pub struct JournalConfig {
     pub segment_bytes: u64,
     /// Upper bound on appended bytes waiting for the writer.
     pub max_buffer_bytes: usize,
+    /// How long and how much of the released segments stay for replays; off by default.
+    pub replay_retention: ReplayRetention,
+}
+
+/// Released segments kept for replays (`journal.replay_retention_secs` and
+/// `journal.replay_retention_bytes`); see "Replay retention" in the module doc.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReplayRetention {
+    /// A retained segment is deleted once its last record is older than this. Zero keeps
+    /// nothing: released segments are deleted at once.
+    pub max_age: Duration,
+    /// Bound on the retained segments' bytes, outside `max_bytes`; the oldest go first.
+    pub max_bytes: u64,
+}
+
+impl ReplayRetention {
+    pub fn enabled(&self) -> bool {
+        !self.max_age.is_zero() && self.max_bytes > 0
+    }
 }
 
 impl JournalConfig {
@@ -208,6 +262,7 @@ impl JournalConfig {
             max_bytes,
             segment_bytes: 64 * 1024 * 1024,
             max_buffer_bytes: 32 * 1024 * 1024,
+            replay_retention: ReplayRetention::default(),
         }
     }
 }
@@ -260,9 +315,15 @@ impl JournalError {
 pub struct JournalStats {
     /// Records appended and not yet released.
     pub records: u64,
-    /// Bytes of segment files on disk (pre-allocated size).
+    /// Bytes of live segment files on disk (pre-allocated size): what counts toward
+    /// `max_bytes`. Retained segments are counted apart.
     pub disk_bytes: u64,
     pub segments: u64,
+    /// Released segments kept for replays (replay retention), and their bytes.
+    pub retained_segments: u64,
+    pub retained_bytes: u64,
+    /// Released records a replay can re-send, if any (see [`SegmentedJournal::retained_range`]).
+    pub retained: Option<RetainedRange>,
     /// Age of the oldest unreleased durable record, if any.
     pub oldest_age: Option<Duration>,
     pub next_seq: u64,

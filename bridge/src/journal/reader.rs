@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::dir::gap_is_legal;
+use super::dir::{gap_is_legal, SegmentMeta};
 use super::record::{decode, Frame, Record, FRAME_HEADER};
 use super::segmented::Inner;
 use super::JournalError;
@@ -22,6 +22,9 @@ pub struct JournalReader {
     inner: Arc<Inner>,
     next_seq: u64,
     seg: Option<OpenSegment>,
+    /// Also reads the segments kept for replays (a [`super::ReplayReader`], which pins
+    /// them); the producer's reader starts after the release watermark and never needs to.
+    retained: bool,
 }
 
 impl JournalReader {
@@ -30,6 +33,15 @@ impl JournalReader {
             inner,
             next_seq: from_seq,
             seg: None,
+            retained: false,
+        }
+    }
+
+    /// A reader that finds retained segments too (for a pinned replay).
+    pub(super) fn retained(inner: Arc<Inner>, from_seq: u64) -> Self {
+        JournalReader {
+            retained: true,
+            ..Self::new(inner, from_seq)
         }
     }
 }
@@ -199,6 +211,10 @@ impl JournalReader {
 
     /// `drop_oldest` may evict the segment being read: continue with the next retained one.
     fn leave_evicted_segment(&mut self) {
+        if self.retained {
+            // A replay's segments are pinned: its current one is retained, not evicted.
+            return;
+        }
         let Some(seg) = &self.seg else { return };
         let first_retained = self.inner.segments().first().map(|s| s.first_seq);
         if first_retained.is_some_and(|f| f > seg.first_seq) {
@@ -218,7 +234,18 @@ impl JournalReader {
         let finished = seg.first_seq;
         let next = {
             let segs = self.inner.segments();
-            segs.iter().find(|s| s.first_seq > finished).map(|s| s.first_seq)
+            let live = segs.iter().find(|s| s.first_seq > finished).map(|s| s.first_seq);
+            let kept = self
+                .retained
+                .then(|| {
+                    let ret = self.inner.retained();
+                    ret.segs.iter().map(|s| s.meta.first_seq).find(|f| *f > finished)
+                })
+                .flatten();
+            match (kept, live) {
+                (Some(k), Some(l)) => Some(k.min(l)),
+                (k, l) => k.or(l),
+            }
         };
         let Some(next) = next else {
             return Err(self.corrupt(
@@ -281,6 +308,21 @@ impl JournalReader {
         loop {
             let meta = {
                 let segs = self.inner.segments();
+                let first_live = segs.first().map(|s| s.first_seq);
+                if self.retained && first_live.is_none_or(|f| self.next_seq < f) {
+                    let ret = self.inner.retained();
+                    if let Some(kept) = ret.lookup(self.next_seq) {
+                        // Skips a gap (a segment dropped undelivered) like a live reader.
+                        self.next_seq = self.next_seq.max(kept.meta.first_seq);
+                        let meta = kept.meta.clone();
+                        drop(ret);
+                        drop(segs);
+                        match self.open_file(meta)? {
+                            true => return Ok(true),
+                            false => continue,
+                        }
+                    }
+                }
                 let Some(first) = segs.first() else {
                     return Ok(false);
                 };
@@ -293,38 +335,53 @@ impl JournalReader {
                     None => return Ok(false),
                 }
             };
-            let file = match File::open(&meta.path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    let still_listed = self
-                        .inner
-                        .segments()
-                        .iter()
-                        .any(|s| s.first_seq == meta.first_seq);
-                    if still_listed {
-                        return Err(JournalError::io(&meta.path, e));
-                    }
-                    continue;
-                }
-                Err(e) => return Err(JournalError::io(&meta.path, e)),
-            };
-            let size = file
-                .metadata()
-                .map_err(|e| JournalError::io(&meta.path, e))?
-                .len()
-                .max(meta.size);
-            self.seg = Some(OpenSegment {
-                file,
-                path: meta.path,
-                first_seq: meta.first_seq,
-                size,
-                chunk_offset: 0,
-                chunk: Vec::new(),
-                pos: 0,
-                window: READ_CHUNK,
-            });
-            return Ok(true);
+            if self.open_file(meta)? {
+                return Ok(true);
+            }
         }
+    }
+
+    /// Opens a segment file as the current segment; false when it was deleted since it
+    /// was looked up (look again).
+    fn open_file(&mut self, meta: SegmentMeta) -> Result<bool, JournalError> {
+        let file = match File::open(&meta.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let still_listed = self
+                    .inner
+                    .segments()
+                    .iter()
+                    .any(|s| s.first_seq == meta.first_seq)
+                    || (self.retained
+                        && self
+                            .inner
+                            .retained()
+                            .segs
+                            .iter()
+                            .any(|s| s.meta.first_seq == meta.first_seq));
+                if still_listed {
+                    return Err(JournalError::io(&meta.path, e));
+                }
+                return Ok(false);
+            }
+            Err(e) => return Err(JournalError::io(&meta.path, e)),
+        };
+        let size = file
+            .metadata()
+            .map_err(|e| JournalError::io(&meta.path, e))?
+            .len()
+            .max(meta.size);
+        self.seg = Some(OpenSegment {
+            file,
+            path: meta.path,
+            first_seq: meta.first_seq,
+            size,
+            chunk_offset: 0,
+            chunk: Vec::new(),
+            pos: 0,
+            window: READ_CHUNK,
+        });
+        Ok(true)
     }
 }
 

@@ -18,6 +18,9 @@ use super::metrics::{CommitMetrics, StateGauges};
 use super::reader::JournalReader;
 use super::record::{encode, frame_len};
 use super::recovery::{check_older_segments, recover_head};
+use super::retained::{
+    retained_range, written_ms, NotRetained, ReplayReader, RetainedRange, RetainedSegment, RetainedSet,
+};
 use super::writer::{writer_loop, Head};
 use super::{Entry, Journal, JournalConfig, JournalError, JournalStats};
 use crate::metrics::Defs;
@@ -64,7 +67,11 @@ pub(super) struct Inner {
     pub(super) rejected: AtomicU64,
     /// Records deleted undelivered by the `drop_oldest` policy.
     pub(super) dropped: AtomicU64,
+    /// Live segments: the head and those still holding unreleased records (what counts
+    /// toward `max_bytes`).
     pub(super) segments: Mutex<Vec<SegmentMeta>>,
+    /// Wholly released segments kept for replays (replay retention).
+    pub(super) retained: Mutex<RetainedSet>,
     /// Sequence ranges `repair` recorded as lost (`<dir>/GAPS`): with released sequences,
     /// the only gaps a reader skips.
     pub(super) gaps: Vec<(u64, u64)>,
@@ -81,6 +88,9 @@ impl Inner {
     }
     pub(super) fn segments(&self) -> MutexGuard<'_, Vec<SegmentMeta>> {
         self.segments.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub(super) fn retained(&self) -> MutexGuard<'_, RetainedSet> {
+        self.retained.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -165,6 +175,38 @@ impl SegmentedJournal {
             }
             released = next;
         }
+        // With replay retention, wholly released segments before the head (kept for
+        // replays, or whose deletion was cut short) leave the live list for the retained
+        // set; the writer's first round applies the window and the cap to them. Without
+        // it they stay live and go with the next release, as always.
+        let mut retained = RetainedSet::default();
+        let keep = if cfg.replay_retention.enabled() {
+            segments
+                .windows(2)
+                .take_while(|w| w[1].first_seq - 1 <= released)
+                .count()
+        } else {
+            0
+        };
+        for meta in segments.drain(..keep).collect::<Vec<_>>() {
+            let written_ms = written_ms(&meta);
+            retained.push(RetainedSegment {
+                meta,
+                last_seq: 0,
+                written_ms,
+            });
+        }
+        // Each one ends where the next (retained or live) begins.
+        let starts: Vec<u64> = retained
+            .segs
+            .iter()
+            .skip(1)
+            .map(|s| s.meta.first_seq)
+            .chain(segments.first().map(|s| s.first_seq))
+            .collect();
+        for (seg, next) in retained.segs.iter_mut().zip(starts) {
+            seg.last_seq = next - 1;
+        }
         let disk_bytes: u64 = segments.iter().map(|s| s.size).sum();
         if disk_bytes > cfg.max_bytes {
             tracing::warn!(
@@ -178,6 +220,7 @@ impl SegmentedJournal {
             dir = %dir.display(),
             id = %id,
             segments = segments.len(),
+            retained_segments = retained.segs.len(),
             next_seq = scan.next_seq,
             released,
             unreleased = durable - released,
@@ -219,6 +262,7 @@ impl SegmentedJournal {
             rejected: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             segments: Mutex::new(segments),
+            retained: Mutex::new(retained),
             gaps,
             commit,
             _lock: lock,
@@ -263,6 +307,23 @@ impl SegmentedJournal {
     /// tells a consumer that this happened.
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// Released records a replay can re-send now: from the oldest retained segment (or
+    /// the oldest live one) to the release watermark. `None` when replay retention is off
+    /// or nothing is released.
+    pub fn retained_range(&self) -> Option<RetainedRange> {
+        let released = self.inner.released.load(Ordering::Acquire);
+        let segs = self.inner.segments();
+        let ret = self.inner.retained();
+        retained_range(&segs, &ret, released, self.inner.cfg.replay_retention.enabled())
+    }
+
+    /// A reader of the released records `from_seq..=to_seq` for a replay, pinning the
+    /// segments that hold them until it is dropped. Refused unless the whole range is
+    /// retained (see [`SegmentedJournal::retained_range`]).
+    pub fn replay_reader(&self, from_seq: u64, to_seq: u64) -> Result<ReplayReader, NotRetained> {
+        ReplayReader::open(&self.inner, from_seq, to_seq)
     }
 
     /// True once the writer has stopped (disk error or closed): appends would fail.
@@ -385,6 +446,10 @@ impl SegmentedJournal {
                 None => return,
             }
         };
+        // Recorded before the release, so that the writer deletes the segment rather than
+        // retaining it for replays: its records were never delivered.
+        let first = self.inner.released.load(Ordering::Acquire) + 1;
+        self.inner.retained().dropped.push((first, upto));
         let before = self.inner.released.fetch_max(upto, Ordering::AcqRel);
         if upto > before {
             let dropped = upto - before;
@@ -451,9 +516,17 @@ impl Journal for SegmentedJournal {
 pub(super) fn stats_of(inner: &Inner) -> JournalStats {
     let released = inner.released.load(Ordering::Acquire);
     let durable = *inner.durable_tx.borrow();
-    let (segments, disk_bytes) = {
+    let (segments, disk_bytes, retained_segments, retained_bytes, retained) = {
         let segs = inner.segments();
-        (segs.len() as u64, segs.iter().map(|s| s.size).sum())
+        let ret = inner.retained();
+        let enabled = inner.cfg.replay_retention.enabled();
+        (
+            segs.len() as u64,
+            segs.iter().map(|s| s.size).sum(),
+            ret.segs.len() as u64,
+            ret.bytes,
+            retained_range(&segs, &ret, released, enabled),
+        )
     };
     let mut st = inner.state();
     while st.marks.len() > 1 && st.marks.get(1).is_some_and(|(s, _)| *s <= released + 1) {
@@ -470,6 +543,9 @@ pub(super) fn stats_of(inner: &Inner) -> JournalStats {
         records: st.next_seq - 1 - released,
         disk_bytes,
         segments,
+        retained_segments,
+        retained_bytes,
+        retained,
         oldest_age,
         next_seq: st.next_seq,
         durable_seq: durable,

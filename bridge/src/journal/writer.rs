@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::dir::{open_or_create_segment, sync_dir, write_checkpoint, SegmentMeta};
-use super::segmented::Inner;
+use super::retained::{written_ms, RetainedSegment, Trim};
+use super::segmented::{now_ms, Inner};
 use super::JournalError;
 
 /// How often the writer wakes without appends to persist releases and delete segments.
@@ -40,6 +41,8 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
         at: std::time::Instant::now(),
         orphans: Vec::new(),
     };
+    // Retained segments from before the restart: the window and the cap apply at once.
+    maint.orphans.extend(trimmed(&inner, Trim::Expired));
     let mut batch = Vec::new();
     let mut rolls = Vec::new();
     let mut last_seq = 0;
@@ -115,7 +118,8 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
                 .find(|s| &s.path == path)
                 .map(|s| s.first_seq);
             if let Some(keep_from) = keep_from {
-                if let Err(e) = maintain_before(&inner, &mut maint, keep_from) {
+                let disk_full = result.as_ref().err().is_some_and(is_disk_full);
+                if let Err(e) = maintain_before(&inner, &mut maint, keep_from, disk_full) {
                     tracing::debug!(error = %e, "journal: maintenance during a stall failed too");
                 }
             }
@@ -157,6 +161,17 @@ fn is_transient(e: &JournalError) -> bool {
     };
     use rustix::io::Errno;
     [Errno::NOSPC, Errno::DQUOT, Errno::MFILE, Errno::NFILE, Errno::IO]
+        .iter()
+        .any(|errno| source.raw_os_error() == Some(errno.raw_os_error()))
+}
+
+/// The volume is full: retained segments are what can be given up for live ingest.
+fn is_disk_full(e: &JournalError) -> bool {
+    let JournalError::Io { source, .. } = e else {
+        return false;
+    };
+    use rustix::io::Errno;
+    [Errno::NOSPC, Errno::DQUOT]
         .iter()
         .any(|errno| source.raw_os_error() == Some(errno.raw_os_error()))
 }
@@ -226,8 +241,10 @@ fn write_batch(
 ) -> Result<(), JournalError> {
     while let Some(&(off, first_seq)) = rolls.first() {
         write_at(head, &batch[..off])?;
+        // The segment is sealed: a full sync (once per segment) also makes its
+        // modification time durable, the age replay retention measures it by.
         head.file
-            .sync_data()
+            .sync_all()
             .map_err(|e| JournalError::io(&head.path, e))?;
         if off > 0 {
             batch.drain(..off);
@@ -279,11 +296,36 @@ fn write_at(head: &mut Head, bytes: &[u8]) -> Result<(), JournalError> {
 }
 
 /// The writer's housekeeping state: the last persisted release watermark, when it was
-/// written, and segment files already out of the list whose unlink failed.
+/// written, and segment files already out of the lists whose unlink failed.
 struct Maintenance {
     seq: u64,
     at: std::time::Instant,
-    orphans: Vec<SegmentMeta>,
+    orphans: Vec<Orphan>,
+}
+
+/// A segment file to unlink. `live`: it still counts toward `max_bytes` until then
+/// (retained segments stopped counting when they were retained).
+struct Orphan {
+    meta: SegmentMeta,
+    live: bool,
+}
+
+/// Retained segments due for deletion, out of the retained set.
+fn trimmed(inner: &Inner, how: Trim) -> Vec<Orphan> {
+    let gone = inner.retained().take_trimmed(inner, now_ms(), how);
+    if how == Trim::ForSpace && !gone.is_empty() {
+        tracing::warn!(
+            segments = gone.len(),
+            bytes = gone.iter().map(|s| s.meta.size).sum::<u64>(),
+            "journal: volume full; deleting every segment kept for replays (replay retention) to make room for live ingest"
+        );
+    }
+    gone.into_iter()
+        .map(|s| Orphan {
+            meta: s.meta,
+            live: false,
+        })
+        .collect()
 }
 
 impl Maintenance {
@@ -292,7 +334,7 @@ impl Maintenance {
     /// time: writing it on every group commit quadrupled the commit latency) — except
     /// when a segment became deletable (space is waiting on it) or on close.
     fn due(&self, inner: &Inner, force: bool) -> bool {
-        if !self.orphans.is_empty() {
+        if !self.orphans.is_empty() || inner.retained().trim_due(inner, now_ms()) {
             return true;
         }
         let released = inner.released.load(Ordering::Acquire);
@@ -307,7 +349,8 @@ impl Maintenance {
     }
 }
 
-/// Persists the release watermark, then deletes segments whose records are all released.
+/// Persists the release watermark, then deletes segments whose records are all released
+/// (or retains them for replays, deleting retained ones past the window or the cap).
 ///
 /// A segment leaves the in-memory list *before* its file is unlinked, so a reader never
 /// looks up a segment whose file is gone (a reader that raced the lookup retries).
@@ -328,42 +371,96 @@ fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), J
     } else {
         Ok(())
     };
-    delete_released(inner, maint, released)?;
+    delete_released(inner, maint, released, false)?;
     checkpoint
 }
 
 /// Maintenance while a batch is pending: deletes released segments that lie wholly
 /// before `keep_from` (the first sequence of the segment the pending batch starts in).
-fn maintain_before(inner: &Inner, maint: &mut Maintenance, keep_from: u64) -> Result<(), JournalError> {
+/// On a full volume (`disk_full`) every retained segment goes too.
+fn maintain_before(
+    inner: &Inner,
+    maint: &mut Maintenance,
+    keep_from: u64,
+    disk_full: bool,
+) -> Result<(), JournalError> {
     let released = inner.released.load(Ordering::Acquire);
-    delete_released(inner, maint, released.min(keep_from.saturating_sub(1)))
+    delete_released(inner, maint, released.min(keep_from.saturating_sub(1)), disk_full)
 }
 
-fn delete_released(inner: &Inner, maint: &mut Maintenance, released: u64) -> Result<(), JournalError> {
-    {
-        let mut segs = inner.segments();
-        let n = segs
-            .windows(2)
+fn delete_released(
+    inner: &Inner,
+    maint: &mut Maintenance,
+    released: u64,
+    disk_full: bool,
+) -> Result<(), JournalError> {
+    let wholly_released: Vec<(SegmentMeta, u64)> = {
+        let segs = inner.segments();
+        segs.windows(2)
             .take_while(|w| w[1].first_seq - 1 <= released)
-            .count();
-        maint.orphans.extend(segs.drain(..n));
+            .map(|w| (w[0].clone(), w[1].first_seq - 1))
+            .collect()
+    };
+    if !wholly_released.is_empty() {
+        let retain = inner.cfg.replay_retention.enabled() && !disk_full;
+        // The age is read before taking the locks (a `stat` per segment).
+        let stamped: Vec<_> = wholly_released
+            .into_iter()
+            .map(|(meta, last_seq)| {
+                let written_ms = if retain { written_ms(&meta) } else { 0 };
+                (meta, last_seq, written_ms)
+            })
+            .collect();
+        let (mut freed, mut freed_bytes) = (0u64, 0u64);
+        {
+            // One step under both locks (segment list, then retained set), so a replay's
+            // reader always finds a segment in one of the two.
+            let mut segs = inner.segments();
+            let mut ret = inner.retained();
+            segs.drain(..stamped.len());
+            for (meta, last_seq, written_ms) in stamped {
+                if ret.take_dropped(meta.first_seq, last_seq) || !retain {
+                    maint.orphans.push(Orphan { meta, live: true });
+                } else {
+                    freed += 1;
+                    freed_bytes += meta.size;
+                    ret.push(RetainedSegment {
+                        meta,
+                        last_seq,
+                        written_ms,
+                    });
+                }
+            }
+        }
+        if freed > 0 {
+            // Retained segments no longer count toward `max_bytes`.
+            let mut st = inner.state();
+            st.planned_segments = st.planned_segments.saturating_sub(freed);
+            st.planned_bytes = st.planned_bytes.saturating_sub(freed_bytes);
+            drop(st);
+            inner.space.notify_waiters();
+        }
     }
+    let how = if disk_full { Trim::ForSpace } else { Trim::Expired };
+    maint.orphans.extend(trimmed(inner, how));
     if maint.orphans.is_empty() {
         return Ok(());
     }
     while let Some(seg) = maint.orphans.first() {
-        match fs::remove_file(&seg.path) {
+        match fs::remove_file(&seg.meta.path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(JournalError::io(&seg.path, e)),
+            Err(e) => return Err(JournalError::io(&seg.meta.path, e)),
         }
         let seg = maint.orphans.remove(0);
-        let mut st = inner.state();
-        st.planned_segments = st.planned_segments.checked_sub(1).unwrap_or_else(|| {
-            tracing::warn!("journal: segment accounting went below zero; corrected");
-            0
-        });
-        st.planned_bytes = st.planned_bytes.saturating_sub(seg.size);
+        if seg.live {
+            let mut st = inner.state();
+            st.planned_segments = st.planned_segments.checked_sub(1).unwrap_or_else(|| {
+                tracing::warn!("journal: segment accounting went below zero; corrected");
+                0
+            });
+            st.planned_bytes = st.planned_bytes.saturating_sub(seg.meta.size);
+        }
     }
     sync_dir(&inner.cfg.dir)?;
     inner.space.notify_waiters();

@@ -35,6 +35,9 @@ pub enum ErrorCode {
     BridgeTimeout,
     BridgePaused,
     ParkedStore,
+    ReplayRangeNotRetained,
+    ReplayRunning,
+    ReplayFailed,
     Store,
     Internal,
 }
@@ -61,6 +64,9 @@ impl ErrorCode {
         ErrorCode::BridgeTimeout,
         ErrorCode::BridgePaused,
         ErrorCode::ParkedStore,
+        ErrorCode::ReplayRangeNotRetained,
+        ErrorCode::ReplayRunning,
+        ErrorCode::ReplayFailed,
         ErrorCode::Store,
         ErrorCode::Internal,
     ];
@@ -86,6 +92,9 @@ impl ErrorCode {
             ErrorCode::BridgeTimeout => "bridge_timeout",
             ErrorCode::BridgePaused => "bridge_paused",
             ErrorCode::ParkedStore => "parked_store",
+            ErrorCode::ReplayRangeNotRetained => "replay_range_not_retained",
+            ErrorCode::ReplayRunning => "replay_running",
+            ErrorCode::ReplayFailed => "replay_failed",
             ErrorCode::Store => "store",
             ErrorCode::Internal => "internal",
         }
@@ -113,6 +122,9 @@ impl ErrorCode {
             ErrorCode::BridgeTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorCode::BridgePaused => StatusCode::CONFLICT,
             ErrorCode::ParkedStore => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::ReplayRangeNotRetained => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorCode::ReplayRunning => StatusCode::CONFLICT,
+            ErrorCode::ReplayFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Store => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod listener;
 mod operate;
 mod page;
+mod replay;
 mod retained;
 mod sessions;
 
@@ -60,6 +61,8 @@ fn api_routes() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(operate::resume))
         .routes(routes!(parked))
         .routes(routes!(redrive))
+        .routes(routes!(replay::start, replay::list))
+        .routes(routes!(replay::get))
         .routes(routes!(commands::list, commands::issue))
         .routes(routes!(sessions::list_connections))
         .routes(routes!(sessions::get_connection, sessions::kick))
@@ -216,6 +219,10 @@ async fn journal(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
         "full": st.full,
         "stalled": st.stalled.is_some(),
         "stalled_reason": st.stalled,
+        "retained_from_seq": st.retained.map(|r| r.from_seq),
+        "retained_to_seq": st.retained.map(|r| r.to_seq),
+        "retained_bytes": st.retained_bytes,
+        "retained_segments": st.retained_segments,
     }))
 }
 
