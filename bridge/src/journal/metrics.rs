@@ -49,6 +49,8 @@ pub(super) struct StateGauges {
     durable_seq: IntGauge,
     released_seq: IntGauge,
     dropped: IntCounter,
+    retained_bytes: IntGauge,
+    retained_segments: IntGauge,
     descs: Vec<Desc>,
     /// One scrape at a time: the counters catch up by difference.
     scrape: std::sync::Mutex<()>,
@@ -79,6 +81,11 @@ impl StateGauges {
                 "gateway_journal_dropped_records_total",
                 "Records dropped undelivered (drop_oldest policy).",
             ),
+            retained_bytes: g(
+                "gateway_journal_retained_bytes",
+                "Bytes of released segments kept for replays (journal.replay_retention_*; outside max_bytes).",
+            ),
+            retained_segments: g("gateway_journal_retained_segments", "Released segment files kept for replays."),
             descs: Vec::new(),
             scrape: std::sync::Mutex::new(()),
         };
@@ -86,7 +93,7 @@ impl StateGauges {
         s
     }
 
-    fn all(&self) -> [&dyn Collector; 10] {
+    fn all(&self) -> [&dyn Collector; 12] {
         [
             &self.records,
             &self.bytes,
@@ -98,6 +105,8 @@ impl StateGauges {
             &self.durable_seq,
             &self.released_seq,
             &self.dropped,
+            &self.retained_bytes,
+            &self.retained_segments,
         ]
     }
 }
@@ -122,6 +131,8 @@ impl Collector for StateGauges {
         self.durable_seq.set(i(st.durable_seq));
         self.released_seq.set(i(st.released_seq));
         self.dropped.inc_by(st.dropped.saturating_sub(self.dropped.get()));
+        self.retained_bytes.set(i(st.retained_bytes));
+        self.retained_segments.set(i(st.retained_segments));
         self.all().iter().flat_map(|m| m.collect()).collect()
     }
 }

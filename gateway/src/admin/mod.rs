@@ -201,29 +201,67 @@ async fn readyz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
+/// The journal as `GET /api/v1/journal` shows it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+struct JournalView {
+    /// This journal's id (the `gateway.journal` Kafka header).
+    id: String,
+    /// Records appended and not yet confirmed by Kafka.
+    records: u64,
+    /// Bytes of the live segment files on disk (retained ones apart).
+    disk_bytes: u64,
+    segments: u64,
+    /// `journal.max_bytes`: at it, `full_policy` applies.
+    max_bytes: u64,
+    /// `journal.full_policy`: `backpressure`, `reject` or `drop_oldest`.
+    full_policy: String,
+    /// Age of the oldest record not yet confirmed by Kafka.
+    oldest_age_secs: Option<f64>,
+    next_seq: u64,
+    /// Highest sequence fsync'd (acknowledged to vehicles).
+    durable_seq: u64,
+    /// Highest sequence Kafka confirmed.
+    released_seq: u64,
+    /// Group commits since start.
+    syncs: u64,
+    /// The journal holds `max_bytes`.
+    full: bool,
+    /// The writer retries a transient I/O error (nothing new becomes durable).
+    stalled: bool,
+    stalled_reason: Option<String>,
+    /// The range `POST /api/v1/replay` can re-send (with `journal.replay_retention_*`).
+    retained_from_seq: Option<u64>,
+    retained_to_seq: Option<u64>,
+    /// Released segments kept for replays: bytes and files.
+    retained_bytes: u64,
+    retained_segments: u64,
+}
+
 #[utoipa::path(get, path = "/api/v1/journal", tag = "journal",
-    responses((status = 200, body = Object), (status = 401, body = error::ErrorBody)),
+    responses((status = 200, body = JournalView), (status = 401, body = error::ErrorBody)),
     security(("bearer" = [])))]
-async fn journal(State(s): State<Arc<Shared>>) -> Json<serde_json::Value> {
+async fn journal(State(s): State<Arc<Shared>>) -> Json<JournalView> {
     let st = s.journal.stats();
-    Json(json!({
-        "id": s.journal.id(),
-        "records": st.records,
-        "disk_bytes": st.disk_bytes,
-        "segments": st.segments,
-        "oldest_age_secs": st.oldest_age.map(|d| d.as_secs_f64()),
-        "next_seq": st.next_seq,
-        "durable_seq": st.durable_seq,
-        "released_seq": st.released_seq,
-        "syncs": st.syncs,
-        "full": st.full,
-        "stalled": st.stalled.is_some(),
-        "stalled_reason": st.stalled,
-        "retained_from_seq": st.retained.map(|r| r.from_seq),
-        "retained_to_seq": st.retained.map(|r| r.to_seq),
-        "retained_bytes": st.retained_bytes,
-        "retained_segments": st.retained_segments,
-    }))
+    Json(JournalView {
+        id: s.journal.id().to_string(),
+        records: st.records,
+        disk_bytes: st.disk_bytes,
+        segments: st.segments,
+        max_bytes: s.cfg.journal.max_bytes,
+        full_policy: s.cfg.journal.full_policy.clone(),
+        oldest_age_secs: st.oldest_age.map(|d| d.as_secs_f64()),
+        next_seq: st.next_seq,
+        durable_seq: st.durable_seq,
+        released_seq: st.released_seq,
+        syncs: st.syncs,
+        full: st.full,
+        stalled: st.stalled.is_some(),
+        stalled_reason: st.stalled,
+        retained_from_seq: st.retained.map(|r| r.from_seq),
+        retained_to_seq: st.retained.map(|r| r.to_seq),
+        retained_bytes: st.retained_bytes,
+        retained_segments: st.retained_segments,
+    })
 }
 
 /// The Kafka bridge as `GET /api/v1/bridge` shows it.
