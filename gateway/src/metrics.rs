@@ -77,6 +77,12 @@ pub struct Metrics {
     pub store_errors: IntCounter,
     /// Admin connections turned away at `admin.max_connections`.
     pub admin_connections_rejected: IntCounter,
+    /// Reloads of the TLS server certificate (SIGHUP or a file change), by `result`
+    /// (`ok`, `error`: the previous certificate stays).
+    pub tls_cert_reloads: Labeled,
+    /// notAfter of the server certificate new handshakes get (seconds since the epoch;
+    /// 0 without a TLS listener): alert well before it.
+    pub tls_cert_expiry: IntGauge,
     defs: Defs,
 }
 
@@ -224,6 +230,15 @@ impl Default for Metrics {
             admin_connections_rejected: d.counter(
                 "gateway_admin_connections_rejected_total",
                 "Admin connections closed at admin.max_connections.",
+            ),
+            tls_cert_reloads: labeled(
+                "gateway_tls_cert_reloads_total",
+                "TLS server certificate reloads (SIGHUP or file change) by result.",
+                "result",
+            ),
+            tls_cert_expiry: d.gauge(
+                "gateway_tls_cert_expiry_timestamp_seconds",
+                "notAfter of the TLS server certificate presented to new handshakes (0: no TLS listener).",
             ),
             defs: d,
         }
