@@ -425,6 +425,7 @@ pub fn mosquitto(program: &str, port: &str, args: &[&str]) -> (i32, String) {
 
 pub mod audit;
 pub mod fleet;
+pub mod haproxy;
 pub mod hostile;
 pub mod proxy;
 pub mod tmpfs;
