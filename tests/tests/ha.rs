@@ -118,7 +118,7 @@ fn a_killed_gateways_vehicles_move_to_the_other_and_its_journal_drains_on_restar
     let reconnects: u64 = logs.iter().map(|l| l.connects.saturating_sub(1)).sum();
     eprintln!(
         "acknowledged {}, in Kafka {} ({} distinct), reconnects {reconnects}, vehicles whose \
-         first copies are out of counter order: {}",
+         first copies are out of counter order (the audit lists at most 10): {}",
         a.acked,
         a.records,
         a.unique,
