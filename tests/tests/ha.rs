@@ -139,3 +139,87 @@ fn a_killed_gateways_vehicles_move_to_the_other_and_its_journal_drains_on_restar
         "gateway 1's vehicles reconnected: {reconnects} < {on1}"
     );
 }
+
+/// The operator's path for a node that never returns (docs/OPERATIONS.md): its journal
+/// volume is attached elsewhere and a gateway is started on it under the dead node's
+/// `gateway.id`, with the MQTT listener on loopback only and the TLS listener off, using
+/// exactly the environment overrides the document gives; it drains the journal into
+/// Kafka.
+#[test]
+fn a_dead_nodes_journal_is_drained_by_a_gateway_started_on_its_volume() {
+    let kafka = Kafka::start();
+    kafka.create_topic("orphan", PARTITIONS);
+    let kcfg = kafka_config(&kafka.bootstrap(), "orphan");
+    let gw = region_gateway(free_tcp_port(), "gw7", &kcfg);
+    let (code, body) = http_request(gw.admin.expect("admin"), "POST", "/api/v1/bridge/pause", None);
+    assert_eq!(code, 200, "{body}");
+    let mut cfg = FleetConfig::new("orphan", 10);
+    cfg.pace = Duration::from_millis(10);
+    let fleet = Fleet::start(gw.mqtt(), &cfg);
+    assert!(
+        fleet.wait_acked(2_000, Duration::from_secs(30)),
+        "PUBACKs into the paused journal"
+    );
+    fleet.pause(true);
+    std::thread::sleep(Duration::from_millis(500));
+    let (logs, complete) = fleet.finish(Duration::from_secs(5));
+    assert!(complete, "nothing left in flight before the node dies");
+    let m = gw.metrics();
+    let backlog =
+        audit::metric(&m, "gateway_journal_durable_seq") - audit::metric(&m, "gateway_journal_released_seq");
+    assert!(
+        backlog >= 2_000,
+        "the journal holds what Kafka never saw: {backlog}"
+    );
+    assert_eq!(
+        kafka.record_count("orphan", PARTITIONS),
+        0,
+        "nothing reached Kafka yet"
+    );
+    let (dead_dir, dead_config) = gw.kill9();
+
+    // "Attach the volume to another host": a copy of the journal directory elsewhere.
+    let new_host = tempfile::tempdir().expect("tempdir");
+    let volume = new_host.path().join("gw7-journal");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(dead_dir.path().join("journal"))
+        .arg(&volume)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let config = new_host.path().join("gateway.toml");
+    std::fs::copy(&dead_config, &config).expect("config");
+    let volume_env = volume.display().to_string();
+    let drainer = Gateway::start_in_env(
+        new_host,
+        config,
+        &[
+            ("GATEWAY_GATEWAY__ID", "gw7"),
+            ("GATEWAY_JOURNAL__DIR", &volume_env),
+            ("GATEWAY_MQTT__LISTEN", "127.0.0.1:0"),
+            ("GATEWAY_MQTT__TLS_LISTEN", "\"\""),
+            ("GATEWAY_ADMIN__LISTEN", "127.0.0.1:0"),
+            ("GATEWAY_AUTH__ALLOW_ANONYMOUS", "true"),
+        ],
+    );
+    assert!(drainer.tls.is_none(), "no TLS listener");
+    assert!(drainer.mqtt().ip().is_loopback(), "MQTT on loopback only");
+    wait_for("the journal to drain", Duration::from_secs(60), || {
+        let m = drainer.metrics();
+        let durable = audit::metric(&m, "gateway_journal_durable_seq");
+        durable > 0 && audit::metric(&m, "gateway_journal_released_seq") >= durable
+    });
+    let records = kafka.consume_all("orphan", PARTITIONS, Duration::from_secs(60));
+    let a = Audit::new(&logs, &records);
+    eprintln!("{a}");
+    assert_eq!(
+        a.lost, 0,
+        "acknowledged messages missing from Kafka: {:?}",
+        a.lost_examples
+    );
+    assert!(
+        a.order_violations.is_empty(),
+        "one journal keeps each vehicle's order"
+    );
+}
