@@ -765,8 +765,12 @@ def write_markdown(res, args):
     overhead_markdown(L, res.get("overhead", {}), lambda name: arg("overhead", name))
     path = os.path.join(ROOT, "docs", "BENCHMARKS.md")
     notes = os.path.join(ROOT, "docs", "BENCHMARKS.notes.md")
+    scaleout = os.path.join(ROOT, "docs", "BENCHMARKS.scaleout.md")
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+        # Written by tests/examples/ha_bench.rs runs, by hand: kept across regenerations.
+        if os.path.exists(scaleout):
+            f.write("\n" + open(scaleout).read())
         if os.path.exists(notes):
             f.write("\n" + open(notes).read())
     print("wrote", path)

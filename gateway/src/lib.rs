@@ -12,6 +12,7 @@ pub const BUILD_COMMIT: &str = env!("GATEWAY_BUILD_COMMIT");
 
 pub mod admin;
 pub mod auth;
+pub mod certs;
 pub mod commands;
 pub mod config;
 #[doc(hidden)]

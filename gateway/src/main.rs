@@ -1,4 +1,5 @@
-//! `gateway` command line: run, check a config, hash a password.
+//! `gateway` command line: run, check a config, hash a password, inspect the journal,
+//! make a development PKI.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -37,6 +38,36 @@ enum Command {
     Journal {
         #[command(subcommand)]
         action: JournalCommand,
+    },
+    /// Development certificates (never for production).
+    Certs {
+        #[command(subcommand)]
+        action: CertsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a dev CA (ca.pem/.key), a server certificate (server.pem/.key) and vehicle
+    /// client certificates (vehicle-<id>.pem/.key, CN = client id); keys are mode 0600.
+    Init {
+        #[arg(long, default_value = "certs/dev")]
+        out: PathBuf,
+        /// Server certificate subject alternative name (DNS name or IP address); repeat
+        /// for several.
+        #[arg(long = "san", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        sans: Vec<String>,
+        /// Number of vehicle certificates: <id-prefix>0001 ... <id-prefix>N.
+        #[arg(long, default_value_t = 1)]
+        vehicles: usize,
+        #[arg(long, default_value = "VIN")]
+        id_prefix: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Overwrite existing files (a new CA invalidates every certificate it signed).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -134,6 +165,35 @@ fn main() -> ExitCode {
             }
         },
         Command::Journal { action } => journal_command(action),
+        Command::Certs {
+            action:
+                CertsCommand::Init {
+                    out,
+                    sans,
+                    vehicles,
+                    id_prefix,
+                    days,
+                    force,
+                },
+        } => {
+            let opts = gateway::certs::InitOptions {
+                out,
+                sans,
+                vehicles: gateway::certs::vehicle_ids(&id_prefix, vehicles),
+                days,
+                force,
+            };
+            match gateway::certs::init(&opts) {
+                Ok(written) => {
+                    print!("{written}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("certs init: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::HashPassword => {
             let mut password = String::new();
             if std::io::stdin().read_to_string(&mut password).is_err() {

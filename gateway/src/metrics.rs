@@ -81,6 +81,12 @@ pub struct Metrics {
     /// Commands a vehicle acknowledged after they were reported `expired` (in flight,
     /// unacknowledged past their expiry: the vehicle may still have acted on them).
     pub commands_acknowledged_after_expiry: IntCounter,
+    /// Reloads of the TLS server certificate (SIGHUP or a file change), by `result`
+    /// (`ok`, `error`: the previous certificate stays).
+    pub tls_cert_reloads: Labeled,
+    /// notAfter of the server certificate new handshakes get (seconds since the epoch;
+    /// 0 without a TLS listener): alert well before it.
+    pub tls_cert_expiry: IntGauge,
     defs: Defs,
 }
 
@@ -232,6 +238,15 @@ impl Default for Metrics {
             commands_acknowledged_after_expiry: d.counter(
                 "gateway_commands_acknowledged_after_expiry_total",
                 "Commands a vehicle acknowledged after they were reported expired (sent, unacknowledged past their expiry).",
+            ),
+            tls_cert_reloads: labeled(
+                "gateway_tls_cert_reloads_total",
+                "TLS server certificate reloads (SIGHUP or file change) by result.",
+                "result",
+            ),
+            tls_cert_expiry: d.gauge(
+                "gateway_tls_cert_expiry_timestamp_seconds",
+                "notAfter of the TLS server certificate presented to new handshakes (0: no TLS listener).",
             ),
             defs: d,
         }

@@ -146,7 +146,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         )));
     }
     if !cfg.mqtt.tls_listen.is_empty() {
-        let acceptor = tls::acceptor(&cfg.tls)?;
+        let (acceptor, cert) = tls::acceptor(
+            &cfg.tls,
+            shared.metrics.tls_cert_reloads.clone(),
+            shared.metrics.tls_cert_expiry.clone(),
+        )?;
+        // SIGHUP or a changed tls.cert / tls.key: new handshakes get the new pair.
+        cert.spawn_watch(shutdown.clone())?;
         let listener = bind(&cfg.mqtt.tls_listen, "mqtt.tls_listen").await?;
         info!(kind = "tls", addr = %listener.local_addr()?, mtls = !cfg.tls.client_ca.is_empty(), "mqtt listener bound");
         accept_loops.push(tokio::spawn(accept_loop(
@@ -156,6 +162,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             limit.clone(),
             tracker.clone(),
         )));
+    } else {
+        // SIGHUP reloads the TLS certificate; without a TLS listener it must not end the
+        // process (its default action) when an operator's rotation script sends it.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                info!("SIGHUP received: no TLS listener, nothing to reload");
+            }
+        });
     }
     if !cfg.admin.listen.is_empty() {
         let listener = bind(&cfg.admin.listen, "admin.listen").await?;

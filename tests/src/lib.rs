@@ -77,6 +77,11 @@ impl Gateway {
         Self::spawn(dir, config_path, &[])
     }
 
+    /// As [`Gateway::start_in`], with `GATEWAY_*` environment overrides.
+    pub fn start_in_env(dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Gateway {
+        Self::spawn(dir, config_path, env)
+    }
+
     /// As [`Gateway::start_env`], running another build of the gateway (`bin`).
     pub fn start_bin(bin: &Path, extra: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -425,6 +430,7 @@ pub fn mosquitto(program: &str, port: &str, args: &[&str]) -> (i32, String) {
 
 pub mod audit;
 pub mod fleet;
+pub mod haproxy;
 pub mod hostile;
 pub mod proxy;
 pub mod tmpfs;

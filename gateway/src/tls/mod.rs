@@ -13,7 +13,10 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsSection;
 
+pub mod reload;
 pub mod stream;
+
+pub use reload::ReloadingCert;
 
 fn load_certs(path: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let mut r = BufReader::new(File::open(path).with_context(|| format!("tls: cannot open {path}"))?);
@@ -34,8 +37,13 @@ fn load_key(path: &str) -> anyhow::Result<PrivateKeyDer<'static>> {
 }
 
 /// Builds the acceptor; with `client_ca` set every client must present a certificate
-/// signed by one of those CAs.
-pub fn acceptor(cfg: &TlsSection) -> anyhow::Result<TlsAcceptor> {
+/// signed by one of those CAs. The server certificate comes from the returned
+/// [`ReloadingCert`], which can swap it for new handshakes (see [`reload`]).
+pub fn acceptor(
+    cfg: &TlsSection,
+    reloads: crate::metrics::Labeled,
+    not_after: prometheus::IntGauge,
+) -> anyhow::Result<(TlsAcceptor, Arc<ReloadingCert>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -47,16 +55,17 @@ pub fn acceptor(cfg: &TlsSection) -> anyhow::Result<TlsAcceptor> {
         for c in load_certs(&cfg.client_ca)? {
             roots.add(c).context("tls.client_ca: invalid CA certificate")?;
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .context("tls.client_ca")?;
         builder.with_client_cert_verifier(verifier)
     };
-    let mut server = builder
-        .with_single_cert(load_certs(&cfg.cert)?, load_key(&cfg.key)?)
-        .context("tls.cert/tls.key: certificate and key do not match")?;
+    let cert = Arc::new(ReloadingCert::load(
+        &cfg.cert, &cfg.key, provider, reloads, not_after,
+    )?);
+    let mut server = builder.with_cert_resolver(cert.clone());
     server.alpn_protocols = vec![b"mqtt".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(server)))
+    Ok((TlsAcceptor::from(Arc::new(server)), cert))
 }
 
 /// Names a verified client certificate gives the vehicle.
