@@ -6,7 +6,8 @@
 #     arguments (the Dockerfile's defaults stay the public images);
 #  2. checks the image: non-root user, ports 1883/8883/8080, volume, HEALTHCHECK,
 #     STOPSIGNAL;
-#  3. runs it with host networking against a real Kafka on the host, with the config,
+#  3. runs it with host networking and a read-only root file system (as
+#     docker/k8s/statefulset.yaml does) against a real Kafka on the host, with the config,
 #     the dev certificates (mTLS) and the admin token mounted as files, the journal on a
 #     named volume, `--stop-timeout` above gateway.shutdown_grace_secs;
 #  4. `podman healthcheck run` (the image's own probe), /readyz, /metrics;
@@ -119,7 +120,7 @@ podman volume create "$VOLUME" >/dev/null || die "podman volume create failed"
 # podman drop containers.conf's default_ulimits and runc then fails to set nproc here
 # ("error setting rlimit type 6"), so nproc is given with it.
 run_gateway() {
-  podman run -d --name "$NAME" --network host \
+  podman run -d --name "$NAME" --network host --read-only \
     --stop-timeout 35 \
     --ulimit "nofile=${NOFILE_HARD}:${NOFILE_HARD}" --ulimit nproc=32768:32768 \
     -v "$VOLUME:/var/lib/gateway" \
