@@ -34,7 +34,8 @@ enum Command {
     /// Print an argon2id hash for `auth.users[].password_hash`; reads the password from stdin.
     HashPassword,
     /// Ask a running gateway's `/healthz` (on its `admin.listen`, a wildcard address
-    /// asked on loopback); exit 0 on 200, 1 otherwise. The container image's
+    /// asked on loopback); exit 0 on 200, 1 otherwise (as Docker's HEALTHCHECK
+    /// expects; a configuration error is 1 too). The container image's
     /// HEALTHCHECK: the slim runtime image carries no curl.
     Healthcheck {
         #[arg(long, default_value = "config/gateway.toml")]
@@ -187,26 +188,27 @@ fn main() -> ExitCode {
 }
 
 /// One `GET /healthz` over plain HTTP/1.1 on the admin listener (std only: no HTTP
-/// client in the image). The token is sent when the probes are not open.
+/// client in the image). The token is sent when the probes are not open. Every failure,
+/// a bad configuration included, exits 1: Docker reserves exit code 2 of a HEALTHCHECK.
 fn healthcheck(config: &std::path::Path, timeout_secs: u64) -> ExitCode {
     use std::io::Write;
     let cfg = match Config::load(config, std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
             eprint!("{e}");
-            return ExitCode::from(2);
+            return ExitCode::FAILURE;
         }
     };
     let listen = cfg.admin.listen.trim();
     if listen.is_empty() {
         eprintln!("healthcheck: admin.listen is empty; the admin API is disabled");
-        return ExitCode::from(2);
+        return ExitCode::FAILURE;
     }
     let mut addr: std::net::SocketAddr = match listen.parse() {
         Ok(a) => a,
         Err(e) => {
             eprintln!("healthcheck: admin.listen {listen:?}: {e}");
-            return ExitCode::from(2);
+            return ExitCode::FAILURE;
         }
     };
     if addr.ip().is_unspecified() {
@@ -223,7 +225,7 @@ fn healthcheck(config: &std::path::Path, timeout_secs: u64) -> ExitCode {
             Ok(_) => {}
             Err(e) => {
                 eprintln!("healthcheck: {}: {}", e.key, e.message);
-                return ExitCode::from(2);
+                return ExitCode::FAILURE;
             }
         }
     }

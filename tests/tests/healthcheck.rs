@@ -65,3 +65,18 @@ fn healthcheck_sends_the_token_when_probes_are_closed() {
     assert_eq!(code, 1, "wrong token must fail: {text}");
     assert!(text.contains("401"), "{text}");
 }
+
+#[test]
+fn healthcheck_never_exits_2() {
+    // Docker reserves a HEALTHCHECK's exit code 2: a configuration it cannot read is 1.
+    let out = Command::new(gateway_bin())
+        .args(["healthcheck", "--config", "/nonexistent/gateway.toml"])
+        .output()
+        .expect("run gateway healthcheck");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
