@@ -203,6 +203,8 @@ build_gateway_image() {
     --build-arg PREBUILT_GATEWAY=docker/.prebuilt/gateway \
     -f "$REPO/docker/Dockerfile" -t "$GATEWAY_IMAGE" "$REPO" >"$CACHE/build-gateway.log" 2>&1 \
     || die "podman build of docker/Dockerfile failed: $(tail -15 "$CACHE/build-gateway.log")"
+  # Each new binary leaves the previous build stage's image untagged: remove those.
+  podman image prune -f --filter label=io.edge-gateway.stage=build >/dev/null 2>&1 || true
 }
 
 # Publishes one QoS 1 message; mosquitto_pub exits 0 only after the PUBACK.
