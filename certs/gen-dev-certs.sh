@@ -12,7 +12,11 @@ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 825 \
   -keyout ca.key -out ca.pem -subj "/CN=edge-gateway dev CA" 2>/dev/null
 issue() { # name cn [san]
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$1.key" -out "$1.csr" -subj "/CN=$2" 2>/dev/null
-  if [ -n "${3:-}" ]; then printf 'subjectAltName=%s\n' "$3" > "$1.ext"; else : > "$1.ext"; fi
+  # Extensions make it an X.509 v3 certificate: without any, openssl issues v1, which
+  # rustls/webpki refuse (UnsupportedCertVersion).
+  printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=%s\n' \
+    "$([ -n "${3:-}" ] && echo serverAuth || echo clientAuth)" > "$1.ext"
+  if [ -n "${3:-}" ]; then printf 'subjectAltName=%s\n' "$3" >> "$1.ext"; fi
   openssl x509 -req -in "$1.csr" -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 -out "$1.pem" -extfile "$1.ext" 2>/dev/null
   rm -f "$1.csr" "$1.ext"
 }

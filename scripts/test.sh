@@ -6,7 +6,12 @@
 #   2. the Python conformance suite's virtualenv (.venv-tests/: paho-mqtt, pytest),
 #   3. Apache Kafka 4.4 jars from Maven Central (scripts/kafka.sh, cached in .kafka/),
 #   4. cargo test for every workspace member (unit, model, mock-cluster and integration
-#      tests against the real gateway binary and a real Kafka broker).
+#      tests against the real gateway binary and a real Kafka broker),
+#   5. the container and Kubernetes tests (docker/test-k8s.sh, docker/test-image.sh,
+#      docker/test-compose.sh: the manifests validated offline, the image built and run
+#      under Podman, the compose file brought up with podman-compose; they install
+#      podman, buildah, runc and debootstrap with apt and take a few minutes).
+#      CONTAINER_TESTS=0 leaves them out, and says so.
 # Fails loudly if a prerequisite cannot be installed; never skips tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,3 +59,13 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 cargo test --workspace --locked --no-fail-fast "$@"
+
+# 5. Containers and Kubernetes (README, "Containers and Kubernetes"). Separate scripts:
+# each prints PASS or "FAIL (<script>): <reason>" and exits non-zero on failure.
+if [ "${CONTAINER_TESTS:-1}" = 0 ]; then
+  echo "test.sh: CONTAINER_TESTS=0: docker/test-k8s.sh, test-image.sh and test-compose.sh were NOT run" >&2
+  exit 0
+fi
+./docker/test-k8s.sh
+./docker/test-image.sh
+./docker/test-compose.sh

@@ -34,6 +34,17 @@ enum Command {
     },
     /// Print an argon2id hash for `auth.users[].password_hash`; reads the password from stdin.
     HashPassword,
+    /// Ask a running gateway's `/healthz` (on its `admin.listen`, a wildcard address
+    /// asked on loopback); exit 0 on 200, 1 otherwise (as Docker's HEALTHCHECK
+    /// expects; a configuration error is 1 too). The container image's
+    /// HEALTHCHECK: the slim runtime image carries no curl.
+    Healthcheck {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Inspect or repair the write-ahead journal of a stopped gateway.
     Journal {
         #[command(subcommand)]
@@ -194,6 +205,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Healthcheck { config, timeout } => healthcheck(&config, timeout),
         Command::HashPassword => {
             let mut password = String::new();
             if std::io::stdin().read_to_string(&mut password).is_err() {
@@ -231,6 +243,80 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// One `GET /healthz` over plain HTTP/1.1 on the admin listener (std only: no HTTP
+/// client in the image). The token is sent when the probes are not open. Every failure,
+/// a bad configuration included, exits 1: Docker reserves exit code 2 of a HEALTHCHECK.
+fn healthcheck(config: &std::path::Path, timeout_secs: u64) -> ExitCode {
+    use std::io::Write;
+    let cfg = match Config::load(config, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listen = cfg.admin.listen.trim();
+    if listen.is_empty() {
+        eprintln!("healthcheck: admin.listen is empty; the admin API is disabled");
+        return ExitCode::FAILURE;
+    }
+    let mut addr: std::net::SocketAddr = match listen.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("healthcheck: admin.listen {listen:?}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let mut auth = String::new();
+    if !cfg.admin.open_probes {
+        match cfg.admin_token() {
+            Ok(t) if !t.is_empty() => auth = format!("Authorization: Bearer {t}\r\n"),
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("healthcheck: {}: {}", e.key, e.message);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let timeout = std::time::Duration::from_secs(timeout_secs.max(1));
+    let result = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        write!(
+            s,
+            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+        )?;
+        let mut body = String::new();
+        s.take(64 * 1024).read_to_string(&mut body)?;
+        Ok(body)
+    })();
+    match result {
+        Ok(answer) => {
+            let status = answer.lines().next().unwrap_or("");
+            let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+            if status.split_whitespace().nth(1) == Some("200") {
+                println!("healthy: {body}");
+                ExitCode::SUCCESS
+            } else {
+                println!("unhealthy: {status} {body}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            println!("unhealthy: GET http://{addr}/healthz: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,82 @@
+//! `gateway healthcheck`, the container image's HEALTHCHECK: exit 0 while the running
+//! gateway's `/healthz` answers 200, 1 when it does not answer, with the token when the
+//! probes are closed (`admin.open_probes = false`).
+
+use std::process::Command;
+use std::time::Duration;
+
+use integration::{gateway_bin, Gateway, ANON};
+
+/// Runs `gateway healthcheck` against `gw`'s config, pointing it at the bound admin
+/// address (the test config listens on port 0).
+fn healthcheck(gw: &Gateway, admin: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let out = Command::new(gateway_bin())
+        .args(["healthcheck", "--timeout", "2", "--config"])
+        .arg(&gw.config_path)
+        .env("GATEWAY_ADMIN__LISTEN", admin)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run gateway healthcheck");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn healthcheck_follows_healthz() {
+    let mut gw = Gateway::start(ANON);
+    let admin = gw.admin.expect("admin listener").to_string();
+    let (code, text) = healthcheck(&gw, &admin, &[]);
+    assert_eq!(code, 0, "healthy gateway: {text}");
+    assert!(text.starts_with("healthy"), "{text}");
+    // A wildcard listen address is asked on loopback.
+    let wildcard = admin.replace("127.0.0.1", "0.0.0.0");
+    let (code, text) = healthcheck(&gw, &wildcard, &[("GATEWAY_ADMIN__TOKEN", "t")]);
+    assert_eq!(code, 0, "0.0.0.0 asked on loopback: {text}");
+
+    assert!(gw.terminate(Duration::from_secs(10)), "gateway did not stop");
+    let (code, text) = healthcheck(&gw, &admin, &[]);
+    assert_eq!(code, 1, "stopped gateway must be unhealthy: {text}");
+    assert!(text.contains("unhealthy"), "{text}");
+}
+
+#[test]
+fn healthcheck_sends_the_token_when_probes_are_closed() {
+    let env = [
+        ("GATEWAY_ADMIN__TOKEN", "s3cret-token"),
+        ("GATEWAY_ADMIN__OPEN_PROBES", "false"),
+    ];
+    let gw = Gateway::start_env(ANON, &env);
+    let admin = gw.admin.expect("admin listener").to_string();
+    let (code, text) = healthcheck(&gw, &admin, &env);
+    assert_eq!(code, 0, "healthcheck with the token: {text}");
+    // The same probe with another token is refused by the gateway.
+    let (code, text) = healthcheck(
+        &gw,
+        &admin,
+        &[
+            ("GATEWAY_ADMIN__TOKEN", "wrong"),
+            ("GATEWAY_ADMIN__OPEN_PROBES", "false"),
+        ],
+    );
+    assert_eq!(code, 1, "wrong token must fail: {text}");
+    assert!(text.contains("401"), "{text}");
+}
+
+#[test]
+fn healthcheck_never_exits_2() {
+    // Docker reserves a HEALTHCHECK's exit code 2: a configuration it cannot read is 1.
+    let out = Command::new(gateway_bin())
+        .args(["healthcheck", "--config", "/nonexistent/gateway.toml"])
+        .output()
+        .expect("run gateway healthcheck");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
