@@ -119,11 +119,6 @@ macro_rules! counted {
     }};
 }
 
-/// Seconds since `start`, for a histogram.
-pub fn secs_since(start: std::time::Instant) -> f64 {
-    start.elapsed().as_secs_f64()
-}
-
 /// Seconds between two wall-clock times in ms (0 when `to` is before `from`: clocks
 /// step).
 pub fn secs_between_ms(from_ms: u64, to_ms: u64) -> f64 {

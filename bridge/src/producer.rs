@@ -212,14 +212,6 @@ impl std::fmt::Debug for BridgeStatus {
     }
 }
 
-/// Wall-clock ms since the epoch (records carry their receive time so).
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 /// The values `gateway_bridge_state{state}` takes (1 for the current one).
 const STATES: [State; 5] = [
     State::Connecting,
@@ -967,9 +959,10 @@ impl<'p, J: Journal> Pump<'p, J> {
                         self.status
                             .delivery_latency
                             .observe(sent_at.elapsed().as_secs_f64());
-                        self.status
-                            .record_age
-                            .observe(crate::metrics::secs_between_ms(received_at_ms, wall_ms()));
+                        self.status.record_age.observe(crate::metrics::secs_between_ms(
+                            received_at_ms,
+                            crate::journal::now_ms(),
+                        ));
                     }
                     self.status.set_state(State::Connected);
                 }

@@ -220,6 +220,7 @@ pub use reader::JournalReader;
 pub use record::{decode, encode, frame_len, EncodeError, Entry, EntryKind, Frame, Record, FRAME_HEADER};
 pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
 pub use retained::{NotRetained, ReplayReader, RetainedRange};
+pub(crate) use segmented::now_ms;
 pub use segmented::{FullPolicy, SegmentedJournal};
 use tokio::sync::watch;
 

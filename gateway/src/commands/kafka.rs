@@ -48,15 +48,17 @@ fn issue(shared: &Arc<Shared>, c: Consumed) {
     // Done before (its marker is in the store: a crash came before its offset commit),
     // or its final outcome is reported and settling (the consumer was rebuilt and read
     // it again): not again, whatever the session or the record now says.
+    let source = Source::Kafka {
+        topic: c.topic.clone(),
+        partition: c.partition,
+        offset: c.offset,
+    };
+    let id = format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset);
     let again = commands.restore(CommandRecord {
-        id: format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset),
+        id: id.clone(),
         client_id: String::new(),
         correlation_id: None,
-        source: Source::Kafka {
-            topic: c.topic.clone(),
-            partition: c.partition,
-            offset: c.offset,
-        },
+        source: source.clone(),
         issued_at_ms: now_ms(),
         qos: 0,
     });
@@ -65,12 +67,6 @@ fn issue(shared: &Arc<Shared>, c: Consumed) {
         return;
     }
     again.forget();
-    let source = Source::Kafka {
-        topic: c.topic.clone(),
-        partition: c.partition,
-        offset: c.offset,
-    };
-    let id = format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset);
     match decode(&c) {
         Ok((req, handed_over_id)) => {
             commands.issue(shared, handed_over_id.unwrap_or(id), source, req, None);

@@ -177,7 +177,8 @@ impl Sink {
             .retain(|(t, p, o)| !(t == topic && *p == partition && *o < position));
     }
 
-    /// Kafka commands whose final outcome is settling (for tests and metrics).
+    /// Kafka commands whose final outcome is settling.
+    #[cfg(test)]
     pub fn finishing_len(&self) -> usize {
         self.finishing().len()
     }
