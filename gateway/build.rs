@@ -1,5 +1,9 @@
 //! Stamps the git commit into the binary for `gateway_build_info` and `--version`
-//! (`GATEWAY_BUILD_COMMIT` overrides it, e.g. in a container build without `.git`).
+//! (`EDGE_GATEWAY_COMMIT` overrides it, e.g. in a container build without `.git`).
+//!
+//! Not `GATEWAY_*`: cargo also sets this variable when it runs the binary (`cargo run`,
+//! tests), and every `GATEWAY_<SECTION>__<KEY>` variable is a configuration override
+//! the gateway refuses when it names no key.
 
 use std::path::Path;
 use std::process::Command;
@@ -13,13 +17,13 @@ fn git(args: &[&str]) -> Option<String> {
 }
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=GATEWAY_BUILD_COMMIT");
-    let commit = std::env::var("GATEWAY_BUILD_COMMIT")
+    println!("cargo:rerun-if-env-changed=EDGE_GATEWAY_COMMIT");
+    let commit = std::env::var("EDGE_GATEWAY_COMMIT")
         .ok()
         .filter(|c| !c.is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
         .unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=GATEWAY_BUILD_COMMIT={commit}");
+    println!("cargo:rustc-env=EDGE_GATEWAY_COMMIT={commit}");
     // Run again when HEAD moves (only paths that exist: a missing one would make cargo
     // run this script on every build).
     let dirs = [

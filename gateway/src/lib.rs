@@ -8,7 +8,7 @@
 //! operators.
 
 /// The git commit this binary was built from (`unknown` without `.git`).
-pub const BUILD_COMMIT: &str = env!("GATEWAY_BUILD_COMMIT");
+pub const BUILD_COMMIT: &str = env!("EDGE_GATEWAY_COMMIT");
 
 pub mod admin;
 pub mod auth;
