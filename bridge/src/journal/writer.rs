@@ -338,14 +338,18 @@ impl Maintenance {
             return true;
         }
         let released = inner.released.load(Ordering::Acquire);
-        if released <= self.seq {
-            return false;
-        }
-        if force || self.at.elapsed() >= MAINTENANCE_INTERVAL {
+        // A wholly released segment is due whatever the checkpoint says: after a restart
+        // with replay retention turned off, the formerly retained segments are live again
+        // at a watermark already checkpointed, and only their deletion frees the space
+        // new appends wait for.
+        if inner
+            .segments()
+            .get(1)
+            .is_some_and(|next| next.first_seq - 1 <= released)
+        {
             return true;
         }
-        let segs = inner.segments();
-        segs.get(1).is_some_and(|next| next.first_seq - 1 <= released)
+        released > self.seq && (force || self.at.elapsed() >= MAINTENANCE_INTERVAL)
     }
 }
 
@@ -446,6 +450,10 @@ fn delete_released(
     if maint.orphans.is_empty() {
         return Ok(());
     }
+    // Oldest first: live segments freed for space come before the older retained ones in
+    // the list, and a crash between two unlinks must leave no hole below a segment that
+    // stays (a restart would read the hole as corruption).
+    maint.orphans.sort_by_key(|o| o.meta.first_seq);
     while let Some(seg) = maint.orphans.first() {
         match fs::remove_file(&seg.meta.path) {
             Ok(()) => {}
