@@ -338,18 +338,14 @@ impl Maintenance {
             return true;
         }
         let released = inner.released.load(Ordering::Acquire);
-        // A wholly released segment is due whatever the checkpoint says: after a restart
-        // with replay retention turned off, the formerly retained segments are live again
-        // at a watermark already checkpointed, and only their deletion frees the space
-        // new appends wait for.
-        if inner
-            .segments()
-            .get(1)
-            .is_some_and(|next| next.first_seq - 1 <= released)
-        {
+        if released <= self.seq {
+            return false;
+        }
+        if force || self.at.elapsed() >= MAINTENANCE_INTERVAL {
             return true;
         }
-        released > self.seq && (force || self.at.elapsed() >= MAINTENANCE_INTERVAL)
+        let segs = inner.segments();
+        segs.get(1).is_some_and(|next| next.first_seq - 1 <= released)
     }
 }
 
