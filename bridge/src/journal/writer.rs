@@ -65,7 +65,7 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
                 if !batch.is_empty() {
                     break;
                 }
-                let maintenance_due = maint.due(&inner, false);
+                let maintenance_due = maint.due(&inner, false, st.full);
                 if !st.buf.is_empty() || maintenance_due || st.closing {
                     break;
                 }
@@ -333,13 +333,23 @@ impl Maintenance {
     /// restart, so it is written at most every `MAINTENANCE_INTERVAL` (three syncs each
     /// time: writing it on every group commit quadrupled the commit latency) — except
     /// when a segment became deletable (space is waiting on it) or on close.
-    fn due(&self, inner: &Inner, force: bool) -> bool {
+    ///
+    /// `full`: an append is waiting for space. A wholly released segment is then due even
+    /// at an already checkpointed watermark: after a restart with replay retention turned
+    /// off, the formerly retained segments are live again below that watermark, and only
+    /// deleting them frees the space the appends wait for. (Not otherwise: right after a
+    /// restart, released records stay readable until the journal needs their room.)
+    fn due(&self, inner: &Inner, force: bool, full: bool) -> bool {
         if !self.orphans.is_empty() || inner.retained().trim_due(inner, now_ms()) {
             return true;
         }
         let released = inner.released.load(Ordering::Acquire);
         if released <= self.seq {
-            return false;
+            return full
+                && inner
+                    .segments()
+                    .get(1)
+                    .is_some_and(|next| next.first_seq - 1 <= released);
         }
         if force || self.at.elapsed() >= MAINTENANCE_INTERVAL {
             return true;
@@ -359,7 +369,8 @@ impl Maintenance {
 /// bounds the release watermark as well, and on a full disk (where the checkpoint's temp
 /// file cannot be written) deleting released segments is what frees space.
 fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), JournalError> {
-    if !maint.due(inner, force) {
+    let full = inner.state().full;
+    if !maint.due(inner, force, full) {
         return Ok(());
     }
     let released = inner.released.load(Ordering::Acquire);
