@@ -29,6 +29,11 @@
 //! * Skipped, and counted as `skipped`: records no current route accepts
 //!   (`kafka.unmatched = "refuse"`, event topics switched off) and commands handed over
 //!   to another gateway (re-sending them would deliver a command to a vehicle again).
+//! * An operator can cancel a running replay ([`Replays::cancel`]): it ends `cancelled`,
+//!   its unsent records are purged from its producer, and its pins go at once (a replay
+//!   stuck behind an unreachable Kafka otherwise pins retained segments, up to twice
+//!   `replay_retention_bytes`; past that the journal deletes the oldest and the replay
+//!   fails saying so).
 //! * One replay at a time ([`ReplayError::Running`]). Progress ([`Progress`]) is readable
 //!   while it runs; the last [`HISTORY`] replays are kept in memory. A replay is not
 //!   persisted: a restarted gateway does not resume or repeat one.
@@ -87,6 +92,8 @@ pub enum ReplayState {
     /// Interrupted (shutdown, journal error, segments deleted for space) or some records
     /// refused by Kafka; `error` says which.
     Failed,
+    /// Stopped by an operator ([`Replays::cancel`]); what was confirmed stays confirmed.
+    Cancelled,
 }
 
 impl ReplayState {
@@ -95,6 +102,7 @@ impl ReplayState {
             ReplayState::Running => "running",
             ReplayState::Done => "done",
             ReplayState::Failed => "failed",
+            ReplayState::Cancelled => "cancelled",
         }
     }
 }
@@ -159,6 +167,8 @@ struct Tracked {
     current_seq: AtomicU64,
     end: Mutex<Option<End>>,
     first_error: Mutex<Option<String>>,
+    /// Cancelled by an operator, or (a child of the gateway's token) at shutdown.
+    stop: CancellationToken,
 }
 
 #[derive(Debug, Clone)]
@@ -293,6 +303,7 @@ impl Replays {
             current_seq: AtomicU64::new(0),
             end: Mutex::new(None),
             first_error: Mutex::new(None),
+            stop: self.cancel.child_token(),
         });
         let producer = if planned.records == 0 {
             None
@@ -354,6 +365,28 @@ impl Replays {
             .rev()
             .map(|t| t.progress())
             .collect()
+    }
+
+    /// Stops the replay `id` if it is still running and waits (up to `wait`) until it
+    /// has: its producer's queue is purged, records Kafka already confirmed stay
+    /// confirmed, and its pins go, so retention applies again. `None`: no such replay.
+    pub async fn cancel(&self, id: &str, wait: Duration) -> Option<Progress> {
+        let tracked = self.registry().history.iter().find(|t| t.id == id).cloned()?;
+        tracked.stop.cancel();
+        let deadline = tokio::time::Instant::now() + wait;
+        while tracked.progress().state == ReplayState::Running && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Some(tracked.progress())
+    }
+
+    /// Why a stopped replay stopped.
+    fn interrupted(&self) -> String {
+        if self.cancel.is_cancelled() {
+            "interrupted by the gateway's shutdown".to_string()
+        } else {
+            "cancelled by an operator".to_string()
+        }
     }
 
     /// Gateway shutdown: interrupts a running replay (it ends `failed`, what it sent
@@ -464,11 +497,8 @@ impl Replays {
                 }
             }
         }
-        if reader.revoked() {
-            return Err(ReplayError::Failed(
-                "the volume filled up and the retained segments were deleted to make room for live ingest"
-                    .into(),
-            ));
+        if let Some(why) = reader.revoked() {
+            return Err(ReplayError::Failed(why.reason().into()));
         }
         reader.rewind(planned.first.unwrap_or(to.saturating_add(1)));
         Ok((reader, planned))
@@ -509,10 +539,11 @@ impl Replays {
             }
             // Every delivery report, however long Kafka takes.
             while tracked.confirmed() < sent {
-                if self.cancel.is_cancelled() {
-                    return Err(
-                        "interrupted by the gateway's shutdown before Kafka confirmed every record".into(),
-                    );
+                if tracked.stop.is_cancelled() {
+                    return Err(format!(
+                        "{} before Kafka confirmed every record",
+                        self.interrupted()
+                    ));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -540,6 +571,10 @@ impl Replays {
                 warn!(replay = %tracked.id, reason = %why, "replay: failed");
                 self.end(&tracked, ReplayState::Failed, Some(why));
             }
+            (Err(why), _) if tracked.stop.is_cancelled() && !self.cancel.is_cancelled() => {
+                info!(replay = %tracked.id, sent = tracked.sent.load(Ordering::Relaxed), "replay: cancelled by an operator");
+                self.end(&tracked, ReplayState::Cancelled, Some(why));
+            }
             (Err(why), _) => {
                 warn!(replay = %tracked.id, reason = %why, "replay: failed");
                 self.end(&tracked, ReplayState::Failed, Some(why));
@@ -566,18 +601,16 @@ impl Replays {
         producer: &ThreadedProducer<ReplayContext>,
         window: u64,
     ) -> Result<(), String> {
-        let interrupted = || "interrupted by the gateway's shutdown".to_string();
+        let interrupted = || self.interrupted();
         loop {
-            if self.cancel.is_cancelled() {
+            if tracked.stop.is_cancelled() {
                 return Err(interrupted());
             }
             let batch = reader
                 .next_batch(READ_BATCH)
                 .map_err(|e| format!("reading the journal: {e}"))?;
-            if reader.revoked() {
-                return Err(
-                    "the volume filled up and the retained segments were deleted to make room for live ingest".into(),
-                );
+            if let Some(why) = reader.revoked() {
+                return Err(why.reason().into());
             }
             let Some(last) = batch.last().map(|r| r.seq) else {
                 return Ok(());
@@ -587,7 +620,7 @@ impl Replays {
                     continue;
                 };
                 while tracked.sent.load(Ordering::Relaxed) - tracked.confirmed() >= window {
-                    if self.cancel.is_cancelled() {
+                    if tracked.stop.is_cancelled() {
                         return Err(interrupted());
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -632,7 +665,7 @@ impl Replays {
             match producer.send(record) {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    if self.cancel.is_cancelled() {
+                    if tracked.stop.is_cancelled() {
                         return Err(None);
                     }
                     std::thread::sleep(Duration::from_millis(10));

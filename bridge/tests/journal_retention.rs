@@ -153,11 +153,15 @@ fn the_byte_cap_deletes_the_oldest_but_never_what_a_replay_pins() {
     let first = j.stats().retained.expect("range").from_seq;
     // A replay pins from `first`: more releases must not delete what it reads.
     let mut pinned = j.replay_reader(first, 100).expect("retained");
-    for from in (101..=400).step_by(50) {
-        append(&rt, &j, from..=from + 49);
-        j.release(from + 49);
+    // Over the cap, not yet at the pin ceiling (twice the cap).
+    let mut next = 101;
+    while j.stats().retained_bytes <= 2 * SEGMENT + SEGMENT / 2 {
+        append(&rt, &j, next..=next + 19);
+        j.release(next + 19);
+        next += 20;
+        std::thread::sleep(Duration::from_millis(300));
     }
-    until("more retained", || j.stats().retained_segments >= 4);
+    assert!(j.stats().retained_bytes < 4 * SEGMENT, "{:?}", j.stats());
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         j.stats().retained.expect("range").from_seq,
@@ -177,7 +181,7 @@ fn the_byte_cap_deletes_the_oldest_but_never_what_a_replay_pins() {
         n += batch.len();
     }
     assert_eq!(n as u64, 100 - first + 1);
-    assert!(!pinned.revoked());
+    assert!(pinned.revoked().is_none());
     drop(pinned);
     until("cap applied after the replay", || {
         j.stats().retained_bytes <= 2 * SEGMENT
@@ -321,7 +325,11 @@ fn a_full_volume_gives_retained_segments_up_for_live_ingest() {
     );
     let st = j.stats();
     assert_eq!((st.retained_segments, st.retained_bytes), (0, 0), "{st:?}");
-    assert!(pinned.revoked(), "the replay is told its segments went");
+    assert_eq!(
+        pinned.revoked(),
+        Some(bridge::journal::Revoked::VolumeFull),
+        "the replay is told its segments went"
+    );
     drop(pinned);
     j.close();
     drop(j);
@@ -355,4 +363,51 @@ fn turning_retention_off_frees_the_formerly_retained_segments() {
     });
     assert!(appended.is_ok(), "appends waited for segments nothing deletes");
     until("old segments deleted", || seg_files(dir.path()) <= 8);
+}
+
+/// A replay that cannot finish (Kafka unreachable) pins at most twice the cap: past that
+/// the oldest retained segments go and the replay is told why, instead of the retained
+/// set growing until the volume is full.
+#[test]
+fn a_stuck_replay_pins_at_most_twice_the_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let j = SegmentedJournal::open(config(dir.path(), Duration::from_secs(3600), 2 * SEGMENT)).expect("open");
+    append(&rt, &j, 1..=60);
+    j.release(60);
+    until("retained", || j.stats().retained.is_some());
+    let first = j.stats().retained.expect("range").from_seq;
+    let pinned = j.replay_reader(first, 60).expect("retained");
+    for from in (61..=1000).step_by(20) {
+        append(&rt, &j, from..=from + 19);
+        j.release(from + 19);
+    }
+    until("ceiling applied", || j.stats().retained_bytes <= 4 * SEGMENT);
+    assert!(j.stats().retained.expect("range").from_seq > first);
+    assert_eq!(pinned.revoked(), Some(bridge::journal::Revoked::PinCeiling));
+}
+
+/// `drop_oldest` deleting released records a replay reads tells the replay, which would
+/// otherwise skip them as a gap and report a short range as done.
+#[test]
+fn drop_oldest_deleting_pinned_records_revokes_the_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let j = SegmentedJournal::open(config(dir.path(), Duration::from_secs(3600), 1 << 20)).expect("open");
+    append(&rt, &j, 1..=20);
+    j.release(20);
+    // Released records still in the live head segment: replayable and pinned.
+    let pinned = j.replay_reader(1, 20).expect("retained");
+    let mut n = 20;
+    rt.block_on(async {
+        while j.stats().dropped == 0 {
+            n += 1;
+            j.append_with(&entry(n), FullPolicy::DropOldest)
+                .await
+                .expect("append");
+        }
+    });
+    rt.block_on(j.flush()).expect("flush");
+    until("the segment deleted", || pinned.revoked().is_some());
+    assert_eq!(pinned.revoked(), Some(bridge::journal::Revoked::DroppedOldest));
 }

@@ -390,3 +390,46 @@ fn retention_zero_keeps_nothing_and_the_window_is_honoured() {
     let done = wait_finished(&gw, q["replay_id"].as_str().unwrap());
     assert_eq!(done["state"], "done", "{done}");
 }
+
+/// A replay stuck behind an unreachable Kafka is cancelled by `DELETE
+/// /api/v1/replay/{id}`: it ends `cancelled` at once, nothing was confirmed, and the slot
+/// is free for the next replay.
+#[test]
+fn a_stuck_replay_is_cancelled_by_an_operator() {
+    let mut kafka = Kafka::start();
+    kafka.create_topic("telemetry", 1);
+    let gw = Gateway::start_env(
+        &kafka_config(&kafka.bootstrap(), "telemetry"),
+        &[("GATEWAY_JOURNAL__REPLAY_RETENTION_SECS", "3600")],
+    );
+    publish(&gw, "VIN-A", 50);
+    wait_released(&gw, 50);
+    kafka.kill();
+    let (code, q) = api(&gw, "POST", "/api/v1/replay", r#"{"from_seq": 1, "to_seq": 50}"#);
+    assert_eq!(code, 202, "{q}");
+    let id = q["replay_id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(1));
+    let (_, p) = api(&gw, "GET", &format!("/api/v1/replay/{id}"), "");
+    assert_eq!(p["state"], "running", "Kafka is down: {p}");
+
+    let (code, p) = api(&gw, "DELETE", &format!("/api/v1/replay/{id}"), "");
+    assert_eq!(code, 200, "{p}");
+    assert_eq!(p["state"], "cancelled", "{p}");
+    assert_eq!(p["delivered"], 0, "{p}");
+    assert!(p["error"].as_str().unwrap().contains("cancelled"), "{p}");
+    // Cancelling again leaves it as it is; an unknown id is 404.
+    let (code, again) = api(&gw, "DELETE", &format!("/api/v1/replay/{id}"), "");
+    assert_eq!(
+        (code, &again["state"]),
+        (200, &Value::from("cancelled")),
+        "{again}"
+    );
+    let (code, _) = api(&gw, "DELETE", "/api/v1/replay/replay-0-0", "");
+    assert_eq!(code, 404);
+    // The slot is free.
+    let (code, next) = api(&gw, "POST", "/api/v1/replay", r#"{"from_seq": 1, "to_seq": 5}"#);
+    assert_eq!(code, 202, "{next}");
+    let next_id = next["replay_id"].as_str().unwrap().to_string();
+    let (_, p) = api(&gw, "DELETE", &format!("/api/v1/replay/{next_id}"), "");
+    assert_eq!(p["state"], "cancelled", "{p}");
+}

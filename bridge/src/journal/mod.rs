@@ -118,14 +118,17 @@
 //!   made durable by the `fsync` that sealed the segment at its roll), **or**
 //! * the retained set holds more than `max_bytes` (real file sizes),
 //!
-//! except while a replay pins it ([`ReplayReader`]): a replay never loses the records it
-//! is reading to the window or the cap, which may then be exceeded until it finishes.
-//! Retained segments are outside `max_bytes`, so the journal-full policy never applies
-//! because of them: the disk holds at most `max_bytes` + `replay_retention.max_bytes`
-//! (plus what a running replay pins). When the volume itself is full (the writer stalls on
-//! ENOSPC or EDQUOT) every retained segment is deleted at once, pinned or not (the replay
-//! reading it then fails, [`ReplayReader::revoked`]): live ingest comes first. Segments
-//! `drop_oldest` released undelivered are deleted, never retained.
+//! except while a replay pins it ([`ReplayReader`]): a replay does not lose the records
+//! it is reading to the window or the cap, which may then be exceeded until it finishes —
+//! up to twice the cap ([`retained::PIN_CEILING`]): past that the oldest go anyway, so a
+//! replay stuck behind an unreachable Kafka cannot fill the volume. Retained segments are
+//! outside `max_bytes`, so the journal-full policy never applies because of them: the
+//! disk holds at most `max_bytes` + 2 × `replay_retention.max_bytes` (plus one segment).
+//! When the volume itself is full (the writer stalls on ENOSPC or EDQUOT) every retained
+//! segment is deleted at once, pinned or not: live ingest comes first. Segments
+//! `drop_oldest` released undelivered are deleted, never retained. Whatever deletes
+//! records a replay pinned tells it ([`ReplayReader::revoked`], with the reason): the
+//! replay fails instead of reporting a short range as done.
 //!
 //! Nothing about retention is persisted besides the files themselves: at open (with
 //! retention on), every wholly released segment (by the release checkpoint) is retained
@@ -219,7 +222,7 @@ use std::time::Duration;
 pub use reader::JournalReader;
 pub use record::{decode, encode, frame_len, EncodeError, Entry, EntryKind, Frame, Record, FRAME_HEADER};
 pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
-pub use retained::{NotRetained, ReplayReader, RetainedRange};
+pub use retained::{NotRetained, ReplayReader, RetainedRange, Revoked};
 pub(crate) use segmented::now_ms;
 pub use segmented::{FullPolicy, SegmentedJournal};
 use tokio::sync::watch;

@@ -3,7 +3,7 @@
 //! doc), the pins a replay holds on them, and the pinned reader it reads them with.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -26,13 +26,60 @@ pub(crate) struct RetainedSegment {
 }
 
 /// A replay's hold on retained segments: nothing holding a sequence at or above
-/// `from_seq` is deleted by the window or the byte cap while the pin exists.
+/// `from_seq` is deleted by the window or the byte cap while the pin exists (up to
+/// [`PIN_CEILING`]).
 #[derive(Debug)]
 struct PinEntry {
     id: u64,
     from_seq: u64,
-    /// Set when a full volume forced the deletion of pinned segments anyway.
-    revoked: Arc<AtomicBool>,
+    /// Set (to a [`Revoked`] code) when a segment it pins was deleted anyway.
+    revoked: Arc<AtomicU8>,
+}
+
+/// How far pins may hold the retained set over its cap: a replay that cannot finish
+/// (Kafka unreachable for days) must not grow the disk without bound. Past
+/// `PIN_CEILING` × `replay_retention_bytes`, the oldest retained segments go even when
+/// pinned, and the replays reading them fail saying why.
+pub(crate) const PIN_CEILING: u64 = 2;
+
+/// Why a replay's pinned segments were deleted under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Revoked {
+    /// The volume filled up: live ingest comes first.
+    VolumeFull = 1,
+    /// The retained set reached [`PIN_CEILING`] × the cap while the replay held it.
+    PinCeiling = 2,
+    /// `drop_oldest` released the records undelivered and deleted their segment.
+    DroppedOldest = 3,
+}
+
+impl Revoked {
+    fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Revoked::VolumeFull),
+            2 => Some(Revoked::PinCeiling),
+            3 => Some(Revoked::DroppedOldest),
+            _ => None,
+        }
+    }
+
+    /// For the replay's `error`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Revoked::VolumeFull => {
+                "the volume filled up and the retained segments were deleted to make room for live ingest"
+            }
+            Revoked::PinCeiling => {
+                "the replay held the retained segments past twice journal.replay_retention_bytes \
+                 (Kafka too slow or unreachable?); the oldest were deleted"
+            }
+            Revoked::DroppedOldest => {
+                "the journal was full under journal.full_policy = \"drop_oldest\" and deleted segments \
+                 the replay was reading"
+            }
+        }
+    }
 }
 
 /// The retained segments (oldest first) and the pins on them. Lock order: the
@@ -69,7 +116,24 @@ impl RetainedSet {
         self.pins.iter().any(|p| p.from_seq <= last_seq)
     }
 
-    /// Whether the oldest retained segment must go now (never a pinned one).
+    /// Tells every replay pinning a sequence up to `last_seq` that it lost records.
+    /// Called for every deletion of released records a pin may cover, whatever deletes
+    /// them (the first reason sticks).
+    pub fn revoke_upto(&self, last_seq: u64, why: Revoked) {
+        for p in self.pins.iter().filter(|p| p.from_seq <= last_seq) {
+            let _ = p
+                .revoked
+                .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Whether pins hold the set past [`PIN_CEILING`] × the cap.
+    fn over_pin_ceiling(&self, inner: &Inner) -> bool {
+        self.bytes > inner.cfg.replay_retention.max_bytes.saturating_mul(PIN_CEILING)
+    }
+
+    /// Whether the oldest retained segment must go now (a pinned one only past the pin
+    /// ceiling).
     pub fn trim_due(&self, inner: &Inner, now_ms: u64) -> bool {
         let Some(oldest) = self.segs.front() else {
             return false;
@@ -78,23 +142,20 @@ impl RetainedSet {
         let expired = !r.enabled()
             || self.bytes > r.max_bytes
             || now_ms >= oldest.written_ms.saturating_add(r.max_age.as_millis() as u64);
-        expired && !self.pinned(oldest.last_seq)
+        expired && (!self.pinned(oldest.last_seq) || self.over_pin_ceiling(inner))
     }
 
-    /// Takes the segments to delete out of the set, oldest first.
+    /// Takes the segments to delete out of the set, oldest first; revokes the pins on
+    /// those that go.
     pub fn take_trimmed(&mut self, inner: &Inner, now_ms: u64, how: Trim) -> Vec<RetainedSegment> {
         let mut out = Vec::new();
         while let Some(oldest) = self.segs.front() {
-            match how {
+            let why = match how {
                 Trim::Expired if !self.trim_due(inner, now_ms) => break,
-                Trim::Expired => {}
-                Trim::ForSpace => {
-                    let last = oldest.last_seq;
-                    for p in self.pins.iter().filter(|p| p.from_seq <= last) {
-                        p.revoked.store(true, Ordering::Release);
-                    }
-                }
-            }
+                Trim::Expired => Revoked::PinCeiling,
+                Trim::ForSpace => Revoked::VolumeFull,
+            };
+            self.revoke_upto(oldest.last_seq, why);
             if let Some(seg) = self.segs.pop_front() {
                 self.bytes = self.bytes.saturating_sub(seg.meta.size);
                 out.push(seg);
@@ -156,7 +217,7 @@ pub struct ReplayReader {
     inner: Arc<Inner>,
     reader: JournalReader,
     pin: u64,
-    revoked: Arc<AtomicBool>,
+    revoked: Arc<AtomicU8>,
     to_seq: u64,
 }
 
@@ -192,7 +253,7 @@ impl ReplayReader {
         }
         let id = ret.next_pin;
         ret.next_pin += 1;
-        let revoked = Arc::new(AtomicBool::new(false));
+        let revoked = Arc::new(AtomicU8::new(0));
         ret.pins.push(PinEntry {
             id,
             from_seq,
@@ -243,10 +304,10 @@ impl ReplayReader {
         }
     }
 
-    /// True when a full volume forced the deletion of segments this reader pinned: the
-    /// records it has not read yet may be gone.
-    pub fn revoked(&self) -> bool {
-        self.revoked.load(Ordering::Acquire)
+    /// Set when segments this reader pinned were deleted anyway (a full volume, the pin
+    /// ceiling, `drop_oldest`): the records it has not read yet may be gone.
+    pub fn revoked(&self) -> Option<Revoked> {
+        Revoked::from_code(self.revoked.load(Ordering::Acquire))
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::dir::{open_or_create_segment, sync_dir, write_checkpoint, SegmentMeta};
-use super::retained::{written_ms, RetainedSegment, Trim};
+use super::retained::{written_ms, RetainedSegment, Revoked, Trim};
 use super::segmented::{now_ms, Inner};
 use super::JournalError;
 
@@ -430,7 +430,15 @@ fn delete_released(
             let mut ret = inner.retained();
             segs.drain(..stamped.len());
             for (meta, last_seq, written_ms) in stamped {
-                if ret.take_dropped(meta.first_seq, last_seq) || !retain {
+                let dropped = ret.take_dropped(meta.first_seq, last_seq);
+                if dropped || !retain {
+                    // A replay may be reading the released records in it.
+                    let why = if dropped {
+                        Revoked::DroppedOldest
+                    } else {
+                        Revoked::VolumeFull
+                    };
+                    ret.revoke_upto(last_seq, why);
                     maint.orphans.push(Orphan { meta, live: true });
                 } else {
                     freed += 1;

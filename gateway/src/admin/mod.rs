@@ -62,7 +62,7 @@ fn api_routes() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(parked))
         .routes(routes!(redrive))
         .routes(routes!(replay::start, replay::list))
-        .routes(routes!(replay::get))
+        .routes(routes!(replay::get, replay::cancel))
         .routes(routes!(commands::list, commands::issue))
         .routes(routes!(sessions::list_connections))
         .routes(routes!(sessions::get_connection, sessions::kick))

@@ -35,7 +35,8 @@ pub struct ReplayBody {
 pub struct ReplayStatus {
     /// Also the value of the `gateway.replay` header of every record it sends.
     pub replay_id: String,
-    /// `running`, `done` (every record confirmed by Kafka) or `failed` (see `error`).
+    /// `running`, `done` (every record confirmed by Kafka), `failed` (see `error`) or
+    /// `cancelled` (`DELETE /api/v1/replay/{replay_id}`).
     pub state: String,
     /// Records queued, their payload bytes, and the first and last sequence among them
     /// (`null` when nothing matched).
@@ -182,6 +183,28 @@ pub async fn get(
     s.replays.get(&id).map(|p| Json(status(p))).ok_or_else(|| {
         ApiError::not_found(format!("no replay {id:?} (the last 16 are kept until a restart)"))
     })
+}
+
+/// Cancels a running replay: it stops sending, its producer's queue is purged, and its
+/// pins on the retained segments go (retention applies again). Records Kafka already
+/// confirmed stay confirmed (`delivered`). Answers once it stopped (at most 5 s; `state`
+/// may still say `running` after that) with its progress, `state` `cancelled`; a replay
+/// that had already ended is left as it was.
+#[utoipa::path(delete, path = "/api/v1/replay/{replay_id}", tag = "bridge",
+    params(("replay_id" = String, Path, description = "As answered by POST /api/v1/replay")),
+    responses((status = 200, body = ReplayStatus), (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn cancel(
+    State(s): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<ReplayStatus>, ApiError> {
+    s.replays
+        .cancel(&id, std::time::Duration::from_secs(5))
+        .await
+        .map(|p| Json(status(p)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!("no replay {id:?} (the last 16 are kept until a restart)"))
+        })
 }
 
 #[cfg(test)]

@@ -122,15 +122,21 @@ impl ReloadingCert {
             let mut tick = tokio::time::interval(POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
+                // The stat calls and the reload read files (a network volume, a
+                // Kubernetes secret mount): on the blocking pool, never on a worker
+                // that also drives sessions.
+                let why = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = hup.recv() => { let _ = me.reload("SIGHUP"); }
-                    _ = tick.tick() => {
-                        if me.changed() {
-                            let _ = me.reload("file changed");
-                        }
-                    }
-                }
+                    _ = hup.recv() => Some("SIGHUP"),
+                    _ = tick.tick() => None,
+                };
+                let me = me.clone();
+                let _ = tokio::task::spawn_blocking(move || match why {
+                    Some(why) => drop(me.reload(why)),
+                    None if me.changed() => drop(me.reload("file changed")),
+                    None => {}
+                })
+                .await;
             }
         });
         Ok(())
