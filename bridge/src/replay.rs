@@ -738,6 +738,12 @@ impl ProducerContext for ReplayContext {
             Ok(_) => {
                 self.tracked.delivered.fetch_add(1, Ordering::Relaxed);
             }
+            // Purged by a cancel or a shutdown (`send` purges its producer's queue):
+            // never refused by Kafka, only not sent; `sent` - `delivered` says how many.
+            Err((
+                KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight),
+                _,
+            )) => {}
             Err((e, _)) => {
                 self.tracked.failed.fetch_add(1, Ordering::Relaxed);
                 let mut first = self.tracked.first_error.lock().unwrap_or_else(|e| e.into_inner());

@@ -363,6 +363,21 @@ fn turning_retention_off_frees_the_formerly_retained_segments() {
     });
     assert!(appended.is_ok(), "appends waited for segments nothing deletes");
     until("old segments deleted", || seg_files(dir.path()) <= 8);
+    // Only released records went: the new ones are all there for the producer.
+    rt.block_on(j.flush()).expect("flush");
+    let mut live = j.reader(301);
+    let mut seqs = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seqs.len() < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "records after {:?} missing",
+            seqs.last()
+        );
+        let batch = live.next_batch(64).expect("read");
+        seqs.extend(batch.into_iter().map(|r| r.seq));
+    }
+    assert_eq!(seqs, (301..=500).collect::<Vec<_>>());
 }
 
 /// A replay that cannot finish (Kafka unreachable) pins at most twice the cap: past that
@@ -410,4 +425,58 @@ fn drop_oldest_deleting_pinned_records_revokes_the_replay() {
     rt.block_on(j.flush()).expect("flush");
     until("the segment deleted", || pinned.revoked().is_some());
     assert_eq!(pinned.revoked(), Some(bridge::journal::Revoked::DroppedOldest));
+}
+
+/// `drop_oldest` evicting a live segment far after a replay's range leaves the replay
+/// alone (its pin is bounded above: before, every eviction revoked every replay).
+#[test]
+fn drop_oldest_evicting_a_live_segment_does_not_revoke_a_replay_of_older_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = rt();
+    let j = SegmentedJournal::open(config(dir.path(), Duration::from_secs(3600), 1 << 20)).expect("open");
+    for n in 1..=100 {
+        rt.block_on(j.append(&entry(n))).expect("append");
+    }
+    rt.block_on(j.flush()).expect("flush");
+    j.release(100);
+    until("retained", || j.stats().retained_segments >= 2);
+    let range = j.stats().retained.expect("range");
+    assert_eq!(range.from_seq, 1);
+    // The replay reads 1..=20: the oldest retained segment, nowhere near the live ones.
+    let mut pinned = j.replay_reader(1, 20).expect("retained");
+    // Kafka is down for the live pipeline: nothing more is released; drop_oldest evicts
+    // the oldest *live* segment (unreleased records 101..).
+    let mut n = 100;
+    rt.block_on(async {
+        while j.stats().dropped == 0 {
+            n += 1;
+            j.append_with(&entry(n), FullPolicy::DropOldest)
+                .await
+                .expect("append");
+        }
+    });
+    rt.block_on(j.flush()).expect("flush");
+    std::thread::sleep(Duration::from_millis(500));
+    let st = j.stats();
+    assert!(st.dropped > 0 && st.released_seq > 100, "{st:?}");
+    // The replay's records are all still there ...
+    let mut got = Vec::new();
+    loop {
+        let b = pinned.next_batch(50).expect("read");
+        if b.is_empty() {
+            break;
+        }
+        got.extend(b.into_iter().map(|r| r.seq));
+    }
+    assert_eq!(
+        got,
+        (1..=20).collect::<Vec<_>>(),
+        "the replay's records are intact"
+    );
+    // ... and the replay is not told otherwise.
+    assert_eq!(
+        pinned.revoked(),
+        None,
+        "revoked although none of 1..=20 was deleted"
+    );
 }

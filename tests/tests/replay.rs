@@ -416,6 +416,7 @@ fn a_stuck_replay_is_cancelled_by_an_operator() {
     assert_eq!(code, 200, "{p}");
     assert_eq!(p["state"], "cancelled", "{p}");
     assert_eq!(p["delivered"], 0, "{p}");
+    assert_eq!(p["failed"], 0, "purged records are not refused by Kafka: {p}");
     assert!(p["error"].as_str().unwrap().contains("cancelled"), "{p}");
     // Cancelling again leaves it as it is; an unknown id is 404.
     let (code, again) = api(&gw, "DELETE", &format!("/api/v1/replay/{id}"), "");

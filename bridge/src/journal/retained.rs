@@ -25,13 +25,15 @@ pub(crate) struct RetainedSegment {
     pub written_ms: u64,
 }
 
-/// A replay's hold on retained segments: nothing holding a sequence at or above
-/// `from_seq` is deleted by the window or the byte cap while the pin exists (up to
-/// [`PIN_CEILING`]).
+/// A replay's hold on retained segments: nothing holding a sequence in
+/// `from_seq..=to_seq` is deleted by the window or the byte cap while the pin exists (up
+/// to [`PIN_CEILING`]). Bounded above too, so that a replay of old records neither holds
+/// newer segments past the cap nor is revoked when one of them goes.
 #[derive(Debug)]
 struct PinEntry {
     id: u64,
     from_seq: u64,
+    to_seq: u64,
     /// Set (to a [`Revoked`] code) when a segment it pins was deleted anyway.
     revoked: Arc<AtomicU8>,
 }
@@ -112,15 +114,21 @@ impl RetainedSet {
         self.segs.push_back(seg);
     }
 
-    fn pinned(&self, last_seq: u64) -> bool {
-        self.pins.iter().any(|p| p.from_seq <= last_seq)
+    fn pins_on(&self, first_seq: u64, last_seq: u64) -> impl Iterator<Item = &PinEntry> {
+        self.pins
+            .iter()
+            .filter(move |p| p.from_seq <= last_seq && first_seq <= p.to_seq)
     }
 
-    /// Tells every replay pinning a sequence up to `last_seq` that it lost records.
-    /// Called for every deletion of released records a pin may cover, whatever deletes
-    /// them (the first reason sticks).
-    pub fn revoke_upto(&self, last_seq: u64, why: Revoked) {
-        for p in self.pins.iter().filter(|p| p.from_seq <= last_seq) {
+    fn pinned(&self, seg: &RetainedSegment) -> bool {
+        self.pins_on(seg.meta.first_seq, seg.last_seq).next().is_some()
+    }
+
+    /// Tells every replay pinning a sequence in `first_seq..=last_seq` (a segment being
+    /// deleted) that it lost records. Called for every deletion of released records a pin
+    /// may cover, whatever deletes them (the first reason sticks).
+    pub fn revoke(&self, first_seq: u64, last_seq: u64, why: Revoked) {
+        for p in self.pins_on(first_seq, last_seq) {
             let _ = p
                 .revoked
                 .compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire);
@@ -142,7 +150,7 @@ impl RetainedSet {
         let expired = !r.enabled()
             || self.bytes > r.max_bytes
             || now_ms >= oldest.written_ms.saturating_add(r.max_age.as_millis() as u64);
-        expired && (!self.pinned(oldest.last_seq) || self.over_pin_ceiling(inner))
+        expired && (!self.pinned(oldest) || self.over_pin_ceiling(inner))
     }
 
     /// Takes the segments to delete out of the set, oldest first; revokes the pins on
@@ -155,7 +163,7 @@ impl RetainedSet {
                 Trim::Expired => Revoked::PinCeiling,
                 Trim::ForSpace => Revoked::VolumeFull,
             };
-            self.revoke_upto(oldest.last_seq, why);
+            self.revoke(oldest.meta.first_seq, oldest.last_seq, why);
             if let Some(seg) = self.segs.pop_front() {
                 self.bytes = self.bytes.saturating_sub(seg.meta.size);
                 out.push(seg);
@@ -257,6 +265,7 @@ impl ReplayReader {
         ret.pins.push(PinEntry {
             id,
             from_seq,
+            to_seq,
             revoked: revoked.clone(),
         });
         drop(ret);

@@ -438,7 +438,7 @@ fn delete_released(
                     } else {
                         Revoked::VolumeFull
                     };
-                    ret.revoke_upto(last_seq, why);
+                    ret.revoke(meta.first_seq, last_seq, why);
                     maint.orphans.push(Orphan { meta, live: true });
                 } else {
                     freed += 1;
