@@ -10,7 +10,9 @@
 #   5. the container and Kubernetes tests (docker/test-k8s.sh, docker/test-image.sh,
 #      docker/test-compose.sh: the manifests validated offline, the image built and run
 #      under Podman, the compose file brought up with podman-compose; they install
-#      podman, buildah, runc and debootstrap with apt and take a few minutes).
+#      podman, buildah, runc and debootstrap with apt and take a few minutes), and
+#      docker/test-build.sh: the image built from source, its build stage running
+#      `cargo build --release` in a container (the longest step: one release build).
 #      CONTAINER_TESTS=0 leaves them out, and says so.
 # Fails loudly if a prerequisite cannot be installed; never skips tests.
 set -euo pipefail
@@ -63,9 +65,10 @@ cargo test --workspace --locked --no-fail-fast "$@"
 # 5. Containers and Kubernetes (README, "Containers and Kubernetes"). Separate scripts:
 # each prints PASS or "FAIL (<script>): <reason>" and exits non-zero on failure.
 if [ "${CONTAINER_TESTS:-1}" = 0 ]; then
-  echo "test.sh: CONTAINER_TESTS=0: docker/test-k8s.sh, test-image.sh and test-compose.sh were NOT run" >&2
+  echo "test.sh: CONTAINER_TESTS=0: docker/test-k8s.sh, test-image.sh, test-compose.sh and test-build.sh were NOT run" >&2
   exit 0
 fi
 ./docker/test-k8s.sh
 ./docker/test-image.sh
 ./docker/test-compose.sh
+./docker/test-build.sh
