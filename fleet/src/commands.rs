@@ -117,6 +117,8 @@ pub struct Plan {
     pub operator_prefix: String,
     pub kafka_bootstrap: Option<String>,
     pub kafka_topic: String,
+    /// `linger.ms` of the Kafka issuer's producer.
+    pub kafka_linger_ms: u64,
     /// Read the gateway's outcome records from this topic afterwards (needs `kafka_bootstrap`).
     pub outcomes_topic: Option<String>,
     /// The admin API (REST).
@@ -835,7 +837,7 @@ type CommandProducer = ThreadedProducer<KafkaCtx>;
 
 /// The command producer, once its topic is known to exist (it is not created here: a
 /// gateway started before its command topic existed may not see it for minutes).
-async fn kafka_producer(bootstrap: &str, topic: &str) -> Result<Arc<CommandProducer>, String> {
+async fn kafka_producer(bootstrap: &str, topic: &str, linger_ms: u64) -> Result<Arc<CommandProducer>, String> {
     let ctx = KafkaCtx {
         failed: AtomicU64::new(0),
         last_error: Mutex::new(None),
@@ -843,7 +845,7 @@ async fn kafka_producer(bootstrap: &str, topic: &str) -> Result<Arc<CommandProdu
     let producer: CommandProducer = KafkaConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("client.id", "fleet-commands")
-        .set("linger.ms", "0")
+        .set("linger.ms", linger_ms.to_string())
         .set("acks", "all")
         .set("allow.auto.create.topics", "false")
         .create_with_context(ctx)
@@ -960,7 +962,7 @@ pub async fn run(plan: Plan) -> Report {
                 report.failure = Some("--via kafka needs --kafka-bootstrap HOST:PORT".into());
                 return report;
             };
-            match kafka_producer(bootstrap, &plan.kafka_topic).await {
+            match kafka_producer(bootstrap, &plan.kafka_topic, plan.kafka_linger_ms).await {
                 Ok(p) => Some(p),
                 Err(e) => {
                     report.failure = Some(e);

@@ -185,6 +185,11 @@ struct CommandsArgs {
     /// The gateway's command topic (`commands.kafka_topic`); must exist.
     #[arg(long, default_value = "vehicles.commands")]
     kafka_topic: String,
+    /// `linger.ms` of the Kafka issuer's producer: 0 sends each command at once (one
+    /// produce request per command at low rates; the broker's CPU then dominates on a
+    /// small machine), 5 is librdkafka's and the Java client's default.
+    #[arg(long, default_value_t = 0)]
+    kafka_linger_ms: u64,
     /// Afterwards, count the gateway's outcome records for this run's vehicles on this
     /// topic (`commands.outcome_topic`, e.g. `vehicles.command-outcomes`; needs
     /// --kafka-bootstrap).
@@ -483,6 +488,7 @@ fn commands_main(args: CommandsArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| format!("{}-op", conn.id_prefix)),
         kafka_bootstrap: args.kafka_bootstrap.clone(),
         kafka_topic: args.kafka_topic.clone(),
+        kafka_linger_ms: args.kafka_linger_ms,
         outcomes_topic: args.outcomes_topic.clone(),
         admin,
         token: args.token.clone(),
