@@ -172,6 +172,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             }
         });
     }
+    // The admin listener outlives the drain: during it /readyz answers 503
+    // `shutting_down` (a load balancer or Kubernetes takes the node out on an answer, not
+    // on a refused connection it may retry), and /metrics shows the drain.
+    let admin_stop = CancellationToken::new();
     if !cfg.admin.listen.is_empty() {
         let listener = bind(&cfg.admin.listen, "admin.listen").await?;
         info!(kind = "admin", addr = %listener.local_addr()?, "admin listener bound");
@@ -185,7 +189,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             app,
             limits,
             shared.metrics.admin_connections_rejected.clone(),
-            shutdown.clone(),
+            admin_stop.clone(),
         ));
     }
     info!(version = env!("CARGO_PKG_VERSION"), "gateway ready");
@@ -253,6 +257,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     shared.store.close();
     let _ = flusher.await;
+    admin_stop.cancel();
     drop(embedded);
     info!("gateway stopped");
     Ok(())

@@ -80,3 +80,44 @@ fn healthcheck_never_exits_2() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// During the drain after SIGTERM the admin listener still answers: `/readyz` is 503
+/// `shutting_down` (a load balancer takes the node out on that answer), `/healthz` stays
+/// 200 (liveness must not kill a draining gateway) and `/metrics` is scraped; it closes
+/// when the gateway exits.
+#[test]
+fn readyz_says_shutting_down_while_the_gateway_drains() {
+    use integration::{http_get, http_request, Stream};
+    // Kafka unreachable: the PUBACK'd record cannot be confirmed, so the bridge uses the
+    // whole grace period trying.
+    let mut gw = Gateway::start_env(
+        ANON,
+        &[
+            ("GATEWAY_KAFKA__BOOTSTRAP", "127.0.0.1:1"),
+            ("GATEWAY_GATEWAY__SHUTDOWN_GRACE_SECS", "6"),
+        ],
+    );
+    let admin = gw.admin.expect("admin listener");
+    let s = Stream::start(gw.mqtt(), "VIN-DRAIN", 1, Duration::ZERO);
+    assert!(s.wait_acked(1, Duration::from_secs(10)), "PUBACK");
+    s.finish();
+    assert_eq!(http_request(admin, "GET", "/readyz", None).0, 200);
+
+    let pid = gw.pid();
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, ready) = http_request(admin, "GET", "/readyz", None);
+    assert_eq!(code, 503, "{ready}");
+    assert!(ready.contains("shutting_down"), "{ready}");
+    let (code, live) = http_request(admin, "GET", "/healthz", None);
+    assert_eq!(code, 200, "{live}");
+    assert!(http_get(admin, "/metrics").contains("gateway_connections"));
+    assert!(
+        gw.terminate(Duration::from_secs(15)),
+        "gateway did not exit within its grace"
+    );
+    assert!(
+        std::net::TcpStream::connect(admin).is_err(),
+        "admin still open after exit"
+    );
+}
