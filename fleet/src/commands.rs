@@ -837,7 +837,11 @@ type CommandProducer = ThreadedProducer<KafkaCtx>;
 
 /// The command producer, once its topic is known to exist (it is not created here: a
 /// gateway started before its command topic existed may not see it for minutes).
-async fn kafka_producer(bootstrap: &str, topic: &str, linger_ms: u64) -> Result<Arc<CommandProducer>, String> {
+async fn kafka_producer(
+    bootstrap: &str,
+    topic: &str,
+    linger_ms: u64,
+) -> Result<Arc<CommandProducer>, String> {
     let ctx = KafkaCtx {
         failed: AtomicU64::new(0),
         last_error: Mutex::new(None),

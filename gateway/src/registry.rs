@@ -215,31 +215,35 @@ impl Registry {
         Detached::Kept
     }
 
-    /// Ends the commands whose expiry passed in any session (see
-    /// [`SessionCell::expire_commands`]). Returns how many.
-    pub fn expire_commands(&self, store: &Store, metrics: &Metrics) -> usize {
-        let now = now_ms();
-        self.all()
-            .iter()
-            .map(|c| c.expire_commands(now, store, metrics))
-            .sum()
+    /// One pass over the sessions for the periodic sweep (one lock of each, no copy of
+    /// the whole registry: at a million sessions the sweep must stay cheap). Returns the
+    /// sessions holding queued or in-flight messages (they may hold commands whose expiry
+    /// passed, [`SessionCell::expire_commands`]) and the offline sessions whose expiry
+    /// interval passed (for [`Registry::expired`]). Most idle vehicles are in neither.
+    pub fn sweep_due(&self, now: u64) -> SweepDue {
+        let mut due = SweepDue::default();
+        for cell in self.read().values() {
+            let st = cell.lock();
+            if st.expired(now) {
+                due.expired.push(cell.clone());
+            } else if !st.out.is_idle() {
+                due.holding.push(cell.clone());
+            }
+        }
+        due
     }
 
-    /// Removes offline sessions whose expiry interval passed; returns the Wills that
-    /// were still waiting for their delay (the session's end makes them due).
+    /// Removes the offline sessions among `candidates` whose expiry interval passed (at
+    /// `now`); returns the Wills that were still waiting for their delay (the session's
+    /// end makes them due).
     pub fn expired(
         &self,
+        candidates: Vec<Arc<SessionCell>>,
+        now: u64,
         router: &Router,
         store: &Store,
         metrics: &Metrics,
     ) -> Vec<(SessionKey, Box<DelayedWill>)> {
-        let now = now_ms();
-        let candidates: Vec<Arc<SessionCell>> = self
-            .read()
-            .values()
-            .filter(|c| c.lock().expired(now))
-            .cloned()
-            .collect();
         let mut wills = Vec::new();
         for cell in candidates {
             let mut map = self.write();
@@ -263,6 +267,15 @@ impl Registry {
         }
         wills
     }
+}
+
+/// What [`Registry::sweep_due`] found.
+#[derive(Default)]
+pub struct SweepDue {
+    /// Sessions holding queued or in-flight messages.
+    pub holding: Vec<Arc<SessionCell>>,
+    /// Offline sessions whose expiry interval passed.
+    pub expired: Vec<Arc<SessionCell>>,
 }
 
 impl Registry {

@@ -169,13 +169,33 @@ pub async fn expire_sessions(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let ended = shared.registry.expire_commands(&shared.store, &shared.metrics);
+        // Off the async workers: the pass locks every session and the store writes are
+        // blocking (a worker stalled here would delay the PUBACKs of its sessions).
+        let sh = shared.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let now = crate::message::now_ms();
+            let found = sh.registry.sweep_due(now);
+            let ended: usize = found
+                .holding
+                .iter()
+                .map(|c| c.expire_commands(now, &sh.store, &sh.metrics))
+                .sum();
+            let due = sh
+                .registry
+                .expired(found.expired, now, &sh.router, &sh.store, &sh.metrics);
+            (ended, due)
+        })
+        .await;
+        let (ended, due) = match swept {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "session expiry sweep panicked; retrying at the next interval");
+                continue;
+            }
+        };
         if ended > 0 {
             info!(commands = ended, "commands expired in sessions that held them");
         }
-        let due = shared
-            .registry
-            .expired(&shared.router, &shared.store, &shared.metrics);
         for (key, w) in due {
             info!(client_id = %key.id, "session expired before its Will delay: publishing the Will");
             publish(&shared, &key, w.user.as_deref(), w.will).await;
