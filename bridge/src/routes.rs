@@ -72,6 +72,13 @@ impl Routes {
         }
     }
 
+    /// Whether a message on `mqtt_topic` goes to Kafka at all ([`Routes::resolve`] is
+    /// `Some`), without building its destination: asked for every PUBLISH.
+    pub fn accepts(&self, mqtt_topic: &str) -> bool {
+        matches!(self.unmatched, Unmatched::DefaultTopic(_))
+            || self.routes.iter().any(|r| topic::matches(&r.mqtt, mqtt_topic))
+    }
+
     /// The destination of a journal record: an MQTT message by its topic, a gateway
     /// event by its kind.
     pub fn destination(&self, e: &Entry) -> Option<Destination> {
@@ -178,6 +185,20 @@ mod tests {
             unmatched: Unmatched::Refuse,
         };
         assert_eq!(refuse.resolve("v1", "x"), None);
+        for (r, t) in [
+            (&routes, "vehicles/v1/telemetry"),
+            (&routes, "other"),
+            (&refuse, "x"),
+        ] {
+            assert_eq!(r.accepts(t), r.resolve("v1", t).is_some(), "{t}");
+        }
+        let only = Routes {
+            events: Default::default(),
+            routes: routes.routes.clone(),
+            unmatched: Unmatched::Refuse,
+        };
+        assert!(only.accepts("vehicles/v1/telemetry"));
+        assert!(!only.accepts("other"));
         assert!(validate_template("{client_id}/{3}").is_ok());
         assert!(validate_template("{vin}").is_err());
     }

@@ -308,8 +308,7 @@ impl Auth {
             .and_then(|u| self.users.get(u))
             .and_then(|u| u.publish_acl.as_ref())
             .unwrap_or(&self.publish_acl);
-        acl.iter()
-            .any(|p| expand(p, client_id).is_some_and(|p| topic::matches(&p, topic_name)))
+        acl.iter().any(|p| matches_expanded(p, client_id, topic_name))
     }
 
     /// The subscribe ACL of `user` (an operator's own, else the vehicle ACL): the
@@ -344,6 +343,53 @@ fn expand(pattern: &str, client_id: &str) -> Option<String> {
         return None;
     }
     Some(pattern.replace("{client_id}", client_id))
+}
+
+/// `topic::matches(&expand(pattern, client_id)?, topic)` without building the expanded
+/// pattern: this runs for every PUBLISH (the allocation and copy were 4% of the
+/// gateway's CPU on durable ingest). A client id holding `/`, `+`, `#` or NUL never
+/// matches a pattern that names it, as in [`expand`].
+fn matches_expanded(pattern: &str, client_id: &str, topic_name: &str) -> bool {
+    if !pattern.contains("{client_id}") {
+        return topic::matches(pattern, topic_name);
+    }
+    if client_id.is_empty() || client_id.contains(['/', '+', '#', '\0']) {
+        return false;
+    }
+    // The expanded pattern starts with a wildcard only where the pattern does (the id
+    // is neither `+` nor `#`), and its levels are the pattern's, each expanded (the id
+    // holds no `/`).
+    if topic_name.starts_with('$') && (pattern.starts_with('+') || pattern.starts_with('#')) {
+        return false;
+    }
+    let mut f = pattern.split('/');
+    let mut t = topic_name.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if level_expands_to(a, client_id, b) => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether the pattern level `pattern`, with every `{client_id}` replaced by
+/// `client_id`, equals `level`.
+fn level_expands_to(pattern: &str, client_id: &str, level: &str) -> bool {
+    let mut parts = pattern.split("{client_id}");
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = level.strip_prefix(first) else {
+        return false;
+    };
+    for part in parts {
+        let Some(r) = rest.strip_prefix(client_id).and_then(|r| r.strip_prefix(part)) else {
+            return false;
+        };
+        rest = r;
+    }
+    rest.is_empty()
 }
 
 /// What an unknown username is verified against: the first configured user's own hash,
@@ -429,6 +475,43 @@ pub fn client_id_allowed(id: &str, policy: crate::config::ClientIdPolicy, max_le
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
+    /// The allocation-free publish ACL check agrees with expanding, then matching.
+    #[test]
+    fn matches_expanded_agrees_with_expand_then_match() {
+        let cases = [
+            ("vehicles/{client_id}/#", "VIN1", "vehicles/VIN1/telemetry"),
+            ("vehicles/{client_id}/#", "VIN1", "vehicles/VIN12/telemetry"),
+            ("vehicles/{client_id}/#", "VIN1", "vehicles/VIN1"),
+            ("vehicles/{client_id}", "a/b", "vehicles/a/b"),
+            ("vehicles/{client_id}/+", "+", "vehicles/+/x"),
+            ("v/x-{client_id}-{client_id}/t", "ab", "v/x-ab-ab/t"),
+            ("v/x-{client_id}-{client_id}/t", "ab", "v/x-ab-ba/t"),
+            ("{client_id}/#", "c", "c/x"),
+            ("{client_id}/#", "c", "$c/x"),
+            ("+/{client_id}", "c", "$SYS/c"),
+            ("#", "c", "$SYS/x"),
+            ("fleet/{client_id}", "", "fleet/"),
+        ];
+        for (p, id, t) in cases {
+            let want = super::expand(p, id).is_some_and(|e| crate::topic::matches(&e, t));
+            assert_eq!(super::matches_expanded(p, id, t), want, "{p} {id} {t}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matches_expanded_is_expand_then_match(
+            p in "[ab/+#{}]{0,3}(\\{client_id\\})?[ab/+#]{0,3}",
+            id in "[ab/+#$]{0,3}",
+            t in "[$ab/+#]{0,6}",
+        ) {
+            let want = super::expand(&p, &id).is_some_and(|e| crate::topic::matches(&e, &t));
+            prop_assert_eq!(super::matches_expanded(&p, &id, &t), want);
+        }
+    }
+
     use super::*;
 
     fn cfg_with(users: Vec<User>) -> AuthSection {

@@ -179,7 +179,7 @@ pub(super) async fn accept_connect(
             bridge::counted!(warn, shared.metrics.retained_refused, "command_topic", client_id, topic = ?w.topic, "CONNECT refused: a retained Will on a command topic");
             return Err(ConnectRefusal::NotAuthorized);
         }
-        if shared.routes.resolve(&client_id, &w.topic).is_none() {
+        if !shared.routes.accepts(&w.topic) {
             warn!(client_id, topic = ?w.topic, "Will topic has no route to Kafka (kafka.unmatched = \"refuse\")");
             return Err(ConnectRefusal::WillUnroutable);
         }

@@ -527,7 +527,7 @@ where
                 expires_at_ms: p.message_expiry_secs.map(|s| now + u64::from(s) * 1000),
             })
         });
-        let kafka = shared.routes.resolve(&self.client_id, &topic).is_some();
+        let kafka = shared.routes.accepts(&topic);
         let len = p.payload.len() as u64;
         if kafka {
             let entry = Entry {

@@ -94,7 +94,7 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
     }
     metrics.wills_published.inc();
     let now = now_ms();
-    if shared.routes.resolve(client_id, &w.topic).is_some() {
+    if shared.routes.accepts(&w.topic) {
         let entry = Entry {
             kind: Default::default(),
             received_at_ms: now,
