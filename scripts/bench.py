@@ -743,9 +743,15 @@ def machine():
 def write_markdown(res, args):
     meta = res.get("meta", {})
 
+    # What an argument was before it existed, for results recorded before then.
+    before = {"command_kafka_linger_ms": 0, "fleet_cpu": 1}
+
     def arg(scenario, name):
         """An argument as it was when the scenario last ran (results kept across --only runs)."""
-        return meta.get(scenario, {}).get("args", {}).get(name, getattr(args, name))
+        recorded = meta.get(scenario, {}).get("args", {})
+        if scenario in meta and name not in recorded and name in before:
+            return before[name]
+        return recorded.get(name, getattr(args, name))
 
     def when(scenario):
         m = meta.get(scenario, {})
