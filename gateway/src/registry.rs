@@ -224,10 +224,13 @@ impl Registry {
         let mut due = SweepDue::default();
         for cell in self.read().values() {
             let st = cell.lock();
+            // An expiring session's commands are expired first (outcome `expired`, not
+            // `dropped` by the session's end).
+            if !st.out.is_idle() {
+                due.holding.push(cell.clone());
+            }
             if st.expired(now) {
                 due.expired.push(cell.clone());
-            } else if !st.out.is_idle() {
-                due.holding.push(cell.clone());
             }
         }
         due
@@ -272,7 +275,7 @@ impl Registry {
 /// What [`Registry::sweep_due`] found.
 #[derive(Default)]
 pub struct SweepDue {
-    /// Sessions holding queued or in-flight messages.
+    /// Sessions holding queued or in-flight messages (expired ones included).
     pub holding: Vec<Arc<SessionCell>>,
     /// Offline sessions whose expiry interval passed.
     pub expired: Vec<Arc<SessionCell>>,
@@ -555,5 +558,86 @@ mod lock_order_tests {
         let c = connect(3, false, u32::MAX);
         assert!(c.present, "a persistent session is resumed by a takeover");
         assert!(c.cell.lock().subscriptions.contains_key("u"));
+    }
+
+    /// A command whose own expiry passed while its offline session waited reports
+    /// `expired`, also when the session's expiry passes before the next sweep (the sweep
+    /// of `session::will::expire_sessions`: sweep_due, expire_commands over `holding`,
+    /// then `expired`). Found by review: the first single-pass sweep left expired
+    /// sessions out of `holding`, and the command ended `dropped` / `session_ended`.
+    #[tokio::test]
+    async fn the_sweep_reports_expired_for_a_command_that_expired_before_its_session() {
+        use crate::commands::{CommandRecord, Commands, Outcome, Source};
+        use crate::session::state::{OutItem, SessionState};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (reg, router, m) = (Registry::default(), Router::default(), Metrics::default());
+        let commands = Commands::default();
+        let mut reports = commands.take_reports().unwrap();
+        let now = now_ms();
+        // Offline for 70 s with a 60 s session expiry; the command expired after 30 s.
+        let cell = SessionCell::new(
+            Arc::from("car"),
+            SessionState {
+                owner: None,
+                expiry_secs: 60,
+                disconnected_at_ms: Some(now - 70_000),
+                subscriptions: Default::default(),
+                inbound_qos2: Default::default(),
+                out: Default::default(),
+                protocol: 5,
+                delayed_will: None,
+                last_pkid: 0,
+                gone: false,
+            },
+        );
+        cell.persist(&store, &m).unwrap();
+        let mut item = OutItem::new(
+            Arc::new(Message {
+                topic: "vehicles/car/commands".into(),
+                payload: bytes::Bytes::from_static(b"unlock"),
+                qos: 1,
+                retain: false,
+                props: Default::default(),
+                received_at_ms: now - 70_000,
+                expires_at_ms: Some(now - 40_000),
+            }),
+            1,
+            false,
+            vec![],
+        );
+        item.command = Some(commands.restore(CommandRecord {
+            id: "kafka:c:0:7".into(),
+            client_id: "car".into(),
+            correlation_id: None,
+            source: Source::Kafka {
+                topic: "c".into(),
+                partition: 0,
+                offset: 7,
+            },
+            issued_at_ms: now - 70_000,
+            qos: 1,
+        }));
+        cell.lock().out.restore(item, &m);
+        reg.restore(cell, &m);
+
+        // The sweep, as expire_sessions runs it on the blocking pool.
+        let found = reg.sweep_due(now);
+        let ended: usize = found
+            .holding
+            .iter()
+            .map(|c| c.expire_commands(now, &store, &m))
+            .sum();
+        let _wills = reg.expired(found.expired, now, &router, &store, &m);
+        assert!(reg.get("car").is_none(), "the session expired");
+        let mut seen = Vec::new();
+        while let Ok(r) = reports.try_recv() {
+            seen.push((r.outcome, r.reason));
+        }
+        assert_eq!(
+            (ended, seen),
+            (1, vec![(Some(Outcome::Expired), None)]),
+            "the command expired 40 s ago, 30 s before its session did"
+        );
     }
 }

@@ -38,6 +38,7 @@ pub enum ErrorCode {
     ReplayRangeNotRetained,
     ReplayRunning,
     ReplayFailed,
+    ShuttingDown,
     Store,
     Internal,
 }
@@ -67,6 +68,7 @@ impl ErrorCode {
         ErrorCode::ReplayRangeNotRetained,
         ErrorCode::ReplayRunning,
         ErrorCode::ReplayFailed,
+        ErrorCode::ShuttingDown,
         ErrorCode::Store,
         ErrorCode::Internal,
     ];
@@ -95,6 +97,7 @@ impl ErrorCode {
             ErrorCode::ReplayRangeNotRetained => "replay_range_not_retained",
             ErrorCode::ReplayRunning => "replay_running",
             ErrorCode::ReplayFailed => "replay_failed",
+            ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::Store => "store",
             ErrorCode::Internal => "internal",
         }
@@ -125,6 +128,7 @@ impl ErrorCode {
             ErrorCode::ReplayRangeNotRetained => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::ReplayRunning => StatusCode::CONFLICT,
             ErrorCode::ReplayFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Store => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -93,6 +93,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         // Unknown paths under /api/v1 answer in the API's error shape too.
         .fallback(|| async { ApiError::not_found("no such route; see /api/v1/openapi.json") })
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            refuse_changes_while_draining,
+        ))
         .route_layer(middleware::from_fn_with_state(shared.clone(), require_token));
     let mut probes = Router::new()
         .route("/metrics", get(metrics))
@@ -119,6 +123,21 @@ async fn require_token(State(s): State<Arc<Shared>>, req: Request, next: Next) -
         if !token_matches(given, token.as_bytes()) {
             return ApiError::new(ErrorCode::Unauthorized, "missing or wrong bearer token").into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// Once the gateway is draining (SIGTERM), every request that changes something is
+/// refused with 503 `shutting_down`; reads still answer. The admin listener stays open
+/// through the drain for `/readyz` and `/metrics`, but a command accepted now, a session
+/// discarded now, could lose its outcome: the command sink and the store are closing.
+async fn refuse_changes_while_draining(State(s): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    if s.shutdown.is_cancelled() && req.method() != axum::http::Method::GET {
+        return ApiError::new(
+            ErrorCode::ShuttingDown,
+            "the gateway is shutting down; send this to another gateway or after the restart",
+        )
+        .into_response();
     }
     next.run(req).await
 }
