@@ -24,6 +24,6 @@ pub mod supervisor;
 pub mod topic;
 
 pub use journal::{
-    Entry, EntryKind, FullPolicy, Journal, JournalConfig, JournalError, JournalStats, Record,
-    SegmentedJournal,
+    Entry, EntryKind, EntryRef, FullPolicy, Journal, JournalConfig, JournalError, JournalStats, Record,
+    SegmentedJournal, TryAppend,
 };

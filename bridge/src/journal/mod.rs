@@ -220,11 +220,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use reader::JournalReader;
-pub use record::{decode, encode, frame_len, EncodeError, Entry, EntryKind, Frame, Record, FRAME_HEADER};
+pub use record::{
+    decode, encode, frame_len, EncodeError, Entry, EntryKind, EntryRef, Frame, Record, FRAME_HEADER,
+};
 pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
 pub use retained::{NotRetained, ReplayReader, RetainedRange, Revoked};
 pub(crate) use segmented::now_ms;
-pub use segmented::{FullPolicy, SegmentedJournal};
+pub use segmented::{FullPolicy, SegmentedJournal, TryAppend};
 use tokio::sync::watch;
 
 /// Tuning of the segmented journal. `dir` and `max_bytes` are the operator's `[journal]`

@@ -74,6 +74,12 @@ impl OpenSegment {
     fn refill(&mut self, need: usize) -> Result<(), JournalError> {
         let offset = self.chunk_offset + self.pos as u64;
         let len = need.max(self.window);
+        if self.chunk.capacity() > 4 * len {
+            // A backlog is read through: the reader follows the writer again and gives
+            // the large window back (a connect burst's presence events left a 1 MiB
+            // buffer held for good, in the process's memory of idle vehicles).
+            self.chunk = Vec::new();
+        }
         self.chunk.resize(len, 0);
         let mut filled = 0;
         while filled < len {
@@ -392,5 +398,46 @@ impl std::fmt::Debug for JournalReader {
             .field("next_seq", &self.next_seq)
             .field("segment", &seg)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A reader that read through a backlog with the 1 MiB window gives it back once it
+    /// follows the writer again.
+    #[test]
+    fn a_caught_up_reader_gives_its_large_window_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg");
+        std::fs::write(&path, vec![0u8; 2 * READ_CHUNK]).unwrap();
+        let mut seg = OpenSegment {
+            file: File::open(&path).unwrap(),
+            path,
+            first_seq: 1,
+            size: 2 * READ_CHUNK as u64,
+            chunk_offset: 0,
+            chunk: Vec::new(),
+            pos: 0,
+            window: READ_CHUNK,
+        };
+        seg.refill(0).unwrap();
+        assert!(seg.chunk.capacity() >= READ_CHUNK);
+        seg.pos = 100;
+        seg.window = FOLLOW_CHUNK;
+        seg.refill(0).unwrap();
+        assert_eq!(seg.chunk.len(), FOLLOW_CHUNK);
+        assert!(
+            seg.chunk.capacity() < 4 * FOLLOW_CHUNK,
+            "{}",
+            seg.chunk.capacity()
+        );
+        assert_eq!(
+            seg.chunk_offset, 100,
+            "the refill reads on from where the reader was"
+        );
     }
 }

@@ -89,6 +89,60 @@ pub struct Entry {
     pub kind: EntryKind,
 }
 
+/// An [`Entry`] whose parts are borrowed from wherever they live: what the journal
+/// encodes. The gateway's own events (presence) are appended from their parts this way,
+/// with no copy on the heap: a connect burst's per-event garbage would otherwise be
+/// freed between the connections' long-lived allocations and stay in the process's
+/// memory as holes (see docs/BENCHMARKS.notes.md, "Idle memory").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryRef<'a> {
+    pub received_at_ms: u64,
+    pub qos: u8,
+    pub retain: bool,
+    pub client_id: &'a str,
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub content_type: Option<&'a str>,
+    pub message_expiry_secs: Option<u32>,
+    pub user_properties: &'a [(String, String)],
+    pub kind: EntryKind,
+}
+
+impl<'a> From<&'a Entry> for EntryRef<'a> {
+    fn from(e: &'a Entry) -> Self {
+        EntryRef {
+            received_at_ms: e.received_at_ms,
+            qos: e.qos,
+            retain: e.retain,
+            client_id: &e.client_id,
+            topic: &e.topic,
+            payload: &e.payload,
+            content_type: e.content_type.as_deref(),
+            message_expiry_secs: e.message_expiry_secs,
+            user_properties: &e.user_properties,
+            kind: e.kind,
+        }
+    }
+}
+
+impl EntryRef<'_> {
+    /// An owned copy (what reading the record back would give).
+    pub fn to_entry(&self) -> Entry {
+        Entry {
+            received_at_ms: self.received_at_ms,
+            qos: self.qos,
+            retain: self.retain,
+            client_id: self.client_id.to_owned(),
+            topic: self.topic.to_owned(),
+            payload: Bytes::copy_from_slice(self.payload),
+            content_type: self.content_type.map(str::to_owned),
+            message_expiry_secs: self.message_expiry_secs,
+            user_properties: self.user_properties.to_vec(),
+            kind: self.kind,
+        }
+    }
+}
+
 /// A journaled message with the sequence number the journal gave it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -120,23 +174,25 @@ fn put_str16(out: &mut Vec<u8>, field: &'static str, s: &str) -> Result<(), Enco
 }
 
 /// Size of the frame `encode` would produce, so admission can be decided before copying.
-pub fn frame_len(e: &Entry) -> usize {
+pub fn frame_len<'a>(e: impl Into<EntryRef<'a>>) -> usize {
+    let e = e.into();
     let mut n = FRAME_HEADER + 8 + 8 + 1 + 1 + 2 + e.client_id.len() + 2 + e.topic.len();
-    if let Some(ct) = &e.content_type {
+    if let Some(ct) = e.content_type {
         n += 2 + ct.len();
     }
     if e.message_expiry_secs.is_some() {
         n += 4;
     }
     n += 2;
-    for (k, v) in &e.user_properties {
+    for (k, v) in e.user_properties {
         n += 4 + k.len() + v.len();
     }
     n + 4 + e.payload.len()
 }
 
 /// Appends the frame for `e` with sequence `seq` to `out`.
-pub fn encode(out: &mut Vec<u8>, seq: u64, e: &Entry) -> Result<(), EncodeError> {
+pub fn encode<'a>(out: &mut Vec<u8>, seq: u64, e: impl Into<EntryRef<'a>>) -> Result<(), EncodeError> {
+    let e = e.into();
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER]);
     let body = out.len();
@@ -164,7 +220,7 @@ pub fn encode(out: &mut Vec<u8>, seq: u64, e: &Entry) -> Result<(), EncodeError>
     Ok(())
 }
 
-fn encode_body(out: &mut Vec<u8>, seq: u64, e: &Entry) -> Result<(), EncodeError> {
+fn encode_body(out: &mut Vec<u8>, seq: u64, e: EntryRef<'_>) -> Result<(), EncodeError> {
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(&e.received_at_ms.to_le_bytes());
     out.push(e.qos);
@@ -180,9 +236,9 @@ fn encode_body(out: &mut Vec<u8>, seq: u64, e: &Entry) -> Result<(), EncodeError
     }
     flags |= e.kind.bits();
     out.push(flags);
-    put_str16(out, "client_id", &e.client_id)?;
-    put_str16(out, "topic", &e.topic)?;
-    if let Some(ct) = &e.content_type {
+    put_str16(out, "client_id", e.client_id)?;
+    put_str16(out, "topic", e.topic)?;
+    if let Some(ct) = e.content_type {
         put_str16(out, "content_type", ct)?;
     }
     if let Some(exp) = e.message_expiry_secs {
@@ -194,7 +250,7 @@ fn encode_body(out: &mut Vec<u8>, seq: u64, e: &Entry) -> Result<(), EncodeError
         max: u16::MAX as usize,
     })?;
     out.extend_from_slice(&count.to_le_bytes());
-    for (k, v) in &e.user_properties {
+    for (k, v) in e.user_properties {
         put_str16(out, "user property key", k)?;
         put_str16(out, "user property value", v)?;
     }
@@ -204,7 +260,7 @@ fn encode_body(out: &mut Vec<u8>, seq: u64, e: &Entry) -> Result<(), EncodeError
         max: u32::MAX as usize,
     })?;
     out.extend_from_slice(&plen.to_le_bytes());
-    out.extend_from_slice(&e.payload);
+    out.extend_from_slice(e.payload);
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use super::dir::{
 };
 use super::metrics::{CommitMetrics, StateGauges};
 use super::reader::JournalReader;
-use super::record::{encode, frame_len};
+use super::record::{encode, frame_len, EntryRef};
 use super::recovery::{check_older_segments, recover_head};
 use super::retained::{
     retained_range, written_ms, NotRetained, ReplayReader, RetainedRange, RetainedSegment, RetainedSet,
@@ -357,7 +357,7 @@ impl SegmentedJournal {
         self.inner.space.notify_waiters();
     }
 
-    fn try_admit(&self, entry: &Entry, flen: usize) -> Result<Admit, JournalError> {
+    fn try_admit(&self, entry: EntryRef<'_>, flen: usize) -> Result<Admit, JournalError> {
         let inner = &self.inner;
         let mut st = inner.state();
         if let Some(why) = &st.stopped {
@@ -407,15 +407,20 @@ impl SegmentedJournal {
         Ok(Admit::Admitted(seq))
     }
 
-    /// Appends under a journal-full policy; see [`FullPolicy`].
-    pub async fn append_with(&self, entry: &Entry, policy: FullPolicy) -> Result<Option<u64>, JournalError> {
-        let flen = frame_len(entry);
-        if flen as u64 > self.inner.cfg.segment_bytes {
-            return Err(JournalError::TooLarge {
-                len: flen,
-                segment_bytes: self.inner.cfg.segment_bytes,
-            });
-        }
+    /// The durable watermark now (what [`Journal::durable`] watches).
+    pub fn durable_seq(&self) -> u64 {
+        *self.inner.durable_tx.borrow()
+    }
+
+    /// Appends under a journal-full policy; see [`FullPolicy`]. Takes an [`Entry`] or
+    /// an [`EntryRef`] (parts borrowed, nothing copied before the encode).
+    pub async fn append_with<'a>(
+        &self,
+        entry: impl Into<EntryRef<'a>>,
+        policy: FullPolicy,
+    ) -> Result<Option<u64>, JournalError> {
+        let entry = entry.into();
+        let flen = self.frame_len_within_segment(entry)?;
         loop {
             let notified = self.inner.space.notified();
             tokio::pin!(notified);
@@ -434,6 +439,38 @@ impl SegmentedJournal {
             }
             notified.await;
         }
+    }
+
+    /// Appends only if that needs no wait: what [`SegmentedJournal::append_with`] does
+    /// without waiting, for a caller whose usual case should not hold a future (a
+    /// vehicle's presence event at CONNECT). On [`TryAppend::Full`] nothing was done (the
+    /// `DropOldest` policy evicts only in `append_with`).
+    pub fn try_append_with<'a>(
+        &self,
+        entry: impl Into<EntryRef<'a>>,
+        policy: FullPolicy,
+    ) -> Result<TryAppend, JournalError> {
+        let entry = entry.into();
+        let flen = self.frame_len_within_segment(entry)?;
+        Ok(match self.try_admit(entry, flen)? {
+            Admit::Admitted(seq) => TryAppend::Appended(seq),
+            Admit::DiskFull if policy == FullPolicy::Reject => {
+                self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+                TryAppend::Rejected
+            }
+            Admit::BufferFull | Admit::DiskFull => TryAppend::Full,
+        })
+    }
+
+    fn frame_len_within_segment(&self, entry: EntryRef<'_>) -> Result<usize, JournalError> {
+        let flen = frame_len(entry);
+        if flen as u64 > self.inner.cfg.segment_bytes {
+            return Err(JournalError::TooLarge {
+                len: flen,
+                segment_bytes: self.inner.cfg.segment_bytes,
+            });
+        }
+        Ok(flen)
     }
 
     /// Releases every record of the oldest segment, delivered or not (the explicit
@@ -479,6 +516,17 @@ enum Admit {
     Admitted(u64),
     BufferFull,
     DiskFull,
+}
+
+/// What [`SegmentedJournal::try_append_with`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryAppend {
+    /// Admitted, with its sequence.
+    Appended(u64),
+    /// Refused: the journal is full and the policy is `Reject` (counted).
+    Rejected,
+    /// No room now (write buffer or journal full): `append_with` would wait.
+    Full,
 }
 
 impl Drop for SegmentedJournal {

@@ -37,10 +37,11 @@
 //!   Nodes live in an arena (indices, not boxes), so neither a very deep filter nor
 //!   dropping the trie recurses. The common node (one child, or one subscriber, no
 //!   shared group) is what the layout is for: a million `vehicles/<id>/commands/#`
-//!   subscriptions are three million nodes. A subscription node is 56 bytes (144 with a
-//!   hash map for the children and two for the subscribers); a one-entry map is a one-entry vector; a node
-//!   without shared groups pays one null pointer for them; the arena grows by fixed
-//!   chunks, so it never holds more than one chunk unused nor copies itself to grow.
+//!   subscriptions are three million nodes. A subscription node is 64 bytes (144 with a
+//!   hash map for the children and two for the subscribers); a single child is kept in
+//!   the node, other one-entry maps are one-entry vectors; a node without shared groups
+//!   pays one null pointer for them; the arena grows by fixed chunks, so it never holds
+//!   more than one chunk unused nor copies itself to grow.
 //!
 //! The order of the targets `route` returns is unspecified.
 
@@ -272,7 +273,7 @@ impl<K: SubscriberKey> SubscriptionTrie<K> {
                 matched.push(at);
                 continue;
             };
-            if let Some(&c) = node.children.get(*level) {
+            if let Some(&c) = node.children.get(level) {
                 stack.push((c, depth + 1));
             }
             if wildcards {
@@ -535,16 +536,124 @@ impl std::fmt::Debug for Level {
 
 #[derive(Debug)]
 pub(super) struct Node<P> {
-    pub(super) children: SmallMap<Level, usize>,
+    pub(super) children: Children,
     pub(super) payload: P,
 }
 
 impl<P: Default> Default for Node<P> {
     fn default() -> Self {
         Node {
-            children: SmallMap::default(),
+            children: Children::default(),
             payload: P::default(),
         }
+    }
+}
+
+/// A node's children by level name. Nearly always none or one: a vehicle's own path
+/// (`<id>` → `commands` → `#`) has one child per level, so one child is kept in the node
+/// itself, and more in a [`SmallMap`]. A one-entry vector instead was an allocation of
+/// 48 bytes per level for every vehicle; inline, a node is 8 bytes larger.
+#[derive(Debug)]
+pub(super) enum Children {
+    One(Level, usize),
+    /// None, or more than one.
+    Map(SmallMap<Level, usize>),
+}
+
+impl Default for Children {
+    fn default() -> Self {
+        Children::Map(SmallMap::default())
+    }
+}
+
+impl Children {
+    pub(super) fn get(&self, level: &str) -> Option<&usize> {
+        match self {
+            Children::One(l, c) => (l.as_str() == level).then_some(c),
+            Children::Map(m) => m.get(level),
+        }
+    }
+
+    /// Adds or replaces, returning the replaced node.
+    pub(super) fn insert(&mut self, level: Level, node: usize) -> Option<usize> {
+        match self {
+            Children::One(l, c) if *l == level => Some(std::mem::replace(c, node)),
+            Children::One(..) => {
+                let Children::One(l, c) = std::mem::take(self) else {
+                    return None;
+                };
+                let mut m = SmallMap::default();
+                m.insert(l, c);
+                m.insert(level, node);
+                *self = Children::Map(m);
+                None
+            }
+            Children::Map(m) if m.is_empty() => {
+                *self = Children::One(level, node);
+                None
+            }
+            Children::Map(m) => m.insert(level, node),
+        }
+    }
+
+    pub(super) fn remove(&mut self, level: &str) -> Option<usize> {
+        match self {
+            Children::One(l, c) if l.as_str() == level => {
+                let c = *c;
+                *self = Children::default();
+                Some(c)
+            }
+            Children::One(..) => None,
+            Children::Map(m) => {
+                let c = m.remove(level)?;
+                if m.len() == 1 {
+                    // Back inline: the vector goes.
+                    let one = m.iter().next().map(|(l, c)| (l.clone(), *c));
+                    if let Some((l, c)) = one {
+                        *self = Children::One(l, c);
+                    }
+                }
+                Some(c)
+            }
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Children::One(..) => 1,
+            Children::Map(m) => m.len(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(super) fn iter(&self) -> ChildIter<'_> {
+        let (one, map) = match self {
+            Children::One(l, c) => (Some((l, c)), None),
+            Children::Map(m) => (None, Some(m.iter())),
+        };
+        one.into_iter().chain(map.into_iter().flatten())
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &usize> {
+        self.iter().map(|(_, c)| c)
+    }
+}
+
+/// The entries of [`Children`], in no particular order.
+pub(super) type ChildIter<'a> = std::iter::Chain<
+    std::option::IntoIter<(&'a Level, &'a usize)>,
+    std::iter::Flatten<std::option::IntoIter<Iter<'a, Level, usize>>>,
+>;
+
+impl<'a> IntoIterator for &'a Children {
+    type Item = (&'a Level, &'a usize);
+    type IntoIter = ChildIter<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
     }
 }
 
@@ -666,10 +775,6 @@ impl<K, V> SmallMap<K, V> {
             SmallMap::Large(m) => Iter::Large(m.iter()),
         }
     }
-
-    pub(super) fn values(&self) -> impl Iterator<Item = &V> {
-        self.iter().map(|(_, x)| x)
-    }
 }
 
 impl<'a, K, V> IntoIterator for &'a SmallMap<K, V> {
@@ -778,7 +883,7 @@ impl<P: Payload> Tree<P> {
         let mut at = ROOT;
         path.push(at);
         for level in levels {
-            at = *self.node(at).children.get(*level)?;
+            at = *self.node(at).children.get(level)?;
             path.push(at);
         }
         Some(path)
@@ -1396,7 +1501,9 @@ mod tests {
         }
         heap.add(tree.free.capacity() * size_of::<usize>());
         for node in tree.nodes() {
-            heap.map(&node.children);
+            if let Children::Map(m) = &node.children {
+                heap.map(m);
+            }
             for (name, _) in &node.children {
                 if !name.is_inline() {
                     heap.add(name.len());
@@ -1425,6 +1532,10 @@ mod tests {
         matches!(m, SmallMap::Large(_))
     }
 
+    fn children_large(c: &Children) -> bool {
+        matches!(c, Children::Map(m) if is_large(m))
+    }
+
     #[test]
     fn node_layout_is_compact() {
         use crate::router::SessionKey;
@@ -1434,7 +1545,9 @@ mod tests {
         assert!(size_of::<SmallMap<Box<str>, usize>>() <= 24);
         assert!(size_of::<SmallMap<SessionKey, SubOptions>>() <= 24);
         assert!(size_of::<Option<Box<HashMap<Box<str>, Group<SessionKey>>>>>() <= 8);
-        assert!(node <= 56, "a trie node grew to {node} bytes");
+        // One child inline: 8 bytes more than the map alone.
+        assert!(size_of::<Children>() <= 32);
+        assert!(node <= 64, "a trie node grew to {node} bytes");
     }
 
     #[test]
@@ -1456,27 +1569,29 @@ mod tests {
         let per = |x: usize| x as f64 / n as f64;
         println!(
             "per vehicles/<id>/commands/# subscription: {:.0} bytes asked, ~{:.0} bytes from \
-             malloc, {:.2} allocations (was 940 / ~1056 / 6.00 with HashMaps and boxed levels)",
+             malloc, {:.2} allocations (was 940 / ~1056 / 6.00 with HashMaps and boxed levels, \
+             ~320 / ~350 / 3.00 with one-entry vectors of children)",
             per(heap.bytes),
             per(heap.malloc),
             per(heap.allocations)
         );
-        // Expected about 320 bytes asked: three 56-byte nodes, a one-entry vector of
-        // children at `<id>` and `commands` (32 bytes each), a one-entry vector of direct
-        // subscribers at `#` (40), level names inline, ~40 bytes in the `vehicles` hash
-        // map. HashMaps instead of vectors, or 144-byte nodes, overshoot this.
-        assert!(heap.bytes <= 360 * n, "{} bytes per subscription", heap.bytes / n);
-        // Three per subscription (two one-entry children vectors, one subscriber vector;
-        // level names inline), plus the arena's chunks and the `vehicles` hash map.
+        // Expected about 290 bytes asked: three 64-byte nodes (the one child of `<id>`
+        // and of `commands` inline), a one-entry vector of direct subscribers at `#`
+        // (40), level names inline, ~60 bytes in the `vehicles` hash map. HashMaps
+        // instead of vectors, one-entry vectors of children, or 144-byte nodes overshoot
+        // this.
+        assert!(heap.bytes <= 310 * n, "{} bytes per subscription", heap.bytes / n);
+        // One per subscription (the subscriber vector; children and level names inline),
+        // plus the arena's chunks and the `vehicles` hash map.
         assert!(
-            heap.allocations <= 3 * n + n / 100,
+            heap.allocations <= n + n / 100,
             "{} allocations",
             heap.allocations
         );
         // The shapes that make it so.
-        assert!(is_large(&node_at(&t, "vehicles").children));
+        assert!(children_large(&node_at(&t, "vehicles").children));
         let id = node_at(&t, "vehicles/v000042");
-        assert!(matches!(&id.children, SmallMap::Small(v) if v.capacity() == 1));
+        assert!(matches!(&id.children, Children::One(..)));
         let hash = node_at(&t, "vehicles/v000042/commands/#");
         assert!(matches!(&hash.payload.direct, SmallMap::Small(v) if v.capacity() == 1));
         assert!(hash.payload.shared.is_none());
@@ -1523,13 +1638,13 @@ mod tests {
             t.subscribe(k, &format!("c/l{k}"), opts(0)).expect("valid");
             (0..many).for_each(|j| only(&t, j, j <= k));
             // `+` is a child too.
-            assert_eq!(is_large(&node_at(&t, "c").children), k as usize + 2 > SMALL);
+            assert_eq!(children_large(&node_at(&t, "c").children), k as usize + 2 > SMALL);
         }
         for k in (0..many).rev() {
             assert!(t.unsubscribe(&k, &format!("c/l{k}")));
             (0..many).for_each(|j| only(&t, j, j < k));
             assert_eq!(
-                is_large(&node_at(&t, "c").children),
+                children_large(&node_at(&t, "c").children),
                 k as usize + 1 > BACK_TO_SMALL
             );
         }

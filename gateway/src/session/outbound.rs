@@ -95,14 +95,17 @@ where
     }
 
     pub(super) fn packet_buffered(&self) -> bool {
-        !matches!(frame(&self.read_buf, self.codec.max_in), Ok(Framing::Incomplete))
+        !matches!(
+            frame(&self.read_buf, self.codec.max_in as usize),
+            Ok(Framing::Incomplete)
+        )
     }
 
     /// Encodes queued deliveries into the write buffer. Returns whether more are ready
     /// (the write budget stopped it).
     pub(super) fn fill_outbound(&mut self) -> bool {
         let lim = SendLimits {
-            conn: self.conn,
+            conn: self.info.conn,
             codec: &self.codec,
             receive_max: usize::from(self.receive_max),
             out_budget: OUT_BUDGET,
