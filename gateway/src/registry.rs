@@ -15,19 +15,75 @@
 //! - A session whose connection ends is removed at once if its expiry is 0, otherwise
 //!   kept (offline) until its expiry interval passes ([`Registry::expired`]).
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use crate::message::now_ms;
 use crate::metrics::Metrics;
 use crate::router::{Router, SessionKey};
-use crate::session::state::{DelayedWill, OutItem, Owner, SessionCell, SessionState};
+use crate::session::state::{DelayedWill, DisconnectedAt, OutItem, Owner, SessionCell, SessionState};
 use crate::store::Store;
 
 #[derive(Default, Debug)]
 pub struct Registry {
-    sessions: RwLock<HashMap<Arc<str>, Arc<SessionCell>>>,
+    sessions: RwLock<Sessions>,
+}
+
+/// Sessions by client id: a set of cells found by the id each cell holds (a slot is one
+/// pointer), not a map from a second copy of the id (three words a slot, which a million
+/// idle vehicles would each pay).
+#[derive(Default, Debug)]
+struct Sessions(HashSet<ById>);
+
+/// A cell, compared and hashed by its client id.
+#[derive(Debug)]
+struct ById(Arc<SessionCell>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.client_id == other.0.client_id
+    }
+}
+
+impl Eq for ById {}
+
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As the `str` it borrows as hashes (the set is searched by `&str`).
+        (*self.0.client_id).hash(state);
+    }
+}
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.client_id
+    }
+}
+
+impl Sessions {
+    fn get(&self, client_id: &str) -> Option<&Arc<SessionCell>> {
+        self.0.get(client_id).map(|e| &e.0)
+    }
+
+    /// Adds `cell`, replacing the session of the same client id if there is one.
+    fn insert(&mut self, cell: Arc<SessionCell>) {
+        self.0.replace(ById(cell));
+    }
+
+    fn remove(&mut self, client_id: &str) {
+        self.0.remove(client_id);
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Arc<SessionCell>> {
+        self.0.iter().map(|e| &e.0)
+    }
 }
 
 /// What a CONNECT found.
@@ -53,7 +109,8 @@ pub enum Detached {
 
 /// Settings of a new or resumed session.
 pub struct Connecting<'a> {
-    pub client_id: &'a str,
+    /// Shared with a new session's cell (one allocation per client id, not two).
+    pub client_id: &'a Arc<str>,
     pub owner: Owner,
     pub clean_start: bool,
     pub expiry_secs: u32,
@@ -61,11 +118,11 @@ pub struct Connecting<'a> {
 }
 
 impl Registry {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Arc<str>, Arc<SessionCell>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Sessions> {
         self.sessions.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Arc<SessionCell>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Sessions> {
         self.sessions.write().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -98,7 +155,7 @@ impl Registry {
     pub fn restore(&self, cell: Arc<SessionCell>, metrics: &Metrics) {
         metrics.sessions.inc();
         metrics.sessions_persistent.inc();
-        self.write().insert(cell.client_id.clone(), cell);
+        self.write().insert(cell);
     }
 
     /// A CONNECT: takes over, resumes or (clean start, expired) replaces the session.
@@ -121,7 +178,7 @@ impl Registry {
                 let was_persistent = st.persistent();
                 st.owner = Some(c.owner);
                 st.expiry_secs = c.expiry_secs;
-                st.disconnected_at_ms = None;
+                st.disconnected_at = DisconnectedAt::default();
                 st.protocol = c.protocol;
                 let now_persistent = st.persistent();
                 drop(st);
@@ -145,11 +202,10 @@ impl Registry {
             }
             stale = Some((cell.key(), discard(&cell, &mut st, store, metrics)));
         }
-        let client_id: Arc<str> = Arc::from(c.client_id);
         let state = SessionState {
             owner: Some(c.owner),
             expiry_secs: c.expiry_secs,
-            disconnected_at_ms: None,
+            disconnected_at: DisconnectedAt::default(),
             subscriptions: Default::default(),
             inbound_qos2: Default::default(),
             out: Default::default(),
@@ -158,8 +214,8 @@ impl Registry {
             last_pkid: 0,
             gone: false,
         };
-        let cell = SessionCell::new(client_id.clone(), state);
-        map.insert(client_id.clone(), cell.clone());
+        let cell = SessionCell::new(c.client_id.clone(), state);
+        map.insert(cell.clone());
         drop(map);
         // The old session's filters leave the router (under its own incarnation, so
         // nothing of the new session can be touched) before this CONNECT is answered.
@@ -190,7 +246,7 @@ impl Registry {
     ) -> Detached {
         let mut map = self.write();
         let mut st = cell.lock();
-        if st.owner.as_ref().map(|o| o.conn) != Some(conn) {
+        if st.owner.as_ref().map(Owner::conn) != Some(conn) {
             return Detached::TakenOver;
         }
         st.owner = None;
@@ -207,7 +263,7 @@ impl Registry {
             unroute(router, &cell.key(), filters);
             return Detached::Ended;
         }
-        st.disconnected_at_ms = Some(now_ms());
+        st.disconnected_at = DisconnectedAt::at(Some(now_ms()));
         st.out.went_offline(store.generation(), metrics);
         drop(st);
         drop(map);
@@ -374,7 +430,7 @@ impl Registry {
 
 /// An offline, live session its vehicle left before `since_ms`.
 fn moved(st: &SessionState, since_ms: u64) -> bool {
-    st.owner.is_none() && !st.gone && st.disconnected_at_ms.is_some_and(|t| t <= since_ms)
+    st.owner.is_none() && !st.gone && st.disconnected_at_ms().is_some_and(|t| t <= since_ms)
 }
 
 fn persistent_gauge(metrics: &Metrics, was: bool, now: bool) {
@@ -475,7 +531,7 @@ mod lock_order_tests {
                     conn += 1;
                     let a = s.0.attach(
                         Connecting {
-                            client_id: "churn",
+                            client_id: &Arc::from("churn"),
                             owner: Owner::bare(conn),
                             clean_start: true,
                             expiry_secs: 0,
@@ -521,7 +577,7 @@ mod lock_order_tests {
         let connect = |conn: u64, clean_start: bool, expiry_secs: u32| {
             reg.attach(
                 Connecting {
-                    client_id: "car",
+                    client_id: &Arc::from("car"),
                     owner: Owner::bare(conn),
                     clean_start,
                     expiry_secs,

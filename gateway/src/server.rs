@@ -91,6 +91,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
+        gateway_id: producer_cfg.gateway_id.clone().into_boxed_str(),
         replays: Replays::new(journal.clone(), routes.clone(), producer_cfg.clone()),
         journal,
         auth: Auth::new(&cfg.auth),
@@ -349,7 +350,9 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
         let mut state = SessionState {
             owner: None,
             expiry_secs: s.record.expiry_secs,
-            disconnected_at_ms: Some(s.record.disconnected_at_ms.unwrap_or(now)),
+            disconnected_at: crate::session::state::DisconnectedAt::at(Some(
+                s.record.disconnected_at_ms.unwrap_or(now),
+            )),
             subscriptions: Default::default(),
             inbound_qos2: s
                 .record
@@ -499,19 +502,19 @@ pub(crate) fn tls_connection(
     permit: OwnedSemaphorePermit,
     span: tracing::Span,
 ) -> impl std::future::Future<Output = ()> + Send {
-    // The span and `shared` go into the boxed handshake and come back out with its
-    // result: captured by the task itself they would cost every TLS connection their
-    // size for good.
+    // Everything the session needs goes into the boxed handshake and comes back out with
+    // its result: captured by the task itself it would cost every TLS connection its
+    // size for good (the task stores a capture beside the session's future).
     let handshaking = Box::pin(async move {
         let done = tls_handshake(stream, peer, acceptor, shared.clone())
             .instrument(span.clone())
             .await;
-        done.map(|(tls_stream, identity)| (tls_stream, identity, span, shared))
+        done.map(|(tls_stream, identity)| (tls_stream, peer, identity, shared, permit, span))
     });
     async move {
         // `let else`, not `if let`: an `if let` keeps its scrutinee (the whole TLS state)
         // alive, and so stored in the task, for as long as its body runs.
-        let Some((tls_stream, identity, span, shared)) = handshaking.await else {
+        let Some((tls_stream, peer, identity, shared, permit, span)) = handshaking.await else {
             return;
         };
         session::run(tls_stream, peer, identity, shared, permit, span).await;

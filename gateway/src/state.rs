@@ -21,6 +21,9 @@ use crate::store::Store;
 /// What every connection task shares.
 pub struct Shared {
     pub cfg: Arc<Config>,
+    /// `gateway.id`, or the host name, resolved once at start (events name it; a host
+    /// renamed while running does not split this process's events between two ids).
+    pub gateway_id: Box<str>,
     pub journal: Arc<SegmentedJournal>,
     pub auth: Arc<Auth>,
     /// Every session this gateway holds, online or offline, by client id.

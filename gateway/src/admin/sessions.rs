@@ -192,9 +192,9 @@ fn connection_of(cell: &SessionCell, st: &SessionState) -> Option<Connection> {
     let i = &o.info;
     Some(Connection {
         client_id: cell.client_id.to_string(),
-        conn: o.conn,
+        conn: o.conn(),
         peer: i.peer.to_string(),
-        listener: i.listener.to_string(),
+        listener: i.listener().to_string(),
         protocol: st.protocol,
         tls_identity: i.tls_identity.as_deref().map(str::to_string),
         connected_at_ms: i.connected_at_ms,
@@ -210,7 +210,7 @@ fn connection_of(cell: &SessionCell, st: &SessionState) -> Option<Connection> {
 }
 
 fn session_of(cell: &SessionCell, st: &SessionState) -> Session {
-    let expires_at_ms = match (st.disconnected_at_ms, st.expiry_secs) {
+    let expires_at_ms = match (st.disconnected_at_ms(), st.expiry_secs) {
         (Some(_), u32::MAX) | (None, _) => None,
         (Some(at), secs) => Some(at.saturating_add(u64::from(secs) * 1000)),
     };
@@ -219,7 +219,7 @@ fn session_of(cell: &SessionCell, st: &SessionState) -> Session {
         online: st.owner.is_some(),
         protocol: st.protocol,
         expiry_secs: st.expiry_secs,
-        disconnected_at_ms: st.disconnected_at_ms,
+        disconnected_at_ms: st.disconnected_at_ms(),
         expires_at_ms,
         subscriptions: st.subscriptions.len(),
         queued: st.out.queue.len(),
@@ -255,7 +255,7 @@ pub async fn list_connections(
     }
     let (cells, next_after) = page(&s, q.prefix.as_deref(), q.after.as_deref(), limit, |_, st| {
         st.owner.as_ref().is_some_and(|o| {
-            q.listener.as_deref().is_none_or(|l| o.info.listener == l)
+            q.listener.as_deref().is_none_or(|l| o.info.listener() == l)
                 && q.protocol.is_none_or(|p| st.protocol == p)
         })
     });

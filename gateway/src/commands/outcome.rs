@@ -228,7 +228,7 @@ pub async fn run(
     let mut durable = shared.journal.durable();
     let mut flushed = shared.store.flushed();
     let mut waiting: VecDeque<(u64, Report)> = VecDeque::new();
-    let gateway_id = shared.cfg.gateway_id();
+    let gateway_id = shared.gateway_id.clone();
     loop {
         tokio::select! {
             biased;

@@ -307,7 +307,7 @@ impl Region {
 
 /// Follows the presence feed until it ends.
 pub async fn follow(shared: Arc<Shared>, mut rx: mpsc::Receiver<FeedItem>) {
-    let me = shared.cfg.gateway_id();
+    let me = &*shared.gateway_id;
     let track = shared.cfg.commands.report_unknown;
     while let Some(item) = rx.recv().await {
         let r = match item {
@@ -321,7 +321,7 @@ pub async fn follow(shared: Arc<Shared>, mut rx: mpsc::Receiver<FeedItem>) {
             continue;
         };
         if track {
-            shared.commands.region.apply(&me, &ev);
+            shared.commands.region.apply(me, &ev);
         }
         if ev.gateway_id != me && ev.event == "connected" {
             hand_over(&shared, &ev.client_id, ev.at_ms, &ev.gateway_id).await;
@@ -399,7 +399,7 @@ async fn journal(shared: &Shared, item: &OutItem) -> Option<u64> {
     let mut props: Vec<(String, String)> = vec![
         ("command_id".into(), c.id.clone()),
         ("issued_at_ms".into(), c.issued_at_ms.to_string()),
-        ("gateway.handed_over_from".into(), shared.cfg.gateway_id()),
+        ("gateway.handed_over_from".into(), shared.gateway_id.to_string()),
     ];
     if let Some(v) = &c.correlation_id {
         props.push(("correlation_id".into(), v.clone()));

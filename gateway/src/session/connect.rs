@@ -15,7 +15,7 @@ use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
 
-use super::{NEXT_CONN, READ_CHUNK};
+use super::{CONNECT_READ, NEXT_CONN};
 use crate::auth::{Limited, Principal};
 use crate::message::now_ms;
 use crate::mqtt::codec::{frame, sniff, ConnectRefusal, Framing, Sniff};
@@ -76,7 +76,7 @@ where
                 )),
             };
         }
-        buf.reserve(READ_CHUNK);
+        buf.reserve(CONNECT_READ);
         match stream.read_buf(buf).await {
             Ok(0) | Err(_) => return Ok(None),
             Ok(_) => {}
@@ -124,7 +124,7 @@ pub(super) async fn accept_connect(
     let tls = &shared.cfg.tls;
     let client_id = if req.client_id.is_empty() {
         match identity.and_then(|i| i.preferred(&tls.identity)) {
-            Some(id) => id,
+            Some(id) => id.to_owned(),
             // 3.1.1 allows a server-assigned id only with a clean session.
             None if codec.version == Version::V4 && !req.clean_start => {
                 return Err(ConnectRefusal::BadClientId)

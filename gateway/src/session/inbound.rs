@@ -137,8 +137,8 @@ where
         };
         if was > 0 && expiry == 0 {
             metrics.sessions_persistent.dec();
-            if let Err(e) = store.remove_session(&self.client_id) {
-                super::state::store_failed(metrics, &self.client_id, &e);
+            if let Err(e) = store.remove_session(&self.cell.client_id) {
+                super::state::store_failed(metrics, &self.cell.client_id, &e);
             }
         } else {
             self.cell
@@ -167,7 +167,7 @@ where
     fn release(&mut self, pkid: u16) -> Result<(), Close> {
         let known = {
             let mut st = self.cell.lock();
-            if !st.owned_by(self.conn) {
+            if !st.owned_by(self.info.conn) {
                 return Err(Close::TakenOver);
             }
             st.inbound_qos2.remove(&pkid).is_some()
@@ -218,7 +218,7 @@ where
             }
             if !shared
                 .auth
-                .may_subscribe_as(self.user.as_deref(), &self.client_id, &inner)
+                .may_subscribe_as(self.user.as_deref(), &self.cell.client_id, &inner)
             {
                 metrics.subscribe_refused.inc("not_authorized");
                 granted.push(Granted::NotAuthorized);
@@ -238,7 +238,7 @@ where
                 retain_handling: f.retain_handling,
                 id,
             };
-            if !self.cell.owned_by(self.conn) {
+            if !self.cell.owned_by(self.info.conn) {
                 return Err(self.ended().unwrap_or(Close::TakenOver));
             }
             let replaced = match shared.router.subscribe(&self.cell.key(), &f.filter, opts) {
@@ -251,7 +251,7 @@ where
             };
             {
                 let mut st = self.cell.lock();
-                if !st.owned_by(self.conn) {
+                if !st.owned_by(self.info.conn) {
                     // Taken over (or discarded by a clean start) while this subscribed:
                     // the filter must not stay in the router on behalf of a session this
                     // connection no longer holds.
@@ -279,7 +279,7 @@ where
         }
         if !self.quota_logged && granted.contains(&Granted::QuotaExceeded) {
             self.quota_logged = true;
-            warn!(client_id = %self.client_id, peer = %self.peer, max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
+            warn!(client_id = %self.cell.client_id, peer = %self.info.peer, max, "SUBSCRIBE filters refused beyond mqtt.max_subscriptions (logged once per session; counted in gateway_subscribe_refused_total)");
         }
         self.persist_and_wait().await?;
         self.codec.suback(&mut self.out, pkid, &granted);
@@ -302,7 +302,7 @@ where
         for f in &filters {
             let had = {
                 let mut st = self.cell.lock();
-                if !st.owned_by(self.conn) {
+                if !st.owned_by(self.info.conn) {
                     return Err(Close::TakenOver);
                 }
                 st.subscriptions.remove(f).is_some()
@@ -333,7 +333,7 @@ where
         tokio::select! {
             biased;
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
-            _ = self.cell.lost_by(self.conn) => Err(Close::TakenOver),
+            _ = self.cell.lost_by(self.info.conn) => Err(Close::TakenOver),
             r = tokio::time::timeout(STORE_WAIT, store.wait_flushed(gen)) => match r {
                 Ok(Ok(())) => Ok(()),
                 // Not acknowledged as kept: the client resubscribes when it reconnects.
@@ -434,10 +434,10 @@ where
         let qos_label = super::state::qos_label(p.qos);
         if !shared
             .auth
-            .may_publish_as(self.user.as_deref(), &self.client_id, &topic)
+            .may_publish_as(self.user.as_deref(), &self.cell.client_id, &topic)
         {
             metrics.acl_denied.inc(qos_label);
-            warn!(client_id = %self.client_id, peer = %self.peer, topic, qos = p.qos, "publish denied by the publish ACL");
+            warn!(client_id = %self.cell.client_id, peer = %self.info.peer, topic, qos = p.qos, "publish denied by the publish ACL");
             let detail = format!("not authorised to publish to {topic}");
             return self.refuse_publish(
                 &p,
@@ -458,7 +458,7 @@ where
             }));
         }
         if p.retain && !shared.auth.may_retain(self.user.as_deref()) {
-            bridge::counted!(warn, metrics.retained_refused, "not_allowed", client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: auth.allow_retain");
+            bridge::counted!(warn, metrics.retained_refused, "not_allowed", client_id = %self.cell.client_id, peer = %self.info.peer, topic, "retained publish refused: auth.allow_retain");
             let detail = format!("not authorised to retain on {topic}");
             return self.refuse_publish(
                 &p,
@@ -476,7 +476,7 @@ where
             && !p.payload.is_empty()
             && Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic).is_some()
         {
-            bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %self.client_id, peer = %self.peer, topic, "retained publish refused: a command topic");
+            bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %self.cell.client_id, peer = %self.info.peer, topic, "retained publish refused: a command topic");
             let detail = format!("commands are not retained ({topic} is a command topic)");
             return self.refuse_publish(
                 &p,
@@ -513,8 +513,8 @@ where
         // An operator's publish to a vehicle's command topic is a command: its copy for
         // the vehicle reports an outcome like a command from Kafka or REST. A vehicle
         // publishing to its own command topic is not commanding itself.
-        let vehicle =
-            Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic).filter(|v| *v != &*self.client_id);
+        let vehicle = Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic)
+            .filter(|v| *v != &*self.cell.client_id);
         let local = p.retain || vehicle.is_some() || shared.router.subscriptions() > 0;
         let msg = local.then(|| {
             Arc::new(Message {
@@ -527,7 +527,7 @@ where
                 expires_at_ms: p.message_expiry_secs.map(|s| now + u64::from(s) * 1000),
             })
         });
-        let kafka = shared.routes.resolve(&self.client_id, &topic).is_some();
+        let kafka = shared.routes.resolve(&self.cell.client_id, &topic).is_some();
         let len = p.payload.len() as u64;
         if kafka {
             let entry = Entry {
@@ -535,7 +535,7 @@ where
                 received_at_ms: now,
                 qos: p.qos,
                 retain: p.retain,
-                client_id: self.client_id.to_string(),
+                client_id: self.cell.client_id.to_string(),
                 topic: topic.clone(),
                 payload: p.payload.clone(),
                 content_type: p.props.content_type.clone(),
@@ -548,14 +548,14 @@ where
             let appended = tokio::select! {
                 biased;
                 _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
-                _ = self.cell.lost_by(self.conn) => return Err(Close::TakenOver),
+                _ = self.cell.lost_by(self.info.conn) => return Err(Close::TakenOver),
                 r = shared.journal.append_with(&entry, shared.full_policy) => r,
             };
             match appended {
                 // Too large to journal (an aliased topic plus a payload larger than a
                 // segment): refused, never acknowledged as stored, not a disconnect loop.
                 Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
-                    bridge::counted!(warn, metrics.protocol_errors, "record_too_large", client_id = %self.client_id, peer = %self.peer, error = %e, qos = p.qos, "publish refused: too large to journal");
+                    bridge::counted!(warn, metrics.protocol_errors, "record_too_large", client_id = %self.cell.client_id, peer = %self.info.peer, error = %e, qos = p.qos, "publish refused: too large to journal");
                     let (reason, label) = if self.codec.version == Version::V5 {
                         (0x83, "record_too_large")
                     } else {
@@ -614,7 +614,7 @@ where
                     Ok(None) => {}
                     Err(reason) => {
                         metrics.retained_refused.inc(reason);
-                        warn!(client_id = %self.client_id, peer = %self.peer, topic, reason, "retained message not stored ([retained] bounds)");
+                        warn!(client_id = %self.cell.client_id, peer = %self.info.peer, topic, reason, "retained message not stored ([retained] bounds)");
                     }
                 }
             }
@@ -624,7 +624,7 @@ where
             // acknowledged as stored.
             metrics.unrouted.inc(qos_label);
             warn!(
-                client_id = %self.client_id, peer = %self.peer,
+                client_id = %self.cell.client_id, peer = %self.info.peer,
                 topic,
                 "publish refused: no route to Kafka (kafka.unmatched = \"refuse\") and no subscriber"
             );
@@ -711,7 +711,7 @@ where
         tokio::select! {
             biased;
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
-            _ = self.cell.lost_by(self.conn) => Err(Close::TakenOver),
+            _ = self.cell.lost_by(self.info.conn) => Err(Close::TakenOver),
             _ = tokio::time::sleep(ahead - PUBLISH_BURST) => Ok(()),
         }
     }

@@ -102,7 +102,7 @@ where
     /// (the write budget stopped it).
     pub(super) fn fill_outbound(&mut self) -> bool {
         let lim = SendLimits {
-            conn: self.conn,
+            conn: self.info.conn,
             codec: &self.codec,
             receive_max: usize::from(self.receive_max),
             out_budget: OUT_BUDGET,

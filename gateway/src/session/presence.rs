@@ -33,11 +33,12 @@
 //! vehicle's next `connected` in the journal, hence in Kafka per key. They wait for
 //! journal space at most [`STARTED_WAIT`] in all.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bridge::{Entry, EntryKind};
+use bridge::{EntryKind, EntryRef, TryAppend};
 use serde::Serialize;
 use tracing::warn;
 
@@ -115,7 +116,7 @@ pub struct Event<'a> {
     /// `gateway_connections_accepted_total{listener}` names them.
     pub listener: &'static str,
     /// The verified client certificate's identity under `tls.identity` (mTLS), else null.
-    pub tls_identity: Option<String>,
+    pub tls_identity: Option<&'a str>,
     pub peer: SocketAddr,
     /// `connected` only: what the CONNACK told the vehicle.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -141,10 +142,15 @@ pub struct Event<'a> {
     pub conn: u64,
 }
 
-impl Event<'_> {
-    /// The journal record carrying this event.
-    fn entry(&self) -> serde_json::Result<Entry> {
-        record(self.client_id.to_string(), self.at_ms, serde_json::to_vec(self)?)
+impl Value for Event<'_> {
+    fn event(&self) -> Presence {
+        self.event
+    }
+    fn key(&self) -> Cow<'_, str> {
+        Cow::Borrowed(self.client_id)
+    }
+    fn at_ms(&self) -> u64 {
+        self.at_ms
     }
 }
 
@@ -156,13 +162,15 @@ pub struct Started<'a> {
     pub at_ms: u64,
 }
 
-impl Started<'_> {
-    fn entry(&self) -> serde_json::Result<Entry> {
-        record(
-            started_key(self.gateway_id),
-            self.at_ms,
-            serde_json::to_vec(self)?,
-        )
+impl Value for Started<'_> {
+    fn event(&self) -> Presence {
+        self.event
+    }
+    fn key(&self) -> Cow<'_, str> {
+        Cow::Owned(started_key(self.gateway_id))
+    }
+    fn at_ms(&self) -> u64 {
+        self.at_ms
     }
 }
 
@@ -183,9 +191,15 @@ pub struct Restored<'a> {
     pub conn: u64,
 }
 
-impl Restored<'_> {
-    fn entry(&self) -> serde_json::Result<Entry> {
-        record(self.client_id.to_string(), self.at_ms, serde_json::to_vec(self)?)
+impl Value for Restored<'_> {
+    fn event(&self) -> Presence {
+        self.event
+    }
+    fn key(&self) -> Cow<'_, str> {
+        Cow::Borrowed(self.client_id)
+    }
+    fn at_ms(&self) -> u64 {
+        self.at_ms
     }
 }
 
@@ -198,24 +212,23 @@ pub async fn journal_discarded(shared: &Shared, client_id: &str) {
     if !shared.cfg.presence.enabled {
         return;
     }
-    let gateway_id = shared.cfg.gateway_id();
     let event = Restored {
         event: Presence::Disconnected,
         client_id,
-        gateway_id: &gateway_id,
+        gateway_id: &shared.gateway_id,
         reason: SESSION_DISCARDED,
         session_kept: false,
         session_expiry_secs: 0,
         at_ms: crate::message::now_ms(),
         conn: 0,
     };
-    let give_up = async {
+    let give_up = || async {
         tokio::select! {
             _ = shared.shutdown.cancelled() => "shutdown",
             _ = tokio::time::sleep(STARTED_WAIT) => "timeout",
         }
     };
-    if let Err((reason, detail)) = append(shared, event.entry(), event.event, give_up).await {
+    if let Err((reason, detail)) = append(shared, &event, give_up).await {
         warn!(
             client_id,
             reason, detail, "session_discarded presence event not journaled"
@@ -223,19 +236,53 @@ pub async fn journal_discarded(shared: &Shared, client_id: &str) {
     }
 }
 
-/// A presence record keyed by `key`.
-fn record(key: String, at_ms: u64, payload: Vec<u8>) -> serde_json::Result<Entry> {
-    Ok(Entry {
+/// The JSON value of a presence record, and what the record needs besides it.
+trait Value: Serialize {
+    fn event(&self) -> Presence;
+    /// The record's key: the Kafka key and the `mqtt.client_id` header.
+    fn key(&self) -> Cow<'_, str>;
+    /// When it happened: the record's `mqtt.received_at_ms`.
+    fn at_ms(&self) -> u64;
+}
+
+/// Room on the stack for an event's JSON. A `connected` event is about 300 bytes; one
+/// with a long client id, gateway id or certificate identity goes to the heap instead.
+/// On the stack because every connection journals one while it connects: a heap buffer
+/// per event, freed between the long-lived allocations of the connections accepted at
+/// the same time, stayed in the process's memory as holes (0.2 KiB per idle vehicle
+/// after a connect burst, measured).
+const JSON_ROOM: usize = 512;
+
+/// `value` as JSON: written into `room` when it fits, else into a `Vec`.
+fn json<'r>(room: &'r mut [u8], value: &impl Serialize) -> serde_json::Result<Cow<'r, [u8]>> {
+    let mut cursor = std::io::Cursor::new(room);
+    match serde_json::to_writer(&mut cursor, value) {
+        Ok(()) => {
+            let len = usize::try_from(cursor.position()).unwrap_or(usize::MAX);
+            let room = cursor.into_inner();
+            Ok(Cow::Borrowed(room.get(..len).unwrap_or(room)))
+        }
+        // Did not fit (the only I/O error writing to memory can give).
+        Err(e) if e.is_io() => serde_json::to_vec(value).map(Cow::Owned),
+        Err(e) => Err(e),
+    }
+}
+
+/// The presence record of a JSON value, borrowing its parts.
+fn record<'a>(key: &'a str, at_ms: u64, payload: &'a [u8]) -> EntryRef<'a> {
+    EntryRef {
         kind: EntryKind::Presence,
         received_at_ms: at_ms,
         // QoS 1: stored and confirmed like a vehicle's QoS 1 message.
         qos: 1,
+        retain: false,
         client_id: key,
-        topic: TOPIC.to_string(),
-        payload: payload.into(),
-        content_type: Some("application/json".to_string()),
-        ..Default::default()
-    })
+        topic: TOPIC,
+        payload,
+        content_type: Some("application/json"),
+        message_expiry_secs: None,
+        user_properties: &[],
+    }
 }
 
 /// What remains at `now` of a restored offline session's expiry, rounded up to whole
@@ -260,7 +307,7 @@ pub async fn journal_start(shared: &Shared) {
     if !cfg.presence.enabled || !cfg.commands.many_gateways {
         return;
     }
-    let gateway_id = cfg.gateway_id();
+    let gateway_id = &*shared.gateway_id;
     let at_ms = crate::message::now_ms();
     // Nothing is connected yet: every session is a restored, offline one.
     let restored: Vec<(std::sync::Arc<str>, u32)> = shared
@@ -269,7 +316,7 @@ pub async fn journal_start(shared: &Shared) {
         .into_iter()
         .filter_map(|cell| {
             let st = cell.lock();
-            let left = match (st.owner.is_none(), st.disconnected_at_ms) {
+            let left = match (st.owner.is_none(), st.disconnected_at_ms()) {
                 (true, Some(at)) => remaining_expiry_secs(st.expiry_secs, at, at_ms)?,
                 _ => return None,
             };
@@ -285,12 +332,12 @@ pub async fn journal_start(shared: &Shared) {
     };
     let started = Started {
         event: Presence::GatewayStarted,
-        gateway_id: &gateway_id,
+        gateway_id,
         at_ms,
     };
     let mut dropped: Option<(&'static str, String)> = None;
     let mut dropped_count = 0usize;
-    if let Err(e) = append(shared, started.entry(), started.event, give_up()).await {
+    if let Err(e) = append(shared, &started, give_up).await {
         dropped_count += 1;
         dropped.get_or_insert(e);
     }
@@ -298,14 +345,14 @@ pub async fn journal_start(shared: &Shared) {
         let event = Restored {
             event: Presence::Disconnected,
             client_id,
-            gateway_id: &gateway_id,
+            gateway_id,
             reason: GATEWAY_RESTARTED,
             session_kept: true,
             session_expiry_secs: *left,
             at_ms,
             conn: 0,
         };
-        if let Err(e) = append(shared, event.entry(), event.event, give_up()).await {
+        if let Err(e) = append(shared, &event, give_up).await {
             dropped_count += 1;
             dropped.get_or_insert(e);
         }
@@ -369,15 +416,14 @@ impl<S: Transport> Session<S> {
         if !shared.cfg.presence.enabled {
             return;
         }
-        let gateway_id = shared.cfg.gateway_id();
-        let mut event = self.event(Presence::Connected, &gateway_id, identity);
+        let mut event = self.event(Presence::Connected, identity);
         event.session_present = Some(session_present);
-        event.at_ms = self.connected_at_ms;
+        event.at_ms = self.info.connected_at_ms;
         // Waits like a PUBLISH would, as long as the connection is still wanted.
-        let give_up = async {
+        let give_up = || async {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => "shutdown",
-                _ = self.cell.lost_by(self.conn) => "taken_over",
+                _ = self.cell.lost_by(self.info.conn) => "taken_over",
             }
         };
         journal(shared, &event, give_up).await;
@@ -390,13 +436,12 @@ impl<S: Transport> Session<S> {
         if !shared.cfg.presence.enabled {
             return;
         }
-        let gateway_id = shared.cfg.gateway_id();
         let identity = self.stream.client_certificate();
-        let mut event = self.event(Presence::Disconnected, &gateway_id, identity.as_ref());
+        let mut event = self.event(Presence::Disconnected, identity.as_ref());
         event.reason = Some(close.label());
         event.session_kept = Some(kept);
         event.session_expiry_secs = kept.then(|| self.cell.lock().expiry_secs);
-        let give_up = async {
+        let give_up = || async {
             tokio::select! {
                 _ = shared.shutdown.cancelled() => "shutdown",
                 _ = tokio::time::sleep(DISCONNECTED_WAIT) => "timeout",
@@ -406,20 +451,15 @@ impl<S: Transport> Session<S> {
     }
 
     /// The fields both events share.
-    fn event<'a>(
-        &'a self,
-        event: Presence,
-        gateway_id: &'a str,
-        identity: Option<&CertIdentity>,
-    ) -> Event<'a> {
+    fn event<'a>(&'a self, event: Presence, identity: Option<&'a CertIdentity>) -> Event<'a> {
         Event {
             event,
-            client_id: &self.client_id,
-            gateway_id,
+            client_id: &self.cell.client_id,
+            gateway_id: &self.shared.gateway_id,
             protocol: protocol(self.codec.version),
             listener: S::LISTENER,
             tls_identity: identity.and_then(|i| i.preferred(&self.shared.cfg.tls.identity)),
-            peer: self.peer,
+            peer: self.info.peer,
             session_present: None,
             clean_start: self.clean_start,
             // `keep_alive_ms` is 1.5 × the keep alive in force, in milliseconds.
@@ -427,44 +467,45 @@ impl<S: Transport> Session<S> {
             reason: None,
             session_kept: None,
             session_expiry_secs: None,
-            connected_at_ms: self.connected_at_ms,
+            connected_at_ms: self.info.connected_at_ms,
             at_ms: crate::message::now_ms(),
-            conn: self.conn,
+            conn: self.info.conn,
         }
     }
 }
 
-/// Appends `event` under `journal.full_policy`; a wait for space ends when `give_up`
-/// does (with the reason it gives). The outcome is counted, and a drop logged.
-async fn journal(shared: &Shared, event: &Event<'_>, give_up: impl Future<Output = &'static str>) {
-    if let Err((reason, detail)) = append(shared, event.entry(), event.event, give_up).await {
+/// Appends `event` under `journal.full_policy`; a wait for space ends when the future
+/// `give_up` makes does (with the reason it gives). The outcome is counted, and a drop
+/// logged.
+async fn journal<G: Future<Output = &'static str>>(
+    shared: &Shared,
+    event: &Event<'_>,
+    give_up: impl FnOnce() -> G,
+) {
+    if let Err((reason, detail)) = append(shared, event, give_up).await {
         warn!(client_id = %event.client_id, peer = %event.peer, conn = event.conn,
             event = event.event.label(), reason, detail, "presence event not journaled");
     }
 }
 
-/// Appends one presence record under `journal.full_policy` until `give_up`, and counts
-/// the outcome; a drop comes back as (reason label, detail) for the caller to log.
-async fn append(
+/// Appends one presence record under `journal.full_policy`, waiting for space (when the
+/// policy waits) until the future `give_up` makes ends, and counts the outcome; a drop
+/// comes back as (reason label, detail) for the caller to log.
+///
+/// Usually the journal has room: the record is admitted at once, its JSON on the stack,
+/// with nothing on the heap and no future held. Only a journal without room makes the
+/// event wait, boxed: every connection journals one while it connects, and the wait's
+/// futures would otherwise be part of every CONNECT phase.
+async fn append<G: Future<Output = &'static str>>(
     shared: &Shared,
-    entry: serde_json::Result<Entry>,
-    event: Presence,
-    give_up: impl Future<Output = &'static str>,
+    value: &impl Value,
+    give_up: impl FnOnce() -> G,
 ) -> Result<(), (&'static str, String)> {
-    let outcome = match entry {
-        Err(e) => Err(("encode_error", e.to_string())),
-        Ok(entry) => tokio::select! {
-            // Tried first: with room the event is journaled, even during a shutdown
-            // (admission is synchronous; only a wait for space is given up).
-            biased;
-            r = shared.journal.append_with(&entry, shared.full_policy) => match r {
-                Ok(Some(_)) => Ok(()),
-                Ok(None) => Err(("journal_full", "journal full (journal.full_policy = \"reject\")".into())),
-                Err(e) => Err(("journal_error", e.to_string())),
-            },
-            why = give_up => Err((why, "gave up waiting for journal space".into())),
-        },
+    let outcome = match append_now(shared, value) {
+        Some(outcome) => outcome,
+        None => Box::pin(append_waiting(shared, value, give_up())).await,
     };
+    let event = value.event();
     let metrics = &shared.metrics;
     match &outcome {
         Ok(()) => metrics.presence_events.inc(event.label()),
@@ -473,11 +514,59 @@ async fn append(
     outcome
 }
 
+const REJECTED: &str = "journal full (journal.full_policy = \"reject\")";
+
+/// Appends `value` if the journal has room now; `None` when it would have to wait.
+fn append_now(shared: &Shared, value: &impl Value) -> Option<Result<(), (&'static str, String)>> {
+    let mut room = [0u8; JSON_ROOM];
+    let payload = match json(&mut room, value) {
+        Ok(payload) => payload,
+        Err(e) => return Some(Err(("encode_error", e.to_string()))),
+    };
+    let key = value.key();
+    let entry = record(&key, value.at_ms(), &payload);
+    match shared.journal.try_append_with(entry, shared.full_policy) {
+        Ok(TryAppend::Appended(_)) => Some(Ok(())),
+        Ok(TryAppend::Rejected) => Some(Err(("journal_full", REJECTED.into()))),
+        Ok(TryAppend::Full) => None,
+        Err(e) => Some(Err(("journal_error", e.to_string()))),
+    }
+}
+
+/// Appends `value` once the journal has room, or gives up when `give_up` ends.
+async fn append_waiting(
+    shared: &Shared,
+    value: &impl Value,
+    give_up: impl Future<Output = &'static str>,
+) -> Result<(), (&'static str, String)> {
+    let payload = serde_json::to_vec(value).map_err(|e| ("encode_error", e.to_string()))?;
+    let key = value.key();
+    let entry = record(&key, value.at_ms(), &payload);
+    tokio::select! {
+        // Tried first: room that appeared is taken even during a shutdown (only a wait
+        // for space is given up).
+        biased;
+        r = shared.journal.append_with(entry, shared.full_policy) => match r {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(("journal_full", REJECTED.into())),
+            Err(e) => Err(("journal_error", e.to_string())),
+        },
+        why = give_up => Err((why, "gave up waiting for journal space".into())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    /// The record `append` journals for `value`, as reading it back gives it.
+    fn entry(value: &impl Value) -> bridge::Entry {
+        let mut room = [0u8; JSON_ROOM];
+        let payload = json(&mut room, value).unwrap();
+        record(&value.key(), value.at_ms(), &payload).to_entry()
+    }
 
     fn connected() -> Event<'static> {
         Event {
@@ -486,7 +575,7 @@ mod tests {
             gateway_id: "gw-eu-1",
             protocol: protocol(Version::V5),
             listener: "tls",
-            tls_identity: Some("VIN0001".into()),
+            tls_identity: Some("VIN0001"),
             peer: "10.0.0.7:51234".parse().unwrap(),
             session_present: Some(false),
             clean_start: true,
@@ -557,7 +646,7 @@ mod tests {
             gateway_id: "gw-eu-1",
             at_ms: 1_700_000_000_000,
         };
-        let entry = e.entry().unwrap();
+        let entry = entry(&e);
         let v: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
         assert_eq!(
             v,
@@ -593,7 +682,7 @@ mod tests {
             at_ms: 1_700_000_000_000,
             conn: 0,
         };
-        let entry = e.entry().unwrap();
+        let entry = entry(&e);
         assert_eq!(entry.client_id, "VIN0001", "keyed by client id");
         let v: serde_json::Value = serde_json::from_slice(&entry.payload).unwrap();
         assert_eq!(
@@ -623,8 +712,28 @@ mod tests {
     }
 
     #[test]
+    fn an_event_is_written_on_the_stack_and_a_long_one_on_the_heap() {
+        let mut room = [0u8; JSON_ROOM];
+        let event = connected();
+        let fits = json(&mut room, &event).unwrap();
+        assert!(matches!(fits, Cow::Borrowed(_)), "a usual event needs no heap");
+        assert_eq!(&*fits, serde_json::to_vec(&event).unwrap().as_slice());
+        let long_id = "v".repeat(JSON_ROOM);
+        let long = Event {
+            client_id: &long_id,
+            ..connected()
+        };
+        let mut room = [0u8; JSON_ROOM];
+        let spilled = json(&mut room, &long).unwrap();
+        assert!(matches!(spilled, Cow::Owned(_)));
+        assert_eq!(&*spilled, serde_json::to_vec(&long).unwrap().as_slice());
+        let v: serde_json::Value = serde_json::from_slice(&spilled).unwrap();
+        assert_eq!(v["client_id"], long_id.as_str());
+    }
+
+    #[test]
     fn the_record_is_a_presence_record_of_its_client() {
-        let entry = connected().entry().unwrap();
+        let entry = entry(&connected());
         assert_eq!(entry.kind, EntryKind::Presence);
         assert_eq!(entry.client_id, "VIN0001");
         assert_eq!(entry.topic, TOPIC);

@@ -66,8 +66,8 @@ impl std::fmt::Debug for SessionCell {
 /// memory is what a million of them cost.
 #[derive(Debug, Clone)]
 pub struct Owner {
-    pub conn: u64,
-    /// What the admin API shows of the connection (one allocation, shared with it).
+    /// The connection's number and what the admin API shows of it (one allocation,
+    /// shared with the connection).
     pub info: Arc<ConnInfo>,
 }
 
@@ -75,12 +75,16 @@ impl Owner {
     /// An owner with no connection facts (tests, load probes).
     pub fn bare(conn: u64) -> Self {
         Owner {
-            conn,
             info: Arc::new(ConnInfo {
                 conn,
                 ..ConnInfo::default()
             }),
         }
+    }
+
+    /// The connection's number in this process.
+    pub fn conn(&self) -> u64 {
+        self.info.conn
     }
 }
 
@@ -91,8 +95,8 @@ impl Owner {
 pub struct ConnInfo {
     pub conn: u64,
     pub peer: std::net::SocketAddr,
-    /// `tcp` or `tls`, as `gateway_connections_accepted_total{listener}` names it.
-    pub listener: &'static str,
+    /// Accepted on the TLS listener (see [`ConnInfo::listener`]).
+    pub tls: bool,
     /// The verified client certificate's identity (mTLS), if any.
     pub tls_identity: Option<Box<str>>,
     pub connected_at_ms: u64,
@@ -110,7 +114,7 @@ impl Default for ConnInfo {
         ConnInfo {
             conn: 0,
             peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
-            listener: "tcp",
+            tls: false,
             tls_identity: None,
             connected_at_ms: 0,
             keep_alive_secs: 0,
@@ -124,6 +128,15 @@ impl Default for ConnInfo {
 }
 
 impl ConnInfo {
+    /// `tcp` or `tls`, as `gateway_connections_accepted_total{listener}` names it.
+    pub fn listener(&self) -> &'static str {
+        if self.tls {
+            "tls"
+        } else {
+            "tcp"
+        }
+    }
+
     /// Adds to a counter (relaxed: statistics, read by the admin API only).
     pub fn add(counter: &AtomicU64, n: usize) {
         counter.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -145,12 +158,14 @@ pub struct SessionState {
     pub owner: Option<Owner>,
     /// Session Expiry Interval in force (0 = the session ends with its connection).
     pub expiry_secs: u32,
-    pub disconnected_at_ms: Option<u64>,
+    /// When the session went offline (ms since the epoch); see
+    /// [`SessionState::disconnected_at_ms`].
+    pub disconnected_at: DisconnectedAt,
     /// Raw filter (`$share/...` included) → options.
     pub subscriptions: Subscriptions,
     /// Inbound QoS 2 packet ids received and not yet released (PUBREL), with what their
     /// PUBREC waits for (a re-sent duplicate is answered behind the same watermarks).
-    pub inbound_qos2: BTreeMap<u16, Qos2In>,
+    pub inbound_qos2: Qos2Inbound,
     pub out: Outbound,
     /// 4 or 5.
     pub protocol: u8,
@@ -163,37 +178,99 @@ pub struct SessionState {
     pub gone: bool,
 }
 
+/// When a session went offline, in ms since the epoch: 8 bytes, where an `Option<u64>`
+/// takes 16 in every session (the instant 0, 1970, is taken for "online").
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DisconnectedAt(Option<std::num::NonZeroU64>);
+
+impl DisconnectedAt {
+    pub fn at(ms: Option<u64>) -> Self {
+        DisconnectedAt(ms.and_then(std::num::NonZeroU64::new))
+    }
+}
+
 /// A session's subscriptions: raw filter (`$share/...` included) → options, sorted by
 /// filter. A sorted vector, not a map: a vehicle has one or a few (bounded by
 /// `mqtt.max_subscriptions`), and a B-tree's first node alone is about 400 bytes, which a
-/// million vehicles would each pay.
+/// million vehicles would each pay. The only one, as most vehicles have (their command
+/// topic), is kept in the session itself: a one-entry vector was an allocation of 48
+/// bytes per vehicle, inline it costs none (the cell's allocation has the room).
 #[derive(Debug, Default, Clone, PartialEq)]
-pub struct Subscriptions(Vec<(Box<str>, SubOptions)>);
+pub struct Subscriptions(Subs);
+
+type Sub = (Box<str>, SubOptions);
+
+#[derive(Debug, Clone, PartialEq)]
+enum Subs {
+    One(Sub),
+    /// None, or more than one.
+    Many(Vec<Sub>),
+}
+
+impl Default for Subs {
+    fn default() -> Self {
+        Subs::Many(Vec::new())
+    }
+}
 
 impl Subscriptions {
+    fn as_slice(&self) -> &[Sub] {
+        match &self.0 {
+            Subs::One(sub) => std::slice::from_ref(sub),
+            Subs::Many(v) => v,
+        }
+    }
+
     fn find(&self, filter: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(f, _)| (**f).cmp(filter))
+        self.as_slice().binary_search_by(|(f, _)| (**f).cmp(filter))
     }
 
     /// Adds or replaces; the options replaced, if any.
     pub fn insert(&mut self, filter: String, opts: SubOptions) -> Option<SubOptions> {
-        match self.find(&filter) {
-            Ok(i) => self.0.get_mut(i).map(|(_, o)| std::mem::replace(o, opts)),
-            Err(i) => {
+        let at = match self.find(&filter) {
+            Ok(i) => {
+                let (_, o) = match &mut self.0 {
+                    Subs::One(sub) => sub,
+                    Subs::Many(v) => v.get_mut(i)?,
+                };
+                return Some(std::mem::replace(o, opts));
+            }
+            Err(at) => at,
+        };
+        let sub = (filter.into_boxed_str(), opts);
+        match std::mem::take(&mut self.0) {
+            Subs::Many(v) if v.is_empty() => self.0 = Subs::One(sub),
+            Subs::One(first) => {
+                let mut v = Vec::with_capacity(2);
+                v.push(first);
+                v.insert(at, sub);
+                self.0 = Subs::Many(v);
+            }
+            Subs::Many(mut v) => {
                 // Exactly the room needed: `insert` would reserve four entries for one.
-                self.0.reserve_exact(1);
-                self.0.insert(i, (filter.into_boxed_str(), opts));
-                None
+                v.reserve_exact(1);
+                v.insert(at, sub);
+                self.0 = Subs::Many(v);
             }
         }
+        None
     }
 
     pub fn remove(&mut self, filter: &str) -> Option<SubOptions> {
         let i = self.find(filter).ok()?;
-        let (_, opts) = self.0.remove(i);
-        if self.0.is_empty() {
-            self.0 = Vec::new();
-        }
+        let (_, opts) = match std::mem::take(&mut self.0) {
+            Subs::One(sub) => sub,
+            Subs::Many(mut v) => {
+                let removed = v.remove(i);
+                if v.len() == 1 {
+                    // Back inline: the vector goes.
+                    self.0 = Subs::One(v.remove(0));
+                } else if !v.is_empty() {
+                    self.0 = Subs::Many(v);
+                }
+                removed
+            }
+        };
         Some(opts)
     }
 
@@ -202,27 +279,32 @@ impl Subscriptions {
     }
 
     pub fn get(&self, filter: &str) -> Option<&SubOptions> {
-        self.find(filter).ok().and_then(|i| self.0.get(i)).map(|(_, o)| o)
+        let i = self.find(filter).ok()?;
+        self.as_slice().get(i).map(|(_, o)| o)
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.as_slice().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.as_slice().is_empty()
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(f, _)| &**f)
+        self.as_slice().iter().map(|(f, _)| &**f)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &SubOptions)> {
-        self.0.iter().map(|(f, o)| (&**f, o))
+        self.as_slice().iter().map(|(f, o)| (&**f, o))
     }
 
     pub fn into_keys(self) -> impl Iterator<Item = String> {
-        self.0.into_iter().map(|(f, _)| f.into_string())
+        let all = match self.0 {
+            Subs::One(sub) => vec![sub],
+            Subs::Many(v) => v,
+        };
+        all.into_iter().map(|(f, _)| f.into_string())
     }
 }
 
@@ -231,16 +313,21 @@ impl SessionState {
     /// session is checked with this under the same lock, so a connection that was just
     /// taken over cannot change the session its successor now owns.
     pub fn owned_by(&self, conn: u64) -> bool {
-        !self.gone && self.owner.as_ref().is_some_and(|o| o.conn == conn)
+        !self.gone && self.owner.as_ref().is_some_and(|o| o.conn() == conn)
     }
 
     pub fn persistent(&self) -> bool {
         self.expiry_secs > 0
     }
 
+    /// When the session went offline, if it is.
+    pub fn disconnected_at_ms(&self) -> Option<u64> {
+        self.disconnected_at.0.map(std::num::NonZeroU64::get)
+    }
+
     /// Whether an offline session's expiry interval has passed.
     pub fn expired(&self, now: u64) -> bool {
-        match (self.owner.as_ref(), self.disconnected_at_ms) {
+        match (self.owner.as_ref(), self.disconnected_at_ms()) {
             (None, Some(at)) if self.expiry_secs != u32::MAX => {
                 now.saturating_sub(at) >= u64::from(self.expiry_secs) * 1000
             }
@@ -251,7 +338,7 @@ impl SessionState {
     pub fn record(&self) -> SessionRecord {
         SessionRecord {
             expiry_secs: self.expiry_secs,
-            disconnected_at_ms: self.disconnected_at_ms,
+            disconnected_at_ms: self.disconnected_at_ms(),
             subscriptions: self
                 .subscriptions
                 .iter()
@@ -260,6 +347,61 @@ impl SessionState {
             inbound_qos2: self.inbound_qos2.iter().map(|(p, q)| (*p, q.seq)).collect(),
             protocol: self.protocol,
         }
+    }
+}
+
+/// Inbound QoS 2 packet ids between PUBLISH and PUBREL. Allocated on the first: most
+/// vehicles never publish at QoS 2, and every idle vehicle's session holds this field (a
+/// map inline is three words, the box one).
+#[derive(Debug, Default)]
+// The box is the point: 8 bytes in every session instead of 24.
+#[allow(clippy::box_collection)]
+pub struct Qos2Inbound(Option<Box<BTreeMap<u16, Qos2In>>>);
+
+impl Qos2Inbound {
+    pub fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, pkid: &u16) -> Option<&Qos2In> {
+        self.0.as_ref()?.get(pkid)
+    }
+
+    pub fn get_mut(&mut self, pkid: &u16) -> Option<&mut Qos2In> {
+        self.0.as_mut()?.get_mut(pkid)
+    }
+
+    pub fn insert(&mut self, pkid: u16, q: Qos2In) -> Option<Qos2In> {
+        self.0.get_or_insert_with(Default::default).insert(pkid, q)
+    }
+
+    /// Removes `pkid`; the map goes with its last entry.
+    pub fn remove(&mut self, pkid: &u16) -> Option<Qos2In> {
+        let map = self.0.as_mut()?;
+        let q = map.remove(pkid);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        q
+    }
+
+    pub fn clear(&mut self) {
+        self.0 = None;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u16, &Qos2In)> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
+}
+
+impl FromIterator<(u16, Qos2In)> for Qos2Inbound {
+    fn from_iter<I: IntoIterator<Item = (u16, Qos2In)>>(iter: I) -> Self {
+        let map: BTreeMap<u16, Qos2In> = iter.into_iter().collect();
+        Qos2Inbound((!map.is_empty()).then(|| Box::new(map)))
     }
 }
 
@@ -659,7 +801,7 @@ impl SessionCell {
         let mut st = self.lock();
         // Only the owning connection sends: a connection that was just taken over must
         // not move messages into flight behind the new owner's back.
-        if st.owner.as_ref().map(|o| o.conn) != Some(lim.conn) || st.out.queue.is_empty() {
+        if st.owner.as_ref().map(Owner::conn) != Some(lim.conn) || st.out.queue.is_empty() {
             return 0;
         }
         let persistent = st.persistent();
@@ -1077,9 +1219,22 @@ mod tests {
             vec!["$share/g/c", "b/#"]
         );
         subs.remove("b/#");
+        assert!(matches!(subs.0, Subs::One(_)), "one left: kept inline");
+        assert_eq!(subs.get("$share/g/c"), Some(&opts(2)));
+        assert_eq!(subs.insert("$share/g/c".into(), opts(1)), Some(opts(2)));
+        assert!(matches!(subs.0, Subs::One(_)));
         subs.remove("$share/g/c");
         assert!(subs.is_empty());
-        assert_eq!(subs.0.capacity(), 0, "an emptied list keeps no allocation");
+        assert!(
+            matches!(&subs.0, Subs::Many(v) if v.capacity() == 0),
+            "an emptied list keeps no allocation"
+        );
+        // From one to two, in order either way.
+        subs.insert("m".into(), opts(0));
+        subs.insert("a".into(), opts(1));
+        assert_eq!(subs.keys().collect::<Vec<_>>(), vec!["a", "m"]);
+        subs.insert("z".into(), opts(1));
+        assert_eq!(subs.keys().collect::<Vec<_>>(), vec!["a", "m", "z"]);
     }
 
     fn msg(topic: &str, qos: u8, payload: &'static [u8]) -> Arc<Message> {
@@ -1100,7 +1255,7 @@ mod tests {
             SessionState {
                 owner: online.then(|| Owner::bare(7)),
                 expiry_secs: expiry,
-                disconnected_at_ms: (!online).then(now_ms),
+                disconnected_at: DisconnectedAt::at((!online).then(now_ms)),
                 subscriptions: Default::default(),
                 inbound_qos2: Default::default(),
                 out: Default::default(),

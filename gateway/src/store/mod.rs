@@ -328,6 +328,11 @@ impl Store {
         self.flushed_tx.subscribe()
     }
 
+    /// The highest flushed generation now (what [`Store::flushed`] watches).
+    pub fn flushed_gen(&self) -> u64 {
+        *self.flushed_tx.borrow()
+    }
+
     /// Waits until the write that returned `generation` is flushed. Fails rather than
     /// hangs when the store stopped (failed flush) or closed before covering it; the
     /// caller then must not acknowledge. Hangs if no flusher was ever spawned.

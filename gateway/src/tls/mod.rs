@@ -110,10 +110,13 @@ impl CertIdentity {
     }
 
     /// The id to use when the client sent an empty client id.
-    pub fn preferred(&self, rule: &str) -> Option<String> {
+    pub fn preferred(&self, rule: &str) -> Option<&str> {
         match rule {
-            "san" => self.sans.first().cloned(),
-            _ => self.common_name.clone().or_else(|| self.sans.first().cloned()),
+            "san" => self.sans.first().map(String::as_str),
+            _ => self
+                .common_name
+                .as_deref()
+                .or_else(|| self.sans.first().map(String::as_str)),
         }
     }
 }
