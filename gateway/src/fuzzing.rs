@@ -92,7 +92,7 @@ fn answer(codec: &Codec, packet: &Inbound, out: &mut BytesMut) {
     match packet {
         Inbound::Connect(req) => {
             if let Some(max) = req.max_packet_size {
-                codec.max_out = max as usize;
+                codec.max_out = max;
             }
             let assigned = req
                 .client_id
@@ -156,7 +156,7 @@ fn answered(codec: &Codec, out: &mut BytesMut, write: impl FnOnce(&Codec, &mut B
         return;
     }
     assert!(
-        out.len() <= codec.max_out,
+        out.len() <= codec.max_out as usize,
         "answer of {} bytes exceeds the client's maximum of {}",
         out.len(),
         codec.max_out

@@ -256,10 +256,11 @@ fn publish_props_len(p: &OutPublish) -> Option<usize> {
 #[derive(Debug, Clone)]
 pub struct Codec {
     pub version: Version,
-    /// Largest packet accepted from the client (our `mqtt.max_packet_size`).
-    pub max_in: usize,
+    /// Largest packet accepted from the client (our `mqtt.max_packet_size`). `u32`, like
+    /// MQTT's own field: every idle connection holds a codec.
+    pub max_in: u32,
     /// Largest packet the client accepts from us (MQTT 5 Maximum Packet Size).
-    pub max_out: usize,
+    pub max_out: u32,
 }
 
 fn qos_u8(q: rumqttc::mqttbytes::QoS) -> u8 {
@@ -418,14 +419,14 @@ impl Codec {
     pub fn new(version: Version, max_in: usize) -> Self {
         Codec {
             version,
-            max_in,
+            max_in: u32::try_from(max_in).unwrap_or(u32::MAX),
             max_out: 268_435_460,
         }
     }
 
     /// Takes the next complete packet off `buf`, or `None` if more bytes are needed.
     pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<Inbound>, ProtocolError> {
-        let Framing::Complete(len) = frame(buf, self.max_in)? else {
+        let Framing::Complete(len) = frame(buf, self.max_in as usize)? else {
             return Ok(None);
         };
         let mut packet = buf.split_to(len);
@@ -452,7 +453,7 @@ impl Codec {
     }
 
     fn decode_v4(&self, packet: &mut BytesMut) -> Result<Inbound, ProtocolError> {
-        let p = v4::read(packet, self.max_in).map_err(v4_error)?;
+        let p = v4::read(packet, self.max_in as usize).map_err(v4_error)?;
         Ok(match p {
             v4::Packet::Connect(c) => Inbound::Connect(Box::new(ConnectRequest {
                 client_id: c.client_id,
@@ -535,7 +536,7 @@ impl Codec {
     }
 
     fn decode_v5(&self, packet: &mut BytesMut) -> Result<Inbound, ProtocolError> {
-        let p = v5::Packet::read(packet, Some(self.max_in)).map_err(v5_error)?;
+        let p = v5::Packet::read(packet, Some(self.max_in as usize)).map_err(v5_error)?;
         Ok(match p {
             v5::Packet::Connect(c, will, login) => {
                 let props = c.properties.unwrap_or_default();
@@ -690,7 +691,7 @@ impl Codec {
     /// (MQTT 5 §3.1.2.11.4: the server must not send it then). Returns whether it fit.
     fn put<E>(&self, out: &mut BytesMut, write: impl FnOnce(&mut BytesMut) -> Result<usize, E>) -> bool {
         let start = out.len();
-        if write(out).is_err() || out.len() - start > self.max_out {
+        if write(out).is_err() || out.len() - start > self.max_out as usize {
             out.truncate(start);
             return false;
         }
@@ -711,7 +712,7 @@ impl Codec {
                     receive_max: Some(p.receive_max),
                     // Absent means 2 (§3.2.2.3.4); only 0 and 1 may be sent.
                     max_qos: (p.max_qos < 2).then_some(p.max_qos),
-                    max_packet_size: Some(u32::try_from(self.max_in).unwrap_or(u32::MAX)),
+                    max_packet_size: Some(self.max_in),
                     topic_alias_max: Some(p.topic_alias_max),
                     assigned_client_identifier: p.assigned.clone(),
                     shared_subscription_available: Some(1),
@@ -822,7 +823,7 @@ impl Codec {
 
     /// Appends a small fixed packet if the client accepts its size.
     fn put_raw(&self, out: &mut BytesMut, packet: &[u8]) {
-        if packet.len() <= self.max_out {
+        if packet.len() <= self.max_out as usize {
             out.extend_from_slice(packet);
         }
     }
@@ -931,7 +932,7 @@ impl Codec {
             }
             remaining += vbi_len(n) + n;
         }
-        if remaining > MAX_REMAINING || 1 + vbi_len(remaining) + remaining > self.max_out {
+        if remaining > MAX_REMAINING || 1 + vbi_len(remaining) + remaining > self.max_out as usize {
             return false;
         }
         out.reserve(1 + vbi_len(remaining) + remaining);
@@ -993,7 +994,7 @@ impl Codec {
         }
         // Encoded by hand: rumqttc's reason enum cannot represent every code we send.
         let packet = [0xE0, 0x01, reason];
-        if packet.len() <= self.max_out {
+        if packet.len() <= self.max_out as usize {
             out.extend_from_slice(&packet);
         }
     }
@@ -1515,14 +1516,14 @@ mod tests {
 
                 // The Maximum Packet Size is a hard limit: one byte less and nothing is written.
                 let exact = Codec {
-                    max_out: written,
+                    max_out: written as u32,
                     ..v5c()
                 };
                 let mut out = BytesMut::new();
                 assert!(exact.publish(&mut out, &p));
                 assert_eq!(out.len(), written);
                 let short = Codec {
-                    max_out: written - 1,
+                    max_out: written as u32 - 1,
                     ..v5c()
                 };
                 let mut out = BytesMut::from(&b"kept"[..]);
@@ -1597,7 +1598,7 @@ mod tests {
                 assert_eq!((qos_u8(got.qos), got.retain, got.dup), (qos, true, qos > 0));
                 assert_eq!(got.pkid, if qos > 0 { 77 } else { 0 });
                 let short = Codec {
-                    max_out: written - 1,
+                    max_out: written as u32 - 1,
                     ..v4c()
                 };
                 let mut out = BytesMut::new();

@@ -226,7 +226,7 @@ where
             }
             let exists = self.cell.lock().subscriptions.contains_key(&f.filter);
             let count = self.cell.lock().subscriptions.len();
-            if !exists && (count >= max || self.stored_bytes + f.filter.len() > MAX_STORED_TOPIC_BYTES) {
+            if !exists && (count >= max || self.stored_bytes() + f.filter.len() > MAX_STORED_TOPIC_BYTES) {
                 metrics.subscribe_refused.inc("quota_exceeded");
                 granted.push(Granted::QuotaExceeded);
                 continue;
@@ -264,7 +264,7 @@ where
                 st.subscriptions.insert(f.filter.clone(), opts);
             }
             if !replaced {
-                self.stored_bytes += f.filter.len();
+                self.set_stored_bytes(self.stored_bytes() + f.filter.len());
                 metrics.subscriptions_active.inc();
             }
             // Retained messages (§3.3.1.3): not for shared subscriptions; handling 1 only
@@ -309,7 +309,7 @@ where
             };
             if had {
                 shared.router.unsubscribe(&self.cell.key(), f);
-                self.stored_bytes = self.stored_bytes.saturating_sub(f.len());
+                self.set_stored_bytes(self.stored_bytes().saturating_sub(f.len()));
                 shared.metrics.subscriptions_active.dec();
             }
             existed.push(had);
@@ -494,7 +494,8 @@ where
                 aliases.resize(slot + 1, None);
             }
             let replaced = aliases[slot].as_ref().map_or(0, String::len);
-            let stored = self.stored_bytes - replaced.min(self.stored_bytes) + topic.len();
+            let held = self.stored_bytes();
+            let stored = held - replaced.min(held) + topic.len();
             if stored > MAX_STORED_TOPIC_BYTES {
                 return Err(Close::Protocol(ProtocolError {
                     reason: 0x97,
@@ -504,7 +505,7 @@ where
                     ),
                 }));
             }
-            self.stored_bytes = stored;
+            self.set_stored_bytes(stored);
             if let Some(a) = self.aliases.as_mut().and_then(|a| a.get_mut(slot)) {
                 *a = Some(topic.clone());
             }

@@ -95,7 +95,10 @@ where
     }
 
     pub(super) fn packet_buffered(&self) -> bool {
-        !matches!(frame(&self.read_buf, self.codec.max_in), Ok(Framing::Incomplete))
+        !matches!(
+            frame(&self.read_buf, self.codec.max_in as usize),
+            Ok(Framing::Incomplete)
+        )
     }
 
     /// Encodes queued deliveries into the write buffer. Returns whether more are ready
