@@ -175,6 +175,21 @@ struct Pending {
     since: Option<std::time::Instant>,
 }
 
+impl Pending {
+    /// A PUBREL owed for an outbound QoS 2 message the vehicle PUBRECed: waits only for
+    /// the store generation `gen` that recorded the PUBREC.
+    fn release(pkid: u16, gen: u64) -> Pending {
+        Pending {
+            kind: AckKind::Release,
+            pkid,
+            seq: 0,
+            gen,
+            reason: 0,
+            since: None,
+        }
+    }
+}
+
 struct Session<S> {
     stream: S,
     shared: Arc<Shared>,
@@ -449,14 +464,7 @@ where
             out,
             pending: releases
                 .into_iter()
-                .map(|(pkid, gen)| Pending {
-                    kind: AckKind::Release,
-                    pkid,
-                    seq: 0,
-                    gen,
-                    reason: 0,
-                    since: None,
-                })
+                .map(|(pkid, gen)| Pending::release(pkid, gen))
                 .collect(),
             last_seq: 0,
             last_gen: 0,

@@ -159,17 +159,7 @@ where
                     .iter()
                     .position(|p| p.kind != AckKind::Release)
                     .unwrap_or(self.pending.len());
-                self.pending.insert(
-                    at,
-                    Pending {
-                        kind: AckKind::Release,
-                        pkid,
-                        seq: 0,
-                        gen,
-                        reason: 0,
-                        since: None,
-                    },
-                );
+                self.pending.insert(at, Pending::release(pkid, gen));
             }
             Some(Err(e)) => return Err(Close::StoreFailed(e.to_string())),
             None => self.codec.pubrel(&mut self.out, pkid, 0x92),
