@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 FLEET = os.path.join(REL, "fleet")
 GATEWAY = os.path.join(REL, "gateway")
-SCENARIOS = ("ingest", "ingest_cpu", "idle", "replay", "journal", "pubsub", "commands", "overhead")
+SCENARIOS = ("ingest", "ingest_cpu", "idle", "storm", "replay", "journal", "pubsub", "commands", "overhead")
 # Run by default (`overhead` builds another revision: only when asked for).
 DEFAULT_SCENARIOS = SCENARIOS[:-1]
 # Delivery cases: (pattern, QoS); publish QoS = subscribe QoS.
@@ -339,6 +339,8 @@ def main():
                          "on 2 cores)")
     ap.add_argument("--command-warmup", type=int, default=3)
     ap.add_argument("--command-seconds", type=int, default=10)
+    ap.add_argument("--storm-fleet-rate", type=int, default=1000,
+                    help="storm: msgs/s of the 100 connected vehicles whose PUBACK latency is watched")
     ap.add_argument("--fleet-cpu", type=int, default=1,
                     help="ingest_cpu: the core the simulator is pinned to (taskset -c)")
     ap.add_argument("--baseline", default="d302a4d",
@@ -355,7 +357,7 @@ def main():
     os.chdir(ROOT)
     if not os.path.exists("/usr/sbin/mosquitto"):
         sh(["apt-get", "install", "-y", "-qq", "mosquitto"])
-    need_kafka = (any(x in only for x in ("ingest", "ingest_cpu", "idle", "replay", "overhead"))
+    need_kafka = (any(x in only for x in ("ingest", "ingest_cpu", "idle", "storm", "replay", "overhead"))
                   or (any(x in only for x in ("pubsub", "commands")) and "gateway" in brokers))
     if need_kafka:
         sh(["./scripts/kafka.sh"])
@@ -370,7 +372,8 @@ def main():
     path = os.path.join(ROOT, "docs", "bench-results.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     results.setdefault("meta", {})
-    fresh = {"ingest": ("ingest", "latency"), "ingest_cpu": ("ingest_cpu",), "idle": ("idle",), "replay": ("replay",),
+    fresh = {"ingest": ("ingest", "latency"), "ingest_cpu": ("ingest_cpu",), "idle": ("idle",), "storm": ("storm",),
+             "replay": ("replay",),
              "journal": ("journal",), "pubsub": ("pubsub",), "commands": ("commands",),
              "overhead": ("overhead",)}
     for scenario in only:
@@ -391,6 +394,8 @@ def main():
             ingest_cpu_phase(work, kafka, certs, results, args)
         if "idle" in only:
             idle_phase(work, kafka, certs, ca, results, args)
+        if "storm" in only:
+            storm_phase(work, kafka, certs, ca, results, args)
         if "replay" in only:
             replay_phase(work, kafka, certs, results, args)
         if "overhead" in only:
@@ -679,6 +684,126 @@ def idle_phase(work, kafka, certs, ca, results, args):
     print("idle", results["idle"], flush=True)
 
 
+# Reconnect storm: what the storm's vehicles connect over.
+STORM_KINDS = ("plain", "tls")
+# Vehicles of the connected fleet whose PUBACK latency is watched through the storm.
+STORM_FLEET = 100
+
+
+def storm_case(srv, name, kind, run, ca, args):
+    """One reconnect storm: N idle vehicles connected, then all cut off at once (their
+    simulator SIGKILLed: every socket reset) and reconnected at once with the same client
+    ids, while a connected fleet publishes QoS 1 and times its PUBACKs."""
+    n = args.connections
+    tls = kind == "tls"
+    port = srv.tls_port if tls else srv.port
+    prefix = f"storm{run}{kind}"
+    first = fleet(port, "--vehicles", str(n), "--idle", "--connect-rate", "4000", "--keep-alive", "0",
+                  "--duration-secs", "600", "--source-ips", "8", "--id-prefix", prefix,
+                  tls_ca=ca if tls else None, background=True)
+    # Until all are connected, or (gateway) no more connect for 10 s: the storm then cuts
+    # what did connect, and the row says how many that were.
+    before = 0
+    if name == "gateway":
+        last, since = -1.0, time.time()
+        while (now := srv.metric("gateway_connections_active")) < n:
+            if now != last:
+                last, since = now, time.time()
+            elif time.time() - since > 10:
+                break
+            time.sleep(0.5)
+        before = int(srv.metric("gateway_connections_active"))
+    else:
+        time.sleep(n / 2000 + 5)
+    # The connected fleet: a quiet baseline first, then the same through the storm.
+    watch = ["--vehicles", str(STORM_FLEET), "--rate", str(args.storm_fleet_rate), "--qos", "1", "--window", "16",
+             "--connect-rate", "1000", "--keep-alive", "60"]
+    quiet = fleet(srv.port, *watch, "--duration-secs", "5", "--id-prefix", f"{prefix}q")
+    secs = 12 if not tls else 30
+    during = fleet(srv.port, *watch, "--duration-secs", str(secs), "--id-prefix", f"{prefix}w", background=True)
+    time.sleep(1.5)
+    first.kill()
+    first.wait()
+    # All at once: the simulator starts every vehicle without pacing.
+    storm = fleet(port, "--vehicles", str(n), "--idle", "--connect-rate", "1000000", "--keep-alive", "0",
+                  "--duration-secs", str(secs + 5), "--source-ips", "8", "--id-prefix", prefix,
+                  tls_ca=ca if tls else None, background=True)
+    out, _ = during.communicate()
+    fleet_during = json.loads(out.strip().splitlines()[-1])
+    out, _ = storm.communicate()
+    stormed = json.loads(out.strip().splitlines()[-1])
+    row = {"connected_before": before, "reconnected": stormed["connected"], "errors": stormed["errors"],
+           "storm_secs": stormed["connect_secs"],
+           "fleet_quiet": quiet["puback_latency"], "fleet_during": fleet_during["puback_latency"],
+           "fleet_refused": fleet_during["refused"], "fleet_errors": fleet_during["errors"],
+           "fleet_acked": fleet_during["acked"], "fleet_sent": fleet_during["sent"]}
+    print(f"storm {kind} {name}: reconnected {row['reconnected']} of {n} in {row['storm_secs']:.2f} s, "
+          f"errors {row['errors']}; fleet PUBACK p99 quiet {quiet['puback_latency']['p99_us']} µs, "
+          f"during {fleet_during['puback_latency']['p99_us']} µs (max {fleet_during['puback_latency']['max_us']} µs), "
+          f"fleet errors {fleet_during['errors']}", flush=True)
+    return row
+
+
+def storm_phase(work, kafka, certs, ca, results, args):
+    for run in range(args.runs):
+        for name in ("gateway", "mosquitto"):
+            for kind in STORM_KINDS:
+                srv = Gateway(work, kafka.bootstrap, certs, name="storm") if name == "gateway" else Mosquitto(work, certs)
+                time.sleep(2)
+                try:
+                    row = storm_case(srv, name, kind, run, ca, args)
+                finally:
+                    srv.stop()
+                results["storm"].setdefault(f"{name}-{kind}", []).append(row)
+                time.sleep(2)
+    print("storm", results["storm"], flush=True)
+
+
+def storm_markdown(L, res, arg):
+    L.append("## Reconnect storm\n")
+    if not res:
+        L.append("Not measured yet: `python3 scripts/bench.py --only storm`.\n")
+        return
+    n, rate = arg("connections"), arg("storm_fleet_rate")
+    L.append(f"{n:,} idle vehicles connect (`fleet run --idle --connect-rate 4000 --source-ips 8`, plain or "
+             f"TLS), then their simulator is SIGKILLed (every socket reset at once, as when a NAT, a load "
+             f"balancer or a cell network drops them) and the same client ids reconnect at once "
+             f"(`--connect-rate 1000000`: no pacing). Meanwhile a connected fleet of {STORM_FLEET} vehicles on "
+             f"plain TCP publishes QoS 1 at {rate:,} msgs/s in total (`fleet run --vehicles {STORM_FLEET} --rate "
+             f"{rate} --qos 1`) from 1.5 s before the cut to 12 s (plain) or 30 s (TLS) after its start; its "
+             "PUBACK latency is compared with 5 s of the same fleet before the storm. The gateway fsyncs its "
+             "journal before every PUBACK and forwards to the real Kafka; Mosquitto acknowledges from memory. "
+             "**Reconnected**: vehicles whose CONNACK arrived; **storm s**: from the first reconnect attempt "
+             "to the last CONNACK; **errors**: failed connects as the simulator counted them. "
+             "Medians of the runs with (min–max).\n")
+    L.append("| broker | storm over | reconnected | storm s | reconnects/s | errors | fleet PUBACK p99 before | "
+             "p50 during | p99 during | max during | fleet PUBACKs missing |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    verdicts = []
+    for name in ("gateway", "mosquitto"):
+        for kind in STORM_KINDS:
+            rows = res.get(f"{name}-{kind}", [])
+            if not rows:
+                continue
+            errs = [sum(r["errors"].values()) for r in rows]
+            missing = [r["fleet_sent"] - r["fleet_acked"] for r in rows]
+            L.append(f"| {name} | {kind} | {fmt([r['reconnected'] for r in rows])} | "
+                     f"{fmt([r['storm_secs'] for r in rows], '', 2)} | "
+                     f"{fmt([r['reconnected'] / max(r['storm_secs'], 1e-9) for r in rows])} | {fmt(errs)} | "
+                     f"{fmt([r['fleet_quiet']['p99_us'] / 1000 for r in rows], ' ms', 2)} | "
+                     f"{fmt([r['fleet_during']['p50_us'] / 1000 for r in rows], ' ms', 2)} | "
+                     f"{fmt([r['fleet_during']['p99_us'] / 1000 for r in rows], ' ms', 2)} | "
+                     f"{fmt([r['fleet_during']['max_us'] / 1000 for r in rows], ' ms', 1)} | {fmt(missing)} |")
+            if name == "gateway":
+                p99 = statistics.median([r["fleet_during"]["p99_us"] / 1000 for r in rows])
+                all_in = all(r["reconnected"] == n for r in rows)
+                verdicts.append(f"{kind}: {'all' if all_in else 'not all'} reconnected in every run, fleet "
+                                f"PUBACK p99 during the storm {p99:.2f} ms against ≤ 10 ms "
+                                f"({'met' if all_in and p99 <= 10 else 'not met'})")
+    if verdicts:
+        L.append("\nGoal (gateway): " + "; ".join(verdicts) + ".\n")
+
+
 def replay_phase(work, kafka, certs, results, args):
     # Replay: a backlog built while Kafka is down, drained when it returns.
     for run in range(args.runs):
@@ -811,6 +936,7 @@ def write_markdown(res, args):
         L.append(f"\nTargets: ≤ 2 KiB per plain connection, ≤ 8 KiB per TLS connection, a connected vehicle "
                  f"with one subscription counting as idle. Measured {gp:.2f} KiB plain and {gt:.2f} KiB TLS"
                  f"{with_sub}. A million TLS vehicles at this rate: {worst * 1e6 / 2**20:.1f} GiB.\n")
+    storm_markdown(L, res.get("storm", {}), lambda name: arg("storm", name))
     L.append("## Replay after an outage\n")
     replay = arg("replay", "replay")
     L.append(f"Kafka stopped; `fleet run --vehicles 100 --messages {replay // 100}` builds a "

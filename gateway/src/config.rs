@@ -103,6 +103,11 @@ pub struct MqttSection {
     pub max_inflight: u16,
     /// Time a new connection has to complete its CONNECT.
     pub connect_timeout_secs: u64,
+    /// Connection set-ups and goodbyes (TLS handshake, CONNECT, presence events) that run
+    /// at the same moment; the rest wait their turn without holding the CPU, so that a
+    /// reconnect storm does not stall the vehicles already connected. A set-up waiting
+    /// for its peer holds no slot. 0 = half the CPU cores, at least 1.
+    pub max_concurrent_setups: usize,
     /// MQTT 5 Topic Alias Maximum advertised to clients; 0 refuses topic aliases.
     pub topic_alias_max: u16,
     /// Topic filters one session may hold; further SUBSCRIBE filters are refused
@@ -377,6 +382,7 @@ impl Default for MqttSection {
             max_packet_size: 256 * 1024,
             max_inflight: 64,
             connect_timeout_secs: 10,
+            max_concurrent_setups: 0,
             topic_alias_max: 16,
             max_subscriptions: 100,
             max_keep_alive_secs: 1200,

@@ -109,6 +109,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bridge_control: BridgeControl::new(),
         parked_dir,
         commands: Commands::default(),
+        setups: Arc::new(Semaphore::new(session::gate::permits(
+            cfg.mqtt.max_concurrent_setups,
+        ))),
     });
     if restore(&shared)? > 0 {
         shared.store.flush().await.context("flushing restored sessions")?;
@@ -510,12 +513,19 @@ pub(crate) fn tls_connection(
     // Everything the session needs goes into the boxed handshake and comes back out with
     // its result: captured by the task itself it would cost every TLS connection its
     // size for good (the task stores a capture beside the session's future).
-    let handshaking = Box::pin(async move {
-        let done = tls_handshake(stream, peer, acceptor, shared.clone())
-            .instrument(span.clone())
-            .await;
-        done.map(|(tls_stream, identity)| (tls_stream, peer, identity, shared, permit, span))
-    });
+    // Behind the set-up gate: a storm's handshakes take turns (a handshake waiting for
+    // its peer's next flight holds no turn).
+    // (Boxed once more: the gate's state inline would grow every TLS vehicle's task.)
+    let gate = shared.setups.clone();
+    let handshaking = Box::pin(session::gate::Gated::new(
+        Box::pin(async move {
+            let done = tls_handshake(stream, peer, acceptor, shared.clone())
+                .instrument(span.clone())
+                .await;
+            done.map(|(tls_stream, identity)| (tls_stream, peer, identity, shared, permit, span))
+        }),
+        &gate,
+    ));
     async move {
         // `let else`, not `if let`: an `if let` keeps its scrutinee (the whole TLS state)
         // alive, and so stored in the task, for as long as its body runs.

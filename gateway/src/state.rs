@@ -51,6 +51,8 @@ pub struct Shared {
     pub commands: Commands,
     /// Operator replays of delivered records (admin API, `POST /api/v1/replay`).
     pub replays: Arc<bridge::replay::Replays>,
+    /// The set-up gate (`mqtt.max_concurrent_setups`, see `session::gate`).
+    pub setups: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {

@@ -34,6 +34,7 @@
 //! `mqtt.max_keep_alive_secs`, and the outbound queue bounds of [`state`].
 
 pub mod connect;
+pub mod gate;
 mod inbound;
 mod outbound;
 pub mod presence;
@@ -262,7 +263,12 @@ where
 {
     // The connection's span (from accept) covers the CONNECT phase only, and is boxed
     // with it: it is gone once the session runs.
-    let opening = Box::pin(open(stream, peer, identity, shared).instrument(span));
+    // Behind the set-up gate: a reconnect storm's CONNECTs wait their turn.
+    let gate = shared.setups.clone();
+    let opening = Box::pin(gate::Gated::new(
+        Box::pin(open(stream, peer, identity, shared).instrument(span)),
+        &gate,
+    ));
     async move {
         // `let else`, not `if let`, whose scrutinee would stay stored for the session's life.
         let Some((s, span)) = opening.await else {
@@ -505,7 +511,10 @@ where
             let close = self.serve().await;
             // Boxed: the goodbye path is rare; keeping it out of the session's future keeps
             // an idle connection small (a million of them must fit in memory).
-            Box::pin(self.finish(close)).await;
+            // Behind the set-up gate too: thousands of connections cut at once say their
+            // goodbyes (presence events, Wills) without stalling the connected vehicles.
+            let gate = self.shared.setups.clone();
+            gate::Gated::new(Box::pin(self.finish(close)), &gate).await;
             self.shared.metrics.connections_active.dec();
         }
     }

@@ -1,0 +1,134 @@
+//! The set-up gate: connection set-up and tear-down yield the CPU to connected vehicles.
+//!
+//! A reconnect storm (a NAT, a load balancer or a cell network dropping thousands of
+//! vehicles, all reconnecting at once) makes thousands of connection tasks runnable at
+//! the same time: TLS handshakes, CONNECTs, presence events, and for the connections that
+//! were cut, their goodbyes. Tokio runs tasks in arrival order, so a connected vehicle's
+//! PUBLISH would wait behind all of them (about a second for 18,000 plain reconnects on 2
+//! cores, measured by `bench.py --only storm`).
+//!
+//! The gate bounds how many of those tasks *run* at a time: a gated future takes a permit
+//! for each poll and gives it back when the poll returns. A task waiting for its peer
+//! (a TLS round trip, the CONNECT bytes, a slow network) holds no permit, so the gate
+//! costs set-up throughput nothing on slow links; a task without a permit parks on the
+//! semaphore (fair, first come first served) instead of sitting in the run queue. With
+//! `mqtt.max_concurrent_setups` below the number of worker threads, part of the machine
+//! always serves the vehicles already connected.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+/// `inner`, polled only while holding one of the gate's permits.
+pub struct Gated<F> {
+    inner: F,
+    gate: Arc<Semaphore>,
+    /// Queued for a permit (boxed: only a task that had to wait pays for it).
+    acquiring: Option<Acquiring>,
+}
+
+impl<F> Gated<F> {
+    pub fn new(inner: F, gate: &Arc<Semaphore>) -> Self {
+        Gated {
+            inner,
+            gate: gate.clone(),
+            acquiring: None,
+        }
+    }
+}
+
+impl<F: Future + Unpin> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = &mut *self;
+        let permit = match this.acquiring.as_mut() {
+            Some(acquiring) => match acquiring.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(p) => {
+                    this.acquiring = None;
+                    p.ok()
+                }
+            },
+            None => match this.gate.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(TryAcquireError::NoPermits) => {
+                    let mut acquiring: Acquiring = Box::pin(this.gate.clone().acquire_owned());
+                    match acquiring.as_mut().poll(cx) {
+                        Poll::Pending => {
+                            this.acquiring = Some(acquiring);
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(p) => p.ok(),
+                    }
+                }
+                // Never closed; if it were, running ungated is the safe side.
+                Err(TryAcquireError::Closed) => None,
+            },
+        };
+        let polled = Pin::new(&mut this.inner).poll(cx);
+        // Given back as soon as this poll ends: the next waiting set-up runs now.
+        drop(permit);
+        polled
+    }
+}
+
+/// The permits of `mqtt.max_concurrent_setups` (0: half the worker threads, at least one).
+pub fn permits(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    (cores / 2).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Never more than the permits run at once, a waiting task holds none, and every task
+    /// finishes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn at_most_the_permits_run_at_once_and_waiting_holds_none() {
+        let gate = Arc::new(Semaphore::new(2));
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let (running, peak) = (running.clone(), peak.clone());
+            let work = Box::pin(async move {
+                for _ in 0..3 {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    // Busy inside one poll, so that overlapping polls would be seen.
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    // Waiting (a peer's round trip): no permit held meanwhile.
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            });
+            tasks.push(tokio::spawn(Gated::new(work, &gate)));
+        }
+        for t in tasks {
+            t.await.expect("gated task");
+        }
+        assert!(
+            peak.load(Ordering::SeqCst) <= 2,
+            "peak {}",
+            peak.load(Ordering::SeqCst)
+        );
+        assert_eq!(gate.available_permits(), 2);
+    }
+
+    #[test]
+    fn zero_means_half_the_cores_at_least_one() {
+        assert_eq!(permits(3), 3);
+        assert!(permits(0) >= 1);
+    }
+}
