@@ -646,6 +646,12 @@ impl Config {
         if m.max_connections == 0 {
             p.push(problem("mqtt.max_connections", "must be at least 1"));
         }
+        if m.max_concurrent_setups > 65_535 {
+            p.push(problem(
+                "mqtt.max_concurrent_setups",
+                "must be at most 65535 (0 = half the CPU cores; a few per core is plenty)",
+            ));
+        }
         if !(128..=268_435_455).contains(&m.max_packet_size) {
             p.push(problem(
                 "mqtt.max_packet_size",

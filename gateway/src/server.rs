@@ -202,6 +202,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     // From here a command dropped with its session is not an outcome: it stays unsettled
     // (Kafka re-delivers it) or, in a persistent session's store, pending.
     shared.commands.close();
+    // The set-up gate opens: goodbyes and connections still setting up run at once (every
+    // waiting one sees the shutdown now, and the drain has the whole machine).
+    shared.setups.close();
     // Sessions wait on their cell, not on the token (one fewer wait per idle vehicle).
     shared.registry.wake_all();
     // One grace period for the whole shutdown: sessions, journal flush and the bridge's

@@ -14,6 +14,11 @@
 //! semaphore (fair, first come first served) instead of sitting in the run queue. With
 //! `mqtt.max_concurrent_setups` below the number of worker threads, part of the machine
 //! always serves the vehicles already connected.
+//!
+//! Not gated: a goodbye after a takeover (the new owner already runs; its predecessor's
+//! Will and `disconnected` event must not come after the new connection's traffic).
+//! Closed at shutdown: everything still waiting then runs at once. Gates do not nest (a
+//! gated future inside another would wait for a permit its outer poll holds).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -78,7 +83,7 @@ impl<F: Future + Unpin> Future for Gated<F> {
     }
 }
 
-/// The permits of `mqtt.max_concurrent_setups` (0: half the worker threads, at least one).
+/// The permits of `mqtt.max_concurrent_setups` (0: half the CPU cores, at least one).
 pub fn permits(configured: usize) -> usize {
     if configured > 0 {
         return configured;
@@ -124,6 +129,23 @@ mod tests {
             peak.load(Ordering::SeqCst)
         );
         assert_eq!(gate.available_permits(), 2);
+    }
+
+    /// Shutdown closes the gate: a task waiting for a permit runs at once.
+    #[tokio::test]
+    async fn a_closed_gate_lets_the_waiting_run() {
+        let gate = Arc::new(Semaphore::new(1));
+        let held = gate.clone().try_acquire_owned().expect("the only permit");
+        let task = tokio::spawn(Gated::new(Box::pin(async { 7 }), &gate));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!task.is_finished(), "ran without a permit");
+        gate.close();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(5), task)
+            .await
+            .expect("still waiting after the gate closed")
+            .expect("gated task");
+        assert_eq!(out, 7);
+        drop(held);
     }
 
     #[test]

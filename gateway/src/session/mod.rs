@@ -511,10 +511,17 @@ where
             let close = self.serve().await;
             // Boxed: the goodbye path is rare; keeping it out of the session's future keeps
             // an idle connection small (a million of them must fit in memory).
-            // Behind the set-up gate too: thousands of connections cut at once say their
-            // goodbyes (presence events, Wills) without stalling the connected vehicles.
-            let gate = self.shared.setups.clone();
-            gate::Gated::new(Box::pin(self.finish(close)), &gate).await;
+            if matches!(close, Close::TakenOver) {
+                // Not gated: the new owner already runs, and this goodbye (the stolen
+                // wake-up passed on, the Will, `disconnected`) must not land after its
+                // traffic.
+                Box::pin(self.finish(close)).await;
+            } else {
+                // Behind the set-up gate: thousands of connections cut at once say their
+                // goodbyes (presence events, Wills) without stalling the connected vehicles.
+                let gate = self.shared.setups.clone();
+                gate::Gated::new(Box::pin(self.finish(close)), &gate).await;
+            }
             self.shared.metrics.connections_active.dec();
         }
     }
