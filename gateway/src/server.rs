@@ -109,7 +109,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bridge_control: BridgeControl::new(),
         parked_dir,
         commands: Commands::default(),
-        setups: Arc::new(Semaphore::new(session::gate::permits(
+        setups: Arc::new(session::gate::Gate::new(session::gate::permits(
             cfg.mqtt.max_concurrent_setups,
         ))),
     });

@@ -52,7 +52,7 @@ pub struct Shared {
     /// Operator replays of delivered records (admin API, `POST /api/v1/replay`).
     pub replays: Arc<bridge::replay::Replays>,
     /// The set-up gate (`mqtt.max_concurrent_setups`, see `session::gate`).
-    pub setups: Arc<tokio::sync::Semaphore>,
+    pub setups: Arc<crate::session::gate::Gate>,
 }
 
 impl Shared {

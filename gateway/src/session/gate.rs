@@ -7,17 +7,17 @@
 //! PUBLISH would wait behind all of them (about a second for 18,000 plain reconnects on 2
 //! cores, measured by `bench.py --only storm`).
 //!
-//! The gate bounds how many of those tasks *start* at a time: a gated future's first poll
-//! (where the work is: the TLS server flight with its key exchange and signature, the
-//! whole CONNECT with its presence event, the whole goodbye) runs holding a permit, given
-//! back when the poll returns; a task without a permit parks on the semaphore (fair,
-//! first come first served) instead of sitting in the run queue. Later polls (the client's
-//! TLS Finished, a password check's result) run ungated, so a set-up that has started
-//! finishes without queueing again behind the whole storm, which would run it into its
-//! handshake or CONNECT timeout (measured: 1,125 of 18,000 TLS vehicles timed out when
-//! every poll queued). A task waiting for its peer holds no permit. With
-//! `mqtt.max_concurrent_setups` below the number of worker threads, part of the machine
-//! always serves the vehicles already connected.
+//! The gate bounds how many of those tasks run at a time: each poll of a gated future
+//! holds a permit, given back when the poll returns; a task without a permit parks on the
+//! semaphore (fair, first come first served) instead of sitting in the run queue. A task
+//! waiting for its peer holds no permit. There are two queues with the same number of
+//! permits: set-ups that have not started (their first poll: the TLS server flight with its
+//! key exchange and signature, the whole CONNECT, the whole goodbye) and set-ups that have
+//! (the client's certificate and TLS Finished, a password check's result). A started
+//! set-up thus waits only behind other started ones, never behind the whole storm, which
+//! ran it into its handshake timeout when there was one queue (1,125 of 18,000 TLS
+//! vehicles in one storm). With `mqtt.max_concurrent_setups` below the number of worker
+//! threads, part of the machine always serves the vehicles already connected.
 //!
 //! Not gated: a goodbye after a takeover (the new owner already runs; its predecessor's
 //! Will and `disconnected` event must not come after the new connection's traffic).
@@ -33,18 +33,39 @@ use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError
 
 type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
-/// `inner`, first polled while holding one of the gate's permits.
+/// The set-up gate's two queues (see the module documentation).
+pub struct Gate {
+    start: Arc<Semaphore>,
+    resume: Arc<Semaphore>,
+}
+
+impl Gate {
+    pub fn new(permits: usize) -> Self {
+        Gate {
+            start: Arc::new(Semaphore::new(permits)),
+            resume: Arc::new(Semaphore::new(permits)),
+        }
+    }
+
+    /// Opens the gate for good (shutdown): everything waiting runs at once.
+    pub fn close(&self) {
+        self.start.close();
+        self.resume.close();
+    }
+}
+
+/// `inner`, polled only while holding one of the gate's permits.
 pub struct Gated<F> {
     inner: F,
-    gate: Arc<Semaphore>,
+    gate: Arc<Gate>,
     /// Queued for a permit (boxed: only a task that had to wait pays for it).
     acquiring: Option<Acquiring>,
-    /// The first poll ran: the rest go ungated.
+    /// The first poll ran: the rest queue as started.
     started: bool,
 }
 
 impl<F> Gated<F> {
-    pub fn new(inner: F, gate: &Arc<Semaphore>) -> Self {
+    pub fn new(inner: F, gate: &Arc<Gate>) -> Self {
         Gated {
             inner,
             gate: gate.clone(),
@@ -59,9 +80,11 @@ impl<F: Future + Unpin> Future for Gated<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = &mut *self;
-        if this.started {
-            return Pin::new(&mut this.inner).poll(cx);
-        }
+        let queue = if this.started {
+            &this.gate.resume
+        } else {
+            &this.gate.start
+        };
         let permit = match this.acquiring.as_mut() {
             Some(acquiring) => match acquiring.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -70,10 +93,10 @@ impl<F: Future + Unpin> Future for Gated<F> {
                     p.ok()
                 }
             },
-            None => match this.gate.clone().try_acquire_owned() {
+            None => match queue.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(TryAcquireError::NoPermits) => {
-                    let mut acquiring: Acquiring = Box::pin(this.gate.clone().acquire_owned());
+                    let mut acquiring: Acquiring = Box::pin(queue.clone().acquire_owned());
                     match acquiring.as_mut().poll(cx) {
                         Poll::Pending => {
                             this.acquiring = Some(acquiring);
@@ -82,7 +105,7 @@ impl<F: Future + Unpin> Future for Gated<F> {
                         Poll::Ready(p) => p.ok(),
                     }
                 }
-                // Never closed; if it were, running ungated is the safe side.
+                // Closed at shutdown: everything runs at once.
                 Err(TryAcquireError::Closed) => None,
             },
         };
@@ -112,7 +135,7 @@ mod tests {
     /// and every task finishes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn at_most_the_permits_run_at_once_and_waiting_holds_none() {
-        let gate = Arc::new(Semaphore::new(2));
+        let gate = Arc::new(Gate::new(2));
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
@@ -137,22 +160,32 @@ mod tests {
             "peak {}",
             peak.load(Ordering::SeqCst)
         );
-        assert_eq!(gate.available_permits(), 2);
+        assert_eq!(gate.start.available_permits(), 2);
+        assert_eq!(gate.resume.available_permits(), 2);
     }
 
-    /// A started set-up does not queue again: its second poll runs while every permit is
-    /// taken (else a storm's queue would run it into its handshake or CONNECT timeout).
+    /// A started set-up does not queue behind the set-ups that have not started: its second
+    /// poll runs while every start permit is taken (one queue ran a storm's handshakes
+    /// into their timeout).
     #[tokio::test(flavor = "current_thread")]
-    async fn a_started_setup_is_not_gated_again() {
-        let gate = Arc::new(Semaphore::new(1));
+    async fn a_started_setup_does_not_queue_behind_new_ones() {
+        let gate = Arc::new(Gate::new(1));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(Gated::new(Box::pin(async move { rx.await.is_ok() }), &gate));
         // One thread: after these yields the task has had its first poll (gated, Pending).
         for _ in 0..3 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(gate.available_permits(), 1, "the first poll kept its permit");
-        let held = gate.clone().try_acquire_owned().expect("the only permit");
+        assert_eq!(
+            gate.start.available_permits(),
+            1,
+            "the first poll kept its permit"
+        );
+        let held = gate
+            .start
+            .clone()
+            .try_acquire_owned()
+            .expect("the only start permit");
         tx.send(()).expect("task alive");
         let out = tokio::time::timeout(std::time::Duration::from_secs(5), task)
             .await
@@ -165,8 +198,12 @@ mod tests {
     /// Shutdown closes the gate: a task waiting for a permit runs at once.
     #[tokio::test]
     async fn a_closed_gate_lets_the_waiting_run() {
-        let gate = Arc::new(Semaphore::new(1));
-        let held = gate.clone().try_acquire_owned().expect("the only permit");
+        let gate = Arc::new(Gate::new(1));
+        let held = gate
+            .start
+            .clone()
+            .try_acquire_owned()
+            .expect("the only start permit");
         let task = tokio::spawn(Gated::new(Box::pin(async { 7 }), &gate));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!task.is_finished(), "ran without a permit");
