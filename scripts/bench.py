@@ -786,7 +786,8 @@ def storm_markdown(L, res, arg):
              "its end**: the connected fleet's publishes still unacknowledged when it stopped (sent − PUBACK'd). "
              "Rows `+nice`: the storm's simulator (not the connected fleet) ran under `nice -n "
              f"{arg('storm_nice') or 19}` (`--storm-nice`): in production the reconnecting vehicles are remote "
-             "devices, not competitors for the broker's 2 cores. Medians of the runs with (min–max).\n")
+             "devices, not competitors for the broker's 2 cores. Medians of the runs with (min–max); which build "
+             "each set of rows measured: docs/BENCHMARKS.notes.md, \"Reconnect storm\".\n")
     L.append("| broker | storm over | reconnected | storm s | reconnects/s | errors | fleet PUBACK p99 before | "
              "p50 during | p99 during | max during | fleet in flight at its end |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
