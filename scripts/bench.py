@@ -56,12 +56,19 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+def free_ports(n):
+    """n distinct free loopback ports: all bound at once, then released (one at a time,
+    the kernel can hand the same just-released port out twice)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def wait_port(port, timeout=60):
@@ -94,7 +101,7 @@ class Kafka:
     def __init__(self, work):
         self.dir = os.path.join(work, "kafka")
         os.makedirs(self.dir, exist_ok=True)
-        self.port, self.controller = free_port(), free_port()
+        self.port, self.controller = free_ports(2)
         libs = os.path.join(ROOT, ".kafka", "libs")
         self.cp = f"{libs}/*"
         props = os.path.join(self.dir, "server.properties")
@@ -154,7 +161,7 @@ class Gateway:
         self.dir = os.path.join(work, name)
         shutil.rmtree(self.dir, ignore_errors=True)
         os.makedirs(self.dir)
-        self.port, self.tls_port, self.admin = free_port(), free_port(), free_port()
+        self.port, self.tls_port, self.admin = free_ports(3)
         cfg = os.path.join(self.dir, "gateway.toml")
         with open(cfg, "w") as f:
             f.write(f"""[mqtt]
@@ -217,7 +224,7 @@ class Mosquitto:
     def __init__(self, work, certs):
         self.dir = os.path.join(work, "mosquitto")
         os.makedirs(self.dir, exist_ok=True)
-        self.port, self.tls_port = free_port(), free_port()
+        self.port, self.tls_port = free_ports(2)
         cfg = os.path.join(self.dir, "mosquitto.conf")
         with open(cfg, "w") as f:
             # Default settings; only the listeners (plain and TLS) are configured.
@@ -620,6 +627,29 @@ def build_baseline(rev):
         sh(["cp", "-al", REL, os.path.join(out, "release")])
     sh(["cargo", "build", "--release", "-p", "gateway", "--target-dir", out], cwd=tree)
     return os.path.join(out, "release", "gateway")
+
+
+def ab_arguments(ap):
+    """The arguments every A/B script takes: what to compare the working tree with, runs."""
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--baseline", help="revision to compare the working tree with")
+    which.add_argument("--baseline-binary", help="a gateway binary to compare the working tree with")
+    ap.add_argument("--runs", type=int, default=3)
+
+
+def ab_prepare(args, prefix):
+    """Set-up shared by the A/B scripts (scripts/*_ab.py, scripts/ab.py): Kafka's jars,
+    both release builds, a work directory with dev certificates. Returns
+    (builds {"baseline", "current"}, work directory, certificate directory)."""
+    raise_fd_limit()
+    os.chdir(ROOT)
+    sh(["./scripts/kafka.sh"])
+    base = os.path.abspath(args.baseline_binary) if args.baseline_binary else build_baseline(args.baseline)
+    sh(["cargo", "build", "--release", "-p", "gateway", "-p", "fleet"])
+    work = tempfile.mkdtemp(prefix=prefix, dir=os.path.join(ROOT, "target"))
+    certs = os.path.join(work, "certs")
+    sh(["./certs/gen-dev-certs.sh", certs], stdout=subprocess.DEVNULL)
+    return {"baseline": base, "current": GATEWAY}, work, certs
 
 
 def overhead_phase(work, kafka, certs, results, args):

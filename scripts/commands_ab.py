@@ -15,7 +15,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -24,10 +23,7 @@ import bench  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    which = ap.add_mutually_exclusive_group(required=True)
-    which.add_argument("--baseline", help="revision to compare the working tree with")
-    which.add_argument("--baseline-binary", help="a gateway binary to compare the working tree with")
-    ap.add_argument("--runs", type=int, default=3)
+    bench.ab_arguments(ap)
     ap.add_argument("--paths", default="mqtt", help="of mqtt,rest,kafka")
     ap.add_argument("--rates", default="1000,10000")
     ap.add_argument("--command-vehicles", type=int, default=10000)
@@ -36,17 +32,7 @@ def main():
     ap.add_argument("--command-seconds", type=int, default=10)
     ap.add_argument("--command-kafka-linger-ms", type=int, default=5)
     args = ap.parse_args()
-    bench.raise_fd_limit()
-    os.chdir(bench.ROOT)
-    bench.sh(["./scripts/kafka.sh"])
-    bench.sh(["cargo", "build", "--release", "-p", "gateway", "-p", "fleet"])
-    builds = {
-        "baseline": args.baseline_binary or bench.build_baseline(args.baseline),
-        "current": bench.GATEWAY,
-    }
-    work = tempfile.mkdtemp(prefix="commands-ab-", dir=os.path.join(bench.ROOT, "target"))
-    certs = os.path.join(work, "certs")
-    bench.sh(["./certs/gen-dev-certs.sh", certs], stdout=subprocess.DEVNULL)
+    builds, work, certs = bench.ab_prepare(args, "commands-ab-")
     pw_hash = subprocess.run([bench.GATEWAY, "hash-password"], input=bench.OPERATOR_PASSWORD,
                              capture_output=True, text=True, check=True).stdout.strip()
     kafka = bench.Kafka(work)

@@ -19,9 +19,7 @@ builds measured side by side much less.
 import argparse
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,10 +28,7 @@ import bench  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser()
-    which = ap.add_mutually_exclusive_group(required=True)
-    which.add_argument("--baseline", help="revision to compare the working tree with")
-    which.add_argument("--baseline-binary", help="a gateway binary to compare the working tree with")
-    ap.add_argument("--runs", type=int, default=3)
+    bench.ab_arguments(ap)
     ap.add_argument("--kinds", default="plain,plain+sub", help=f"of {','.join(bench.IDLE_KINDS)}")
     ap.add_argument("--connections", type=int, default=18000)
     args = ap.parse_args()
@@ -41,17 +36,9 @@ def main():
     bad = [k for k in kinds if k not in bench.IDLE_KINDS]
     if bad:
         ap.error(f"unknown kind: {', '.join(bad)}")
-    given = os.path.abspath(args.baseline_binary) if args.baseline_binary else None
-    bench.raise_fd_limit()
-    os.chdir(bench.ROOT)
-    bench.sh(["./scripts/kafka.sh"])
-    base = given or bench.build_baseline(args.baseline)
-    bench.sh(["cargo", "build", "--release", "-p", "gateway", "-p", "fleet"])
-    work = tempfile.mkdtemp(prefix="idle-ab-", dir=os.path.join(bench.ROOT, "target"))
-    certs = os.path.join(work, "certs")
-    bench.sh(["./certs/gen-dev-certs.sh", certs], stdout=subprocess.DEVNULL)
+    builds, work, certs = bench.ab_prepare(args, "idle-ab-")
+    builds = tuple(builds.items())
     ca = os.path.join(certs, "ca.pem")
-    builds = (("baseline", base), ("current", bench.GATEWAY))
     results = {}
     kafka = bench.Kafka(work)
     try:

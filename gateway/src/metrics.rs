@@ -46,6 +46,9 @@ pub struct Metrics {
     pub keep_alive_capped: IntCounter,
     /// PUBLISH packets a session had to wait for under `mqtt.max_publish_rate`.
     pub publish_throttled: IntCounter,
+    /// Connection set-ups and goodbyes waiting for a turn at the set-up gate
+    /// (`mqtt.max_concurrent_setups`): high during a reconnect storm, 0 otherwise.
+    pub setups_waiting: IntGauge,
     /// PUBLISHes written to subscribers on this gateway, by delivery QoS (one handle
     /// each, not a label lookup: this is counted once per subscriber per message).
     pub messages_delivered: [IntCounter; 3],
@@ -185,6 +188,10 @@ impl Default for Metrics {
             publish_throttled: d.counter(
                 "gateway_publish_throttled_total",
                 "PUBLISH packets delayed by mqtt.max_publish_rate (the session stopped reading meanwhile).",
+            ),
+            setups_waiting: d.gauge(
+                "gateway_setups_waiting",
+                "Connection set-ups and goodbyes waiting for a turn at the set-up gate.",
             ),
             messages_delivered: by_qos(&delivered),
             messages_dropped: labeled(

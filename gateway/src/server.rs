@@ -89,6 +89,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         parked_dir: parked_dir.clone(),
         max_parked: cfg.kafka.max_parked,
     };
+    let metrics = Metrics::default();
+    let setups = Arc::new(session::gate::Gate::new(
+        session::gate::permits(cfg.mqtt.max_concurrent_setups),
+        metrics.setups_waiting.clone(),
+    ));
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         gateway_id: producer_cfg.gateway_id.clone().into_boxed_str(),
@@ -98,7 +103,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         registry: Registry::default(),
         router: Router::default(),
         store: store.clone(),
-        metrics: Metrics::default(),
+        metrics,
         shutdown: shutdown.clone(),
         routes: routes.clone(),
         full_policy: cfg.full_policy(),
@@ -109,9 +114,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         bridge_control: BridgeControl::new(),
         parked_dir,
         commands: Commands::default(),
-        setups: Arc::new(session::gate::Gate::new(session::gate::permits(
-            cfg.mqtt.max_concurrent_setups,
-        ))),
+        setups,
     });
     if restore(&shared)? > 0 {
         shared.store.flush().await.context("flushing restored sessions")?;

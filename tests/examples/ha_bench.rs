@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use integration::fleet::{Fleet, FleetConfig};
 use integration::haproxy::{region_gateway, HaProxy};
-use integration::kafka::{free_tcp_port, Kafka};
+use integration::kafka::{free_tcp_ports, Kafka};
 use integration::{audit, kafka_config, Gateway};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -50,7 +50,7 @@ fn main() {
     let kafka = Kafka::start();
     kafka.create_topic(TOPIC, PARTITIONS);
     let kcfg = kafka_config(&kafka.bootstrap(), TOPIC);
-    let ports = [free_tcp_port(), free_tcp_port(), free_tcp_port()];
+    let ports: [u16; 3] = free_tcp_ports();
     let mut gws: Vec<Option<Gateway>> = vec![
         Some(region_gateway(ports[0], "gw1", &kcfg)),
         Some(region_gateway(ports[1], "gw2", &kcfg)),

@@ -41,10 +41,18 @@ impl Consumed {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free loopback ports: all bound at once, then released. Asking for one
+/// port at a time can get the same port twice (the kernel hands a just-released port
+/// out again), and a broker whose two listeners share a port does not start.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("bound port").port())
 }
 
 fn libs_dir() -> PathBuf {
@@ -64,8 +72,7 @@ impl Kafka {
             libs.display()
         );
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let controller = free_port();
+        let [port, controller] = free_ports();
         let props = format!(
             "process.roles=broker,controller\nnode.id=1\n\
              controller.quorum.voters=1@127.0.0.1:{controller}\n\
@@ -400,4 +407,9 @@ impl Kafka {
 /// A free loopback TCP port (bound once and released).
 pub fn free_tcp_port() -> u16 {
     free_port()
+}
+
+/// `N` distinct free loopback TCP ports (see [`free_ports`]).
+pub fn free_tcp_ports<const N: usize>() -> [u16; N] {
+    free_ports()
 }

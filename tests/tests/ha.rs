@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use integration::audit::{self, Audit};
 use integration::fleet::{Fleet, FleetConfig};
 use integration::haproxy::{region_gateway, HaProxy};
-use integration::kafka::{free_tcp_port, Kafka};
+use integration::kafka::{free_tcp_port, free_tcp_ports, Kafka};
 use integration::{http_request, kafka_config, Gateway};
 
 const PARTITIONS: i32 = 4;
@@ -39,7 +39,7 @@ fn a_killed_gateways_vehicles_move_to_the_other_and_its_journal_drains_on_restar
     let kafka = Kafka::start();
     kafka.create_topic("ha", PARTITIONS);
     let kcfg = kafka_config(&kafka.bootstrap(), "ha");
-    let (p1, p2) = (free_tcp_port(), free_tcp_port());
+    let [p1, p2] = free_tcp_ports();
     let gw1 = region_gateway(p1, "gw1", &kcfg);
     let gw2 = region_gateway(p2, "gw2", &kcfg);
     let lb = HaProxy::start(&[p1, p2]);

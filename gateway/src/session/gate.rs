@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use prometheus::IntGauge;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
@@ -37,13 +38,16 @@ type Acquiring = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, Acquir
 pub struct Gate {
     start: Arc<Semaphore>,
     resume: Arc<Semaphore>,
+    /// Tasks queued for a permit (`gateway_setups_waiting`).
+    waiting: IntGauge,
 }
 
 impl Gate {
-    pub fn new(permits: usize) -> Self {
+    pub fn new(permits: usize, waiting: IntGauge) -> Self {
         Gate {
             start: Arc::new(Semaphore::new(permits)),
             resume: Arc::new(Semaphore::new(permits)),
+            waiting,
         }
     }
 
@@ -90,6 +94,7 @@ impl<F: Future + Unpin> Future for Gated<F> {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(p) => {
                     this.acquiring = None;
+                    this.gate.waiting.dec();
                     p.ok()
                 }
             },
@@ -100,6 +105,7 @@ impl<F: Future + Unpin> Future for Gated<F> {
                     match acquiring.as_mut().poll(cx) {
                         Poll::Pending => {
                             this.acquiring = Some(acquiring);
+                            this.gate.waiting.inc();
                             return Poll::Pending;
                         }
                         Poll::Ready(p) => p.ok(),
@@ -117,13 +123,27 @@ impl<F: Future + Unpin> Future for Gated<F> {
     }
 }
 
-/// The permits of `mqtt.max_concurrent_setups` (0: half the CPU cores, at least one).
+impl<F> Drop for Gated<F> {
+    fn drop(&mut self) {
+        // Dropped while queued (the connection timed out or the gateway stopped).
+        if self.acquiring.is_some() {
+            self.gate.waiting.dec();
+        }
+    }
+}
+
+/// The permits of `mqtt.max_concurrent_setups` (0: half the runtime's worker threads, at
+/// least one; the workers follow `TOKIO_WORKER_THREADS` or else the CPUs this process
+/// may use).
 pub fn permits(configured: usize) -> usize {
     if configured > 0 {
         return configured;
     }
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    (cores / 2).max(1)
+    let workers = tokio::runtime::Handle::try_current().map_or_else(
+        |_| std::thread::available_parallelism().map_or(1, usize::from),
+        |h| h.metrics().num_workers(),
+    );
+    (workers / 2).max(1)
 }
 
 #[cfg(test)]
@@ -135,7 +155,7 @@ mod tests {
     /// and every task finishes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn at_most_the_permits_run_at_once_and_waiting_holds_none() {
-        let gate = Arc::new(Gate::new(2));
+        let gate = Arc::new(Gate::new(2, IntGauge::new("w", "w").expect("gauge")));
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
@@ -169,7 +189,7 @@ mod tests {
     /// into their timeout).
     #[tokio::test(flavor = "current_thread")]
     async fn a_started_setup_does_not_queue_behind_new_ones() {
-        let gate = Arc::new(Gate::new(1));
+        let gate = Arc::new(Gate::new(1, IntGauge::new("w", "w").expect("gauge")));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(Gated::new(Box::pin(async move { rx.await.is_ok() }), &gate));
         // One thread: after these yields the task has had its first poll (gated, Pending).
@@ -195,10 +215,12 @@ mod tests {
         drop(held);
     }
 
-    /// Shutdown closes the gate: a task waiting for a permit runs at once.
+    /// Shutdown closes the gate: a task waiting for a permit runs at once. The queue is
+    /// in `gateway_setups_waiting` while it waits, and leaves it once it runs.
     #[tokio::test]
     async fn a_closed_gate_lets_the_waiting_run() {
-        let gate = Arc::new(Gate::new(1));
+        let waiting = IntGauge::new("w", "w").expect("gauge");
+        let gate = Arc::new(Gate::new(1, waiting.clone()));
         let held = gate
             .start
             .clone()
@@ -207,12 +229,33 @@ mod tests {
         let task = tokio::spawn(Gated::new(Box::pin(async { 7 }), &gate));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!task.is_finished(), "ran without a permit");
+        assert_eq!(waiting.get(), 1);
         gate.close();
         let out = tokio::time::timeout(std::time::Duration::from_secs(5), task)
             .await
             .expect("still waiting after the gate closed")
             .expect("gated task");
         assert_eq!(out, 7);
+        assert_eq!(waiting.get(), 0);
+        drop(held);
+    }
+
+    /// A set-up dropped while queued (its connection timed out) leaves the queue's gauge.
+    #[tokio::test]
+    async fn a_dropped_waiter_leaves_the_gauge() {
+        let waiting = IntGauge::new("w", "w").expect("gauge");
+        let gate = Arc::new(Gate::new(1, waiting.clone()));
+        let held = gate
+            .start
+            .clone()
+            .try_acquire_owned()
+            .expect("the only start permit");
+        let task = tokio::spawn(Gated::new(Box::pin(async { 7 }), &gate));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(waiting.get(), 1);
+        task.abort();
+        assert!(task.await.is_err(), "aborted");
+        assert_eq!(waiting.get(), 0);
         drop(held);
     }
 
