@@ -198,6 +198,8 @@ pub struct BridgeStatus {
     /// order. Not persisted: a restarted gateway forwards.
     paused: std::sync::atomic::AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// The latest error other than librdkafka's "all brokers down" summary: its cause.
+    broker_error: Mutex<Option<String>>,
     failed: Mutex<Option<String>>,
     defs: Defs,
 }
@@ -281,6 +283,7 @@ impl Default for BridgeStatus {
             ),
             paused: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
+            broker_error: Mutex::new(None),
             failed: Mutex::new(None),
             defs,
         };
@@ -335,6 +338,15 @@ impl BridgeStatus {
     }
     pub(crate) fn set_error(&self, e: String) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+    }
+    fn broker_error(&self) -> Option<String> {
+        self.broker_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    fn set_broker_error(&self, e: String) {
+        *self.broker_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
     }
     /// Why the bridge is persistently failing (set by the supervisor after repeated
     /// failures or a non-transient error; cleared once the pipeline runs healthily).
@@ -515,7 +527,20 @@ impl ClientContext for Ctx {
     fn error(&self, error: KafkaError, reason: &str) {
         let code = error.rdkafka_error_code();
         self.status.errors.inc();
-        self.status.set_error(format!("{error}: {reason}"));
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // A summary that follows each broker's own failure: keep that cause in view
+            // (rejected credentials, a TLS handshake refused), or the operator reads only
+            // "all brokers down" and looks for a network problem.
+            let cause = self.status.broker_error();
+            self.status.set_error(match cause {
+                Some(cause) => format!("{error}: {reason}; last broker error: {cause}"),
+                None => format!("{error}: {reason}"),
+            });
+        } else {
+            let message = format!("{error}: {reason}");
+            self.status.set_broker_error(message.clone());
+            self.status.set_error(message);
+        }
         if code == Some(RDKafkaErrorCode::Fatal) {
             self.reports.fatal.store(true, Ordering::Relaxed);
             self.reports.notify.notify_one();
@@ -622,6 +647,19 @@ impl Tracker {
             .iter()
             .filter(|(_, s)| matches!(s, Slot::Sent | Slot::DeadLettering))
             .count()
+    }
+}
+
+/// Whether librdkafka knows `key` and accepts `value` for it, checked at config load
+/// so that a typo or a bad value is refused naming the key instead of failing the bridge
+/// once the gateway runs. (Properties that are valid alone but cannot work together, or
+/// need something this build lacks, are still found when the client is created: the
+/// bridge then reports `failed` with librdkafka's reason.) The message is librdkafka's.
+pub fn check_property(key: &str, value: &str) -> Result<(), String> {
+    match ClientConfig::new().set(key, value).create_native_config() {
+        Ok(_) => Ok(()),
+        Err(KafkaError::ClientConfig(_, why, _, _)) => Err(why),
+        Err(e) => Err(e.to_string()),
     }
 }
 

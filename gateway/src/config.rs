@@ -848,11 +848,19 @@ impl Config {
         if k.max_parked == 0 {
             p.push(problem("kafka.max_parked", "must be at least 1"));
         }
-        for key in k.properties.keys() {
+        for (key, value) in &k.properties {
             if let Some(why) = guarded_kafka_property(key) {
                 p.push(problem(
                     format!("kafka.properties.{key}"),
                     format!("may not be overridden: {why}; remove it from [kafka.properties]"),
+                ));
+            } else if let Err(why) = bridge::producer::check_property(key, value) {
+                p.push(problem(
+                    format!("kafka.properties.{key}"),
+                    format!(
+                        "librdkafka refuses it: {why}; fix or remove it in [kafka.properties] \
+                         (librdkafka's CONFIGURATION.md lists the properties and their values)"
+                    ),
                 ));
             }
         }
@@ -1326,6 +1334,36 @@ mod tests {
             let text = format!("[kafka.properties]\n\"{key}\" = \"1\"\n[auth]\nallow_anonymous = true\n");
             assert!(parse(&text, &[]).is_err(), "{key} must be refused");
         }
+    }
+
+    /// A typo or a bad value in `[kafka.properties]` is refused at load, naming the key
+    /// (it used to start and fail the bridge). Valid ones, SASL/SSL included, pass.
+    #[test]
+    fn kafka_properties_librdkafka_refuses_are_named() {
+        let e = parse(
+            "[kafka.properties]\n\"compression.type\" = \"bogus\"\n\"compresion.codec\" = \"lz4\"\n\
+             \"sasl.password\" = \"s3cret\"\n[auth]\nallow_anonymous = true\n",
+            &[],
+        )
+        .expect_err("bad properties");
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "kafka.properties.compresion.codec",
+                "kafka.properties.compression.type"
+            ],
+            "{e}"
+        );
+        assert!(e.problems[1].message.contains("bogus"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        parse(
+            "[kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\
+             \"sasl.username\" = \"u\"\n\"sasl.password\" = \"p\"\n\"ssl.ca.location\" = \"/etc/ssl/certs/ca-certificates.crt\"\n\
+             [auth]\nallow_anonymous = true\n",
+            &[],
+        )
+        .expect("SASL_SSL properties");
     }
 
     #[test]

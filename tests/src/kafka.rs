@@ -17,9 +17,15 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 pub struct Kafka {
     dir: tempfile::TempDir,
     pub port: u16,
+    /// The SASL_SSL listener, when started with one.
+    secure_port: Option<u16>,
     child: Option<Child>,
     libs: PathBuf,
 }
+
+/// The SASL/PLAIN user of [`Kafka::start_sasl_ssl`]'s listener.
+pub const SASL_USER: &str = "gateway";
+pub const SASL_PASSWORD: &str = "gateway-secret";
 
 /// One consumed record.
 #[derive(Debug, Clone)]
@@ -65,6 +71,18 @@ fn libs_dir() -> PathBuf {
 impl Kafka {
     /// Formats storage and starts the broker; waits until it serves metadata.
     pub fn start() -> Kafka {
+        Self::start_with(None)
+    }
+
+    /// Also listens with SASL_SSL (mechanism PLAIN, user [`SASL_USER`] with password
+    /// [`SASL_PASSWORD`], TLS with `server`'s certificate and key), the way managed Kafka
+    /// services are reached: [`Kafka::secure_bootstrap`]. The plaintext listener stays
+    /// for the test's own clients.
+    pub fn start_sasl_ssl(server: &crate::certs::Pair) -> Kafka {
+        Self::start_with(Some(server))
+    }
+
+    fn start_with(server: Option<&crate::certs::Pair>) -> Kafka {
         let libs = libs_dir();
         assert!(
             libs.join("kafka_2.13-4.4.0.jar").exists(),
@@ -72,14 +90,36 @@ impl Kafka {
             libs.display()
         );
         let dir = tempfile::tempdir().expect("tempdir");
-        let [port, controller] = free_ports();
+        let [port, controller, secure_port] = free_ports();
+        let mut listeners = format!("PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}");
+        let mut advertised = format!("PLAINTEXT://127.0.0.1:{port}");
+        let mut protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT".to_string();
+        let mut secure = String::new();
+        if let Some(server) = server {
+            // A PEM key store: the PKCS#8 key, then the certificate.
+            let key = std::fs::read_to_string(&server.key).expect("server key");
+            let cert = std::fs::read_to_string(&server.cert).expect("server certificate");
+            let store = dir.path().join("keystore.pem");
+            std::fs::write(&store, format!("{key}{cert}")).expect("keystore");
+            listeners += &format!(",SASL_SSL://127.0.0.1:{secure_port}");
+            advertised += &format!(",SASL_SSL://127.0.0.1:{secure_port}");
+            protocols += ",SASL_SSL:SASL_SSL";
+            secure = format!(
+                "sasl.enabled.mechanisms=PLAIN\n\
+                 listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule \
+                 required user_{SASL_USER}=\"{SASL_PASSWORD}\";\n\
+                 ssl.keystore.type=PEM\nssl.keystore.location={}\n",
+                store.display()
+            );
+        }
         let props = format!(
             "process.roles=broker,controller\nnode.id=1\n\
              controller.quorum.voters=1@127.0.0.1:{controller}\n\
-             listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+             listeners={listeners}\n\
+             advertised.listeners={advertised}\n\
              controller.listener.names=CONTROLLER\n\
-             listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             listener.security.protocol.map={protocols}\n{secure}\
              log.dirs={}\n\
              offsets.topic.replication.factor=1\ntransaction.state.log.replication.factor=1\n\
              transaction.state.log.min.isr=1\nshare.coordinator.state.topic.replication.factor=1\n\
@@ -114,6 +154,7 @@ impl Kafka {
         let mut k = Kafka {
             dir,
             port,
+            secure_port: server.map(|_| secure_port),
             child: None,
             libs,
         };
@@ -157,6 +198,12 @@ impl Kafka {
 
     pub fn bootstrap(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The SASL_SSL listener of [`Kafka::start_sasl_ssl`].
+    pub fn secure_bootstrap(&self) -> String {
+        let port = self.secure_port.expect("started with Kafka::start_sasl_ssl");
+        format!("127.0.0.1:{port}")
     }
 
     /// SIGKILL: the broker is gone at once.

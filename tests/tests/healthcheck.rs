@@ -121,3 +121,45 @@ fn readyz_says_shutting_down_while_the_gateway_drains() {
         "admin still open after exit"
     );
 }
+
+/// A Kafka bridge that fails persistently (here a SASL mechanism this build cannot
+/// provide, so the producer cannot be created) takes the gateway out of the load
+/// balancer (`/readyz` 503) but is not a liveness failure: a restart would fail the same
+/// way, and a probe restarting on it would cycle every gateway of a region, and with
+/// them the whole fleet, for as long as the Kafka-side problem lasts. `/healthz` names it
+/// under `warnings`, and `gateway healthcheck` (the image's HEALTHCHECK) passes. Messages
+/// are still acknowledged from the journal.
+#[test]
+fn a_failed_bridge_is_not_a_liveness_failure() {
+    use integration::{http_request, Stream};
+    let config = format!(
+        "{ANON}[kafka.properties]\n\"security.protocol\" = \"SASL_PLAINTEXT\"\n\"sasl.mechanisms\" = \"GSSAPI\"\n"
+    );
+    let gw = Gateway::start(&config);
+    let admin = gw.admin.expect("admin listener");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut ready = (0, String::new());
+    while std::time::Instant::now() < deadline {
+        ready = http_request(admin, "GET", "/readyz", None);
+        if ready.0 == 503 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ready.0, 503, "{}", ready.1);
+    assert!(ready.1.contains("bridge_failed"), "{}", ready.1);
+    let (code, live) = http_request(admin, "GET", "/healthz", None);
+    assert_eq!(code, 200, "{live}");
+    let body: serde_json::Value = serde_json::from_str(&live).expect("json");
+    assert_eq!(body["problems"], serde_json::json!([]), "{live}");
+    assert_eq!(body["warnings"][0]["code"], "bridge_failed", "{live}");
+    assert!(gw.metric("gateway_bridge_failed") == 1, "{}", gw.metrics());
+    let (code, text) = healthcheck(&gw, &admin.to_string(), &[]);
+    assert_eq!(code, 0, "gateway healthcheck: {text}");
+    let s = Stream::start(gw.mqtt(), "VIN-FAILED-BRIDGE", 3, Duration::ZERO);
+    assert!(
+        s.wait_acked(3, Duration::from_secs(10)),
+        "PUBACKs from the journal"
+    );
+    s.finish();
+}

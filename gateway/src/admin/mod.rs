@@ -154,21 +154,26 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, bridge::metrics::CONTENT_TYPE)], text)
 }
 
-/// Liveness as an orchestrator should act on it: 503 when the journal stopped (nothing can
-/// be acknowledged) or the Kafka bridge is failing persistently (the journal would only
-/// fill up). A journal stalled on a transient I/O error (disk full) is reported but is
-/// still 200: restarting the process would not free the disk, and the journal resumes by
-/// itself. `problems` lists every reason, for the operator paged at 3 am.
+/// Liveness as an orchestrator should act on it: 503 only when restarting the process
+/// is the fix, i.e. the journal writer stopped (nothing can be acknowledged). Reported but
+/// still 200: a journal stalled on a transient I/O error (disk full; a restart would not
+/// free the disk, and the journal resumes by itself) and a Kafka bridge failing
+/// persistently (a bad producer setting, rejected credentials, a damaged record: the
+/// supervisor retries every 30 s and a restart would fail the same way, while a
+/// liveness probe acting on it would restart every gateway of a region in a loop during
+/// a Kafka-side problem, disconnecting the whole fleet each time; `/readyz` steers new
+/// vehicles away instead). `problems` and `warnings` list every reason, for the operator
+/// paged at 3 am.
 async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let journal = s.journal.stats();
     let mut problems = Vec::new();
     if s.journal_stopped() {
         problems.push(json!({"code": "journal_stopped", "message": "the journal writer stopped; nothing more is acknowledged"}));
     }
-    if let Some(why) = s.bridge.failed() {
-        problems.push(json!({"code": "bridge_failed", "message": why}));
-    }
     let mut warnings = Vec::new();
+    if let Some(why) = s.bridge.failed() {
+        warnings.push(json!({"code": "bridge_failed", "message": why}));
+    }
     if let Some(why) = &journal.stalled {
         warnings.push(json!({"code": "journal_stalled", "message": why}));
     }
