@@ -29,6 +29,11 @@ command -v mvn >/dev/null 2>&1 || need_pkgs+=(maven)
 command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
 [ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null 2>&1 || need_pkgs+=(haproxy)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+# Building librdkafka and the OpenSSL compiled into it (rdkafka's ssl-vendored): a C
+# toolchain with make, and a full perl (OpenSSL's Configure needs more than perl-base).
+command -v make >/dev/null 2>&1 || need_pkgs+=(make)
+command -v cc >/dev/null 2>&1 || need_pkgs+=(gcc)
+perl -MIPC::Cmd -MFindBin -e1 >/dev/null 2>&1 || need_pkgs+=(perl)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "test setup: installing ${need_pkgs[*]}" >&2
