@@ -20,7 +20,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
@@ -178,7 +177,7 @@ pub async fn run(cfg: CommandConsumerConfig, mut ch: Channels, shutdown: Cancell
 }
 
 fn consumer(cfg: &CommandConsumerConfig) -> Result<StreamConsumer, String> {
-    let mut c = ClientConfig::new();
+    let mut c = crate::producer::base_config();
     c.set("bootstrap.servers", &cfg.bootstrap)
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")

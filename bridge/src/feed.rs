@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -65,7 +64,7 @@ async fn follow(
     shutdown: &CancellationToken,
     announced: &mut bool,
 ) -> Result<(), String> {
-    let mut c = ClientConfig::new();
+    let mut c = crate::producer::base_config();
     c.set("bootstrap.servers", bootstrap)
         // librdkafka wants a group id even for assigned partitions; nothing is committed.
         .set("group.id", format!("edge-gateway-feed-{topic}"))

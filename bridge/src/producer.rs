@@ -198,8 +198,11 @@ pub struct BridgeStatus {
     /// order. Not persisted: a restarted gateway forwards.
     paused: std::sync::atomic::AtomicBool,
     last_error: Mutex<Option<String>>,
-    /// The latest error other than librdkafka's "all brokers down" summary: its cause.
-    broker_error: Mutex<Option<String>>,
+    /// The latest error other than librdkafka's "all brokers down" summary, and when:
+    /// that summary's likely cause.
+    broker_error: Mutex<Option<(std::time::Instant, String)>>,
+    /// The failure in `failed` is one a restart meets again (see `is_persistent`).
+    failed_persistent: AtomicBool,
     failed: Mutex<Option<String>>,
     defs: Defs,
 }
@@ -275,7 +278,7 @@ impl Default for BridgeStatus {
             ),
             failed_gauge: defs.gauge(
                 "gateway_bridge_failed",
-                "1 while the Kafka bridge fails persistently (/healthz is 503).",
+                "1 while the Kafka bridge fails persistently (/readyz is 503).",
             ),
             paused_gauge: defs.gauge(
                 "gateway_bridge_paused",
@@ -284,6 +287,7 @@ impl Default for BridgeStatus {
             paused: std::sync::atomic::AtomicBool::new(false),
             last_error: Mutex::new(None),
             broker_error: Mutex::new(None),
+            failed_persistent: AtomicBool::new(false),
             failed: Mutex::new(None),
             defs,
         };
@@ -339,23 +343,40 @@ impl BridgeStatus {
     pub(crate) fn set_error(&self, e: String) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
     }
+    /// The latest broker error if it is recent enough to explain an "all brokers down"
+    /// now (librdkafka reports that summary right after the brokers' own failures; an
+    /// error from an earlier outage must not be shown as today's cause).
+    /// The latest broker error if it is recent enough to explain an "all brokers down"
+    /// now (librdkafka reports that summary right after the brokers' own failures; an
+    /// error from an earlier outage must not be shown as today's cause).
     fn broker_error(&self) -> Option<String> {
-        self.broker_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        let cause = self.broker_error.lock().unwrap_or_else(|e| e.into_inner());
+        cause
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < BROKER_ERROR_RECENT)
+            .map(|(_, why)| why.clone())
     }
     fn set_broker_error(&self, e: String) {
-        *self.broker_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+        *self.broker_error.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), e));
     }
     /// Why the bridge is persistently failing (set by the supervisor after repeated
     /// failures or a non-transient error; cleared once the pipeline runs healthily).
-    /// `Some` means unhealthy: `/healthz` should fail.
+    /// `Some` means unhealthy: `/readyz` fails.
     pub fn failed(&self) -> Option<String> {
         self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+    /// Whether the failure is one a process restart may fix: the pipeline keeps failing
+    /// (panics, journal I/O errors such as running out of file descriptors) rather than
+    /// failing on something a restart meets again (an invalid producer setting, damaged
+    /// journal data). `/healthz` fails only for these.
+    pub fn failed_restart_may_help(&self) -> bool {
+        self.failed().is_some() && !self.failed_persistent.load(Ordering::Relaxed)
+    }
     pub(crate) fn set_failed(&self, why: Option<String>) {
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+    pub(crate) fn set_failed_persistent(&self, persistent: bool) {
+        self.failed_persistent.store(persistent, Ordering::Relaxed);
     }
 }
 
@@ -510,6 +531,9 @@ impl BridgeError {
     }
 }
 
+/// How old a broker error may be to be named as the cause of "all brokers down".
+const BROKER_ERROR_RECENT: Duration = Duration::from_secs(10);
+
 /// Delivery reports handed from librdkafka's thread to the pipeline task.
 #[derive(Default)]
 struct Reports {
@@ -655,6 +679,9 @@ impl Tracker {
 /// once the gateway runs. (Properties that are valid alone but cannot work together, or
 /// need something this build lacks, are still found when the client is created: the
 /// bridge then reports `failed` with librdkafka's reason.) The message is librdkafka's.
+///
+/// With `plugin.library.paths` set nothing is checked here: plugins add properties of
+/// their own, and loading them belongs to the bridge, not to every config load.
 pub fn check_property(key: &str, value: &str) -> Result<(), String> {
     match ClientConfig::new().set(key, value).create_native_config() {
         Ok(_) => Ok(()),
@@ -663,10 +690,22 @@ pub fn check_property(key: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// What every Kafka client of the gateway starts from. `ssl.ca.location = probe`: the
+/// OpenSSL compiled into librdkafka (rdkafka's `ssl-vendored`) looks for CA certificates
+/// under its own build prefix, not where the system keeps them, so without this a broker
+/// with a public certificate (a managed Kafka) fails verification unless the operator
+/// names the CA file. `probe` searches the usual system locations; used only over TLS,
+/// and `[kafka.properties]` (applied after) may set a file instead.
+pub fn base_config() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("ssl.ca.location", "probe");
+    c
+}
+
 /// Builds the librdkafka configuration; our safety settings first, operator properties
 /// last (they may add SASL/SSL but should not weaken acks or idempotence).
 pub fn client_config(cfg: &ProducerConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
+    let mut c = base_config();
     c.set("bootstrap.servers", &cfg.bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")

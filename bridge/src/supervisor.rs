@@ -144,6 +144,7 @@ pub async fn supervise_with<F, Fut>(
             } else {
                 format!("{reason} ({consecutive} consecutive failures)")
             };
+            status.set_failed_persistent(persistent);
             status.set_failed(Some(why));
             if persistent {
                 backoff = policy.max_backoff;

@@ -848,13 +848,21 @@ impl Config {
         if k.max_parked == 0 {
             p.push(problem("kafka.max_parked", "must be at least 1"));
         }
+        // Plugins add properties of their own (and loading them is the bridge's job).
+        let plugins = k
+            .properties
+            .keys()
+            .any(|key| key.trim().eq_ignore_ascii_case("plugin.library.paths"));
         for (key, value) in &k.properties {
             if let Some(why) = guarded_kafka_property(key) {
                 p.push(problem(
                     format!("kafka.properties.{key}"),
                     format!("may not be overridden: {why}; remove it from [kafka.properties]"),
                 ));
-            } else if let Err(why) = bridge::producer::check_property(key, value) {
+            } else if let Err(why) =
+                bridge::producer::check_property(key, value)
+                    .or_else(|e| if plugins { Ok(()) } else { Err(e) })
+            {
                 p.push(problem(
                     format!("kafka.properties.{key}"),
                     format!(
@@ -1161,6 +1169,31 @@ pub const GUARDED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
         "queue.buffering.max.messages",
         "the gateway sizes the producer queue from kafka.max_inflight",
     ),
+    // The command consumer reads with these same properties (invariant 5).
+    (
+        "enable.auto.commit",
+        "command offsets are committed only after the vehicle acknowledged or the command settled",
+    ),
+    (
+        "enable.auto.offset.store",
+        "command offsets are stored only after the vehicle acknowledged or the command settled",
+    ),
+    (
+        "group.id",
+        "the command consumer's group is [commands] consumer_group (the many-gateways rule depends on it)",
+    ),
+    (
+        "group.instance.id",
+        "the gateway sets static membership from its consumer group",
+    ),
+    (
+        "auto.offset.reset",
+        "a new group starts at the oldest command so that stale ones end as expired, not skipped unseen",
+    ),
+    (
+        "transactional.id",
+        "the gateway's producer is idempotent, not transactional",
+    ),
 ];
 
 fn guarded_kafka_property(key: &str) -> Option<&'static str> {
@@ -1342,7 +1375,7 @@ mod tests {
     fn kafka_properties_librdkafka_refuses_are_named() {
         let e = parse(
             "[kafka.properties]\n\"compression.type\" = \"bogus\"\n\"compresion.codec\" = \"lz4\"\n\
-             \"sasl.password\" = \"s3cret\"\n[auth]\nallow_anonymous = true\n",
+             \"sasl.pasword\" = \"s3cret\"\n[auth]\nallow_anonymous = true\n",
             &[],
         )
         .expect_err("bad properties");
@@ -1351,7 +1384,8 @@ mod tests {
             keys,
             [
                 "kafka.properties.compresion.codec",
-                "kafka.properties.compression.type"
+                "kafka.properties.compression.type",
+                "kafka.properties.sasl.pasword"
             ],
             "{e}"
         );

@@ -123,7 +123,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let commands_task = start_commands(&shared, &bootstrap);
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     // Supervised: an error or a panic restarts the pipeline with back-off and a
-    // persistent failure turns /healthz unhealthy, instead of ending the task unseen.
+    // persistent failure turns /readyz unhealthy, instead of ending the task unseen.
     let bridge_stop = producer::Shutdown::new();
     let bridge_task = tokio::spawn(supervisor::supervise(
         shared.journal.clone(),

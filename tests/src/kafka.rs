@@ -54,11 +54,25 @@ fn free_port() -> u16 {
 /// `N` distinct free loopback ports: all bound at once, then released. Asking for one
 /// port at a time can get the same port twice (the kernel hands a just-released port
 /// out again), and a broker whose two listeners share a port does not start.
+///
+/// A port is also handed out only once per test process: a broker binds its ports
+/// seconds after they are released here, and tests run in parallel.
 fn free_ports<const N: usize>() -> [u16; N] {
-    let held: Vec<std::net::TcpListener> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
-        .collect();
-    std::array::from_fn(|i| held[i].local_addr().expect("bound port").port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Every listener stays bound until the end, so the kernel offers a new port each time.
+    let mut held = Vec::new();
+    let mut ports = Vec::new();
+    while ports.len() < N {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        let port = l.local_addr().expect("bound port").port();
+        held.push(l);
+        if !given.contains(&port) {
+            given.push(port);
+            ports.push(port);
+        }
+    }
+    std::array::from_fn(|i| ports[i])
 }
 
 fn libs_dir() -> PathBuf {

@@ -123,7 +123,8 @@ fn readyz_says_shutting_down_while_the_gateway_drains() {
 }
 
 /// A Kafka bridge that fails persistently (here a SASL mechanism this build cannot
-/// provide, so the producer cannot be created) takes the gateway out of the load
+/// provide, so the producer cannot be created: the gateway's librdkafka has no GSSAPI;
+/// should it ever have, pick another setting that only client creation refuses) takes the gateway out of the load
 /// balancer (`/readyz` 503) but is not a liveness failure: a restart would fail the same
 /// way, and a probe restarting on it would cycle every gateway of a region, and with
 /// them the whole fleet, for as long as the Kafka-side problem lasts. `/healthz` names it

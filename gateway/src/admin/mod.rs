@@ -155,15 +155,17 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
 }
 
 /// Liveness as an orchestrator should act on it: 503 only when restarting the process
-/// is the fix, i.e. the journal writer stopped (nothing can be acknowledged). Reported but
-/// still 200: a journal stalled on a transient I/O error (disk full; a restart would not
-/// free the disk, and the journal resumes by itself) and a Kafka bridge failing
-/// persistently (a bad producer setting, rejected credentials, a damaged record: the
-/// supervisor retries every 30 s and a restart would fail the same way, while a
-/// liveness probe acting on it would restart every gateway of a region in a loop during
-/// a Kafka-side problem, disconnecting the whole fleet each time; `/readyz` steers new
-/// vehicles away instead). `problems` and `warnings` list every reason, for the operator
-/// paged at 3 am.
+/// may be the fix: the journal writer stopped (nothing can be acknowledged), or the Kafka
+/// pipeline keeps crashing (panics, journal I/O errors such as running out of file
+/// descriptors: the process's own state). Reported but still 200: a journal stalled on a
+/// transient I/O error (disk full; a restart would not free the disk, and the journal
+/// resumes by itself) and a bridge failed on something a restart meets again (an invalid
+/// producer setting, damaged journal data: the supervisor retries every 30 s, and a
+/// liveness probe acting on it would restart the gateway in a loop, its vehicles
+/// reconnecting each time; `/readyz` steers new vehicles away instead). Kafka being
+/// unreachable or refusing the credentials is neither: the bridge is `down` and the
+/// journal buffers. `problems` and `warnings` list every reason, for the operator paged
+/// at 3 am.
 async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let journal = s.journal.stats();
     let mut problems = Vec::new();
@@ -172,7 +174,12 @@ async fn healthz(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     }
     let mut warnings = Vec::new();
     if let Some(why) = s.bridge.failed() {
-        warnings.push(json!({"code": "bridge_failed", "message": why}));
+        let failure = json!({"code": "bridge_failed", "message": why});
+        if s.bridge.failed_restart_may_help() {
+            problems.push(failure);
+        } else {
+            warnings.push(failure);
+        }
     }
     if let Some(why) = &journal.stalled {
         warnings.push(json!({"code": "journal_stalled", "message": why}));
@@ -300,7 +307,7 @@ struct BridgeView {
     state: String,
     /// An operator paused forwarding (`POST /api/v1/bridge/pause`).
     paused: bool,
-    /// Why the bridge fails persistently (`/healthz` is 503 meanwhile).
+    /// Why the bridge fails persistently (`/readyz` is 503 meanwhile).
     failed: Option<String>,
     restarts: u64,
     /// Records in the parked store now.
