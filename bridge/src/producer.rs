@@ -346,9 +346,6 @@ impl BridgeStatus {
     /// The latest broker error if it is recent enough to explain an "all brokers down"
     /// now (librdkafka reports that summary right after the brokers' own failures; an
     /// error from an earlier outage must not be shown as today's cause).
-    /// The latest broker error if it is recent enough to explain an "all brokers down"
-    /// now (librdkafka reports that summary right after the brokers' own failures; an
-    /// error from an earlier outage must not be shown as today's cause).
     fn broker_error(&self) -> Option<String> {
         let cause = self.broker_error.lock().unwrap_or_else(|e| e.into_inner());
         cause
@@ -680,8 +677,8 @@ impl Tracker {
 /// need something this build lacks, are still found when the client is created: the
 /// bridge then reports `failed` with librdkafka's reason.) The message is librdkafka's.
 ///
-/// With `plugin.library.paths` set nothing is checked here: plugins add properties of
-/// their own, and loading them belongs to the bridge, not to every config load.
+/// Callers skip it when `plugin.library.paths` is set: plugins add properties of their
+/// own, and loading them belongs to the bridge, not to every config load.
 pub fn check_property(key: &str, value: &str) -> Result<(), String> {
     match ClientConfig::new().set(key, value).create_native_config() {
         Ok(_) => Ok(()),
