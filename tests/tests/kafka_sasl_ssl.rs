@@ -22,29 +22,38 @@ fn gateway(kafka: &Kafka, ca: &Ca, password: &str) -> Gateway {
     Gateway::start(&config)
 }
 
+/// A broker with a SASL_SSL listener (its CA in `dir`) and a gateway signing in with
+/// `password`.
+fn broker_and_gateway(dir: &std::path::Path, password: &str) -> (Kafka, Gateway) {
+    let ca = Ca::new(dir, "kafka");
+    let kafka = Kafka::start_sasl_ssl(&ca.server(dir));
+    kafka.create_topic("telemetry", PARTITIONS);
+    let gw = gateway(&kafka, &ca, password);
+    (kafka, gw)
+}
+
+/// One QoS 1 publish of vehicle `sasl-car` with `mosquitto_pub`.
+fn publish(gw: &Gateway, payload: &str) -> (i32, String) {
+    let port = gw.mqtt().port().to_string();
+    let args = [
+        "-i",
+        "sasl-car",
+        "-q",
+        "1",
+        "-t",
+        "vehicles/sasl-car/telemetry",
+        "-m",
+        payload,
+    ];
+    mosquitto("mosquitto_pub", &port, &args)
+}
+
 #[test]
 fn telemetry_reaches_kafka_over_sasl_ssl() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = Ca::new(dir.path(), "kafka");
-    let kafka = Kafka::start_sasl_ssl(&ca.server(dir.path()));
-    kafka.create_topic("telemetry", PARTITIONS);
-    let gw = gateway(&kafka, &ca, SASL_PASSWORD);
-    let port = gw.mqtt().port().to_string();
+    let (kafka, gw) = broker_and_gateway(dir.path(), SASL_PASSWORD);
     for n in 0..5 {
-        let (code, out) = mosquitto(
-            "mosquitto_pub",
-            &port,
-            &[
-                "-i",
-                "sasl-car",
-                "-q",
-                "1",
-                "-t",
-                "vehicles/sasl-car/telemetry",
-                "-m",
-                &n.to_string(),
-            ],
-        );
+        let (code, out) = publish(&gw, &n.to_string());
         assert_eq!(code, 0, "mosquitto_pub: {out}");
     }
     let records = kafka.consume("telemetry", PARTITIONS, 5, Duration::from_secs(60));
@@ -64,25 +73,8 @@ fn telemetry_reaches_kafka_over_sasl_ssl() {
 #[test]
 fn a_wrong_sasl_password_keeps_the_records_and_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = Ca::new(dir.path(), "kafka");
-    let kafka = Kafka::start_sasl_ssl(&ca.server(dir.path()));
-    kafka.create_topic("telemetry", PARTITIONS);
-    let gw = gateway(&kafka, &ca, "not-the-password");
-    let port = gw.mqtt().port().to_string();
-    let (code, out) = mosquitto(
-        "mosquitto_pub",
-        &port,
-        &[
-            "-i",
-            "sasl-car",
-            "-q",
-            "1",
-            "-t",
-            "vehicles/sasl-car/telemetry",
-            "-m",
-            "kept",
-        ],
-    );
+    let (kafka, gw) = broker_and_gateway(dir.path(), "not-the-password");
+    let (code, out) = publish(&gw, "kept");
     assert_eq!(code, 0, "acknowledged from the journal: {out}");
     let admin = gw.admin.expect("admin");
     // Once librdkafka sums the failures up as "all brokers down" (state `down`), the

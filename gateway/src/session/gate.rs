@@ -215,10 +215,14 @@ mod tests {
         drop(held);
     }
 
-    /// Shutdown closes the gate: a task waiting for a permit runs at once. The queue is
-    /// in `gateway_setups_waiting` while it waits, and leaves it once it runs.
-    #[tokio::test]
-    async fn a_closed_gate_lets_the_waiting_run() {
+    /// A one-permit gate whose permit the test holds, and a set-up queued behind it
+    /// (given 20 ms to reach the queue; it answers 7 once it runs).
+    async fn one_waiting() -> (
+        IntGauge,
+        Arc<Gate>,
+        OwnedSemaphorePermit,
+        tokio::task::JoinHandle<i32>,
+    ) {
         let waiting = IntGauge::new("w", "w").expect("gauge");
         let gate = Arc::new(Gate::new(1, waiting.clone()));
         let held = gate
@@ -228,6 +232,14 @@ mod tests {
             .expect("the only start permit");
         let task = tokio::spawn(Gated::new(Box::pin(async { 7 }), &gate));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        (waiting, gate, held, task)
+    }
+
+    /// Shutdown closes the gate: a task waiting for a permit runs at once. The queue is
+    /// in `gateway_setups_waiting` while it waits, and leaves it once it runs.
+    #[tokio::test]
+    async fn a_closed_gate_lets_the_waiting_run() {
+        let (waiting, gate, held, task) = one_waiting().await;
         assert!(!task.is_finished(), "ran without a permit");
         assert_eq!(waiting.get(), 1);
         gate.close();
@@ -243,15 +255,7 @@ mod tests {
     /// A set-up dropped while queued (its connection timed out) leaves the queue's gauge.
     #[tokio::test]
     async fn a_dropped_waiter_leaves_the_gauge() {
-        let waiting = IntGauge::new("w", "w").expect("gauge");
-        let gate = Arc::new(Gate::new(1, waiting.clone()));
-        let held = gate
-            .start
-            .clone()
-            .try_acquire_owned()
-            .expect("the only start permit");
-        let task = tokio::spawn(Gated::new(Box::pin(async { 7 }), &gate));
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (waiting, _gate, held, task) = one_waiting().await;
         assert_eq!(waiting.get(), 1);
         task.abort();
         assert!(task.await.is_err(), "aborted");
