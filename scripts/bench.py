@@ -1119,9 +1119,10 @@ def commands_markdown(L, res, arg):
              "acknowledged, not when the broker learnt it. **Complete**: distinct commands received / issued. "
              "**Issue lag p99**: how late the issuer sent against its schedule (tokio's 1 ms timer accounts for "
              "1–2 ms; much more: the offered rate was not met). **CPU s**: the broker process over the window (for the gateway + the Kafka broker's JVM). "
-             "The gateway runs as in the sections above (journal fsync'd; an operator's QoS 1 publish is also "
-             "journaled, forwarded, and PUBACK'd only once durable; each command's outcome record goes through "
-             "the journal to `vehicles.command-outcomes`), with an operator user whose `publish_acl` is "
+             "The gateway runs as in the sections above (journal fsync'd; an operator's QoS 1 publish to a "
+             "command topic is PUBACK'd once the command is in the vehicle's session, and, no route naming "
+             "command topics, not journaled (since 2026-12-07; before, it also went to the unmatched default "
+             "topic); each command's outcome record goes through the journal to `vehicles.command-outcomes`), with an operator user whose `publish_acl` is "
              "`[\"vehicles/+/commands\"]`; the vehicles keep the default ACLs. Mosquitto with its defaults. "
              "Medians of the runs with (min–max).\n")
     unavailable = res.get("unavailable", {})

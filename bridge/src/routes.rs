@@ -75,8 +75,13 @@ impl Routes {
     /// Whether a message on `mqtt_topic` goes to Kafka at all ([`Routes::resolve`] is
     /// `Some`), without building its destination: asked for every PUBLISH.
     pub fn accepts(&self, mqtt_topic: &str) -> bool {
-        matches!(self.unmatched, Unmatched::DefaultTopic(_))
-            || self.routes.iter().any(|r| topic::matches(&r.mqtt, mqtt_topic))
+        matches!(self.unmatched, Unmatched::DefaultTopic(_)) || self.routed(mqtt_topic)
+    }
+
+    /// Whether a `[[routes]]` entry names `mqtt_topic` (not only `kafka.unmatched`'s
+    /// default topic).
+    pub fn routed(&self, mqtt_topic: &str) -> bool {
+        self.routes.iter().any(|r| topic::matches(&r.mqtt, mqtt_topic))
     }
 
     /// The destination of a journal record: an MQTT message by its topic, a gateway

@@ -41,6 +41,19 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
         return false;
     }
+    matches_levels(filter, topic)
+}
+
+/// Whether `topic` (or an ACL pattern) is in the server's own `$SYS` tree, where no
+/// client may publish.
+pub fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
+}
+
+/// Whether `topic` matches `filter` level by level, a leading wildcard matching a
+/// `$` level too: for access rules, which say what a client may reach (as [`covers`]
+/// does), not which subscriptions a message is delivered to.
+pub fn matches_levels(filter: &str, topic: &str) -> bool {
     let mut f = filter.split('/');
     let mut t = topic.split('/');
     loop {
@@ -83,6 +96,9 @@ mod tests {
         assert!(matches("vehicles/+/telemetry", "vehicles/v1/telemetry"));
         assert!(!matches("vehicles/v1/#", "vehicles/v2/telemetry"));
         assert!(!matches("#", "$SYS/x"));
+        assert!(matches_levels("#", "$SYS/x"));
+        assert!(matches_levels("+/x", "$a/x"));
+        assert!(!matches_levels("a/+", "a"));
         assert!(validate_filter("a/#/b").is_err());
         assert!(validate_filter("a/b+").is_err());
         assert!(validate_name("a/+").is_err());

@@ -302,8 +302,13 @@ impl Auth {
     }
 
     /// The publish ACL of `user` (an operator's own, else the vehicle ACL) applied to
-    /// `topic_name`.
+    /// `topic_name`. A wildcard covers `$`-topics as well (so that `["#"]` means every
+    /// topic, as the subscribe ACL's does), but no client publishes under `$SYS`: that
+    /// tree is the server's own, and subscribers trust what appears there.
     pub fn may_publish_as(&self, user: Option<&str>, client_id: &str, topic_name: &str) -> bool {
+        if topic::is_sys(topic_name) {
+            return false;
+        }
         let acl = user
             .and_then(|u| self.users.get(u))
             .and_then(|u| u.publish_acl.as_ref())
@@ -345,23 +350,19 @@ fn expand(pattern: &str, client_id: &str) -> Option<String> {
     Some(pattern.replace("{client_id}", client_id))
 }
 
-/// `topic::matches(&expand(pattern, client_id)?, topic)` without building the expanded
-/// pattern: this runs for every PUBLISH (the allocation and copy were 4% of the
+/// `topic::matches_levels(&expand(pattern, client_id)?, topic)` without building the
+/// expanded pattern: this runs for every PUBLISH (the allocation and copy were 4% of the
 /// gateway's CPU on durable ingest). A client id holding `/`, `+`, `#` or NUL never
 /// matches a pattern that names it, as in [`expand`].
 fn matches_expanded(pattern: &str, client_id: &str, topic_name: &str) -> bool {
     if !pattern.contains("{client_id}") {
-        return topic::matches(pattern, topic_name);
+        return topic::matches_levels(pattern, topic_name);
     }
     if client_id.is_empty() || client_id.contains(['/', '+', '#', '\0']) {
         return false;
     }
-    // The expanded pattern starts with a wildcard only where the pattern does (the id
-    // is neither `+` nor `#`), and its levels are the pattern's, each expanded (the id
-    // holds no `/`).
-    if topic_name.starts_with('$') && (pattern.starts_with('+') || pattern.starts_with('#')) {
-        return false;
-    }
+    // The expanded pattern's levels are the pattern's, each expanded (the id holds no
+    // `/`, and is neither `+` nor `#`).
     let mut f = pattern.split('/');
     let mut t = topic_name.split('/');
     loop {
@@ -495,7 +496,7 @@ mod tests {
             ("fleet/{client_id}", "", "fleet/"),
         ];
         for (p, id, t) in cases {
-            let want = super::expand(p, id).is_some_and(|e| crate::topic::matches(&e, t));
+            let want = super::expand(p, id).is_some_and(|e| crate::topic::matches_levels(&e, t));
             assert_eq!(super::matches_expanded(p, id, t), want, "{p} {id} {t}");
         }
     }
@@ -507,7 +508,7 @@ mod tests {
             id in "[ab/+#$]{0,3}",
             t in "[$ab/+#]{0,6}",
         ) {
-            let want = super::expand(&p, &id).is_some_and(|e| crate::topic::matches(&e, &t));
+            let want = super::expand(&p, &id).is_some_and(|e| crate::topic::matches_levels(&e, &t));
             prop_assert_eq!(super::matches_expanded(&p, &id, &t), want);
         }
     }
@@ -551,6 +552,26 @@ mod tests {
         assert!(auth.may_subscribe("vin1", "vehicles/vin1/commands/#"));
         assert!(!auth.may_subscribe("vin1", "vehicles/#"));
         assert!(!valid_client_id("a/b") && !valid_client_id("+") && valid_client_id("VIN-123_x.y:z"));
+    }
+
+    /// `publish_acl = ["#"]` means every topic, `$`-topics included (a conforming
+    /// server lets clients publish there), except the server's own `$SYS` tree.
+    #[test]
+    fn a_permissive_publish_acl_covers_dollar_topics_but_not_sys() {
+        let auth = Auth::new(&AuthSection {
+            allow_anonymous: true,
+            publish_acl: vec!["#".into()],
+            subscribe_acl: vec!["#".into()],
+            ..AuthSection::default()
+        });
+        assert!(auth.may_publish("c", "$TopicA/B"));
+        assert!(auth.may_publish("c", "a/b"));
+        assert!(!auth.may_publish("c", "$SYS/broker/uptime"));
+        assert!(!auth.may_publish("c", "$SYS"));
+        assert!(auth.may_subscribe("c", "$TopicA/#"));
+        // The vehicle default stays inside the vehicle's own tree.
+        let vehicle = Auth::new(&AuthSection::default());
+        assert!(!vehicle.may_publish("c", "$vehicles/c/telemetry"));
     }
 
     #[test]

@@ -110,6 +110,10 @@ pub struct MqttSection {
     pub max_concurrent_setups: usize,
     /// MQTT 5 Topic Alias Maximum advertised to clients; 0 refuses topic aliases.
     pub topic_alias_max: u16,
+    /// Topic aliases the gateway uses on deliveries to an MQTT 5 client that allows them
+    /// (its CONNECT's Topic Alias Maximum caps it): a vehicle's command topic is then
+    /// sent once per connection, then as two bytes. 0 never sends aliases.
+    pub outbound_topic_aliases: u16,
     /// Topic filters one session may hold; further SUBSCRIBE filters are refused
     /// (MQTT 5 SUBACK 0x97, 3.1.1 0x80) so that a client cannot grow its state without bound.
     pub max_subscriptions: usize,
@@ -384,6 +388,7 @@ impl Default for MqttSection {
             connect_timeout_secs: 10,
             max_concurrent_setups: 0,
             topic_alias_max: 16,
+            outbound_topic_aliases: 16,
             max_subscriptions: 100,
             max_keep_alive_secs: 1200,
             max_publish_rate: 1000,
@@ -671,6 +676,14 @@ impl Config {
             p.push(problem(
                 "mqtt.topic_alias_max",
                 format!("must be at most {MAX_TOPIC_ALIASES} (each alias holds a topic per session)"),
+            ));
+        }
+        if m.outbound_topic_aliases > MAX_OUTBOUND_TOPIC_ALIASES {
+            p.push(problem(
+                "mqtt.outbound_topic_aliases",
+                format!(
+                    "must be at most {MAX_OUTBOUND_TOPIC_ALIASES} (each alias holds a topic of up to 256 bytes per connection)"
+                ),
             ));
         }
         if m.max_subscriptions == 0 {
@@ -994,13 +1007,27 @@ impl Config {
                 ));
             }
         }
-        for (key, list) in [
-            ("auth.publish_acl", &a.publish_acl),
-            ("auth.subscribe_acl", &a.subscribe_acl),
-        ] {
+        let mut acls = vec![
+            ("auth.publish_acl".to_string(), &a.publish_acl, true),
+            ("auth.subscribe_acl".to_string(), &a.subscribe_acl, false),
+        ];
+        for (i, u) in a.users.iter().enumerate() {
+            if let Some(l) = &u.publish_acl {
+                acls.push((format!("auth.users[{i}].publish_acl"), l, true));
+            }
+            if let Some(l) = &u.subscribe_acl {
+                acls.push((format!("auth.users[{i}].subscribe_acl"), l, false));
+            }
+        }
+        for (key, list, publish) in acls {
             for (i, pat) in list.iter().enumerate() {
                 if let Err(e) = crate::topic::validate_filter(&pat.replace("{client_id}", "x")) {
                     p.push(problem(format!("{key}[{i}]"), format!("{pat:?}: {e}")));
+                } else if publish && crate::topic::is_sys(pat) {
+                    p.push(problem(
+                        format!("{key}[{i}]"),
+                        format!("{pat:?}: no client may publish under $SYS (the server's own tree); remove the entry"),
+                    ));
                 }
             }
         }
@@ -1133,6 +1160,11 @@ impl Config {
 
 /// Largest `mqtt.topic_alias_max`: each alias keeps a topic string per session.
 pub const MAX_TOPIC_ALIASES: u16 = 1024;
+
+/// Largest `mqtt.outbound_topic_aliases`: at most 64 topics of 256 bytes per connection
+/// (16 KiB; a client that subscribes to its own publishes can fill the table), looked up
+/// by a scan on every delivery.
+pub const MAX_OUTBOUND_TOPIC_ALIASES: u16 = 64;
 
 /// librdkafka properties that carry the delivery guarantees (invariants 2 and 3) or
 /// that the gateway sizes itself; `[kafka.properties]` may not override them.
@@ -1306,6 +1338,30 @@ mod tests {
         let e = parse("[auth]\nallow_anonymous = true\n", &[("GATEWAY_MQTT__PORT", "1")])
             .expect_err("unknown env key");
         assert!(e.problems[0].message.contains("GATEWAY_MQTT__PORT"), "{e}");
+    }
+
+    /// ACL entries are checked where the gateway reads them: operators' own lists too,
+    /// and a publish entry under `$SYS` (which no client may publish to) is refused
+    /// rather than silently never matching.
+    #[test]
+    fn acl_entries_are_checked_and_sys_publish_refused() {
+        let e = parse(
+            "[mqtt]\noutbound_topic_aliases = 65\n[auth]\nallow_anonymous = true\npublish_acl = [\"$SYS/#\"]\n\
+             [[auth.users]]\nusername = \"ops\"\npassword_hash = \"x\"\nclient_ids = [\"ops\"]\n\
+             publish_acl = [\"a/#/b\"]\nsubscribe_acl = [\"$SYS/#\"]\n",
+            &[],
+        )
+        .expect_err("invalid");
+        let keys: Vec<_> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        for k in [
+            "mqtt.outbound_topic_aliases",
+            "auth.publish_acl[0]",
+            "auth.users[0].publish_acl[0]",
+        ] {
+            assert!(keys.contains(&k), "{k} missing from {keys:?}");
+        }
+        assert!(!keys.contains(&"auth.users[0].subscribe_acl[0]"), "{keys:?}");
+        assert!(e.to_string().contains("no client may publish under $SYS"), "{e}");
     }
 
     #[test]

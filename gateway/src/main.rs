@@ -322,7 +322,15 @@ fn healthcheck(config: &std::path::Path, timeout_secs: u64) -> ExitCode {
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    // Tokio's LIFO slot runs the task woken last first: two connections whose packets
+    // arrive in one poll of the socket driver were served in reverse order, so a
+    // SUBSCRIBE sent just before another client's PUBLISH routinely missed it (a
+    // conformance suite's request/response test; Mosquitto serves them in order).
+    // First woken, first served. Needs `--cfg tokio_unstable` (.cargo/config.toml).
+    #[cfg(tokio_unstable)]
+    b.disable_lifo_slot();
+    let rt = b.enable_all().build()?;
     rt.block_on(async {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();

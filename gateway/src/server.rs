@@ -199,7 +199,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             admin_stop.clone(),
         ));
     }
-    info!(version = env!("CARGO_PKG_VERSION"), "gateway ready");
+    // Whether this build serves connections first woken, first served (gateway/src/main.rs):
+    // a build with RUSTFLAGS set ignores .cargo/config.toml and keeps tokio's LIFO slot.
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        connections_in_arrival_order = cfg!(tokio_unstable),
+        "gateway ready"
+    );
 
     shutdown.cancelled().await;
     // From here a command dropped with its session is not an outcome: it stays unsettled
@@ -282,6 +288,7 @@ fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHan
     };
     let drain = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     if cfg.commands.many_gateways {
+        shared.commands.expect_copies();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tokio::spawn(bridge::feed::run(
             bootstrap.to_string(),

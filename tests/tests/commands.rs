@@ -1580,3 +1580,66 @@ fn a_long_pause_at_max_pending_does_not_redeliver_settled_commands() {
         out.dump()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 8. Commands an operator publishes over MQTT.
+
+/// An operator's publish to a vehicle's command topic is a command: acknowledged once it
+/// is in the vehicle's session, delivered, reported with `source` = `mqtt` (a vehicle no
+/// gateway holds: `unknown_vehicle`, the publish still acknowledged). It is not telemetry:
+/// with no route naming command topics nothing of it goes to `kafka.default_topic`.
+#[test]
+fn an_operator_publish_is_a_command_with_an_outcome_and_no_telemetry_record() {
+    let env = Env::new("operator");
+    // Where the publishes would go without a route (`kafka.default_topic`).
+    env.kafka.create_topic("vehicles.unrouted", 1);
+    let gw = env.start_gateway("publish_acl = [\"vehicles/{client_id}/#\", \"vehicles/+/commands\"]\n");
+    let mut out = Outcomes::new(&env);
+    let car = "op-car";
+    let (mut v, _) = Vehicle::connect(gw.mqtt(), car, true, false);
+    assert!(v.subscribe("vehicles/op-car/commands", 1));
+    let port = gw.mqtt().port().to_string();
+    let operator = format!("ops-{}", env.name);
+    let publish = |vehicle: &str, payload: &str| {
+        let topic = format!("vehicles/{vehicle}/commands");
+        integration::mosquitto(
+            "mosquitto_pub",
+            &port,
+            &[
+                "-V", "mqttv5", "-i", &operator, "-t", &topic, "-q", "1", "-m", payload,
+            ],
+        )
+    };
+    // mosquitto_pub exits 0 once its QoS 1 PUBLISH is acknowledged.
+    let (code, text) = publish(car, "unlock");
+    assert_eq!(code, 0, "{text}\n{}", gw.log());
+    let c = v.recv(WAIT).expect("the vehicle got the command");
+    assert_eq!((c.payload.as_str(), c.qos), ("unlock", 1));
+    v.ack(&c);
+    let (code, text) = publish("ghost-car", "climate");
+    assert_eq!(code, 0, "acknowledged, not refused: {text}\n{}", gw.log());
+    out.wait("both outcomes", WAIT, |o| {
+        o.iter().any(|r| r.client_id == car && r.outcome == "delivered")
+            && o.iter()
+                .any(|r| r.client_id == "ghost-car" && r.outcome == "unknown_vehicle")
+    });
+    out.poll(Duration::from_millis(500));
+    for (vehicle, outcome) in [(car, "delivered"), ("ghost-car", "unknown_vehicle")] {
+        let all: Vec<_> = out.seen.iter().filter(|r| r.client_id == vehicle).collect();
+        assert_eq!(all.len(), 1, "{vehicle}: one outcome\n{}", out.dump());
+        assert_eq!(
+            (all[0].outcome.as_str(), all[0].source.as_str()),
+            (outcome, "mqtt")
+        );
+        assert!(all[0].command_id.starts_with("mqtt-"), "{:?}", all[0]);
+    }
+    // Nothing of the operator's publishes in the default topic (keyed by the publisher).
+    let unrouted = env
+        .kafka
+        .consume_all("vehicles.unrouted", 1, Duration::from_secs(5));
+    assert!(
+        !unrouted.iter().any(|r| r.key == operator),
+        "{:?}",
+        unrouted.iter().map(|r| &r.key).collect::<Vec<_>>()
+    );
+}

@@ -323,3 +323,47 @@ fn a_persistent_session_restored_after_a_kill_stays_held_there() {
         "{all:?}"
     );
 }
+
+/// The race CI met: the vehicle moved to B before B's consumer reached the commands A
+/// had queued for it. B then delivers those records itself, and A hands the same
+/// commands over as copies (other offsets, the original ids); whichever of the two
+/// reaches B second must not reach the vehicle again.
+#[test]
+fn commands_b_reads_late_reach_the_vehicle_that_moved_there_once() {
+    let kafka = Kafka::start();
+    topics(&kafka);
+    let a = gateway(&kafka, "gw-a", true);
+    let mut b = restartable_gateway(&kafka, "gw-b", false);
+    let mut v = vehicle(&a, "VIN-L1", false);
+    v.send(&[0xE0, 0x00]).unwrap();
+    drop(v);
+    // B is away (a clean stop: it leaves its consumer group) while A queues.
+    assert!(b.terminate(Duration::from_secs(20)), "{}", b.log());
+    let (dir, config) = b.kill9();
+    for n in 1..=3 {
+        produce(&kafka, "VIN-L1", &format!("cmd-{n}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while outcomes(&kafka, "VIN-L1").len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(outcomes(&kafka, "VIN-L1").len(), 3, "{}", a.log());
+    // B is back and the vehicle lands on it at once, before B's consumer has joined
+    // its group and read the three records.
+    let b = Gateway::start_in(dir, config);
+    let mut v = vehicle(&b, "VIN-L1", false);
+    let got = receive(&mut v, Duration::from_secs(12));
+    assert_eq!(got, vec!["cmd-1", "cmd-2", "cmd-3"], "{}\n{}", a.log(), b.log());
+    // One final outcome per command, whichever copy B took.
+    let all = outcomes(&kafka, "VIN-L1");
+    let ids: std::collections::BTreeSet<_> = all.iter().map(|(i, _, _)| i.clone()).collect();
+    assert_eq!(ids.len(), 3, "{all:?}");
+    for id in &ids {
+        let finals: Vec<_> = all.iter().filter(|(i, o, _)| i == id && o != "queued").collect();
+        assert_eq!(finals.len(), 1, "{id}: {all:?}\n{}", b.log());
+        assert_eq!(
+            (finals[0].1.as_str(), finals[0].2.as_str()),
+            ("delivered", "gw-b")
+        );
+    }
+}

@@ -19,6 +19,9 @@ use super::{CommandRecord, CommandRequest, Source};
 use crate::message::now_ms;
 use crate::state::Shared;
 
+/// The header a gateway puts on the commands it hands over (see `region`).
+pub const HANDED_OVER_FROM: &str = "gateway.handed_over_from";
+
 /// Issues every consumed command, in the order the consumer hands them over.
 pub async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Consumed>) {
     let cfg = &shared.cfg.commands;
@@ -45,51 +48,40 @@ pub async fn forget_committed(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiv
 
 fn issue(shared: &Arc<Shared>, c: Consumed) {
     let commands = &shared.commands;
-    // Done before (its marker is in the store: a crash came before its offset commit),
-    // or its final outcome is reported and settling (the consumer was rebuilt and read
-    // it again): not again, whatever the session or the record now says.
     let source = Source::Kafka {
         topic: c.topic.clone(),
         partition: c.partition,
         offset: c.offset,
     };
     let id = format!("kafka:{}:{}:{}", c.topic, c.partition, c.offset);
-    let again = commands.restore(CommandRecord {
-        id: id.clone(),
-        client_id: String::new(),
-        correlation_id: None,
-        source: source.clone(),
-        issued_at_ms: now_ms(),
-        qos: 0,
-    });
-    if again.settle_if_finished(|(t, p, o)| shared.store.command_done(t, *p, *o)) {
-        commands.metrics.received.inc("kafka_already_done");
-        return;
-    }
-    again.forget();
     match decode(&c) {
+        // `issue` first settles, without a word, a command taken here already.
         Ok((req, handed_over_id)) => {
             commands.issue(shared, handed_over_id.unwrap_or(id), source, req, None);
         }
         Err(reason) => {
-            commands.metrics.received.inc("kafka");
-            tracing::warn!(topic = %c.topic, partition = c.partition, offset = c.offset, reason, "command record refused");
             let client_id = c
                 .key
                 .as_deref()
                 .map(|k| String::from_utf8_lossy(k).into_owned())
                 .unwrap_or_default();
-            commands.refuse(
-                CommandRecord {
-                    id,
-                    client_id,
-                    correlation_id: None,
-                    source,
-                    issued_at_ms: now_ms(),
-                    qos: 0,
-                },
-                reason,
-            );
+            let ticket = commands.restore(CommandRecord {
+                id,
+                client_id,
+                correlation_id: None,
+                source,
+                issued_at_ms: now_ms(),
+                qos: 0,
+            });
+            // Refused before (its marker is in the store: a crash came before its offset
+            // commit), or its `rejected` is settling (the consumer was rebuilt and read
+            // it again): not a second outcome.
+            if commands.taken_already(shared, &ticket) {
+                return;
+            }
+            commands.metrics.received.inc("kafka");
+            tracing::warn!(topic = %c.topic, partition = c.partition, offset = c.offset, reason, "command record refused");
+            ticket.finish(super::outcome::Outcome::Rejected, Some(reason));
         }
     }
 }
@@ -111,6 +103,7 @@ pub fn decode(c: &Consumed) -> Result<(CommandRequest, Option<String>), &'static
         ..CommandRequest::default()
     };
     let mut id = None;
+    let handed_over = c.headers.iter().any(|(k, _)| k == HANDED_OVER_FROM);
     for (k, v) in &c.headers {
         let text = || std::str::from_utf8(v).map(str::to_string);
         match k.as_str() {
@@ -131,8 +124,11 @@ pub fn decode(c: &Consumed) -> Result<(CommandRequest, Option<String>), &'static
                 req.response_topic = Some(t);
             }
             "content_type" => req.content_type = Some(text().map_err(|_| "bad_content_type_header")?),
-            "command_id" => id = Some(text().map_err(|_| "bad_command_id_header")?),
-            "issued_at_ms" => {
+            // A copy another gateway handed over: it keeps its id and issue time. From
+            // anyone else these are user properties like any header (a producer must
+            // not take another command's identity).
+            "command_id" if handed_over => id = Some(text().map_err(|_| "bad_command_id_header")?),
+            "issued_at_ms" if handed_over => {
                 // A time from the future (beyond a day of clock skew) is not an issue time.
                 let t = text().ok().and_then(|t| t.trim().parse::<u64>().ok());
                 let plausible = t.filter(|t| *t <= now_ms().saturating_add(86_400_000));
@@ -207,6 +203,19 @@ mod tests {
         assert_eq!(id.as_deref(), Some("kafka:vehicles.commands:0:3"));
         assert_eq!(r.issued_at_ms, Some(1_600_000_000_000));
         assert!(r.user_properties.is_empty(), "{:?}", r.user_properties);
+        // From a producer (no hand-over header) they are user properties: a record
+        // cannot take another command's identity.
+        let (r, id) = decode(&rec(
+            Some(b"VIN1"),
+            &[
+                ("command_id", b"kafka:vehicles.commands:0:3"),
+                ("issued_at_ms", b"1600000000000"),
+            ],
+        ))
+        .expect("a command");
+        assert_eq!(id, None);
+        assert_eq!(r.issued_at_ms, Some(1_700_000_000_000), "the record's timestamp");
+        assert_eq!(r.user_properties.len(), 2, "{:?}", r.user_properties);
     }
 
     #[test]
@@ -230,7 +239,14 @@ mod tests {
             Some("bad_response_topic_header")
         );
         assert_eq!(
-            decode(&rec(Some(b"v"), &[("issued_at_ms", b"18446744073709551615")])).err(),
+            decode(&rec(
+                Some(b"v"),
+                &[
+                    ("issued_at_ms", b"18446744073709551615"),
+                    (HANDED_OVER_FROM, b"gw-a")
+                ]
+            ))
+            .err(),
             Some("bad_issued_at_ms_header")
         );
     }

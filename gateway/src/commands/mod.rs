@@ -181,6 +181,13 @@ impl Commands {
         self.reports.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
+    /// This gateway is one of a region's: a Kafka command may reach it twice (its
+    /// record and a copy handed over by the vehicle's previous gateway); the second
+    /// settles without a word.
+    pub fn expect_copies(&self) {
+        self.sink.remember_recent();
+    }
+
     /// Shutdown began: Kafka commands dropped from now on stay unsettled (Kafka
     /// re-delivers them after the restart).
     pub fn close(&self) {
@@ -201,13 +208,6 @@ impl Commands {
     pub fn new_id(&self, source: &str) -> String {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{source}-{}-{n}", self.started_ms)
-    }
-
-    /// A ticket for a command that is refused before it is routed (malformed).
-    pub fn refuse(&self, record: CommandRecord, reason: &'static str) -> Arc<Ticket> {
-        let t = Ticket::new(record, None, self.sink.clone());
-        t.finish(Outcome::Rejected, Some(reason));
-        t
     }
 
     /// Issues a command: routes it to the vehicle's session (and any other subscriber of
@@ -235,6 +235,11 @@ impl Commands {
             qos: qos.min(2),
         };
         let ticket = Ticket::new(record, waiter, self.sink.clone());
+        // Before anything that could end it: a second copy ends without a word, even
+        // one that would now be refused or expired.
+        if self.taken_already(shared, &ticket) {
+            return Issued { ticket, route: None };
+        }
         if qos > 2 {
             ticket.finish(Outcome::Rejected, Some("invalid_qos"));
             return Issued { ticket, route: None };
@@ -309,7 +314,7 @@ impl Commands {
         publisher: Option<&SessionKey>,
     ) -> (Routed, Option<CommandRoute>) {
         let client_id = &ticket.info.record.client_id;
-        let Some(cell) = shared.registry.get(client_id) else {
+        if shared.registry.get(client_id).is_none() {
             // Still routed: diagnostic subscribers of the topic get it.
             let routed = shared.router.route(
                 msg,
@@ -321,25 +326,6 @@ impl Commands {
             );
             self.not_held(shared, ticket);
             return (routed, None);
-        };
-        // Read again (a restart, or the consumer rejoining its group) while the session
-        // still holds it: the held copy reports the outcome. In the store (a persistent
-        // session, or reported `queued`) the command is durably queued, so the re-read
-        // settles once the store is flushed; held in memory only, the held copy settles
-        // the offset itself when it ends.
-        if let Some((held, persistent)) = cell.held_command(ticket.id()) {
-            if persistent || held.is_queued() {
-                ticket.settle_after_flush(shared.store.generation());
-            } else {
-                ticket.forget();
-            }
-            return (Routed::default(), None);
-        }
-        // Not held, but its final outcome is reported already (the vehicle acknowledged
-        // it a moment ago; its "done" marker may not be written yet): not again.
-        if ticket.settle_if_finished(|(t, p, o)| shared.store.command_done(t, *p, *o)) {
-            self.metrics.received.inc("kafka_already_done");
-            return (Routed::default(), None);
         }
         let (routed, route) = shared.router.route_command(msg, publisher, ticket, shared);
         match route {
@@ -350,6 +336,41 @@ impl Commands {
             CommandRoute::Dropped(reason) => ticket.finish(Outcome::Dropped, Some(reason)),
         }
         (routed, Some(route))
+    }
+
+    /// Whether this Kafka command was taken here already, under the same id: the
+    /// record read again (a restart, the consumer rejoining its group), or in a region
+    /// the other copy of a command handed over by the vehicle's previous gateway. Then
+    /// it is settled without a word (after the copy that counts) and true is returned.
+    fn taken_already(&self, shared: &Shared, ticket: &Ticket) -> bool {
+        if !matches!(ticket.info.record.source, Source::Kafka { .. }) {
+            return false;
+        }
+        // The session still holds it: the held copy reports the outcome. In the store
+        // (a persistent session, or reported `queued`) the command is durably queued, so
+        // this one settles once the store is flushed. Held in memory only: the same
+        // record read again is settled by the held copy when it ends; another record
+        // (a copy at another offset) settles at once, its offset is nobody else's.
+        if let Some(cell) = shared.registry.get(&ticket.info.record.client_id) {
+            if let Some((held, persistent)) = cell.held_command(ticket.id()) {
+                if persistent || held.is_queued() {
+                    ticket.settle_after_flush(shared.store.generation());
+                } else if held.info.record.source != ticket.info.record.source {
+                    ticket.settle_silently();
+                } else {
+                    ticket.forget();
+                }
+                return true;
+            }
+        }
+        // Not held, but its final outcome is reported already (the vehicle acknowledged
+        // it a moment ago; its "done" marker may not be written yet), or in a region the
+        // other copy ended here lately: not again.
+        if ticket.settle_if_finished(|(t, p, o)| shared.store.command_done(t, *p, *o)) {
+            self.metrics.received.inc("kafka_already_done");
+            return true;
+        }
+        false
     }
 
     /// This gateway holds no session for the command's vehicle. A Kafka command (every

@@ -12,7 +12,7 @@
 //!   bound how many tickets exist (`commands.max_pending` for Kafka; REST and MQTT
 //!   commands are bounded by the session queues they sit in).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::ticket::{Progress, Source, TicketInfo};
+use super::ticket::{CommandRecord, Progress, Source, TicketInfo};
 use crate::message::now_ms;
 use crate::state::Shared;
 
@@ -121,6 +121,87 @@ pub struct Sink {
     /// report happen under this lock, and so do a re-read's check and its own report, so
     /// the re-read settles after the original.
     finishing: Mutex<HashSet<KafkaKey>>,
+    /// In a region (`commands.many_gateways`, see [`Sink::remember_recent`]): Kafka
+    /// commands that reached a final outcome here lately, by identity. One command can
+    /// reach a gateway twice there: as its original record (read late, after the
+    /// vehicle had moved here) and as the copy its previous gateway handed over (see
+    /// `region`), at another offset but under the original's id. Whichever comes
+    /// second settles without a word. Bounded: see [`RECENT_MAX`], [`RECENT_FOR_MS`].
+    recent: Mutex<Recent>,
+    remember: AtomicBool,
+    /// The memory's clock: monotonic, so that a wall-clock step neither keeps entries
+    /// nor drops them early.
+    origin: std::time::Instant,
+}
+
+/// Whether a final outcome ended the command for the vehicle, so that another copy of
+/// it must not reach the vehicle: it has it (`delivered`), or any copy would end the
+/// same (`expired`; refused by the vehicle or too large for it). Not so for outcomes
+/// about where the vehicle was then (`unknown_vehicle`, `not_subscribed`, `dropped`
+/// with its session): a copy that comes once the vehicle is here is delivered, and
+/// its `delivered` is the later, authoritative record.
+fn settled_by_vehicle(r: &Report) -> bool {
+    match r.outcome {
+        Some(Outcome::Delivered | Outcome::Expired) => true,
+        Some(Outcome::Rejected) => matches!(r.reason, Some("refused_by_vehicle" | "too_large_for_client")),
+        _ => false,
+    }
+}
+
+/// How many command identities [`Sink`] keeps for recognising a second copy.
+pub const RECENT_MAX: usize = 65_536;
+/// How long [`Sink`] keeps a command identity: a copy handed over comes within
+/// seconds of the vehicle's move, an original read late within the consumer's lag.
+pub const RECENT_FOR_MS: u64 = 10 * 60 * 1000;
+
+/// Command identities with when they were first finished; `order` oldest first.
+#[derive(Debug, Default)]
+struct Recent {
+    at: HashMap<KafkaKey, u64>,
+    order: VecDeque<KafkaKey>,
+}
+
+impl Recent {
+    fn insert(&mut self, key: KafkaKey, now: u64) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.at.entry(key) {
+            self.order.push_back(e.key().clone());
+            e.insert(now);
+        }
+        while self.order.len() > RECENT_MAX
+            || self
+                .order
+                .front()
+                .and_then(|k| self.at.get(k))
+                .is_some_and(|t| now.saturating_sub(*t) >= RECENT_FOR_MS)
+        {
+            if let Some(k) = self.order.pop_front() {
+                self.at.remove(&k);
+            }
+        }
+    }
+
+    fn contains(&self, key: &KafkaKey, now: u64) -> bool {
+        self.at
+            .get(key)
+            .is_some_and(|t| now.saturating_sub(*t) < RECENT_FOR_MS)
+    }
+}
+
+/// Which command a Kafka command is, whatever record carried it: the coordinates in
+/// its id when another gateway handed it over (`kafka:<topic>:<partition>:<offset>` of
+/// the original), else its own record's. `None` for REST and MQTT commands.
+pub fn identity(record: &CommandRecord) -> Option<KafkaKey> {
+    let own = kafka_key(&record.source)?;
+    let parsed = record.id.strip_prefix("kafka:").and_then(|rest| {
+        let mut it = rest.rsplitn(3, ':');
+        let offset = it.next()?.parse().ok()?;
+        let partition = it.next()?.parse().ok()?;
+        let topic = it.next()?;
+        // Exactly as a gateway writes it (no `+7`, no `007`).
+        (format!("kafka:{topic}:{partition}:{offset}") == record.id)
+            .then(|| (topic.to_string(), partition, offset))
+    });
+    Some(parsed.unwrap_or(own))
 }
 
 impl Sink {
@@ -131,6 +212,9 @@ impl Sink {
                 tx,
                 closed: AtomicBool::new(false),
                 finishing: Mutex::new(HashSet::new()),
+                recent: Mutex::default(),
+                remember: AtomicBool::new(false),
+                origin: std::time::Instant::now(),
             }),
             rx,
         )
@@ -144,6 +228,12 @@ impl Sink {
         match key {
             Some(k) => {
                 let mut finishing = self.finishing();
+                if self.remember.load(Ordering::Relaxed) && settled_by_vehicle(&r) {
+                    if let Some(id) = identity(&r.info.record) {
+                        let now = self.clock();
+                        self.recent().insert(id, now);
+                    }
+                }
                 finishing.insert(k);
                 self.send(r);
             }
@@ -151,12 +241,29 @@ impl Sink {
         }
     }
 
+    /// Keeps the identities of finished Kafka commands from now on (a region: a
+    /// command may come twice, see [`Sink::recent`]).
+    pub fn remember_recent(&self) {
+        self.remember.store(true, Ordering::Relaxed);
+    }
+
     /// Reports `r` (a re-read settling without a word) when the Kafka command at `key`
-    /// already has a final outcome: reported and still settling, or (`done`) marked in
-    /// the store. False, and nothing sent, otherwise.
+    /// already has a final outcome: reported and still settling, (`done`) marked in the
+    /// store, or, in a region, finished lately under its identity (another copy of it,
+    /// see [`identity`]). False, and nothing sent, otherwise.
     pub(super) fn report_if_finished(&self, key: &KafkaKey, done: impl FnOnce() -> bool, r: Report) -> bool {
         let finishing = self.finishing();
-        if !finishing.contains(key) && !done() {
+        // Only in a region: a single gateway neither keeps nor asks the memory.
+        let copy = || {
+            if !self.remember.load(Ordering::Relaxed) {
+                return false;
+            }
+            let id = identity(&r.info.record);
+            let now = self.clock();
+            let recent = self.recent();
+            recent.contains(key, now) || id.is_some_and(|id| recent.contains(&id, now))
+        };
+        if !finishing.contains(key) && !copy() && !done() {
             return false;
         }
         self.send(r);
@@ -185,6 +292,16 @@ impl Sink {
 
     fn finishing(&self) -> std::sync::MutexGuard<'_, HashSet<KafkaKey>> {
         self.finishing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Milliseconds on the memory's monotonic clock.
+    fn clock(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Taken only under [`Sink::finishing`]'s lock, or alone.
+    fn recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn send(&self, r: Report) {
@@ -228,19 +345,34 @@ pub async fn run(
     let mut durable = shared.journal.durable();
     let mut flushed = shared.store.flushed();
     let mut waiting: VecDeque<(u64, Report)> = VecDeque::new();
+    let mut unflushed = Unflushed::default();
+    let mut tick = tokio::time::interval(MARKER_FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let gateway_id = shared.gateway_id.clone();
     loop {
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            // Markers are written without waking the store's flusher: one flush per tick
+            // covers them all (or any other write's flush does, sooner).
+            _ = tick.tick(), if !unflushed.is_empty() => {
+                if unflushed.newest().is_some_and(|g| shared.store.flushed_gen() < g) {
+                    shared.store.request_flush();
+                }
+            }
+            // A flush covered markers: settle their offsets now, not at the next tick.
+            changed = flushed.changed(), if !unflushed.is_empty() => if changed.is_err() { break },
             r = rx.recv() => {
                 let Some(r) = r else { break };
                 if let Some(gen) = r.store_gen {
-                    // A `queued` outcome waits for its queue entry to be flushed.
-                    let ok = flushed.wait_for(|g| *g >= gen);
+                    // A `queued` outcome waits for its queue entry to be flushed. (The
+                    // generation may be a marker's, written without waking the flusher.)
+                    if shared.store.flushed_gen() < gen {
+                        shared.store.request_flush();
+                    }
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        res = ok => if res.is_err() { break },
+                        res = shared.store.wait_flushed(gen) => if res.is_err() { break },
                     }
                 }
                 match journal(&shared, &gateway_id, &r, &stop).await {
@@ -259,14 +391,15 @@ pub async fn run(
             changed = durable.changed() => if changed.is_err() { break },
         }
         let d = *durable.borrow_and_update();
-        release(&shared, &mut waiting, d, settle.as_ref(), &mut flushed).await;
+        release(&shared, &mut waiting, d, &mut unflushed);
+        unflushed.settle(shared.store.flushed_gen(), settle.as_ref());
     }
     // Shutdown: what was reported before it is journaled and settled if it becomes
     // durable within the drain time; anything later is re-delivered after the restart.
     let _ = tokio::time::timeout(drain, async {
         let never = CancellationToken::new();
         while let Ok(r) = rx.try_recv() {
-            if r.store_gen.is_some_and(|g| *flushed.borrow() < g) {
+            if r.store_gen.is_some_and(|g| shared.store.flushed_gen() < g) {
                 continue;
             }
             if let Some(seq) = journal(&shared, &gateway_id, &r, &never).await {
@@ -275,13 +408,54 @@ pub async fn run(
         }
         while !waiting.is_empty() {
             let d = *durable.borrow_and_update();
-            release(&shared, &mut waiting, d, settle.as_ref(), &mut flushed).await;
+            release(&shared, &mut waiting, d, &mut unflushed);
             if waiting.is_empty() || durable.changed().await.is_err() {
                 break;
             }
         }
+        if let Some(need) = unflushed.newest() {
+            shared.store.request_flush();
+            // Fails at once on a failed or closed store: those offsets stay unsettled.
+            let _ = shared.store.wait_flushed(need).await;
+        }
+        unflushed.settle(shared.store.flushed_gen(), settle.as_ref());
     })
     .await;
+}
+
+/// How often, at most, the outcome task asks for a store flush covering the "done"
+/// markers it wrote. The consumer commits every 200 ms; a marker only has to be flushed
+/// before the commit that passes its offset, so up to one tick more before an offset is
+/// settled costs nothing, and a flush per settled batch (hundreds a second at 10,000
+/// commands/s, each an `fsync` of its own) is avoided.
+pub const MARKER_FLUSH_EVERY: Duration = Duration::from_millis(50);
+
+/// Kafka commands whose outcome is durable, waiting for the store flush that covers
+/// their "done" marker (generation) before their offset may be committed.
+#[derive(Debug, Default)]
+struct Unflushed {
+    items: VecDeque<(u64, Settled)>,
+}
+
+impl Unflushed {
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The newest generation waited for.
+    fn newest(&self) -> Option<u64> {
+        self.items.iter().map(|(g, _)| *g).max()
+    }
+
+    /// Settles every command whose marker `flushed` covers. (Generations grow with
+    /// each batch, so the queue is in generation order.)
+    fn settle(&mut self, flushed: u64, settle: Option<&mpsc::UnboundedSender<Settled>>) {
+        while self.items.front().is_some_and(|(g, _)| *g <= flushed) {
+            if let (Some((_, s)), Some(tx)) = (self.items.pop_front(), settle) {
+                let _ = tx.send(s);
+            }
+        }
+    }
 }
 
 /// Appends the outcome record; the journal sequence to wait for (0: nothing appended,
@@ -366,22 +540,20 @@ async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &Cancellat
     }
 }
 
-/// Settles, in report order, every command whose outcome record is durable. A Kafka
-/// command's final outcome first leaves a flushed "done" marker in the store, so that a
-/// crash before its offset is committed does not deliver it again.
-async fn release(
-    shared: &Shared,
-    waiting: &mut VecDeque<(u64, Report)>,
-    durable: u64,
-    settle: Option<&mpsc::UnboundedSender<Settled>>,
-    flushed: &mut tokio::sync::watch::Receiver<u64>,
-) {
+/// Takes, in report order, every report whose outcome record is durable. A Kafka
+/// command's final outcome first leaves a "done" marker in the store, so that a crash
+/// before its offset is committed does not deliver it again: its offset is settled (in
+/// `unflushed`) once a flush covers the marker. A REST caller waiting is told at once.
+fn release(shared: &Shared, waiting: &mut VecDeque<(u64, Report)>, durable: u64, unflushed: &mut Unflushed) {
     let mut ready = Vec::new();
     while waiting.front().is_some_and(|(seq, _)| *seq <= durable) {
         let Some((_, r)) = waiting.pop_front() else {
             break;
         };
         ready.push(r);
+    }
+    if ready.is_empty() {
+        return;
     }
     // Every final outcome (also after `queued`: the offset may still be behind it) of a
     // Kafka command, one marker write per partition for the whole batch.
@@ -423,21 +595,16 @@ async fn release(
             }
         }
     }
-    if gen > 0 {
-        let _ = flushed.wait_for(|g| *g >= gen).await;
-    }
     for r in ready {
-        if let (
-            Some(tx),
-            Source::Kafka {
-                partition, offset, ..
-            },
-        ) = (settle, &r.info.record.source)
+        if let Source::Kafka {
+            partition, offset, ..
+        } = &r.info.record.source
         {
-            let _ = tx.send(Settled {
+            let s = Settled {
                 partition: *partition,
                 offset: *offset,
-            });
+            };
+            unflushed.items.push_back((gen, s));
         }
         if let (Some(w), Some(outcome)) = (&r.info.waiter, r.outcome) {
             w.send_replace(Some(Progress {
@@ -445,5 +612,92 @@ async fn release(
                 reason: r.reason,
             }));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kafka(id: &str, topic: &str, partition: i32, offset: i64) -> CommandRecord {
+        CommandRecord {
+            id: id.into(),
+            client_id: "VIN1".into(),
+            correlation_id: None,
+            source: Source::Kafka {
+                topic: topic.into(),
+                partition,
+                offset,
+            },
+            issued_at_ms: 1,
+            qos: 1,
+        }
+    }
+
+    #[test]
+    fn a_command_is_known_by_its_original_coordinates() {
+        let key = |t: &str, p, o| Some((t.to_string(), p, o));
+        // Its own record.
+        assert_eq!(
+            identity(&kafka("kafka:region.cmds:3:17", "region.cmds", 3, 17)),
+            key("region.cmds", 3, 17)
+        );
+        // A copy handed over: the id names the original.
+        assert_eq!(
+            identity(&kafka("kafka:region.cmds:0:5", "region.cmds", 1, 90)),
+            key("region.cmds", 0, 5)
+        );
+        // An id that is not a Kafka one: its record's coordinates.
+        assert_eq!(identity(&kafka("weird", "t", 2, 4)), key("t", 2, 4));
+        assert_eq!(identity(&kafka("kafka:t:x:4", "t", 2, 4)), key("t", 2, 4));
+        assert_eq!(identity(&kafka("kafka:t:+0:04", "t", 2, 4)), key("t", 2, 4));
+        let rest = CommandRecord {
+            source: Source::Rest,
+            ..kafka("rest-1-1", "t", 0, 0)
+        };
+        assert_eq!(identity(&rest), None);
+    }
+
+    #[test]
+    fn an_offset_is_settled_only_once_a_flush_covers_its_marker() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut u = Unflushed::default();
+        let s = |offset| Settled { partition: 0, offset };
+        // Batches in order: markers at generations 3 and 5; a batch without markers
+        // (gen 0) waits behind them, settled with the next flush.
+        u.items.extend([(3, s(1)), (3, s(2)), (5, s(3)), (0, s(4))]);
+        assert_eq!(u.newest(), Some(5));
+        u.settle(2, Some(&tx));
+        assert!(rx.try_recv().is_err(), "nothing flushed yet");
+        u.settle(4, Some(&tx));
+        let got: Vec<i64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|s| s.offset)
+            .collect();
+        assert_eq!(got, vec![1, 2]);
+        u.settle(5, Some(&tx));
+        let got: Vec<i64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|s| s.offset)
+            .collect();
+        assert_eq!(got, vec![3, 4]);
+        assert!(u.is_empty());
+    }
+
+    #[test]
+    fn the_memory_of_finished_commands_is_bounded_in_count_and_age() {
+        let mut r = Recent::default();
+        let k = |o: i64| ("t".to_string(), 0, o);
+        for o in 0..(RECENT_MAX as i64 + 10) {
+            r.insert(k(o), 1_000);
+        }
+        assert_eq!((r.at.len(), r.order.len()), (RECENT_MAX, RECENT_MAX));
+        assert!(!r.contains(&k(9), 1_000), "the oldest went first");
+        assert!(r.contains(&k(10), 1_000));
+        // Too old to be asked about, and gone at the next insert.
+        assert!(!r.contains(&k(10), 1_000 + RECENT_FOR_MS));
+        r.insert(k(-1), 1_000 + RECENT_FOR_MS);
+        assert_eq!(r.at.len(), 1);
+        // The same identity twice is kept once.
+        r.insert(k(-1), 2_000 + RECENT_FOR_MS);
+        assert_eq!(r.order.len(), 1);
     }
 }

@@ -14,7 +14,11 @@
 //!   it holds are journaled back to the command topic (`EntryKind::Command`, same key,
 //!   original command id and issue time), where the gateway that now holds the vehicle
 //!   picks them up; once those records are durable the old session is discarded. Other
-//!   messages queued in it are not handed over (they were local deliveries).
+//!   messages queued in it are not handed over (they were local deliveries). The
+//!   gateway now holding the vehicle may also read the original records (its consumer
+//!   was behind when the vehicle arrived): it delivers whichever copy comes first, and
+//!   the command's identity, remembered for a while once it ended (the sink's memory in
+//!   `outcome`), settles the other without a word.
 //!
 //! The reporter's map, event by event (events of other gateways; this gateway's own
 //! `connected` only removes the vehicle from the map, since it holds the vehicle now):
@@ -399,7 +403,10 @@ async fn journal(shared: &Shared, item: &OutItem) -> Option<u64> {
     let mut props: Vec<(String, String)> = vec![
         ("command_id".into(), c.id.clone()),
         ("issued_at_ms".into(), c.issued_at_ms.to_string()),
-        ("gateway.handed_over_from".into(), shared.gateway_id.to_string()),
+        (
+            super::kafka::HANDED_OVER_FROM.into(),
+            shared.gateway_id.to_string(),
+        ),
     ];
     if let Some(v) = &c.correlation_id {
         props.push(("correlation_id".into(), v.clone()));

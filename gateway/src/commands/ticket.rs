@@ -155,8 +155,9 @@ impl Ticket {
     }
 
     /// A Kafka command read again that already reached a final outcome (reported and
-    /// settling, or `done` says its marker is in the store): settles without a word,
-    /// after the original. False (nothing done) otherwise, or for another source.
+    /// settling, `done` says its marker is in the store, or in a region another copy of
+    /// it finished lately): settles without a word, after the original. False (nothing
+    /// done) otherwise, or for another source.
     pub fn settle_if_finished(&self, done: impl FnOnce(&KafkaKey) -> bool) -> bool {
         let Some(key) = kafka_key(&self.info.record.source) else {
             return false;
@@ -323,6 +324,106 @@ mod tests {
         assert!(marked.settle_if_finished(|k| k.2 == 7));
         // The original's outcome, then the re-reads' silent settlements, in that order.
         assert_eq!(outcomes(&mut rx), vec![Some(Outcome::Delivered), None, None]);
+    }
+
+    #[test]
+    fn in_a_region_a_second_copy_of_a_finished_command_settles_without_a_word_either_way() {
+        let (sink, mut rx) = Sink::new();
+        sink.remember_recent();
+        let kafka = |id: &str, partition: i32, offset: i64| CommandRecord {
+            id: id.into(),
+            source: Source::Kafka {
+                topic: "cmds".into(),
+                partition,
+                offset,
+            },
+            ..record()
+        };
+        let settled_elsewhere = |r: &CommandRecord| {
+            // Its marker written and the offset committed past: only the memory of
+            // recent identities can still tell.
+            sink.finished(&r.source);
+            if let Source::Kafka {
+                partition, offset, ..
+            } = r.source
+            {
+                sink.forget_below("cmds", partition, offset + 1);
+            }
+        };
+        // The original delivered here (read after the vehicle moved here), then the
+        // copy its previous gateway handed over: another partition and offset, same id.
+        let original = kafka("kafka:cmds:0:7", 0, 7);
+        Ticket::new(original.clone(), None, sink.clone()).finish(Outcome::Delivered, None);
+        settled_elsewhere(&original);
+        let copy = Ticket::new(kafka("kafka:cmds:0:7", 1, 40), None, sink.clone());
+        assert!(copy.settle_if_finished(|_| false), "the copy is the second");
+        // The other way round: the copy delivered first, the original read late.
+        let copy = kafka("kafka:cmds:0:9", 1, 41);
+        Ticket::new(copy.clone(), None, sink.clone()).finish(Outcome::Delivered, None);
+        settled_elsewhere(&copy);
+        let late = Ticket::new(kafka("kafka:cmds:0:9", 0, 9), None, sink.clone());
+        assert!(late.settle_if_finished(|_| false), "the original is the second");
+        // A command this gateway only let pass (not held here) is no reason to drop
+        // the copy that reaches it once the vehicle is here.
+        let passed = Ticket::new(kafka("kafka:cmds:0:11", 0, 11), None, sink.clone());
+        passed.settle_silently();
+        let copy = Ticket::new(kafka("kafka:cmds:0:11", 1, 42), None, sink.clone());
+        assert!(!copy.settle_if_finished(|_| false), "delivered, not dropped");
+        copy.forget();
+        // Nor is an outcome about where the vehicle was: the original read here before
+        // the vehicle subscribed again, or while nobody seemed to hold it.
+        for (n, outcome, reason) in [
+            (13, Outcome::Rejected, Some("not_subscribed")),
+            (15, Outcome::UnknownVehicle, None),
+            (17, Outcome::Dropped, Some("session_ended")),
+        ] {
+            let id = format!("kafka:cmds:0:{n}");
+            Ticket::new(kafka(&id, 0, n), None, sink.clone()).finish(outcome, reason);
+            settled_elsewhere(&kafka(&id, 0, n));
+            let copy = Ticket::new(kafka(&id, 1, 40 + n), None, sink.clone());
+            assert!(!copy.settle_if_finished(|_| false), "{outcome:?} {reason:?}");
+            copy.forget();
+        }
+        // But the vehicle refusing it, or it expiring, ends every copy.
+        let id = "kafka:cmds:0:19";
+        Ticket::new(kafka(id, 0, 19), None, sink.clone())
+            .finish(Outcome::Rejected, Some("refused_by_vehicle"));
+        let copy = Ticket::new(kafka(id, 1, 59), None, sink.clone());
+        assert!(copy.settle_if_finished(|_| false));
+        assert_eq!(
+            outcomes(&mut rx),
+            vec![
+                Some(Outcome::Delivered),
+                None,
+                Some(Outcome::Delivered),
+                None,
+                None,
+                Some(Outcome::Rejected),
+                Some(Outcome::UnknownVehicle),
+                Some(Outcome::Dropped),
+                Some(Outcome::Rejected),
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn a_single_gateway_keeps_no_memory_of_finished_commands() {
+        let (sink, _rx) = Sink::new();
+        let original = CommandRecord {
+            id: "kafka:cmds:0:7".into(),
+            source: Source::Kafka {
+                topic: "cmds".into(),
+                partition: 0,
+                offset: 7,
+            },
+            ..record()
+        };
+        Ticket::new(original.clone(), None, sink.clone()).finish(Outcome::Delivered, None);
+        sink.finished(&original.source);
+        let again = Ticket::new(original, None, sink);
+        assert!(!again.settle_if_finished(|_| false), "the store's markers answer");
+        again.forget();
     }
 
     #[test]

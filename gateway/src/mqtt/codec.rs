@@ -187,6 +187,9 @@ pub struct OutPublish<'a> {
     pub message_expiry_secs: Option<u32>,
     /// The Subscription Identifiers of the subscriptions this message matched (5.0).
     pub subscription_ids: &'a [u32],
+    /// A Topic Alias (5.0): with a topic, it sets the alias; with an empty topic, the
+    /// alias stands for it. `None` in 3.1.1.
+    pub topic_alias: Option<u16>,
 }
 
 /// Bytes a variable byte integer takes (values up to 268,435,455).
@@ -231,6 +234,9 @@ fn publish_props_len(p: &OutPublish) -> Option<usize> {
     if p.message_expiry_secs.is_some() {
         n += 5;
     }
+    if p.topic_alias.is_some() {
+        n += 3;
+    }
     if let Some(t) = &m.content_type {
         n += s(t.as_bytes())?;
     }
@@ -261,6 +267,9 @@ pub struct Codec {
     pub max_in: u32,
     /// Largest packet the client accepts from us (MQTT 5 Maximum Packet Size).
     pub max_out: u32,
+    /// Topic aliases we may use towards the client: its CONNECT's Topic Alias Maximum,
+    /// capped by `mqtt.outbound_topic_aliases` (0 in 3.1.1). Fits the struct's padding.
+    pub alias_out: u16,
 }
 
 fn qos_u8(q: rumqttc::mqttbytes::QoS) -> u8 {
@@ -421,6 +430,7 @@ impl Codec {
             version,
             max_in: u32::try_from(max_in).unwrap_or(u32::MAX),
             max_out: 268_435_460,
+            alias_out: 0,
         }
     }
 
@@ -474,6 +484,7 @@ impl Codec {
                 }),
                 receive_maximum: None,
                 max_packet_size: None,
+                topic_alias_max: None,
                 auth_method: None,
                 session_expiry_secs: None,
             })),
@@ -581,6 +592,7 @@ impl Codec {
                     },
                     receive_maximum: props.receive_maximum,
                     max_packet_size: props.max_packet_size,
+                    topic_alias_max: props.topic_alias_max,
                     auth_method: props.authentication_method,
                     session_expiry_secs: props.session_expiry_interval,
                 }))
@@ -915,6 +927,12 @@ impl Codec {
         if p.qos > 2 || (p.qos > 0 && p.pkid == 0) || p.topic.len() > usize::from(u16::MAX) {
             return false;
         }
+        // An empty topic needs an alias to stand for it, and 3.1.1 has none (§3.3.2.1).
+        if (p.topic.is_empty() || p.topic_alias.is_some())
+            && (self.version == Version::V4 || p.topic_alias.is_none_or(|a| a == 0 || a > self.alias_out))
+        {
+            return false;
+        }
         let props_len = match self.version {
             Version::V4 => None,
             Version::V5 => match publish_props_len(p) {
@@ -953,6 +971,10 @@ impl Codec {
             if let Some(e) = p.message_expiry_secs {
                 out.put_u8(0x02);
                 out.put_u32(e);
+            }
+            if let Some(a) = p.topic_alias {
+                out.put_u8(0x23);
+                out.put_u16(a);
             }
             if let Some(t) = &m.content_type {
                 out.put_u8(0x03);
@@ -1491,6 +1513,7 @@ mod tests {
                     props: &props,
                     message_expiry_secs: Some(30),
                     subscription_ids: &ids,
+                    topic_alias: None,
                 };
                 let mut out = BytesMut::from(&b"prefix"[..]);
                 assert!(v5c().publish(&mut out, &p));
@@ -1547,6 +1570,7 @@ mod tests {
             props: &empty,
             message_expiry_secs: None,
             subscription_ids: &[],
+            topic_alias: None,
         };
         let mut out = BytesMut::new();
         assert!(v5c().publish(&mut out, &p));
@@ -1568,6 +1592,65 @@ mod tests {
         assert!(out.is_empty());
     }
 
+    /// A Topic Alias is written as property 0x23, with the topic (setting it) or with an
+    /// empty topic (using it); never beyond what the client allowed, never in 3.1.1.
+    #[test]
+    fn outbound_publish_topic_alias() {
+        let empty = MessageProperties::default();
+        let payload = Bytes::from_static(b"hi");
+        let p = OutPublish {
+            topic: "vehicles/v1/commands",
+            payload: &payload,
+            qos: 1,
+            retain: false,
+            dup: false,
+            pkid: 9,
+            props: &empty,
+            message_expiry_secs: None,
+            subscription_ids: &[],
+            topic_alias: Some(2),
+        };
+        let codec = Codec {
+            alias_out: 2,
+            ..v5c()
+        };
+        for topic in ["vehicles/v1/commands", ""] {
+            let mut out = BytesMut::new();
+            assert!(codec.publish(&mut out, &OutPublish { topic, ..p }));
+            let Ok(v5::Packet::Publish(got)) = v5::Packet::read(&mut out, None) else {
+                panic!("not a PUBLISH");
+            };
+            assert_eq!(&got.topic[..], topic.as_bytes());
+            assert_eq!(got.properties.expect("properties").topic_alias, Some(2));
+            assert_eq!((got.pkid, &got.payload[..]), (9, &b"hi"[..]));
+        }
+        let mut out = BytesMut::new();
+        for refused in [
+            OutPublish {
+                topic_alias: Some(3),
+                ..p
+            },
+            OutPublish {
+                topic_alias: Some(0),
+                ..p
+            },
+            OutPublish {
+                topic: "",
+                topic_alias: None,
+                ..p
+            },
+        ] {
+            assert!(!codec.publish(&mut out, &refused));
+        }
+        assert!(!Codec {
+            alias_out: 2,
+            ..v4c()
+        }
+        .publish(&mut out, &p));
+        assert!(!v5c().publish(&mut out, &p), "the client allowed no alias");
+        assert!(out.is_empty());
+    }
+
     #[test]
     fn outbound_publish_round_trips_v4() {
         let props = full_props();
@@ -1584,6 +1667,7 @@ mod tests {
                     props: &props,
                     message_expiry_secs: Some(30),
                     subscription_ids: &[1, 2],
+                    topic_alias: None,
                 };
                 let mut out = BytesMut::new();
                 assert!(v4c().publish(&mut out, &p));

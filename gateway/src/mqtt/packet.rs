@@ -39,6 +39,8 @@ pub struct ConnectRequest {
     pub receive_maximum: Option<u16>,
     /// MQTT 5: the largest packet the client accepts from us.
     pub max_packet_size: Option<u32>,
+    /// MQTT 5: how many topic aliases the client accepts from us.
+    pub topic_alias_max: Option<u16>,
     /// MQTT 5 enhanced authentication; not supported (CONNACK 0x8C).
     pub auth_method: Option<String>,
     /// MQTT 5 Session Expiry Interval: how long the session outlives the connection

@@ -405,7 +405,7 @@ where
             Some(slot) if p.topic.is_empty() => self
                 .aliases
                 .as_ref()
-                .and_then(|a| a.get(slot))
+                .and_then(|a| a.inbound.get(slot))
                 .cloned()
                 .flatten()
                 .ok_or_else(|| {
@@ -489,7 +489,7 @@ where
         }
         // Only a topic that is valid and allowed may be remembered under an alias.
         if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
-            let aliases = self.aliases.get_or_insert_with(Box::default);
+            let aliases = &mut self.aliases.get_or_insert_with(Box::default).inbound;
             if aliases.len() <= slot {
                 aliases.resize(slot + 1, None);
             }
@@ -506,7 +506,7 @@ where
                 }));
             }
             self.set_stored_bytes(stored);
-            if let Some(a) = self.aliases.as_mut().and_then(|a| a.get_mut(slot)) {
+            if let Some(a) = self.aliases.as_mut().and_then(|a| a.inbound.get_mut(slot)) {
                 *a = Some(topic.clone());
             }
         }
@@ -514,8 +514,10 @@ where
         // An operator's publish to a vehicle's command topic is a command: its copy for
         // the vehicle reports an outcome like a command from Kafka or REST. A vehicle
         // publishing to its own command topic is not commanding itself.
+        // Clearing a retained message there (an empty retained publish) is not one.
         let vehicle = Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic)
-            .filter(|v| *v != &*self.cell.client_id);
+            .filter(|v| *v != &*self.cell.client_id)
+            .filter(|_| !(p.retain && p.payload.is_empty()));
         let local = p.retain || vehicle.is_some() || shared.router.subscriptions() > 0;
         let msg = local.then(|| {
             Arc::new(Message {
@@ -528,7 +530,20 @@ where
                 expires_at_ms: p.message_expiry_secs.map(|s| now + u64::from(s) * 1000),
             })
         });
-        let kafka = shared.routes.accepts(&topic);
+        // A command is not telemetry: it reaches Kafka as its outcome record (like a
+        // REST command), and its payload only where a `[[routes]]` entry names command
+        // topics, never through `kafka.unmatched`'s default topic. (Journaling it cost a
+        // second record, fsync'd and produced, per command, and delivered nothing: a
+        // record in the default topic brings no command back after a crash.)
+        let kafka = if vehicle.is_some() {
+            shared.routes.routed(&topic)
+        } else {
+            shared.routes.accepts(&topic)
+        };
+        if vehicle.is_some() && !kafka && shared.journal_stopped() {
+            // Its outcome could not be journaled: not accepted.
+            return Err(Close::JournalStopped("the journal has stopped".into()));
+        }
         let len = p.payload.len() as u64;
         if kafka {
             let entry = Entry {
@@ -620,7 +635,7 @@ where
                 }
             }
         }
-        if !kafka && matched == 0 && !p.retain {
+        if !kafka && matched == 0 && !p.retain && vehicle.is_none() {
             // kafka.unmatched = "refuse" and nobody here subscribes: never silent, never
             // acknowledged as stored.
             metrics.unrouted.inc(qos_label);

@@ -30,9 +30,11 @@
 //!
 //! Per-connection state is bounded: `mqtt.max_subscriptions` filters, topic aliases up
 //! to `mqtt.topic_alias_max` stored only after the topic passed validation and the
-//! publish ACL, [`MAX_STORED_TOPIC_BYTES`] of both, a keep alive of at most
+//! publish ACL, [`MAX_STORED_TOPIC_BYTES`] of both, the gateway's own aliases towards
+//! the client ([`aliases`]: at most 64 topics of 256 bytes), a keep alive of at most
 //! `mqtt.max_keep_alive_secs`, and the outbound queue bounds of [`state`].
 
+pub mod aliases;
 pub mod connect;
 pub mod gate;
 mod inbound;
@@ -211,9 +213,8 @@ struct Session<S> {
     /// 1.5 × the effective keep alive (always set: see `mqtt.max_keep_alive_secs`).
     keep_alive_ms: u32,
     deadline: Instant,
-    /// Allocated on the first alias: most vehicles never use one.
-    #[allow(clippy::box_collection)] // the box keeps an unused alias table at 8 bytes
-    aliases: Option<Box<Vec<Option<String>>>>,
+    /// Topic aliases, both directions; allocated on the first: most vehicles use none.
+    aliases: Option<Box<aliases::Aliases>>,
     /// Whether the subscription bound was logged already (once per session, not per packet).
     quota_logged: bool,
     /// Bytes of topic strings this session stores (subscription filters and alias
@@ -374,7 +375,11 @@ where
             }
         };
         let client_id: Arc<str> = Arc::from(admitted.client_id.as_str());
-        tracing::Span::current().record("client_id", &*client_id);
+        // Recorded once: the log formatter appends every `record`, and an id recorded
+        // from the CONNECT again printed `client_id` twice on each line.
+        if req.client_id.is_empty() {
+            tracing::Span::current().record("client_id", &*client_id);
+        }
         // The span is attached to the session's future (not entered across awaits, which
         // would label other tasks' log lines with this vehicle). A debug span: an enabled span
         // lives in the subscriber's registry with its formatted fields for the connection's
@@ -436,6 +441,9 @@ where
         let mut codec = codec;
         if let Some(max) = req.max_packet_size {
             codec.max_out = max;
+        }
+        if codec.version == Version::V5 {
+            codec.alias_out = req.topic_alias_max.unwrap_or(0).min(m.outbound_topic_aliases);
         }
         let server_keep_alive = (capped && codec.version == Version::V5).then_some(keep_alive_secs);
         codec.connack(
@@ -861,8 +869,9 @@ mod size_tests {
             "a plain connection's task future is {task} bytes"
         );
         // tokio keeps a task in one allocation aligned to 128 bytes: 32 bytes of header,
-        // the future with 32 bytes of bookkeeping, 48 bytes of trailer. Up to 400 bytes of
-        // future, that is 512 bytes per idle vehicle; one byte more costs 640.
+        // the future with 32 bytes of bookkeeping (40 with `--cfg tokio_unstable`, our
+        // build: see .cargo/config.toml), 48 bytes of trailer. Up to 400 bytes of future,
+        // that is 512 bytes per idle vehicle; 8 bytes more costs 640.
         assert!(
             task <= TASK_FUTURE_FOR_512,
             "a plain connection's task future is {task} bytes: its task takes 640 bytes"

@@ -104,15 +104,16 @@ where
     /// Encodes queued deliveries into the write buffer. Returns whether more are ready
     /// (the write budget stopped it).
     pub(super) fn fill_outbound(&mut self) -> bool {
-        let lim = SendLimits {
+        let mut lim = SendLimits {
             conn: self.info.conn,
             codec: &self.codec,
             receive_max: usize::from(self.receive_max),
             out_budget: OUT_BUDGET,
+            aliases: &mut self.aliases,
         };
         let sent = self
             .cell
-            .fill(&mut self.out, &lim, &self.shared.store, &self.shared.metrics);
+            .fill(&mut self.out, &mut lim, &self.shared.store, &self.shared.metrics);
         if sent > 0 {
             ConnInfo::add(&self.info.messages_out, sent);
         }

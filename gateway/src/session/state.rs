@@ -30,6 +30,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::aliases::{out_alias, Aliases, OutAlias};
 use crate::commands::{CommandRecord, Outcome, Ticket};
 use crate::config::{QueueOverflow, SessionsSection};
 use crate::message::{now_ms, Message};
@@ -562,6 +563,8 @@ pub struct SendLimits<'a> {
     pub receive_max: usize,
     /// Stop filling once the write buffer holds this many bytes (the socket drains it).
     pub out_budget: usize,
+    /// The connection's topic aliases: deliveries use them up to `codec.alias_out`.
+    pub aliases: &'a mut Option<Box<Aliases>>,
 }
 
 impl Queues {
@@ -797,7 +800,13 @@ impl SessionCell {
     /// client's Receive Maximum and the write budget. Expired messages are dropped, as
     /// are messages larger than the client's Maximum Packet Size (both counted).
     /// Returns how many PUBLISHes were written.
-    pub fn fill(&self, buf: &mut BytesMut, lim: &SendLimits<'_>, store: &Store, metrics: &Metrics) -> usize {
+    pub fn fill(
+        &self,
+        buf: &mut BytesMut,
+        lim: &mut SendLimits<'_>,
+        store: &Store,
+        metrics: &Metrics,
+    ) -> usize {
         let mut st = self.lock();
         // Only the owning connection sends: a connection that was just taken over must
         // not move messages into flight behind the new owner's back.
@@ -837,7 +846,16 @@ impl SessionCell {
                 item.pkid = pkid;
                 item.state = OutState::Published;
             }
-            if !encode(buf, lim.codec, &item, false, now) {
+            let mut alias = out_alias(lim.aliases.as_deref(), &item.msg.topic, lim.codec.alias_out);
+            let mut fits = encode(buf, lim.codec, &item, false, now, alias);
+            if !fits && matches!(alias, Some(OutAlias::New(_))) {
+                // Setting an alias adds 3 bytes: a message that fits the client's Maximum
+                // Packet Size only without one goes without one (a failed encode wrote
+                // nothing).
+                alias = None;
+                fits = encode(buf, lim.codec, &item, false, now, None);
+            }
+            if !fits {
                 st.out.forget(&item, metrics);
                 metrics.messages_dropped.inc("too_large_for_client");
                 item.finish(Outcome::Rejected, Some("too_large_for_client"));
@@ -848,6 +866,11 @@ impl SessionCell {
                     }
                 }
                 continue;
+            }
+            if let Some(a) = alias {
+                lim.aliases
+                    .get_or_insert_with(Box::default)
+                    .learn(a, &item.msg.topic);
             }
             if let Some(c) = metrics.messages_delivered.get(usize::from(item.qos)) {
                 c.inc();
@@ -900,7 +923,8 @@ impl SessionCell {
                     releases.push((item.pkid, item.released_gen));
                     true
                 }
-                _ => encode(buf, codec, &item, true, now),
+                // Aliases are the new connection's, none sent yet: the full topic.
+                _ => encode(buf, codec, &item, true, now, None),
             };
             if fits {
                 kept.push_back(item);
@@ -1110,11 +1134,22 @@ impl SessionCell {
     }
 }
 
-fn encode(buf: &mut BytesMut, codec: &Codec, item: &OutItem, dup: bool, now: u64) -> bool {
+fn encode(
+    buf: &mut BytesMut,
+    codec: &Codec,
+    item: &OutItem,
+    dup: bool,
+    now: u64,
+    alias: Option<OutAlias>,
+) -> bool {
     codec.publish(
         buf,
         &OutPublish {
-            topic: &item.msg.topic,
+            topic: match alias {
+                Some(OutAlias::Known(_)) => "",
+                _ => &item.msg.topic,
+            },
+            topic_alias: alias.map(OutAlias::alias),
             payload: &item.msg.payload,
             qos: item.qos,
             retain: item.retain,
@@ -1443,11 +1478,12 @@ mod tests {
         let mut buf = BytesMut::new();
         let sent = c.fill(
             &mut buf,
-            &SendLimits {
+            &mut SendLimits {
                 conn: 7,
                 codec: &codec,
                 receive_max: 10,
                 out_budget: 1 << 16,
+                aliases: &mut None,
             },
             &store,
             &m,
@@ -1462,13 +1498,15 @@ mod tests {
             &store,
             &m,
         );
-        let lim2 = SendLimits {
+        let mut aliases = None;
+        let mut lim2 = SendLimits {
             conn: 8,
             codec: &codec,
             receive_max: 10,
             out_budget: 1 << 16,
+            aliases: &mut aliases,
         };
-        assert_eq!(c.fill(&mut other, &lim2, &store, &m), 0);
+        assert_eq!(c.fill(&mut other, &mut lim2, &store, &m), 0);
         assert!(c.complete(pkid, 1, &store, &m));
         assert!(!c.complete(pkid, 1, &store, &m), "acknowledged once");
         assert_eq!(store.queued_count(), 1, "the second message is still queued");

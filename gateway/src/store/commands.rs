@@ -88,7 +88,9 @@ impl Store {
         self.done_index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks the commands at `offsets` of (`topic`, `partition`) done: one write.
+    /// Marks the commands at `offsets` of (`topic`, `partition`) done: one write. It does
+    /// not wake the flusher: the caller asks for a flush on its own cadence
+    /// ([`Store::request_flush`]), or another write's flush covers it sooner.
     pub fn put_commands_done(&self, topic: &str, partition: i32, offsets: &[i64]) -> Result<u64, StoreError> {
         self.check_writable()?;
         let mut sorted = offsets.to_vec();
@@ -119,7 +121,7 @@ impl Store {
             .entry((topic.to_string(), partition))
             .or_default()
             .extend(sorted);
-        Ok(self.wrote())
+        Ok(self.wrote_quietly())
     }
 
     /// Whether the command at (`topic`, `partition`, `offset`) is done.

@@ -437,9 +437,19 @@ impl Store {
 
     /// Called after a write's sled operation returned: numbers it and wakes the flusher.
     fn wrote(&self) -> u64 {
-        let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let g = self.wrote_quietly();
         self.wake.notify_one();
         g
+    }
+
+    /// Numbers a write without waking the flusher (see [`Store::request_flush`]).
+    fn wrote_quietly(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Asks the flusher for a flush of every write so far (a write that did not wake it).
+    pub fn request_flush(&self) {
+        self.wake.notify_one();
     }
 
     fn stripe(&self, client_id: &str) -> MutexGuard<'_, ()> {
