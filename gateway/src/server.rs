@@ -362,7 +362,7 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
         warn!(
             store_journal = bound.as_deref().unwrap_or(""),
             journal = %journal_id,
-            "the session store refers to another journal: inbound QoS 2 packet ids are forgotten"
+            "the session store refers to another journal: inbound QoS 2 packet ids of journaled messages are forgotten"
         );
     }
     let (count, mut queued, mut rewritten) = (sessions.len(), 0, 0);
@@ -379,7 +379,7 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
                 .record
                 .inbound_qos2
                 .iter()
-                .filter(|(_, seq)| same_journal && *seq <= recovered)
+                .filter(|(_, seq)| qos2_id_kept(*seq, same_journal, recovered))
                 .map(|(pkid, seq)| (*pkid, Qos2In { seq: *seq, gen: 0 }))
                 .collect(),
             out: Default::default(),
@@ -435,6 +435,14 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
         "restored persistent sessions and retained messages"
     );
     Ok(rewritten)
+}
+
+/// Whether an inbound QoS 2 packet id stored with journal sequence `seq` is still a
+/// duplicate guard after a restart: its record is in the journal that was recovered (up
+/// to `recovered`). Sequence 0 means nothing was journaled (delivered here only): no
+/// journal can have lost it, and forgetting it would deliver the client's re-send twice.
+fn qos2_id_kept(seq: u64, same_journal: bool, recovered: u64) -> bool {
+    seq == 0 || (same_journal && seq <= recovered)
 }
 
 async fn bind(addr: &str, key: &str) -> anyhow::Result<TcpListener> {
@@ -581,4 +589,22 @@ async fn tls_handshake(
         .and_then(|certs| certs.first())
         .and_then(|c| CertIdentity::from_der(c.as_ref()));
     Some((tls_stream, identity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qos2_id_kept;
+
+    #[test]
+    fn inbound_qos2_ids_are_forgotten_only_where_the_journal_lost_their_record() {
+        // Journaled and kept by the journal: still a guard against the re-send.
+        assert!(qos2_id_kept(7, true, 7));
+        // Journaled in a tail the journal did not keep, or in another journal: forgotten,
+        // so the re-send is journaled.
+        assert!(!qos2_id_kept(8, true, 7));
+        assert!(!qos2_id_kept(7, false, 7));
+        // Never journaled (local delivery only): kept whatever the journal is.
+        assert!(qos2_id_kept(0, true, 0));
+        assert!(qos2_id_kept(0, false, 7));
+    }
 }

@@ -96,3 +96,65 @@ fn a_retained_will_on_a_command_topic_is_refused_at_connect() {
     let (_, out) = connect_with_will("vehicles/VIN9/status");
     assert!(!out.to_lowercase().contains("not authori"), "{out}");
 }
+
+/// An operator's Will on a vehicle's command topic is a command when it is published, as
+/// the operator's live publish there would be: delivered, counted with `source` = `mqtt`
+/// and given an outcome, and, with `kafka.unmatched = "refuse"` and no route naming
+/// command topics, accepted at CONNECT (it reaches Kafka as its outcome, not as a record
+/// of its own). Before, it was routed as a plain message (no outcome) and its CONNECT
+/// refused as unroutable.
+#[test]
+fn an_operators_will_on_a_command_topic_is_a_command_with_an_outcome() {
+    use integration::raw::{connack_code, Connect, Raw};
+    use std::time::{Duration, Instant};
+    let gw = Gateway::start(
+        "[auth]\nallow_anonymous = true\npublish_acl = [\"#\"]\nsubscribe_acl = [\"#\"]\n\
+         [kafka]\nbootstrap = \"embedded\"\nunmatched = \"refuse\"\n",
+    );
+    let port = gw.mqtt().port().to_string();
+    let vehicle = std::thread::spawn(move || {
+        mosquitto(
+            "mosquitto_sub",
+            &port,
+            &[
+                "-V",
+                "mqttv5",
+                "-i",
+                "VIN7",
+                "-t",
+                "vehicles/VIN7/commands",
+                "-q",
+                "1",
+                "-C",
+                "1",
+                "-W",
+                "20",
+            ],
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric("gateway_subscriptions_active") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the vehicle never subscribed\n{}",
+            gw.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (operator, connack) = Raw::connect_with(
+        gw.mqtt(),
+        &Connect::new(5, "ops-will").will("vehicles/VIN7/commands", b"safe-mode"),
+    );
+    assert_eq!(connack_code(&connack), 0, "CONNECT refused\n{}", gw.log());
+    // The operator's connection is lost without a DISCONNECT: its Will is due.
+    drop(operator);
+    let (code, out) = vehicle.join().unwrap();
+    assert_eq!((code, out.trim()), (0, "safe-mode"), "{}", gw.log());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gw.metric("gateway_command_outcomes_total{outcome=\"delivered\"}") < 1 {
+        assert!(Instant::now() < deadline, "no outcome\n{}", gw.metrics());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(gw.metric("gateway_commands_received_total{source=\"mqtt\"}"), 1);
+    assert_eq!(gw.metric("gateway_messages_unrouted_total{qos=\"1\"}"), 0);
+}

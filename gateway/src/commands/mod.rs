@@ -391,6 +391,24 @@ impl Commands {
         ticket.finish(Outcome::UnknownVehicle, reason);
     }
 
+    /// The vehicle that `publisher`'s publish to `topic` commands, if it is a command: a
+    /// command topic of another client (a vehicle publishing to its own command topic is
+    /// not commanding itself), and not an empty retained publish (that clears a retained
+    /// message). One rule for live publishes, Wills (at CONNECT and when published) and
+    /// anything else an MQTT client sends, so a command has an outcome whichever way it
+    /// came.
+    pub fn commanded<'t>(
+        template: &str,
+        topic: &'t str,
+        publisher: &str,
+        retain: bool,
+        payload: &[u8],
+    ) -> Option<&'t str> {
+        Self::vehicle_of(template, topic)
+            .filter(|v| *v != publisher)
+            .filter(|_| !(retain && payload.is_empty()))
+    }
+
     /// The vehicle `commands.mqtt_topic` names in `topic`, if `topic` is a command
     /// topic (the template's `{client_id}` matched exactly one topic level).
     pub fn vehicle_of<'t>(template: &str, topic: &'t str) -> Option<&'t str> {
@@ -418,5 +436,28 @@ mod tests {
         assert_eq!(Commands::vehicle_of(t, "vehicles/VIN1/commands/x"), None);
         assert_eq!(Commands::vehicle_of(t, "fleet/VIN1/commands"), None);
         assert_eq!(Commands::vehicle_of("cmd/{client_id}", "cmd/VIN2"), Some("VIN2"));
+    }
+
+    #[test]
+    fn a_command_is_a_publish_to_another_clients_command_topic_that_is_not_a_clearing() {
+        let t = "vehicles/{client_id}/commands";
+        let topic = "vehicles/VIN1/commands";
+        assert_eq!(
+            Commands::commanded(t, topic, "op-1", false, b"unlock"),
+            Some("VIN1")
+        );
+        assert_eq!(
+            Commands::commanded(t, topic, "op-1", true, b"unlock"),
+            Some("VIN1")
+        );
+        assert_eq!(Commands::commanded(t, topic, "op-1", false, b""), Some("VIN1"));
+        // Clearing a retained message is not a command.
+        assert_eq!(Commands::commanded(t, topic, "op-1", true, b""), None);
+        // A vehicle does not command itself.
+        assert_eq!(Commands::commanded(t, topic, "VIN1", false, b"x"), None);
+        assert_eq!(
+            Commands::commanded(t, "vehicles/VIN1/telemetry", "op-1", false, b"x"),
+            None
+        );
     }
 }

@@ -179,7 +179,16 @@ pub(super) async fn accept_connect(
             bridge::counted!(warn, shared.metrics.retained_refused, "command_topic", client_id, topic = ?w.topic, "CONNECT refused: a retained Will on a command topic");
             return Err(ConnectRefusal::NotAuthorized);
         }
-        if !shared.routes.accepts(&w.topic) {
+        // A Will that is a command needs no route: it reaches Kafka as its outcome (as
+        // a live command publish does, `inbound`).
+        let command = crate::commands::Commands::commanded(
+            &shared.cfg.commands.mqtt_topic,
+            &w.topic,
+            &client_id,
+            w.retain,
+            &w.payload,
+        );
+        if command.is_none() && !shared.routes.accepts(&w.topic) {
             warn!(client_id, topic = ?w.topic, "Will topic has no route to Kafka (kafka.unmatched = \"refuse\")");
             return Err(ConnectRefusal::WillUnroutable);
         }

@@ -512,12 +512,14 @@ where
         }
         let now = now_ms();
         // An operator's publish to a vehicle's command topic is a command: its copy for
-        // the vehicle reports an outcome like a command from Kafka or REST. A vehicle
-        // publishing to its own command topic is not commanding itself.
-        // Clearing a retained message there (an empty retained publish) is not one.
-        let vehicle = Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic)
-            .filter(|v| *v != &*self.cell.client_id)
-            .filter(|_| !(p.retain && p.payload.is_empty()));
+        // the vehicle reports an outcome like a command from Kafka or REST.
+        let vehicle = Commands::commanded(
+            &shared.cfg.commands.mqtt_topic,
+            &topic,
+            &self.cell.client_id,
+            p.retain,
+            &p.payload,
+        );
         let local = p.retain || vehicle.is_some() || shared.router.subscriptions() > 0;
         let msg = local.then(|| {
             Arc::new(Message {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::state::{DelayedWill, SessionCell};
+use crate::commands::Commands;
 use crate::message::{now_ms, Message};
 use crate::mqtt::packet::Will;
 use crate::registry::Detached;
@@ -94,7 +95,22 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
     }
     metrics.wills_published.inc();
     let now = now_ms();
-    if shared.routes.accepts(&w.topic) {
+    // An operator's Will on a vehicle's command topic is a command, as its live publish
+    // would be: an outcome, and journaled only where a route names the topic.
+    let vehicle = Commands::commanded(
+        &shared.cfg.commands.mqtt_topic,
+        &w.topic,
+        client_id,
+        w.retain,
+        &w.payload,
+    )
+    .map(str::to_owned);
+    let kafka = if vehicle.is_some() {
+        shared.routes.routed(&w.topic)
+    } else {
+        shared.routes.accepts(&w.topic)
+    };
+    if kafka {
         let entry = Entry {
             kind: Default::default(),
             received_at_ms: now,
@@ -135,18 +151,25 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
         received_at_ms: now,
         expires_at_ms: w.message_expiry_secs.map(|s| now + u64::from(s) * 1000),
     });
-    shared.router.route(
-        &msg,
-        Some(key),
-        &shared.registry,
-        &shared.cfg.sessions,
-        &shared.store,
-        metrics,
-    );
+    match &vehicle {
+        Some(v) => {
+            shared.commands.issue_published(shared, &msg, v, key);
+        }
+        None => {
+            shared.router.route(
+                &msg,
+                Some(key),
+                &shared.registry,
+                &shared.cfg.sessions,
+                &shared.store,
+                metrics,
+            );
+        }
+    }
     // A Will stored before retained Wills on command topics were refused at CONNECT is
     // still delivered, but not retained.
     let on_command_topic = !msg.payload.is_empty()
-        && crate::commands::Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &msg.topic).is_some();
+        && Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &msg.topic).is_some();
     if msg.retain && on_command_topic {
         bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %client_id, topic = ?msg.topic, "retained Will not retained: a command topic");
     } else if msg.retain && shared.cfg.retained.enabled {
