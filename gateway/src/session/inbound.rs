@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bridge::Entry;
+use bridge::{Entry, TryAppend};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tracing::warn;
@@ -22,6 +22,22 @@ use crate::topic;
 
 /// The handling of a packet that waits (for the journal, the store or a rate limit).
 type Waiting<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Close>> + Send + 'a>>;
+
+/// A PUBLISH that passed its checks, on its way to the journal (if a route takes it) and
+/// then to delivery and its acknowledgement.
+struct Accepted {
+    p: PublishRequest,
+    /// When it was read: PUBACK latency counts from here.
+    taken: std::time::Instant,
+    /// Its topic (the alias resolved).
+    topic: String,
+    /// The message for local delivery, when anything here may take it.
+    msg: Option<Arc<Message>>,
+    /// An operator's command to the vehicle its topic names (`Commands::commanded`).
+    command: bool,
+    /// Journaled for Kafka.
+    kafka: bool,
+}
 
 impl<S> Session<S>
 where
@@ -59,7 +75,7 @@ where
     /// holds neither a packet nor room for its handling, only this box while it runs.
     fn handle(&mut self, packet: Inbound, max_inflight: usize) -> Result<Option<Waiting<'_>>, Close> {
         let waiting: Waiting<'_> = match packet {
-            Inbound::Publish(p) => Box::pin(self.publish(p, max_inflight)),
+            Inbound::Publish(p) => return self.publish(p, max_inflight),
             Inbound::Subscribe {
                 pkid,
                 filters,
@@ -364,12 +380,75 @@ where
         }
     }
 
-    async fn publish(&mut self, p: PublishRequest, max_inflight: usize) -> Result<(), Close> {
+    /// Handles a PUBLISH: at once when nothing makes it wait (the usual case: no future
+    /// is allocated for it, and a boxed future the size of this handling costs glibc a
+    /// trip past its per-thread cache on every message), else as a boxed future that
+    /// waits for its pace (`mqtt.max_publish_rate`) or for journal space, then goes on.
+    fn publish(&mut self, p: PublishRequest, max_inflight: usize) -> Result<Option<Waiting<'_>>, Close> {
         // PUBACK latency counts from here: throttling, waiting for journal space and the
         // group commit are all part of what the vehicle waits for.
         let taken = std::time::Instant::now();
         super::state::ConnInfo::add(&self.info.messages_in, 1);
-        self.pace_publish().await?;
+        if let Some(ahead) = self.pace_ahead() {
+            return Ok(Some(Box::pin(async move {
+                self.paced(ahead).await?;
+                match self.publish_paced(p, max_inflight, taken)? {
+                    Some(waiting) => waiting.await,
+                    None => Ok(()),
+                }
+            })));
+        }
+        self.publish_paced(p, max_inflight, taken)
+    }
+
+    /// A PUBLISH within its pace: checked, journaled if a route takes it (waiting for
+    /// journal space only in the returned future), then routed and owed its
+    /// acknowledgement.
+    fn publish_paced(
+        &mut self,
+        p: PublishRequest,
+        max_inflight: usize,
+        taken: std::time::Instant,
+    ) -> Result<Option<Waiting<'_>>, Close> {
+        let Some((accepted, entry)) = self.check_publish(p, max_inflight, taken)? else {
+            return Ok(None);
+        };
+        let Some(entry) = entry else {
+            return self.deliver_publish(accepted).map(|()| None);
+        };
+        let shared = self.shared.clone();
+        let appended = match shared.journal.try_append_with(&entry, shared.full_policy) {
+            Ok(TryAppend::Appended(seq)) => Ok(Some(seq)),
+            Ok(TryAppend::Rejected) => Ok(None),
+            Err(e) => Err(e),
+            Ok(TryAppend::Full) => {
+                return Ok(Some(Box::pin(async move {
+                    // Waiting for journal space must not make the session deaf to a
+                    // takeover or to shutdown. Cancelling the wait is safe: admission is
+                    // synchronous, so nothing was appended yet.
+                    let appended = tokio::select! {
+                        biased;
+                        _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
+                        _ = self.cell.lost_by(self.info.conn) => return Err(Close::TakenOver),
+                        r = shared.journal.append_with(&entry, shared.full_policy) => r,
+                    };
+                    self.journaled(accepted, appended)
+                })));
+            }
+        };
+        self.journaled(accepted, appended).map(|()| None)
+    }
+
+    /// The checks a PUBLISH passes before it is journaled (QoS, QoS 2 duplicate, alias,
+    /// topic, Receive Maximum, ACL, retain rules), and what it becomes: the message for
+    /// local delivery and the journal entry, if a route takes it. `None`: handled already
+    /// (a QoS 2 re-send answered, or refused with a reason).
+    fn check_publish(
+        &mut self,
+        p: PublishRequest,
+        max_inflight: usize,
+        taken: std::time::Instant,
+    ) -> Result<Option<(Accepted, Option<Entry>)>, Close> {
         let shared = self.shared.clone();
         let metrics = &shared.metrics;
         if p.qos > shared.cfg.mqtt.max_qos {
@@ -398,7 +477,7 @@ where
                 reason: 0,
                 since: None,
             });
-            return Ok(());
+            return Ok(None);
         }
         let alias = self.alias_slot(&p).map_err(Close::Protocol)?;
         let topic = match alias {
@@ -446,7 +525,8 @@ where
                     label: "not_authorized",
                     detail,
                 },
-            );
+            )
+            .map(|()| None);
         }
         if p.retain && !shared.cfg.retained.enabled {
             // MQTT 5 §3.3.1.3: Retain Available is 0, a retained PUBLISH is a protocol error.
@@ -467,7 +547,8 @@ where
                     label: "retain_not_allowed",
                     detail,
                 },
-            );
+            )
+            .map(|()| None);
         }
         // A command is for now, once: retained, it would be replayed to the vehicle on
         // every later subscription (an old "unlock" after each reconnect), with no
@@ -485,7 +566,8 @@ where
                     label: "retain_on_command_topic",
                     detail,
                 },
-            );
+            )
+            .map(|()| None);
         }
         // Only a topic that is valid and allowed may be remembered under an alias.
         if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
@@ -546,65 +628,96 @@ where
             // Its outcome could not be journaled: not accepted.
             return Err(Close::JournalStopped("the journal has stopped".into()));
         }
-        let len = p.payload.len() as u64;
-        if kafka {
-            let entry = Entry {
-                kind: Default::default(),
-                received_at_ms: now,
-                qos: p.qos,
-                retain: p.retain,
-                client_id: self.cell.client_id.to_string(),
-                topic: topic.clone(),
-                payload: p.payload.clone(),
-                content_type: p.props.content_type.clone(),
-                message_expiry_secs: p.message_expiry_secs,
-                user_properties: p.props.user_properties.clone(),
-            };
-            // Waiting for journal space must not make the session deaf to a takeover or
-            // to shutdown. Cancelling the wait is safe: admission is synchronous, so
-            // nothing was appended yet.
-            let appended = tokio::select! {
-                biased;
-                _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
-                _ = self.cell.lost_by(self.info.conn) => return Err(Close::TakenOver),
-                r = shared.journal.append_with(&entry, shared.full_policy) => r,
-            };
-            match appended {
-                // Too large to journal (an aliased topic plus a payload larger than a
-                // segment): refused, never acknowledged as stored, not a disconnect loop.
-                Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
-                    bridge::counted!(warn, metrics.protocol_errors, "record_too_large", client_id = %self.cell.client_id, peer = %self.info.peer, error = %e, qos = p.qos, "publish refused: too large to journal");
-                    let (reason, label) = if self.codec.version == Version::V5 {
-                        (0x83, "record_too_large")
-                    } else {
-                        (0x95, "record_too_large")
-                    };
-                    return self.refuse_publish(
-                        &p,
-                        ProtocolError {
-                            reason,
-                            label,
-                            detail: e.to_string(),
-                        },
-                    );
-                }
-                Err(e) => return Err(Close::JournalStopped(e.to_string())),
-                Ok(None) => {
-                    // Journal full under the `reject` policy: refused, not acknowledged.
-                    metrics.journal_rejected.inc(qos_label);
-                    let detail = "journal full (journal.full_policy = \"reject\")".to_string();
-                    return self.refuse_publish(
-                        &p,
-                        ProtocolError {
-                            reason: 0x97,
-                            label: "journal_full",
-                            detail,
-                        },
-                    );
-                }
-                Ok(Some(seq)) => self.last_seq = seq,
+        let entry = kafka.then(|| Entry {
+            kind: Default::default(),
+            received_at_ms: now,
+            qos: p.qos,
+            retain: p.retain,
+            client_id: self.cell.client_id.to_string(),
+            topic: topic.clone(),
+            payload: p.payload.clone(),
+            content_type: p.props.content_type.clone(),
+            message_expiry_secs: p.message_expiry_secs,
+            user_properties: p.props.user_properties.clone(),
+        });
+        let command = vehicle.is_some();
+        Ok(Some((
+            Accepted {
+                p,
+                taken,
+                topic,
+                msg,
+                command,
+                kafka,
+            },
+            entry,
+        )))
+    }
+
+    /// What the journal said to a PUBLISH's record: refused (too large to journal, or
+    /// the journal full under `journal.full_policy = "reject"`), the journal stopped,
+    /// or appended, and then delivered.
+    fn journaled(&mut self, a: Accepted, appended: Result<Option<u64>, bridge::JournalError>) -> Result<(), Close> {
+        let metrics = &self.shared.metrics;
+        match appended {
+            // Too large to journal (an aliased topic plus a payload larger than a
+            // segment): refused, never acknowledged as stored, not a disconnect loop.
+            Err(e @ (bridge::JournalError::TooLarge { .. } | bridge::JournalError::Encode(_))) => {
+                bridge::counted!(warn, metrics.protocol_errors, "record_too_large", client_id = %self.cell.client_id, peer = %self.info.peer, error = %e, qos = a.p.qos, "publish refused: too large to journal");
+                let (reason, label) = if self.codec.version == Version::V5 {
+                    (0x83, "record_too_large")
+                } else {
+                    (0x95, "record_too_large")
+                };
+                self.refuse_publish(
+                    &a.p,
+                    ProtocolError {
+                        reason,
+                        label,
+                        detail: e.to_string(),
+                    },
+                )
+            }
+            Err(e) => Err(Close::JournalStopped(e.to_string())),
+            Ok(None) => {
+                // Journal full under the `reject` policy: refused, not acknowledged.
+                metrics.journal_rejected.inc(super::state::qos_label(a.p.qos));
+                let detail = "journal full (journal.full_policy = \"reject\")".to_string();
+                self.refuse_publish(
+                    &a.p,
+                    ProtocolError {
+                        reason: 0x97,
+                        label: "journal_full",
+                        detail,
+                    },
+                )
+            }
+            Ok(Some(seq)) => {
+                self.last_seq = seq;
+                self.deliver_publish(a)
             }
         }
+    }
+
+    /// A PUBLISH accepted (and journaled, if a route takes it): routed to local
+    /// subscribers (or, a command, to its vehicle), retained if asked, and owed its
+    /// acknowledgement.
+    fn deliver_publish(&mut self, a: Accepted) -> Result<(), Close> {
+        let shared = self.shared.clone();
+        let metrics = &shared.metrics;
+        let Accepted {
+            p,
+            taken,
+            topic,
+            msg,
+            command,
+            kafka,
+        } = a;
+        let qos_label = super::state::qos_label(p.qos);
+        let vehicle = command
+            .then(|| Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic))
+            .flatten();
+        let len = p.payload.len() as u64;
         let mut matched = 0;
         if let Some(msg) = &msg {
             let key = self.cell.key();
@@ -710,27 +823,32 @@ where
         Ok(Some(usize::from(alias) - 1))
     }
 
-    /// Holds this PUBLISH while the connection runs ahead of `mqtt.max_publish_rate` by
-    /// more than [`PUBLISH_BURST`]. Meanwhile the session reads nothing, so the client is
-    /// slowed by TCP back-pressure; nothing is dropped. Takeover and shutdown still end
-    /// the wait.
-    async fn pace_publish(&mut self) -> Result<(), Close> {
+    /// How long this PUBLISH must wait because the connection runs ahead of
+    /// `mqtt.max_publish_rate` by more than [`PUBLISH_BURST`] (counted), if it must.
+    fn pace_ahead(&mut self) -> Option<Duration> {
         let rate = self.shared.cfg.mqtt.max_publish_rate;
         if rate == 0 {
-            return Ok(());
+            return None;
         }
         let now = Instant::now();
         self.pace = self.pace.max(now) + Duration::from_secs(1) / rate;
         let ahead = self.pace - now;
         if ahead <= PUBLISH_BURST {
-            return Ok(());
+            return None;
         }
         self.shared.metrics.publish_throttled.inc();
+        Some(ahead - PUBLISH_BURST)
+    }
+
+    /// Holds this PUBLISH for `wait` ([`Self::pace_ahead`]). Meanwhile the session reads
+    /// nothing, so the client is slowed by TCP back-pressure; nothing is dropped.
+    /// Takeover and shutdown still end the wait.
+    async fn paced(&mut self, wait: Duration) -> Result<(), Close> {
         tokio::select! {
             biased;
             _ = self.shared.shutdown.cancelled() => Err(Close::Shutdown),
             _ = self.cell.lost_by(self.info.conn) => Err(Close::TakenOver),
-            _ = tokio::time::sleep(ahead - PUBLISH_BURST) => Ok(()),
+            _ = tokio::time::sleep(wait) => Ok(()),
         }
     }
 }
