@@ -848,6 +848,8 @@ struct Pump<'p, J> {
     store: &'p ParkedStore,
     tracker: Tracker,
     reader: crate::journal::JournalReader,
+    /// The buffer batches are read into, kept between batches (up to [`KEPT_BATCH`]).
+    batch: Vec<Record>,
     failures: Vec<(u64, KafkaError)>,
     rebuild: Option<String>,
     /// Records refused for good that could not be parked (store full or failing), with
@@ -864,6 +866,10 @@ struct Pump<'p, J> {
     last_progress: Instant,
     unconfirmed_alarm: bool,
 }
+
+/// Largest read buffer the pump keeps between batches (records; a larger one, from a
+/// backlog, is dropped after use).
+const KEPT_BATCH: usize = 1024;
 
 /// Records in flight without any delivery report for this long mark the bridge degraded.
 const UNCONFIRMED_ALARM: Duration = Duration::from_secs(3);
@@ -896,6 +902,7 @@ impl<'p, J: Journal> Pump<'p, J> {
             store,
             tracker: Tracker::default(),
             reader,
+            batch: Vec::new(),
             failures: Vec::new(),
             rebuild: None,
             held: Vec::new(),
@@ -949,13 +956,19 @@ impl<'p, J: Journal> Pump<'p, J> {
                 self.cfg.max_inflight.saturating_sub(self.tracker.len())
             };
             if room > 0 {
-                let batch = self.reader.next_batch(room.min(4096))?;
-                if !batch.is_empty() {
-                    for rec in &batch {
-                        if let Sent::Abandoned = self.send(rec, shutdown).await {
-                            break;
-                        }
+                let mut batch = std::mem::take(&mut self.batch);
+                self.reader.next_batch_into(&mut batch, room.min(4096))?;
+                let read = !batch.is_empty();
+                for rec in &batch {
+                    if let Sent::Abandoned = self.send(rec, shutdown).await {
+                        break;
                     }
+                }
+                batch.clear();
+                if batch.capacity() <= KEPT_BATCH {
+                    self.batch = batch;
+                }
+                if read {
                     continue;
                 }
             }

@@ -141,9 +141,23 @@ impl JournalReader {
 
     /// Up to `max` durable records in sequence order; empty when caught up.
     pub fn next_batch(&mut self, max: usize) -> Result<Vec<Record>, JournalError> {
+        let mut out = Vec::new();
+        self.next_batch_into(&mut out, max)?;
+        Ok(out)
+    }
+
+    /// [`JournalReader::next_batch`] into `out` (cleared first), so that a caller that
+    /// reads batch after batch (the producer pump) keeps one buffer: grown record by
+    /// record, a fresh vector was reallocated (and copied) several times per batch.
+    pub fn next_batch_into(&mut self, out: &mut Vec<Record>, max: usize) -> Result<(), JournalError> {
+        out.clear();
         let durable = *self.inner.durable_tx.borrow();
         self.leave_evicted_segment();
-        let mut out = Vec::new();
+        if self.next_seq <= durable {
+            // At most what is durable and not read yet.
+            let available = usize::try_from(durable - self.next_seq + 1).unwrap_or(usize::MAX);
+            out.reserve(available.min(max));
+        }
         while out.len() < max && self.next_seq <= durable {
             if self.seg.is_none() && !self.open_segment()? {
                 break;
@@ -197,7 +211,7 @@ impl JournalReader {
                 }
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     fn corrupt(&self, offset: u64, last_seq: u64, reason: String) -> JournalError {

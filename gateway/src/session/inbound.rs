@@ -518,15 +518,16 @@ where
             metrics.acl_denied.inc(qos_label);
             warn!(client_id = %self.cell.client_id, peer = %self.info.peer, topic, qos = p.qos, "publish denied by the publish ACL");
             let detail = format!("not authorised to publish to {topic}");
-            return self.refuse_publish(
-                &p,
-                ProtocolError {
-                    reason: 0x87,
-                    label: "not_authorized",
-                    detail,
-                },
-            )
-            .map(|()| None);
+            return self
+                .refuse_publish(
+                    &p,
+                    ProtocolError {
+                        reason: 0x87,
+                        label: "not_authorized",
+                        detail,
+                    },
+                )
+                .map(|()| None);
         }
         if p.retain && !shared.cfg.retained.enabled {
             // MQTT 5 §3.3.1.3: Retain Available is 0, a retained PUBLISH is a protocol error.
@@ -540,15 +541,16 @@ where
         if p.retain && !shared.auth.may_retain(self.user.as_deref()) {
             bridge::counted!(warn, metrics.retained_refused, "not_allowed", client_id = %self.cell.client_id, peer = %self.info.peer, topic, "retained publish refused: auth.allow_retain");
             let detail = format!("not authorised to retain on {topic}");
-            return self.refuse_publish(
-                &p,
-                ProtocolError {
-                    reason: 0x87,
-                    label: "retain_not_allowed",
-                    detail,
-                },
-            )
-            .map(|()| None);
+            return self
+                .refuse_publish(
+                    &p,
+                    ProtocolError {
+                        reason: 0x87,
+                        label: "retain_not_allowed",
+                        detail,
+                    },
+                )
+                .map(|()| None);
         }
         // A command is for now, once: retained, it would be replayed to the vehicle on
         // every later subscription (an old "unlock" after each reconnect), with no
@@ -559,15 +561,16 @@ where
         {
             bridge::counted!(warn, metrics.retained_refused, "command_topic", client_id = %self.cell.client_id, peer = %self.info.peer, topic, "retained publish refused: a command topic");
             let detail = format!("commands are not retained ({topic} is a command topic)");
-            return self.refuse_publish(
-                &p,
-                ProtocolError {
-                    reason: 0x87,
-                    label: "retain_on_command_topic",
-                    detail,
-                },
-            )
-            .map(|()| None);
+            return self
+                .refuse_publish(
+                    &p,
+                    ProtocolError {
+                        reason: 0x87,
+                        label: "retain_on_command_topic",
+                        detail,
+                    },
+                )
+                .map(|()| None);
         }
         // Only a topic that is valid and allowed may be remembered under an alias.
         if let Some(slot) = alias.filter(|_| !p.topic.is_empty()) {
@@ -657,7 +660,11 @@ where
     /// What the journal said to a PUBLISH's record: refused (too large to journal, or
     /// the journal full under `journal.full_policy = "reject"`), the journal stopped,
     /// or appended, and then delivered.
-    fn journaled(&mut self, a: Accepted, appended: Result<Option<u64>, bridge::JournalError>) -> Result<(), Close> {
+    fn journaled(
+        &mut self,
+        a: Accepted,
+        appended: Result<Option<u64>, bridge::JournalError>,
+    ) -> Result<(), Close> {
         let metrics = &self.shared.metrics;
         match appended {
             // Too large to journal (an aliased topic plus a payload larger than a
