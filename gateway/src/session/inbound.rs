@@ -33,8 +33,6 @@ struct Accepted {
     topic: String,
     /// The message for local delivery, when anything here may take it.
     msg: Option<Arc<Message>>,
-    /// An operator's command to the vehicle its topic names (`Commands::commanded`).
-    command: bool,
     /// Journaled for Kafka.
     kafka: bool,
 }
@@ -416,6 +414,11 @@ where
         let Some(entry) = entry else {
             return self.deliver_publish(accepted).map(|()| None);
         };
+        // As the slow path's select does: a connection taken over (or the gateway
+        // shutting down) since this packet was read journals nothing more.
+        if let Some(close) = self.ended() {
+            return Err(close);
+        }
         let shared = self.shared.clone();
         let appended = match shared.journal.try_append_with(&entry, shared.full_policy) {
             Ok(TryAppend::Appended(seq)) => Ok(Some(seq)),
@@ -643,14 +646,12 @@ where
             message_expiry_secs: p.message_expiry_secs,
             user_properties: p.props.user_properties.clone(),
         });
-        let command = vehicle.is_some();
         Ok(Some((
             Accepted {
                 p,
                 taken,
                 topic,
                 msg,
-                command,
                 kafka,
             },
             entry,
@@ -717,13 +718,17 @@ where
             taken,
             topic,
             msg,
-            command,
             kafka,
         } = a;
         let qos_label = super::state::qos_label(p.qos);
-        let vehicle = command
-            .then(|| Commands::vehicle_of(&shared.cfg.commands.mqtt_topic, &topic))
-            .flatten();
+        // The same rule as in `check_publish`, on the same inputs.
+        let vehicle = Commands::commanded(
+            &shared.cfg.commands.mqtt_topic,
+            &topic,
+            &self.cell.client_id,
+            p.retain,
+            &p.payload,
+        );
         let len = p.payload.len() as u64;
         let mut matched = 0;
         if let Some(msg) = &msg {
