@@ -224,6 +224,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Run { config } => {
+            if let Err(e) = worker_threads_env(std::env::var_os("TOKIO_WORKER_THREADS")) {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
             let cfg = match Config::load_for_host(&config, std::env::vars()) {
                 Ok(c) => c,
                 Err(e) => {
@@ -318,6 +322,22 @@ fn healthcheck(config: &std::path::Path, timeout_secs: u64) -> ExitCode {
             println!("unhealthy: GET http://{addr}/healthz: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Checks `TOKIO_WORKER_THREADS` as the runtime will read it (a whole number above 0):
+/// the runtime panics on anything else, with a backtrace instead of the fix.
+fn worker_threads_env(value: Option<std::ffi::OsString>) -> Result<(), String> {
+    let Some(value) = value else {
+        return Ok(());
+    };
+    match value.to_str().map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 0 => Ok(()),
+        _ => Err(format!(
+            "environment variable TOKIO_WORKER_THREADS = {value:?}: the number of runtime worker \
+             threads must be a whole number above 0 (e.g. TOKIO_WORKER_THREADS=4); unset it to \
+             use one per CPU"
+        )),
     }
 }
 

@@ -80,3 +80,26 @@ fn check_config_accepts_the_default_and_reports_missing_files() {
         "{stderr}"
     );
 }
+
+/// A worker-thread count the runtime cannot use is refused before anything starts, with
+/// the variable and the fix named (the runtime itself panics with a backtrace).
+#[test]
+fn run_refuses_a_bad_tokio_worker_threads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for bad in ["abc", "0", "-1", " 4"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
+            .args(["run", "--config"])
+            .arg(root.join("config/gateway.toml"))
+            .env_clear()
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .expect("run gateway");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {stderr}");
+        assert!(
+            stderr.contains("TOKIO_WORKER_THREADS") && stderr.contains("whole number above 0"),
+            "{bad:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
