@@ -282,10 +282,13 @@ def pubsub_case(pattern, qos, args):
             "--warmup-secs", str(args.pubsub_warmup), "--duration-secs", str(args.pubsub_seconds)]
 
 
-def pubsub_run(name, port, case, prefix, cpu_pids, args):
-    """Runs one delivery case; a run that delivers nothing (or fails) stops the suite."""
+def pubsub_run(name, port, case, prefix, cpu_pids, args, pin=None):
+    """Runs one delivery case (the simulator pinned to CPU `pin` if given); a run that
+    delivers nothing (or fails) stops the suite."""
     cmd = [FLEET, *case, "--port", str(port), "--id-prefix", prefix, "--json",
            *[f"--cpu-pid={n}={pid}" for n, pid in cpu_pids.items()]]
+    if pin is not None:
+        cmd = ["taskset", "-c", str(pin), *cmd]
     print("+", " ".join(cmd), flush=True)
     # fleet bounds every wait itself; this is the backstop against a wedged simulator.
     limit = args.pubsub_warmup + args.pubsub_seconds + 180
@@ -333,6 +336,8 @@ def main():
                     help="subscribers (fan-out) and publishers (fan-in)")
     ap.add_argument("--fanout-rate", type=float, default=50, help="fan-out publishes/s (× subscribers delivered)")
     ap.add_argument("--fanin-rate", type=float, default=10000, help="fan-in publishes/s over all publishers")
+    ap.add_argument("--pubsub-pinned", type=int, default=1,
+                    help="pubsub: also run every case with the broker on CPU 0 and the simulator on CPU 1 (0: not)")
     ap.add_argument("--pubsub-warmup", type=int, default=3)
     ap.add_argument("--pubsub-seconds", type=int, default=10)
     ap.add_argument("--command-vehicles", type=int, default=10000, help="connected vehicles (commands scenario)")
@@ -425,12 +430,27 @@ def main():
 
 
 def pubsub_phase(work, kafka, certs, brokers, results, args):
-    """Delivery: fan-out and fan-in at QoS 0 and 1, the brokers alternating per case."""
+    """Delivery: fan-out and fan-in at QoS 0 and 1, the brokers alternating per case; then
+    (unless --pubsub-pinned 0) again with each broker's threads on CPU 0 and the simulator
+    on CPU 1 (results keyed `<case>+pinned`)."""
+    pubsub_pass(work, kafka, certs, brokers, results, args, pinned=False)
+    if args.pubsub_pinned:
+        pubsub_pass(work, kafka, certs, brokers, results, args, pinned=True)
+
+
+def pubsub_pass(work, kafka, certs, brokers, results, args, pinned):
+    """One pass of the delivery cases on fresh brokers, pinned or not."""
     servers = {}
+    tag = "+pinned" if pinned else ""
     if "gateway" in brokers:
-        servers["gateway"] = Gateway(work, kafka.bootstrap, certs, name="pubsub", pubsub=True)
+        servers["gateway"] = Gateway(work, kafka.bootstrap, certs, name="pubsub" + tag, pubsub=True)
     if "mosquitto" in brokers:
         servers["mosquitto"] = Mosquitto(work, certs)
+    if pinned:
+        # Every thread of the broker on CPU 0 (the gateway's runtime workers, journal
+        # writer and librdkafka threads alike); the Kafka JVM stays free.
+        for srv in servers.values():
+            sh(["taskset", "-a", "-p", "-c", "0", str(srv.proc.pid)], stdout=subprocess.DEVNULL)
     try:
         for run in range(args.runs):
             for pattern, qos in PUBSUB_CASES:
@@ -439,9 +459,10 @@ def pubsub_phase(work, kafka, certs, brokers, results, args):
                     cpu = {"broker": srv.proc.pid}
                     if name == "gateway":
                         cpu["kafka"] = kafka.proc.pid
-                    r = pubsub_run(name, srv.port, case, f"{pattern}{qos}r{run}", cpu, args)
-                    results["pubsub"].setdefault(f"{pattern}-q{qos}", {}).setdefault(name, []).append(r)
-                    print(f"{pattern} QoS {qos} {name}: {r['delivered_per_sec']:,.0f} delivered/s, "
+                    r = pubsub_run(name, srv.port, case, f"{pattern}{qos}r{run}{'p' if pinned else ''}", cpu, args,
+                                   pin=1 if pinned else None)
+                    results["pubsub"].setdefault(f"{pattern}-q{qos}{tag}", {}).setdefault(name, []).append(r)
+                    print(f"{pattern}{tag} QoS {qos} {name}: {r['delivered_per_sec']:,.0f} delivered/s, "
                           f"p50 {r['latency']['p50_us']} µs, p99 {r['latency']['p99_us']} µs, "
                           f"broker CPU {r['cpu_secs'].get('broker', 0):.2f} s", flush=True)
     finally:
@@ -1046,6 +1067,19 @@ def pubsub_markdown(L, res, arg):
              "unmatched default topic) with `[auth] publish_acl = [\"#\"]`, `subscribe_acl = [\"#\"]` and "
              "`[mqtt] max_publish_rate = 0`; Mosquitto with its defaults (which drop QoS 1 messages beyond "
              "`max_queued_messages` = 1000 per subscriber). Medians of the runs with (min–max).\n")
+    pubsub_table(L, res, "")
+    L.append("### The same, with the broker and the simulator on a core each\n")
+    L.append("`--pubsub-pinned 1` (the default) runs every case again on fresh brokers, each broker's threads "
+             "pinned to CPU 0 (`taskset -a -p -c 0`: for the gateway its runtime workers, journal writer and "
+             "librdkafka threads together) and the simulator to CPU 1 (`taskset -c 1`); the Kafka JVM is not "
+             "pinned. Unpinned, a single-threaded broker leaves the other core to the simulator's 1,000 "
+             "connections while the gateway's two runtime workers contend with them, so the unpinned latency "
+             "is partly decided by who gets the simulator's CPU; in production the vehicles run elsewhere.\n")
+    pubsub_table(L, res, "+pinned")
+
+
+def pubsub_table(L, res, tag):
+    """The delivery table and its ratios for the results keyed `<case><tag>`."""
     L.append("| case | broker | delivered msgs/s | complete | p50 | p99 | broker CPU s | delivered per broker CPU-s | "
              "fleet CPU s |\n|---|---|---|---|---|---|---|---|---|")
     ratios = []
@@ -1053,26 +1087,29 @@ def pubsub_markdown(L, res, arg):
         label = f"{'fan-out' if pattern == 'fanout' else 'fan-in'} QoS {qos}"
         per = {}
         for name in ("gateway", "mosquitto"):
-            rows = res.get(f"{pattern}-q{qos}", {}).get(name, [])
+            rows = res.get(f"{pattern}-q{qos}{tag}", {}).get(name, [])
             if not rows:
-                L.append(f"| {label} | {name} | {PENDING} | | | | | | |")
+                L.append(f"| {label} | {name} | {'not measured yet' if tag else PENDING} | | | | | | |")
                 continue
             rate = [r["delivered_per_sec"] for r in rows]
             per_cpu = [r["delivered"] / max(r["cpu_secs"].get("broker", 0), 1e-9) for r in rows]
-            per[name] = (statistics.median(rate), statistics.median(per_cpu))
+            p50 = [r["latency"]["p50_us"] / 1000 for r in rows]
+            p99 = [r["latency"]["p99_us"] / 1000 for r in rows]
+            per[name] = [statistics.median(x) for x in (rate, per_cpu, p50, p99)]
             cpu = fmt([r["cpu_secs"].get("broker") for r in rows], "", 2)
             if name == "gateway":
                 cpu += f" + kafka {fmt([r['cpu_secs'].get('kafka') for r in rows], '', 2)}"
             L.append(f"| {label} | {name} | {fmt(rate)} | {fmt([r['completeness'] for r in rows], '', 4)} | "
-                     f"{fmt([r['latency']['p50_us'] / 1000 for r in rows], ' ms', 2)} | "
-                     f"{fmt([r['latency']['p99_us'] / 1000 for r in rows], ' ms', 2)} | {cpu} | {fmt(per_cpu)} | "
+                     f"{fmt(p50, ' ms', 2)} | {fmt(p99, ' ms', 2)} | {cpu} | {fmt(per_cpu)} | "
                      f"{fmt([r['cpu_secs'].get('fleet') for r in rows], '', 2)} |")
         if len(per) == 2:
             g, m = per["gateway"], per["mosquitto"]
-            ratios.append(f"| {label} | {g[0] / m[0]:.2f}× | {g[1] / m[1]:.2f}× |")
+            ratios.append(f"| {label} | {g[0] / m[0]:.2f}× | {g[1] / m[1]:.2f}× | {g[2] / m[2]:.2f}× | "
+                          f"{g[3] / m[3]:.2f}× |")
         else:
-            ratios.append(f"| {label} | {PENDING} | |")
-    L.append("\n| case | gateway / mosquitto delivered msgs/s | gateway / mosquitto msgs per broker CPU-s |\n|---|---|---|")
+            ratios.append(f"| {label} | {PENDING} | | | |")
+    L.append("\n| case | gateway / mosquitto delivered msgs/s | gateway / mosquitto msgs per broker CPU-s | "
+             "gateway / mosquitto p50 (below 1: faster) | p99 |\n|---|---|---|---|---|")
     L.extend(ratios)
     L.append("")
 
