@@ -130,3 +130,81 @@ fn unrouted_messages_are_refused_when_configured() {
     let records = Gateway::journal_records(gw.dir.path());
     assert_eq!(records.len(), 1, "only the routed message is journaled");
 }
+
+/// While the journal is full, command outcome records cannot be journaled and wait in
+/// memory: past `commands.max_pending` of them, a new REST command is refused with 503
+/// `commands_backlogged` and an operator's MQTT command publish with PUBACK 0x97, so
+/// commands cannot grow the gateway's memory without bound during a long outage.
+#[test]
+fn commands_are_refused_while_their_outcomes_cannot_be_journaled() {
+    use integration::raw::{suback_codes, subscribe};
+    const TOKEN: &str = "backlog-test-token";
+    let gw = Gateway::start_env(
+        "[kafka]\nbootstrap = \"127.0.0.1:9\"\n[auth]\nallow_anonymous = true\n\
+         publish_acl = [\"#\"]\nsubscribe_acl = [\"#\"]\n",
+        &[
+            ("GATEWAY_JOURNAL__MAX_BYTES", "16384"),
+            ("GATEWAY_JOURNAL__SEGMENT_BYTES", "8192"),
+            ("GATEWAY_JOURNAL__FULL_POLICY", "reject"),
+            ("GATEWAY_MQTT__MAX_PACKET_SIZE", "4096"),
+            ("GATEWAY_MQTT__MAX_INFLIGHT", "100"),
+            ("GATEWAY_COMMANDS__MAX_PENDING", "2"),
+            ("GATEWAY_ADMIN__TOKEN", TOKEN),
+        ],
+    );
+    // A vehicle that acknowledges its commands.
+    let (mut car, code) = Raw::mqtt5(gw.mqtt(), "cmd-car", 60);
+    assert_eq!(code, 0);
+    car.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    car.send(&subscribe(5, 1, &["vehicles/cmd-car/commands".to_string()]))
+        .expect("subscribe");
+    let suback = car.read_packet().expect("SUBACK");
+    assert_eq!(suback_codes(5, &suback), vec![1]);
+    // Fill the journal: the reject policy refuses publishes once it is full.
+    let reasons = publish_all(&gw, 40, Duration::from_secs(2));
+    assert!(reasons.contains(&0x97), "the journal filled: {reasons:?}");
+    let admin = gw.admin.expect("admin");
+    let post = || {
+        integration::http_send(
+            admin,
+            "POST",
+            "/api/v1/vehicles/cmd-car/commands",
+            Some(TOKEN),
+            r#"{"payload": "unlock", "qos": 1}"#,
+        )
+    };
+    // Each command reaches the vehicle; its `delivered` record is journaled while the
+    // head segment has room for it (an outcome is smaller than the publishes that
+    // filled it), then waits for journal space (outcomes wait under every policy).
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let (status, body) = post();
+        statuses.push(status);
+        if status == 503 {
+            assert!(body.contains("commands_backlogged"), "{body}");
+            break;
+        }
+        assert_eq!(status, 202, "{body}");
+        let p = car.read_packet().expect("the command reached the vehicle");
+        assert_eq!(p[0] & 0xF0, 0x30, "a PUBLISH: {p:?}");
+        // Fixed header (2), topic length (2), the 25-byte topic, then the packet id.
+        let pkid = u16::from_be_bytes([p[29], p[30]]);
+        car.send(&[0x40, 2, (pkid >> 8) as u8, pkid as u8])
+            .expect("PUBACK");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(statuses.last(), Some(&503), "{statuses:?}\n{}", gw.log());
+    assert_eq!(gw.metric("gateway_command_outcomes_backlog"), 2);
+    // An operator's MQTT command publish is refused the same way.
+    let (mut op, code) = Raw::mqtt5(gw.mqtt(), "ops-1", 60);
+    assert_eq!(code, 0);
+    op.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    op.send(&publish5("vehicles/cmd-car/commands", 7)).expect("send");
+    let puback = op.read_packet().expect("PUBACK");
+    assert_eq!((puback[0], puback[4]), (0x40, 0x97), "{puback:?}");
+    assert_eq!(gw.metric("gateway_commands_refused_backlog_total"), 2);
+}

@@ -133,6 +133,16 @@ pub async fn issue(
         Ok(x) => x,
         Err(r) => return r.into_response(),
     };
+    if s.commands.backlogged(s.cfg.commands.max_pending) {
+        return ApiError::new(
+            ErrorCode::CommandsBacklogged,
+            format!(
+                "{} command outcome records wait to be journaled (the journal is full or stalled); retry later",
+                s.cfg.commands.max_pending
+            ),
+        )
+        .into_response();
+    }
     let topic = s.cfg.commands.mqtt_topic.replace("{client_id}", &req.client_id);
     let client_id = req.client_id.clone();
     let id = s.commands.new_id("rest");

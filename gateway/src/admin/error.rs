@@ -39,6 +39,7 @@ pub enum ErrorCode {
     ReplayRunning,
     ReplayFailed,
     ShuttingDown,
+    CommandsBacklogged,
     Store,
     Internal,
 }
@@ -69,6 +70,7 @@ impl ErrorCode {
         ErrorCode::ReplayRunning,
         ErrorCode::ReplayFailed,
         ErrorCode::ShuttingDown,
+        ErrorCode::CommandsBacklogged,
         ErrorCode::Store,
         ErrorCode::Internal,
     ];
@@ -98,6 +100,7 @@ impl ErrorCode {
             ErrorCode::ReplayRunning => "replay_running",
             ErrorCode::ReplayFailed => "replay_failed",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::CommandsBacklogged => "commands_backlogged",
             ErrorCode::Store => "store",
             ErrorCode::Internal => "internal",
         }
@@ -129,6 +132,7 @@ impl ErrorCode {
             ErrorCode::ReplayRunning => StatusCode::CONFLICT,
             ErrorCode::ReplayFailed => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::CommandsBacklogged => StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Store => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }

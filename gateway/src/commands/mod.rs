@@ -75,6 +75,9 @@ pub struct CommandMetrics {
     done_markers: prometheus::IntGauge,
     pending: prometheus::IntGauge,
     consumer_paused: prometheus::IntGauge,
+    outcome_backlog: prometheus::IntGauge,
+    /// REST and MQTT commands refused at `commands.max_pending` outcome reports waiting.
+    pub refused_backlog: prometheus::IntCounter,
     defs: Defs,
 }
 
@@ -116,6 +119,14 @@ impl Default for CommandMetrics {
             consumer_paused: d.gauge(
                 "gateway_commands_consumer_paused",
                 "1 while the command consumer waits at commands.max_pending.",
+            ),
+            outcome_backlog: d.gauge(
+                "gateway_command_outcomes_backlog",
+                "Command outcome reports waiting to be journaled (grows while the journal is full or stalled).",
+            ),
+            refused_backlog: d.counter(
+                "gateway_commands_refused_backlog_total",
+                "REST and MQTT commands refused because commands.max_pending outcome reports waited to be journaled.",
             ),
             defs: d,
         }
@@ -170,6 +181,7 @@ impl Commands {
         let c = &self.consumer;
         m.pending.set(c.pending.load(Ordering::Relaxed) as i64);
         m.consumer_paused.set(i64::from(c.paused.load(Ordering::Relaxed)));
+        m.outcome_backlog.set(self.sink.backlog() as i64);
         m.partitions_assigned
             .set(c.assigned.load(Ordering::Relaxed) as i64);
         m.done_markers.set(done_offsets as i64);
@@ -389,6 +401,18 @@ impl Commands {
         }
         let reason = elsewhere.then_some("held_by_other_gateway");
         ticket.finish(Outcome::UnknownVehicle, reason);
+    }
+
+    /// Whether `max_pending` outcome reports wait to be journaled (the journal full or
+    /// stalled): then a new REST or MQTT command is refused (counted), since each one
+    /// ends in a report that would wait in memory too. Kafka commands are bounded by the
+    /// consumer's own `commands.max_pending` pause.
+    pub fn backlogged(&self, max_pending: usize) -> bool {
+        let full = self.sink.backlog() >= max_pending;
+        if full {
+            self.metrics.refused_backlog.inc();
+        }
+        full
     }
 
     /// The vehicle that `publisher`'s publish to `topic` commands, if it is a command: a

@@ -13,7 +13,7 @@
 //!   commands are bounded by the session queues they sit in).
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,6 +113,11 @@ pub type KafkaKey = (String, i32, i64);
 #[derive(Debug)]
 pub struct Sink {
     tx: mpsc::UnboundedSender<Report>,
+    /// Reports sent and not yet taken by the outcome task (appended to the journal or
+    /// given up): what the unbounded channel holds. It grows while outcome records cannot
+    /// be journaled (the journal full or stalled); REST and MQTT commands are refused
+    /// past `commands.max_pending` of it ([`Sink::backlog`]).
+    backlog: AtomicUsize,
     closed: AtomicBool,
     /// Kafka commands whose final outcome is reported and whose "done" marker is not
     /// in the store yet. Between a vehicle's PUBACK and that marker the command is held
@@ -210,6 +215,7 @@ impl Sink {
         (
             Arc::new(Sink {
                 tx,
+                backlog: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 finishing: Mutex::new(HashSet::new()),
                 recent: Mutex::default(),
@@ -305,9 +311,23 @@ impl Sink {
     }
 
     fn send(&self, r: Report) {
-        if self.tx.send(r).is_err() && !self.is_closed() {
-            warn!("command outcome reported after the outcome task ended");
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(r).is_err() {
+            self.backlog.fetch_sub(1, Ordering::Relaxed);
+            if !self.is_closed() {
+                warn!("command outcome reported after the outcome task ended");
+            }
         }
+    }
+
+    /// Reports waiting for the outcome task (see [`Sink::backlog`]'s field).
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// The outcome task took a report off the channel and is done with it.
+    fn taken(&self) {
+        self.backlog.fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -375,7 +395,9 @@ pub async fn run(
                         res = shared.store.wait_flushed(gen) => if res.is_err() { break },
                     }
                 }
-                match journal(&shared, &gateway_id, &r, &stop).await {
+                let journaled = journal(&shared, &gateway_id, &r, &stop).await;
+                shared.commands.sink.taken();
+                match journaled {
                     Some(seq) => waiting.push_back((seq, r)),
                     None => {
                         // Unsettled: Kafka delivers it again after a restart. (Only a

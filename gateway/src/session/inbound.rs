@@ -634,6 +634,22 @@ where
             // Its outcome could not be journaled: not accepted.
             return Err(Close::JournalStopped("the journal has stopped".into()));
         }
+        if vehicle.is_some() && shared.commands.backlogged(shared.cfg.commands.max_pending) {
+            // Its outcome would wait in memory behind the others (journal full or
+            // stalled): refused like a publish over a quota (3.1.1 QoS 1/2: closed).
+            warn!(client_id = %self.cell.client_id, peer = %self.info.peer, topic, "command refused: commands.max_pending outcome records wait to be journaled");
+            let detail = "command outcomes wait to be journaled (commands.max_pending)".to_string();
+            return self
+                .refuse_publish(
+                    &p,
+                    ProtocolError {
+                        reason: 0x97,
+                        label: "commands_backlogged",
+                        detail,
+                    },
+                )
+                .map(|()| None);
+        }
         let entry = kafka.then(|| Entry {
             kind: Default::default(),
             received_at_ms: now,
