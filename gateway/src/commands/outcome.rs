@@ -10,7 +10,9 @@
 //!   `queued` precedes its final outcome in Kafka.
 //! - The report channel is unbounded but fed only by tickets, and the command sources
 //!   bound how many tickets exist (`commands.max_pending` for Kafka; REST and MQTT
-//!   commands are bounded by the session queues they sit in).
+//!   commands by the session queues they sit in, and, once their reports wait here
+//!   because the journal cannot take them, by refusing new ones at
+//!   `commands.max_pending` reports waiting: [`Sink::backlog`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -390,9 +392,13 @@ pub async fn run(
                     if shared.store.flushed_gen() < gen {
                         shared.store.request_flush();
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        res = shared.store.wait_flushed(gen) => if res.is_err() { break },
+                    let flushed = tokio::select! {
+                        _ = stop.cancelled() => false,
+                        res = shared.store.wait_flushed(gen) => res.is_ok(),
+                    };
+                    if !flushed {
+                        shared.commands.sink.taken();
+                        break;
                     }
                 }
                 let journaled = journal(&shared, &gateway_id, &r, &stop).await;
@@ -421,6 +427,7 @@ pub async fn run(
     let _ = tokio::time::timeout(drain, async {
         let never = CancellationToken::new();
         while let Ok(r) = rx.try_recv() {
+            shared.commands.sink.taken();
             if r.store_gen.is_some_and(|g| shared.store.flushed_gen() < g) {
                 continue;
             }
