@@ -7,12 +7,18 @@
 use integration::mqtt_raw2::metric_sum;
 use integration::{mosquitto, Gateway};
 
+/// A gateway on the embedded backbone where anyone may publish and subscribe anywhere;
+/// `kafka` is appended to its `[kafka]` section.
+fn permissive(kafka: &str) -> Gateway {
+    Gateway::start(&format!(
+        "[auth]\nallow_anonymous = true\npublish_acl = [\"#\"]\nsubscribe_acl = [\"#\"]\n\
+         [kafka]\nbootstrap = \"embedded\"\n{kafka}"
+    ))
+}
+
 #[test]
 fn a_retained_command_is_refused_and_other_retained_messages_are_not() {
-    let gw = Gateway::start(
-        "[auth]\nallow_anonymous = true\npublish_acl = [\"#\"]\nsubscribe_acl = [\"#\"]\n\
-         [kafka]\nbootstrap = \"embedded\"\n",
-    );
+    let gw = permissive("");
     let port = gw.mqtt().port().to_string();
     let publish = |topic: &str, payload: &str| {
         mosquitto(
@@ -54,10 +60,7 @@ fn a_retained_command_is_refused_and_other_retained_messages_are_not() {
 
 #[test]
 fn a_retained_will_on_a_command_topic_is_refused_at_connect() {
-    let gw = Gateway::start(
-        "[auth]\nallow_anonymous = true\npublish_acl = [\"#\"]\nsubscribe_acl = [\"#\"]\n\
-         [kafka]\nbootstrap = \"embedded\"\n",
-    );
+    let gw = permissive("");
     let port = gw.mqtt().port().to_string();
     let connect_with_will = |will_topic: &str| {
         mosquitto(
@@ -107,10 +110,7 @@ fn a_retained_will_on_a_command_topic_is_refused_at_connect() {
 fn an_operators_will_on_a_command_topic_is_a_command_with_an_outcome() {
     use integration::raw::{connack_code, Connect, Raw};
     use std::time::{Duration, Instant};
-    let gw = Gateway::start(
-        "[auth]\nallow_anonymous = true\npublish_acl = [\"#\"]\nsubscribe_acl = [\"#\"]\n\
-         [kafka]\nbootstrap = \"embedded\"\nunmatched = \"refuse\"\n",
-    );
+    let gw = permissive("unmatched = \"refuse\"\n");
     let port = gw.mqtt().port().to_string();
     let vehicle = std::thread::spawn(move || {
         mosquitto(

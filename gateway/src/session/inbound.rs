@@ -601,13 +601,7 @@ where
         let now = now_ms();
         // An operator's publish to a vehicle's command topic is a command: its copy for
         // the vehicle reports an outcome like a command from Kafka or REST.
-        let vehicle = Commands::commanded(
-            &shared.cfg.commands.mqtt_topic,
-            &topic,
-            &self.cell.client_id,
-            p.retain,
-            &p.payload,
-        );
+        let vehicle = self.commanded(&topic, &p);
         let local = p.retain || vehicle.is_some() || shared.router.subscriptions() > 0;
         let msg = local.then(|| {
             Arc::new(Message {
@@ -738,13 +732,7 @@ where
         } = a;
         let qos_label = super::state::qos_label(p.qos);
         // The same rule as in `check_publish`, on the same inputs.
-        let vehicle = Commands::commanded(
-            &shared.cfg.commands.mqtt_topic,
-            &topic,
-            &self.cell.client_id,
-            p.retain,
-            &p.payload,
-        );
+        let vehicle = self.commanded(&topic, &p);
         let len = p.payload.len() as u64;
         let mut matched = 0;
         if let Some(msg) = &msg {
@@ -831,6 +819,18 @@ where
             }
         }
         Ok(())
+    }
+
+    /// The vehicle this client's publish `p` to `topic` commands, if any
+    /// ([`Commands::commanded`]).
+    fn commanded<'t>(&self, topic: &'t str, p: &PublishRequest) -> Option<&'t str> {
+        Commands::commanded(
+            &self.shared.cfg.commands.mqtt_topic,
+            topic,
+            &self.cell.client_id,
+            p.retain,
+            &p.payload,
+        )
     }
 
     /// MQTT 5 topic aliases (§3.3.2.3.4): a non-empty topic with an alias sets it (once
