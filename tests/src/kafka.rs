@@ -382,18 +382,68 @@ impl Kafka {
         false
     }
 
+    /// What the broker says about `topic` right now (leaders, partition errors,
+    /// watermarks) and the tail of its log: for the message of a test that failed
+    /// waiting on Kafka, so the failure says whether the broker or the gateway stalled.
+    pub fn diagnose(&self, topic: &str, partitions: i32) -> String {
+        let mut out = String::new();
+        let consumer: Result<BaseConsumer, _> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create();
+        match consumer {
+            Err(e) => out += &format!("client: {e}\n"),
+            Ok(c) => {
+                match c.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                    Err(e) => out += &format!("metadata: {e}\n"),
+                    Ok(m) => {
+                        for t in m.topics() {
+                            out += &format!("topic {} error {:?}\n", t.name(), t.error());
+                            for p in t.partitions() {
+                                out += &format!(
+                                    "  partition {} leader {} isr {:?} error {:?}\n",
+                                    p.id(),
+                                    p.leader(),
+                                    p.isr(),
+                                    p.error()
+                                );
+                            }
+                        }
+                    }
+                }
+                for p in 0..partitions {
+                    out += &format!(
+                        "  watermarks {p}: {:?}\n",
+                        c.fetch_watermarks(topic, p, Duration::from_secs(5))
+                    );
+                }
+            }
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        out += "broker log tail:\n";
+        out += &lines[lines.len().saturating_sub(40)..].join("\n");
+        out
+    }
+
     /// Sum of the high watermarks of `topic`'s partitions: how many records it holds.
     pub fn record_count(&self, topic: &str, partitions: i32) -> usize {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .create()
             .expect("client");
+        // Right after a broker fault (a freeze, a restart) a fresh client can meet stale
+        // metadata for a few seconds (UnknownPartition): retry within a bound.
+        let deadline = Instant::now() + Duration::from_secs(60);
         (0..partitions)
-            .map(|p| {
-                let (low, high) = consumer
-                    .fetch_watermarks(topic, p, Duration::from_secs(10))
-                    .expect("watermarks");
-                (high - low).max(0) as usize
+            .map(|p| loop {
+                match consumer.fetch_watermarks(topic, p, Duration::from_secs(10)) {
+                    Ok((low, high)) => break (high - low).max(0) as usize,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("watermarks of {topic}/{p}: {e}; retrying");
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    Err(e) => panic!("watermarks of {topic}/{p} for 60 s: {e}"),
+                }
             })
             .sum()
     }

@@ -95,15 +95,16 @@ impl Gateway {
     }
 
     fn spawn_bin(bin: &Path, dir: tempfile::TempDir, config_path: PathBuf, env: &[(&str, &str)]) -> Gateway {
+        // A test's own RUST_LOG (in `env`) wins over the default.
         let mut child = Command::new(bin)
-            .envs(env.iter().copied())
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
             .env(
                 "RUST_LOG",
                 std::env::var("EDGE_TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -157,6 +158,12 @@ impl Gateway {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// The last `n` lines of the gateway's log, for a failure message.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log.lock().unwrap();
+        log[log.len().saturating_sub(n)..].join("\n")
     }
 
     /// Waits until a log line contains `needle`.

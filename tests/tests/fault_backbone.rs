@@ -60,13 +60,17 @@ struct Scenario {
 
 impl Scenario {
     fn start(bootstrap: Option<&str>, kafka: Kafka, extra: &str) -> Scenario {
+        Self::start_env(bootstrap, kafka, extra, &[])
+    }
+
+    fn start_env(bootstrap: Option<&str>, kafka: Kafka, extra: &str, env: &[(&str, &str)]) -> Scenario {
         kafka.create_topic(TOPIC, PARTITIONS);
         let bootstrap = bootstrap.map(str::to_string).unwrap_or_else(|| kafka.bootstrap());
         let cfg = kafka_config(&bootstrap, TOPIC).replace(
             "dead_letter_topic = \"\"",
             &format!("dead_letter_topic = \"{TOPIC}.dead\"{extra}"),
         );
-        let gw = Gateway::start(&cfg);
+        let gw = Gateway::start_env(&cfg, env);
         let mut fc = FleetConfig::new("bb", 6);
         fc.pace = Duration::from_millis(10);
         let fleet = Fleet::start(gw.mqtt(), &fc);
@@ -109,11 +113,14 @@ impl Scenario {
     }
 
     fn finish_no_audit(self, case: &str) -> (Vec<VehicleLog>, Gateway, Kafka) {
+        let connected = wait_state(&self.gw, Duration::from_secs(120), |s| s == "connected");
         assert_eq!(
-            wait_state(&self.gw, Duration::from_secs(120), |s| s == "connected").as_deref(),
+            connected.as_deref(),
             Some("connected"),
-            "{case}: bridge connected again after the fault; last error: {}",
-            http_get(self.gw.admin.expect("admin"), "/api/v1/bridge")
+            "{case}: bridge connected again after the fault; bridge: {}\nkafka: {}\ngateway log tail:\n{}",
+            http_get(self.gw.admin.expect("admin"), "/api/v1/bridge"),
+            self.kafka.diagnose(TOPIC, PARTITIONS),
+            self.gw.log_tail(150)
         );
         let more = self.fleet.acked() + 200;
         assert!(self.fleet.wait_acked(more, Duration::from_secs(30)));
@@ -158,8 +165,12 @@ fn broker_sigkilled_and_restarted() {
 fn broker_frozen_past_request_timeouts() {
     let case = "broker_frozen_past_request_timeouts";
     // Request timeouts shortened so that CI needs a 20 s freeze, not minutes.
-    let props = "\n[kafka.properties]\n\"request.timeout.ms\" = \"5000\"\n\"socket.timeout.ms\" = \"5000\"\n";
-    let s = Scenario::start(None, Kafka::start(), props);
+    // librdkafka's broker and idempotence debug lines go to the gateway's log: this
+    // case once stalled for good after the thaw on a loaded machine (no delivery report
+    // for 120 s), and the failure message then shows the log's tail.
+    let props = "\n[kafka.properties]\n\"request.timeout.ms\" = \"5000\"\n\"socket.timeout.ms\" = \"5000\"\n\"debug\" = \"broker,eos\"\n";
+    let env = [("RUST_LOG", "info,librdkafka=debug")];
+    let s = Scenario::start_env(None, Kafka::start(), props, &env);
     s.kafka.freeze();
     let frozen = Instant::now();
     let state = wait_state(&s.gw, Duration::from_secs(20), |st| st != "connected");

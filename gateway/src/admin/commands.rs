@@ -151,7 +151,9 @@ pub async fn issue(
     // The vehicle's copy holds the ticket (and the waiter) from here; ours would keep the
     // waiter open after the copy is gone, hiding a command that ended without a word.
     drop(ticket);
-    tracing::info!(command_id = %id, %client_id, ?route, "command issued over REST");
+    // Debug, not info: at thousands of commands a second an info line each would flood
+    // the log (and cost the path a write(2) each); the outcome record is the audit trail.
+    tracing::debug!(command_id = %id, %client_id, ?route, "command issued over REST");
     let answer = Answer {
         command_id: id,
         client_id,
