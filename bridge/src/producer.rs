@@ -98,13 +98,13 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
-    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
 };
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use prometheus::{Histogram, IntCounter, IntGauge, IntGaugeVec};
 
@@ -142,6 +142,10 @@ pub struct ProducerConfig {
     pub max_parked: usize,
     /// librdkafka properties applied last (SASL, SSL, timeouts...).
     pub properties: BTreeMap<String, String>,
+    /// Records in flight and no delivery report for this long, while a fresh client gets
+    /// metadata from the brokers: the producer is rebuilt (see [`Pump::stalled`]).
+    /// `Duration::ZERO` never rebuilds a silent producer.
+    pub stall_rebuild: Duration,
 }
 
 /// Pipeline state for the admin API and metrics.
@@ -740,6 +744,10 @@ pub async fn run<J: Journal>(
     status.parked_now.set(store.len() as i64);
     // One pipeline at a time holds the control queue (a restarted one waits for the old).
     let mut commands = control.rx.lock().await;
+    // How long a silent producer is given before it is rebuilt; doubles while rebuilt
+    // producers hear nothing either (a broker refusing every produce with a retriable
+    // error answers metadata too: rebuilding it every minute would only churn).
+    let mut stall_after = cfg.stall_rebuild;
     loop {
         let reports = Arc::new(Reports::default());
         let ctx = Ctx {
@@ -756,6 +764,7 @@ pub async fn run<J: Journal>(
             &producer,
             &store,
         );
+        pump.stall_after = stall_after;
         let outcome = pump.run(&shutdown, &mut commands).await;
         let outcome = match outcome {
             Ok(o) => o,
@@ -793,14 +802,21 @@ pub async fn run<J: Journal>(
                 );
                 return Ok(());
             }
-            Exit::Rebuild(why) => {
+            Exit::Rebuild { why, stalled } => {
                 status.producer_rebuilds.inc();
                 status.set_state(State::Degraded);
                 status.set_error(why.clone());
                 warn!(reason = %why, "kafka bridge: rebuilding the producer, replaying from the release watermark");
+                stall_after = if stalled && !pump.heard_back {
+                    (stall_after * 2).min(STALL_REBUILD_MAX.max(cfg.stall_rebuild))
+                } else {
+                    cfg.stall_rebuild
+                };
                 pump.finish_redrives(true);
                 drop(pump);
-                dispose(producer, None).await;
+                // A wedged producer's destroy may never return: give it a bound, and let
+                // it finish in the background (it was purged: it sends nothing more).
+                dispose(producer, Some(Instant::now() + DISPOSE_BOUND)).await;
                 tokio::select! {
                     _ = shutdown.requested() => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -808,6 +824,27 @@ pub async fn run<J: Journal>(
             }
         }
     }
+}
+
+/// Whether a new client with the producer's settings gets metadata from the brokers
+/// (how many answered), within [`PROBE_TIMEOUT`]; runs off the async threads, the answer
+/// comes on the returned channel.
+fn brokers_answer(config: ClientConfig) -> oneshot::Receiver<Result<usize, String>> {
+    let (tx, rx) = oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let answer = config
+            .create::<BaseProducer>()
+            .map_err(|e| e.to_string())
+            .and_then(|client| {
+                client
+                    .client()
+                    .fetch_metadata(None, PROBE_TIMEOUT)
+                    .map(|md| md.brokers().len())
+                    .map_err(|e| e.to_string())
+            });
+        let _ = tx.send(answer);
+    });
+    rx
 }
 
 /// Purges and destroys a producer off the async threads (librdkafka's destroy joins its
@@ -827,8 +864,25 @@ async fn dispose(producer: ThreadedProducer<Ctx>, deadline: Option<Instant>) {
 
 enum Exit {
     Shutdown,
-    Rebuild(String),
+    /// `stalled`: by the silent-producer watchdog ([`Pump::stalled`]).
+    Rebuild {
+        why: String,
+        stalled: bool,
+    },
 }
+
+/// Longest wait between rebuilds of a producer that hears nothing back.
+const STALL_REBUILD_MAX: Duration = Duration::from_secs(16 * 60);
+
+/// How long a rebuild waits for the old producer's destroy.
+const DISPOSE_BOUND: Duration = Duration::from_secs(10);
+
+/// How long the brokers must answer a new client while the producer stays silent
+/// before it is rebuilt (at most; `stall_after` if shorter).
+const STALL_GRACE: Duration = Duration::from_secs(30);
+
+/// The broker probe's metadata timeout.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A re-drive request being answered.
 struct RedriveOp {
@@ -865,6 +919,16 @@ struct Pump<'p, J> {
     /// reports through no error callback.
     last_progress: Instant,
     unconfirmed_alarm: bool,
+    /// Silence after which the producer is rebuilt if the brokers answer a fresh client.
+    stall_after: Duration,
+    /// When the brokers may be probed next (at most once per `stall_after`).
+    next_probe: Instant,
+    /// Whether any delivery report arrived in this producer's life.
+    heard_back: bool,
+    /// Since when a new client has got metadata while this producer stayed silent.
+    answering_since: Option<Instant>,
+    /// The broker probe running, if any (it never holds up the pump).
+    probe: Option<oneshot::Receiver<Result<usize, String>>>,
 }
 
 /// Largest read buffer the pump keeps between batches (records; a larger one, from a
@@ -911,6 +975,11 @@ impl<'p, J: Journal> Pump<'p, J> {
             ops: Vec::new(),
             last_progress: Instant::now(),
             unconfirmed_alarm: false,
+            stall_after: cfg.stall_rebuild,
+            next_probe: Instant::now(),
+            heard_back: false,
+            answering_since: None,
+            probe: None,
         }
     }
 
@@ -928,12 +997,13 @@ impl<'p, J: Journal> Pump<'p, J> {
                     .client()
                     .fatal_error()
                     .map(|(c, s)| format!("{c:?}: {s}"));
-                return Ok(Exit::Rebuild(
-                    why.unwrap_or_else(|| "fatal producer error".into()),
-                ));
+                return Ok(Exit::Rebuild {
+                    why: why.unwrap_or_else(|| "fatal producer error".into()),
+                    stalled: false,
+                });
             }
             if let Some(why) = self.rebuild.take() {
-                return Ok(Exit::Rebuild(why));
+                return Ok(Exit::Rebuild { why, stalled: false });
             }
             self.handle_failures()?;
             self.retry_held()?;
@@ -943,6 +1013,9 @@ impl<'p, J: Journal> Pump<'p, J> {
             self.finish_redrives(false);
             self.status.in_flight.set(self.tracker.len() as i64);
             self.watch_progress();
+            if let Some(why) = self.stalled() {
+                return Ok(Exit::Rebuild { why, stalled: true });
+            }
             if shutdown.is_requested() {
                 return Ok(Exit::Shutdown);
             }
@@ -1012,6 +1085,59 @@ impl<'p, J: Journal> Pump<'p, J> {
         }
     }
 
+    /// The silent-producer watchdog. Records in flight, no delivery report for
+    /// `stall_after`, and yet a new client with the same settings keeps getting metadata
+    /// from the brokers for a grace period: this producer is wedged, not waiting for
+    /// Kafka. (Seen twice in CI on a loaded machine: after a broker was frozen past the
+    /// request timeouts and thawed, the idempotent producer reported nothing for the
+    /// test's whole 120 s, with no error either; the cause inside librdkafka is not
+    /// known.) A rebuilt producer replays from the release watermark: at-least-once, and
+    /// consumers drop replays by `gateway.seq`. Returns the reason when the producer
+    /// should be rebuilt.
+    fn stalled(&mut self) -> Option<String> {
+        let unconfirmed = self.tracker.unconfirmed();
+        if self.stall_after.is_zero() || unconfirmed == 0 {
+            return None;
+        }
+        let silent = self.last_progress.elapsed();
+        if silent < self.stall_after {
+            return None;
+        }
+        // Brokers that just came back get `grace` to be found by this producer too (its
+        // reconnect backoff, a request timing out on a dead connection) before it is
+        // called wedged.
+        let grace = self.stall_after.min(STALL_GRACE);
+        let now = Instant::now();
+        if let Some(probe) = &mut self.probe {
+            let answer = match probe.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+                Err(oneshot::error::TryRecvError::Closed) => Err("probe task ended".to_string()),
+                Ok(answer) => answer,
+            };
+            self.probe = None;
+            match (answer, self.answering_since) {
+                (Err(e), _) => {
+                    self.answering_since = None;
+                    debug!(error = %e, "kafka bridge: stalled, and the brokers do not answer a new client either; not rebuilding");
+                }
+                (Ok(_), None) => self.answering_since = Some(now),
+                (Ok(brokers), Some(since)) if now.duration_since(since) >= grace => {
+                    return Some(format!(
+                        "{unconfirmed} records in flight and no delivery report for {} s while {brokers} broker(s) answered a new client for {} s: the producer is rebuilt",
+                        silent.as_secs(),
+                        now.duration_since(since).as_secs()
+                    ));
+                }
+                (Ok(_), Some(_)) => {}
+            }
+        }
+        if self.probe.is_none() && now >= self.next_probe {
+            self.next_probe = now + grace;
+            self.probe = Some(brokers_answer(client_config(self.cfg)));
+        }
+        None
+    }
+
     async fn command(&mut self, cmd: Command, shutdown: &Shutdown) {
         match cmd {
             Command::Redrive { seq, reply } => self.redrive(seq, reply, shutdown).await,
@@ -1024,6 +1150,8 @@ impl<'p, J: Journal> Pump<'p, J> {
         if !reports.is_empty() {
             self.last_progress = Instant::now();
             self.unconfirmed_alarm = false;
+            self.heard_back = true;
+            self.answering_since = None;
         }
         for (opaque, outcome) in reports {
             if opaque & REDRIVE_BIT != 0 {

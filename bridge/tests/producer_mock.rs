@@ -104,6 +104,7 @@ async fn injected_faults_lose_and_reorder_nothing() {
         parked_dir: dir.path().join("parked"),
         max_parked: 100,
         properties: Default::default(),
+        stall_rebuild: Duration::from_secs(60),
     };
     let status = Arc::new(BridgeStatus::default());
     let stop = Shutdown::new();

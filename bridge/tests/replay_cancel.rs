@@ -64,6 +64,7 @@ async fn setup(dir: &std::path::Path, bootstrap: String) -> (Arc<SegmentedJourna
         parked_dir: dir.join("parked"),
         max_parked: 100,
         properties: Default::default(),
+        stall_rebuild: Duration::from_secs(60),
     };
     let replays = Replays::new(journal.clone(), routes, cfg);
     (journal, replays)

@@ -283,6 +283,10 @@ pub struct KafkaSection {
     pub embedded_partitions: i32,
     /// Records Kafka refused for good that may be parked (kept for re-drive) at once.
     pub max_parked: usize,
+    /// Records in flight and no delivery report for this long while a fresh client gets
+    /// metadata from the brokers: the producer is rebuilt (replaying from the journal).
+    /// 0 turns the watchdog off.
+    pub stall_rebuild_secs: u64,
     /// librdkafka properties passed through verbatim (SASL, SSL, ...); values are strings.
     pub properties: BTreeMap<String, String>,
 }
@@ -488,6 +492,7 @@ impl Default for KafkaSection {
             default_topic: "vehicles.unrouted".into(),
             embedded_partitions: 4,
             max_parked: 10_000,
+            stall_rebuild_secs: 60,
             properties: BTreeMap::new(),
         }
     }
@@ -860,6 +865,12 @@ impl Config {
         }
         if k.max_parked == 0 {
             p.push(problem("kafka.max_parked", "must be at least 1"));
+        }
+        if (1..10).contains(&k.stall_rebuild_secs) {
+            p.push(problem(
+                "kafka.stall_rebuild_secs",
+                "must be 0 (never rebuild a silent producer) or at least 10; keep it above librdkafka's request.timeout.ms (30 s unless set)",
+            ));
         }
         // Plugins add properties of their own (and loading them is the bridge's job).
         let plugins = k
@@ -1399,7 +1410,34 @@ mod tests {
         );
         assert_eq!((c.admin.max_connections, c.admin.request_timeout_secs), (64, 10));
         assert_eq!(c.kafka.max_parked, 10_000);
+        assert_eq!(c.kafka.stall_rebuild_secs, 60);
         assert_eq!(c.admin_token(), Ok(String::new()));
+    }
+
+    /// A watchdog shorter than a request timeout would rebuild healthy producers.
+    #[test]
+    fn a_short_stall_rebuild_is_refused_by_name() {
+        let e = parse(
+            "[kafka]
+stall_rebuild_secs = 5
+[auth]
+allow_anonymous = true
+",
+            &[],
+        )
+        .expect_err("too short");
+        assert_eq!(e.problems[0].key, "kafka.stall_rebuild_secs", "{e}");
+        assert!(e.problems[0].message.contains("request.timeout.ms"), "{e}");
+        for ok in [0, 10, 600] {
+            let text = format!(
+                "[kafka]
+stall_rebuild_secs = {ok}
+[auth]
+allow_anonymous = true
+"
+            );
+            assert!(parse(&text, &[]).is_ok(), "{ok} is valid");
+        }
     }
 
     #[test]

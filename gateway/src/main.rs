@@ -351,7 +351,7 @@ fn run(cfg: Config) -> anyhow::Result<()> {
     #[cfg(tokio_unstable)]
     b.disable_lifo_slot();
     let rt = b.enable_all().build()?;
-    rt.block_on(async {
+    let result = rt.block_on(async {
         let shutdown = CancellationToken::new();
         let signal = shutdown.clone();
         tokio::spawn(async move {
@@ -369,5 +369,10 @@ fn run(cfg: Config) -> anyhow::Result<()> {
             signal.cancel();
         });
         gateway::server::run(cfg, shutdown).await
-    })
+    });
+    // Everything that must finish was awaited by `server::run`. What may still run is a
+    // blocking leftover (a Kafka broker probe, the destroy of a producer that was wedged):
+    // dropping the runtime would wait for it without bound.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }

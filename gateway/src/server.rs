@@ -88,6 +88,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         journal_id: journal.id().to_string(),
         parked_dir: parked_dir.clone(),
         max_parked: cfg.kafka.max_parked,
+        stall_rebuild: Duration::from_secs(cfg.kafka.stall_rebuild_secs),
     };
     let metrics = Metrics::default();
     let setups = Arc::new(session::gate::Gate::new(

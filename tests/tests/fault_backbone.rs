@@ -102,7 +102,16 @@ impl Scenario {
     /// After the fault healed: connected again, fleet finished, bridge drained; the audit
     /// of `topics`.
     fn finish(self, case: &str, topics: &[&str]) -> Audit {
-        let (logs, _gw, kafka) = self.finish_no_audit(case);
+        let (logs, gw, kafka) = self.finish_no_audit(case);
+        // A rebuild is the silent-producer watchdog or a fatal producer error: worth
+        // seeing in the report even when nothing was lost.
+        audit::report(
+            case,
+            &format!(
+                "producer rebuilds: {}",
+                gw.metric("gateway_bridge_producer_rebuilds_total")
+            ),
+        );
         let mut records: Vec<Consumed> = Vec::new();
         for t in topics {
             records.extend(kafka.consume_all(t, PARTITIONS, Duration::from_secs(60)));

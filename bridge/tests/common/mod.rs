@@ -58,6 +58,7 @@ pub fn config(bootstrap: &str, dir: &Path, max_inflight: usize) -> ProducerConfi
         parked_dir: dir.join("parked"),
         max_parked: 1000,
         properties: Default::default(),
+        stall_rebuild: Duration::from_secs(60),
     }
 }
 
