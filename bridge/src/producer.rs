@@ -667,6 +667,13 @@ impl Tracker {
         self.slots.len()
     }
     /// Records waiting for a delivery report.
+    /// The oldest record waiting for its delivery report.
+    fn oldest_sent(&self) -> Option<u64> {
+        self.slots
+            .iter()
+            .find(|(_, s)| matches!(s, Slot::Sent))
+            .map(|(seq, _)| *seq)
+    }
     fn unconfirmed(&self) -> usize {
         self.slots
             .iter()
@@ -826,21 +833,44 @@ pub async fn run<J: Journal>(
     }
 }
 
-/// Whether a new client with the producer's settings gets metadata from the brokers
-/// (how many answered), within [`PROBE_TIMEOUT`]; runs off the async threads, the answer
-/// comes on the returned channel.
-fn brokers_answer(config: ClientConfig) -> oneshot::Receiver<Result<usize, String>> {
+/// Whether a new client with the producer's settings is served metadata for `topic`
+/// with a leader for every partition (then: how many partitions), within
+/// [`PROBE_TIMEOUT`]; runs off the async threads, the answer comes on the channel.
+fn leaders_answer(config: ClientConfig, topic: String) -> oneshot::Receiver<Result<String, String>> {
     let (tx, rx) = oneshot::channel();
     tokio::task::spawn_blocking(move || {
         let answer = config
             .create::<BaseProducer>()
             .map_err(|e| e.to_string())
             .and_then(|client| {
-                client
+                let md = client
                     .client()
-                    .fetch_metadata(None, PROBE_TIMEOUT)
-                    .map(|md| md.brokers().len())
-                    .map_err(|e| e.to_string())
+                    .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
+                    .map_err(|e| e.to_string())?;
+                let t = md
+                    .topics()
+                    .iter()
+                    .find(|t| t.name() == topic)
+                    .ok_or_else(|| format!("no metadata for {topic}"))?;
+                if let Some(e) = t.error() {
+                    return Err(format!("{topic}: {e:?}"));
+                }
+                if t.partitions().is_empty() {
+                    return Err(format!("{topic}: no partitions"));
+                }
+                for p in t.partitions() {
+                    if p.leader() < 0 || p.error().is_some() {
+                        return Err(format!(
+                            "{topic} partition {} has no leader ({:?})",
+                            p.id(),
+                            p.error()
+                        ));
+                    }
+                }
+                Ok(format!(
+                    "{topic}: {} partitions with a leader",
+                    t.partitions().len()
+                ))
             });
         let _ = tx.send(answer);
     });
@@ -850,11 +880,17 @@ fn brokers_answer(config: ClientConfig) -> oneshot::Receiver<Result<usize, Strin
 /// Purges and destroys a producer off the async threads (librdkafka's destroy joins its
 /// threads and flushes for up to 500 ms); waits for it at most until `deadline`.
 async fn dispose(producer: ThreadedProducer<Ctx>, deadline: Option<Instant>) {
-    producer.purge(PurgeConfig::default().queue().inflight());
-    let task = tokio::task::spawn_blocking(move || drop(producer));
+    // The purge waits for librdkafka's broker threads too: off the async threads with
+    // the destroy, so that a wedged producer cannot hold a runtime worker.
+    let task = tokio::task::spawn_blocking(move || {
+        producer.purge(PurgeConfig::default().queue().inflight());
+        drop(producer)
+    });
     match deadline {
         Some(d) => {
-            let _ = tokio::time::timeout_at(d, task).await;
+            if tokio::time::timeout_at(d, task).await.is_err() {
+                warn!("kafka bridge: the old producer did not stop in time; left to finish in the background (it was purged: it sends nothing new)");
+            }
         }
         None => {
             let _ = task.await;
@@ -879,7 +915,7 @@ const DISPOSE_BOUND: Duration = Duration::from_secs(10);
 
 /// How long the brokers must answer a new client while the producer stays silent
 /// before it is rebuilt (at most; `stall_after` if shorter).
-const STALL_GRACE: Duration = Duration::from_secs(30);
+const STALL_GRACE: Duration = Duration::from_secs(45);
 
 /// The broker probe's metadata timeout.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -923,12 +959,15 @@ struct Pump<'p, J> {
     stall_after: Duration,
     /// When the brokers may be probed next (at most once per `stall_after`).
     next_probe: Instant,
-    /// Whether any delivery report arrived in this producer's life.
+    /// Whether the release watermark moved in this producer's life (delivery reports
+    /// alone do not count: records of healthy partitions keep coming while one partition
+    /// without a leader holds the watermark, and rebuilding for that would only re-send).
     heard_back: bool,
     /// Since when a new client has got metadata while this producer stayed silent.
     answering_since: Option<Instant>,
-    /// The broker probe running, if any (it never holds up the pump).
-    probe: Option<oneshot::Receiver<Result<usize, String>>>,
+    /// The broker probe running, if any (it never holds up the pump), and when it was
+    /// launched.
+    probe: Option<(Instant, oneshot::Receiver<Result<String, String>>)>,
 }
 
 /// Largest read buffer the pump keeps between batches (records; a larger one, from a
@@ -1009,15 +1048,16 @@ impl<'p, J: Journal> Pump<'p, J> {
             self.retry_held()?;
             if let Some(w) = self.tracker.advance() {
                 self.journal.release(w);
+                self.heard_back = true;
             }
             self.finish_redrives(false);
             self.status.in_flight.set(self.tracker.len() as i64);
             self.watch_progress();
-            if let Some(why) = self.stalled() {
-                return Ok(Exit::Rebuild { why, stalled: true });
-            }
             if shutdown.is_requested() {
                 return Ok(Exit::Shutdown);
+            }
+            if let Some(why) = self.stalled() {
+                return Ok(Exit::Rebuild { why, stalled: true });
             }
             if let Ok(cmd) = commands.try_recv() {
                 self.command(cmd, shutdown).await;
@@ -1036,6 +1076,11 @@ impl<'p, J: Journal> Pump<'p, J> {
                     if let Sent::Abandoned = self.send(rec, shutdown).await {
                         break;
                     }
+                    // Draining a backlog (after an outage: up to `max_inflight` records
+                    // without an await that waits) must not hold a runtime worker for
+                    // hundreds of ms: the sessions on it would wait, PUBACKs with them.
+                    // The task's coop budget yields every so many records.
+                    tokio::task::consume_budget().await;
                 }
                 batch.clear();
                 if batch.capacity() <= KEPT_BATCH {
@@ -1104,38 +1149,70 @@ impl<'p, J: Journal> Pump<'p, J> {
             return None;
         }
         // Brokers that just came back get `grace` to be found by this producer too (its
-        // reconnect backoff, a request timing out on a dead connection) before it is
-        // called wedged.
+        // reconnect backoff, a connection set-up or request timing out on a dead
+        // connection) before it is called wedged: a probe launched `grace` after another
+        // one was answered must be answered too.
         let grace = self.stall_after.min(STALL_GRACE);
-        let now = Instant::now();
-        if let Some(probe) = &mut self.probe {
+        if let Some((launched, probe)) = &mut self.probe {
+            let launched = *launched;
             let answer = match probe.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => return None,
                 Err(oneshot::error::TryRecvError::Closed) => Err("probe task ended".to_string()),
                 Ok(answer) => answer,
             };
             self.probe = None;
+            let answered = Instant::now();
             match (answer, self.answering_since) {
                 (Err(e), _) => {
                     self.answering_since = None;
-                    debug!(error = %e, "kafka bridge: stalled, and the brokers do not answer a new client either; not rebuilding");
+                    debug!(reason = %e, "kafka bridge: stalled, and a new client is not served either; not rebuilding");
                 }
-                (Ok(_), None) => self.answering_since = Some(now),
-                (Ok(brokers), Some(since)) if now.duration_since(since) >= grace => {
+                // Served by the time the answer came (a probe launched during an outage
+                // may succeed at its end): the grace runs from here.
+                (Ok(_), None) => {
+                    self.answering_since = Some(answered);
+                    self.next_probe = answered + grace;
+                }
+                (Ok(served), Some(since)) if launched.saturating_duration_since(since) >= grace => {
                     return Some(format!(
-                        "{unconfirmed} records in flight and no delivery report for {} s while {brokers} broker(s) answered a new client for {} s: the producer is rebuilt",
+                        "{unconfirmed} records in flight and no delivery report for {} s while a new client was served ({served}) for {} s: the producer is rebuilt",
                         silent.as_secs(),
-                        now.duration_since(since).as_secs()
+                        launched.saturating_duration_since(since).as_secs()
                     ));
                 }
                 (Ok(_), Some(_)) => {}
             }
         }
+        let now = Instant::now();
         if self.probe.is_none() && now >= self.next_probe {
+            // The topic the oldest waiting record goes to: its partitions must all have a
+            // leader, or the silence is Kafka's (a partition without a leader holds the
+            // watermark and, once `max_inflight` is reached, everything behind it).
+            let topic = match self.oldest_waiting_topic() {
+                Ok(Some(t)) => t,
+                Ok(None) => return None,
+                Err(e) => {
+                    debug!(error = %e, "kafka bridge: stalled; cannot read the oldest waiting record");
+                    return None;
+                }
+            };
             self.next_probe = now + grace;
-            self.probe = Some(brokers_answer(client_config(self.cfg)));
+            let mut config = client_config(self.cfg);
+            config.set("enable.idempotence", "false");
+            self.probe = Some((now, leaders_answer(config, topic)));
         }
         None
+    }
+
+    /// The destination topic of the oldest record waiting for its delivery report.
+    fn oldest_waiting_topic(&self) -> Result<Option<String>, BridgeError> {
+        let Some(seq) = self.tracker.oldest_sent() else {
+            return Ok(None);
+        };
+        Ok(self
+            .read_record(seq)?
+            .and_then(|rec| self.routes.destination(&rec.entry))
+            .map(|d| d.topic))
     }
 
     async fn command(&mut self, cmd: Command, shutdown: &Shutdown) {
@@ -1150,8 +1227,9 @@ impl<'p, J: Journal> Pump<'p, J> {
         if !reports.is_empty() {
             self.last_progress = Instant::now();
             self.unconfirmed_alarm = false;
-            self.heard_back = true;
+            // A probe launched during the silence answers an old question.
             self.answering_since = None;
+            self.probe = None;
         }
         for (opaque, outcome) in reports {
             if opaque & REDRIVE_BIT != 0 {

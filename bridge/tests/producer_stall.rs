@@ -1,7 +1,7 @@
 //! The silent-producer watchdog (`kafka.stall_rebuild_secs`) on librdkafka's mock
-//! cluster: a producer that hears nothing back while the brokers answer a new client is
-//! rebuilt and the records arrive, once each and in order; a producer that hears nothing
-//! because the brokers are down is left alone.
+//! cluster: a producer that hears nothing back while a new client is served is rebuilt
+//! and the records arrive, once each and in order; a producer that hears nothing
+//! because the brokers are down, or because a partition has no leader, is left alone.
 
 mod common;
 
@@ -19,10 +19,10 @@ const PER_VEHICLE: usize = 50;
 const PARTITIONS: i32 = 4;
 const TOPIC: &str = "telemetry";
 
-async fn journal_with_records(dir: &std::path::Path) -> Arc<SegmentedJournal> {
+async fn journal_with_records(dir: &std::path::Path, vehicles: usize) -> Arc<SegmentedJournal> {
     let journal = Arc::new(SegmentedJournal::open(JournalConfig::new(dir, 1 << 30)).expect("journal"));
     for n in 0..PER_VEHICLE {
-        for v in 0..VEHICLES {
+        for v in 0..vehicles {
             journal
                 .append(&common::entry(v, n, "telemetry"))
                 .await
@@ -34,8 +34,8 @@ async fn journal_with_records(dir: &std::path::Path) -> Arc<SegmentedJournal> {
 }
 
 /// Every vehicle's numbers, once each and in order.
-fn assert_all_once_in_order(bootstrap: &str) {
-    let total = VEHICLES * PER_VEHICLE;
+fn assert_all_once_in_order(bootstrap: &str, vehicles: usize) {
+    let total = vehicles * PER_VEHICLE;
     let got = common::consume(bootstrap, TOPIC, PARTITIONS, total, Duration::from_secs(30));
     let mut per: HashMap<String, Vec<usize>> = HashMap::new();
     for c in &got {
@@ -44,24 +44,28 @@ fn assert_all_once_in_order(bootstrap: &str) {
             .push(c.payload.parse().expect("number"));
     }
     assert_eq!(got.len(), total, "every record once");
+    assert_eq!(per.len(), vehicles);
     let expected: Vec<usize> = (0..PER_VEHICLE).collect();
     for (key, ns) in &per {
         assert_eq!(ns, &expected, "{key}: in the vehicle's order");
     }
 }
 
+/// The mechanism: every Produce request refused with a retriable error (librdkafka
+/// retries without end, message.timeout.ms = 0, and reports nothing) while metadata is
+/// served with every leader present, which is how a wedged producer looks from outside.
+/// The errors outlast the test unless the watchdog acts: they are cleared only once the
+/// producer was rebuilt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_producer_is_rebuilt_while_the_brokers_answer() {
     let cluster = MockCluster::new(1).expect("mock cluster");
     cluster.create_topic(TOPIC, PARTITIONS, 1).expect("topic");
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().expect("tempdir");
-    let journal = journal_with_records(dir.path()).await;
-    // Every Produce request refused with a retriable error for a while: librdkafka retries
-    // without end (message.timeout.ms = 0) and reports nothing, while metadata is served.
+    let journal = journal_with_records(dir.path(), VEHICLES).await;
     cluster.request_errors(
         RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 12],
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 10_000],
     );
     let mut cfg = common::config(&bootstrap, dir.path(), 10_000);
     cfg.stall_rebuild = Duration::from_secs(2);
@@ -75,21 +79,76 @@ async fn a_silent_producer_is_rebuilt_while_the_brokers_answer() {
         BridgeControl::new(),
         stop.clone(),
     ));
+    assert!(
+        common::wait_until(Duration::from_secs(30), || status.producer_rebuilds.get() >= 1).await,
+        "the silent producer was rebuilt (gateway_bridge_producer_rebuilds_total); last error {:?}",
+        status.last_error()
+    );
+    assert_eq!(journal.stats().released_seq, 0, "nothing was confirmed before");
+    cluster.clear_request_errors(RDKafkaApiKey::Produce);
     let total = (VEHICLES * PER_VEHICLE) as u64;
     assert!(
         common::wait_released(&*journal, total, Duration::from_secs(60)).await,
-        "every record confirmed after the stall; released {}, last error {:?}",
+        "every record confirmed after the rebuild; released {}, last error {:?}",
         journal.stats().released_seq,
         status.last_error()
-    );
-    assert!(
-        status.producer_rebuilds.get() >= 1,
-        "the silent producer was rebuilt (gateway_bridge_producer_rebuilds_total)"
     );
     stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
     task.await.expect("join").expect("bridge");
     let b = bootstrap.clone();
-    tokio::task::spawn_blocking(move || assert_all_once_in_order(&b))
+    tokio::task::spawn_blocking(move || assert_all_once_in_order(&b, VEHICLES))
+        .await
+        .expect("consume");
+}
+
+/// One partition without a leader holds the release watermark; the pipeline's window
+/// (`max_inflight`) fills behind it and the producer goes silent, while a new client is
+/// served for the other partitions. Rebuilding would only re-send what the healthy
+/// partitions already have: the watchdog must not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_without_a_leader_is_not_a_wedged_producer() {
+    const MANY: usize = 32;
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic(TOPIC, PARTITIONS, 1).expect("topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = journal_with_records(dir.path(), MANY).await;
+    cluster.partition_leader(TOPIC, 0, None).expect("leaderless");
+    let mut cfg = common::config(&bootstrap, dir.path(), 200);
+    cfg.stall_rebuild = Duration::from_secs(2);
+    let status = Arc::new(BridgeStatus::default());
+    let stop = Shutdown::new();
+    let task = tokio::spawn(producer::run(
+        journal.clone(),
+        Arc::new(common::default_routes(TOPIC)),
+        cfg,
+        status.clone(),
+        BridgeControl::new(),
+        stop.clone(),
+    ));
+    // Several times the watchdog's silence and grace.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let total = (MANY * PER_VEHICLE) as u64;
+    assert!(
+        journal.stats().released_seq < total,
+        "some vehicle's records go to the leaderless partition (else this test proves nothing)"
+    );
+    assert_eq!(
+        status.producer_rebuilds.get(),
+        0,
+        "no rebuild for a partition without a leader; last error {:?}",
+        status.last_error()
+    );
+    cluster.partition_leader(TOPIC, 0, Some(1)).expect("leader back");
+    assert!(
+        common::wait_released(&*journal, total, Duration::from_secs(60)).await,
+        "every record confirmed once the partition has a leader; last error {:?}",
+        status.last_error()
+    );
+    stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
+    task.await.expect("join").expect("bridge");
+    let b = bootstrap.clone();
+    tokio::task::spawn_blocking(move || assert_all_once_in_order(&b, MANY))
         .await
         .expect("consume");
 }
@@ -101,7 +160,7 @@ async fn a_producer_silent_because_the_brokers_are_down_is_not_rebuilt() {
     let bootstrap = cluster.bootstrap_servers();
     let dir = tempfile::tempdir().expect("tempdir");
     cluster.broker_down(1).expect("down");
-    let journal = journal_with_records(dir.path()).await;
+    let journal = journal_with_records(dir.path(), VEHICLES).await;
     let mut cfg = common::config(&bootstrap, dir.path(), 10_000);
     cfg.stall_rebuild = Duration::from_secs(2);
     // The producer finds the broker again well within the watchdog's grace (2 s here).

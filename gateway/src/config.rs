@@ -866,10 +866,10 @@ impl Config {
         if k.max_parked == 0 {
             p.push(problem("kafka.max_parked", "must be at least 1"));
         }
-        if (1..10).contains(&k.stall_rebuild_secs) {
+        if (1..60).contains(&k.stall_rebuild_secs) {
             p.push(problem(
                 "kafka.stall_rebuild_secs",
-                "must be 0 (never rebuild a silent producer) or at least 10; keep it above librdkafka's request.timeout.ms (30 s unless set)",
+                "must be 0 (never rebuild a silent producer) or at least 60: shorter would rebuild producers still inside librdkafka's request.timeout.ms and socket.connection.setup.timeout.ms (30 s each unless set)",
             ));
         }
         // Plugins add properties of their own (and loading them is the bridge's job).
@@ -1428,7 +1428,7 @@ allow_anonymous = true
         .expect_err("too short");
         assert_eq!(e.problems[0].key, "kafka.stall_rebuild_secs", "{e}");
         assert!(e.problems[0].message.contains("request.timeout.ms"), "{e}");
-        for ok in [0, 10, 600] {
+        for ok in [0, 60, 600] {
             let text = format!(
                 "[kafka]
 stall_rebuild_secs = {ok}
