@@ -635,19 +635,20 @@ enum Slot {
 struct Tracker {
     slots: VecDeque<(u64, Slot)>,
     /// Beside each slot: when it was handed to the producer and when its PUBLISH
-    /// reached the gateway (ms since epoch), for the latency histograms.
-    sent: VecDeque<(Instant, u64)>,
+    /// reached the gateway (ms since epoch), for the latency histograms; and its topic
+    /// (an index into the pump's [`Topics`]), for the silent-producer watchdog's probe.
+    sent: VecDeque<(Instant, u64, u16)>,
 }
 
 impl Tracker {
-    fn push(&mut self, seq: u64, received_at_ms: u64) {
+    fn push(&mut self, seq: u64, received_at_ms: u64, topic: u16) {
         debug_assert!(self.slots.back().is_none_or(|(s, _)| *s < seq));
         self.slots.push_back((seq, Slot::Sent));
-        self.sent.push_back((Instant::now(), received_at_ms));
+        self.sent.push_back((Instant::now(), received_at_ms, topic));
     }
     fn sent_at(&self, seq: u64) -> Option<(Instant, u64)> {
         let i = self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
-        self.sent.get(i).copied()
+        self.sent.get(i).map(|&(at, received, _)| (at, received))
     }
     fn slot(&mut self, seq: u64) -> Option<&mut Slot> {
         let i = self.slots.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
@@ -666,19 +667,49 @@ impl Tracker {
     fn len(&self) -> usize {
         self.slots.len()
     }
-    /// Records waiting for a delivery report.
-    /// The oldest record waiting for its delivery report.
-    fn oldest_sent(&self) -> Option<u64> {
+    /// Where the oldest record waiting for its delivery report goes: its topic's index,
+    /// or `None` for a dead-letter write.
+    fn oldest_waiting(&self) -> Option<Option<u16>> {
         self.slots
             .iter()
-            .find(|(_, s)| matches!(s, Slot::Sent))
-            .map(|(seq, _)| *seq)
+            .zip(&self.sent)
+            .find_map(|((_, slot), &(_, _, topic))| match slot {
+                Slot::Sent => Some(Some(topic)),
+                Slot::DeadLettering => Some(None),
+                _ => None,
+            })
     }
+    /// Records waiting for a delivery report.
     fn unconfirmed(&self) -> usize {
         self.slots
             .iter()
             .filter(|(_, s)| matches!(s, Slot::Sent | Slot::DeadLettering))
             .count()
+    }
+}
+
+/// The Kafka topics records went to, each once (a handful: the routes' and the event
+/// topics), so that the tracker keeps a 2-byte index per record instead of a name.
+#[derive(Default)]
+struct Topics(Vec<String>);
+
+impl Topics {
+    /// Index kept for a destination the tracker cannot name.
+    const UNKNOWN: u16 = u16::MAX;
+
+    fn index(&mut self, topic: &str) -> u16 {
+        if let Some(i) = self.0.iter().position(|t| t == topic) {
+            return i as u16;
+        }
+        if self.0.len() >= Self::UNKNOWN as usize {
+            return Self::UNKNOWN;
+        }
+        self.0.push(topic.to_string());
+        (self.0.len() - 1) as u16
+    }
+
+    fn name(&self, index: u16) -> Option<&str> {
+        self.0.get(index as usize).map(String::as_str)
     }
 }
 
@@ -834,47 +865,55 @@ pub async fn run<J: Journal>(
 }
 
 /// Whether a new client with the producer's settings is served metadata for `topic`
-/// with a leader for every partition (then: how many partitions), within
+/// with a leader for every partition (without a topic: by any broker), within
 /// [`PROBE_TIMEOUT`]; runs off the async threads, the answer comes on the channel.
-fn leaders_answer(config: ClientConfig, topic: String) -> oneshot::Receiver<Result<String, String>> {
+fn leaders_answer(config: ClientConfig, topic: Option<String>) -> oneshot::Receiver<Result<String, String>> {
     let (tx, rx) = oneshot::channel();
     tokio::task::spawn_blocking(move || {
         let answer = config
             .create::<BaseProducer>()
             .map_err(|e| e.to_string())
-            .and_then(|client| {
-                let md = client
-                    .client()
-                    .fetch_metadata(Some(&topic), PROBE_TIMEOUT)
-                    .map_err(|e| e.to_string())?;
-                let t = md
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == topic)
-                    .ok_or_else(|| format!("no metadata for {topic}"))?;
-                if let Some(e) = t.error() {
-                    return Err(format!("{topic}: {e:?}"));
-                }
-                if t.partitions().is_empty() {
-                    return Err(format!("{topic}: no partitions"));
-                }
-                for p in t.partitions() {
-                    if p.leader() < 0 || p.error().is_some() {
-                        return Err(format!(
-                            "{topic} partition {} has no leader ({:?})",
-                            p.id(),
-                            p.error()
-                        ));
-                    }
-                }
-                Ok(format!(
-                    "{topic}: {} partitions with a leader",
-                    t.partitions().len()
-                ))
-            });
+            .and_then(|client| served(&client, topic.as_deref()));
         let _ = tx.send(answer);
     });
     rx
+}
+
+fn served(client: &BaseProducer, topic: Option<&str>) -> Result<String, String> {
+    let md = client
+        .client()
+        .fetch_metadata(topic, PROBE_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let Some(topic) = topic else {
+        return match md.brokers().len() {
+            0 => Err("no broker in the metadata".into()),
+            n => Ok(format!("{n} broker(s)")),
+        };
+    };
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| format!("no metadata for {topic}"))?;
+    if let Some(e) = t.error() {
+        return Err(format!("{topic}: {e:?}"));
+    }
+    if t.partitions().is_empty() {
+        return Err(format!("{topic}: no partitions"));
+    }
+    for p in t.partitions() {
+        if p.leader() < 0 || p.error().is_some() {
+            return Err(format!(
+                "{topic} partition {} has no leader ({:?})",
+                p.id(),
+                p.error()
+            ));
+        }
+    }
+    Ok(format!(
+        "{topic}: {} partitions with a leader",
+        t.partitions().len()
+    ))
 }
 
 /// Purges and destroys a producer off the async threads (librdkafka's destroy joins its
@@ -965,6 +1004,8 @@ struct Pump<'p, J> {
     heard_back: bool,
     /// Since when a new client has got metadata while this producer stayed silent.
     answering_since: Option<Instant>,
+    /// The topics of the records in the tracker.
+    topics: Topics,
     /// The broker probe running, if any (it never holds up the pump), and when it was
     /// launched.
     probe: Option<(Instant, oneshot::Receiver<Result<String, String>>)>,
@@ -1018,6 +1059,7 @@ impl<'p, J: Journal> Pump<'p, J> {
             next_probe: Instant::now(),
             heard_back: false,
             answering_since: None,
+            topics: Topics::default(),
             probe: None,
         }
     }
@@ -1080,7 +1122,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                     // without an await that waits) must not hold a runtime worker for
                     // hundreds of ms: the sessions on it would wait, PUBACKs with them.
                     // The task's coop budget yields every so many records.
-                    tokio::task::consume_budget().await;
+                    tokio::task::coop::consume_budget().await;
                 }
                 batch.clear();
                 if batch.capacity() <= KEPT_BATCH {
@@ -1185,34 +1227,21 @@ impl<'p, J: Journal> Pump<'p, J> {
         }
         let now = Instant::now();
         if self.probe.is_none() && now >= self.next_probe {
+            self.next_probe = now + grace;
             // The topic the oldest waiting record goes to: its partitions must all have a
             // leader, or the silence is Kafka's (a partition without a leader holds the
             // watermark and, once `max_inflight` is reached, everything behind it).
-            let topic = match self.oldest_waiting_topic() {
-                Ok(Some(t)) => t,
-                Ok(None) => return None,
-                Err(e) => {
-                    debug!(error = %e, "kafka bridge: stalled; cannot read the oldest waiting record");
-                    return None;
-                }
+            // Without a name for it, the brokers answering at all is the test.
+            let topic = match self.tracker.oldest_waiting() {
+                Some(Some(i)) => self.topics.name(i).map(str::to_string),
+                Some(None) => Some(self.cfg.dead_letter_topic.clone()).filter(|t| !t.is_empty()),
+                None => None,
             };
-            self.next_probe = now + grace;
             let mut config = client_config(self.cfg);
             config.set("enable.idempotence", "false");
             self.probe = Some((now, leaders_answer(config, topic)));
         }
         None
-    }
-
-    /// The destination topic of the oldest record waiting for its delivery report.
-    fn oldest_waiting_topic(&self) -> Result<Option<String>, BridgeError> {
-        let Some(seq) = self.tracker.oldest_sent() else {
-            return Ok(None);
-        };
-        Ok(self
-            .read_record(seq)?
-            .and_then(|rec| self.routes.destination(&rec.entry))
-            .map(|d| d.topic))
     }
 
     async fn command(&mut self, cmd: Command, shutdown: &Shutdown) {
@@ -1400,11 +1429,12 @@ impl<'p, J: Journal> Pump<'p, J> {
     async fn send(&mut self, rec: &Record, shutdown: &Shutdown) -> Sent {
         let e = &rec.entry;
         let Some(dest) = self.routes.destination(e) else {
-            self.tracker.push(rec.seq, e.received_at_ms);
+            self.tracker.push(rec.seq, e.received_at_ms, Topics::UNKNOWN);
             let err = KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopic);
             self.failures.push((rec.seq, err));
             return Sent::Queued;
         };
+        let topic = self.topics.index(&dest.topic);
         loop {
             let record = BaseRecord::with_opaque_to(&dest.topic, rec.seq as usize)
                 .key(&dest.key)
@@ -1413,7 +1443,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                 .timestamp(e.received_at_ms as i64);
             match self.producer.send(record) {
                 Ok(()) => {
-                    self.tracker.push(rec.seq, e.received_at_ms);
+                    self.tracker.push(rec.seq, e.received_at_ms, topic);
                     return Sent::Queued;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -1422,7 +1452,7 @@ impl<'p, J: Journal> Pump<'p, J> {
                     }
                 }
                 Err((err, _)) => {
-                    self.tracker.push(rec.seq, e.received_at_ms);
+                    self.tracker.push(rec.seq, e.received_at_ms, topic);
                     self.failures.push((rec.seq, err));
                     return Sent::Queued;
                 }
@@ -1660,7 +1690,7 @@ mod tests {
     fn tracker_releases_across_sequence_gaps() {
         let mut t = Tracker::default();
         for seq in [3, 4, 10, 11, 40] {
-            t.push(seq, 0);
+            t.push(seq, 0, 0);
         }
         *t.slot(4).expect("4") = Slot::Done;
         assert_eq!(t.advance(), None, "3 is not done");
