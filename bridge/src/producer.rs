@@ -1182,12 +1182,13 @@ impl<'p, J: Journal> Pump<'p, J> {
     /// consumers drop replays by `gateway.seq`. Returns the reason when the producer
     /// should be rebuilt.
     fn stalled(&mut self) -> Option<String> {
-        let unconfirmed = self.tracker.unconfirmed();
-        if self.stall_after.is_zero() || unconfirmed == 0 {
+        // The silence first: counting the unconfirmed records walks the tracker.
+        let silent = self.last_progress.elapsed();
+        if self.stall_after.is_zero() || silent < self.stall_after {
             return None;
         }
-        let silent = self.last_progress.elapsed();
-        if silent < self.stall_after {
+        let unconfirmed = self.tracker.unconfirmed();
+        if unconfirmed == 0 {
             return None;
         }
         // Brokers that just came back get `grace` to be found by this producer too (its
