@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bridge::producer::{self, BridgeControl, BridgeStatus, Shutdown};
+use bridge::producer::{self, BridgeControl, BridgeError, BridgeStatus, ProducerConfig, Shutdown};
 use bridge::{Journal, JournalConfig, SegmentedJournal};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -33,10 +33,44 @@ async fn journal_with_records(dir: &std::path::Path, vehicles: usize) -> Arc<Seg
     journal
 }
 
+/// The producer pipeline running on a journal.
+struct Pipeline {
+    status: Arc<BridgeStatus>,
+    stop: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), BridgeError>>,
+}
+
+impl Pipeline {
+    fn start(journal: &Arc<SegmentedJournal>, cfg: ProducerConfig) -> Pipeline {
+        let status = Arc::new(BridgeStatus::default());
+        let stop = Shutdown::new();
+        let task = tokio::spawn(producer::run(
+            journal.clone(),
+            Arc::new(common::default_routes(TOPIC)),
+            cfg,
+            status.clone(),
+            BridgeControl::new(),
+            stop.clone(),
+        ));
+        Pipeline { status, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop
+            .stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
+        self.task.await.expect("join").expect("bridge");
+    }
+}
+
 /// Every vehicle's numbers, once each and in order.
-fn assert_all_once_in_order(bootstrap: &str, vehicles: usize) {
+async fn assert_all_once_in_order(bootstrap: &str, vehicles: usize) {
+    let bootstrap = bootstrap.to_string();
     let total = vehicles * PER_VEHICLE;
-    let got = common::consume(bootstrap, TOPIC, PARTITIONS, total, Duration::from_secs(30));
+    let got = tokio::task::spawn_blocking(move || {
+        common::consume(&bootstrap, TOPIC, PARTITIONS, total, Duration::from_secs(30))
+    })
+    .await
+    .expect("consume");
     let mut per: HashMap<String, Vec<usize>> = HashMap::new();
     for c in &got {
         per.entry(c.key.clone())
@@ -69,16 +103,8 @@ async fn a_silent_producer_is_rebuilt_while_the_brokers_answer() {
     );
     let mut cfg = common::config(&bootstrap, dir.path(), 10_000);
     cfg.stall_rebuild = Duration::from_secs(2);
-    let status = Arc::new(BridgeStatus::default());
-    let stop = Shutdown::new();
-    let task = tokio::spawn(producer::run(
-        journal.clone(),
-        Arc::new(common::default_routes(TOPIC)),
-        cfg,
-        status.clone(),
-        BridgeControl::new(),
-        stop.clone(),
-    ));
+    let pipeline = Pipeline::start(&journal, cfg);
+    let status = &pipeline.status;
     assert!(
         common::wait_until(Duration::from_secs(30), || status.producer_rebuilds.get() >= 1).await,
         "the silent producer was rebuilt (gateway_bridge_producer_rebuilds_total); last error {:?}",
@@ -93,12 +119,8 @@ async fn a_silent_producer_is_rebuilt_while_the_brokers_answer() {
         journal.stats().released_seq,
         status.last_error()
     );
-    stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
-    task.await.expect("join").expect("bridge");
-    let b = bootstrap.clone();
-    tokio::task::spawn_blocking(move || assert_all_once_in_order(&b, VEHICLES))
-        .await
-        .expect("consume");
+    pipeline.stop().await;
+    assert_all_once_in_order(&bootstrap, VEHICLES).await;
 }
 
 /// One partition without a leader holds the release watermark; the pipeline's window
@@ -116,16 +138,8 @@ async fn a_partition_without_a_leader_is_not_a_wedged_producer() {
     cluster.partition_leader(TOPIC, 0, None).expect("leaderless");
     let mut cfg = common::config(&bootstrap, dir.path(), 200);
     cfg.stall_rebuild = Duration::from_secs(2);
-    let status = Arc::new(BridgeStatus::default());
-    let stop = Shutdown::new();
-    let task = tokio::spawn(producer::run(
-        journal.clone(),
-        Arc::new(common::default_routes(TOPIC)),
-        cfg,
-        status.clone(),
-        BridgeControl::new(),
-        stop.clone(),
-    ));
+    let pipeline = Pipeline::start(&journal, cfg);
+    let status = &pipeline.status;
     // Several times the watchdog's silence and grace.
     tokio::time::sleep(Duration::from_secs(12)).await;
     let total = (MANY * PER_VEHICLE) as u64;
@@ -145,12 +159,8 @@ async fn a_partition_without_a_leader_is_not_a_wedged_producer() {
         "every record confirmed once the partition has a leader; last error {:?}",
         status.last_error()
     );
-    stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
-    task.await.expect("join").expect("bridge");
-    let b = bootstrap.clone();
-    tokio::task::spawn_blocking(move || assert_all_once_in_order(&b, MANY))
-        .await
-        .expect("consume");
+    pipeline.stop().await;
+    assert_all_once_in_order(&bootstrap, MANY).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,23 +176,10 @@ async fn a_producer_silent_because_the_brokers_are_down_is_not_rebuilt() {
     // The producer finds the broker again well within the watchdog's grace (2 s here).
     cfg.properties
         .insert("reconnect.backoff.max.ms".into(), "200".into());
-    let status = Arc::new(BridgeStatus::default());
-    let stop = Shutdown::new();
-    let task = tokio::spawn(producer::run(
-        journal.clone(),
-        Arc::new(common::default_routes(TOPIC)),
-        cfg,
-        status.clone(),
-        BridgeControl::new(),
-        stop.clone(),
-    ));
+    let pipeline = Pipeline::start(&journal, cfg);
+    let status = &pipeline.status;
     // Several times the watchdog's silence, the probe failing each time.
     tokio::time::sleep(Duration::from_secs(9)).await;
-    eprintln!(
-        "after the outage: rebuilds {} error {:?}",
-        status.producer_rebuilds.get(),
-        status.last_error()
-    );
     assert_eq!(
         journal.stats().released_seq,
         0,
@@ -195,16 +192,10 @@ async fn a_producer_silent_because_the_brokers_are_down_is_not_rebuilt() {
         "every record confirmed once the broker is back; last error {:?}",
         status.last_error()
     );
-    eprintln!(
-        "at the end: rebuilds {} error {:?}",
-        status.producer_rebuilds.get(),
-        status.last_error()
-    );
     assert_eq!(
         status.producer_rebuilds.get(),
         0,
         "no rebuild while the brokers did not answer"
     );
-    stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
-    task.await.expect("join").expect("bridge");
+    pipeline.stop().await;
 }
