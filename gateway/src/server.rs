@@ -116,11 +116,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         parked_dir,
         commands: Commands::default(),
         setups,
+        keep_alive: Arc::default(),
     });
     if restore(&shared)? > 0 {
         shared.store.flush().await.context("flushing restored sessions")?;
     }
     tokio::spawn(session::will::expire_sessions(shared.clone()));
+    tokio::spawn(session::keepalive::run(
+        shared.keep_alive.clone(),
+        shutdown.clone(),
+    ));
     let commands_task = start_commands(&shared, &bootstrap);
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     // Supervised: an error or a panic restarts the pipeline with back-off and a

@@ -53,6 +53,8 @@ pub struct Shared {
     pub replays: Arc<bridge::replay::Replays>,
     /// The set-up gate (`mqtt.max_concurrent_setups`, see `session::gate`).
     pub setups: Arc<crate::session::gate::Gate>,
+    /// Every connection's keep-alive deadline, on one clock (see `session::keepalive`).
+    pub keep_alive: Arc<crate::session::keepalive::KeepAlive>,
 }
 
 impl Shared {

@@ -58,13 +58,13 @@ where
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(Close::Protocol(e)),
             };
-            self.deadline = Instant::now() + self.keep_alive();
+            self.touch();
             if let Some(waiting) = self.handle(packet, max_inflight)? {
                 waiting.await?;
             }
             // Time spent waiting inside `handle` (journal back-pressure) was ours, not the
             // client's silence.
-            self.deadline = Instant::now() + self.keep_alive();
+            self.touch();
         }
     }
 

@@ -38,6 +38,7 @@ pub mod aliases;
 pub mod connect;
 pub mod gate;
 mod inbound;
+pub mod keepalive;
 mod outbound;
 pub mod presence;
 pub mod state;
@@ -212,7 +213,6 @@ struct Session<S> {
     last_gen: u64,
     /// 1.5 × the effective keep alive (always set: see `mqtt.max_keep_alive_secs`).
     keep_alive_ms: u32,
-    deadline: Instant,
     /// Topic aliases, both directions; allocated on the first: most vehicles use none.
     aliases: Option<Box<aliases::Aliases>>,
     /// Whether the subscription bound was logged already (once per session, not per packet).
@@ -467,7 +467,7 @@ where
         info!(client_id = %client_id, %peer, conn, version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
         session_present = attached.present, session_expiry = expiry, "connected");
         let stored_bytes: usize = cell.lock().subscriptions.keys().map(str::len).sum();
-        let mut s = Box::new(Session {
+        let s = Box::new(Session {
             stream,
             shared: shared.clone(),
             codec,
@@ -483,7 +483,6 @@ where
             last_seq: 0,
             last_gen: 0,
             keep_alive_ms: u32::try_from(keep_alive.as_millis()).unwrap_or(u32::MAX),
-            deadline: Instant::now() + keep_alive,
             aliases: None,
             quota_logged: false,
             stored_bytes: u32::try_from(stored_bytes).unwrap_or(u32::MAX),
@@ -500,7 +499,8 @@ where
         s.journal_connected(attached.present, identity.as_ref()).await;
         // That may have waited for journal space: the keep alive counts from the CONNACK,
         // which leaves only now.
-        s.deadline = Instant::now() + s.keep_alive();
+        s.touch();
+        shared.keep_alive.watch(&s.info, &s.cell);
         Some((s, span))
     }
 }
@@ -568,21 +568,23 @@ where
                 // We stopped reading (in-flight bound, e.g. while the journal withholds
                 // durability): the client's PINGREQs wait unread in the socket, so its
                 // keep-alive is not counting against it until we read again.
-                self.deadline = Instant::now() + self.keep_alive();
+                self.touch();
             }
-            let wake_at = if can_read {
-                self.deadline
-            } else {
-                Instant::now() + JOURNAL_CHECK
-            };
-            // One wait covers deliveries, a takeover and shutdown: registered before the
-            // look below, so neither can slip in between.
+            // One wait covers deliveries, a takeover, shutdown and the keep-alive clock
+            // (`keepalive`): registered before the look below, so none can slip in between.
             let woken = cell.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
             if let Some(close) = self.ended() {
                 return close;
             }
+            if can_read && self.keep_alive_expired() {
+                return Close::KeepAlive;
+            }
+            // Not reading, waiting on the journal: a writer that stopped for good wakes
+            // nobody, so look now and then (the session must not outlive it). Boxed: only
+            // a back-pressured session pays for the timer.
+            let check = (!can_read).then(|| Box::pin(tokio::time::sleep(JOURNAL_CHECK)));
             // Acknowledgements waiting on the journal or the store: their watches are
             // waited on (boxed) only while something waits, so an idle vehicle's future
             // reserves no room for them.
@@ -592,18 +594,12 @@ where
                 .map(|p| Box::pin(covered(self.shared.clone(), p.seq, p.gen)));
             tokio::select! {
                 biased;
-                journal_open = when_some(acks) => {
+                journal_open = WhenSome(acks) => {
                     if !journal_open {
                         return Close::JournalStopped("journal closed".into());
                     }
                 }
-                // Reading: the keep-alive deadline. Not reading and waiting on the journal:
-                // a writer that stopped for good wakes nobody, so look now and then (the
-                // session must not outlive it). One timer for both.
-                _ = tokio::time::sleep_until(wake_at) => {
-                    if can_read {
-                        return Close::KeepAlive;
-                    }
+                _ = WhenSome(check) => {
                     if self.store_stuck(self.shared.store.flushed_gen()) {
                         return Close::StoreFailed("a store flush failed".into());
                     }
@@ -611,7 +607,7 @@ where
                         return Close::JournalStopped("journal stopped".into());
                     }
                 }
-                read = self.read_more(), if can_read => match read {
+                read = std::future::poll_fn(|cx| self.poll_read_more(cx)), if can_read => match read {
                     Ok(0) => return Close::PeerClosed,
                     Ok(_) => {}
                     Err(e) => return Close::Io(e),
@@ -629,6 +625,7 @@ where
     /// journals the `disconnected` presence event, and on shutdown first waits for
     /// pending acknowledgements to become durable.
     async fn finish(&mut self, close: Close) {
+        self.shared.keep_alive.forget(&self.info);
         if matches!(close, Close::TakenOver) {
             // The new owner shares this cell's wake-ups, and one meant for it may have
             // been taken by this connection as it noticed the takeover: pass it on now,
@@ -728,6 +725,20 @@ where
         Duration::from_millis(u64::from(self.keep_alive_ms))
     }
 
+    /// The client was heard from (or is not being read): its keep-alive deadline is
+    /// 1.5 × its keep alive from now.
+    fn touch(&self) {
+        let due = self.shared.keep_alive.due_in(self.keep_alive());
+        self.info.keep_alive_due.store(due, Ordering::Relaxed);
+    }
+
+    /// The keep-alive clock passed this connection's deadline.
+    fn keep_alive_expired(&self) -> bool {
+        self.shared
+            .keep_alive
+            .expired(self.info.keep_alive_due.load(Ordering::Relaxed))
+    }
+
     /// Whether this connection must end now: the gateway is shutting down, or a newer
     /// connection took the session (or its client id) over.
     fn ended(&self) -> Option<Close> {
@@ -792,11 +803,21 @@ async fn covered(shared: Arc<Shared>, seq: u64, gen: u64) -> bool {
     }
 }
 
-/// Waits for `f`, or forever when there is none (a `select!` branch that may be absent).
-async fn when_some<F: std::future::Future>(f: Option<F>) -> F::Output {
-    match f {
-        Some(f) => f.await,
-        None => std::future::pending().await,
+/// `f`, or never when there is none (a `select!` branch that may be absent). A struct,
+/// not an `async fn`: the session's future holds only the option, not room for its state.
+struct WhenSome<F>(Option<F>);
+
+impl<F: std::future::Future + Unpin> std::future::Future for WhenSome<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        match self.0.as_mut() {
+            Some(f) => std::pin::Pin::new(f).poll(cx),
+            None => std::task::Poll::Pending,
+        }
     }
 }
 
@@ -807,8 +828,8 @@ mod size_tests {
     type Tcp = tokio::net::TcpStream;
     type Tls = crate::tls::stream::TlsStream;
 
-    /// The largest task future tokio (1.54, x86_64) fits in a 512-byte task cell.
-    const TASK_FUTURE_FOR_512: usize = 400;
+    /// The largest task future tokio (1.54, x86_64) fits in a 384-byte task cell.
+    const TASK_FUTURE_FOR_384: usize = 264;
 
     /// Size of what `f` returns (a future's size without having to run it).
     fn returned4<A, B, C, D, R>(_: fn(A, B, C, D) -> R) -> usize {
@@ -842,7 +863,7 @@ mod size_tests {
         );
         // glibc rounds a block to 16 bytes with 8 of its own: each 16 bytes more here is
         // 16 bytes more per idle vehicle.
-        assert!(session <= 272, "Session grew to {session} bytes");
+        assert!(session <= 256, "Session grew to {session} bytes");
         assert!(cell <= 152, "SessionCell grew to {cell} bytes");
         assert!(plain <= 512, "a plain connection's future grew to {plain} bytes");
         assert!(tls <= 512, "a TLS connection's future grew to {tls} bytes");
@@ -870,15 +891,18 @@ mod size_tests {
         );
         // tokio keeps a task in one allocation aligned to 128 bytes: 32 bytes of header,
         // the future with 32 bytes of bookkeeping (40 with `--cfg tokio_unstable`, our
-        // build: see .cargo/config.toml), 48 bytes of trailer. Up to 400 bytes of future,
-        // that is 512 bytes per idle vehicle; 8 bytes more costs 640.
+        // build: see .cargo/config.toml), 48 bytes of trailer. Up to 264 bytes of future,
+        // that is 384 bytes per idle vehicle; 8 bytes more costs 512. (What keeps it
+        // there: no timer in the session's loop — the keep alive is one shared clock,
+        // `keepalive`, and a write arms a timer only when the socket does not take it
+        // at once — and the loop's waits are polled in place, not `async fn`s.)
         assert!(
-            task <= TASK_FUTURE_FOR_512,
-            "a plain connection's task future is {task} bytes: its task takes 640 bytes"
+            task <= TASK_FUTURE_FOR_384,
+            "a plain connection's task future is {task} bytes: its task takes 512 bytes"
         );
         assert!(
-            tls_task <= TASK_FUTURE_FOR_512,
-            "a TLS connection's task future is {tls_task} bytes: its task takes 640 bytes"
+            tls_task <= TASK_FUTURE_FOR_384,
+            "a TLS connection's task future is {tls_task} bytes: its task takes 512 bytes"
         );
     }
 }

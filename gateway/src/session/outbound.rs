@@ -3,6 +3,9 @@
 //! client's Receive Maximum and a write budget), and the client's acknowledgements of
 //! those deliveries (PUBACK, PUBREC → PUBREL, PUBCOMP).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -176,21 +179,23 @@ where
 
     /// Reads more bytes. An idle vehicle (nothing buffered, last read small) waits with a
     /// small buffer: at a million connections the read buffer is most of the memory.
-    pub(super) async fn read_more(&mut self) -> std::io::Result<usize> {
+    pub(super) fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         if self.read_buf.is_empty() && (self.last_read as usize) < IDLE_READ {
             // Idle: wait until bytes arrive holding no buffer at all, then read them.
             if self.read_buf.capacity() > 0 {
                 self.read_buf = bytes::BytesMut::new();
             }
-            std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)).await?;
+            std::task::ready!(self.stream.poll_read_ready(cx))?;
             self.read_buf.reserve(IDLE_READ);
         } else {
             self.read_buf.reserve(READ_CHUNK);
         }
-        let n = self.stream.read_buf(&mut self.read_buf).await?;
+        // A poll of `read_buf` is one poll of the stream into the buffer: nothing of it
+        // needs to outlive this call.
+        let n = std::task::ready!(std::pin::pin!(self.stream.read_buf(&mut self.read_buf)).poll(cx))?;
         ConnInfo::add(&self.info.bytes_in, n);
         self.last_read = u32::try_from(n).unwrap_or(u32::MAX);
-        Ok(n)
+        Poll::Ready(Ok(n))
     }
 
     /// Writes what is queued. A peer that does not drain its socket for its whole
@@ -201,23 +206,47 @@ where
         self.flush_within(WRITE_TIMEOUT.min(self.keep_alive())).await
     }
 
+    /// Writes and flushes what the stream takes without waiting, from `written` on:
+    /// true once all of `out` is written and flushed.
+    fn write_now(&mut self, cx: &mut Context<'_>, written: &mut usize) -> std::io::Result<bool> {
+        while *written < self.out.len() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.out[*written..]) {
+                Poll::Ready(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(false),
+            }
+        }
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Ready(r) => r.map(|()| true),
+            Poll::Pending => Ok(false),
+        }
+    }
+
     pub(super) async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
         if self.out.is_empty() {
             return Ok(());
         }
-        // Written and flushed: a TLS stream may hold the tail of its records until then.
         ConnInfo::add(&self.info.bytes_out, self.out.len());
-        let written = async {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await
-        };
-        match timeout(limit, written).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "write timed out",
-                ))
+        // The socket takes most writes at once: those are written without a timer (no
+        // timer armed per delivery, and no room for one in every idle connection's
+        // future). What it does not take waits, boxed, under the limit.
+        let mut written = 0;
+        let done = std::future::poll_fn(|cx| Poll::Ready(self.write_now(cx, &mut written))).await?;
+        if !done {
+            // Written and flushed: a TLS stream may hold the tail of its records until then.
+            let rest = async {
+                self.stream.write_all(&self.out[written..]).await?;
+                self.stream.flush().await
+            };
+            match Box::pin(timeout(limit, rest)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "write timed out",
+                    ))
+                }
             }
         }
         self.out.clear();

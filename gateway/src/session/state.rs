@@ -108,6 +108,11 @@ pub struct ConnInfo {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub kicked: std::sync::atomic::AtomicBool,
+    /// The keep-alive deadline, in ticks of the gateway's keep-alive clock
+    /// ([`super::keepalive`]): every packet moves it, the clock's wheel reads it.
+    pub keep_alive_due: std::sync::atomic::AtomicU32,
+    /// The wheel's slot holding this connection (written under the wheel's lock).
+    pub keep_alive_slot: std::sync::atomic::AtomicU32,
 }
 
 impl Default for ConnInfo {
@@ -124,6 +129,8 @@ impl Default for ConnInfo {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             kicked: std::sync::atomic::AtomicBool::new(false),
+            keep_alive_due: std::sync::atomic::AtomicU32::new(0),
+            keep_alive_slot: std::sync::atomic::AtomicU32::new(0),
         }
     }
 }
