@@ -8,18 +8,24 @@
 //!
 //! Invariants:
 //! - A connection is closed for keep alive only once the clock passed its deadline
-//!   (never early); at most [`TICK`] plus the ticker's own delay late.
+//!   (never early); up to two [`TICK`]s late (the deadline rounded up to a tick, the
+//!   ticker's phase) plus the ticker's own delay under load.
 //! - Every connection in the loop has exactly one entry until it ends: the entry is
 //!   re-armed at the deadline in force when it comes due, so a deadline that moved on
 //!   costs one look per period, however many packets moved it.
 //! - An expired connection is woken through its session cell (the wake-up its loop
 //!   waits on anyway) and looked at again every [`RETRY`] until it is gone; a wake-up
 //!   that finds a live deadline, or reaches a newer owner of the cell, is harmless.
-//! - An entry holds no strong reference: a connection that ended without removing its
-//!   entry (a panic) costs its two allocations' headers until the entry comes due.
+//! - An entry holds no strong reference, and a connection removes its own when its loop
+//!   ends ([`KeepAlive::forget`]), before its goodbye: a closed connection leaves
+//!   nothing behind, however fast clients come and go. (A session task that panicked
+//!   leaves its entry while its cell still names the connection: woken every
+//!   [`RETRY`], harmlessly, until the client id is taken over.)
 //!
 //! All under one mutex, held for one slot at a time: registrations (at CONNACK) and
-//! removals (at close, a scan of one slot) wait at most for one slot's look.
+//! removals (at close, a scan of the connection's slot: connections that got their
+//! CONNACK in the same 100 ms with the same keep alive share one) wait at most for one
+//! slot's look.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -67,7 +73,7 @@ impl KeepAlive {
     /// The deadline `after` from now, in ticks (rounded up: never early).
     pub fn due_in(&self, after: Duration) -> u32 {
         let at = Instant::now().saturating_duration_since(self.start) + after;
-        u32::try_from(at.as_millis().div_ceil(TICK_MS)).unwrap_or(u32::MAX)
+        u32::try_from(at.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(u32::MAX)
     }
 
     /// Whether a deadline of [`KeepAlive::due_in`] has passed.
@@ -281,11 +287,39 @@ mod tests {
     }
 
     #[test]
-    fn a_clock_behind_by_more_than_the_horizon_looks_at_every_slot_once() {
+    fn a_clock_behind_by_more_than_the_horizon_still_looks_at_every_slot() {
         let wheel = KeepAlive::default();
-        let (_info, cell) = connection(&wheel, 7);
+        let cells: Vec<_> = [7, 2_000, SLOTS - 2, SLOTS + 300]
+            .into_iter()
+            .map(|due| connection(&wheel, due))
+            .collect();
         wheel.advance_to(10 * SLOTS);
+        for (info, cell) in &cells {
+            let due = info.keep_alive_due.load(Ordering::Relaxed);
+            assert!(woken(cell), "deadline {due} missed");
+        }
+        assert_eq!(wheel.len(), cells.len());
+    }
+
+    #[test]
+    fn deadlines_round_up_to_the_tick_never_down() {
+        let wheel = KeepAlive::default();
+        for ms in [1, 99, 100, 101, 1_499, 1_500, 1_501] {
+            let before = Instant::now().saturating_duration_since(wheel.start);
+            let due = wheel.due_in(Duration::from_millis(ms));
+            assert!(
+                TICK * due >= before + Duration::from_millis(ms),
+                "{ms} ms from {before:?}: tick {due} is early"
+            );
+        }
+    }
+
+    #[test]
+    fn a_deadline_already_passed_at_registration_is_woken_on_the_next_tick() {
+        let wheel = KeepAlive::default();
+        wheel.advance_to(50);
+        let (_info, cell) = connection(&wheel, 20);
+        wheel.advance_to(51);
         assert!(woken(&cell));
-        assert_eq!(wheel.len(), 1);
     }
 }

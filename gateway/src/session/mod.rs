@@ -517,6 +517,9 @@ where
     fn live(mut self: Box<Self>) -> impl std::future::Future<Output = ()> {
         async move {
             let close = self.serve().await;
+            // Out of the keep-alive clock before the goodbye, which may wait at the set-up
+            // gate: a cell taken over meanwhile is not woken for this connection.
+            self.shared.keep_alive.forget(&self.info);
             // Boxed: the goodbye path is rare; keeping it out of the session's future keeps
             // an idle connection small (a million of them must fit in memory).
             if matches!(close, Close::TakenOver) {
@@ -625,7 +628,6 @@ where
     /// journals the `disconnected` presence event, and on shutdown first waits for
     /// pending acknowledgements to become durable.
     async fn finish(&mut self, close: Close) {
-        self.shared.keep_alive.forget(&self.info);
         if matches!(close, Close::TakenOver) {
             // The new owner shares this cell's wake-ups, and one meant for it may have
             // been taken by this connection as it noticed the takeover: pass it on now,
