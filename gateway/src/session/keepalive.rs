@@ -23,9 +23,8 @@
 //!   [`RETRY`], harmlessly, until the client id is taken over.)
 //!
 //! All under one mutex, held for one slot at a time: registrations (at CONNACK) and
-//! removals (at close, a scan of the connection's slot: connections that got their
-//! CONNACK in the same 100 ms with the same keep alive share one) wait at most for one
-//! slot's look.
+//! removals (at close; constant time, each connection knows its place) wait at most for
+//! one slot's look.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -98,13 +97,31 @@ impl KeepAlive {
         );
     }
 
-    /// Stops watching a connection (it is closing).
+    /// Stops watching a connection (it is closing). Constant time: the connection knows
+    /// its slot and index (a mass disconnect of connections that share a slot must not
+    /// scan it once per connection under the lock).
     pub fn forget(&self, info: &Arc<ConnInfo>) {
         let mut slots = self.lock();
-        let slot = &mut slots[info.keep_alive_slot.load(Ordering::Relaxed) as usize % SLOTS as usize];
+        let at = info.keep_alive_at.load(Ordering::Relaxed);
+        let slot = &mut slots[(at >> 32) as usize % SLOTS as usize];
         let me = Arc::as_ptr(info);
-        if let Some(i) = slot.iter().position(|e| std::ptr::eq(e.info.as_ptr(), me)) {
-            slot.swap_remove(i);
+        let index = (at & u64::from(u32::MAX)) as usize;
+        let found = match slot.get(index) {
+            Some(e) if std::ptr::eq(e.info.as_ptr(), me) => Some(index),
+            // Not where it says: never expected; look through the slot rather than leave it.
+            _ => slot.iter().position(|e| std::ptr::eq(e.info.as_ptr(), me)),
+        };
+        let Some(index) = found else {
+            return;
+        };
+        slot.swap_remove(index);
+        // The slot's last entry took its place: tell it (a connection already gone needs
+        // no telling; its entry is dropped when the slot comes due).
+        if let Some(moved) = slot.get(index).and_then(|e| e.info.upgrade()) {
+            let moved_slot = at >> 32;
+            moved
+                .keep_alive_at
+                .store(moved_slot << 32 | index as u64, Ordering::Relaxed);
         }
     }
 
@@ -169,12 +186,14 @@ impl KeepAlive {
 }
 
 /// Puts `entry` in the slot of `due`, or of the horizon's end when `due` is beyond it,
-/// and records the slot in the connection's facts (for [`KeepAlive::forget`]).
+/// and records where in the connection's facts (for [`KeepAlive::forget`]).
 fn place(slots: &mut [Vec<Entry>], now: u32, due: u32, entry: Entry, info: &ConnInfo) {
     let at = due.clamp(now.saturating_add(1), now.saturating_add(SLOTS - 1));
     let slot = at % SLOTS;
-    info.keep_alive_slot.store(slot, Ordering::Relaxed);
-    slots[slot as usize].push(entry);
+    let entries = &mut slots[slot as usize];
+    info.keep_alive_at
+        .store(u64::from(slot) << 32 | entries.len() as u64, Ordering::Relaxed);
+    entries.push(entry);
 }
 
 /// Ticks the wheel until shutdown.
@@ -216,6 +235,15 @@ mod tests {
         let cell = SessionCell::new(Arc::from("car"), state);
         wheel.watch(&info, &cell);
         (info, cell)
+    }
+
+    /// The connection's recorded place holds its entry (so `forget` needs no scan).
+    fn placed_right(wheel: &KeepAlive, info: &Arc<ConnInfo>) -> bool {
+        let at = info.keep_alive_at.load(Ordering::Relaxed);
+        let slots = wheel.lock();
+        slots[(at >> 32) as usize]
+            .get((at & u64::from(u32::MAX)) as usize)
+            .is_some_and(|e| std::ptr::eq(e.info.as_ptr(), Arc::as_ptr(info)))
     }
 
     /// Takes the cell's wake-up if one is waiting.
@@ -282,6 +310,36 @@ mod tests {
         wheel.advance_to(40);
         assert_eq!(wheel.len(), 1);
         assert!(woken(&cell_b));
+        wheel.forget(&b);
+        assert!(wheel.is_empty());
+    }
+
+    #[test]
+    fn connections_sharing_a_slot_leave_it_in_any_order() {
+        let wheel = KeepAlive::default();
+        let conns: Vec<_> = (0..6).map(|_| connection(&wheel, 30)).collect();
+        // The first, then the one moved into its place, then one from the middle...
+        let mut left: Vec<usize> = (0..6).collect();
+        for i in [0, 5, 2, 4, 1, 3] {
+            let before = wheel.len();
+            wheel.forget(&conns[i].0);
+            assert_eq!(wheel.len(), before - 1, "connection {i} was not removed");
+            left.retain(|&j| j != i);
+            for &j in &left {
+                assert!(placed_right(&wheel, &conns[j].0), "connection {j} lost its place");
+            }
+        }
+        // ...and nothing is left to wake.
+        wheel.advance_to(30);
+        assert!(conns.iter().all(|(_, cell)| !woken(cell)));
+        // Re-armed entries (a deadline that moved on) keep their place known too.
+        let (a, _) = connection(&wheel, 40);
+        let (b, _) = connection(&wheel, 40);
+        a.keep_alive_due.store(60, Ordering::Relaxed);
+        b.keep_alive_due.store(60, Ordering::Relaxed);
+        wheel.advance_to(40);
+        assert!(placed_right(&wheel, &a) && placed_right(&wheel, &b));
+        wheel.forget(&a);
         wheel.forget(&b);
         assert!(wheel.is_empty());
     }

@@ -867,6 +867,10 @@ mod size_tests {
         // 16 bytes more per idle vehicle.
         assert!(session <= 256, "Session grew to {session} bytes");
         assert!(cell <= 152, "SessionCell grew to {cell} bytes");
+        // In an `Arc` (16 bytes of counts): up to 120 bytes it is a 144-byte glibc chunk.
+        let info = size_of::<super::state::ConnInfo>();
+        println!("ConnInfo {info} B");
+        assert!(info <= 120, "ConnInfo grew to {info} bytes");
         assert!(plain <= 512, "a plain connection's future grew to {plain} bytes");
         assert!(tls <= 512, "a TLS connection's future grew to {tls} bytes");
         // The task a plain connection runs in holds that future once, not twice.

@@ -111,8 +111,10 @@ pub struct ConnInfo {
     /// The keep-alive deadline, in ticks of the gateway's keep-alive clock
     /// ([`super::keepalive`]): every packet moves it, the clock's wheel reads it.
     pub keep_alive_due: std::sync::atomic::AtomicU32,
-    /// The wheel's slot holding this connection (written under the wheel's lock).
-    pub keep_alive_slot: std::sync::atomic::AtomicU32,
+    /// Where the wheel holds this connection: its slot (high 32 bits) and its index in
+    /// that slot (written under the wheel's lock; `ConnInfo`'s allocation keeps the same
+    /// glibc chunk with this `u64` as with a `u32`).
+    pub keep_alive_at: std::sync::atomic::AtomicU64,
 }
 
 impl Default for ConnInfo {
@@ -130,7 +132,7 @@ impl Default for ConnInfo {
             bytes_out: AtomicU64::new(0),
             kicked: std::sync::atomic::AtomicBool::new(false),
             keep_alive_due: std::sync::atomic::AtomicU32::new(0),
-            keep_alive_slot: std::sync::atomic::AtomicU32::new(0),
+            keep_alive_at: AtomicU64::new(0),
         }
     }
 }
