@@ -14,13 +14,13 @@
 //!   re-armed at the deadline in force when it comes due, so a deadline that moved on
 //!   costs one look per period, however many packets moved it.
 //! - An expired connection is woken through its session cell (the wake-up its loop
-//!   waits on anyway) and looked at again every [`RETRY`] until it is gone; a wake-up
+//!   waits on anyway) and looked at again every `RETRY` (1 s) until it is gone; a wake-up
 //!   that finds a live deadline, or reaches a newer owner of the cell, is harmless.
 //! - An entry holds no strong reference, and a connection removes its own when its loop
 //!   ends ([`KeepAlive::forget`]), before its goodbye: a closed connection leaves
 //!   nothing behind, however fast clients come and go. (A session task that panicked
 //!   leaves its entry while its cell still names the connection: woken every
-//!   [`RETRY`], harmlessly, until the client id is taken over.)
+//!   `RETRY` (1 s), harmlessly, until the client id is taken over.)
 //!
 //! All under one mutex, held for one slot at a time: registrations (at CONNACK) and
 //! removals (at close; constant time, each connection knows its place) wait at most for

@@ -6,7 +6,9 @@
 //! gateway sends: deliveries and the acknowledgements it owes), [`will`] (Will
 //! messages, their delay, session expiry), [`presence`] (connected / disconnected
 //! events, journaled in order with the connection's publishes) and [`state`] (the
-//! session itself, which outlives connections).
+//! session itself, which outlives connections). Shared by all connections: [`gate`]
+//! (set-ups and goodbyes yield to connected vehicles) and [`keepalive`] (one clock for
+//! every connection's keep-alive deadline: the loop arms no timer of its own).
 //!
 //! The ingest rule lives here: a QoS 1/2 PUBLISH is appended to the journal and its
 //! PUBACK / PUBREC is written only once the journal's durable watermark covers the
