@@ -187,6 +187,9 @@ pub struct BridgeStatus {
     /// Errors reported by librdkafka (connection failures, retried requests).
     pub errors: IntCounter,
     pub producer_rebuilds: IntCounter,
+    /// Old producers whose destroy outran its bound and still runs in the background
+    /// (a wedged librdkafka instance: its threads and buffers are held until it returns).
+    pub producers_lingering: IntGauge,
     /// Pipeline restarts by the supervisor after an error or a panic (counter).
     pub restarts: IntCounter,
     /// From handing a record to the Kafka producer to its `acks=all` confirmation.
@@ -260,6 +263,10 @@ impl Default for BridgeStatus {
             producer_rebuilds: defs.counter(
                 "gateway_bridge_producer_rebuilds_total",
                 "Kafka producers rebuilt after a fatal error (every unconfirmed record is sent again, in order).",
+            ),
+            producers_lingering: defs.gauge(
+                "gateway_bridge_producers_lingering",
+                "Old Kafka producers still being destroyed in the background after a rebuild or a stop (their threads and memory are held until it returns).",
             ),
             restarts: defs.counter(
                 "gateway_bridge_restarts_total",
@@ -809,7 +816,7 @@ pub async fn run<J: Journal>(
             Err(e) => {
                 pump.finish_redrives(true);
                 drop(pump);
-                dispose(producer, None).await;
+                dispose(producer, None, &status).await;
                 return Err(e);
             }
         };
@@ -833,7 +840,7 @@ pub async fn run<J: Journal>(
                 let unconfirmed = pump.tracker.len();
                 pump.finish_redrives(true);
                 drop(pump);
-                dispose(producer, Some(deadline)).await;
+                dispose(producer, Some(deadline), &status).await;
                 info!(
                     unconfirmed,
                     "kafka bridge: stopped; unconfirmed records stay in the journal"
@@ -854,7 +861,7 @@ pub async fn run<J: Journal>(
                 drop(pump);
                 // A wedged producer's destroy may never return: give it a bound, and let
                 // it finish in the background (it was purged: it sends nothing more).
-                dispose(producer, Some(Instant::now() + DISPOSE_BOUND)).await;
+                dispose(producer, Some(Instant::now() + DISPOSE_BOUND), &status).await;
                 tokio::select! {
                     _ = shutdown.requested() => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -917,18 +924,26 @@ fn served(client: &BaseProducer, topic: Option<&str>) -> Result<String, String> 
 }
 
 /// Purges and destroys a producer off the async threads (librdkafka's destroy joins its
-/// threads and flushes for up to 500 ms); waits for it at most until `deadline`.
-async fn dispose(producer: ThreadedProducer<Ctx>, deadline: Option<Instant>) {
+/// threads and flushes for up to 500 ms); waits for it at most until `deadline`. One left
+/// running past it is counted in `gateway_bridge_producers_lingering` until it returns.
+async fn dispose(producer: ThreadedProducer<Ctx>, deadline: Option<Instant>, status: &BridgeStatus) {
     // The purge waits for librdkafka's broker threads too: off the async threads with
     // the destroy, so that a wedged producer cannot hold a runtime worker.
-    let task = tokio::task::spawn_blocking(move || {
+    let mut task = tokio::task::spawn_blocking(move || {
         producer.purge(PurgeConfig::default().queue().inflight());
         drop(producer)
     });
     match deadline {
         Some(d) => {
-            if tokio::time::timeout_at(d, task).await.is_err() {
+            if tokio::time::timeout_at(d, &mut task).await.is_err() {
                 warn!("kafka bridge: the old producer did not stop in time; left to finish in the background (it was purged: it sends nothing new)");
+                let lingering = status.producers_lingering.clone();
+                lingering.inc();
+                tokio::spawn(async move {
+                    let _ = task.await;
+                    lingering.dec();
+                    info!("kafka bridge: an old producer left in the background finished stopping");
+                });
             }
         }
         None => {
