@@ -202,18 +202,12 @@ impl Registry {
             }
             stale = Some((cell.key(), discard(&cell, &mut st, store, metrics)));
         }
-        let state = SessionState {
-            owner: Some(c.owner),
-            expiry_secs: c.expiry_secs,
-            disconnected_at: DisconnectedAt::default(),
-            subscriptions: Default::default(),
-            inbound_qos2: Default::default(),
-            out: Default::default(),
-            protocol: c.protocol,
-            delayed_will: None,
-            last_pkid: 0,
-            gone: false,
-        };
+        let state = SessionState::new(
+            Some(c.owner),
+            c.expiry_secs,
+            DisconnectedAt::default(),
+            c.protocol,
+        );
         let cell = SessionCell::new(c.client_id.clone(), state);
         map.insert(cell.clone());
         drop(map);
@@ -634,18 +628,12 @@ mod lock_order_tests {
         // Offline for 70 s with a 60 s session expiry; the command expired after 30 s.
         let cell = SessionCell::new(
             Arc::from("car"),
-            SessionState {
-                owner: None,
-                expiry_secs: 60,
-                disconnected_at: crate::session::state::DisconnectedAt::at(Some(now - 70_000)),
-                subscriptions: Default::default(),
-                inbound_qos2: Default::default(),
-                out: Default::default(),
-                protocol: 5,
-                delayed_will: None,
-                last_pkid: 0,
-                gone: false,
-            },
+            SessionState::new(
+                None,
+                60,
+                crate::session::state::DisconnectedAt::at(Some(now - 70_000)),
+                5,
+            ),
         );
         cell.persist(&store, &m).unwrap();
         let mut item = OutItem::new(

@@ -374,26 +374,19 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
     let (count, mut queued, mut rewritten) = (sessions.len(), 0, 0);
     for s in sessions {
         let client_id: Arc<str> = Arc::from(s.client_id.as_str());
-        let mut state = SessionState {
-            owner: None,
-            expiry_secs: s.record.expiry_secs,
-            disconnected_at: crate::session::state::DisconnectedAt::at(Some(
-                s.record.disconnected_at_ms.unwrap_or(now),
-            )),
-            subscriptions: Default::default(),
-            inbound_qos2: s
-                .record
-                .inbound_qos2
-                .iter()
-                .filter(|(_, seq)| qos2_id_kept(*seq, same_journal, recovered))
-                .map(|(pkid, seq)| (*pkid, Qos2In { seq: *seq, gen: 0 }))
-                .collect(),
-            out: Default::default(),
-            protocol: s.record.protocol,
-            delayed_will: None,
-            last_pkid: 0,
-            gone: false,
-        };
+        let mut state = SessionState::new(
+            None,
+            s.record.expiry_secs,
+            crate::session::state::DisconnectedAt::at(Some(s.record.disconnected_at_ms.unwrap_or(now))),
+            s.record.protocol,
+        );
+        state.inbound_qos2 = s
+            .record
+            .inbound_qos2
+            .iter()
+            .filter(|(_, seq)| qos2_id_kept(*seq, same_journal, recovered))
+            .map(|(pkid, seq)| (*pkid, Qos2In { seq: *seq, gen: 0 }))
+            .collect();
         for (id, rec) in s.queue {
             queued += 1;
             let command = rec.command.clone().map(|c| shared.commands.restore(c));

@@ -125,12 +125,14 @@ impl KeepAlive {
         }
     }
 
-    /// Connections watched (tests, the status of a shutdown).
-    pub fn len(&self) -> usize {
+    /// Connections watched.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().iter().map(Vec::len).sum()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -220,18 +222,7 @@ mod tests {
     fn connection(wheel: &KeepAlive, due: u32) -> (Arc<ConnInfo>, Arc<SessionCell>) {
         let info = Arc::new(ConnInfo::default());
         info.keep_alive_due.store(due, Ordering::Relaxed);
-        let state = SessionState {
-            owner: Some(Owner { info: info.clone() }),
-            expiry_secs: 0,
-            disconnected_at: DisconnectedAt::at(None),
-            subscriptions: Default::default(),
-            inbound_qos2: Default::default(),
-            out: Default::default(),
-            protocol: 5,
-            delayed_will: None,
-            last_pkid: 0,
-            gone: false,
-        };
+        let state = SessionState::new(Some(Owner { info: info.clone() }), 0, DisconnectedAt::at(None), 5);
         let cell = SessionCell::new(Arc::from("car"), state);
         wheel.watch(&info, &cell);
         (info, cell)

@@ -319,6 +319,27 @@ impl Subscriptions {
 }
 
 impl SessionState {
+    /// A session with nothing in it yet: no subscriptions, no queue, no QoS 2 state.
+    pub fn new(
+        owner: Option<Owner>,
+        expiry_secs: u32,
+        disconnected_at: DisconnectedAt,
+        protocol: u8,
+    ) -> Self {
+        SessionState {
+            owner,
+            expiry_secs,
+            disconnected_at,
+            subscriptions: Default::default(),
+            inbound_qos2: Default::default(),
+            out: Default::default(),
+            protocol,
+            delayed_will: None,
+            last_pkid: 0,
+            gone: false,
+        }
+    }
+
     /// Whether connection `conn` holds this session: a change a connection makes to the
     /// session is checked with this under the same lock, so a connection that was just
     /// taken over cannot change the session its successor now owns.
@@ -1296,18 +1317,12 @@ mod tests {
     fn cell(expiry: u32, online: bool) -> Arc<SessionCell> {
         SessionCell::new(
             Arc::from("car"),
-            SessionState {
-                owner: online.then(|| Owner::bare(7)),
-                expiry_secs: expiry,
-                disconnected_at: DisconnectedAt::at((!online).then(now_ms)),
-                subscriptions: Default::default(),
-                inbound_qos2: Default::default(),
-                out: Default::default(),
-                protocol: 5,
-                delayed_will: None,
-                last_pkid: 0,
-                gone: false,
-            },
+            SessionState::new(
+                online.then(|| Owner::bare(7)),
+                expiry,
+                DisconnectedAt::at((!online).then(now_ms)),
+                5,
+            ),
         )
     }
 
