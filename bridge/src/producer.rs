@@ -816,7 +816,9 @@ pub async fn run<J: Journal>(
             Err(e) => {
                 pump.finish_redrives(true);
                 drop(pump);
-                dispose(producer, None, &status).await;
+                // Bounded like a rebuild's: the supervisor restarts the pipeline after
+                // this returns, and a wedged destroy must not hold that restart.
+                dispose(producer, Instant::now() + DISPOSE_BOUND, &status).await;
                 return Err(e);
             }
         };
@@ -840,7 +842,7 @@ pub async fn run<J: Journal>(
                 let unconfirmed = pump.tracker.len();
                 pump.finish_redrives(true);
                 drop(pump);
-                dispose(producer, Some(deadline), &status).await;
+                dispose(producer, deadline, &status).await;
                 info!(
                     unconfirmed,
                     "kafka bridge: stopped; unconfirmed records stay in the journal"
@@ -861,7 +863,7 @@ pub async fn run<J: Journal>(
                 drop(pump);
                 // A wedged producer's destroy may never return: give it a bound, and let
                 // it finish in the background (it was purged: it sends nothing more).
-                dispose(producer, Some(Instant::now() + DISPOSE_BOUND), &status).await;
+                dispose(producer, Instant::now() + DISPOSE_BOUND, &status).await;
                 tokio::select! {
                     _ = shutdown.requested() => return Ok(()),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -926,29 +928,22 @@ fn served(client: &BaseProducer, topic: Option<&str>) -> Result<String, String> 
 /// Purges and destroys a producer off the async threads (librdkafka's destroy joins its
 /// threads and flushes for up to 500 ms); waits for it at most until `deadline`. One left
 /// running past it is counted in `gateway_bridge_producers_lingering` until it returns.
-async fn dispose(producer: ThreadedProducer<Ctx>, deadline: Option<Instant>, status: &BridgeStatus) {
+async fn dispose(producer: ThreadedProducer<Ctx>, deadline: Instant, status: &BridgeStatus) {
     // The purge waits for librdkafka's broker threads too: off the async threads with
     // the destroy, so that a wedged producer cannot hold a runtime worker.
     let mut task = tokio::task::spawn_blocking(move || {
         producer.purge(PurgeConfig::default().queue().inflight());
         drop(producer)
     });
-    match deadline {
-        Some(d) => {
-            if tokio::time::timeout_at(d, &mut task).await.is_err() {
-                warn!("kafka bridge: the old producer did not stop in time; left to finish in the background (it was purged: it sends nothing new)");
-                let lingering = status.producers_lingering.clone();
-                lingering.inc();
-                tokio::spawn(async move {
-                    let _ = task.await;
-                    lingering.dec();
-                    info!("kafka bridge: an old producer left in the background finished stopping");
-                });
-            }
-        }
-        None => {
+    if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+        warn!("kafka bridge: the old producer did not stop in time; left to finish in the background (it was purged: it sends nothing new)");
+        let lingering = status.producers_lingering.clone();
+        lingering.inc();
+        tokio::spawn(async move {
             let _ = task.await;
-        }
+            lingering.dec();
+            info!("kafka bridge: an old producer left in the background finished stopping");
+        });
     }
 }
 
