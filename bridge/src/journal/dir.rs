@@ -34,6 +34,26 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), JournalError> {
         .map_err(|e| JournalError::io(dir, e))
 }
 
+/// Makes what a previous process left in segment `path` durable before recovery reads
+/// it, and has recovery read the disk rather than the page cache.
+///
+/// A process killed between a `pwrite` and its `fdatasync` (OOM, `kill -9`, a panic)
+/// leaves bytes that were never acknowledged in the page cache. Read from there they
+/// look intact; taken for durable, they would be forwarded to Kafka and their sequence
+/// numbers used, and a power loss before the kernel writes them back would then reuse
+/// those numbers for new, acknowledged records (which consumers de-duplicating on the
+/// sequence would drop) or wedge the next start. So they are synced now, like any
+/// group commit; a sync that fails refuses the open. Then the file's cached pages are
+/// dropped: after an `fdatasync` that failed with EIO the kernel may have marked pages
+/// clean that never reached the disk, and the scan must not take those either.
+pub(crate) fn settle_segment(path: &Path) -> Result<(), JournalError> {
+    let file = File::open(path).map_err(|e| JournalError::io(path, e))?;
+    file.sync_all().map_err(|e| JournalError::io(path, e))?;
+    // Advice only: a filesystem that ignores it keeps the cache, as before.
+    let _ = rustix::fs::fadvise(&file, 0, 0, rustix::fs::Advice::DontNeed);
+    Ok(())
+}
+
 /// Takes the directory's exclusive flock; fails with `Locked` if a gateway (or a
 /// `verify`/`repair`) holds it. The lock lasts as long as the returned file.
 pub(crate) fn lock_dir(dir: &Path) -> Result<File, JournalError> {

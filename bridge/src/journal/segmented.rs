@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 
 use super::dir::{
     list_segments, load_or_create_id, lock_dir, open_or_create_segment, preallocate, read_checkpoint,
-    read_gaps, SegmentMeta, CHECKPOINT, ID_FILE,
+    read_gaps, settle_segment, sync_dir, SegmentMeta, CHECKPOINT, ID_FILE,
 };
 use super::metrics::{CommitMetrics, StateGauges};
 use super::reader::JournalReader;
@@ -145,6 +145,11 @@ impl SegmentedJournal {
             .cloned()
             .ok_or_else(|| JournalError::Config("no segment".into()))?;
         check_older_segments(&segments, checkpoint, &gaps)?;
+        // What the last process wrote but did not sync is synced (and the directory
+        // entry with it) before the scan decides what is durable: see `settle_segment`.
+        // Older segments were synced by the roll that ended them.
+        settle_segment(&head_meta.path)?;
+        sync_dir(&dir)?;
         let (file, scan) = recover_head(&head_meta, checkpoint)?;
         let mut head_size = head_meta.size;
         if scan.end == 0 && head_size < cfg.segment_bytes {
