@@ -361,3 +361,39 @@ fn a_caught_up_reader_reads_records_longer_than_its_window() {
         assert_eq!(&rec.entry.payload, payload, "record {} differs", rec.seq);
     }
 }
+
+/// Review: maintenance that fails (here the release checkpoint's temp file cannot be
+/// created; in production EMFILE with the fd table full of sockets, or ENOSPC) holds no
+/// acknowledgement, so it must neither stop the writer nor stall commits behind its
+/// back-off; it is retried, and succeeds once the cause is gone.
+#[test]
+fn a_failing_checkpoint_neither_stops_nor_stalls_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let j = SegmentedJournal::open(config(dir.path(), 4 << 20)).expect("open");
+    let rt = rt();
+    let blocker = dir.path().join("release.checkpoint.tmp");
+    std::fs::create_dir(&blocker).expect("a directory where the temp file goes");
+    let mut n = 0u64;
+    let mut commit = |j: &SegmentedJournal| {
+        n += 1;
+        let seq = rt.block_on(j.append(&entry(n))).expect("append goes on");
+        rt.block_on(j.flush()).expect("commit goes on");
+        seq
+    };
+    let first = commit(&j);
+    j.release(first);
+    // Past the checkpoint's interval: every commit from here tries it, and fails.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..20 {
+        commit(&j);
+        assert_eq!(j.stats().stalled, None, "commits are not stalled by maintenance");
+    }
+    assert!(!dir.path().join("release.checkpoint").exists());
+    std::fs::remove_dir(&blocker).expect("remove the blocker");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !dir.path().join("release.checkpoint").exists() {
+        assert!(std::time::Instant::now() < deadline, "the checkpoint is retried");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        commit(&j);
+    }
+}

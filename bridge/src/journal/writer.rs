@@ -40,6 +40,9 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
         seq: checkpointed,
         at: std::time::Instant::now(),
         orphans: Vec::new(),
+        retry_at: None,
+        backoff: RETRY_MIN,
+        warned_at: None,
     };
     // Retained segments from before the restart: the window and the cap apply at once.
     maint.orphans.extend(trimmed(&inner, Trim::Expired));
@@ -106,7 +109,13 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
             }
         }
         if result.is_ok() {
-            result = maintain(&inner, &mut maint, exit);
+            // Not the commit's result: a checkpoint or an unlink that fails (EMFILE with
+            // the fd table full of sockets, ENOSPC for the checkpoint's temp file) holds
+            // no acknowledgement. It is retried on its own back-off while commits go on.
+            match maintain(&inner, &mut maint, exit) {
+                Ok(()) => maint.succeeded(),
+                Err(e) => maint.failed(&e),
+            }
         } else if let Some((path, _)) = &start {
             // The batch could not be written (disk full?): deleting released segments
             // may be exactly what frees the space, so maintenance runs anyway — but
@@ -301,6 +310,11 @@ struct Maintenance {
     seq: u64,
     at: std::time::Instant,
     orphans: Vec<Orphan>,
+    /// After a failed round: not due again before then (unless forced, on close).
+    retry_at: Option<std::time::Instant>,
+    backoff: Duration,
+    /// Last warning of a failing streak (repeated at most every minute).
+    warned_at: Option<std::time::Instant>,
 }
 
 /// A segment file to unlink. `live`: it still counts toward `max_bytes` until then
@@ -329,6 +343,34 @@ fn trimmed(inner: &Inner, how: Trim) -> Vec<Orphan> {
 }
 
 impl Maintenance {
+    fn failed(&mut self, e: &JournalError) {
+        let first = self.retry_at.is_none();
+        self.backoff = if first {
+            RETRY_MIN
+        } else {
+            (self.backoff * 2).min(RETRY_MAX)
+        };
+        let now = std::time::Instant::now();
+        self.retry_at = Some(now + self.backoff);
+        if first
+            || self
+                .warned_at
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+        {
+            self.warned_at = Some(now);
+            tracing::warn!(error = %e, "journal: maintenance failed (release checkpoint or deleting released segments); commits and acknowledgements go on, retrying with back-off (until then a restart re-sends more and released space is not freed)");
+        } else {
+            tracing::debug!(error = %e, "journal: maintenance failed again");
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.retry_at.take().is_some() {
+            self.warned_at = None;
+            tracing::info!("journal: maintenance recovered");
+        }
+    }
+
     /// Whether to persist now. The checkpoint only bounds how much is re-sent after a
     /// restart, so it is written at most every `MAINTENANCE_INTERVAL` (three syncs each
     /// time: writing it on every group commit quadrupled the commit latency) — except
@@ -340,6 +382,9 @@ impl Maintenance {
     /// deleting them frees the space the appends wait for. (Not otherwise: right after a
     /// restart, released records stay readable until the journal needs their room.)
     fn due(&self, inner: &Inner, force: bool, full: bool) -> bool {
+        if !force && self.retry_at.is_some_and(|t| std::time::Instant::now() < t) {
+            return false;
+        }
         if !self.orphans.is_empty() || inner.retained().trim_due(inner, now_ms()) {
             return true;
         }
@@ -382,7 +427,10 @@ fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), J
     } else {
         Ok(())
     };
-    delete_released(inner, maint, released, false)?;
+    // A full volume that refused the checkpoint's temp file: the retained segments go
+    // too, as they do when a batch cannot be written.
+    let disk_full = checkpoint.as_ref().err().is_some_and(is_disk_full);
+    delete_released(inner, maint, released, disk_full)?;
     checkpoint
 }
 
