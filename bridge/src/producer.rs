@@ -28,8 +28,9 @@
 //!
 //! # Records Kafka refuses for good: dead letter, then the parked store
 //!
-//! Per-record fatal errors (record too large, topic authorisation failed, unknown topic,
-//! no route under `unmatched = "refuse"`) go to the dead-letter topic with the error in the
+//! Per-record fatal errors (record too large, topic authorisation failed, unknown topic, an
+//! invalid timestamp, a policy violation: any delivery error that is not about the producer
+//! itself, see [`producer_failed`]; no route under `unmatched = "refuse"`) go to the dead-letter topic with the error in the
 //! `gateway.error` header. Without a dead-letter topic, or when the dead-letter write
 //! fails too, the record is **parked**: written durably (file and directory fsync'd) to
 //! the [`crate::parked::ParkedStore`] at `parked_dir`, and only then marked done. So a
@@ -69,7 +70,10 @@
 //!    otherwise process it and raise the value.
 //!
 //! This holds because one journal's records reach a partition in increasing sequence
-//! order and a replay starts at the release watermark and re-sends in the same order.
+//! order and a replay starts at the release watermark and re-sends in the same order —
+//! as long as a record's partition does not change between its first send and its
+//! replay: a topic's partition count (or a route) changed while records were unconfirmed
+//! breaks it (docs/RELIABILITY.md, "The consumer dedupe recipe").
 //! Records carrying `gateway.redrive` are re-driven parked records, out of order by
 //! nature: exempt them from the rule (process them; a re-drive interrupted by a crash may
 //! repeat one, so dedupe those by the `(gateway.journal, gateway.seq)` pair if needed).
@@ -610,21 +614,36 @@ impl ProducerContext for Ctx {
     }
 }
 
-/// Errors no retry can fix for this record; everything else is retried by librdkafka.
-fn fatal_for_record(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::InvalidTopic
-                | RDKafkaErrorCode::MessageBatchTooLarge
-                | RDKafkaErrorCode::PolicyViolation
+/// Whether a failed delivery (or send) is about the producer rather than the record: the
+/// producer's fatal state or its idempotence bookkeeping, its credentials or cluster
+/// authorisation (a fix for those holds every record, in order, rather than parking
+/// them all), a purge, or a message timeout (possible only if an operator property
+/// re-enabled them). Those rebuild the producer and replay in order. Every other failure refuses this record for good: message timeouts are off and
+/// retries unlimited, so librdkafka retries what it can retry and reports only what it
+/// takes for permanent (too large, not authorised, unknown topic, an invalid timestamp,
+/// a policy, or a code it does not know). Taking those for a producer problem would
+/// rebuild, replay and be refused again for ever, re-sending everything behind the record
+/// each time while the journal fills (an allow-list of record errors did exactly that).
+fn producer_failed(e: &KafkaError, fatal_flagged: bool) -> bool {
+    fatal_flagged
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::PurgeQueue
+                    | RDKafkaErrorCode::PurgeInflight
+                    | RDKafkaErrorCode::MessageTimedOut
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::DuplicateSequenceNumber
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::Authentication
+                    | RDKafkaErrorCode::SaslAuthenticationFailed
+            )
         )
-    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -793,6 +812,9 @@ pub async fn run<J: Journal>(
     // producers hear nothing either (a broker refusing every produce with a retriable
     // error answers metadata too: rebuilding it every minute would only churn).
     let mut stall_after = cfg.stall_rebuild;
+    // Pause between rebuilds; doubles while rebuilt producers confirm nothing (a cause
+    // that outlives the producer, such as a revoked authorisation, must not spin).
+    let mut rebuild_wait = REBUILD_WAIT_MIN;
     loop {
         let reports = Arc::new(Reports::default());
         let ctx = Ctx {
@@ -859,6 +881,11 @@ pub async fn run<J: Journal>(
                 } else {
                     cfg.stall_rebuild
                 };
+                rebuild_wait = if pump.heard_back {
+                    REBUILD_WAIT_MIN
+                } else {
+                    (rebuild_wait * 2).min(REBUILD_WAIT_MAX)
+                };
                 pump.finish_redrives(true);
                 drop(pump);
                 // A wedged producer's destroy may never return: give it a bound, and let
@@ -866,7 +893,7 @@ pub async fn run<J: Journal>(
                 dispose(producer, Instant::now() + DISPOSE_BOUND, &status).await;
                 tokio::select! {
                     _ = shutdown.requested() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tokio::time::sleep(rebuild_wait) => {}
                 }
             }
         }
@@ -958,6 +985,11 @@ enum Exit {
 
 /// Longest wait between rebuilds of a producer that hears nothing back.
 const STALL_REBUILD_MAX: Duration = Duration::from_secs(16 * 60);
+
+/// Pause before a rebuilt producer starts, after one that confirmed something...
+const REBUILD_WAIT_MIN: Duration = Duration::from_millis(500);
+/// ...and at most, after rebuilds that confirmed nothing.
+const REBUILD_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// How long a rebuild waits for the old producer's destroy.
 const DISPOSE_BOUND: Duration = Duration::from_secs(10);
@@ -1302,13 +1334,12 @@ impl<'p, J: Journal> Pump<'p, J> {
                 (Err(e), Slot::DeadLettering) => {
                     to_park.push((seq, format!("dead-letter write failed: {e}")))
                 }
-                (Err(e), _) if fatal_for_record(&e) => self.failures.push((seq, e)),
-                (Err(e), _) => {
-                    // Only possible when an operator property re-enabled message timeouts:
-                    // re-sending this one record alone would reorder, so replay all.
+                (Err(e), _) if producer_failed(&e, self.reports.fatal.load(Ordering::Relaxed)) => {
+                    // Re-sending this one record alone would reorder: replay all.
                     self.rebuild
                         .get_or_insert_with(|| format!("record {seq} failed: {e}"));
                 }
+                (Err(e), _) => self.failures.push((seq, e)),
             }
         }
         for (seq, why) in to_park {
@@ -1464,7 +1495,14 @@ impl<'p, J: Journal> Pump<'p, J> {
                 }
                 Err((err, _)) => {
                     self.tracker.push(rec.seq, e.received_at_ms, topic);
-                    self.failures.push((rec.seq, err));
+                    if producer_failed(&err, self.reports.fatal.load(Ordering::Relaxed)) {
+                        // The fatal flag may not be up yet: this record is replayed by the
+                        // rebuild, not parked beside it.
+                        self.rebuild
+                            .get_or_insert_with(|| format!("record {} not sent: {err}", rec.seq));
+                    } else {
+                        self.failures.push((rec.seq, err));
+                    }
                     return Sent::Queued;
                 }
             }

@@ -228,3 +228,59 @@ async fn full_parked_store_holds_the_watermark_loudly() {
     stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
     task.await.expect("join").expect("bridge");
 }
+
+/// Review: a delivery error no allow-list named (here INVALID_TIMESTAMP: a clock far
+/// ahead, or an outage longer than a topic's `message.timestamp.before.max.ms`) was taken
+/// for a producer problem: rebuild, replay, refused again, for ever, re-sending what
+/// followed each time while the journal filled. librdkafka reports only what it does not
+/// retry, so such a record is refused for good: it is parked and forwarding goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_error_no_list_names_parks_instead_of_rebuilding_for_ever() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    cluster.create_topic("telemetry", 2, 1).expect("topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Arc::new(
+        SegmentedJournal::open(JournalConfig::new(dir.path().join("journal"), 1 << 30)).expect("journal"),
+    );
+    const N: usize = 20;
+    for n in 0..N {
+        journal
+            .append(&entry(n % 4, n, "telemetry"))
+            .await
+            .expect("append");
+    }
+    journal.flush().await.expect("flush");
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_TIMESTAMP; 10_000],
+    );
+    let cfg = config(&bootstrap, dir.path(), 100);
+    let status = Arc::new(BridgeStatus::default());
+    let stop = Shutdown::new();
+    let task = tokio::spawn(producer::run(
+        journal.clone(),
+        Arc::new(telemetry_routes("telemetry")),
+        cfg,
+        status.clone(),
+        BridgeControl::new(),
+        stop.clone(),
+    ));
+    let released = wait_released(&*journal, N as u64, Duration::from_secs(30)).await;
+    assert!(
+        released,
+        "released {} of {N}; rebuilds {}; {:?}",
+        journal.stats().released_seq,
+        status.producer_rebuilds.get(),
+        status.last_error()
+    );
+    assert_eq!(status.parked_now.get(), N as i64, "every refused record parked");
+    assert_eq!(
+        status.producer_rebuilds.get(),
+        0,
+        "no rebuild for a record's error"
+    );
+    stop.stop_by(tokio::time::Instant::now() + Duration::from_secs(5));
+    task.await.expect("join").expect("bridge");
+}
