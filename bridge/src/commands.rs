@@ -239,6 +239,11 @@ async fn consume(
             };
             r.map_err(|e| format!("pausing/resuming: {e}"))?;
             paused = !room;
+        } else if paused {
+            // A rebalance hands partitions over un-paused: pause what is assigned now, or
+            // a new partition would be read past `max_pending` (idempotent for the rest).
+            let assignment = consumer.assignment().map_err(|e| format!("assignment: {e}"))?;
+            consumer.pause(&assignment).map_err(|e| format!("pausing: {e}"))?;
         }
         tokio::select! {
             biased;
