@@ -181,3 +181,39 @@ def test_mqtt_3_1_2_6_clean_session_discards_previous_session(clients, version):
     c3.expect_none()
     c3.disconnect()
     clients(version, client_id=cid, clean_session=True).disconnect()
+
+
+def test_mqtt_3_3_4_9_resend_on_reconnect_honours_new_receive_maximum(clients, raws):
+    """A persistent session holds 6 unacknowledged QoS 1 deliveries; the client reconnects
+    with Receive Maximum 2: the server re-sends (DUP, same packet ids) no more than 2
+    unacknowledged PUBLISHes at once (3.3.4-9, 4.4.0-1), the rest as it acknowledges,
+    in order, before a message published after the reconnect."""
+    import mqttraw
+
+    p, cid = unique(), unique("c")
+    expiry = [(mqttraw.SESSION_EXPIRY, 60)]
+    r = raws(5)
+    assert r.connect(cid, clean=False, props=expiry)[1] == 0
+    assert r.subscribe(1, [(f"{p}/t", 1)]) == [1]
+    pub = clients(V5)
+    for n in range(6):
+        pub.publish(f"{p}/t", f"{n}".encode(), qos=1)
+    first = r.publishes(1.0)
+    assert [m.payload for m in first] == [f"{n}".encode() for n in range(6)]
+    r.close()  # no PUBACK for any of them
+    time.sleep(0.3)
+    again = raws(5)
+    present, code = again.connect(cid, clean=False, props=expiry + [(mqttraw.RECEIVE_MAXIMUM, 2)])
+    assert (present, code) == (1, 0)
+    pub.publish(f"{p}/t", b"new", qos=1)
+    got, pending = [], again.publishes(1.0)
+    deadline = time.monotonic() + 5
+    while pending and time.monotonic() < deadline:
+        assert len(pending) <= 2, f"{len(pending)} unacknowledged PUBLISHes in flight"
+        got += pending
+        for m in pending:
+            again.send(mqttraw.ack(mqttraw.PUBACK, m.pkid))
+        pending = again.publishes(0.5)
+    assert [m.payload for m in got] == [f"{n}".encode() for n in range(6)] + [b"new"]
+    assert all(m.dup for m in got[:6]) and not got[6].dup
+    assert [m.pkid for m in got[:6]] == [m.pkid for m in first], "original packet ids"

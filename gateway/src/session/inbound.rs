@@ -143,22 +143,28 @@ where
         }
         let expiry = expiry.min(self.shared.cfg.sessions.max_expiry_secs);
         let (store, metrics) = (&self.shared.store, &self.shared.metrics);
-        let was = {
-            let mut st = self.cell.lock();
-            let was = st.expiry_secs;
-            st.expiry_secs = expiry;
-            was
-        };
+        let mut st = self.cell.lock();
+        // Checked under the lock the change is made under: a successor that took the
+        // session meanwhile (the DISCONNECT was read before its CONNECT won) keeps the
+        // expiry its CONNECT asked for, and one that started clean keeps its new record.
+        if !st.owned_by(self.info.conn) {
+            return Err(Close::TakenOver);
+        }
+        let was = st.expiry_secs;
+        st.expiry_secs = expiry;
         if was > 0 && expiry == 0 {
             metrics.sessions_persistent.dec();
+            // Still under the lock: a clean start discards this cell (under it) before it
+            // writes its own record, so this removal cannot delete the successor's.
             if let Err(e) = store.remove_session(&self.cell.client_id) {
                 super::state::store_failed(metrics, &self.cell.client_id, &e);
             }
-        } else {
-            self.cell
-                .persist(store, metrics)
-                .map_err(|e| Close::StoreFailed(e.to_string()))?;
+            return Ok(());
         }
+        drop(st);
+        self.cell
+            .persist(store, metrics)
+            .map_err(|e| Close::StoreFailed(e.to_string()))?;
         Ok(())
     }
 

@@ -463,7 +463,8 @@ where
         );
         let cell = attached.cell;
         // Messages sent before and not acknowledged go first, with DUP (§4.4).
-        let releases = cell.resend_inflight(&mut out, &codec, &shared.store, &shared.metrics);
+        let receive_max = usize::from(req.receive_maximum.unwrap_or(u16::MAX).max(1));
+        let releases = cell.resend_inflight(&mut out, &codec, receive_max, &shared.store, &shared.metrics);
         let keep_alive = Duration::from_millis(u64::from(keep_alive_secs) * 1500);
         shared.metrics.connections_active.inc();
         info!(client_id = %client_id, %peer, conn, version = ?codec.version, keep_alive = req.keep_alive, clean_start = req.clean_start,
@@ -559,7 +560,7 @@ where
             // And after: a refused publish may be acknowledgeable at once.
             let (durable, flushed) = self.watermarks();
             self.ack_durable(durable, flushed);
-            let more = self.fill_outbound();
+            let (more, hold) = self.fill_outbound();
             if let Err(e) = self.flush().await {
                 return Close::Io(e);
             }
@@ -590,13 +591,16 @@ where
             // nobody, so look now and then (the session must not outlive it). Boxed: only
             // a back-pressured session pays for the timer.
             let check = (!can_read).then(|| Box::pin(tokio::time::sleep(JOURNAL_CHECK)));
-            // Acknowledgements waiting on the journal or the store: their watches are
-            // waited on (boxed) only while something waits, so an idle vehicle's future
-            // reserves no room for them.
+            // Acknowledgements waiting on the journal or the store, or else a QoS 2
+            // delivery waiting for its packet id's flush: their watches are waited on
+            // (boxed) only while something waits, so an idle vehicle's future reserves
+            // no room for them.
             let acks = self
                 .pending
                 .front()
-                .map(|p| Box::pin(covered(self.shared.clone(), p.seq, p.gen)));
+                .map(|p| (p.seq, p.gen))
+                .or((hold > 0).then_some((0, hold)))
+                .map(|(seq, gen)| Box::pin(covered(self.shared.clone(), seq, gen)));
             tokio::select! {
                 biased;
                 journal_open = WhenSome(acks) => {

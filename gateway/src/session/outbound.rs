@@ -105,22 +105,26 @@ where
     }
 
     /// Encodes queued deliveries into the write buffer. Returns whether more are ready
-    /// (the write budget stopped it).
-    pub(super) fn fill_outbound(&mut self) -> bool {
+    /// (the write budget stopped it), and the store generation a held QoS 2 PUBLISH
+    /// waits for (0: none; see `OutItem::wait_gen`).
+    pub(super) fn fill_outbound(&mut self) -> (bool, u64) {
         let mut lim = SendLimits {
             conn: self.info.conn,
             codec: &self.codec,
             receive_max: usize::from(self.receive_max),
             out_budget: OUT_BUDGET,
             aliases: &mut self.aliases,
+            flushed: self.shared.store.flushed_gen(),
+            hold: 0,
         };
         let sent = self
             .cell
             .fill(&mut self.out, &mut lim, &self.shared.store, &self.shared.metrics);
+        let hold = lim.hold;
         if sent > 0 {
             ConnInfo::add(&self.info.messages_out, sent);
         }
-        self.out.len() >= OUT_BUDGET
+        (self.out.len() >= OUT_BUDGET, hold)
     }
 
     /// PUBACK from the client for a QoS 1 delivery. With a failure reason (MQTT 5

@@ -464,6 +464,16 @@ pub struct OutItem {
     pub released_gen: u64,
     /// The command this copy carries the outcome of (the addressed vehicle's copy only).
     pub command: Option<Arc<Ticket>>,
+    /// In flight but not (re-)sent on this connection yet (counted in [`Queues::resend`]):
+    /// the Receive Maximum held it back after a reconnect, or, with `wait_gen`, it waits
+    /// for its packet id to be flushed.
+    pub resend: bool,
+    /// A QoS 2 PUBLISH to a persistent session not sent yet: the store generation that
+    /// records its packet id, which must be flushed before the client sees it (0: none).
+    /// A PUBLISH the client received under an id the store then lost in a crash would be
+    /// sent again after the restart under another id, and delivered twice; and the id
+    /// the client still holds, given to a later message, would make it drop that one.
+    pub wait_gen: u64,
 }
 
 impl OutItem {
@@ -478,6 +488,8 @@ impl OutItem {
             state: OutState::Queued,
             released_gen: 0,
             command: None,
+            resend: false,
+            wait_gen: 0,
         }
     }
 
@@ -516,6 +528,8 @@ impl OutItem {
             state: r.state,
             released_gen: 0,
             command: None,
+            resend: false,
+            wait_gen: 0,
         }
     }
 }
@@ -571,6 +585,9 @@ pub struct Queues {
     held: usize,
     held_bytes: usize,
     next_id: u64,
+    /// In-flight PUBLISHes flagged `resend`: sent first, as the client's Receive Maximum
+    /// allows, before anything from the queue.
+    resend: usize,
 }
 
 /// What happened to a message offered to a session.
@@ -595,6 +612,11 @@ pub struct SendLimits<'a> {
     pub out_budget: usize,
     /// The connection's topic aliases: deliveries use them up to `codec.alias_out`.
     pub aliases: &'a mut Option<Box<Aliases>>,
+    /// The store's flushed generation (what a held QoS 2 PUBLISH waits for).
+    pub flushed: u64,
+    /// Set by a fill that stopped at a QoS 2 PUBLISH waiting for the store: the
+    /// generation to wait for (0: none).
+    pub hold: u64,
 }
 
 impl Queues {
@@ -606,6 +628,7 @@ impl Queues {
         held: 0,
         held_bytes: 0,
         next_id: 0,
+        resend: 0,
     };
 
     /// The next packet id after `after` not in flight (ids keep counting across
@@ -621,6 +644,9 @@ impl Queues {
     }
 
     fn forget(&mut self, item: &OutItem, metrics: &Metrics) {
+        if item.resend {
+            self.resend = self.resend.saturating_sub(1);
+        }
         if item.qos == 0 {
             self.qos0 = self.qos0.saturating_sub(1);
             self.qos0_bytes = self.qos0_bytes.saturating_sub(item.msg.weight());
@@ -840,12 +866,22 @@ impl SessionCell {
         let mut st = self.lock();
         // Only the owning connection sends: a connection that was just taken over must
         // not move messages into flight behind the new owner's back.
-        if st.owner.as_ref().map(Owner::conn) != Some(lim.conn) || st.out.queue.is_empty() {
+        if st.owner.as_ref().map(Owner::conn) != Some(lim.conn)
+            || (st.out.queue.is_empty() && st.out.resend == 0)
+        {
             return 0;
         }
         let persistent = st.persistent();
         let now = now_ms();
         let mut sent = 0;
+        if st.out.resend > 0 {
+            sent += self.resend_waiting(&mut st, buf, lim, store, metrics, now);
+            if st.out.resend > 0 {
+                // New messages go behind the earlier connection's, as room frees.
+                st.out.shrink();
+                return sent;
+            }
+        }
         loop {
             if buf.len() >= lim.out_budget {
                 break;
@@ -876,7 +912,16 @@ impl SessionCell {
                 item.pkid = pkid;
                 item.state = OutState::Published;
             }
-            let mut alias = out_alias(lim.aliases.as_deref(), &item.msg.topic, lim.codec.alias_out);
+            // A persistent session's QoS 2 PUBLISH goes out only once its packet id is
+            // flushed (see `OutItem::wait_gen`): encoded here to check its size, without
+            // an alias (the bytes may be taken back), and held if the store is behind.
+            let held = persistent && item.qos == 2 && item.id != 0;
+            let start = buf.len();
+            let mut alias = if held {
+                None
+            } else {
+                out_alias(lim.aliases.as_deref(), &item.msg.topic, lim.codec.alias_out)
+            };
             let mut fits = encode(buf, lim.codec, &item, false, now, alias);
             if !fits && matches!(alias, Some(OutAlias::New(_))) {
                 // Setting an alias adds 3 bytes: a message that fits the client's Maximum
@@ -914,9 +959,22 @@ impl SessionCell {
             }
             if persistent && item.id != 0 {
                 // The packet id is remembered so that a re-send after a restart uses it
-                // (not flushed first: losing it only means a re-send without DUP).
-                if let Err(e) = store.put_queued(&self.client_id, item.id, &item.record()) {
-                    store_failed(metrics, &self.client_id, &e);
+                // (QoS 1: not flushed first, losing it only means a re-send without DUP
+                // under a new id, which QoS 1 allows).
+                match store.put_queued(&self.client_id, item.id, &item.record()) {
+                    Ok(gen) if held && gen > lim.flushed => {
+                        buf.truncate(start);
+                        sent -= 1;
+                        item.resend = true;
+                        item.wait_gen = gen;
+                        st.out.resend += 1;
+                        st.out.inflight.push_back(item);
+                        lim.hold = gen;
+                        // What follows waits behind it, in order.
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => store_failed(metrics, &self.client_id, &e),
                 }
             }
             st.out.inflight.push_back(item);
@@ -925,15 +983,76 @@ impl SessionCell {
         sent
     }
 
+    /// Re-sends, with DUP and in order, the in-flight PUBLISHes [`Self::resend_inflight`]
+    /// held back, as far as the Receive Maximum and the write budget allow.
+    fn resend_waiting(
+        &self,
+        st: &mut SessionState,
+        buf: &mut BytesMut,
+        lim: &mut SendLimits<'_>,
+        store: &Store,
+        metrics: &Metrics,
+        now: u64,
+    ) -> usize {
+        let persistent = st.persistent();
+        let mut sent = 0;
+        let mut i = 0;
+        while st.out.resend > 0 && i < st.out.inflight.len() {
+            let unanswered = st.out.inflight.len() - st.out.resend;
+            if buf.len() >= lim.out_budget || unanswered >= lim.receive_max {
+                break;
+            }
+            let item = &st.out.inflight[i];
+            if !item.resend {
+                i += 1;
+                continue;
+            }
+            if item.wait_gen > lim.flushed {
+                // Its packet id is not flushed yet: it, and everything after it, waits.
+                lim.hold = item.wait_gen;
+                break;
+            }
+            // Held for its packet id, it was never sent: no DUP then.
+            let dup = item.wait_gen == 0;
+            if encode(buf, lim.codec, item, dup, now, None) {
+                let item = &mut st.out.inflight[i];
+                item.resend = false;
+                item.wait_gen = 0;
+                st.out.resend -= 1;
+                sent += 1;
+                i += 1;
+                continue;
+            }
+            let Some(item) = st.out.inflight.remove(i) else {
+                break;
+            };
+            st.out.forget(&item, metrics);
+            metrics.messages_dropped.inc("too_large_for_client");
+            item.finish(Outcome::Rejected, Some("too_large_for_client"));
+            if persistent && item.id != 0 {
+                if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                    store_failed(metrics, &self.client_id, &e);
+                }
+            }
+        }
+        sent
+    }
+
     /// Re-sends what is in flight (a connection just took the session): PUBLISH with
     /// DUP for messages not acknowledged, PUBREL for those waiting for PUBCOMP.
     /// Returns the PUBRELs to send, each with the store generation it waits for.
     /// A message the new connection cannot take (larger than its Maximum Packet Size) is
     /// dropped and counted rather than left in flight forever.
+    ///
+    /// At most `receive_max` PUBLISHes go now (MQTT 5 §4.9: the new connection's quota
+    /// starts full, and the earlier connection may have had a larger one, or none, as
+    /// 3.1.1): the rest stay in flight, in order, flagged, and [`SessionCell::fill`] sends
+    /// them as acknowledgements free room, before anything new.
     pub fn resend_inflight(
         &self,
         buf: &mut BytesMut,
         codec: &Codec,
+        receive_max: usize,
         store: &Store,
         metrics: &Metrics,
     ) -> Vec<(u16, u64)> {
@@ -946,15 +1065,33 @@ impl SessionCell {
         let now = now_ms();
         let mut kept = VecDeque::new();
         let inflight = std::mem::take(&mut st.out.inflight);
-        for item in inflight {
+        let (mut published, mut waiting) = (0, 0);
+        for mut item in inflight {
+            item.resend = false;
             let fits = match item.state {
                 // PUBRELs wait (in the connection's ack queue) for their write's flush.
                 OutState::Released => {
                     releases.push((item.pkid, item.released_gen));
                     true
                 }
+                // Never sent (its packet id was not flushed yet): it stays held, and is
+                // sent, without DUP, once it is.
+                _ if item.wait_gen > 0 => {
+                    item.resend = true;
+                    waiting += 1;
+                    true
+                }
+                _ if published >= receive_max => {
+                    item.resend = true;
+                    waiting += 1;
+                    true
+                }
                 // Aliases are the new connection's, none sent yet: the full topic.
-                _ => encode(buf, codec, &item, true, now, None),
+                _ => {
+                    let fits = encode(buf, codec, &item, true, now, None);
+                    published += usize::from(fits);
+                    fits
+                }
             };
             if fits {
                 kept.push_back(item);
@@ -970,6 +1107,9 @@ impl SessionCell {
             }
         }
         st.out.inflight = kept;
+        if !st.out.is_idle() {
+            st.out.resend = waiting;
+        }
         st.out.shrink();
         releases
     }
@@ -1044,6 +1184,10 @@ impl SessionCell {
         }
         item.state = OutState::Released;
         item.released_gen = gen;
+        // A PUBREC for a PUBLISH still waiting to be re-sent: the client had it.
+        if std::mem::take(&mut item.resend) {
+            st.out.resend = st.out.resend.saturating_sub(1);
+        }
         Some(Ok(gen))
     }
 
@@ -1508,6 +1652,8 @@ mod tests {
                 receive_max: 10,
                 out_budget: 1 << 16,
                 aliases: &mut None,
+                flushed: 0,
+                hold: 0,
             },
             &store,
             &m,
@@ -1529,10 +1675,148 @@ mod tests {
             receive_max: 10,
             out_budget: 1 << 16,
             aliases: &mut aliases,
+            flushed: 0,
+            hold: 0,
         };
         assert_eq!(c.fill(&mut other, &mut lim2, &store, &m), 0);
         assert!(c.complete(pkid, 1, &store, &m));
         assert!(!c.complete(pkid, 1, &store, &m), "acknowledged once");
         assert_eq!(store.queued_count(), 1, "the second message is still queued");
+    }
+
+    /// Review (MQTT 5 §4.9): a reconnecting client with a smaller Receive Maximum than
+    /// its earlier connection (3.1.1 had none) gets at most that many PUBLISHes re-sent;
+    /// the rest follow, in order and before anything new, as it acknowledges.
+    #[tokio::test]
+    async fn resend_after_reconnect_honours_the_new_receive_maximum() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let c = cell(60, true);
+        c.persist(&store, &m).unwrap();
+        let lim = limits(100, QueueOverflow::DropOldest);
+        for p in [b"1", b"2", b"3", b"4", b"5"] {
+            c.offer(OutItem::new(msg("t", 1, p), 1, false, vec![]), &lim, &store, &m);
+        }
+        let codec = Codec::new(crate::mqtt::Version::V5, 1 << 20);
+        let fill = |conn: u64, receive_max: usize| {
+            let mut buf = BytesMut::new();
+            let sent = c.fill(
+                &mut buf,
+                &mut SendLimits {
+                    conn,
+                    codec: &codec,
+                    receive_max,
+                    out_budget: 1 << 16,
+                    aliases: &mut None,
+                    flushed: 0,
+                    hold: 0,
+                },
+                &store,
+                &m,
+            );
+            (sent, buf)
+        };
+        assert_eq!(fill(7, 100).0, 5, "all five in flight on the first connection");
+        let pkids: Vec<u16> = c.lock().out.inflight.iter().map(|i| i.pkid).collect();
+        // The vehicle reconnects (connection 8) with Receive Maximum 2.
+        {
+            let mut st = c.lock();
+            c.take_owner(&mut st);
+            st.owner = Some(Owner::bare(8));
+        }
+        let mut buf = BytesMut::new();
+        let releases = c.resend_inflight(&mut buf, &codec, 2, &store, &m);
+        assert!(releases.is_empty());
+        let waiting = |c: &SessionCell| -> Vec<u16> {
+            let st = c.lock();
+            st.out
+                .inflight
+                .iter()
+                .filter(|i| i.resend)
+                .map(|i| i.pkid)
+                .collect()
+        };
+        assert_eq!(waiting(&c), pkids[2..].to_vec(), "two re-sent, three held back");
+        assert!(!buf.is_empty());
+        c.offer(
+            OutItem::new(msg("t", 1, b"6"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        assert_eq!(fill(8, 2).0, 0, "no room: two unanswered");
+        assert!(c.complete(pkids[0], 1, &store, &m));
+        let (sent, buf) = fill(8, 2);
+        assert_eq!(sent, 1);
+        assert_eq!(buf[0] & 0x08, 0x08, "re-sent with DUP");
+        assert_eq!(waiting(&c), pkids[3..].to_vec(), "in order");
+        // A PUBACK for one held back (the client had it): it leaves, and the count with it.
+        assert!(c.complete(pkids[4], 1, &store, &m));
+        assert!(c.complete(pkids[1], 1, &store, &m));
+        assert_eq!(
+            fill(8, 2).0,
+            1,
+            "the last held back one, and nothing new: no room"
+        );
+        assert!(waiting(&c).is_empty());
+        assert_eq!(c.lock().out.queue.len(), 1, "the new message waited behind them");
+        assert!(c.complete(pkids[2], 1, &store, &m));
+        assert_eq!(fill(8, 2).0, 1, "then the new one");
+        assert_eq!(c.lock().out.resend, 0);
+    }
+
+    /// Review: a persistent session's QoS 2 PUBLISH is written to the client only once
+    /// the store has flushed its packet id (a crash in between would otherwise re-send
+    /// it under a new id after the restart: delivered twice), and what follows it waits.
+    #[tokio::test]
+    async fn a_persistent_qos2_delivery_waits_for_its_packet_id_to_be_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let c = cell(60, true);
+        c.persist(&store, &m).unwrap();
+        let lim = limits(100, QueueOverflow::DropOldest);
+        c.offer(
+            OutItem::new(msg("t", 2, b"two"), 2, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        c.offer(
+            OutItem::new(msg("t", 1, b"one"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        let codec = Codec::new(crate::mqtt::Version::V5, 1 << 20);
+        let fill = |flushed: u64| {
+            let mut buf = BytesMut::new();
+            let mut lim = SendLimits {
+                conn: 7,
+                codec: &codec,
+                receive_max: 10,
+                out_budget: 1 << 16,
+                aliases: &mut None,
+                flushed,
+                hold: 0,
+            };
+            let sent = c.fill(&mut buf, &mut lim, &store, &m);
+            (sent, lim.hold, buf)
+        };
+        let (sent, hold, buf) = fill(0);
+        assert_eq!((sent, buf.len()), (0, 0), "nothing written before the flush");
+        assert!(hold > 0);
+        assert_eq!(c.lock().out.queue.len(), 1, "the QoS 1 message waits behind it");
+        let (sent, again, buf) = fill(hold - 1);
+        assert_eq!((sent, again, buf.len()), (0, hold, 0), "still not flushed");
+        let (sent, again, buf) = fill(hold);
+        assert_eq!((sent, again), (2, 0), "flushed: both go, in order");
+        assert_eq!(buf[0] & 0xF0, 0x30);
+        assert_eq!(buf[0] & 0x0F, 2 << 1, "QoS 2, first send: no DUP");
+        let st = c.lock();
+        assert_eq!(st.out.resend, 0);
+        assert!(st.out.inflight.iter().all(|i| !i.resend && i.wait_gen == 0));
+        assert_eq!(st.out.inflight[0].qos, 2);
     }
 }

@@ -41,19 +41,31 @@ pub async fn on_close(
     match detached {
         Detached::Kept if delay > 0 => {
             let cancel = CancellationToken::new();
-            let expiry = {
+            let stored = {
                 let mut st = cell.lock();
-                if st.owner.is_some() {
+                if st.gone {
+                    // A clean start ended the session between the detach and here: the
+                    // Will is due now (MQTT 5 §3.1.2.5), not after its delay.
+                    Err((will, user))
+                } else if st.owner.is_some() {
                     // Resumed already (between the detach and here): within the delay,
                     // so no Will.
                     return;
+                } else {
+                    st.delayed_will = Some(Box::new(DelayedWill {
+                        will,
+                        user,
+                        cancel: cancel.clone(),
+                    }));
+                    Ok(st.expiry_secs)
                 }
-                st.delayed_will = Some(Box::new(DelayedWill {
-                    will,
-                    user,
-                    cancel: cancel.clone(),
-                }));
-                st.expiry_secs
+            };
+            let expiry = match stored {
+                Ok(expiry) => expiry,
+                Err((will, user)) => {
+                    publish(shared, &cell.key(), user.as_deref(), will).await;
+                    return;
+                }
             };
             let wait = Duration::from_secs(u64::from(delay.min(expiry)));
             let (shared, cell) = (shared.clone(), cell.clone());
