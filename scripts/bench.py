@@ -395,7 +395,12 @@ def main():
              "overhead": ("overhead",)}
     for scenario in only:
         for key in fresh[scenario]:
-            results[key] = {}
+            if key == "storm":
+                # A storm run replaces only its own mode's rows (with or without --storm-nice).
+                nice = bool(args.storm_nice)
+                results[key] = {k: v for k, v in results.get(key, {}).items() if k.endswith("+nice") != nice}
+            else:
+                results[key] = {}
         results["meta"][scenario] = {"date": time.strftime("%Y-%m-%d"), "args": vars(args)}
 
     kafka = Kafka(work) if need_kafka else None
