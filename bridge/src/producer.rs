@@ -29,8 +29,9 @@
 //! # Records Kafka refuses for good: dead letter, then the parked store
 //!
 //! Per-record fatal errors (record too large, topic authorisation failed, unknown topic, an
-//! invalid timestamp, a policy violation: any delivery error that is not about the producer
-//! itself, see [`producer_failed`]; no route under `unmatched = "refuse"`) go to the dead-letter topic with the error in the
+//! invalid timestamp, a policy violation: [`refused_for_good`]; an error no list names,
+//! once the record failed with it under [`UNKNOWN_ERROR_STRIKES`] producers in a row, each
+//! rebuilt and replayed in order; no route under `unmatched = "refuse"`) go to the dead-letter topic with the error in the
 //! `gateway.error` header. Without a dead-letter topic, or when the dead-letter write
 //! fails too, the record is **parked**: written durably (file and directory fsync'd) to
 //! the [`crate::parked::ParkedStore`] at `parked_dir`, and only then marked done. So a
@@ -618,12 +619,7 @@ impl ProducerContext for Ctx {
 /// producer's fatal state or its idempotence bookkeeping, its credentials or cluster
 /// authorisation (a fix for those holds every record, in order, rather than parking
 /// them all), a purge, or a message timeout (possible only if an operator property
-/// re-enabled them). Those rebuild the producer and replay in order. Every other failure refuses this record for good: message timeouts are off and
-/// retries unlimited, so librdkafka retries what it can retry and reports only what it
-/// takes for permanent (too large, not authorised, unknown topic, an invalid timestamp,
-/// a policy, or a code it does not know). Taking those for a producer problem would
-/// rebuild, replay and be refused again for ever, re-sending everything behind the record
-/// each time while the journal fills (an allow-list of record errors did exactly that).
+/// re-enabled them). Those rebuild the producer and replay in order.
 fn producer_failed(e: &KafkaError, fatal_flagged: bool) -> bool {
     fatal_flagged
         || matches!(
@@ -645,6 +641,36 @@ fn producer_failed(e: &KafkaError, fatal_flagged: bool) -> bool {
             )
         )
 }
+
+/// Errors Kafka gives a record it will never take: dead-lettered, then parked.
+fn refused_for_good(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::InvalidTimestamp
+                | RDKafkaErrorCode::PolicyViolation
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::InvalidTopic
+        )
+    )
+}
+
+/// How many times a record may fail with an error neither list names, a rebuild and an
+/// in-order replay after each, before it is taken as refused for good. librdkafka
+/// reports only what it does not retry (message timeouts are off), but an unlisted code
+/// may still be a broker's passing trouble (UNKNOWN_SERVER_ERROR) or a setting that
+/// refuses every record: replaying keeps the order for those; the bound keeps one
+/// record from holding the journal for ever (an allow-list alone once did exactly that,
+/// rebuilding and re-sending what followed it while the journal filled).
+const UNKNOWN_ERROR_STRIKES: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Slot {
@@ -815,6 +841,7 @@ pub async fn run<J: Journal>(
     // Pause between rebuilds; doubles while rebuilt producers confirm nothing (a cause
     // that outlives the producer, such as a revoked authorisation, must not spin).
     let mut rebuild_wait = REBUILD_WAIT_MIN;
+    let mut strikes = (0, 0);
     loop {
         let reports = Arc::new(Reports::default());
         let ctx = Ctx {
@@ -832,6 +859,7 @@ pub async fn run<J: Journal>(
             &store,
         );
         pump.stall_after = stall_after;
+        pump.strikes = strikes;
         let outcome = pump.run(&shutdown, &mut commands).await;
         let outcome = match outcome {
             Ok(o) => o,
@@ -881,6 +909,7 @@ pub async fn run<J: Journal>(
                 } else {
                     cfg.stall_rebuild
                 };
+                strikes = pump.strikes;
                 rebuild_wait = if pump.heard_back {
                     REBUILD_WAIT_MIN
                 } else {
@@ -1044,6 +1073,9 @@ struct Pump<'p, J> {
     /// alone do not count: records of healthy partitions keep coming while one partition
     /// without a leader holds the watermark, and rebuilding for that would only re-send).
     heard_back: bool,
+    /// The record that last failed with an unlisted error, and how many producers in a
+    /// row it failed under (carried over rebuilds; see [`UNKNOWN_ERROR_STRIKES`]).
+    strikes: (u64, u32),
     /// Since when a new client has got metadata while this producer stayed silent.
     answering_since: Option<Instant>,
     /// The topics of the records in the tracker.
@@ -1100,6 +1132,7 @@ impl<'p, J: Journal> Pump<'p, J> {
             stall_after: cfg.stall_rebuild,
             next_probe: Instant::now(),
             heard_back: false,
+            strikes: (0, 0),
             answering_since: None,
             topics: Topics::default(),
             probe: None,
@@ -1339,7 +1372,23 @@ impl<'p, J: Journal> Pump<'p, J> {
                     self.rebuild
                         .get_or_insert_with(|| format!("record {seq} failed: {e}"));
                 }
-                (Err(e), _) => self.failures.push((seq, e)),
+                (Err(e), _) if refused_for_good(&e) => self.failures.push((seq, e)),
+                // Rebuilding already: this record is replayed with the rest.
+                (Err(_), _) if self.rebuild.is_some() => {}
+                (Err(e), _) => {
+                    if self.strikes.0 != seq {
+                        self.strikes = (seq, 0);
+                    }
+                    self.strikes.1 += 1;
+                    if self.strikes.1 >= UNKNOWN_ERROR_STRIKES {
+                        self.failures.push((seq, e));
+                    } else {
+                        self.rebuild = Some(format!(
+                            "record {seq} failed: {e} (failure {} of {UNKNOWN_ERROR_STRIKES} before it is taken as refused)",
+                            self.strikes.1
+                        ));
+                    }
+                }
             }
         }
         for (seq, why) in to_park {

@@ -113,7 +113,8 @@ pub(super) fn writer_loop(inner: Arc<Inner>, mut head: Head, checkpointed: u64) 
             // the fd table full of sockets, ENOSPC for the checkpoint's temp file) holds
             // no acknowledgement. It is retried on its own back-off while commits go on.
             match maintain(&inner, &mut maint, exit) {
-                Ok(()) => maint.succeeded(),
+                Ok(true) => maint.succeeded(),
+                Ok(false) => {}
                 Err(e) => maint.failed(&e),
             }
         } else if let Some((path, _)) = &start {
@@ -413,10 +414,11 @@ impl Maintenance {
 /// Deleting does not wait for the checkpoint: after a restart the first retained segment
 /// bounds the release watermark as well, and on a full disk (where the checkpoint's temp
 /// file cannot be written) deleting released segments is what frees space.
-fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), JournalError> {
+/// `Ok(false)`: nothing was due (a back-off after a failure included).
+fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<bool, JournalError> {
     let full = inner.state().full;
     if !maint.due(inner, force, full) {
-        return Ok(());
+        return Ok(false);
     }
     let released = inner.released.load(Ordering::Acquire);
     let checkpoint = if released > maint.seq {
@@ -431,7 +433,7 @@ fn maintain(inner: &Inner, maint: &mut Maintenance, force: bool) -> Result<(), J
     // too, as they do when a batch cannot be written.
     let disk_full = checkpoint.as_ref().err().is_some_and(is_disk_full);
     delete_released(inner, maint, released, disk_full)?;
-    checkpoint
+    checkpoint.map(|()| true)
 }
 
 /// Maintenance while a batch is pending: deletes released segments that lie wholly

@@ -43,6 +43,7 @@ mod inbound;
 pub mod keepalive;
 mod outbound;
 pub mod presence;
+pub mod qos2_pending;
 pub mod state;
 pub mod will;
 
@@ -561,6 +562,13 @@ where
             let (durable, flushed) = self.watermarks();
             self.ack_durable(durable, flushed);
             let (more, hold) = self.fill_outbound();
+            if hold > 0 && self.shared.store.has_failed() {
+                // A held QoS 2 delivery waits for a flush that will never come (and its
+                // wait below would return at once, for ever).
+                return Close::StoreFailed(
+                    "a store flush failed; a QoS 2 delivery cannot be made durable".into(),
+                );
+            }
             if let Err(e) = self.flush().await {
                 return Close::Io(e);
             }

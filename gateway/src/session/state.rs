@@ -892,6 +892,11 @@ impl SessionCell {
             if front.qos > 0 && st.out.inflight.len() >= lim.receive_max {
                 break;
             }
+            // Behind a held QoS 2 PUBLISH only more of them move into flight (held in
+            // turn, in order: one flush releases the run); anything else waits.
+            if lim.hold > 0 && !(persistent && front.qos == 2 && front.id != 0) {
+                break;
+            }
             let Some(mut item) = st.out.queue.pop_front() else {
                 break;
             };
@@ -970,8 +975,7 @@ impl SessionCell {
                         st.out.resend += 1;
                         st.out.inflight.push_back(item);
                         lim.hold = gen;
-                        // What follows waits behind it, in order.
-                        break;
+                        continue;
                     }
                     Ok(_) => {}
                     Err(e) => store_failed(metrics, &self.client_id, &e),
@@ -1784,6 +1788,12 @@ mod tests {
             &m,
         );
         c.offer(
+            OutItem::new(msg("t", 2, b"2nd"), 2, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        c.offer(
             OutItem::new(msg("t", 1, b"one"), 1, false, vec![]),
             &lim,
             &store,
@@ -1807,16 +1817,25 @@ mod tests {
         let (sent, hold, buf) = fill(0);
         assert_eq!((sent, buf.len()), (0, 0), "nothing written before the flush");
         assert!(hold > 0);
+        assert_eq!(c.lock().out.inflight.len(), 2, "a run of QoS 2 is held together");
         assert_eq!(c.lock().out.queue.len(), 1, "the QoS 1 message waits behind it");
-        let (sent, again, buf) = fill(hold - 1);
-        assert_eq!((sent, again, buf.len()), (0, hold, 0), "still not flushed");
-        let (sent, again, buf) = fill(hold);
-        assert_eq!((sent, again), (2, 0), "flushed: both go, in order");
-        assert_eq!(buf[0] & 0xF0, 0x30);
+        let first = c.lock().out.inflight[0].wait_gen;
+        assert!(first > 0 && first < hold);
+        let (sent, again, buf) = fill(first - 1);
+        assert_eq!((sent, again, buf.len()), (0, first, 0), "still not flushed");
+        let (sent, again, buf) = fill(first);
+        assert_eq!(
+            (sent, again),
+            (1, hold),
+            "the first is flushed, the second not yet"
+        );
         assert_eq!(buf[0] & 0x0F, 2 << 1, "QoS 2, first send: no DUP");
+        let (sent, again, _) = fill(hold);
+        assert_eq!((sent, again), (2, 0), "flushed: the rest go, in order");
         let st = c.lock();
         assert_eq!(st.out.resend, 0);
         assert!(st.out.inflight.iter().all(|i| !i.resend && i.wait_gen == 0));
-        assert_eq!(st.out.inflight[0].qos, 2);
+        let qos: Vec<u8> = st.out.inflight.iter().map(|i| i.qos).collect();
+        assert_eq!(qos, [2, 2, 1]);
     }
 }
