@@ -166,6 +166,7 @@ fn entry(i: usize) -> Entry {
         } else {
             Vec::new()
         },
+        packet_id: None,
     }
 }
 

@@ -60,6 +60,7 @@ fn entry(seq_hint: usize, size: usize) -> Entry {
         content_type: seq_hint.is_multiple_of(3).then(|| "application/json".to_string()),
         message_expiry_secs: seq_hint.is_multiple_of(5).then_some(30),
         user_properties: vec![("n".into(), seq_hint.to_string())],
+        packet_id: seq_hint.is_multiple_of(4).then_some(seq_hint as u16),
     }
 }
 

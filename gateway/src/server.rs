@@ -371,6 +371,20 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
             "the session store refers to another journal: inbound QoS 2 packet ids of journaled messages are forgotten"
         );
     }
+    // QoS 2 publishes a crash caught between their marker and their session record: the
+    // journal says which were journaled (`session::qos2_pending`).
+    let markers = shared
+        .store
+        .load_qos2_pending()
+        .context("loading the store's inbound QoS 2 markers")?;
+    let mut journaled: std::collections::HashMap<String, Vec<(u16, u64)>> = Default::default();
+    if same_journal {
+        let found = session::qos2_pending::find_journaled(&*shared.journal, &markers)
+            .context("reading the journal for QoS 2 publishes a crash interrupted")?;
+        for ((client_id, pkid), seq) in found {
+            journaled.entry(client_id).or_default().push((pkid, seq));
+        }
+    }
     let (count, mut queued, mut rewritten) = (sessions.len(), 0, 0);
     for s in sessions {
         let client_id: Arc<str> = Arc::from(s.client_id.as_str());
@@ -395,6 +409,16 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
             state.out.restore(item, &shared.metrics);
         }
         let forgot = state.inbound_qos2.len() != s.record.inbound_qos2.len();
+        let mut found = 0;
+        for (pkid, seq) in journaled.remove(&s.client_id).unwrap_or_default() {
+            if state.inbound_qos2.get(&pkid).is_none() {
+                state.inbound_qos2.insert(pkid, Qos2In { seq, gen: 0 });
+                found += 1;
+            }
+        }
+        if found > 0 {
+            info!(client_id = %client_id, ids = found, "QoS 2 packet ids of publishes journaled just before a crash restored: the vehicle's re-sends are duplicates, not journaled again");
+        }
         let cell = SessionCell::new(client_id.clone(), state);
         let key = cell.key();
         for (filter, opts) in s.record.subscriptions {
@@ -408,6 +432,11 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
                 }
             }
         }
+        if found > 0 && !forgot {
+            cell.persist(&shared.store, &shared.metrics)
+                .context("rewriting a restored session")?;
+            rewritten += 1;
+        }
         if forgot {
             // Written back at once: a later restart (when new records reuse those
             // sequences) must not bring the forgotten ids back.
@@ -417,6 +446,15 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
             rewritten += 1;
         }
         shared.registry.restore(cell, &shared.metrics);
+    }
+    // Resolved (or, for a session that is gone, moot): written after the records above,
+    // so a flush covering these removals covers them.
+    for m in &markers {
+        shared
+            .store
+            .remove_qos2_pending(&m.client_id, m.pkid)
+            .context("removing an inbound QoS 2 marker")?;
+        rewritten += 1;
     }
     if bound.as_deref() != Some(journal_id.as_str()) {
         shared

@@ -9,6 +9,10 @@
 //!          client_id:str16  topic:str16
 //!          [content_type:str16]        (flags & HAS_CONTENT_TYPE)
 //!          [message_expiry_secs:u32le] (flags & HAS_EXPIRY)
+//!          [packet_id:u16le]           (flags & HAS_PACKET_ID, 64: a vehicle's QoS 2
+//!                                       PUBLISH; a journal holding one is not readable
+//!                                       by builds from before 2026-12-07, which take
+//!                                       the two bytes for a malformed body)
 //!          user_property_count:u16le  (key:str16 value:str16)*
 //!          payload_len:u32le  payload
 //! str16  = len:u16le utf8[len]
@@ -28,6 +32,7 @@ pub const FRAME_HEADER: usize = 8;
 const HAS_CONTENT_TYPE: u8 = 1;
 const HAS_EXPIRY: u8 = 2;
 const RETAIN: u8 = 4;
+const HAS_PACKET_ID: u8 = 64;
 const KIND_SHIFT: u8 = 3;
 const KIND_MASK: u8 = 0b111 << KIND_SHIFT;
 
@@ -87,6 +92,11 @@ pub struct Entry {
     pub message_expiry_secs: Option<u32>,
     pub user_properties: Vec<(String, String)>,
     pub kind: EntryKind,
+    /// The MQTT packet id of a vehicle's QoS 2 PUBLISH: after a crash, the gateway finds
+    /// in the journal whether a QoS 2 message whose id the session store had not yet
+    /// recorded was journaled (so that the vehicle's re-send is not journaled twice).
+    /// Not forwarded to Kafka.
+    pub packet_id: Option<u16>,
 }
 
 /// An [`Entry`] whose parts are borrowed from wherever they live: what the journal
@@ -106,6 +116,7 @@ pub struct EntryRef<'a> {
     pub message_expiry_secs: Option<u32>,
     pub user_properties: &'a [(String, String)],
     pub kind: EntryKind,
+    pub packet_id: Option<u16>,
 }
 
 impl<'a> From<&'a Entry> for EntryRef<'a> {
@@ -121,6 +132,7 @@ impl<'a> From<&'a Entry> for EntryRef<'a> {
             message_expiry_secs: e.message_expiry_secs,
             user_properties: &e.user_properties,
             kind: e.kind,
+            packet_id: e.packet_id,
         }
     }
 }
@@ -139,6 +151,7 @@ impl EntryRef<'_> {
             message_expiry_secs: self.message_expiry_secs,
             user_properties: self.user_properties.to_vec(),
             kind: self.kind,
+            packet_id: self.packet_id,
         }
     }
 }
@@ -182,6 +195,9 @@ pub fn frame_len<'a>(e: impl Into<EntryRef<'a>>) -> usize {
     }
     if e.message_expiry_secs.is_some() {
         n += 4;
+    }
+    if e.packet_id.is_some() {
+        n += 2;
     }
     n += 2;
     for (k, v) in e.user_properties {
@@ -234,6 +250,9 @@ fn encode_body(out: &mut Vec<u8>, seq: u64, e: EntryRef<'_>) -> Result<(), Encod
     if e.retain {
         flags |= RETAIN;
     }
+    if e.packet_id.is_some() {
+        flags |= HAS_PACKET_ID;
+    }
     flags |= e.kind.bits();
     out.push(flags);
     put_str16(out, "client_id", e.client_id)?;
@@ -243,6 +262,9 @@ fn encode_body(out: &mut Vec<u8>, seq: u64, e: EntryRef<'_>) -> Result<(), Encod
     }
     if let Some(exp) = e.message_expiry_secs {
         out.extend_from_slice(&exp.to_le_bytes());
+    }
+    if let Some(id) = e.packet_id {
+        out.extend_from_slice(&id.to_le_bytes());
     }
     let count = u16::try_from(e.user_properties.len()).map_err(|_| EncodeError::FieldTooLong {
         field: "user_properties",
@@ -356,6 +378,11 @@ fn decode_body(body: &[u8]) -> Option<Record> {
     } else {
         None
     };
+    let packet_id = if flags & HAS_PACKET_ID != 0 {
+        Some(c.u16()?)
+    } else {
+        None
+    };
     let count = c.u16()? as usize;
     let mut user_properties = Vec::with_capacity(count.min(64));
     for _ in 0..count {
@@ -379,6 +406,7 @@ fn decode_body(body: &[u8]) -> Option<Record> {
             message_expiry_secs,
             user_properties,
             kind,
+            packet_id,
         },
     })
 }
@@ -400,7 +428,31 @@ mod tests {
             content_type: Some("application/json".into()),
             message_expiry_secs: Some(60),
             user_properties: vec![("fw".into(), "1.2.3".into())],
+            packet_id: None,
         }
+    }
+
+    /// A QoS 2 record keeps its packet id; the bytes of one without stay as they were
+    /// (journals written before the field existed read the same).
+    #[test]
+    fn a_packet_id_round_trips_and_costs_nothing_when_absent() {
+        let with = Entry {
+            qos: 2,
+            packet_id: Some(0xBEEF),
+            ..entry()
+        };
+        let mut a = Vec::new();
+        encode(&mut a, 9, &with).expect("encodes");
+        assert_eq!(a.len(), frame_len(&with));
+        match decode(&a) {
+            Frame::Record(r, _) => assert_eq!(r.entry, with),
+            other => panic!("expected a record, got {other:?}"),
+        }
+        let mut b = Vec::new();
+        encode(&mut b, 9, &entry()).expect("encodes");
+        assert_eq!(a.len(), b.len() + 2);
+        // The body of a record without it, as the format was: flags hold no bit 64.
+        assert_eq!(b[8 + 17] & HAS_PACKET_ID, 0);
     }
 
     #[test]

@@ -534,6 +534,7 @@ async fn journal(shared: &Shared, gateway_id: &str, r: &Report, stop: &Cancellat
     };
     let entry = Entry {
         kind: EntryKind::Outcome,
+        packet_id: None,
         received_at_ms: at_ms,
         qos: 1,
         retain: false,

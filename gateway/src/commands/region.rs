@@ -426,6 +426,7 @@ async fn journal(shared: &Shared, item: &OutItem) -> Option<u64> {
     props.extend(m.props.user_properties.iter().cloned());
     let entry = Entry {
         kind: EntryKind::Command,
+        packet_id: None,
         received_at_ms: now_ms(),
         qos: c.qos,
         retain: false,

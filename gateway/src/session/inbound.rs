@@ -147,8 +147,9 @@ where
         // Checked under the lock the change is made under: a successor that took the
         // session meanwhile (the DISCONNECT was read before its CONNECT won) keeps the
         // expiry its CONNECT asked for, and one that started clean keeps its new record.
+        // The DISCONNECT itself still counts (no Will after a normal disconnect).
         if !st.owned_by(self.info.conn) {
-            return Err(Close::TakenOver);
+            return Ok(());
         }
         let was = st.expiry_secs;
         st.expiry_secs = expiry;
@@ -425,6 +426,9 @@ where
         if let Some(close) = self.ended() {
             return Err(close);
         }
+        if accepted.p.qos == 2 && self.cell.lock().persistent() {
+            return Ok(Some(Box::pin(self.journal_qos2(accepted, entry))));
+        }
         let shared = self.shared.clone();
         let appended = match shared.journal.try_append_with(&entry, shared.full_policy) {
             Ok(TryAppend::Appended(seq)) => Ok(Some(seq)),
@@ -446,6 +450,53 @@ where
             }
         };
         self.journaled(accepted, appended).map(|()| None)
+    }
+
+    /// A persistent session's QoS 2 PUBLISH: a marker (client id, packet id, the journal's
+    /// durable sequence) is flushed to the store *before* the record is appended, and
+    /// removed once the session record holds the id.
+    ///
+    /// The record's fsync and the store's flush of the id otherwise race: a crash after
+    /// the first and before the second (both precede the PUBREC, so the vehicle re-sends)
+    /// left a journaled message whose id the restored session did not know, and the
+    /// re-send was journaled again: Kafka got it twice. With the marker, the restart looks
+    /// in the journal after the marker's sequence for this client's record with this
+    /// packet id (records of QoS 2 PUBLISHes carry it) and restores the id if it is there
+    /// (`server::restore`). The price: the store's flush and the journal's fsync one after
+    /// the other for these publishes, not side by side.
+    async fn journal_qos2(&mut self, accepted: Accepted, entry: Entry) -> Result<(), Close> {
+        let shared = self.shared.clone();
+        let client_id = self.cell.client_id.clone();
+        let pkid = accepted.p.pkid;
+        let after = *bridge::Journal::durable(&*shared.journal).borrow();
+        let gen = shared
+            .store
+            .put_qos2_pending(&client_id, pkid, after)
+            .map_err(|e| Close::StoreFailed(e.to_string()))?;
+        let done = async {
+            tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
+                _ = self.cell.lost_by(self.info.conn) => return Err(Close::TakenOver),
+                r = shared.store.wait_flushed(gen) => r.map_err(|e| Close::StoreFailed(e.to_string()))?,
+            }
+            // Cancelling this wait is safe: admission is synchronous, nothing is appended
+            // until it returns.
+            let appended = tokio::select! {
+                biased;
+                _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
+                _ = self.cell.lost_by(self.info.conn) => return Err(Close::TakenOver),
+                r = shared.journal.append_with(&entry, shared.full_policy) => r,
+            };
+            self.journaled(accepted, appended)
+        }
+        .await;
+        // Journaled and the id in the session record (written before this removal, so a
+        // flush covering the removal covers the record), or not journaled at all.
+        if let Err(e) = shared.store.remove_qos2_pending(&client_id, pkid) {
+            super::state::store_failed(&shared.metrics, &client_id, &e);
+        }
+        done
     }
 
     /// The checks a PUBLISH passes before it is journaled (QoS, QoS 2 duplicate, alias,
@@ -652,6 +703,7 @@ where
         }
         let entry = kafka.then(|| Entry {
             kind: Default::default(),
+            packet_id: (p.qos == 2).then_some(p.pkid),
             received_at_ms: now,
             qos: p.qos,
             retain: p.retain,

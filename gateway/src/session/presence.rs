@@ -272,6 +272,7 @@ fn json<'r>(room: &'r mut [u8], value: &impl Serialize) -> serde_json::Result<Co
 fn record<'a>(key: &'a str, at_ms: u64, payload: &'a [u8]) -> EntryRef<'a> {
     EntryRef {
         kind: EntryKind::Presence,
+        packet_id: None,
         received_at_ms: at_ms,
         // QoS 1: stored and confirmed like a vehicle's QoS 1 message.
         qos: 1,

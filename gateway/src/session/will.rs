@@ -125,6 +125,7 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
     if kafka {
         let entry = Entry {
             kind: Default::default(),
+            packet_id: None,
             received_at_ms: now,
             qos: w.qos,
             retain: w.retain,

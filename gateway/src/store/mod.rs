@@ -50,6 +50,10 @@
 //!                     value: v1 + QueuedRecord
 //!   tree "retained"   key: topic name (UTF-8 bytes)
 //!                     value: v1 + Message
+//!   default tree      "journal_id": the journal the stored QoS 2 sequences refer to;
+//!                     "qos2-pending\0" + client id + 0x00 + packet id (u16 BE): an
+//!                     inbound QoS 2 PUBLISH about to be journaled, value the journal's
+//!                     durable sequence then (u64 BE); see `session::qos2_pending`
 //! ```
 //!
 //! Client ids never contain NUL (MQTT forbids U+0000 in every UTF-8 string, §1.5.4, and
@@ -110,7 +114,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 
-pub use sessions::{LoadedSession, OutState, QueuedRecord, SessionRecord};
+pub use sessions::{LoadedSession, OutState, Qos2Pending, QueuedRecord, SessionRecord};
 
 /// Version byte in front of every stored value.
 pub const FORMAT_V1: u8 = 1;

@@ -295,3 +295,77 @@ impl Store {
         self.queued_count.load(Ordering::Relaxed)
     }
 }
+
+/// Keys of the inbound QoS 2 markers (sled's default tree): this prefix, the client id,
+/// 0x00, the packet id (u16 big-endian).
+const QOS2_PENDING: &[u8] = b"qos2-pending\0";
+
+fn qos2_pending_key(client_id: &str, pkid: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(QOS2_PENDING.len() + client_id.len() + 3);
+    k.extend_from_slice(QOS2_PENDING);
+    k.extend_from_slice(client_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&pkid.to_be_bytes());
+    k
+}
+
+/// An inbound QoS 2 PUBLISH of a persistent session that was about to be journaled (see
+/// [`Store::put_qos2_pending`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qos2Pending {
+    pub client_id: String,
+    pub pkid: u16,
+    /// The journal's durable sequence when the marker was written: the record, if it was
+    /// journaled, lies after it.
+    pub after_seq: u64,
+}
+
+impl Store {
+    /// Marks a persistent session's inbound QoS 2 PUBLISH `pkid` as about to be
+    /// journaled, before it is. Flushed before the append, it lets a restart find out
+    /// (in the journal, after `after_seq`, by client id and packet id) whether the record
+    /// became durable while the session record holding its id did not: without it the
+    /// vehicle's re-send would be journaled a second time.
+    pub fn put_qos2_pending(&self, client_id: &str, pkid: u16, after_seq: u64) -> Result<u64, StoreError> {
+        check_client_id(client_id)?;
+        self.check_writable()?;
+        self.db
+            .insert(qos2_pending_key(client_id, pkid), &after_seq.to_be_bytes())
+            .map_err(self.sled_err("put_qos2_pending"))?;
+        Ok(self.wrote())
+    }
+
+    /// Removes a marker once the session record holds the id (written before this, so a
+    /// flush that covers the removal covers the record too), or once the PUBLISH will not
+    /// be journaled.
+    pub fn remove_qos2_pending(&self, client_id: &str, pkid: u16) -> Result<u64, StoreError> {
+        self.check_writable()?;
+        self.db
+            .remove(qos2_pending_key(client_id, pkid))
+            .map_err(self.sled_err("remove_qos2_pending"))?;
+        Ok(self.wrote())
+    }
+
+    /// The markers a crash left (at start, before anything is written).
+    pub fn load_qos2_pending(&self) -> Result<Vec<Qos2Pending>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(QOS2_PENDING) {
+            let (k, v) = kv.map_err(self.sled_err("load_qos2_pending"))?;
+            let corrupt = || self.corrupt("default", &k, "not an inbound QoS 2 marker");
+            let rest = &k[QOS2_PENDING.len()..];
+            let split = rest.len().checked_sub(3).ok_or_else(corrupt)?;
+            let (client, tail) = rest.split_at(split);
+            let client = std::str::from_utf8(client).map_err(|_| corrupt())?;
+            if tail[0] != 0 {
+                return Err(corrupt());
+            }
+            let after: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
+            out.push(Qos2Pending {
+                client_id: client.to_owned(),
+                pkid: u16::from_be_bytes([tail[1], tail[2]]),
+                after_seq: u64::from_be_bytes(after),
+            });
+        }
+        Ok(out)
+    }
+}
