@@ -379,8 +379,12 @@ fn restore(shared: &Shared) -> anyhow::Result<usize> {
         .context("loading the store's inbound QoS 2 markers")?;
     let mut journaled: std::collections::HashMap<String, Vec<(u16, u64)>> = Default::default();
     if same_journal {
+        // Unreadable: a possible duplicate in Kafka, not a gateway that does not start.
         let found = session::qos2_pending::find_journaled(&*shared.journal, &markers)
-            .context("reading the journal for QoS 2 publishes a crash interrupted")?;
+            .unwrap_or_else(|e| {
+                warn!(error = %e, markers = markers.len(), "cannot read the journal for QoS 2 publishes a crash interrupted: their re-sends will be journaled again");
+                Default::default()
+            });
         for ((client_id, pkid), seq) in found {
             journaled.entry(client_id).or_default().push((pkid, seq));
         }

@@ -124,7 +124,7 @@ fn a_qos2_publish_journaled_before_its_id_was_stored_is_not_journaled_again() {
             protocol: 4,
         };
         store.put_session(CLIENT, &record).expect("session");
-        store.put_qos2_pending(CLIENT, PKID, seq - 1).expect("marker");
+        store.put_qos2_pending(CLIENT, PKID, seq - 1, 1).expect("marker");
         store.bind_journal(&journal_id).expect("binding");
         rt.block_on(store.flush()).expect("store flush");
     }

@@ -9,10 +9,10 @@
 //!          client_id:str16  topic:str16
 //!          [content_type:str16]        (flags & HAS_CONTENT_TYPE)
 //!          [message_expiry_secs:u32le] (flags & HAS_EXPIRY)
-//!          [packet_id:u16le]           (flags & HAS_PACKET_ID, 64: a vehicle's QoS 2
-//!                                       PUBLISH; a journal holding one is not readable
-//!                                       by builds from before 2026-12-07, which take
-//!                                       the two bytes for a malformed body)
+//!          [packet_id:u16le]           (flags & HAS_PACKET_ID, 64: a persistent
+//!                                       session's QoS 2 PUBLISH; builds from before
+//!                                       2026-12-07 take the two bytes for a malformed
+//!                                       body: docs/OPERATIONS.md, rolling back)
 //!          user_property_count:u16le  (key:str16 value:str16)*
 //!          payload_len:u32le  payload
 //! str16  = len:u16le utf8[len]

@@ -147,9 +147,11 @@ where
         // Checked under the lock the change is made under: a successor that took the
         // session meanwhile (the DISCONNECT was read before its CONNECT won) keeps the
         // expiry its CONNECT asked for, and one that started clean keeps its new record.
-        // The DISCONNECT itself still counts (no Will after a normal disconnect).
+        // The DISCONNECT itself still counts: no Will after a normal disconnect.
         if !st.owned_by(self.info.conn) {
-            return Ok(());
+            drop(st);
+            self.will = None;
+            return Err(Close::TakenOver);
         }
         let was = st.expiry_secs;
         st.expiry_secs = expiry;
@@ -194,6 +196,14 @@ where
             st.inbound_qos2.remove(&pkid).is_some()
         };
         if known {
+            if self.cell.lock().persistent() {
+                // Before the record's change: from here the record alone says whether
+                // the id is held (`journal_qos2`).
+                self.shared
+                    .store
+                    .remove_qos2_pending(&self.cell.client_id, pkid)
+                    .map_err(|e| Close::StoreFailed(e.to_string()))?;
+            }
             if let Some(g) = self
                 .cell
                 .persist(&self.shared.store, &self.shared.metrics)
@@ -453,8 +463,9 @@ where
     }
 
     /// A persistent session's QoS 2 PUBLISH: a marker (client id, packet id, the journal's
-    /// durable sequence) is flushed to the store *before* the record is appended, and
-    /// removed once the session record holds the id.
+    /// last accepted sequence, this connection) is flushed to the store *before* the
+    /// record is appended; it is removed at the vehicle's PUBREL, or at once if the
+    /// PUBLISH was not journaled after all.
     ///
     /// The record's fsync and the store's flush of the id otherwise race: a crash after
     /// the first and before the second (both precede the PUBREC, so the vehicle re-sends)
@@ -464,37 +475,50 @@ where
     /// packet id (records of QoS 2 PUBLISHes carry it) and restores the id if it is there
     /// (`server::restore`). The price: the store's flush and the journal's fsync one after
     /// the other for these publishes, not side by side.
-    async fn journal_qos2(&mut self, accepted: Accepted, entry: Entry) -> Result<(), Close> {
+    async fn journal_qos2(&mut self, accepted: Accepted, mut entry: Entry) -> Result<(), Close> {
         let shared = self.shared.clone();
         let client_id = self.cell.client_id.clone();
-        let pkid = accepted.p.pkid;
-        let after = *bridge::Journal::durable(&*shared.journal).borrow();
+        let (pkid, conn) = (accepted.p.pkid, self.info.conn);
+        entry.packet_id = Some(pkid);
+        // The last sequence the journal accepted, durable or not: an earlier message
+        // under this id (a session started clean reuses ids) lies at or before it.
+        let after = bridge::Journal::stats(&*shared.journal)
+            .next_seq
+            .saturating_sub(1);
         let gen = shared
             .store
-            .put_qos2_pending(&client_id, pkid, after)
+            .put_qos2_pending(&client_id, pkid, after, conn)
             .map_err(|e| Close::StoreFailed(e.to_string()))?;
+        let before = self.last_seq;
         let done = async {
             tokio::select! {
                 biased;
                 _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
-                _ = self.cell.lost_by(self.info.conn) => return Err(Close::TakenOver),
-                r = shared.store.wait_flushed(gen) => r.map_err(|e| Close::StoreFailed(e.to_string()))?,
+                _ = self.cell.lost_by(conn) => return Err(Close::TakenOver),
+                r = tokio::time::timeout(super::STORE_WAIT, shared.store.wait_flushed(gen)) => match r {
+                    Ok(r) => r.map_err(|e| Close::StoreFailed(e.to_string()))?,
+                    Err(_) => return Err(Close::StoreFailed("the store did not flush within its bound".into())),
+                },
             }
             // Cancelling this wait is safe: admission is synchronous, nothing is appended
             // until it returns.
             let appended = tokio::select! {
                 biased;
                 _ = shared.shutdown.cancelled() => return Err(Close::Shutdown),
-                _ = self.cell.lost_by(self.info.conn) => return Err(Close::TakenOver),
+                _ = self.cell.lost_by(conn) => return Err(Close::TakenOver),
                 r = shared.journal.append_with(&entry, shared.full_policy) => r,
             };
             self.journaled(accepted, appended)
         }
         .await;
-        // Journaled and the id in the session record (written before this removal, so a
-        // flush covering the removal covers the record), or not journaled at all.
-        if let Err(e) = shared.store.remove_qos2_pending(&client_id, pkid) {
-            super::state::store_failed(&shared.metrics, &client_id, &e);
+        if self.last_seq == before {
+            // Not journaled (refused, or the connection ended first): this connection's
+            // marker goes. Journaled, it stays until the vehicle's PUBREL (`release`),
+            // so that a crash before the session record holding the id is flushed can be
+            // told from one after the id was released.
+            if let Err(e) = shared.store.withdraw_qos2_pending(&client_id, pkid, conn) {
+                super::state::store_failed(&shared.metrics, &client_id, &e);
+            }
         }
         done
     }
@@ -703,7 +727,9 @@ where
         }
         let entry = kafka.then(|| Entry {
             kind: Default::default(),
-            packet_id: (p.qos == 2).then_some(p.pkid),
+            // Set by `journal_qos2` for a persistent session's QoS 2 record only: a
+            // record with it is not readable by builds from before it existed.
+            packet_id: None,
             received_at_ms: now,
             qos: p.qos,
             retain: p.retain,

@@ -1,19 +1,25 @@
 //! Inbound QoS 2 publishes a crash caught between the journal and the session store.
 //!
 //! A persistent session's QoS 2 PUBLISH is marked in the store (client id, packet id, the
-//! journal's durable sequence) and the marker flushed before its record is appended
-//! (`Session::journal_qos2`); the marker goes once the session record holds the id. A
-//! marker found at start thus means: the record may or may not have been journaled, and
-//! the session record does not say. The journal does: records of QoS 2 PUBLISHes carry
-//! their packet id, and this one, if it exists, lies after the marker's sequence. Found,
-//! the id is restored as journaled (the vehicle's re-send is a duplicate, answered, not
-//! journaled again); not found, the id stays unknown (the re-send is journaled, once).
+//! journal's last accepted sequence, the connection) and the marker flushed before its
+//! record is appended (`Session::journal_qos2`). The marker stays until the vehicle's
+//! PUBREL, which removes it before the session record drops the id (so a flush covering
+//! the one covers the other), or until the PUBLISH turns out not journaled (withdrawn by
+//! the connection that wrote it, never a successor's), the session ends, or the next
+//! start. A marker found at start thus means: the vehicle has not released the id, the
+//! record may or may not have been journaled, and the session record may not say. The
+//! journal does: records of these PUBLISHes carry their packet id, and this one, if it
+//! exists, lies after the marker's sequence. Found, the id is restored as journaled (the
+//! vehicle's re-send is a duplicate, answered, not journaled again); not found, the id
+//! stays unknown (the re-send is journaled, once).
 //!
 //! Invariants: a marker's record is the first record after `after_seq` of its client with
-//! its packet id (an earlier message under the same id was released by PUBREL, which waits
-//! for its PUBREC, which waits for its record to be durable: at or below `after_seq`).
-//! Only the recovered journal is read (up to its durable end), so a record in a lost
-//! unsynced tail is not found.
+//! its packet id (an earlier message under that id, released or of a session started
+//! clean, was accepted by the journal before the marker was written). Only the recovered
+//! journal is read, up to its durable end, so a record in a lost unsynced tail is not
+//! found. Not covered: a record whose whole segment Kafka confirmed and the journal
+//! deleted before the store flushed the id (Kafka's round trip and a segment's worth of
+//! traffic against one store flush); its re-send would be journaled again.
 
 use std::collections::HashMap;
 

@@ -182,6 +182,9 @@ impl Store {
             self.session_count.fetch_sub(1, Ordering::Relaxed);
         }
         self.queued_count.fetch_sub(removed, Ordering::Relaxed);
+        // A later session of this client id must not inherit them (written before the
+        // generation returned, so the same flush covers them).
+        self.remove_qos2_pending_of(client_id)?;
         Ok(self.wrote())
     }
 
@@ -297,14 +300,20 @@ impl Store {
 }
 
 /// Keys of the inbound QoS 2 markers (sled's default tree): this prefix, the client id,
-/// 0x00, the packet id (u16 big-endian).
+/// 0x00, the packet id (u16 big-endian). Values: the journal sequence the record will lie
+/// after, then the connection that wrote the marker (u64 big-endian each).
 const QOS2_PENDING: &[u8] = b"qos2-pending\0";
 
-fn qos2_pending_key(client_id: &str, pkid: u16) -> Vec<u8> {
+fn qos2_client_prefix(client_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(QOS2_PENDING.len() + client_id.len() + 3);
     k.extend_from_slice(QOS2_PENDING);
     k.extend_from_slice(client_id.as_bytes());
     k.push(0);
+    k
+}
+
+fn qos2_pending_key(client_id: &str, pkid: u16) -> Vec<u8> {
+    let mut k = qos2_client_prefix(client_id);
     k.extend_from_slice(&pkid.to_be_bytes());
     k
 }
@@ -315,29 +324,39 @@ fn qos2_pending_key(client_id: &str, pkid: u16) -> Vec<u8> {
 pub struct Qos2Pending {
     pub client_id: String,
     pub pkid: u16,
-    /// The journal's durable sequence when the marker was written: the record, if it was
-    /// journaled, lies after it.
+    /// The journal's last accepted sequence when the marker was written: the record, if
+    /// it was journaled, lies after it.
     pub after_seq: u64,
 }
 
 impl Store {
-    /// Marks a persistent session's inbound QoS 2 PUBLISH `pkid` as about to be
-    /// journaled, before it is. Flushed before the append, it lets a restart find out
-    /// (in the journal, after `after_seq`, by client id and packet id) whether the record
-    /// became durable while the session record holding its id did not: without it the
-    /// vehicle's re-send would be journaled a second time.
-    pub fn put_qos2_pending(&self, client_id: &str, pkid: u16, after_seq: u64) -> Result<u64, StoreError> {
+    /// Marks a persistent session's inbound QoS 2 PUBLISH `pkid`, from connection `conn`,
+    /// as about to be journaled, before it is. Flushed before the append, it lets a
+    /// restart find out (in the journal, after `after_seq`, by client id and packet id)
+    /// whether the record became durable while the session record holding its id did
+    /// not: without it the vehicle's re-send would be journaled a second time. It stays
+    /// until the vehicle's PUBREL ([`Store::remove_qos2_pending`]), the session's end, or
+    /// the next start.
+    pub fn put_qos2_pending(
+        &self,
+        client_id: &str,
+        pkid: u16,
+        after_seq: u64,
+        conn: u64,
+    ) -> Result<u64, StoreError> {
         check_client_id(client_id)?;
         self.check_writable()?;
+        let mut value = after_seq.to_be_bytes().to_vec();
+        value.extend_from_slice(&conn.to_be_bytes());
         self.db
-            .insert(qos2_pending_key(client_id, pkid), &after_seq.to_be_bytes())
+            .insert(qos2_pending_key(client_id, pkid), value)
             .map_err(self.sled_err("put_qos2_pending"))?;
         Ok(self.wrote())
     }
 
-    /// Removes a marker once the session record holds the id (written before this, so a
-    /// flush that covers the removal covers the record too), or once the PUBLISH will not
-    /// be journaled.
+    /// Removes the marker of `pkid` (the vehicle's PUBREL: from then on the session
+    /// record alone says whether the id is held; written before the record's change, so
+    /// a flush covering that change covers the removal).
     pub fn remove_qos2_pending(&self, client_id: &str, pkid: u16) -> Result<u64, StoreError> {
         self.check_writable()?;
         self.db
@@ -346,25 +365,69 @@ impl Store {
         Ok(self.wrote())
     }
 
-    /// The markers a crash left (at start, before anything is written).
+    /// Removes the marker of `pkid` if connection `conn` wrote it (its PUBLISH was not
+    /// journaled after all): a successor's marker for the same id stays.
+    pub fn withdraw_qos2_pending(&self, client_id: &str, pkid: u16, conn: u64) -> Result<(), StoreError> {
+        self.check_writable()?;
+        let key = qos2_pending_key(client_id, pkid);
+        let Some(value) = self
+            .db
+            .get(&key)
+            .map_err(self.sled_err("withdraw_qos2_pending"))?
+        else {
+            return Ok(());
+        };
+        if value.get(8..16) != Some(&conn.to_be_bytes()[..]) {
+            return Ok(());
+        }
+        // Lost to a successor's write in between: that one stays.
+        let _ = self
+            .db
+            .compare_and_swap(&key, Some(value), None::<&[u8]>)
+            .map_err(self.sled_err("withdraw_qos2_pending"))?;
+        self.wrote();
+        Ok(())
+    }
+
+    /// Removes every marker of `client_id` (its session ends).
+    pub(super) fn remove_qos2_pending_of(&self, client_id: &str) -> Result<(), StoreError> {
+        for key in self.db.scan_prefix(qos2_client_prefix(client_id)).keys() {
+            let key = key.map_err(self.sled_err("remove_session (markers)"))?;
+            self.db
+                .remove(key)
+                .map_err(self.sled_err("remove_session (markers)"))?;
+        }
+        Ok(())
+    }
+
+    /// The markers left (at start, before anything is written). One that does not parse
+    /// is skipped with a warning: at worst a re-send is journaled twice, which is better
+    /// than a gateway that does not start.
     pub fn load_qos2_pending(&self) -> Result<Vec<Qos2Pending>, StoreError> {
         let mut out = Vec::new();
         for kv in self.db.scan_prefix(QOS2_PENDING) {
             let (k, v) = kv.map_err(self.sled_err("load_qos2_pending"))?;
-            let corrupt = || self.corrupt("default", &k, "not an inbound QoS 2 marker");
-            let rest = &k[QOS2_PENDING.len()..];
-            let split = rest.len().checked_sub(3).ok_or_else(corrupt)?;
-            let (client, tail) = rest.split_at(split);
-            let client = std::str::from_utf8(client).map_err(|_| corrupt())?;
-            if tail[0] != 0 {
-                return Err(corrupt());
+            let parsed = (|| {
+                let rest = &k[QOS2_PENDING.len()..];
+                let split = rest.len().checked_sub(3)?;
+                let (client, tail) = rest.split_at(split);
+                let client = std::str::from_utf8(client).ok()?;
+                if tail[0] != 0 || v.len() != 16 {
+                    return None;
+                }
+                let after: [u8; 8] = v[..8].try_into().ok()?;
+                Some(Qos2Pending {
+                    client_id: client.to_owned(),
+                    pkid: u16::from_be_bytes([tail[1], tail[2]]),
+                    after_seq: u64::from_be_bytes(after),
+                })
+            })();
+            match parsed {
+                Some(m) => out.push(m),
+                None => {
+                    tracing::warn!(key = %String::from_utf8_lossy(&k), "store: an inbound QoS 2 marker that does not parse is ignored")
+                }
             }
-            let after: [u8; 8] = v.as_ref().try_into().map_err(|_| corrupt())?;
-            out.push(Qos2Pending {
-                client_id: client.to_owned(),
-                pkid: u16::from_be_bytes([tail[1], tail[2]]),
-                after_seq: u64::from_be_bytes(after),
-            });
         }
         Ok(out)
     }

@@ -549,3 +549,42 @@ async fn version_1_queue_entries_load_as_entries_without_a_command() {
     let loaded = store.load_sessions().unwrap();
     assert_eq!(loaded[0].queue, vec![(1, q), (2, cmd)]);
 }
+
+/// Inbound QoS 2 markers: a connection withdraws only its own (a successor's for the same
+/// packet id stays), PUBREL's removal and a session's end remove any, and one that does
+/// not parse is skipped rather than failing the start.
+#[tokio::test]
+async fn qos2_markers_belong_to_their_connection_and_end_with_the_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.put_session("car", &session()).unwrap();
+    store.put_qos2_pending("car", 7, 41, 1).unwrap();
+    // Connection 2 took over and marked its re-send of the same id.
+    store.put_qos2_pending("car", 7, 42, 2).unwrap();
+    store.withdraw_qos2_pending("car", 7, 1).unwrap();
+    let left = store.load_qos2_pending().unwrap();
+    assert_eq!(
+        left,
+        vec![Qos2Pending {
+            client_id: "car".into(),
+            pkid: 7,
+            after_seq: 42
+        }],
+        "the successor's marker stays"
+    );
+    store.withdraw_qos2_pending("car", 7, 2).unwrap();
+    assert!(store.load_qos2_pending().unwrap().is_empty());
+    store.put_qos2_pending("car", 8, 50, 2).unwrap();
+    store.remove_qos2_pending("car", 8).unwrap();
+    assert!(store.load_qos2_pending().unwrap().is_empty(), "PUBREL");
+    // "car" and "car2": a session's end takes its own markers only.
+    store.put_qos2_pending("car", 9, 60, 2).unwrap();
+    store.put_session("car2", &session()).unwrap();
+    store.put_qos2_pending("car2", 9, 61, 3).unwrap();
+    store.remove_session("car").unwrap();
+    let left = store.load_qos2_pending().unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].client_id, "car2");
+    store.db.insert(b"qos2-pending\0x", &b"junk"[..]).unwrap();
+    assert_eq!(store.load_qos2_pending().unwrap().len(), 1, "junk skipped");
+}
