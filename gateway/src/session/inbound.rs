@@ -472,7 +472,7 @@ where
     /// left a journaled message whose id the restored session did not know, and the
     /// re-send was journaled again: Kafka got it twice. With the marker, the restart looks
     /// in the journal after the marker's sequence for this client's record with this
-    /// packet id (records of QoS 2 PUBLISHes carry it) and restores the id if it is there
+    /// packet id (these records carry it) and restores the id if it is there
     /// (`server::restore`). The price: the store's flush and the journal's fsync one after
     /// the other for these publishes, not side by side.
     async fn journal_qos2(&mut self, accepted: Accepted, mut entry: Entry) -> Result<(), Close> {
