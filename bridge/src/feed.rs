@@ -117,9 +117,25 @@ async fn follow(
     if behind.is_empty() {
         caught_up(out, announced).await;
     }
+    // The record at `high - 1` may never come (a compacted-away tombstone): the consumer's
+    // position reaching `high` counts as caught up too, looked at every second.
+    let mut look = tokio::time::interval(Duration::from_secs(1));
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = look.tick(), if !behind.is_empty() => {
+                let position = consumer.position().map_err(|e| format!("position: {e}"))?;
+                behind.retain(|p, high| {
+                    !matches!(
+                        position.find_partition(topic, *p).map(|e| e.offset()),
+                        Some(Offset::Offset(o)) if o >= *high
+                    )
+                });
+                if behind.is_empty() {
+                    caught_up(out, announced).await;
+                }
+            }
             m = consumer.recv() => match m {
                 Ok(m) => {
                     let r = FeedRecord {
