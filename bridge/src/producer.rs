@@ -31,8 +31,8 @@
 //! Per-record fatal errors (record too large, topic authorisation failed, unknown topic, an
 //! invalid timestamp, a policy violation: [`refused_for_good`]; an error no list names,
 //! once the record failed with it under [`UNKNOWN_ERROR_STRIKES`] producers in a row, each
-//! rebuilt and replayed in order; no route under `unmatched = "refuse"`) go to the dead-letter topic with the error in the
-//! `gateway.error` header. Without a dead-letter topic, or when the dead-letter write
+//! rebuilt and replayed in order; no route under `unmatched = "refuse"`) go to the
+//! dead-letter topic with the error in the `gateway.error` header. Without a dead-letter topic, or when the dead-letter write
 //! fails too, the record is **parked**: written durably (file and directory fsync'd) to
 //! the [`crate::parked::ParkedStore`] at `parked_dir`, and only then marked done. So a
 //! parked record **no longer holds the release watermark**: it lives in the parked store
