@@ -126,7 +126,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         shared.keep_alive.clone(),
         shutdown.clone(),
     ));
-    let commands_task = start_commands(&shared, &bootstrap);
+    let (commands_task, kafka_readers) = start_commands(&shared, &bootstrap);
     let grace = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     // Supervised: an error or a panic restarts the pipeline with back-off and a
     // persistent failure turns /readyz unhealthy, instead of ending the task unseen.
@@ -272,6 +272,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     {
         warn!("command outcomes did not settle within the grace period");
     }
+    // The Kafka consumers (commands, the region's presence feed) stopped with the
+    // shutdown token; their clients close here, before an embedded cluster goes (else
+    // they log its disappearance as errors).
+    for reader in kafka_readers {
+        let _ = tokio::time::timeout_at(deadline + Duration::from_secs(1), reader).await;
+    }
     let journal = shared.journal.clone();
     tokio::task::spawn_blocking(move || journal.close()).await.ok();
     if let Err(e) = shared.store.flush().await {
@@ -286,28 +292,34 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 }
 
 /// Starts the outcome task and, with `commands.enabled`, the Kafka command consumer and
-/// its dispatcher. Returns the outcome task (it settles what it can after shutdown).
-fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHandle<()> {
+/// its dispatcher. Returns the outcome task (it settles what it can after shutdown) and
+/// the tasks that hold Kafka consumers (they end with the shutdown token).
+fn start_commands(
+    shared: &Arc<Shared>,
+    bootstrap: &str,
+) -> (tokio::task::JoinHandle<()>, Vec<tokio::task::JoinHandle<()>>) {
     let cfg = &shared.cfg;
+    let mut readers = Vec::new();
     let Some(reports) = shared.commands.take_reports() else {
-        return tokio::spawn(async {});
+        return (tokio::spawn(async {}), readers);
     };
     let drain = Duration::from_secs(cfg.gateway.shutdown_grace_secs);
     if cfg.commands.many_gateways {
         shared.commands.expect_copies();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        tokio::spawn(bridge::feed::run(
+        readers.push(tokio::spawn(bridge::feed::run(
             bootstrap.to_string(),
             cfg.presence.kafka_topic.clone(),
             cfg.kafka.properties.clone(),
             tx,
             shared.shutdown.clone(),
-        ));
+        )));
         tokio::spawn(commands::region::follow(shared.clone(), rx));
     }
     if !cfg.commands.enabled {
         let stop = shared.commands.stopping.clone();
-        return tokio::spawn(outcome::run(shared.clone(), reports, None, stop, drain));
+        let outcomes = tokio::spawn(outcome::run(shared.clone(), reports, None, stop, drain));
+        return (outcomes, readers);
     }
     let (settle_tx, settle_rx) = tokio::sync::mpsc::unbounded_channel();
     let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -328,17 +340,22 @@ fn start_commands(shared: &Arc<Shared>, bootstrap: &str) -> tokio::task::JoinHan
         committed: committed_tx,
         status: shared.commands.consumer.clone(),
     };
-    tokio::spawn(bridge::commands::run(consumer, channels, shared.shutdown.clone()));
+    readers.push(tokio::spawn(bridge::commands::run(
+        consumer,
+        channels,
+        shared.shutdown.clone(),
+    )));
     tokio::spawn(commands::kafka::forget_committed(shared.clone(), committed_rx));
     tokio::spawn(commands::kafka::dispatch(shared.clone(), rx));
     let stop = shared.commands.stopping.clone();
-    tokio::spawn(outcome::run(
+    let outcomes = tokio::spawn(outcome::run(
         shared.clone(),
         reports,
         Some(settle_tx),
         stop,
         drain,
-    ))
+    ));
+    (outcomes, readers)
 }
 
 /// Puts back what the store kept: persistent sessions (offline until their vehicle
