@@ -987,6 +987,26 @@ impl SessionCell {
         sent
     }
 
+    /// An in-flight message the (new) connection cannot take, larger than its Maximum
+    /// Packet Size: dropped and counted rather than left in flight for ever.
+    fn drop_too_large(
+        &self,
+        out: &mut Outbound,
+        item: &OutItem,
+        persistent: bool,
+        store: &Store,
+        metrics: &Metrics,
+    ) {
+        out.forget(item, metrics);
+        metrics.messages_dropped.inc("too_large_for_client");
+        item.finish(Outcome::Rejected, Some("too_large_for_client"));
+        if persistent && item.id != 0 {
+            if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                store_failed(metrics, &self.client_id, &e);
+            }
+        }
+    }
+
     /// Re-sends, with DUP and in order, the in-flight PUBLISHes [`Self::resend_inflight`]
     /// held back, as far as the Receive Maximum and the write budget allow.
     fn resend_waiting(
@@ -1030,14 +1050,7 @@ impl SessionCell {
             let Some(item) = st.out.inflight.remove(i) else {
                 break;
             };
-            st.out.forget(&item, metrics);
-            metrics.messages_dropped.inc("too_large_for_client");
-            item.finish(Outcome::Rejected, Some("too_large_for_client"));
-            if persistent && item.id != 0 {
-                if let Err(e) = store.remove_queued(&self.client_id, item.id) {
-                    store_failed(metrics, &self.client_id, &e);
-                }
-            }
+            self.drop_too_large(&mut st.out, &item, persistent, store, metrics);
         }
         sent
     }
@@ -1101,14 +1114,7 @@ impl SessionCell {
                 kept.push_back(item);
                 continue;
             }
-            st.out.forget(&item, metrics);
-            metrics.messages_dropped.inc("too_large_for_client");
-            item.finish(Outcome::Rejected, Some("too_large_for_client"));
-            if persistent && item.id != 0 {
-                if let Err(e) = store.remove_queued(&self.client_id, item.id) {
-                    store_failed(metrics, &self.client_id, &e);
-                }
-            }
+            self.drop_too_large(&mut st.out, &item, persistent, store, metrics);
         }
         st.out.inflight = kept;
         if !st.out.is_idle() {
