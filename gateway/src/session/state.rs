@@ -901,14 +901,7 @@ impl SessionCell {
                 break;
             };
             if item.msg.expired(now) {
-                st.out.forget(&item, metrics);
-                metrics.messages_dropped.inc("expired");
-                item.finish(Outcome::Expired, None);
-                if persistent && item.id != 0 {
-                    if let Err(e) = store.remove_queued(&self.client_id, item.id) {
-                        store_failed(metrics, &self.client_id, &e);
-                    }
-                }
+                self.end_unsent(&mut st.out, &item, persistent, store, metrics);
                 continue;
             }
             if item.qos > 0 {
@@ -1007,6 +1000,26 @@ impl SessionCell {
         }
     }
 
+    /// A message that expired before the client saw it (queued, or held in flight for
+    /// its packet id's flush): dropped, counted, its command reported expired.
+    fn end_unsent(
+        &self,
+        out: &mut Outbound,
+        item: &OutItem,
+        persistent: bool,
+        store: &Store,
+        metrics: &Metrics,
+    ) {
+        out.forget(item, metrics);
+        metrics.messages_dropped.inc("expired");
+        item.finish(Outcome::Expired, None);
+        if persistent && item.id != 0 {
+            if let Err(e) = store.remove_queued(&self.client_id, item.id) {
+                store_failed(metrics, &self.client_id, &e);
+            }
+        }
+    }
+
     /// Re-sends, with DUP and in order, the in-flight PUBLISHes [`Self::resend_inflight`]
     /// held back, as far as the Receive Maximum and the write budget allow.
     fn resend_waiting(
@@ -1035,6 +1048,13 @@ impl SessionCell {
                 // Its packet id is not flushed yet: it, and everything after it, waits.
                 lim.hold = item.wait_gen;
                 break;
+            }
+            if item.wait_gen > 0 && item.msg.expired(now) {
+                // Never sent, and expired meanwhile: not delivered, as if still queued.
+                if let Some(item) = st.out.inflight.remove(i) {
+                    self.end_unsent(&mut st.out, &item, persistent, store, metrics);
+                }
+                continue;
             }
             // Held for its packet id, it was never sent: no DUP then.
             let dup = item.wait_gen == 0;
@@ -1247,15 +1267,29 @@ impl SessionCell {
             let Some(item) = st.out.queue.remove(i) else {
                 break;
             };
-            st.out.forget(&item, metrics);
-            metrics.messages_dropped.inc("expired");
-            item.finish(Outcome::Expired, None);
+            self.end_unsent(&mut st.out, &item, persistent, store, metrics);
             expired += 1;
-            if persistent && item.id != 0 {
-                if let Err(e) = store.remove_queued(&self.client_id, item.id) {
-                    store_failed(metrics, &self.client_id, &e);
-                }
+        }
+        // A QoS 2 command held in flight for its packet id's flush was never sent: the
+        // vehicle has not seen it, so it ends as a queued one does. (Reported expired
+        // but left in flight, it would be sent once the flush came: expired, then
+        // delivered.)
+        let mut i = 0;
+        while i < st.out.inflight.len() {
+            let due = st
+                .out
+                .inflight
+                .get(i)
+                .is_some_and(|it| it.wait_gen > 0 && it.command.is_some() && it.msg.expired(now));
+            if !due {
+                i += 1;
+                continue;
             }
+            let Some(item) = st.out.inflight.remove(i) else {
+                break;
+            };
+            self.end_unsent(&mut st.out, &item, persistent, store, metrics);
+            expired += 1;
         }
         for item in st.out.inflight.iter() {
             // Only a PUBLISH the vehicle has not answered: a QoS 2 one it PUBRECed has
@@ -1774,6 +1808,78 @@ mod tests {
         assert!(c.complete(pkids[2], 1, &store, &m));
         assert_eq!(fill(8, 2).0, 1, "then the new one");
         assert_eq!(c.lock().out.resend, 0);
+    }
+
+    /// A QoS 2 command held in flight for its packet id's flush was never sent: when it
+    /// expires meanwhile it ends as expired and is then not sent (it was reported expired
+    /// and later delivered); a plain message held so is not sent once expired either.
+    #[tokio::test]
+    async fn a_held_qos2_message_that_expires_is_never_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let commands = crate::commands::Commands::default();
+        let mut reports = commands.take_reports().unwrap();
+        let c = cell(60, true);
+        c.persist(&store, &m).unwrap();
+        let lim = limits(100, QueueOverflow::DropOldest);
+        let soon = now_ms() + 80;
+        let expiring = |payload: &'static [u8]| {
+            Arc::new(Message {
+                expires_at_ms: Some(soon),
+                ..(*msg("vehicles/car/commands", 2, payload)).clone()
+            })
+        };
+        let mut command = OutItem::new(expiring(b"unlock"), 2, false, vec![]);
+        command.command = Some(commands.restore(CommandRecord {
+            id: "rest:1".into(),
+            client_id: "car".into(),
+            correlation_id: None,
+            source: crate::commands::Source::Rest,
+            issued_at_ms: 1,
+            qos: 2,
+        }));
+        c.offer(command, &lim, &store, &m);
+        c.offer(
+            OutItem::new(expiring(b"plain"), 2, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        let codec = Codec::new(crate::mqtt::Version::V5, 1 << 20);
+        let fill = |flushed: u64| {
+            let mut buf = BytesMut::new();
+            let mut lim = SendLimits {
+                conn: 7,
+                codec: &codec,
+                receive_max: 10,
+                out_budget: 1 << 16,
+                aliases: &mut None,
+                flushed,
+                hold: 0,
+            };
+            let sent = c.fill(&mut buf, &mut lim, &store, &m);
+            (sent, lim.hold, buf)
+        };
+        let (sent, hold, _) = fill(0);
+        assert_eq!(sent, 0);
+        assert!(hold > 0, "both held for the flush");
+        assert_eq!(c.lock().out.inflight.len(), 2);
+        // The commands' expiry sweep runs before the flush arrives.
+        assert_eq!(c.expire_commands(soon, &store, &m), 1);
+        let r = reports.try_recv().expect("an outcome");
+        assert_eq!((r.outcome, r.reason), (Some(Outcome::Expired), None));
+        assert_eq!(c.lock().out.inflight.len(), 1, "the command left the session");
+        // The plain message expires too before the flush; then the flush comes.
+        tokio::time::sleep(std::time::Duration::from_millis(120)).await;
+        let (sent, again, buf) = fill(hold);
+        assert_eq!((sent, again, buf.len()), (0, 0, 0), "nothing expired is sent");
+        assert!(reports.try_recv().is_err(), "no second outcome");
+        let st = c.lock();
+        assert!(st.out.inflight.is_empty() && st.out.queue.is_empty());
+        assert_eq!(st.out.resend, 0);
+        drop(st);
+        assert_eq!(m.queued_messages.get(), 0);
     }
 
     /// Review: a persistent session's QoS 2 PUBLISH is written to the client only once
