@@ -3,9 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use bridge::journal::{decode, repair, verify, Frame};
+use bridge::journal::{repair, verify, Frame};
 use bridge::{Entry, Journal, JournalConfig, JournalError, Record, SegmentedJournal};
 use bytes::Bytes;
+
+/// Decodes a frame of the journal in `dir` (its CRCs are salted with its key).
+fn decode(dir: &Path, bytes: &[u8]) -> Frame {
+    bridge::journal::decode_salted(bytes, bridge::journal::salt(dir).expect("journal key"))
+}
 
 fn entry(n: u64) -> Entry {
     Entry {
@@ -70,7 +75,7 @@ fn locate(dir: &Path, seq: u64) -> (PathBuf, usize, usize) {
     for seg in segments(dir) {
         let data = std::fs::read(&seg).expect("read segment");
         let mut pos = 0;
-        while let Frame::Record(rec, n) = decode(&data[pos..]) {
+        while let Frame::Record(rec, n) = decode(dir, &data[pos..]) {
             if rec.seq == seq {
                 return (seg, pos, n);
             }
@@ -128,7 +133,7 @@ fn corruption_in_the_middle_of_the_head_refuses_to_open() {
     }
     // Nothing was cut: the records after the damage are still on disk.
     let data = std::fs::read(&seg).expect("read");
-    assert!(matches!(decode(&data[off100..]), Frame::Record(r, _) if r.seq == 100));
+    assert!(matches!(decode(dir.path(), &data[off100..]), Frame::Record(r, _) if r.seq == 100));
 }
 
 #[test]
@@ -150,6 +155,84 @@ fn a_torn_tail_is_still_cut() {
     assert_eq!(rt.block_on(j.append(&entry(91))).expect("append"), 91);
     rt.block_on(j.flush()).expect("flush");
     assert_eq!(read_all(&j).expect("reads").len(), 91);
+}
+
+/// A vehicle can put the bytes of a whole frame, CRC and all, in a payload. When a crash
+/// tears the record carrying it, recovery searches the torn bytes for a valid frame to
+/// tell a torn tail from damage: a planted frame found there made the journal refuse to
+/// open (damage with records after it), and `repair` would have kept the forged record
+/// (another vehicle's topic, any sequence) and sent it to Kafka. The CRCs are salted
+/// with the journal's secret key, so a planted frame does not check.
+#[test]
+fn a_frame_planted_in_a_payload_is_not_taken_for_a_record_after_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), 1 << 20, 10);
+    let forged = Entry {
+        client_id: "someone-else".into(),
+        topic: "vehicles/someone-else/unlock".into(),
+        payload: Bytes::from_static(b"forged"),
+        ..entry(0)
+    };
+    let mut planted = b"looks like telemetry ".to_vec();
+    bridge::journal::encode(&mut planted, 12, &forged).expect("encodes");
+    planted.extend_from_slice(&[b'x'; 64]);
+    {
+        let rt = rt();
+        let j = SegmentedJournal::open(config(dir.path(), 1 << 20)).expect("opens");
+        let carrier = Entry {
+            payload: Bytes::from(planted),
+            ..entry(11)
+        };
+        assert_eq!(rt.block_on(j.append(&carrier)).expect("append"), 11);
+        rt.block_on(j.flush()).expect("flush");
+        j.close();
+    }
+    // The crash: the end of record 11 never reached the file.
+    let (seg, off, len) = locate(dir.path(), 11);
+    let mut data = std::fs::read(&seg).expect("read");
+    data[off + len - 32..off + len].fill(0);
+    std::fs::write(&seg, data).expect("write");
+
+    assert!(verify(dir.path()).expect("verify").lost().is_empty());
+    let j = SegmentedJournal::open(config(dir.path(), 1 << 20)).expect("a torn tail opens");
+    assert_eq!(j.stats().next_seq, 11, "the torn record is cut, nothing after it");
+    let records = read_all(&j).expect("reads");
+    assert_eq!(seqs(&records), (1..=10).collect::<Vec<_>>());
+    assert!(records.iter().all(|r| r.entry.client_id != "someone-else"));
+}
+
+/// A journal written before salts (segments, no `JOURNAL_KEY`) opens and reads as
+/// before, and keeps unsalted CRCs; a malformed key refuses the open, naming the file.
+#[test]
+fn a_journal_from_before_salts_still_opens_and_a_malformed_key_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut seg = Vec::new();
+    for n in 1..=3 {
+        bridge::journal::encode(&mut seg, n, &entry(n)).expect("encodes");
+    }
+    seg.resize(1 << 20, 0);
+    std::fs::write(dir.path().join(format!("{:020}.seg", 1)), &seg).expect("write segment");
+    {
+        let rt = rt();
+        let j = SegmentedJournal::open(config(dir.path(), 1 << 20)).expect("a legacy journal opens");
+        assert_eq!(seqs(&read_all(&j).expect("reads")), vec![1, 2, 3]);
+        assert_eq!(rt.block_on(j.append(&entry(4))).expect("append"), 4);
+        rt.block_on(j.flush()).expect("flush");
+        j.close();
+    }
+    assert!(
+        !dir.path().join("JOURNAL_KEY").exists(),
+        "no key for a legacy journal"
+    );
+    assert!(verify(dir.path()).expect("verify").is_clean());
+
+    std::fs::write(dir.path().join("JOURNAL_KEY"), "not a key\n").expect("write key");
+    let err = SegmentedJournal::open(config(dir.path(), 1 << 20))
+        .err()
+        .expect("a malformed key is refused");
+    assert!(err.to_string().contains("JOURNAL_KEY"), "{err}");
+    let err = verify(dir.path()).expect_err("verify refuses too");
+    assert!(err.to_string().contains("JOURNAL_KEY"), "{err}");
 }
 
 #[test]

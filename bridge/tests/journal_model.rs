@@ -9,10 +9,15 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bridge::journal::{decode, repair, Frame};
+use bridge::journal::{repair, Frame};
 use bridge::{Entry, Journal, JournalConfig, JournalError, SegmentedJournal};
 use bytes::Bytes;
 use proptest::prelude::*;
+
+/// Decodes a frame of the journal in `dir` (its CRCs are salted with its key).
+fn decode(dir: &Path, bytes: &[u8]) -> Frame {
+    bridge::journal::decode_salted(bytes, bridge::journal::salt(dir).expect("journal key"))
+}
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -129,7 +134,7 @@ fn corrupt_record(dir: &Path, seq: u64, pick: u8) -> bool {
     for seg in segment_files(dir) {
         let mut data = std::fs::read(&seg).expect("read segment");
         let mut pos = 0;
-        while let Frame::Record(rec, n) = decode(&data[pos..]) {
+        while let Frame::Record(rec, n) = decode(dir, &data[pos..]) {
             if rec.seq == seq {
                 data[pos + pick as usize % n] ^= 0x81;
                 std::fs::write(&seg, data).expect("write segment");

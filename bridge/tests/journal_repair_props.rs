@@ -6,10 +6,15 @@
 
 use std::path::{Path, PathBuf};
 
-use bridge::journal::{decode, repair, verify, Frame};
+use bridge::journal::{repair, verify, Frame};
 use bridge::{Entry, Journal, JournalConfig, Record, SegmentedJournal};
 use bytes::Bytes;
 use proptest::prelude::*;
+
+/// Decodes a frame of the journal in `dir` (its CRCs are salted with its key).
+fn decode(dir: &Path, bytes: &[u8]) -> Frame {
+    bridge::journal::decode_salted(bytes, bridge::journal::salt(dir).expect("journal key"))
+}
 
 fn entry(n: u64) -> Entry {
     Entry {
@@ -48,7 +53,7 @@ fn frames(dir: &Path) -> Vec<(PathBuf, usize, usize, u64)> {
     for seg in segs {
         let data = std::fs::read(&seg).expect("read segment");
         let mut pos = 0;
-        while let Frame::Record(rec, n) = decode(&data[pos..]) {
+        while let Frame::Record(rec, n) = decode(dir, &data[pos..]) {
             out.push((seg.clone(), pos, n, rec.seq));
             pos += n;
         }

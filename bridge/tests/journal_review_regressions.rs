@@ -3,9 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use bridge::journal::{decode, verify, Frame};
+use bridge::journal::{verify, Frame};
 use bridge::{Entry, Journal, JournalConfig, Record, SegmentedJournal};
 use bytes::Bytes;
+
+/// Decodes a frame of the journal in `dir` (its CRCs are salted with its key).
+fn decode(dir: &Path, bytes: &[u8]) -> Frame {
+    bridge::journal::decode_salted(bytes, bridge::journal::salt(dir).expect("journal key"))
+}
 
 fn entry(n: u64) -> Entry {
     Entry {
@@ -47,7 +52,7 @@ fn locate(dir: &Path, seq: u64) -> (PathBuf, usize, usize) {
     for seg in segments(dir) {
         let data = std::fs::read(&seg).expect("read segment");
         let mut pos = 0;
-        while let Frame::Record(rec, n) = decode(&data[pos..]) {
+        while let Frame::Record(rec, n) = decode(dir, &data[pos..]) {
             if rec.seq == seq {
                 return (seg, pos, n);
             }

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FallocateFlags, FlockOperation};
 
+use super::record::Salt;
 use super::JournalError;
 
 pub(crate) const SEGMENT_EXT: &str = "seg";
 pub(crate) const ID_FILE: &str = "JOURNAL_ID";
+pub(crate) const KEY_FILE: &str = "JOURNAL_KEY";
 pub(crate) const QUARANTINE_DIR: &str = "quarantine";
 
 /// A segment file as listed on disk.
@@ -184,6 +186,73 @@ pub(crate) fn load_or_create_id(dir: &Path) -> Result<String, JournalError> {
     write_durably(dir, ID_FILE, format!("{id}\n").as_bytes())?;
     tracing::info!(id = %id, dir = %dir.display(), "journal: created journal identity");
     Ok(id)
+}
+
+/// The salt of the journal's record CRCs (see [`Salt`]), from `<dir>/JOURNAL_KEY`.
+///
+/// A journal created by this build (`fresh`: no segment yet) gets a new random key,
+/// written durably before its first record. A journal with segments and no key file was
+/// created before salts existed: its records keep unsalted CRCs ([`Salt::NONE`]) for as
+/// long as the directory holds segments. A key file that exists but is malformed
+/// refuses the open when segments exist (their CRCs could not be checked; a replaced
+/// key would make every record look damaged) and is replaced when none do.
+pub(crate) fn load_or_create_key(dir: &Path, fresh: bool) -> Result<Salt, JournalError> {
+    let path = dir.join(KEY_FILE);
+    match read_key(dir)? {
+        Some(Ok(salt)) => return Ok(salt),
+        Some(Err(content)) if !fresh => {
+            return Err(JournalError::Config(format!(
+                "{} is malformed ({content:?}; expected 8 hex digits): the journal's records cannot be checked without                  it. Restore the file from a backup of this journal directory, or, once nothing in the journal is                  needed, remove the directory",
+                path.display()
+            )))
+        }
+        Some(Err(_)) | None if !fresh => return Ok(Salt::NONE),
+        Some(Err(_)) | None => {}
+    }
+    let key = loop {
+        let mut bytes = [0u8; 4];
+        File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut bytes))
+            .map_err(|e| JournalError::io("/dev/urandom", e))?;
+        let key = u32::from_le_bytes(bytes);
+        if key != 0 {
+            break key;
+        }
+    };
+    write_durably(dir, KEY_FILE, format!("{key:08x}\n").as_bytes())?;
+    Ok(Salt(key))
+}
+
+/// The key file's salt: `None` when there is no file, `Some(Err(content))` when it is
+/// malformed. For offline tools, which never create one.
+pub(crate) fn read_key(dir: &Path) -> Result<Option<Result<Salt, String>>, JournalError> {
+    let path = dir.join(KEY_FILE);
+    match fs::read_to_string(&path) {
+        Ok(s) => {
+            let t = s.trim();
+            let parsed = (t.len() == 8)
+                .then(|| u32::from_str_radix(t, 16).ok())
+                .flatten()
+                .filter(|k| *k != 0);
+            Ok(Some(parsed.map(Salt).ok_or_else(|| t.to_string())))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(JournalError::io(&path, e)),
+    }
+}
+
+/// The salt of the journal in `dir` (for tools reading its segments): the key file's,
+/// [`Salt::NONE`] without one; an error when it is malformed.
+pub fn salt(dir: &Path) -> Result<Salt, JournalError> {
+    match read_key(dir)? {
+        Some(Ok(salt)) => Ok(salt),
+        Some(Err(content)) => Err(JournalError::Config(format!(
+            "{} is malformed ({content:?}; expected 8 hex digits): the records cannot be checked without it; restore \
+             it from a backup of this journal directory",
+            dir.join(KEY_FILE).display()
+        ))),
+        None => Ok(Salt::NONE),
+    }
 }
 
 /// 128 random bits as 32 lowercase hex digits.

@@ -41,6 +41,10 @@
 //! ```text
 //! <dir>/LOCK                           flock'ed by the owning process (and by verify/repair)
 //! <dir>/JOURNAL_ID                     identity: 32 hex digits (128 random bits) + newline
+//! <dir>/JOURNAL_KEY                    secret salt of the record CRCs: 8 hex digits +
+//!                                      newline (absent: a journal from before salts,
+//!                                      unsalted CRCs); part of the journal, copy it with
+//!                                      the segments
 //! <dir>/00000000000000000001.seg       segment; name = sequence of its first record
 //! <dir>/00000000000000052311.seg
 //! <dir>/release.checkpoint             released-up-to sequence: u64le + crc32c u32le
@@ -219,9 +223,11 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use dir::salt;
 pub use reader::JournalReader;
 pub use record::{
-    decode, encode, frame_len, EncodeError, Entry, EntryKind, EntryRef, Frame, Record, FRAME_HEADER,
+    decode, decode_salted, encode, encode_salted, frame_len, EncodeError, Entry, EntryKind, EntryRef, Frame,
+    Record, Salt, FRAME_HEADER,
 };
 pub use repair::{repair, verify, DamagedSpan, RepairReport, SegmentSummary, VerifyReport};
 pub use retained::{NotRetained, ReplayReader, RetainedRange, Revoked};

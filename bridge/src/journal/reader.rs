@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::dir::{gap_is_legal, SegmentMeta};
-use super::record::{decode, Frame, Record, FRAME_HEADER};
+use super::record::{decode_salted, Frame, Record, FRAME_HEADER};
 use super::segmented::Inner;
 use super::JournalError;
 
@@ -173,7 +173,7 @@ impl JournalReader {
                     continue;
                 }
             }
-            match decode(&seg.chunk[seg.pos..]) {
+            match decode_salted(&seg.chunk[seg.pos..], self.inner.salt) {
                 Frame::Record(rec, n) => {
                     let at = seg.offset();
                     seg.pos += n;
@@ -200,7 +200,7 @@ impl JournalReader {
                     if seg.chunk.len() - seg.pos < full {
                         seg.refill(full)?;
                     }
-                    match decode(&seg.chunk[seg.pos..]) {
+                    match decode_salted(&seg.chunk[seg.pos..], self.inner.salt) {
                         Frame::Record(..) => {}
                         Frame::End => self.next_segment(durable)?,
                         Frame::Torn(why) => {

@@ -1,7 +1,8 @@
 //! Record framing: how one journaled message is laid out on disk.
 //!
 //! ```text
-//! frame  = len:u32le  crc:u32le  body[len]          crc = CRC32C(body)
+//! frame  = len:u32le  crc:u32le  body[len]          crc = CRC32C(body) continued
+//!                                                   from the journal's secret salt
 //! body   = seq:u64le  received_at_ms:u64le  qos:u8  flags:u8
 //!          (flags: 1 content type, 2 expiry, 4 retain, bits 3-5 the kind:
 //!           0 an MQTT message, 1 a presence event, 2 a command outcome,
@@ -18,6 +19,12 @@
 //! str16  = len:u16le utf8[len]
 //! ```
 //!
+//! The salt (`<dir>/JOURNAL_KEY`, random, never sent anywhere; see [`Salt`]) keeps a
+//! vehicle from planting a frame: a payload can hold the bytes of a complete frame, and
+//! after a crash tears the record carrying it, recovery searches the torn bytes for the
+//! next valid frame (to tell a torn tail from damage). An unsalted CRC the vehicle can
+//! compute; a salted one it would have to guess (one chance in 2^32, with no feedback).
+//!
 //! A frame whose `len` is zero marks the end of the written part of a pre-sized segment
 //! (fresh segments are zero-filled). A frame that runs past the end of the segment, whose
 //! CRC does not match, or whose sequence is not the expected next one is a bad frame: a
@@ -28,6 +35,21 @@ use bytes::Bytes;
 
 /// Bytes of framing around every body: length and CRC.
 pub const FRAME_HEADER: usize = 8;
+
+/// The state a frame's CRC starts from: the journal's secret (`<dir>/JOURNAL_KEY`), or
+/// [`Salt::NONE`] for a journal created before salts existed (and for parked records,
+/// one whole file each, never searched). CRC32C continued from a secret state is
+/// CRC32C(secret bytes ++ body): without the secret, a frame's CRC cannot be computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Salt(pub u32);
+
+impl Salt {
+    pub const NONE: Salt = Salt(0);
+
+    fn crc(self, body: &[u8]) -> u32 {
+        crc32c::crc32c_append(self.0, body)
+    }
+}
 
 const HAS_CONTENT_TYPE: u8 = 1;
 const HAS_EXPIRY: u8 = 2;
@@ -206,8 +228,18 @@ pub fn frame_len<'a>(e: impl Into<EntryRef<'a>>) -> usize {
     n + 4 + e.payload.len()
 }
 
-/// Appends the frame for `e` with sequence `seq` to `out`.
+/// Appends the frame for `e` with sequence `seq` to `out`, unsalted (parked records).
 pub fn encode<'a>(out: &mut Vec<u8>, seq: u64, e: impl Into<EntryRef<'a>>) -> Result<(), EncodeError> {
+    encode_salted(out, seq, e, Salt::NONE)
+}
+
+/// Appends the frame for `e` with sequence `seq` to `out`, its CRC salted.
+pub fn encode_salted<'a>(
+    out: &mut Vec<u8>,
+    seq: u64,
+    e: impl Into<EntryRef<'a>>,
+    salt: Salt,
+) -> Result<(), EncodeError> {
     let e = e.into();
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_HEADER]);
@@ -230,7 +262,7 @@ pub fn encode<'a>(out: &mut Vec<u8>, seq: u64, e: impl Into<EntryRef<'a>>) -> Re
             return Err(err);
         }
     };
-    let crc = crc32c::crc32c(&out[body..]);
+    let crc = salt.crc(&out[body..]);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
@@ -297,8 +329,15 @@ pub enum Frame {
     Torn(&'static str),
 }
 
-/// Reads the frame at the start of `buf`. Never panics on arbitrary bytes.
+/// Reads the unsalted frame at the start of `buf` (parked records). Never panics on
+/// arbitrary bytes.
 pub fn decode(buf: &[u8]) -> Frame {
+    decode_salted(buf, Salt::NONE)
+}
+
+/// Reads the frame at the start of `buf`, its CRC salted with `salt`. Never panics on
+/// arbitrary bytes.
+pub fn decode_salted(buf: &[u8], salt: Salt) -> Frame {
     if buf.len() < FRAME_HEADER {
         return if buf.iter().all(|b| *b == 0) {
             Frame::End
@@ -318,7 +357,7 @@ pub fn decode(buf: &[u8]) -> Frame {
     let Some(body) = buf.get(FRAME_HEADER..FRAME_HEADER + len) else {
         return Frame::Torn("frame runs past the segment end");
     };
-    if crc32c::crc32c(body) != crc {
+    if salt.crc(body) != crc {
         return Frame::Torn("checksum mismatch");
     }
     match decode_body(body) {
@@ -494,6 +533,26 @@ mod tests {
         let crc = crc32c::crc32c(&buf[FRAME_HEADER..]);
         buf[4..8].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(decode(&buf), Frame::Torn(_)));
+    }
+
+    #[test]
+    fn a_salted_frame_checks_only_with_its_salt() {
+        let mut plain = Vec::new();
+        encode(&mut plain, 3, &entry()).expect("encodes");
+        assert_eq!(
+            u32::from_le_bytes([plain[4], plain[5], plain[6], plain[7]]),
+            crc32c::crc32c(&plain[FRAME_HEADER..]),
+            "unsalted is the plain CRC32C, as journals before salts wrote it"
+        );
+        let mut salted = Vec::new();
+        encode_salted(&mut salted, 3, &entry(), Salt(0x5eed_1234)).expect("encodes");
+        assert!(matches!(decode_salted(&salted, Salt(0x5eed_1234)), Frame::Record(r, _) if r.seq == 3));
+        assert!(matches!(decode(&salted), Frame::Torn(_)));
+        assert!(matches!(
+            decode_salted(&salted, Salt(0x5eed_1235)),
+            Frame::Torn(_)
+        ));
+        assert!(matches!(decode_salted(&plain, Salt(0x5eed_1234)), Frame::Torn(_)));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 
 use super::dir::{gap_is_legal, preallocate, SegmentMeta};
-use super::record::{decode, Frame, FRAME_HEADER};
+use super::record::{decode_salted, Frame, Salt, FRAME_HEADER};
 use super::scan;
 use super::JournalError;
 
@@ -25,7 +25,11 @@ pub(super) struct Scan {
 /// record of the head (and inside the head), the missing end was synced and acknowledged,
 /// so it is damage (a lost write, a zeroed block), not a torn tail, and opening is refused
 /// as well: cutting it would re-use sequences Kafka already holds.
-pub(super) fn recover_head(meta: &SegmentMeta, checkpoint: u64) -> Result<(File, Scan), JournalError> {
+pub(super) fn recover_head(
+    meta: &SegmentMeta,
+    checkpoint: u64,
+    salt: Salt,
+) -> Result<(File, Scan), JournalError> {
     let path = &meta.path;
     let file = OpenOptions::new()
         .read(true)
@@ -33,7 +37,7 @@ pub(super) fn recover_head(meta: &SegmentMeta, checkpoint: u64) -> Result<(File,
         .open(path)
         .map_err(|e| JournalError::io(path, e))?;
     let data = fs::read(path).map_err(|e| JournalError::io(path, e))?;
-    let found = scan::scan(&data, meta.first_seq);
+    let found = scan::scan(&data, meta.first_seq, salt);
     if let Some(span) = found.mid_damage() {
         return Err(JournalError::Corrupt {
             segment: path.clone(),
@@ -91,13 +95,14 @@ pub(super) fn check_older_segments(
     segments: &[SegmentMeta],
     released: u64,
     gaps: &[(u64, u64)],
+    salt: Salt,
 ) -> Result<(), JournalError> {
     for pair in segments.windows(2) {
         let (seg, next) = (&pair[0], &pair[1]);
         if gap_is_legal(seg.first_seq, next.first_seq.saturating_sub(1), released, gaps) {
             continue;
         }
-        let problem = first_frame_problem(seg)?;
+        let problem = first_frame_problem(seg, salt)?;
         if let Some(reason) = problem {
             return Err(JournalError::Corrupt {
                 segment: seg.path.clone(),
@@ -111,7 +116,7 @@ pub(super) fn check_older_segments(
     Ok(())
 }
 
-fn first_frame_problem(seg: &SegmentMeta) -> Result<Option<String>, JournalError> {
+fn first_frame_problem(seg: &SegmentMeta, salt: Salt) -> Result<Option<String>, JournalError> {
     if seg.size < scan::MIN_FRAME as u64 {
         return Ok(Some(format!(
             "segment is {} bytes, too small to hold a record",
@@ -129,7 +134,7 @@ fn first_frame_problem(seg: &SegmentMeta) -> Result<Option<String>, JournalError
     let mut frame = vec![0u8; FRAME_HEADER + len as usize];
     file.read_exact_at(&mut frame, 0)
         .map_err(|e| JournalError::io(&seg.path, e))?;
-    Ok(match decode(&frame) {
+    Ok(match decode_salted(&frame, salt) {
         Frame::Record(rec, _) if rec.seq == seg.first_seq => None,
         Frame::Record(rec, _) => Some(format!(
             "first record has sequence {}, the file name says {}",

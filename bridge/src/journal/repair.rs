@@ -27,8 +27,9 @@ use std::path::{Path, PathBuf};
 
 use super::dir::{
     add_gaps, gap_is_legal, list_segments, lock_dir, open_or_create_segment, preallocate, read_checkpoint,
-    read_gaps, segment_path, sync_dir, SegmentMeta, QUARANTINE_DIR,
+    read_gaps, salt, segment_path, sync_dir, SegmentMeta, QUARANTINE_DIR,
 };
+use super::record::Salt;
 use super::scan::{self, SegmentScan};
 use super::JournalError;
 
@@ -242,6 +243,8 @@ struct Known {
     checkpoint: u64,
     /// Ranges `repair` recorded as lost (`<dir>/GAPS`).
     gaps: Vec<(u64, u64)>,
+    /// The salt of the records' CRCs (`<dir>/JOURNAL_KEY`).
+    salt: Salt,
 }
 
 /// The head's valid records end below the release checkpoint: the missing end was
@@ -258,7 +261,7 @@ fn inspect(
     next_first: Option<u64>,
     known: &Known,
 ) -> (SegmentScan, Vec<DamagedSpan>) {
-    let found = scan::scan(data, seg.first_seq);
+    let found = scan::scan(data, seg.first_seq, known.salt);
     let is_head = next_first.is_none();
     let proven = is_head && head_end_proven_damaged(seg, &found, known.checkpoint);
     let mut damaged = Vec::new();
@@ -350,9 +353,11 @@ fn open_offline(dir: &Path) -> Result<(fs::File, Vec<SegmentMeta>, Known), Journ
     check_dir(dir)?;
     let lock = lock_dir(dir)?;
     let segments = list_segments(dir)?;
+    let salt = salt(dir)?;
     let known = Known {
         checkpoint: read_checkpoint(dir).unwrap_or(0),
         gaps: read_gaps(dir)?,
+        salt,
     };
     Ok((lock, segments, known))
 }
@@ -430,6 +435,7 @@ fn target_for(
     segments: &[SegmentMeta],
     run: &scan::Run,
     bytes: &[u8],
+    salt: Salt,
 ) -> Result<Target, JournalError> {
     let overlap = segments
         .iter()
@@ -455,7 +461,7 @@ fn target_for(
         return Ok(Target::Write);
     };
     let data = read(&existing.path)?;
-    let copy = scan::scan(&data, existing.first_seq);
+    let copy = scan::scan(&data, existing.first_seq, salt);
     let held = &data[..copy.valid_end() as usize];
     if held.len() < bytes.len() && bytes.starts_with(held) {
         Ok(Target::Complete)
@@ -523,7 +529,7 @@ pub fn repair(dir: &Path) -> Result<RepairReport, JournalError> {
         let mut targets = Vec::new();
         for run in &moved {
             let bytes = &data[run.start as usize..run.end as usize];
-            targets.push(target_for(seg, &segments, run, bytes)?);
+            targets.push(target_for(seg, &segments, run, bytes, known.salt)?);
         }
         // The head's end is missing below the release checkpoint: those records were
         // durable and may be in Kafka. New appends must get sequences above any the

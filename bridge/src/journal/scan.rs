@@ -7,7 +7,7 @@
 //! was not a torn tail but damage in the middle: records after it were written (and
 //! possibly acknowledged) and must not be cut.
 
-use super::record::{decode, Frame, FRAME_HEADER};
+use super::record::{decode_salted, Frame, Salt, FRAME_HEADER};
 
 /// Smallest possible frame: header + seq + time + qos + flags + two empty strings +
 /// property count + payload length.
@@ -72,7 +72,7 @@ impl SegmentScan {
 }
 
 /// Scans a whole segment whose first record should carry `first_seq`.
-pub(crate) fn scan(data: &[u8], first_seq: u64) -> SegmentScan {
+pub(crate) fn scan(data: &[u8], first_seq: u64, salt: Salt) -> SegmentScan {
     let mut out = SegmentScan::default();
     let mut pos = 0usize;
     let mut expect = first_seq;
@@ -88,7 +88,7 @@ pub(crate) fn scan(data: &[u8], first_seq: u64) -> SegmentScan {
         }
     };
     while pos < data.len() {
-        let reason = match decode(&data[pos..]) {
+        let reason = match decode_salted(&data[pos..], salt) {
             Frame::Record(rec, n) if rec.seq == expect => {
                 run.get_or_insert((pos, rec.seq));
                 pos += n;
@@ -106,7 +106,7 @@ pub(crate) fn scan(data: &[u8], first_seq: u64) -> SegmentScan {
         };
         close(&mut out, &mut run, pos, expect - 1);
         let after_seq = expect - 1;
-        match find_resume(data, pos, after_seq) {
+        match find_resume(data, pos, after_seq, salt) {
             Some((q, seq)) => {
                 out.spans.push(Span {
                     offset: pos as u64,
@@ -140,7 +140,7 @@ pub(crate) fn scan(data: &[u8], first_seq: u64) -> SegmentScan {
 }
 
 /// The first offset at or after `from` holding a plausible frame; see the module doc.
-fn find_resume(data: &[u8], from: usize, after_seq: u64) -> Option<(usize, u64)> {
+fn find_resume(data: &[u8], from: usize, after_seq: u64, salt: Salt) -> Option<(usize, u64)> {
     let mut q = from;
     while q + MIN_FRAME <= data.len() {
         let len = u32::from_le_bytes([data[q], data[q + 1], data[q + 2], data[q + 3]]) as usize;
@@ -160,7 +160,7 @@ fn find_resume(data: &[u8], from: usize, after_seq: u64) -> Option<(usize, u64)>
             let seq = u64::from_le_bytes(s);
             let room = ((q - from) / MIN_FRAME) as u64 + 1 + SEQ_SLACK;
             if seq > after_seq && seq - after_seq <= room {
-                if let Frame::Record(rec, _) = decode(&data[q..]) {
+                if let Frame::Record(rec, _) = decode_salted(&data[q..], salt) {
                     if rec.seq == seq {
                         return Some((q, seq));
                     }
@@ -199,7 +199,7 @@ mod tests {
         let (mut data, _) = segment(5..15);
         let end = data.len() as u64;
         data.resize(4096, 0);
-        let s = scan(&data, 5);
+        let s = scan(&data, 5, Salt::NONE);
         assert_eq!(
             s.runs,
             vec![Run {
@@ -218,7 +218,7 @@ mod tests {
         let cut = starts[7] + 5;
         data.truncate(cut);
         data.resize(4096, 0);
-        let s = scan(&data, 1);
+        let s = scan(&data, 1, Salt::NONE);
         assert_eq!(s.last_seq(), Some(7));
         assert_eq!(s.spans.len(), 1);
         assert_eq!(s.spans[0].offset, starts[7] as u64);
@@ -231,7 +231,7 @@ mod tests {
         let (mut data, starts) = segment(1..21);
         data[starts[9] + 12] ^= 0xff;
         data.resize(8192, 0);
-        let s = scan(&data, 1);
+        let s = scan(&data, 1, Salt::NONE);
         assert_eq!(s.runs.len(), 2);
         assert_eq!(s.runs[1].first_seq, 11);
         assert_eq!(s.runs[1].last_seq, 20);
@@ -244,7 +244,7 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn scan_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048), first in 1u64..1000) {
-            let s = scan(&bytes, first);
+            let s = scan(&bytes, first, Salt::NONE);
             for r in &s.runs {
                 proptest::prop_assert!(r.end as usize <= bytes.len() && r.first_seq <= r.last_seq);
             }
@@ -258,7 +258,7 @@ mod tests {
             let at = starts[victim] + byte_pick % (end - starts[victim]);
             data[at] ^= 1 << bit;
             data.resize(data.len() + 512, 0);
-            let s = scan(&data, 1);
+            let s = scan(&data, 1, Salt::NONE);
             let d = s.mid_damage().expect("damage with records after it");
             proptest::prop_assert_eq!(d.lost(), Some((victim as u64 + 1, victim as u64 + 1)));
             proptest::prop_assert_eq!(s.records(), count - 1);
@@ -272,7 +272,7 @@ mod tests {
         for b in &mut data[starts[3]..starts[6]] {
             *b = 0;
         }
-        let s = scan(&data, 1);
+        let s = scan(&data, 1, Salt::NONE);
         let d = s.mid_damage().expect("mid damage");
         assert_eq!(d.lost(), Some((4, 6)));
     }

@@ -11,12 +11,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch, Notify};
 
 use super::dir::{
-    list_segments, load_or_create_id, lock_dir, open_or_create_segment, preallocate, read_checkpoint,
-    read_gaps, settle_segment, sync_dir, SegmentMeta, CHECKPOINT, ID_FILE,
+    list_segments, load_or_create_id, load_or_create_key, lock_dir, open_or_create_segment, preallocate,
+    read_checkpoint, read_gaps, settle_segment, sync_dir, SegmentMeta, CHECKPOINT, ID_FILE,
 };
 use super::metrics::{CommitMetrics, StateGauges};
 use super::reader::JournalReader;
-use super::record::{encode, frame_len, EntryRef};
+use super::record::{encode_salted, frame_len, EntryRef, Salt};
 use super::recovery::{check_older_segments, recover_head};
 use super::retained::{
     retained_range, written_ms, NotRetained, ReplayReader, RetainedRange, RetainedSegment, RetainedSet,
@@ -56,6 +56,8 @@ pub(super) struct State {
 pub(super) struct Inner {
     pub(super) cfg: JournalConfig,
     pub(super) id: String,
+    /// The salt of the records' CRCs (see [`Salt`]).
+    pub(super) salt: Salt,
     pub(super) state: Mutex<State>,
     pub(super) wake_writer: Condvar,
     /// Signalled whenever buffer or disk space is freed, or the journal stops.
@@ -129,6 +131,15 @@ impl SegmentedJournal {
         let id = load_or_create_id(&dir)?;
 
         let mut segments = list_segments(&dir)?;
+        let salt = load_or_create_key(&dir, segments.is_empty())?;
+        if salt == Salt::NONE {
+            tracing::warn!(
+                dir = %dir.display(),
+                "journal: created before salted record checksums (no JOURNAL_KEY): its records keep unsalted ones, \
+                 which a vehicle could forge inside a payload; drain the journal and start on an empty directory to \
+                 get a salted one"
+            );
+        }
         let checkpoint = read_checkpoint(&dir).unwrap_or(0);
         let gaps = read_gaps(&dir)?;
         if segments.is_empty() {
@@ -144,13 +155,13 @@ impl SegmentedJournal {
             .last()
             .cloned()
             .ok_or_else(|| JournalError::Config("no segment".into()))?;
-        check_older_segments(&segments, checkpoint, &gaps)?;
+        check_older_segments(&segments, checkpoint, &gaps, salt)?;
         // What the last process wrote but did not sync is synced (and the directory
         // entry with it) before the scan decides what is durable: see `settle_segment`.
         // Older segments were synced by the roll that ended them.
         settle_segment(&head_meta.path)?;
         sync_dir(&dir)?;
-        let (file, scan) = recover_head(&head_meta, checkpoint)?;
+        let (file, scan) = recover_head(&head_meta, checkpoint, salt)?;
         let mut head_size = head_meta.size;
         if scan.end == 0 && head_size < cfg.segment_bytes {
             // An empty head left short by a roll that failed half-way (ENOSPC in
@@ -242,6 +253,7 @@ impl SegmentedJournal {
         let commit = CommitMetrics::new(&defs);
         let inner = Arc::new(Inner {
             id,
+            salt,
             state: Mutex::new(State {
                 buf: Vec::new(),
                 rolls: Vec::new(),
@@ -387,7 +399,7 @@ impl SegmentedJournal {
         }
         let seq = st.next_seq;
         let offset = st.buf.len();
-        encode(&mut st.buf, seq, entry)?;
+        encode_salted(&mut st.buf, seq, entry, inner.salt)?;
         if need_roll {
             st.rolls.push((offset, seq));
             st.planned_segments += 1;
