@@ -235,6 +235,39 @@ fn a_journal_from_before_salts_still_opens_and_a_malformed_key_is_refused() {
     assert!(err.to_string().contains("JOURNAL_KEY"), "{err}");
 }
 
+/// Under a wrong salt no record checks, and recovery would cut the head's records as a
+/// torn tail: a lost or damaged key refuses the open (and `verify`), and nothing is cut.
+#[test]
+fn a_lost_or_damaged_key_refuses_the_open_and_cuts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), 1 << 20, 20);
+    let key_path = dir.path().join("JOURNAL_KEY");
+    let key = std::fs::read_to_string(&key_path).expect("a new journal has a key");
+    let (seg, _, _) = locate(dir.path(), 20);
+    let before = std::fs::read(&seg).expect("read");
+
+    std::fs::remove_file(&key_path).expect("remove key");
+    let err = SegmentedJournal::open(config(dir.path(), 1 << 20))
+        .err()
+        .expect("a lost key is refused");
+    assert!(err.to_string().contains("JOURNAL_KEY is missing"), "{err}");
+    assert!(verify(dir.path()).is_err());
+    assert!(repair(dir.path()).is_err());
+
+    // One hex digit of the key changed: its check digits no longer match.
+    let flipped = if key.starts_with('0') { "1" } else { "0" };
+    std::fs::write(&key_path, format!("{flipped}{}", &key[1..])).expect("write key");
+    let err = SegmentedJournal::open(config(dir.path(), 1 << 20))
+        .err()
+        .expect("a damaged key is refused");
+    assert!(err.to_string().contains("malformed"), "{err}");
+    assert_eq!(std::fs::read(&seg).expect("read"), before, "nothing was cut");
+
+    std::fs::write(&key_path, &key).expect("restore key");
+    let j = SegmentedJournal::open(config(dir.path(), 1 << 20)).expect("opens with its key");
+    assert_eq!(seqs(&read_all(&j).expect("reads")), (1..=20).collect::<Vec<_>>());
+}
+
 #[test]
 fn verify_and_repair_keep_every_intact_record() {
     let dir = tempfile::tempdir().expect("tempdir");

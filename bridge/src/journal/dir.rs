@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{FallocateFlags, FlockOperation};
 
-use super::record::Salt;
+use super::record::{decode, Frame, Salt};
 use super::JournalError;
 
 pub(crate) const SEGMENT_EXT: &str = "seg";
@@ -193,20 +193,21 @@ pub(crate) fn load_or_create_id(dir: &Path) -> Result<String, JournalError> {
 /// A journal created by this build (`fresh`: no segment yet) gets a new random key,
 /// written durably before its first record. A journal with segments and no key file was
 /// created before salts existed: its records keep unsalted CRCs ([`Salt::NONE`]) for as
-/// long as the directory holds segments. A key file that exists but is malformed
-/// refuses the open when segments exist (their CRCs could not be checked; a replaced
-/// key would make every record look damaged) and is replaced when none do.
-pub(crate) fn load_or_create_key(dir: &Path, fresh: bool) -> Result<Salt, JournalError> {
-    let path = dir.join(KEY_FILE);
+/// long as the directory holds segments, once [`check_unsalted`] found that they are.
+/// A key file that exists but is malformed (its check digits included) refuses the open
+/// when segments exist and is replaced when none do.
+///
+/// Why so strict: under a wrong salt no record checks, and recovery would take the head
+/// segment's records, acknowledged ones included, for a torn tail and cut them.
+pub(crate) fn load_or_create_key(dir: &Path, segments: &[SegmentMeta]) -> Result<Salt, JournalError> {
+    let fresh = segments.is_empty();
     match read_key(dir)? {
         Some(Ok(salt)) => return Ok(salt),
-        Some(Err(content)) if !fresh => {
-            return Err(JournalError::Config(format!(
-                "{} is malformed ({content:?}; expected 8 hex digits): the journal's records cannot be checked without                  it. Restore the file from a backup of this journal directory, or, once nothing in the journal is                  needed, remove the directory",
-                path.display()
-            )))
+        Some(Err(content)) if !fresh => return Err(malformed_key(dir, &content)),
+        None if !fresh => {
+            check_unsalted(dir, segments)?;
+            return Ok(Salt::NONE);
         }
-        Some(Err(_)) | None if !fresh => return Ok(Salt::NONE),
         Some(Err(_)) | None => {}
     }
     let key = loop {
@@ -219,39 +220,99 @@ pub(crate) fn load_or_create_key(dir: &Path, fresh: bool) -> Result<Salt, Journa
             break key;
         }
     };
-    write_durably(dir, KEY_FILE, format!("{key:08x}\n").as_bytes())?;
+    write_durably(dir, KEY_FILE, key_line(key).as_bytes())?;
     Ok(Salt(key))
 }
 
+/// The key file's line: the key and a CRC32C of it (so that a damaged key is refused
+/// rather than taken, which would make every record look torn), 8 hex digits each.
+fn key_line(key: u32) -> String {
+    format!("{key:08x} {:08x}\n", crc32c::crc32c(&key.to_le_bytes()))
+}
+
 /// The key file's salt: `None` when there is no file, `Some(Err(content))` when it is
-/// malformed. For offline tools, which never create one.
-pub(crate) fn read_key(dir: &Path) -> Result<Option<Result<Salt, String>>, JournalError> {
+/// malformed.
+fn read_key(dir: &Path) -> Result<Option<Result<Salt, String>>, JournalError> {
     let path = dir.join(KEY_FILE);
     match fs::read_to_string(&path) {
         Ok(s) => {
             let t = s.trim();
-            let parsed = (t.len() == 8)
-                .then(|| u32::from_str_radix(t, 16).ok())
-                .flatten()
-                .filter(|k| *k != 0);
-            Ok(Some(parsed.map(Salt).ok_or_else(|| t.to_string())))
+            let parsed = t
+                .split_once(' ')
+                .filter(|(k, c)| k.len() == 8 && c.len() == 8)
+                .and_then(|(k, c)| Some((u32::from_str_radix(k, 16).ok()?, u32::from_str_radix(c, 16).ok()?)))
+                .filter(|(k, c)| *k != 0 && crc32c::crc32c(&k.to_le_bytes()) == *c);
+            Ok(Some(parsed.map(|(k, _)| Salt(k)).ok_or_else(|| t.to_string())))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(JournalError::io(&path, e)),
     }
 }
 
-/// The salt of the journal in `dir` (for tools reading its segments): the key file's,
-/// [`Salt::NONE`] without one; an error when it is malformed.
+fn malformed_key(dir: &Path, content: &str) -> JournalError {
+    JournalError::Config(format!(
+        "{} is malformed ({content:?}; expected the key and its check, 8 hex digits each): the journal's records \
+         cannot be checked without it. Restore the file from a backup of this journal directory",
+        dir.join(KEY_FILE).display()
+    ))
+}
+
+/// With segments and no key file: the journal must be one from before salts, whose
+/// records check unsalted. If the first record of every segment that holds one fails so,
+/// the key was lost (the journal was copied without it, or it was deleted): refused,
+/// since under the wrong salt recovery would cut the head's records as a torn tail.
+fn check_unsalted(dir: &Path, segments: &[SegmentMeta]) -> Result<(), JournalError> {
+    let mut failed = None;
+    for seg in segments {
+        let mut data = vec![0u8; (seg.size as usize).min(FIRST_FRAME_READ)];
+        let file = File::open(&seg.path).map_err(|e| JournalError::io(&seg.path, e))?;
+        let n = read_up_to(&file, &mut data).map_err(|e| JournalError::io(&seg.path, e))?;
+        data.truncate(n);
+        match decode(&data) {
+            Frame::Record(..) => return Ok(()),
+            Frame::End => {}
+            Frame::Torn(_) => failed = failed.or(Some(seg.path.clone())),
+        }
+    }
+    match failed {
+        None => Ok(()),
+        Some(path) => Err(JournalError::Config(format!(
+            "{} is missing, and the first record of {} does not check without it: the journal was created with a key. \
+             Restore {KEY_FILE} from a backup of this journal directory (it moves with the segments). Only for a \
+             journal created before 2026-12-08 whose single record is torn: move that segment aside",
+            dir.join(KEY_FILE).display(),
+            path.display()
+        ))),
+    }
+}
+
+/// Bytes read to check a segment's first record without a key (a larger first record is
+/// taken as not checking: a journal from before salts has another segment or record to
+/// prove itself, or is refused with the reason).
+const FIRST_FRAME_READ: usize = 1 << 20;
+
+fn read_up_to(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut at = 0;
+    while at < buf.len() {
+        match file.read_at(&mut buf[at..], at as u64)? {
+            0 => break,
+            n => at += n,
+        }
+    }
+    Ok(at)
+}
+
+/// The salt of the journal in `dir`, for the offline tools (`verify`, `repair`) and
+/// anything else reading its segments: the key file's; [`Salt::NONE`] for a journal
+/// from before salts; an error when the key is malformed or lost.
 pub fn salt(dir: &Path) -> Result<Salt, JournalError> {
     match read_key(dir)? {
         Some(Ok(salt)) => Ok(salt),
-        Some(Err(content)) => Err(JournalError::Config(format!(
-            "{} is malformed ({content:?}; expected 8 hex digits): the records cannot be checked without it; restore \
-             it from a backup of this journal directory",
-            dir.join(KEY_FILE).display()
-        ))),
-        None => Ok(Salt::NONE),
+        Some(Err(content)) => Err(malformed_key(dir, &content)),
+        None => {
+            check_unsalted(dir, &list_segments(dir)?)?;
+            Ok(Salt::NONE)
+        }
     }
 }
 

@@ -41,10 +41,11 @@
 //! ```text
 //! <dir>/LOCK                           flock'ed by the owning process (and by verify/repair)
 //! <dir>/JOURNAL_ID                     identity: 32 hex digits (128 random bits) + newline
-//! <dir>/JOURNAL_KEY                    secret salt of the record CRCs: 8 hex digits +
-//!                                      newline (absent: a journal from before salts,
-//!                                      unsalted CRCs); part of the journal, copy it with
-//!                                      the segments
+//! <dir>/JOURNAL_KEY                    secret salt of the record CRCs and its CRC32C,
+//!                                      8 hex digits each + newline (absent: a journal
+//!                                      from before salts, unsalted CRCs; with salted
+//!                                      segments: refused); part of the journal, copy it
+//!                                      with the segments
 //! <dir>/00000000000000000001.seg       segment; name = sequence of its first record
 //! <dir>/00000000000000052311.seg
 //! <dir>/release.checkpoint             released-up-to sequence: u64le + crc32c u32le

@@ -131,7 +131,7 @@ impl SegmentedJournal {
         let id = load_or_create_id(&dir)?;
 
         let mut segments = list_segments(&dir)?;
-        let salt = load_or_create_key(&dir, segments.is_empty())?;
+        let salt = load_or_create_key(&dir, &segments)?;
         if salt == Salt::NONE {
             tracing::warn!(
                 dir = %dir.display(),
