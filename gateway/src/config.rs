@@ -167,7 +167,12 @@ pub struct SessionsSection {
     pub max_queued_messages: usize,
     /// Bytes (topic + payload) one session's queue may hold.
     pub max_queued_bytes: usize,
-    /// When a session's queue is full: "drop_oldest" or "refuse_new" (both counted).
+    /// QoS 1/2 messages all sessions together may hold (0: no gateway-wide bound).
+    pub max_total_queued_messages: usize,
+    /// Their bytes (topic + payload, each session's copy counted; 0: no bound).
+    pub max_total_queued_bytes: usize,
+    /// When a session's queue (or the gateway-wide bound) is full: "drop_oldest" or
+    /// "refuse_new" (both counted).
     pub queue_overflow: QueueOverflow,
     /// QoS 0 messages waiting to be written to one connection; beyond it they are
     /// dropped for that subscriber (counted).
@@ -410,6 +415,8 @@ impl Default for SessionsSection {
             max_expiry_secs: 7 * 24 * 3600,
             max_queued_messages: 1000,
             max_queued_bytes: 1024 * 1024,
+            max_total_queued_messages: 5_000_000,
+            max_total_queued_bytes: 2 << 30,
             queue_overflow: QueueOverflow::DropOldest,
             max_outbound_qos0: 1000,
             expiry_check_secs: 10,

@@ -53,7 +53,8 @@ pub struct Metrics {
     /// each, not a label lookup: this is counted once per subscriber per message).
     pub messages_delivered: [IntCounter; 3],
     /// Messages not delivered to a subscriber, by reason (`qos0_queue_full`,
-    /// `queue_full_drop_oldest`, `queue_full_refuse_new`, `expired`, `too_large_for_client`).
+    /// `queue_full_drop_oldest`, `queue_full_refuse_new`, `gateway_queue_full`, `expired`,
+    /// `too_large_for_client`).
     pub messages_dropped: Labeled,
     /// Sessions held (online and offline) and the persistent ones among them.
     pub sessions: IntGauge,
@@ -62,6 +63,8 @@ pub struct Metrics {
     pub sessions_expired: IntCounter,
     /// QoS 1/2 messages waiting in session queues (in flight included).
     pub queued_messages: IntGauge,
+    /// Their bytes (topic + payload), each session's copy counted.
+    pub queued_bytes: IntGauge,
     /// Retained messages held and their bytes (bounded by `[retained]`).
     pub retained_messages: IntGauge,
     pub retained_bytes: IntGauge,
@@ -211,6 +214,10 @@ impl Default for Metrics {
             queued_messages: d.gauge(
                 "gateway_queued_messages",
                 "QoS 1/2 messages held in session queues (in flight included).",
+            ),
+            queued_bytes: d.gauge(
+                "gateway_queued_bytes",
+                "Bytes (topic + payload) of the QoS 1/2 messages held in session queues, each session's copy counted (bounded by sessions.max_total_queued_bytes).",
             ),
             retained_messages: d.gauge("gateway_retained_messages", "Retained messages held."),
             retained_bytes: d.gauge(

@@ -654,6 +654,7 @@ impl Queues {
             self.held = self.held.saturating_sub(1);
             self.held_bytes = self.held_bytes.saturating_sub(item.msg.weight());
             metrics.queued_messages.dec();
+            metrics.queued_bytes.sub(item.msg.weight() as i64);
         }
     }
 
@@ -665,6 +666,7 @@ impl Queues {
             self.held += 1;
             self.held_bytes += item.msg.weight();
             metrics.queued_messages.inc();
+            metrics.queued_bytes.add(item.msg.weight() as i64);
         }
         if item.id >= self.next_id {
             self.next_id = item.id + 1;
@@ -717,6 +719,15 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Whether the QoS 1/2 messages all sessions hold leave no room for `weight` more bytes
+/// (`sessions.max_total_queued_messages` / `max_total_queued_bytes`; 0: no bound).
+fn gateway_queues_full(limits: &SessionsSection, metrics: &Metrics, weight: usize) -> bool {
+    let held = metrics.queued_messages.get().max(0) as usize;
+    let bytes = metrics.queued_bytes.get().max(0) as usize;
+    (limits.max_total_queued_messages > 0 && held >= limits.max_total_queued_messages)
+        || (limits.max_total_queued_bytes > 0 && bytes + weight > limits.max_total_queued_bytes)
 }
 
 impl SessionCell {
@@ -812,13 +823,25 @@ impl SessionCell {
         }
         let weight = item.msg.weight();
         let mut gen = None;
-        while out.held >= limits.max_queued_messages || out.held_bytes + weight > limits.max_queued_bytes {
+        loop {
+            let why = if out.held >= limits.max_queued_messages
+                || out.held_bytes + weight > limits.max_queued_bytes
+            {
+                "queue_full_refuse_new"
+            } else if gateway_queues_full(limits, metrics, weight) {
+                // The gateway-wide bound: each session's bound alone lets many offline
+                // sessions (a broadcast topic, or a client inventing persistent sessions)
+                // hold memory and store space without limit.
+                "gateway_queue_full"
+            } else {
+                break;
+            };
             if limits.queue_overflow == QueueOverflow::RefuseNew {
-                return Offer::Dropped("queue_full_refuse_new");
+                return Offer::Dropped(why);
             }
             // Drop the oldest message not yet sent (in-flight ones are the client's).
             let Some(pos) = out.queue.iter().position(|i| i.qos > 0) else {
-                return Offer::Dropped("queue_full_refuse_new");
+                return Offer::Dropped(why);
             };
             let Some(old) = out.queue.remove(pos) else {
                 break;
@@ -1531,6 +1554,77 @@ mod tests {
             .iter()
             .map(|i| String::from_utf8_lossy(&i.msg.payload).into_owned())
             .collect()
+    }
+
+    /// Each session's bound alone lets many offline sessions hold without limit: the
+    /// gateway-wide bound refuses a session with nothing of its own to drop, and makes a
+    /// session under `drop_oldest` drop its own oldest; leaving a session frees room.
+    #[tokio::test]
+    async fn the_gateway_wide_queue_bound_holds_across_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let lim = SessionsSection {
+            max_total_queued_messages: 3,
+            ..limits(10, QueueOverflow::DropOldest)
+        };
+        let (a, b) = (cell(60, false), cell(60, false));
+        a.persist(&store, &m).unwrap();
+        b.persist(&store, &m).unwrap();
+        for p in [&b"a1"[..], b"a2", b"a3"] {
+            let o = a.offer(OutItem::new(msg("t", 1, p), 1, false, vec![]), &lim, &store, &m);
+            assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
+        }
+        assert_eq!(m.queued_messages.get(), 3);
+        let o = b.offer(
+            OutItem::new(msg("t", 1, b"b1"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        assert!(matches!(o, Offer::Dropped("gateway_queue_full")), "{o:?}");
+        let o = a.offer(
+            OutItem::new(msg("t", 1, b"a4"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
+        assert_eq!(payloads(&a), ["a2", "a3", "a4"], "its own oldest made room");
+        assert_eq!(m.queued_messages.get(), 3);
+        let refuse = SessionsSection {
+            queue_overflow: QueueOverflow::RefuseNew,
+            ..lim.clone()
+        };
+        let o = a.offer(
+            OutItem::new(msg("t", 1, b"a5"), 1, false, vec![]),
+            &refuse,
+            &store,
+            &m,
+        );
+        assert!(matches!(o, Offer::Dropped("gateway_queue_full")), "{o:?}");
+        a.lock().out.clear(&m);
+        assert_eq!((m.queued_messages.get(), m.queued_bytes.get()), (0, 0));
+        let o = b.offer(
+            OutItem::new(msg("t", 1, b"b2"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
+        // The byte bound alike.
+        let bytes = SessionsSection {
+            max_total_queued_messages: 0,
+            max_total_queued_bytes: m.queued_bytes.get() as usize + 1,
+            ..lim.clone()
+        };
+        let o = a.offer(
+            OutItem::new(msg("t", 1, b"a6"), 1, false, vec![]),
+            &bytes,
+            &store,
+            &m,
+        );
+        assert!(matches!(o, Offer::Dropped("gateway_queue_full")), "{o:?}");
     }
 
     #[tokio::test]
