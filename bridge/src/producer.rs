@@ -860,7 +860,19 @@ pub async fn run<J: Journal>(
         );
         pump.stall_after = stall_after;
         pump.strikes = strikes;
-        let outcome = pump.run(&shutdown, &mut commands).await;
+        let caught = CatchPanic(Box::pin(pump.run(&shutdown, &mut commands))).await;
+        let outcome = match caught {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                // Left to the unwind, the producer would be destroyed on this runtime
+                // worker, with no bound (a destroy with records in flight to a broker
+                // that does not answer can block for ever, and the worker's sessions
+                // with it). The supervisor then sees the panic as before.
+                drop(pump);
+                dispose(producer, Instant::now() + DISPOSE_BOUND, &status).await;
+                std::panic::resume_unwind(panic);
+            }
+        };
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
@@ -925,6 +937,26 @@ pub async fn run<J: Journal>(
                     _ = tokio::time::sleep(rebuild_wait) => {}
                 }
             }
+        }
+    }
+}
+
+/// A future whose panic is caught and returned (as [`std::panic::catch_unwind`] does for
+/// a closure), so that the caller can dispose of what the future borrowed.
+struct CatchPanic<F>(std::pin::Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Ok(std::task::Poll::Ready(v)) => std::task::Poll::Ready(Ok(v)),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
         }
     }
 }
@@ -1783,6 +1815,26 @@ pub fn headers(rec: &Record, gateway_id: &str, journal_id: &str) -> OwnedHeaders
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pipeline's panic is caught where the producer can still be disposed of with a
+    /// bound, and what the future borrowed is usable again.
+    #[tokio::test]
+    async fn a_panic_in_the_pump_is_caught_and_its_borrow_ends() {
+        let mut held = vec![1];
+        let caught = CatchPanic(Box::pin(async {
+            held.push(2);
+            tokio::task::yield_now().await;
+            if held.len() == 2 {
+                panic!("pump bug");
+            }
+        }))
+        .await;
+        let panic = caught.expect_err("the panic is returned");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"pump bug"));
+        held.push(3);
+        assert_eq!(held, [1, 2, 3]);
+        assert_eq!(CatchPanic(Box::pin(async { 7 })).await.ok(), Some(7));
+    }
 
     #[test]
     fn tracker_releases_across_sequence_gaps() {
