@@ -23,7 +23,11 @@
 //! vehicle from planting a frame: a payload can hold the bytes of a complete frame, and
 //! after a crash tears the record carrying it, recovery searches the torn bytes for the
 //! next valid frame (to tell a torn tail from damage). An unsalted CRC the vehicle can
-//! compute; a salted one it would have to guess (one chance in 2^32, with no feedback).
+//! compute; a salted one it would have to guess, with no feedback: about one chance in
+//! 2^32 per planted frame (a payload can carry many, so a large one gets a few hundred
+//! guesses per torn record). The salted CRC is the plain one XOR a value of the key and
+//! the body's length: the scheme holds only while no salted CRC leaves the gateway's
+//! disk (none does: Kafka records and the admin API carry none).
 //!
 //! A frame whose `len` is zero marks the end of the written part of a pre-sized segment
 //! (fresh segments are zero-filled). A frame that runs past the end of the segment, whose

@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 
 use super::dir::{
     list_segments, load_or_create_id, load_or_create_key, lock_dir, open_or_create_segment, preallocate,
-    read_checkpoint, read_gaps, settle_segment, sync_dir, SegmentMeta, CHECKPOINT, ID_FILE,
+    read_checkpoint, read_gaps, settle_segment, sync_dir, SegmentMeta, CHECKPOINT, ID_FILE, KEY_FILE,
 };
 use super::metrics::{CommitMetrics, StateGauges};
 use super::reader::JournalReader;
@@ -128,6 +128,7 @@ impl SegmentedJournal {
         let lock = lock_dir(&dir)?;
         let _ = fs::remove_file(dir.join(format!("{CHECKPOINT}.tmp")));
         let _ = fs::remove_file(dir.join(format!("{}.tmp", ID_FILE)));
+        let _ = fs::remove_file(dir.join(format!("{}.tmp", KEY_FILE)));
         let id = load_or_create_id(&dir)?;
 
         let mut segments = list_segments(&dir)?;
