@@ -4,7 +4,10 @@
 //!
 //! No consumer group and no commits: each start reads the topic again (keep such topics
 //! compacted or short-lived). Partitions are assigned by hand, so the feed never takes
-//! part in a rebalance and never steals work from anyone.
+//! part in a rebalance and never steals work from anyone; partitions added to the topic
+//! later are looked for every [`PARTITION_CHECK`] and read from their beginning (records
+//! of one key then come from two partitions, in no order across them: the feed's reader
+//! must order them itself, as the region map does by event time).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -30,6 +33,9 @@ pub struct FeedRecord {
     pub payload: Vec<u8>,
 }
 
+/// How often the feed looks for partitions added to its topic.
+pub const PARTITION_CHECK: Duration = Duration::from_secs(30);
+
 /// Reads `topic` from the beginning into `out` until `shutdown`, re-creating the
 /// consumer after errors (and then reading from the beginning again).
 pub async fn run(
@@ -39,10 +45,32 @@ pub async fn run(
     out: mpsc::Sender<FeedItem>,
     shutdown: CancellationToken,
 ) {
+    run_checking(bootstrap, topic, properties, out, shutdown, PARTITION_CHECK).await
+}
+
+/// [`run`], looking for added partitions every `partition_check`.
+pub async fn run_checking(
+    bootstrap: String,
+    topic: String,
+    properties: BTreeMap<String, String>,
+    out: mpsc::Sender<FeedItem>,
+    shutdown: CancellationToken,
+    partition_check: Duration,
+) {
     let mut backoff = Duration::from_millis(500);
     let mut announced = false;
     while !shutdown.is_cancelled() {
-        match follow(&bootstrap, &topic, &properties, &out, &shutdown, &mut announced).await {
+        match follow(
+            &bootstrap,
+            &topic,
+            &properties,
+            &out,
+            &shutdown,
+            &mut announced,
+            partition_check,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(topic, error = %e, "feed failed; reading it again");
@@ -63,6 +91,7 @@ async fn follow(
     out: &mpsc::Sender<FeedItem>,
     shutdown: &CancellationToken,
     announced: &mut bool,
+    partition_check: Duration,
 ) -> Result<(), String> {
     let mut c = crate::producer::base_config();
     c.set("bootstrap.servers", bootstrap)
@@ -121,9 +150,30 @@ async fn follow(
     // position reaching `high` counts as caught up too, looked at every second.
     let mut look = tokio::time::interval(Duration::from_secs(1));
     look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut assigned = partitions;
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + partition_check, partition_check);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            _ = check.tick() => {
+                // Partitions added since: a vehicle's later events land there (a key's
+                // partition moves with the count), and a feed blind to them would keep
+                // the vehicle where it was.
+                let added = tokio::task::block_in_place(|| added_partitions(&consumer, topic, &assigned));
+                if !added.is_empty() {
+                    let mut tpl = TopicPartitionList::new();
+                    for p in &added {
+                        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+                            .map_err(|e| format!("assigning partition {p}: {e}"))?;
+                    }
+                    consumer
+                        .incremental_assign(&tpl)
+                        .map_err(|e| format!("assigning the added partitions of {topic}: {e}"))?;
+                    tracing::info!(topic, added = ?added, "feed: reading partitions added to the topic");
+                    assigned.extend(added);
+                }
+            }
             _ = look.tick(), if !behind.is_empty() => {
                 let position = consumer.position().map_err(|e| format!("position: {e}"))?;
                 behind.retain(|p, high| {
@@ -157,6 +207,20 @@ async fn follow(
             },
         }
     }
+}
+
+/// Partitions of `topic` the metadata lists beyond `assigned` (none when the metadata
+/// cannot be had now: looked for again on the next check).
+fn added_partitions(consumer: &StreamConsumer, topic: &str, assigned: &[i32]) -> Vec<i32> {
+    let Ok(meta) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return Vec::new();
+    };
+    meta.topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .filter(|p| !assigned.contains(p))
+        .collect()
 }
 
 /// Says `CaughtUp` once per feed (not again after a re-read).

@@ -266,6 +266,29 @@ impl Kafka {
         }
     }
 
+    /// Grows `topic` to `total` partitions.
+    pub fn add_partitions(&self, name: &str, total: usize) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .expect("admin");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
+        let result = rt
+            .block_on(admin.create_partitions(
+                [&rdkafka::admin::NewPartitions::new(name, total)],
+                &AdminOptions::new(),
+            ))
+            .expect("create partitions");
+        for r in result {
+            if let Err((t, e)) = r {
+                panic!("add partitions to {t}: {e}");
+            }
+        }
+    }
+
     /// Reads `topic` from the beginning until `expected` records or `within` passes.
     pub fn consume(&self, topic: &str, partitions: i32, expected: usize, within: Duration) -> Vec<Consumed> {
         let consumer: BaseConsumer = ClientConfig::new()

@@ -71,3 +71,89 @@ fn the_feed_catches_up_when_the_last_offset_is_a_transaction_marker() {
     assert_eq!(caught_up, Ok(true), "CaughtUp after {records} records");
     assert_eq!(records, 3);
 }
+
+/// Partitions added to the topic while the feed runs are read too: a vehicle's later
+/// presence events land in them (its key's partition moves with the count). Before, the
+/// feed assigned the partitions it found at start and never looked again.
+#[test]
+fn the_feed_reads_partitions_added_to_the_topic_while_it_runs() {
+    let kafka = Kafka::start();
+    kafka.create_topic("presence-grows", 1);
+    let producer: ThreadedProducer<_> = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap())
+        .set("topic.metadata.refresh.interval.ms", "500")
+        .create()
+        .expect("producer");
+    let send = |partition: i32, payload: &str| {
+        producer
+            .send(
+                BaseRecord::to("presence-grows")
+                    .key("car")
+                    .payload(payload)
+                    .partition(partition),
+            )
+            .map_err(|(e, _)| e)
+            .expect("send");
+        producer.flush(Duration::from_secs(30)).expect("flush");
+    };
+    send(0, "before");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let task = rt.spawn(feed::run_checking(
+        kafka.bootstrap(),
+        "presence-grows".into(),
+        Default::default(),
+        tx,
+        stop.clone(),
+        Duration::from_secs(1),
+    ));
+    let mut next = |within: u64| {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(within), rx.recv())
+                .await
+                .ok()
+                .flatten()
+        })
+    };
+    let payload = |item: Option<FeedItem>| match item {
+        Some(FeedItem::Record(r)) => Some(String::from_utf8_lossy(&r.payload).into_owned()),
+        other => panic!("expected a record, got {other:?}"),
+    };
+    assert_eq!(payload(next(30)), Some("before".to_string()));
+    assert_eq!(next(30), Some(FeedItem::CaughtUp));
+
+    kafka.add_partitions("presence-grows", 3);
+    // The producer learns of the new partitions from its metadata refresh.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let sent = producer
+            .send(
+                BaseRecord::to("presence-grows")
+                    .key("car")
+                    .payload("after")
+                    .partition(2),
+            )
+            .map_err(|(e, _)| e);
+        if sent.is_ok() && producer.flush(Duration::from_secs(10)).is_ok() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "could not write to partition 2"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        payload(next(30)),
+        Some("after".to_string()),
+        "the record in the added partition reaches the feed"
+    );
+    stop.cancel();
+    let _ = rt.block_on(task);
+}
