@@ -15,6 +15,9 @@
 //! flags & 2   split the segment bytes at `split % (len + 1)`: the first part becomes an
 //!             older segment, the rest the head segment
 //! flags & 4   write `release.checkpoint` holding `checkpoint`
+//! flags & 8   a salted journal: write `JOURNAL_KEY` holding [`FUZZ_KEY`]; frames check
+//!             (and `flags & 1` fixes their CRCs) under that salt; without the flag the
+//!             directory is a journal from before salts
 //! ```
 //!
 //! A segment is named after the sequence of its first record when its bytes start with
@@ -27,7 +30,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use crate::journal::{decode, Frame, FullPolicy, Journal, JournalConfig, JournalError, Record, FRAME_HEADER};
+use crate::journal::{
+    decode_salted, Frame, FullPolicy, Journal, JournalConfig, JournalError, Record, Salt, FRAME_HEADER,
+};
 use crate::{Entry, SegmentedJournal};
 
 /// Segment size of the fuzzed journal: small, so rolls and the full journal are reachable.
@@ -39,6 +44,10 @@ const HEADER: usize = 5;
 const FIX_CRC: u8 = 1;
 const SPLIT: u8 = 2;
 const CHECKPOINT: u8 = 4;
+const SALTED: u8 = 8;
+
+/// The key of a salted fuzzed journal.
+pub const FUZZ_KEY: u32 = 0x5eed_1234;
 
 /// Records per `next_batch` call.
 const BATCH: usize = 16;
@@ -68,7 +77,7 @@ fn segment_name(first_seq: u64) -> String {
 }
 
 /// Rewrites the CRC of every complete frame from the start of `seg`.
-fn fix_crcs(seg: &mut [u8]) {
+fn fix_crcs(seg: &mut [u8], salt: Salt) {
     let mut pos = 0usize;
     while let Some(header) = seg.get(pos..pos + FRAME_HEADER) {
         let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
@@ -76,14 +85,14 @@ fn fix_crcs(seg: &mut [u8]) {
         if len == 0 || end > seg.len() {
             return;
         }
-        let crc = crc32c::crc32c(&seg[pos + FRAME_HEADER..end]);
+        let crc = crc32c::crc32c_append(salt.0, &seg[pos + FRAME_HEADER..end]);
         seg[pos + 4..pos + 8].copy_from_slice(&crc.to_le_bytes());
         pos = end;
     }
 }
 
-fn first_seq_of(seg: &[u8]) -> Option<u64> {
-    match decode(seg) {
+fn first_seq_of(seg: &[u8], salt: Salt) -> Option<u64> {
+    match decode_salted(seg, salt) {
         Frame::Record(rec, _) => Some(rec.seq),
         _ => None,
     }
@@ -91,9 +100,9 @@ fn first_seq_of(seg: &[u8]) -> Option<u64> {
 
 /// The highest sequence among the valid frames from the start of `seg` (the reader goes
 /// through them all, skipping lower sequences), if any.
-fn last_seq(seg: &[u8]) -> Option<u64> {
+fn last_seq(seg: &[u8], salt: Salt) -> Option<u64> {
     let (mut pos, mut max) = (0usize, None);
-    while let Frame::Record(rec, len) = decode(&seg[pos..]) {
+    while let Frame::Record(rec, len) = decode_salted(&seg[pos..], salt) {
         max = max.max(Some(rec.seq));
         pos += len;
     }
@@ -160,6 +169,7 @@ struct Layout {
     older: Option<(u64, Vec<u8>)>,
     head: (u64, Vec<u8>),
     checkpoint: Option<u64>,
+    salt: Salt,
 }
 
 fn layout(data: &[u8]) -> Option<Layout> {
@@ -173,9 +183,14 @@ fn layout(data: &[u8]) -> Option<Layout> {
     };
     let mut head = seg.split_off(split);
     let mut older = seg;
+    let salt = if flags & SALTED != 0 {
+        Salt(FUZZ_KEY)
+    } else {
+        Salt::NONE
+    };
     if flags & FIX_CRC != 0 {
-        fix_crcs(&mut older);
-        fix_crcs(&mut head);
+        fix_crcs(&mut older, salt);
+        fix_crcs(&mut head, salt);
     }
     // The head is named after its first record, as the journal names segments, unless that
     // would put it at or before records of the older segment: segment names and contents
@@ -184,11 +199,14 @@ fn layout(data: &[u8]) -> Option<Layout> {
     let mut next_free = 1u64;
     let mut older_seg = None;
     if !older.is_empty() {
-        let first = first_seq_of(&older).unwrap_or(1).max(1);
-        next_free = last_seq(&older).unwrap_or(first).max(first).saturating_add(1);
+        let first = first_seq_of(&older, salt).unwrap_or(1).max(1);
+        next_free = last_seq(&older, salt)
+            .unwrap_or(first)
+            .max(first)
+            .saturating_add(1);
         older_seg = Some((first, older));
     }
-    let head_first = match first_seq_of(&head) {
+    let head_first = match first_seq_of(&head, salt) {
         Some(seq) if seq >= next_free => seq,
         _ => next_free.saturating_add(u64::from(delta)),
     };
@@ -199,6 +217,7 @@ fn layout(data: &[u8]) -> Option<Layout> {
         older: older_seg,
         head: (head_first, head),
         checkpoint: (flags & CHECKPOINT != 0).then_some(u64::from(checkpoint)),
+        salt,
     })
 }
 
@@ -223,7 +242,7 @@ pub fn hits_open_bug(data: &[u8]) -> bool {
     if l.head.0 > NEAR_MAX
         || segments
             .clone()
-            .any(|b| last_seq(b).is_some_and(|s| s > NEAR_MAX))
+            .any(|b| last_seq(b, l.salt).is_some_and(|s| s > NEAR_MAX))
     {
         return true;
     }
@@ -234,7 +253,7 @@ pub fn hits_open_bug(data: &[u8]) -> bool {
         if need > rest.len() {
             return need > READ_BOUND;
         }
-        match decode(rest) {
+        match decode_salted(rest, l.salt) {
             Frame::Record(_, n) => pos += n,
             _ => return false,
         }
@@ -244,11 +263,23 @@ pub fn hits_open_bug(data: &[u8]) -> bool {
 
 /// [`journal_recover`] without skipping inputs that reproduce an open bug.
 pub fn journal_recover_unguarded(data: &[u8]) {
-    let Some(l) = layout(data) else { return };
-    let Ok(dir) = TempDir::new() else { return };
+    let _ = recovered_records(data);
+}
+
+/// [`journal_recover_unguarded`], returning how many records the first open read
+/// (`None`: the input describes no directory, or the journal refused to open or read).
+pub fn recovered_records(data: &[u8]) -> Option<usize> {
+    let l = layout(data)?;
+    let dir = TempDir::new().ok()?;
     let mut files = vec![(segment_name(l.head.0), l.head.1)];
     if let Some((first, bytes)) = l.older {
         files.push((segment_name(first), bytes));
+    }
+    if l.salt != Salt::NONE {
+        files.push((
+            "JOURNAL_KEY".into(),
+            crate::journal::key_line(l.salt.0).into_bytes(),
+        ));
     }
     if let Some(seq) = l.checkpoint {
         let mut bytes = seq.to_le_bytes().to_vec();
@@ -256,11 +287,9 @@ pub fn journal_recover_unguarded(data: &[u8]) {
         files.push(("release.checkpoint".into(), bytes));
     }
     for (name, bytes) in files {
-        if std::fs::write(dir.0.join(name), bytes).is_err() {
-            return;
-        }
+        std::fs::write(dir.0.join(name), bytes).ok()?;
     }
-    recover(&dir.0);
+    recover(&dir.0)
 }
 
 fn config(dir: &Path) -> JournalConfig {
@@ -273,12 +302,12 @@ fn config(dir: &Path) -> JournalConfig {
     }
 }
 
-fn recover(dir: &Path) {
+fn recover(dir: &Path) -> Option<usize> {
     let journal = match SegmentedJournal::open(config(dir)) {
         Ok(j) => j,
         Err(e) => {
             let _ = e.to_string();
-            return;
+            return None;
         }
     };
     let _ = journal.stats();
@@ -306,8 +335,10 @@ fn recover(dir: &Path) {
         let _ = report.to_string();
     }
 
-    let Ok(first) = first else { return };
-    let Ok(Some(seq)) = appended else { return };
+    let Ok(first) = first else { return None };
+    let Ok(Some(seq)) = appended else {
+        return Some(first.len());
+    };
     if let Some(last) = first.last() {
         assert!(
             seq > last.seq,
@@ -322,7 +353,9 @@ fn recover(dir: &Path) {
     // The new record raised the durable watermark, so this read can go further than the
     // first and meet damage the first stopped short of (garbage after the last record of
     // an older segment): a loud error is fine, a silent loss is not.
-    let Ok(second) = read_all(&journal) else { return };
+    let Ok(second) = read_all(&journal) else {
+        return Some(first.len());
+    };
     assert!(
         second.len() >= first.len() && second[..first.len()] == first[..],
         "records read before a clean close and reopen are gone or changed"
@@ -331,4 +364,5 @@ fn recover(dir: &Path) {
         second.iter().any(|r| r.seq == seq && r.entry == entry),
         "the record appended (seq {seq}) and flushed after recovery is missing after reopen"
     );
+    Some(first.len())
 }

@@ -71,6 +71,45 @@ fn journal_recover_seeds() {
     replay("seeds/journal_recover", &[], bridge::fuzzing::journal_recover);
 }
 
+/// Every seed again as a salted journal (flag 8: a `JOURNAL_KEY`; flag 1: CRCs fixed
+/// under its salt), so the checked-in inputs reach the salted path too; and the salt is
+/// really in play: a salted head reads all its records, and the same bytes without the
+/// key (CRCs salted, no key file) are refused rather than cut.
+#[test]
+fn journal_recover_seeds_salted() {
+    replay("seeds/journal_recover", &[], |data| {
+        let mut salted = data.to_vec();
+        if let Some(flags) = salted.first_mut() {
+            *flags |= 8 | 1;
+        }
+        bridge::fuzzing::journal_recover_unguarded(&salted);
+    });
+    let head = journal_segments(6, 4096, 0).remove(0);
+    assert_eq!(
+        bridge::fuzzing::recovered_records(&input(8 | 1, 0, 0, 0, &head)),
+        Some(6)
+    );
+    assert_eq!(
+        bridge::fuzzing::recovered_records(&input(1, 0, 0, 0, &head)),
+        Some(6),
+        "unsalted, as a journal from before salts"
+    );
+    let mut salted_without_key = head.clone();
+    let mut pos = 0;
+    while pos + 8 <= salted_without_key.len() {
+        let len = u32::from_le_bytes(salted_without_key[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let end = pos + 8 + len;
+        let crc = crc32c::crc32c_append(bridge::fuzzing::FUZZ_KEY, &salted_without_key[pos + 8..end]);
+        salted_without_key[pos + 4..pos + 8].copy_from_slice(&crc.to_le_bytes());
+        pos = end;
+    }
+    assert_eq!(
+        bridge::fuzzing::recovered_records(&input(0, 0, 0, 0, &salted_without_key)),
+        None,
+        "salted records without their key: refused"
+    );
+}
+
 /// Regression inputs whose bug is fixed; the open ones have their own ignored test below.
 #[test]
 fn journal_recover_regressions() {
@@ -243,6 +282,7 @@ fn write_seeds() {
     put("head_6_records", input(0, 0, 0, 0, &head));
     put("head_6_records_fix_crc", input(1, 0, 0, 0, &head));
     put("head_6_records_checkpoint_3", input(4, 0, 3, 0, &head));
+    put("head_6_records_salted", input(8 | 1, 0, 0, 0, &head));
     put("torn_tail", input(0, 0, 0, 0, &head[..head.len() - 11]));
     let mut corrupt = head.clone();
     corrupt[head.len() / 2] ^= 0x40;

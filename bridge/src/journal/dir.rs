@@ -226,7 +226,7 @@ pub(crate) fn load_or_create_key(dir: &Path, segments: &[SegmentMeta]) -> Result
 
 /// The key file's line: the key and a CRC32C of it (so that a damaged key is refused
 /// rather than taken, which would make every record look torn), 8 hex digits each.
-fn key_line(key: u32) -> String {
+pub fn key_line(key: u32) -> String {
     format!("{key:08x} {:08x}\n", crc32c::crc32c(&key.to_le_bytes()))
 }
 

@@ -224,6 +224,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+#[doc(hidden)]
+pub use dir::key_line;
 pub use dir::salt;
 pub use reader::JournalReader;
 pub use record::{
