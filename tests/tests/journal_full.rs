@@ -208,4 +208,26 @@ fn commands_are_refused_while_their_outcomes_cannot_be_journaled() {
     let puback = op.read_packet().expect("PUBACK");
     assert_eq!((puback[0], puback[4]), (0x40, 0x97), "{puback:?}");
     assert_eq!(gw.metric("gateway_commands_refused_backlog_total"), 2);
+    // An operator's Will on the command topic too: the connection drops without a
+    // DISCONNECT, and no command reaches the vehicle.
+    let (willing, connack) = Raw::connect_with(
+        gw.mqtt(),
+        &integration::raw::Connect::new(5, "ops-2").will("vehicles/cmd-car/commands", b"lock"),
+    );
+    assert_eq!(integration::raw::connack_code(&connack), 0);
+    willing
+        .stream
+        .shutdown(std::net::Shutdown::Both)
+        .expect("drop the connection");
+    drop(willing);
+    assert!(
+        gw.wait_log("Will not published: a command", Duration::from_secs(10)),
+        "{}",
+        gw.log()
+    );
+    assert_eq!(gw.metric("gateway_commands_refused_backlog_total"), 3);
+    car.stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("timeout");
+    assert!(car.read_packet().is_none(), "no command from the Will");
 }

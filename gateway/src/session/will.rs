@@ -117,6 +117,12 @@ pub async fn publish(shared: &Arc<Shared>, key: &SessionKey, user: Option<&str>,
         &w.payload,
     )
     .map(str::to_owned);
+    if vehicle.is_some() && shared.commands.backlogged(shared.cfg.commands.max_pending) {
+        // As its live publish would be: its outcome would wait in memory behind the
+        // others (journal full or stalled). Counted in `gateway_commands_refused_backlog_total`.
+        warn!(client_id = %client_id, topic = ?w.topic, "Will not published: a command, and commands.max_pending outcome records wait to be journaled");
+        return;
+    }
     let kafka = if vehicle.is_some() {
         shared.routes.routed(&w.topic)
     } else {
