@@ -167,9 +167,10 @@ pub struct SessionsSection {
     pub max_queued_messages: usize,
     /// Bytes (topic + payload) one session's queue may hold.
     pub max_queued_bytes: usize,
-    /// QoS 1/2 messages all sessions together may hold (0: no gateway-wide bound).
+    /// QoS 1/2 messages all sessions together may hold, applied to offline sessions
+    /// (0: no gateway-wide bound).
     pub max_total_queued_messages: usize,
-    /// Their bytes (topic + payload, each session's copy counted; 0: no bound).
+    /// Their bytes (message weight, each session's copy counted; 0: no bound).
     pub max_total_queued_bytes: usize,
     /// When a session's queue (or the gateway-wide bound) is full: "drop_oldest" or
     /// "refuse_new" (both counted).

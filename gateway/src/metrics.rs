@@ -53,7 +53,8 @@ pub struct Metrics {
     /// each, not a label lookup: this is counted once per subscriber per message).
     pub messages_delivered: [IntCounter; 3],
     /// Messages not delivered to a subscriber, by reason (`qos0_queue_full`,
-    /// `queue_full_drop_oldest`, `queue_full_refuse_new`, `gateway_queue_full`, `expired`,
+    /// `queue_full_drop_oldest`, `queue_full_refuse_new`, `gateway_queue_full`,
+    /// `gateway_queue_full_drop_oldest`, `expired`,
     /// `too_large_for_client`).
     pub messages_dropped: Labeled,
     /// Sessions held (online and offline) and the persistent ones among them.
@@ -217,7 +218,7 @@ impl Default for Metrics {
             ),
             queued_bytes: d.gauge(
                 "gateway_queued_bytes",
-                "Bytes (topic + payload) of the QoS 1/2 messages held in session queues, each session's copy counted (bounded by sessions.max_total_queued_bytes).",
+                "Bytes (weight: topic, payload, properties + 64) of the QoS 1/2 messages held in session queues, each session's copy counted (offline sessions bounded by sessions.max_total_queued_bytes).",
             ),
             retained_messages: d.gauge("gateway_retained_messages", "Retained messages held."),
             retained_bytes: d.gauge(

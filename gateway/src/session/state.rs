@@ -721,13 +721,48 @@ impl Outbound {
     }
 }
 
-/// Whether the QoS 1/2 messages all sessions hold leave no room for `weight` more bytes
-/// (`sessions.max_total_queued_messages` / `max_total_queued_bytes`; 0: no bound).
-fn gateway_queues_full(limits: &SessionsSection, metrics: &Metrics, weight: usize) -> bool {
-    let held = metrics.queued_messages.get().max(0) as usize;
-    let bytes = metrics.queued_bytes.get().max(0) as usize;
-    (limits.max_total_queued_messages > 0 && held >= limits.max_total_queued_messages)
-        || (limits.max_total_queued_bytes > 0 && bytes + weight > limits.max_total_queued_bytes)
+/// The messages and bytes to free under bounds `(max messages, max bytes)` (0: no
+/// bound) before a message of `weight` joins `held` (messages, bytes); `None` when it
+/// cannot fit however much is freed (larger than the byte bound itself).
+fn room_needed(held: (usize, usize), weight: usize, max: (usize, usize)) -> Option<(usize, usize)> {
+    if max.1 > 0 && weight > max.1 {
+        return None;
+    }
+    let msgs = if max.0 > 0 && held.0 >= max.0 {
+        held.0 + 1 - max.0
+    } else {
+        0
+    };
+    let bytes = if max.1 > 0 {
+        (held.1 + weight).saturating_sub(max.1)
+    } else {
+        0
+    };
+    Some((msgs, bytes))
+}
+
+/// Says, at most once a minute, that offline sessions hold all the gateway-wide bound
+/// allows (each drop is counted as well).
+fn warn_gateway_queues_full(limits: &SessionsSection) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = now_ms();
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now.saturating_sub(last) >= 60_000
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        warn!(
+            max_total_queued_messages = limits.max_total_queued_messages,
+            max_total_queued_bytes = limits.max_total_queued_bytes,
+            "sessions hold all that sessions.max_total_queued_* allow: offline sessions drop their oldest or refuse new messages (gateway_messages_dropped_total{{reason=\"gateway_queue_full...\"}}); online vehicles are not affected"
+        );
+    }
 }
 
 impl SessionCell {
@@ -823,36 +858,76 @@ impl SessionCell {
         }
         let weight = item.msg.weight();
         let mut gen = None;
-        loop {
-            let why = if out.held >= limits.max_queued_messages
-                || out.held_bytes + weight > limits.max_queued_bytes
-            {
-                "queue_full_refuse_new"
-            } else if gateway_queues_full(limits, metrics, weight) {
-                // The gateway-wide bound: each session's bound alone lets many offline
-                // sessions (a broadcast topic, or a client inventing persistent sessions)
-                // hold memory and store space without limit.
-                "gateway_queue_full"
-            } else {
-                break;
-            };
-            if limits.queue_overflow == QueueOverflow::RefuseNew {
-                return Offer::Dropped(why);
-            }
-            // Drop the oldest message not yet sent (in-flight ones are the client's).
-            let Some(pos) = out.queue.iter().position(|i| i.qos > 0) else {
-                return Offer::Dropped(why);
-            };
-            let Some(old) = out.queue.remove(pos) else {
-                break;
-            };
-            out.forget(&old, metrics);
-            metrics.messages_dropped.inc("queue_full_drop_oldest");
-            old.finish(Outcome::Dropped, Some("queue_full_drop_oldest"));
-            if persistent && old.id != 0 {
-                match store.remove_queued(&self.client_id, old.id) {
-                    Ok(g) => gen = Some(g),
-                    Err(e) => store_failed(metrics, &self.client_id, &e),
+        // Room to make, in messages and bytes: for the session's own bound, and, for an
+        // offline session, the gateway-wide one. Each session's bound alone lets many
+        // offline sessions (a broadcast topic, or a client inventing persistent sessions)
+        // hold memory and store space without limit; an online session is bounded by its
+        // connection (its own bound, the write timeout), and is never starved by what
+        // offline sessions hold.
+        let own = room_needed(
+            (out.held, out.held_bytes),
+            weight,
+            (limits.max_queued_messages, limits.max_queued_bytes),
+        );
+        let gateway = if online {
+            Some((0, 0))
+        } else {
+            room_needed(
+                (
+                    metrics.queued_messages.get().max(0) as usize,
+                    metrics.queued_bytes.get().max(0) as usize,
+                ),
+                weight,
+                (limits.max_total_queued_messages, limits.max_total_queued_bytes),
+            )
+        };
+        let (why, dropped_as) = if own != Some((0, 0)) {
+            ("queue_full_refuse_new", "queue_full_drop_oldest")
+        } else {
+            ("gateway_queue_full", "gateway_queue_full_drop_oldest")
+        };
+        if why == "gateway_queue_full" && gateway != Some((0, 0)) {
+            warn_gateway_queues_full(limits);
+        }
+        let need = match (own, gateway) {
+            (Some((n1, b1)), Some((n2, b2))) => Some((n1.max(n2), b1.max(b2))),
+            _ => None,
+        };
+        match need {
+            Some((0, 0)) => {}
+            // Larger than a bound by itself, or the session may not drop: refused.
+            None => return Offer::Dropped(why),
+            Some(_) if limits.queue_overflow == QueueOverflow::RefuseNew => return Offer::Dropped(why),
+            Some((msgs, bytes)) => {
+                // Drop the oldest messages not yet sent (in-flight ones are the client's),
+                // only if that makes the room: never a queue emptied for nothing.
+                let (mut n, mut b) = (0, 0);
+                for i in out.queue.iter().filter(|i| i.qos > 0) {
+                    if n >= msgs && b >= bytes {
+                        break;
+                    }
+                    n += 1;
+                    b += i.msg.weight();
+                }
+                if n < msgs || b < bytes {
+                    return Offer::Dropped(why);
+                }
+                for _ in 0..n {
+                    let Some(pos) = out.queue.iter().position(|i| i.qos > 0) else {
+                        break;
+                    };
+                    let Some(old) = out.queue.remove(pos) else {
+                        break;
+                    };
+                    out.forget(&old, metrics);
+                    metrics.messages_dropped.inc(dropped_as);
+                    old.finish(Outcome::Dropped, Some(dropped_as));
+                    if persistent && old.id != 0 {
+                        match store.remove_queued(&self.client_id, old.id) {
+                            Ok(g) => gen = Some(g),
+                            Err(e) => store_failed(metrics, &self.client_id, &e),
+                        }
+                    }
                 }
             }
         }
@@ -1072,7 +1147,7 @@ impl SessionCell {
                 lim.hold = item.wait_gen;
                 break;
             }
-            if item.wait_gen > 0 && item.msg.expired(now) {
+            if item.wait_gen > 0 && item.state == OutState::Published && item.msg.expired(now) {
                 // Never sent, and expired meanwhile: not delivered, as if still queued.
                 if let Some(item) = st.out.inflight.remove(i) {
                     self.end_unsent(&mut st.out, &item, persistent, store, metrics);
@@ -1299,11 +1374,12 @@ impl SessionCell {
         // delivered.)
         let mut i = 0;
         while i < st.out.inflight.len() {
-            let due = st
-                .out
-                .inflight
-                .get(i)
-                .is_some_and(|it| it.wait_gen > 0 && it.command.is_some() && it.msg.expired(now));
+            let due = st.out.inflight.get(i).is_some_and(|it| {
+                it.wait_gen > 0
+                    && it.state == OutState::Published
+                    && it.command.is_some()
+                    && it.msg.expired(now)
+            });
             if !due {
                 i += 1;
                 continue;
@@ -1556,11 +1632,12 @@ mod tests {
             .collect()
     }
 
-    /// Each session's bound alone lets many offline sessions hold without limit: the
-    /// gateway-wide bound refuses a session with nothing of its own to drop, and makes a
-    /// session under `drop_oldest` drop its own oldest; leaving a session frees room.
+    /// Each session's bound alone lets many offline sessions hold without limit. At the
+    /// gateway-wide bound an offline session with nothing of its own to drop is refused,
+    /// one under `drop_oldest` drops its own oldest (only if that makes the room: never a
+    /// queue emptied for nothing), and an online session is not affected at all.
     #[tokio::test]
-    async fn the_gateway_wide_queue_bound_holds_across_sessions() {
+    async fn the_gateway_wide_queue_bound_holds_offline_sessions_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let m = Metrics::default();
@@ -1568,63 +1645,94 @@ mod tests {
             max_total_queued_messages: 3,
             ..limits(10, QueueOverflow::DropOldest)
         };
-        let (a, b) = (cell(60, false), cell(60, false));
-        a.persist(&store, &m).unwrap();
-        b.persist(&store, &m).unwrap();
+        let named = |id: &str, online: bool| {
+            let c = SessionCell::new(
+                Arc::from(id),
+                SessionState::new(
+                    online.then(|| Owner::bare(7)),
+                    60,
+                    DisconnectedAt::at((!online).then(now_ms)),
+                    5,
+                ),
+            );
+            c.persist(&store, &m).unwrap();
+            c
+        };
+        let (a, b, live) = (named("a", false), named("b", false), named("live", true));
+        let offer = |c: &SessionCell, p: &'static [u8], lim: &SessionsSection| {
+            c.offer(OutItem::new(msg("t", 1, p), 1, false, vec![]), lim, &store, &m)
+        };
         for p in [&b"a1"[..], b"a2", b"a3"] {
-            let o = a.offer(OutItem::new(msg("t", 1, p), 1, false, vec![]), &lim, &store, &m);
-            assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
+            assert!(matches!(offer(&a, p, &lim), Offer::Queued { .. }));
         }
         assert_eq!(m.queued_messages.get(), 3);
-        let o = b.offer(
-            OutItem::new(msg("t", 1, b"b1"), 1, false, vec![]),
-            &lim,
-            &store,
-            &m,
-        );
+        let o = offer(&b, b"b1", &lim);
         assert!(matches!(o, Offer::Dropped("gateway_queue_full")), "{o:?}");
-        let o = a.offer(
-            OutItem::new(msg("t", 1, b"a4"), 1, false, vec![]),
-            &lim,
-            &store,
-            &m,
-        );
+        let o = offer(&a, b"a4", &lim);
         assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
         assert_eq!(payloads(&a), ["a2", "a3", "a4"], "its own oldest made room");
-        assert_eq!(m.queued_messages.get(), 3);
+        assert_eq!(m.messages_dropped.get("gateway_queue_full_drop_oldest"), 1);
+        let o = offer(&live, b"cmd", &lim);
+        assert!(
+            matches!(o, Offer::Queued { .. }),
+            "an online vehicle is not starved by offline sessions: {o:?}"
+        );
+        assert_eq!(m.queued_messages.get(), 4);
         let refuse = SessionsSection {
             queue_overflow: QueueOverflow::RefuseNew,
             ..lim.clone()
         };
-        let o = a.offer(
-            OutItem::new(msg("t", 1, b"a5"), 1, false, vec![]),
-            &refuse,
-            &store,
-            &m,
-        );
+        let o = offer(&a, b"a5", &refuse);
         assert!(matches!(o, Offer::Dropped("gateway_queue_full")), "{o:?}");
-        a.lock().out.clear(&m);
-        assert_eq!((m.queued_messages.get(), m.queued_bytes.get()), (0, 0));
-        let o = b.offer(
-            OutItem::new(msg("t", 1, b"b2"), 1, false, vec![]),
-            &lim,
-            &store,
-            &m,
-        );
-        assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
-        // The byte bound alike.
+        // The byte bound: a message that dropping all of the session's own queue would
+        // not make room for is refused, and nothing is dropped for it.
         let bytes = SessionsSection {
             max_total_queued_messages: 0,
-            max_total_queued_bytes: m.queued_bytes.get() as usize + 1,
+            max_total_queued_bytes: m.queued_bytes.get() as usize + 10,
             ..lim.clone()
         };
-        let o = a.offer(
-            OutItem::new(msg("t", 1, b"a6"), 1, false, vec![]),
-            &bytes,
-            &store,
-            &m,
-        );
+        let big = Arc::new(Message {
+            payload: bytes::Bytes::from(vec![0u8; 4096]),
+            ..(*msg("t", 1, b"")).clone()
+        });
+        let o = b.offer(OutItem::new(big.clone(), 1, false, vec![]), &bytes, &store, &m);
         assert!(matches!(o, Offer::Dropped("gateway_queue_full")), "{o:?}");
+        let o = a.offer(OutItem::new(big, 1, false, vec![]), &bytes, &store, &m);
+        assert!(matches!(o, Offer::Dropped("gateway_queue_full")), "{o:?}");
+        assert_eq!(payloads(&a), ["a2", "a3", "a4"], "nothing dropped for nothing");
+        a.lock().out.clear(&m);
+        live.lock().out.clear(&m);
+        assert_eq!((m.queued_messages.get(), m.queued_bytes.get()), (0, 0));
+        let o = offer(&b, b"b2", &lim);
+        assert!(matches!(o, Offer::Queued { .. }), "{o:?}");
+    }
+
+    /// A message larger than the session's own byte bound is refused without emptying
+    /// the session's queue first.
+    #[tokio::test]
+    async fn a_message_larger_than_the_session_bound_drops_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let lim = SessionsSection {
+            max_queued_bytes: 1000,
+            ..limits(10, QueueOverflow::DropOldest)
+        };
+        let c = cell(60, false);
+        c.persist(&store, &m).unwrap();
+        for p in [&b"x1"[..], b"x2"] {
+            assert!(matches!(
+                c.offer(OutItem::new(msg("t", 1, p), 1, false, vec![]), &lim, &store, &m),
+                Offer::Queued { .. }
+            ));
+        }
+        let big = Arc::new(Message {
+            payload: bytes::Bytes::from(vec![0u8; 2000]),
+            ..(*msg("t", 1, b"")).clone()
+        });
+        let o = c.offer(OutItem::new(big, 1, false, vec![]), &lim, &store, &m);
+        assert!(matches!(o, Offer::Dropped("queue_full_refuse_new")), "{o:?}");
+        assert_eq!(payloads(&c), ["x1", "x2"]);
     }
 
     #[tokio::test]
