@@ -171,6 +171,20 @@ async fn follow(
                         .incremental_assign(&tpl)
                         .map_err(|e| format!("assigning the added partitions of {topic}: {e}"))?;
                     tracing::info!(topic, added = ?added, "feed: reading partitions added to the topic");
+                    if !*announced {
+                        // Still catching up: what the added partitions hold is part of it
+                        // (a moved vehicle's latest events may be there).
+                        for p in &added {
+                            let marks = tokio::task::block_in_place(|| {
+                                consumer.fetch_watermarks(topic, *p, Duration::from_secs(10))
+                            });
+                            if let Ok((low, high)) = marks {
+                                if high > low {
+                                    behind.insert(*p, high);
+                                }
+                            }
+                        }
+                    }
                     assigned.extend(added);
                 }
             }
