@@ -1343,7 +1343,9 @@ impl SessionCell {
     /// offset, and the done markers behind it, for ever. A queued copy leaves the queue;
     /// a copy in flight stays in flight (its packet id belongs to the vehicle, which may
     /// still acknowledge it) but no longer carries the command, in memory and in the
-    /// store. Returns how many commands expired.
+    /// store. Other queued messages whose expiry passed leave the queue too (counted
+    /// `expired`): in a parked vehicle's session they would hold its own and the
+    /// gateway-wide queue bounds until it returns. Returns how many commands expired.
     pub fn expire_commands(&self, now: u64, store: &Store, metrics: &Metrics) -> usize {
         let mut st = self.lock();
         if st.gone {
@@ -1357,7 +1359,7 @@ impl SessionCell {
                 .out
                 .queue
                 .get(i)
-                .is_some_and(|it| it.command.is_some() && it.msg.expired(now));
+                .is_some_and(|it| it.qos > 0 && it.msg.expired(now));
             if !due {
                 i += 1;
                 continue;
@@ -1366,7 +1368,7 @@ impl SessionCell {
                 break;
             };
             self.end_unsent(&mut st.out, &item, persistent, store, metrics);
-            expired += 1;
+            expired += usize::from(item.command.is_some());
         }
         // A QoS 2 command held in flight for its packet id's flush was never sent: the
         // vehicle has not seen it, so it ends as a queued one does. (Reported expired
@@ -1733,6 +1735,37 @@ mod tests {
         let o = c.offer(OutItem::new(big, 1, false, vec![]), &lim, &store, &m);
         assert!(matches!(o, Offer::Dropped("queue_full_refuse_new")), "{o:?}");
         assert_eq!(payloads(&c), ["x1", "x2"]);
+    }
+
+    /// A parked vehicle's expired messages leave its queue at the sweep, not when it
+    /// returns: they would hold its own and the gateway-wide bounds meanwhile.
+    #[tokio::test]
+    async fn the_sweep_drops_expired_queued_messages_of_a_parked_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let m = Metrics::default();
+        let c = cell(60, false);
+        c.persist(&store, &m).unwrap();
+        let lim = limits(10, QueueOverflow::DropOldest);
+        let soon = now_ms() + 1_000;
+        let expiring = Arc::new(Message {
+            expires_at_ms: Some(soon),
+            ..(*msg("t", 1, b"stale")).clone()
+        });
+        c.offer(OutItem::new(expiring, 1, false, vec![]), &lim, &store, &m);
+        c.offer(
+            OutItem::new(msg("t", 1, b"keeps"), 1, false, vec![]),
+            &lim,
+            &store,
+            &m,
+        );
+        assert_eq!(c.expire_commands(now_ms(), &store, &m), 0);
+        assert_eq!(payloads(&c), ["stale", "keeps"], "not due yet");
+        assert_eq!(c.expire_commands(soon, &store, &m), 0, "no command among them");
+        assert_eq!(payloads(&c), ["keeps"]);
+        assert_eq!(m.messages_dropped.get("expired"), 1);
+        assert_eq!(m.queued_messages.get(), 1);
+        assert_eq!(store.queued_count(), 1, "gone from the store too");
     }
 
     #[tokio::test]
