@@ -94,11 +94,21 @@ impl HaProxy {
         std::fs::read_to_string(self.dir.path().join("haproxy.log")).unwrap_or_default()
     }
 
-    /// A command on the runtime API (`show servers state`, ...), over its socket.
+    /// A command on the runtime API (`show servers state`, ...), over its socket (which
+    /// haproxy may create a moment after its listeners accept: waited for, 10 s).
     pub fn runtime(&self, command: &str) -> String {
         use std::io::{Read, Write};
-        let mut s = std::os::unix::net::UnixStream::connect(self.dir.path().join("admin.sock"))
-            .expect("haproxy admin socket");
+        let path = self.dir.path().join("admin.sock");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() >= deadline => {
+                    panic!("haproxy admin socket {}: {e}\n{}", path.display(), self.log())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
         s.write_all(format!("{command}\n").as_bytes()).expect("write");
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
