@@ -234,13 +234,9 @@ impl Kafka {
         self.spawn();
     }
 
-    pub fn create_topic(&self, name: &str, partitions: i32) {
-        self.create_topic_with(name, partitions, &[]);
-    }
-
-    /// Creates a topic with topic-level configuration (e.g. `max.message.bytes`).
-    pub fn create_topic_with(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+    /// An admin client of this broker and a runtime to drive its requests on.
+    fn admin(&self) -> (AdminClient<DefaultClientContext>, tokio::runtime::Runtime) {
+        let admin = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .create()
             .expect("admin");
@@ -248,6 +244,16 @@ impl Kafka {
             .enable_all()
             .build()
             .expect("rt");
+        (admin, rt)
+    }
+
+    pub fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// Creates a topic with topic-level configuration (e.g. `max.message.bytes`).
+    pub fn create_topic_with(&self, name: &str, partitions: i32, config: &[(&str, &str)]) {
+        let (admin, rt) = self.admin();
         let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         for (k, v) in config {
             topic = topic.set(k, v);
@@ -268,14 +274,7 @@ impl Kafka {
 
     /// Grows `topic` to `total` partitions.
     pub fn add_partitions(&self, name: &str, total: usize) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .create()
-            .expect("admin");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
+        let (admin, rt) = self.admin();
         let result = rt
             .block_on(admin.create_partitions(
                 [&rdkafka::admin::NewPartitions::new(name, total)],
@@ -372,14 +371,7 @@ impl Kafka {
     /// whether that was seen. On a broker with `auto.create.topics.enable=true` a running
     /// producer re-creates the topic at once, so absence may never be observable there.
     pub fn delete_topic(&self, name: &str) -> bool {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", self.bootstrap())
-            .create()
-            .expect("admin");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("rt");
+        let (admin, rt) = self.admin();
         let result = rt
             .block_on(admin.delete_topics(&[name], &AdminOptions::new()))
             .expect("delete topics");

@@ -1615,6 +1615,24 @@ mod tests {
         )
     }
 
+    /// `fill` on connection 7 (MQTT 5, Receive Maximum 10) with the store flushed up to
+    /// `flushed`: (PUBLISHes written, the generation it now waits for, the bytes).
+    fn fill_flushed(c: &SessionCell, flushed: u64, store: &Store, m: &Metrics) -> (usize, u64, BytesMut) {
+        let codec = Codec::new(crate::mqtt::Version::V5, 1 << 20);
+        let mut buf = BytesMut::new();
+        let mut lim = SendLimits {
+            conn: 7,
+            codec: &codec,
+            receive_max: 10,
+            out_budget: 1 << 16,
+            aliases: &mut None,
+            flushed,
+            hold: 0,
+        };
+        let sent = c.fill(&mut buf, &mut lim, store, m);
+        (sent, lim.hold, buf)
+    }
+
     fn limits(max: usize, overflow: QueueOverflow) -> SessionsSection {
         SessionsSection {
             max_queued_messages: max,
@@ -2081,21 +2099,7 @@ mod tests {
             &store,
             &m,
         );
-        let codec = Codec::new(crate::mqtt::Version::V5, 1 << 20);
-        let fill = |flushed: u64| {
-            let mut buf = BytesMut::new();
-            let mut lim = SendLimits {
-                conn: 7,
-                codec: &codec,
-                receive_max: 10,
-                out_budget: 1 << 16,
-                aliases: &mut None,
-                flushed,
-                hold: 0,
-            };
-            let sent = c.fill(&mut buf, &mut lim, &store, &m);
-            (sent, lim.hold, buf)
-        };
+        let fill = |flushed: u64| fill_flushed(&c, flushed, &store, &m);
         let (sent, hold, _) = fill(0);
         assert_eq!(sent, 0);
         assert!(hold > 0, "both held for the flush");
@@ -2146,21 +2150,7 @@ mod tests {
             &store,
             &m,
         );
-        let codec = Codec::new(crate::mqtt::Version::V5, 1 << 20);
-        let fill = |flushed: u64| {
-            let mut buf = BytesMut::new();
-            let mut lim = SendLimits {
-                conn: 7,
-                codec: &codec,
-                receive_max: 10,
-                out_budget: 1 << 16,
-                aliases: &mut None,
-                flushed,
-                hold: 0,
-            };
-            let sent = c.fill(&mut buf, &mut lim, &store, &m);
-            (sent, lim.hold, buf)
-        };
+        let fill = |flushed: u64| fill_flushed(&c, flushed, &store, &m);
         let (sent, hold, buf) = fill(0);
         assert_eq!((sent, buf.len()), (0, 0), "nothing written before the flush");
         assert!(hold > 0);
